@@ -1,0 +1,108 @@
+"""`python -m fastattn`: run attention on a realistic workload and report how it went.
+
+Checks the fused kernel against the float64 reference, then times it against the
+plain NumPy formula on the same arrays and reports time, GFLOP/s and the speed-up.
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import fastattn
+from fastattn import reference
+
+
+def _progress(step, total, label, width=28):
+    filled = int(width * step / total)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} {label:<40}")
+    sys.stderr.flush()
+    if step == total:
+        sys.stderr.write("\n")
+
+
+def numpy_attention(q, k, v, causal):
+    """The unfused formula as people write it in NumPy (in the inputs' dtype)."""
+    scores = q @ np.swapaxes(k, -1, -2) * q.dtype.type(1 / np.sqrt(q.shape[-1]))
+    if causal:
+        L, S = scores.shape[-2:]
+        scores = np.where(np.tri(L, S, dtype=bool), scores, -np.inf)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores @ v
+
+
+def attention_flops(batch, heads, L, S, E, Ev, causal):
+    """FLOPs by the flash-attention convention: 2·L·S·(E + Ev) per head, halved if causal."""
+    flops = 2.0 * batch * heads * L * S * (E + Ev)
+    return flops / 2 if causal else flops
+
+
+def _best_time(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--length", type=int, default=2048, help="L = S")
+    parser.add_argument("--dim", type=int, default=64, help="head dimension E = Ev")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--no-causal", action="store_true", help="dense instead of causal")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs; the best counts")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    causal = not args.no_causal
+    B, H, L, E = args.batch, args.heads, args.length, args.dim
+    dtype = np.dtype(args.dtype)
+    steps = 2 + 2 * args.repeat
+    step = 0
+    print(f"fastattn {fastattn.__version__}: B={B} H={H} L=S={L} E={E} {dtype} "
+          f"{'causal' if causal else 'dense'}, {fastattn.get_num_threads() if args.threads is None else args.threads} threads")
+
+    _progress(step, steps, "making inputs")
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((B, H, L, E), dtype=np.float64).astype(dtype) for _ in range(3))
+    step += 1
+    _progress(step, steps, "checking against the float64 reference")
+    out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, num_threads=args.threads)
+    expected = reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    err = float(np.abs(out - expected).max() / max(np.abs(expected).max(), 1e-300))
+    tol = 2e-4 if dtype == np.float32 else 1e-10
+    step += 1
+
+    def fused():
+        fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, num_threads=args.threads)
+
+    t_fused = []
+    t_numpy = []
+    for _ in range(args.repeat):           # interleaved so both see the same machine state
+        _progress(step, steps, "timing fastattn")
+        t_fused.append(_best_time(fused, 1))
+        step += 1
+        _progress(step, steps, "timing plain NumPy")
+        t_numpy.append(_best_time(lambda: numpy_attention(q, k, v, causal), 1))
+        step += 1
+    _progress(steps, steps, "done")
+
+    flops = attention_flops(B, H, L, L, E, E, causal)
+    best_fused, best_numpy = min(t_fused), min(t_numpy)
+    print(f"max error vs reference : {err:.2e} (relative to max |out|; tolerance {tol:g})")
+    print(f"fastattn               : {best_fused * 1e3:9.2f} ms  {flops / best_fused / 1e9:8.1f} GFLOP/s")
+    print(f"plain NumPy            : {best_numpy * 1e3:9.2f} ms  {flops / best_numpy / 1e9:8.1f} GFLOP/s")
+    print(f"speed-up over NumPy    : {best_numpy / best_fused:9.2f}x")
+    if not err <= tol:
+        print("ERROR: the result does not match the reference", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+# Dense scaled dot-product attention: the FlashAttention-2 driver over the tile core.
+#
+# Work is one flat index over (batch, query block, key split), handed out dynamically
+# to OpenMP threads. Each item walks its key blocks with `attend_tile`, skipping tiles
+# that the causal band or the block map rules out, then writes its output rows:
+#   nsplit == 1: straight into `out` (and `lse`), normalised;
+#   nsplit > 1 : into the partial buffers, merged afterwards by `merge_partial_row`
+#                (used when batch x query blocks alone cannot keep every thread busy,
+#                e.g. decoding one query against a long cache).
+# Extra memory is per thread: one rows x cols score tile plus m and l.
+
+cimport cython
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+from libc.stdint cimport uint8_t
+from libc.math cimport INFINITY
+cimport numpy as cnp
+
+from fastattn._kernels.tile cimport (
+    real, attend_tile, finish_row, merge_partial_row, row_fill,
+    MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_FULL, BAND_ALL,
+)
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int fa_max_threads(void) { return omp_get_max_threads(); }
+    static int fa_have_openmp(void) { return 1; }
+    #else
+    static int fa_max_threads(void) { return 1; }
+    static int fa_have_openmp(void) { return 0; }
+    #endif
+    """
+    int fa_max_threads() noexcept nogil
+    int fa_have_openmp() noexcept nogil
+
+
+def max_threads():
+    """OpenMP's default thread count (honours OMP_NUM_THREADS); 1 without OpenMP."""
+    return fa_max_threads()
+
+
+def have_openmp():
+    return bool(fa_have_openmp())
+
+
+cdef struct DenseProblem:
+    # sizes
+    Py_ssize_t nbatch, L, S
+    int e, ev
+    # element offsets of each batch's (L, E) / (S, E) / (S, Ev) matrix, and row strides
+    const Py_ssize_t *q_off
+    const Py_ssize_t *k_off
+    const Py_ssize_t *v_off
+    Py_ssize_t ldq, ldk, ldv
+    # mask: kind, per-batch offsets, row/col strides (0 where broadcast)
+    int mask_kind
+    const void *mask
+    const Py_ssize_t *mask_off
+    Py_ssize_t mask_rs, mask_cs
+    # block map (BLOCK_* per tile): NULL = every tile BLOCK_MASKED if masked else FULL
+    const uint8_t *bmap
+    const Py_ssize_t *bmap_off
+    Py_ssize_t bmap_rs, bmap_cs
+    # causal band: query i sees key j <= i + causal_offset
+    bint causal
+    Py_ssize_t causal_offset
+    # tiling and threads
+    int block_q, block_k, nsplit, nthreads
+    # set by a thread that could not allocate its scratch (its items are not computed)
+    int alloc_failed
+    # outputs: out (nbatch, L, ev); lse (nbatch, L) or NULL
+    # partials (nsplit > 1): part_out (nbatch, L, nsplit, ev), part_lse (nbatch, L, nsplit)
+
+
+
+
+cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k, const real *v,
+                       real *out, real *lse, real *part_out, real *part_lse) noexcept nogil:
+    cdef Py_ssize_t nqb = (p.L + p.block_q - 1) // p.block_q
+    cdef Py_ssize_t nkb = (p.S + p.block_k - 1) // p.block_k
+    cdef Py_ssize_t kb_per_split = (nkb + p.nsplit - 1) // p.nsplit
+    cdef Py_ssize_t nitems = p.nbatch * nqb * p.nsplit
+    cdef Py_ssize_t item, t, b, qb, split, kb, kb_lo, kb_hi, last_key, r
+    cdef Py_ssize_t q0, k0, rows, cols, band_hi, ldacc
+    cdef int state
+    cdef real *s
+    cdef real *m
+    cdef real *l
+    cdef real *acc
+    cdef real *lse_row
+    cdef const void *mtile
+    cdef int nt = p.nthreads
+
+    if nitems == 0:
+        return
+    with nogil, parallel(num_threads=nt):
+        s = <real *>malloc(p.block_q * p.block_k * sizeof(real))
+        m = <real *>malloc(p.block_q * sizeof(real))
+        l = <real *>malloc(p.block_q * sizeof(real))
+        # Every thread must reach the prange (a worksharing loop); one without scratch
+        # only flags the failure.
+        for item in prange(nitems, schedule='dynamic'):
+            if s == NULL or m == NULL or l == NULL:
+                p.alloc_failed = 1
+            else:
+                split = item % p.nsplit
+                t = item // p.nsplit
+                # heaviest query blocks first: with a causal band they have the most keys
+                qb = nqb - 1 - (t % nqb)
+                b = t // nqb
+                q0 = qb * p.block_q
+                rows = p.L - q0
+                if rows > p.block_q:
+                    rows = p.block_q
+
+                kb_lo = split * kb_per_split
+                kb_hi = kb_lo + kb_per_split
+                if kb_hi > nkb:
+                    kb_hi = nkb
+                if p.causal:
+                    # last key visible to the last row of this block
+                    last_key = q0 + rows - 1 + p.causal_offset
+                    if last_key < 0:
+                        kb_hi = kb_lo
+                    elif last_key // p.block_k + 1 < kb_hi:
+                        kb_hi = last_key // p.block_k + 1
+
+                if p.nsplit == 1:
+                    acc = out + (b * p.L + q0) * p.ev
+                    ldacc = p.ev
+                else:
+                    acc = part_out + ((b * p.L + q0) * p.nsplit + split) * p.ev
+                    ldacc = p.nsplit * p.ev
+                for r in range(rows):
+                    row_fill(acc + r * ldacc, p.ev, 0)
+                    m[r] = -INFINITY
+                    l[r] = 0
+
+                for kb in range(kb_lo, kb_hi):
+                    state = BLOCK_FULL if p.mask_kind == MASK_NONE else 1
+                    if p.bmap != NULL:
+                        state = p.bmap[p.bmap_off[b] + qb * p.bmap_rs + kb * p.bmap_cs]
+                        if state == BLOCK_SKIP:
+                            continue
+                    k0 = kb * p.block_k
+                    cols = p.S - k0
+                    if cols > p.block_k:
+                        cols = p.block_k
+                    band_hi = (q0 + p.causal_offset - k0) if p.causal else BAND_ALL
+                    mtile = NULL
+                    if state != BLOCK_FULL:
+                        if p.mask_kind == MASK_BOOL:
+                            mtile = <const void *>((<const uint8_t *>p.mask) + p.mask_off[b]
+                                                   + q0 * p.mask_rs + k0 * p.mask_cs)
+                        else:
+                            mtile = <const void *>((<const real *>p.mask) + p.mask_off[b]
+                                                   + q0 * p.mask_rs + k0 * p.mask_cs)
+                    attend_tile(q + p.q_off[b] + q0 * p.ldq, p.ldq, <int>rows,
+                                k + p.k_off[b] + k0 * p.ldk, p.ldk,
+                                v + p.v_off[b] + k0 * p.ldv, p.ldv, <int>cols,
+                                p.e, p.ev, scale,
+                                mtile, p.mask_kind if mtile != NULL else MASK_NONE,
+                                p.mask_rs, p.mask_cs,
+                                -BAND_ALL, band_hi,
+                                s, acc, ldacc, m, l)
+
+                for r in range(rows):
+                    if p.nsplit == 1:
+                        lse_row = (lse + b * p.L + q0 + r) if lse != NULL else NULL
+                    else:
+                        lse_row = part_lse + (b * p.L + q0 + r) * p.nsplit + split
+                    finish_row(acc + r * ldacc, p.ev, m[r], l[r], lse_row)
+        free(s)
+        free(m)
+        free(l)
+
+    if p.nsplit > 1 and not p.alloc_failed:
+        for item in prange(p.nbatch * p.L, schedule='static', num_threads=nt):
+            merge_partial_row(part_out + item * p.nsplit * p.ev, part_lse + item * p.nsplit,
+                              p.nsplit, p.ev, p.ev, out + item * p.ev,
+                              (lse + item) if lse != NULL else NULL)
+
+
+cdef inline const Py_ssize_t *_offsets(cnp.ndarray a):
+    return <const Py_ssize_t *>cnp.PyArray_DATA(a)
+
+
+def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object lse,
+         cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off,
+         Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv,
+         Py_ssize_t L, Py_ssize_t S, int e, int ev, double scale, object mask,
+         bint causal, Py_ssize_t causal_offset,
+         int block_q, int block_k, int nsplit, int nthreads):
+    """Run the dense kernel. Private: `fastattn.attention` validates every argument.
+
+    q, k, v, out, lse and mask are the base arrays (float32 or float64, one dtype);
+    the *_off arrays (intp, one entry per batch) give each batch's element offset from
+    the array's data pointer. out is C-contiguous (nbatch, L, ev); lse is (nbatch, L)
+    or None. mask is a `fastattn._layout.PreparedMask` or None.
+    """
+    cdef DenseProblem p
+    cdef cnp.ndarray part_out = None, part_lse = None
+    cdef void *qd = cnp.PyArray_DATA(q)
+    cdef void *kd = cnp.PyArray_DATA(k)
+    cdef void *vd = cnp.PyArray_DATA(v)
+    cdef void *od = cnp.PyArray_DATA(out)
+    cdef void *ld = NULL
+    cdef void *pod = NULL
+    cdef void *pld = NULL
+    cdef bint is_f32 = q.dtype.num == cnp.NPY_FLOAT32
+
+    p.nbatch = q_off.shape[0]
+    p.L = L
+    p.S = S
+    p.e = e
+    p.ev = ev
+    p.q_off = _offsets(q_off)
+    p.k_off = _offsets(k_off)
+    p.v_off = _offsets(v_off)
+    p.ldq = ldq
+    p.ldk = ldk
+    p.ldv = ldv
+    p.mask_kind = MASK_NONE
+    p.mask = NULL
+    p.bmap = NULL
+    if mask is not None:
+        p.mask_kind = mask.kind
+        p.mask = cnp.PyArray_DATA(mask.array)
+        p.mask_off = _offsets(mask.offsets)
+        p.mask_rs = mask.row_stride
+        p.mask_cs = mask.col_stride
+        p.bmap = <const uint8_t *>cnp.PyArray_DATA(mask.block_map)
+        p.bmap_off = _offsets(mask.block_offsets)
+        p.bmap_rs = mask.block_row_stride
+        p.bmap_cs = mask.block_col_stride
+    p.alloc_failed = 0
+    p.causal = causal
+    p.causal_offset = causal_offset
+    p.block_q = block_q
+    p.block_k = block_k
+    p.nsplit = nsplit
+    p.nthreads = nthreads
+    if lse is not None:
+        ld = cnp.PyArray_DATA(lse)
+    if nsplit > 1:
+        part_out = cnp.PyArray_EMPTY(1, [p.nbatch * L * nsplit * ev], q.dtype.num, 0)
+        part_lse = cnp.PyArray_EMPTY(1, [p.nbatch * L * nsplit], q.dtype.num, 0)
+        pod = cnp.PyArray_DATA(part_out)
+        pld = cnp.PyArray_DATA(part_lse)
+
+    with nogil:
+        if is_f32:
+            dense_kernel[float](&p, <float>scale, <const float *>qd, <const float *>kd,
+                                <const float *>vd, <float *>od, <float *>ld,
+                                <float *>pod, <float *>pld)
+        else:
+            dense_kernel[double](&p, scale, <const double *>qd, <const double *>kd,
+                                 <const double *>vd, <double *>od, <double *>ld,
+                                 <double *>pod, <double *>pld)
+    if p.alloc_failed:
+        raise MemoryError("fastattn: a kernel thread could not allocate its tile buffers")

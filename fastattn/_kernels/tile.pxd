@@ -1,0 +1,278 @@
+# The tile/softmax core shared by every kernel family (dense, block-sparse, paged, ...).
+#
+# A kernel walks (query block, key block) tiles. For each tile, `attend_tile`
+#   1. computes the scores  s <- scale * q_blk @ k_blk.T          (BLAS gemm)
+#   2. restricts each row to its visible band of keys and applies the mask,
+#   3. folds the row into the running online softmax (m, l, acc)  (FlashAttention-2),
+#   4. accumulates          acc <- acc + p @ v_blk                 (BLAS gemm)
+# and `finish_rows` turns (m, l, acc) into the output rows and their log-sum-exp.
+# All routines are `noexcept nogil` and touch only the memory they are given.
+
+from libc.stdint cimport uint8_t
+from libc.math cimport INFINITY, log
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+ctypedef fused real:
+    float
+    double
+
+# Mask kinds understood by attend_tile.
+cdef enum:
+    MASK_NONE = 0
+    MASK_BOOL = 1      # uint8, nonzero = keep
+    MASK_FLOAT = 2     # same dtype as the scores, added after scaling
+
+# Block states in a block map (a summary of the mask per tile).
+cdef enum:
+    BLOCK_SKIP = 0     # every element masked out: the tile is not computed
+    BLOCK_MASKED = 1   # the mask must be applied element by element
+    BLOCK_FULL = 2     # nothing masked (bool all True / float all 0): no mask work
+
+# Column band that is "everything" (no causal or window limit).
+cdef enum:
+    BAND_ALL = 1 << 30
+
+cdef extern from "vecmath.h" nogil:
+    float fa_max_f32(const float *x, Py_ssize_t n)
+    double fa_max_f64(const double *x, Py_ssize_t n)
+    float fa_add_max_f32(float *x, const float *add, Py_ssize_t n)
+    double fa_add_max_f64(double *x, const double *add, Py_ssize_t n)
+    float fa_keep_max_f32(float *x, const uint8_t *keep, Py_ssize_t n)
+    double fa_keep_max_f64(double *x, const uint8_t *keep, Py_ssize_t n)
+    float fa_exp_sum_f32(float *x, Py_ssize_t n, float m)
+    double fa_exp_sum_f64(double *x, Py_ssize_t n, double m)
+    void fa_scale_f32(float *x, Py_ssize_t n, float a)
+    void fa_scale_f64(double *x, Py_ssize_t n, double a)
+    void fa_axpy_f32(float *y, const float *x, Py_ssize_t n, float a)
+    void fa_axpy_f64(double *y, const double *x, Py_ssize_t n, double a)
+    float fa_dot_f32(const float *x, const float *y, Py_ssize_t n)
+    double fa_dot_f64(const double *x, const double *y, Py_ssize_t n)
+    float fa_expneg_f32(float x)
+    double fa_expneg_f64(double x)
+
+
+# ---- BLAS on row-major tiles --------------------------------------------------------
+# BLAS is column-major: a row-major (m x n) matrix with row stride ld is its (n x m)
+# transpose. So row-major C = A @ B^T is column-major C^T = B @ A^T, and so on.
+
+cdef inline void gemm_abt(int m, int n, int k, real alpha, const real *a, int lda,
+                          const real *b, int ldb, real beta, real *c, int ldc) noexcept nogil:
+    # c[m, n] = alpha * a[m, k] @ b[n, k].T + beta * c
+    cdef char ta = b'T'
+    cdef char tb = b'N'
+    if real is float:
+        sgemm(&ta, &tb, &n, &m, &k, &alpha, <float *>b, &ldb, <float *>a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&ta, &tb, &n, &m, &k, &alpha, <double *>b, &ldb, <double *>a, &lda, &beta, c, &ldc)
+
+
+cdef inline void gemm_ab(int m, int n, int k, real alpha, const real *a, int lda,
+                         const real *b, int ldb, real beta, real *c, int ldc) noexcept nogil:
+    # c[m, n] = alpha * a[m, k] @ b[k, n] + beta * c
+    cdef char t = b'N'
+    if real is float:
+        sgemm(&t, &t, &n, &m, &k, &alpha, <float *>b, &ldb, <float *>a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&t, &t, &n, &m, &k, &alpha, <double *>b, &ldb, <double *>a, &lda, &beta, c, &ldc)
+
+
+# ---- vector row routines (vecmath.h), dispatched on the element type ---------------
+
+cdef inline real row_max(const real *x, Py_ssize_t n) noexcept nogil:
+    if real is float:
+        return fa_max_f32(x, n)
+    else:
+        return fa_max_f64(x, n)
+
+cdef inline real row_add_max(real *x, const real *add, Py_ssize_t n) noexcept nogil:
+    if real is float:
+        return fa_add_max_f32(x, add, n)
+    else:
+        return fa_add_max_f64(x, add, n)
+
+cdef inline real row_keep_max(real *x, const uint8_t *keep, Py_ssize_t n) noexcept nogil:
+    if real is float:
+        return fa_keep_max_f32(x, keep, n)
+    else:
+        return fa_keep_max_f64(x, keep, n)
+
+cdef inline real row_exp_sum(real *x, Py_ssize_t n, real m) noexcept nogil:
+    if real is float:
+        return fa_exp_sum_f32(x, n, m)
+    else:
+        return fa_exp_sum_f64(x, n, m)
+
+cdef inline void row_scale(real *x, Py_ssize_t n, real a) noexcept nogil:
+    if real is float:
+        fa_scale_f32(x, n, a)
+    else:
+        fa_scale_f64(x, n, a)
+
+cdef inline void row_axpy(real *y, const real *x, Py_ssize_t n, real a) noexcept nogil:
+    if real is float:
+        fa_axpy_f32(y, x, n, a)
+    else:
+        fa_axpy_f64(y, x, n, a)
+
+cdef inline real row_dot(const real *x, const real *y, Py_ssize_t n) noexcept nogil:
+    if real is float:
+        return fa_dot_f32(x, y, n)
+    else:
+        return fa_dot_f64(x, y, n)
+
+cdef inline real exp_nonpositive(real x) noexcept nogil:
+    if real is float:
+        return fa_expneg_f32(x)
+    else:
+        return fa_expneg_f64(x)
+
+cdef inline void row_fill(real *x, Py_ssize_t n, real value) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        x[j] = value
+
+
+# ---- masking one row of scores -------------------------------------------------------
+
+cdef inline real mask_row_max(real *s, Py_ssize_t n, const void *mask, int mask_kind,
+                              Py_ssize_t mask_col_stride) noexcept nogil:
+    # s[:n] <- s[:n] masked; return its max.  `mask` points at the first element.
+    cdef Py_ssize_t j
+    cdef const uint8_t *keep
+    cdef const real *add
+    if mask_kind == MASK_NONE:
+        return row_max(s, n)
+    if mask_kind == MASK_BOOL:
+        keep = <const uint8_t *>mask
+        if mask_col_stride == 1:
+            return row_keep_max(s, keep, n)
+        for j in range(n):
+            if not keep[j * mask_col_stride]:
+                s[j] = -INFINITY
+        return row_max(s, n)
+    add = <const real *>mask
+    if mask_col_stride == 1:
+        return row_add_max(s, add, n)
+    for j in range(n):
+        s[j] += add[j * mask_col_stride]
+    return row_max(s, n)
+
+
+# ---- online softmax ------------------------------------------------------------------
+
+cdef inline bint online_softmax_row(real *s, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t ncols,
+                                    real s_max, real *m, real *l,
+                                    real *acc, Py_ssize_t ev) noexcept nogil:
+    # Fold the scores s[c0:c1] (scaled and masked, their max is s_max) into the running
+    # max m, denominator l and output accumulator acc[:ev] of one query row.
+    # On return s[:ncols] holds the unnormalised probabilities exp(s - m) to multiply
+    # with V: zero outside [c0, c1) and wherever the score was -inf.
+    # Returns False when the row contributes nothing (no finite score).
+    cdef real m_new = s_max if (s_max > m[0] or s_max != s_max) else m[0]   # NaN propagates
+    cdef real alpha
+    if m_new == -INFINITY:
+        # exp(-inf - -inf) would be NaN: the row has no visible key yet, leave it empty.
+        row_fill(s, ncols, 0)
+        return False
+    if m_new > m[0]:
+        # acc and l were accumulated relative to the old max: rescale them.
+        alpha = exp_nonpositive(m[0] - m_new)   # 0 when m was -inf
+        l[0] *= alpha
+        if l[0] != 0:
+            row_scale(acc, ev, alpha)
+        m[0] = m_new
+    row_fill(s, c0, 0)
+    l[0] += row_exp_sum(s + c0, c1 - c0, m_new)
+    row_fill(s + c1, ncols - c1, 0)
+    return True
+
+
+cdef inline void finish_row(real *acc, Py_ssize_t ev, real m, real l, real *lse) noexcept nogil:
+    # acc <- acc / l and lse <- m + log(l). A row that saw no key (l == 0) gives 0 and -inf.
+    cdef Py_ssize_t j
+    if l == 0:
+        row_fill(acc, ev, 0)
+        if lse != NULL:
+            lse[0] = -INFINITY
+        return
+    row_scale(acc, ev, 1 / l)
+    if lse != NULL:
+        lse[0] = m + log(l)
+
+
+cdef inline void attend_tile(
+        const real *q, Py_ssize_t ldq, int rows,
+        const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv, int cols,
+        int e, int ev, real scale,
+        const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
+        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # One (query block, key block) tile of the online softmax.
+    #   q: rows x e, k: cols x e, v: cols x ev (row strides ldq, ldk, ldv)
+    #   mask: element (r, c) of the tile at r * mask_rs + c * mask_cs (MASK_NONE: unused)
+    #   band: row r sees tile columns c with r + band_lo <= c <= r + band_hi
+    #         (causal: band_lo = -BAND_ALL, band_hi = q0 + offset - k0)
+    #   s: rows x cols scratch;  acc: rows x ev with row stride ldacc;  m, l: rows
+    cdef Py_ssize_t r, c0, c1
+    cdef bint any_row = False
+    cdef real s_max
+    cdef const uint8_t *mrow_b
+    cdef const real *mrow_f
+    cdef const void *mrow
+    cdef real *srow
+
+    # s <- scale * q @ k.T
+    gemm_abt(rows, cols, e, scale, q, <int>ldq, k, <int>ldk, 0, s, cols)
+
+    for r in range(rows):
+        srow = s + r * cols
+        c0 = r + band_lo
+        if c0 < 0:
+            c0 = 0
+        c1 = r + band_hi + 1
+        if c1 > cols:
+            c1 = cols
+        if c1 <= c0:
+            row_fill(srow, cols, 0)
+            continue
+        mrow = NULL
+        if mask_kind == MASK_BOOL:
+            mrow = <const void *>((<const uint8_t *>mask) + r * mask_rs + c0 * mask_cs)
+        elif mask_kind == MASK_FLOAT:
+            mrow = <const void *>((<const real *>mask) + r * mask_rs + c0 * mask_cs)
+        s_max = mask_row_max(srow + c0, c1 - c0, mrow, mask_kind, mask_cs)
+        if online_softmax_row(srow, c0, c1, cols, s_max, m + r, l + r, acc + r * ldacc, ev):
+            any_row = True
+
+    # acc <- acc + p @ v
+    if any_row:
+        gemm_ab(rows, ev, cols, 1, s, cols, v, <int>ldv, 1, acc, <int>ldacc)
+
+
+cdef inline void merge_partial_row(const real *part_out, const real *part_lse, Py_ssize_t nparts,
+                                   Py_ssize_t part_stride, Py_ssize_t ev,
+                                   real *out, real *lse) noexcept nogil:
+    # Merge nparts normalised partial results of one query row (each computed over a
+    # disjoint set of keys) by their log-sum-exp (flash-decoding):
+    #   lse = log(sum_i exp(lse_i)),  out = sum_i exp(lse_i - lse) * out_i
+    # Part i is part_out[i * part_stride : i * part_stride + ev] and part_lse[i].
+    cdef Py_ssize_t i
+    cdef real mx = -INFINITY
+    cdef real total = 0
+    cdef real w
+    for i in range(nparts):
+        if part_lse[i] > mx:
+            mx = part_lse[i]
+    row_fill(out, ev, 0)
+    if mx == -INFINITY:
+        if lse != NULL:
+            lse[0] = -INFINITY
+        return
+    for i in range(nparts):
+        total += exp_nonpositive(part_lse[i] - mx)
+    for i in range(nparts):
+        w = exp_nonpositive(part_lse[i] - mx) / total
+        if w != 0:
+            row_axpy(out, part_out + i * part_stride, ev, w)
+    if lse != NULL:
+        lse[0] = mx + log(total)

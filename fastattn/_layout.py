@@ -1,0 +1,117 @@
+"""Operands in the form the kernels take them.
+
+A kernel sees each operand as one base array plus, for every entry of the
+broadcast batch, the element offset of that entry's matrix from the base data
+pointer. Broadcasting (stride 0) and grouped-query heads (several query heads
+reading one key/value head) are therefore just offsets: nothing is copied or
+expanded. The matrix itself must have unit column stride and a row stride BLAS
+accepts; anything else is copied once to C order.
+"""
+import numpy as np
+
+from fastattn._kernels.tile_constants import BLOCK_FULL, BLOCK_MASKED, BLOCK_SKIP
+
+_INT32_MAX = 2**31 - 1
+
+
+def as_matrix_stack(a, dtype):
+    """Return ``(array, row_stride)`` with ``a`` in ``dtype`` laid out for BLAS.
+
+    The last axis must be unit-stride, the row stride must be at least the row
+    length (no overlapping rows) and fit a 32-bit BLAS int, every stride must be
+    a whole number of elements; otherwise the array is copied to C order.
+    """
+    a = np.asarray(a, dtype=dtype)
+    item = a.dtype.itemsize
+    rows, cols = a.shape[-2], a.shape[-1]
+    ok = a.flags.aligned and all(s % item == 0 for s in a.strides)
+    if ok and cols > 1:
+        ok = a.strides[-1] == item
+    if ok and rows > 1:
+        ld = a.strides[-2] // item
+        ok = max(cols, 1) <= ld <= _INT32_MAX
+    if not ok:
+        a = np.ascontiguousarray(a)
+    ld = a.strides[-2] // item if rows > 1 else max(cols, 1)
+    return a, ld
+
+
+def batch_offsets(a, batch_shape, group_axis=None, group=1):
+    """Element offset of each matrix of ``a`` over the broadcast ``batch_shape``.
+
+    ``a`` has shape ``(*lead, m, n)`` with ``lead`` broadcastable to
+    ``batch_shape``; the result is a C-ordered ``intp`` vector with one entry per
+    batch index. With ``group > 1``, batch index ``h`` along ``group_axis`` (an
+    axis of ``batch_shape``) reads ``a``'s entry ``h // group``: grouped-query
+    attention, where ``group`` query heads share one key/value head.
+    """
+    nb = len(batch_shape)
+    lead = (1,) * (nb - (a.ndim - 2)) + a.shape[:-2]
+    strides = (0,) * (nb - (a.ndim - 2)) + a.strides[:-2]
+    item = a.dtype.itemsize
+    off = np.zeros(batch_shape, dtype=np.intp)
+    for axis, (n, stride) in enumerate(zip(lead, strides)):
+        if n == 1 or stride == 0:
+            continue
+        idx = np.arange(batch_shape[axis], dtype=np.intp)
+        if axis == group_axis and group > 1:
+            idx //= group
+        shape = [1] * nb
+        shape[axis] = batch_shape[axis]
+        off += (idx * (stride // item)).reshape(shape)
+    return off.reshape(-1)
+
+
+def padded_leading(shape, nb):
+    """The leading (batch) part of ``shape`` left-padded with ones to ``nb`` axes."""
+    lead = tuple(shape[:-2])
+    return (1,) * (nb - len(lead)) + lead
+
+
+class PreparedMask:
+    """A mask as the kernels take it, plus its per-tile block map.
+
+    The mask keeps its own (broadcast) shape: a mask shared by all heads is stored
+    once. ``kind`` is 1 for bool (nonzero = keep) and 2 for additive float, as in
+    ``tile.pxd``.
+    """
+
+    __slots__ = ("array", "kind", "offsets", "row_stride", "col_stride",
+                 "block_map", "block_offsets", "block_row_stride", "block_col_stride")
+
+    def __init__(self, mask, dtype, L, S, batch_shape, block_q, block_k):
+        if mask.dtype == np.bool_:
+            arr, kind = mask.view(np.uint8), 1
+        else:
+            arr, kind = np.asarray(mask, dtype=dtype), 2
+        while arr.ndim < 2:
+            arr = arr[np.newaxis]
+        if not arr.flags.aligned or any(s % arr.dtype.itemsize for s in arr.strides):
+            arr = np.ascontiguousarray(arr)
+        item = arr.dtype.itemsize
+        Lm, Sm = arr.shape[-2:]
+        self.array, self.kind = arr, kind
+        self.offsets = batch_offsets(arr, batch_shape)
+        self.row_stride = arr.strides[-2] // item if Lm > 1 else 0
+        self.col_stride = arr.strides[-1] // item if Sm > 1 else 0
+
+        # Block map at the mask's own shape: one state per (query block, key block).
+        if kind == 1:
+            visible, untouched = arr.view(np.bool_), None
+        else:
+            visible, untouched = arr != -np.inf, arr == 0
+        q_starts = np.arange(0, L, block_q) if Lm > 1 else np.zeros(1, np.intp)
+        k_starts = np.arange(0, S, block_k) if Sm > 1 else np.zeros(1, np.intp)
+
+        def blocks(reduce, x):
+            x = reduce.reduceat(x, k_starts, axis=-1)
+            return reduce.reduceat(x, q_starts, axis=-2)
+
+        any_visible = blocks(np.logical_or, visible)
+        all_plain = blocks(np.logical_and, visible if kind == 1 else untouched)
+        bmap = np.where(any_visible, np.where(all_plain, BLOCK_FULL, BLOCK_MASKED), BLOCK_SKIP)
+        bmap = np.ascontiguousarray(bmap, dtype=np.uint8)
+        self.block_map = bmap
+        self.block_offsets = batch_offsets(bmap, batch_shape)
+        self.block_row_stride = bmap.shape[-1] if Lm > 1 else 0
+        self.block_col_stride = 1 if Sm > 1 else 0

@@ -1,0 +1,73 @@
+"""Thread-count control shared by every kernel, and single-threaded BLAS inside them."""
+import contextlib
+import operator
+import threading
+
+from fastattn._kernels import dense as _dense
+
+__all__ = ["set_num_threads", "get_num_threads"]
+
+_num_threads = None           # None: OpenMP's default (OMP_NUM_THREADS or all cores)
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def set_num_threads(n):
+    """Set how many threads fastattn's kernels use by default.
+
+    Parameters
+    ----------
+    n : int or None
+        A positive thread count, or None to go back to the default: all cores, or
+        ``OMP_NUM_THREADS`` when that is set.
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> fastattn.set_num_threads(1)
+    >>> fastattn.get_num_threads()
+    1
+    >>> fastattn.set_num_threads(None)
+    """
+    global _num_threads
+    _num_threads = None if n is None else _check_thread_count(n)
+
+
+def get_num_threads():
+    """Return how many threads fastattn's kernels use when ``num_threads=None``.
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> fastattn.get_num_threads() >= 1
+    True
+    """
+    return _num_threads if _num_threads is not None else max(1, _dense.max_threads())
+
+
+def _check_thread_count(n):
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"num_threads must be an int or None, got {type(n).__name__}") from None
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {n}")
+    return n
+
+
+def resolve_num_threads(num_threads):
+    """The thread count a call uses: its own argument, else the library default."""
+    return get_num_threads() if num_threads is None else _check_thread_count(num_threads)
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Limit BLAS to one thread while our OpenMP threads each call it on their tiles."""
+    global _controller
+    if _controller is None:
+        with _controller_lock:
+            if _controller is None:
+                from threadpoolctl import ThreadpoolController
+                _controller = ThreadpoolController().select(user_api="blas")
+    with _controller.limit(limits=1):
+        yield

@@ -1,0 +1,250 @@
+"""Scaled dot-product attention on NumPy arrays, computed by the fused kernel."""
+import numpy as np
+
+from fastattn import _threads
+from fastattn._kernels import dense as _dense
+from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets, padded_leading
+from fastattn._validation import check_choice, check_device, check_scale, result_dtypes
+
+__all__ = ["scaled_dot_product_attention"]
+
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+
+# Tile sizes (rows of Q, rows of K/V per tile), chosen by benchmarks/bench_tiles.py on
+# a 2-core AVX-512 machine: the score tile and one V block stay in L2.
+BLOCK_Q = 64
+BLOCK_K = 256
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal=False,
+                                 scale=None, enable_gqa=False, causal_alignment="top_left",
+                                 return_lse=False, out=None, num_threads=None, device="cpu"):
+    r"""Scaled dot-product attention, ``softmax(query @ key.T * scale + mask) @ value``.
+
+    Computed by a fused, tiled kernel (FlashAttention-2 style online softmax): the
+    ``(L, S)`` score matrix is never materialised, so extra memory is a few tiles per
+    thread whatever the sequence lengths.
+
+    Parameters
+    ----------
+    query : array_like, shape (..., L, E)
+    key : array_like, shape (..., S, E)
+    value : array_like, shape (..., S, Ev)
+        The leading (batch) dimensions broadcast against each other like
+        ``np.matmul``. Any strides are accepted (e.g. a ``(B, L, H, E)`` array
+        viewed as ``(B, H, L, E)``) without copying when the last axis is
+        contiguous.
+    attn_mask : array_like, optional
+        Broadcastable to ``(..., L, S)``. bool: True means the key takes part in
+        attention (the PyTorch convention). Float: added to the scaled scores
+        (use ``-inf`` to exclude). A broadcast mask is never expanded in memory.
+    is_causal : bool, default=False
+        Query ``i`` sees only keys ``j <= i`` (``top_left``) or
+        ``j <= i + S - L`` (``bottom_right``). May be combined with ``attn_mask``.
+    scale : float, optional
+        Multiplies the scores before masking; default ``1 / sqrt(E)``.
+    enable_gqa : bool, default=False
+        Grouped-query attention: the head axis (-3) of ``key``/``value`` may divide
+        that of ``query``; query head ``h`` reads key/value head
+        ``h // (Hq // Hkv)``. K and V are not copied.
+    causal_alignment : {"top_left", "bottom_right"}, default="top_left"
+        Where the causal diagonal sits when ``L != S``: PyTorch's ``is_causal``
+        is top-left; flash-attn and decoding with a KV cache use bottom-right.
+    return_lse : bool, default=False
+        Also return the log-sum-exp of each row's scaled, masked scores,
+        shape ``(..., L)``: what is needed to merge results over key blocks.
+    out : ndarray, optional
+        C-contiguous, writable, of the exact result shape and dtype; filled and
+        returned.
+    num_threads : int, optional
+        Threads for this call; default :func:`fastattn.get_num_threads`.
+    device : {"cpu"}, default="cpu"
+        Where to compute.
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, Ev)
+        float32 or float64 like the inputs (NumPy promotion); float16 inputs are
+        computed in float32 and returned as float16; integers give float64.
+    lse : ndarray, shape (..., L)
+        Only with ``return_lse=True``: float32 or float64 (the compute dtype).
+
+    Raises
+    ------
+    TypeError
+        For complex, bool, object or string inputs, or a mask that is neither
+        bool nor floating.
+    ValueError
+        For shapes that do not match or broadcast, or an unknown ``device`` or
+        ``causal_alignment``.
+
+    Notes
+    -----
+    A query row whose keys are all masked out (by the mask, the causal band, or
+    ``S == 0``) returns zeros, not NaN, and its lse is ``-inf``. Tiles entirely
+    above the causal diagonal, and tiles a bool mask rules out entirely, are
+    skipped rather than computed and masked.
+
+    The GIL is released while the kernel runs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 4, 16, 8), dtype=np.float32)  # (B, H, L, E)
+    >>> k = rng.standard_normal((2, 4, 16, 8), dtype=np.float32)
+    >>> v = rng.standard_normal((2, 4, 16, 8), dtype=np.float32)
+    >>> out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> out.shape, out.dtype
+    ((2, 4, 16, 8), dtype('float32'))
+
+    The first query of a causal row sees only the first key:
+
+    >>> bool(np.allclose(out[..., 0, :], v[..., 0, :]))
+    True
+
+    A fully masked row gives zeros and an lse of ``-inf``:
+
+    >>> mask = np.ones((16, 16), dtype=bool)
+    >>> mask[3] = False
+    >>> out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, return_lse=True)
+    >>> float(abs(out[..., 3, :]).max()), float(lse[0, 0, 3])
+    (0.0, -inf)
+    """
+    check_device(device)
+    check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
+    q, k, v = (np.asarray(a) for a in (query, key, value))
+    compute, result = result_dtypes(q, k, v, names=("query", "key", "value"))
+    for name, a in (("query", q), ("key", k), ("value", v)):
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., rows, features), "
+                             f"got shape {a.shape}")
+    L, E = q.shape[-2:]
+    S, Ev = v.shape[-2:]
+    if k.shape[-1] != E:
+        raise ValueError(f"query and key must have the same feature size E: query {q.shape}, "
+                         f"key {k.shape}")
+    if k.shape[-2] != S:
+        raise ValueError(f"key and value must have the same number of rows S: key {k.shape}, "
+                         f"value {v.shape}")
+    if E == 0:
+        raise ValueError(f"query and key need at least one feature, got E = 0 "
+                         f"(query {q.shape}, key {k.shape})")
+    scale = check_scale(scale, E)
+
+    mask = None
+    if attn_mask is not None:
+        mask = np.asarray(attn_mask)
+        if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+            raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to "
+                            f"the scores), got dtype {mask.dtype}")
+        m_rows, m_cols = ((1, 1) + mask.shape)[-2:]
+        if m_rows not in (1, L) or m_cols not in (1, S):
+            raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to the "
+                             f"scores (..., L={L}, S={S})")
+
+    # Broadcast batch shape, with grouped-query heads matched up on axis -3.
+    group = 1
+    k_lead = k.shape[:-2]
+    v_lead = v.shape[:-2]
+    if enable_gqa and q.ndim >= 3 and k.ndim >= 3 and v.ndim >= 3:
+        hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+        if hk != hv:
+            raise ValueError(f"key and value must have the same number of heads (axis -3): "
+                             f"key {k.shape}, value {v.shape}")
+        if hk != hq and hk != 1:
+            if hk == 0 or hq % hk:
+                raise ValueError(f"with enable_gqa the key/value heads must divide the query "
+                                 f"heads (axis -3): query {q.shape}, key {k.shape}")
+            group = hq // hk
+            k_lead = k_lead[:-1] + (hq,)
+            v_lead = v_lead[:-1] + (hq,)
+    leads = [q.shape[:-2], k_lead, v_lead]
+    if mask is not None:
+        leads.append(mask.shape[:-2])
+    try:
+        batch_shape = np.broadcast_shapes(*leads)
+    except ValueError:
+        shapes = f"query {q.shape}, key {k.shape}, value {v.shape}"
+        if mask is not None:
+            shapes += f", attn_mask {mask.shape}"
+        raise ValueError(f"batch dimensions do not broadcast: {shapes}") from None
+    out_shape = batch_shape + (L, Ev)
+
+    if out is not None:
+        _check_out(out, out_shape, result)
+    nthreads = _threads.resolve_num_threads(num_threads)
+
+    nbatch = int(np.prod(batch_shape, dtype=np.int64))
+    direct = out is not None and compute == result and not _overlaps(out, q, k, v, mask)
+    res = out if direct else np.empty(out_shape, dtype=compute)
+    lse = np.empty(batch_shape + (L,), dtype=compute) if return_lse else None
+    if nbatch and L and Ev:
+        _run_dense(q, k, v, mask, res, lse, batch_shape, group, compute, scale,
+                   is_causal, causal_alignment, nthreads)
+    elif lse is not None:
+        lse.fill(-np.inf)
+
+    if out is not None:
+        if not direct:
+            out[...] = res
+        res = out
+    elif result != compute:
+        res = res.astype(result)
+    return (res, lse) if return_lse else res
+
+
+def _run_dense(q, k, v, mask, res, lse, batch_shape, group, compute, scale,
+               is_causal, causal_alignment, nthreads):
+    L, S = q.shape[-2], k.shape[-2]
+    E, Ev = q.shape[-1], v.shape[-1]
+    if S == 0:
+        res.fill(0)
+        if lse is not None:
+            lse.fill(-np.inf)
+        return
+    nb = len(batch_shape)
+    group_axis = nb - 1 if group > 1 else None
+    q, ldq = as_matrix_stack(q, compute)
+    k, ldk = as_matrix_stack(k, compute)
+    v, ldv = as_matrix_stack(v, compute)
+    q_off = batch_offsets(q, batch_shape)
+    k_off = batch_offsets(k, batch_shape, group_axis, group)
+    v_off = batch_offsets(v, batch_shape, group_axis, group)
+    nbatch = q_off.shape[0]
+
+    block_q = min(BLOCK_Q, L)
+    block_k = min(BLOCK_K, S)
+    nqb = -(-L // block_q)
+    nkb = -(-S // block_k)
+    # Too few (batch, query block) items to keep every thread busy: split the keys
+    # too and merge the partial results by their log-sum-exp.
+    nsplit = 1
+    items = nbatch * nqb
+    if items < 2 * nthreads and nkb > 1:
+        nsplit = min(nkb, -(-4 * nthreads // items))
+    nthreads = max(1, min(nthreads, items * nsplit))
+
+    prepared = None
+    if mask is not None:
+        prepared = PreparedMask(mask, compute, L, S, batch_shape, block_q, block_k)
+    causal_offset = 0 if causal_alignment == "top_left" else S - L
+    with _threads.single_threaded_blas():
+        _dense.sdpa(q, k, v, res, lse, q_off, k_off, v_off, ldq, ldk, ldv, L, S, E, Ev, scale,
+                    prepared, bool(is_causal), causal_offset, block_q, block_k, nsplit, nthreads)
+
+
+def _check_out(out, shape, dtype):
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, the result has shape {shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, the result has dtype {dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writable")
+
+
+def _overlaps(out, *arrays):
+    return any(a is not None and np.may_share_memory(out, a) for a in arrays)

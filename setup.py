@@ -1,0 +1,66 @@
+"""Build the Cython kernels in fastattn/_kernels/.
+
+Environment switches:
+  FASTATTN_NATIVE=1     compile for this CPU (-march=native); off by default so
+                        wheels run anywhere (the SIMD helpers dispatch at run time).
+  FASTATTN_NO_OPENMP=1  build without OpenMP (kernels then run on one thread).
+  FASTATTN_DEBUG=1      bounds-checked Cython and -O0 -g, for tracking down bugs.
+"""
+import os
+import sys
+from pathlib import Path
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+KERNELS = Path("fastattn") / "_kernels"
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def openmp_flags():
+    """Compile and link flags for OpenMP, per compiler (empty when disabled)."""
+    if _flag("FASTATTN_NO_OPENMP"):
+        return [], []
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    if sys.platform == "darwin":
+        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def extensions():
+    debug = _flag("FASTATTN_DEBUG")
+    omp_compile, omp_link = openmp_flags()
+    # No -ffast-math / -Ofast: masking relies on -inf and the kernels test for it.
+    compile_args = ["-O0", "-g"] if debug else ["-O3"]
+    if sys.platform != "win32":
+        compile_args += ["-fno-math-errno", "-Wno-unused-function", "-Wno-unreachable-code"]
+    if _flag("FASTATTN_NATIVE"):
+        compile_args.append("-march=native")
+    exts = []
+    for pyx in sorted(KERNELS.glob("*.pyx")):
+        exts.append(Extension(
+            f"fastattn._kernels.{pyx.stem}",
+            [str(pyx)],
+            include_dirs=[str(KERNELS), numpy.get_include()],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")],
+            extra_compile_args=compile_args + omp_compile,
+            extra_link_args=omp_link,
+        ))
+    directives = {
+        "language_level": 3,
+        "boundscheck": debug,
+        "wraparound": False,
+        "initializedcheck": debug,
+        "nonecheck": False,
+        "cdivision": True,
+        "embedsignature": True,
+    }
+    return cythonize(exts, compiler_directives=directives, nthreads=os.cpu_count() or 1)
+
+
+setup(ext_modules=extensions())

@@ -1,0 +1,60 @@
+"""Run the docstring examples of the installed package and the guides in docs/."""
+import doctest
+import importlib
+import pkgutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastattn
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
+
+
+def _public_modules():
+    names = ["fastattn"]
+    for info in pkgutil.walk_packages(fastattn.__path__, "fastattn."):
+        if "._kernels" not in info.name and not info.name.endswith("__main__"):
+            names.append(info.name)
+    return names
+
+
+def _run(test):
+    runner = doctest.DocTestRunner(optionflags=FLAGS)
+    runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {test.name}"
+
+
+MODULE_TESTS = [
+    t for name in _public_modules()
+    for t in doctest.DocTestFinder().find(importlib.import_module(name), name,
+                                          extraglobs={"np": np})
+    if t.examples
+]
+
+
+@pytest.mark.parametrize("test", MODULE_TESTS, ids=lambda t: t.name)
+def test_docstring_examples(test):
+    _run(test)
+
+
+def test_docstrings_have_examples():
+    # every public function documents itself with at least one runnable example
+    names = {t.name for t in MODULE_TESTS}
+    for name in fastattn.__all__:
+        obj = getattr(fastattn, name)
+        if callable(obj):
+            assert any(n.endswith("." + name) for n in names), f"{name} has no doctest example"
+
+
+DOC_PAGES = sorted(p for p in DOCS.rglob("*.md") if ">>>" in p.read_text())
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_docs_pages(page):
+    text = page.read_text()
+    test = doctest.DocTestParser().get_doctest(text, {"np": np}, page.name, str(page), 0)
+    _run(test)
