@@ -5,6 +5,7 @@ Environment switches:
                         wheels run anywhere (the SIMD helpers dispatch at run time).
   FASTATTN_NO_OPENMP=1  build without OpenMP (kernels then run on one thread).
   FASTATTN_DEBUG=1      bounds-checked Cython and -O0 -g, for tracking down bugs.
+  FASTATTN_KERNELS=a,b  build only these kernel modules (development: rebuild one family).
 """
 import os
 import sys
@@ -41,8 +42,11 @@ def extensions():
         compile_args += ["-fno-math-errno", "-Wno-unused-function", "-Wno-unreachable-code"]
     if _flag("FASTATTN_NATIVE"):
         compile_args.append("-march=native")
+    only = {n.strip() for n in os.environ.get("FASTATTN_KERNELS", "").split(",") if n.strip()}
     exts = []
     for pyx in sorted(KERNELS.glob("*.pyx")):
+        if only and pyx.stem not in only:
+            continue
         exts.append(Extension(
             f"fastattn._kernels.{pyx.stem}",
             [str(pyx)],
