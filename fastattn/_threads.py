@@ -2,6 +2,7 @@
 import contextlib
 import operator
 import threading
+from pathlib import Path
 
 from fastattn._kernels import dense as _dense
 
@@ -60,6 +61,21 @@ def resolve_num_threads(num_threads):
     return get_num_threads() if num_threads is None else _check_thread_count(num_threads)
 
 
+def _kernel_blas_controller():
+    """threadpoolctl controller for the BLAS library the kernels call.
+
+    That is the one scipy.linalg.cython_blas links (scipy's own OpenBLAS in the
+    wheels). Touching only it matters: toggling NumPy's separate OpenBLAS as well
+    wakes its idle threads, which then spin on the cores our threads need. When
+    scipy's BLAS cannot be told apart (one shared system BLAS), limit them all.
+    """
+    from threadpoolctl import ThreadpoolController
+    blas = ThreadpoolController().select(user_api="blas")
+    scipy_owned = [lib.filepath for lib in blas.lib_controllers
+                   if Path(lib.filepath).parent.name.startswith("scipy")]
+    return blas.select(filepath=scipy_owned) if scipy_owned else blas
+
+
 @contextlib.contextmanager
 def single_threaded_blas():
     """Limit BLAS to one thread while our OpenMP threads each call it on their tiles."""
@@ -67,7 +83,6 @@ def single_threaded_blas():
     if _controller is None:
         with _controller_lock:
             if _controller is None:
-                from threadpoolctl import ThreadpoolController
-                _controller = ThreadpoolController().select(user_api="blas")
+                _controller = _kernel_blas_controller()
     with _controller.limit(limits=1):
         yield

@@ -150,6 +150,8 @@ cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k
                     cols = p.S - k0
                     if cols > p.block_k:
                         cols = p.block_k
+                    if p.causal and cols > last_key - k0 + 1:
+                        cols = last_key - k0 + 1    # keys past the diagonal: not computed
                     band_hi = (q0 + p.causal_offset - k0) if p.causal else BAND_ALL
                     mtile = NULL
                     if state != BLOCK_FULL:
