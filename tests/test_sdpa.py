@@ -334,6 +334,12 @@ def test_gil_is_released(rng):
     assert ticks > 10   # the main thread kept running while the kernel worked
 
 
+def test_python_constants_match_the_compiled_core():
+    from fastattn._kernels import dense, tile_constants
+    for name, value in dense.TILE_CONSTANTS.items():
+        assert getattr(tile_constants, name) == value, name
+
+
 def test_num_threads_setting():
     fastattn.set_num_threads(3)
     try:

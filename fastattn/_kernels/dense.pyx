@@ -18,7 +18,7 @@ cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
     real, attend_tile, finish_row, merge_partial_row, row_fill,
-    MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_FULL, BAND_ALL,
+    MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
 
 cnp.import_array()
@@ -36,6 +36,11 @@ cdef extern from *:
     """
     int fa_max_threads() noexcept nogil
     int fa_have_openmp() noexcept nogil
+
+
+# The tile core's enums as compiled, checked against tile_constants.py by the tests.
+TILE_CONSTANTS = dict(MASK_NONE=MASK_NONE, MASK_BOOL=MASK_BOOL, MASK_FLOAT=MASK_FLOAT,
+                      BLOCK_SKIP=BLOCK_SKIP, BLOCK_MASKED=BLOCK_MASKED, BLOCK_FULL=BLOCK_FULL)
 
 
 def max_threads():
@@ -141,7 +146,7 @@ cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k
                     l[r] = 0
 
                 for kb in range(kb_lo, kb_hi):
-                    state = BLOCK_FULL if p.mask_kind == MASK_NONE else 1
+                    state = BLOCK_FULL if p.mask_kind == MASK_NONE else BLOCK_MASKED
                     if p.bmap != NULL:
                         state = p.bmap[p.bmap_off[b] + qb * p.bmap_rs + kb * p.bmap_cs]
                         if state == BLOCK_SKIP:
