@@ -1,0 +1,39 @@
+"""Run fastattn's attention on Huawei Ascend NPUs through AscendCL (ctypes).
+
+Architecture::
+
+    ascend.flash_attention / paged_attention      _ops.py     validate, convert conventions,
+                 |                                            two-phase aclnn call
+                 v
+    DescriptorScope (aclTensor, aclIntArray,      _meta.py    libnnopbase.so
+                     aclTensorList)
+    DeviceArray, to_device                        _array.py   resident data, dtype table
+                 |
+                 v
+    Runtime (init, devices, streams, pool)        _runtime.py libascendcl.so
+    Libraries (discovery, ctypes signatures)      _library.py libascendcl / libnnopbase / libopapi*
+    AscendError, AscendRuntimeNotFound            _errors.py
+
+Nothing is loaded at import: the CANN libraries are searched for and
+initialised on first use, so ``import ascend`` works on any machine and
+:func:`is_available` simply returns False without CANN.
+"""
+
+from ._array import DeviceArray, to_device
+from ._errors import AscendError, AscendRuntimeNotFound
+from ._ops import flash_attention, paged_attention
+from ._runtime import device_count, devices, empty_cache, is_available, parse_device
+
+__all__ = [
+    "AscendError",
+    "AscendRuntimeNotFound",
+    "DeviceArray",
+    "device_count",
+    "devices",
+    "empty_cache",
+    "flash_attention",
+    "is_available",
+    "paged_attention",
+    "parse_device",
+    "to_device",
+]

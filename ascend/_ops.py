@@ -1,0 +1,550 @@
+"""Attention on the NPU: aclnnFlashAttentionScore and aclnnIncreFlashAttentionV4.
+
+Each public function
+
+1. describes its inputs (shape, dtype, host or device) without copying,
+2. validates them against the operator's documented limits, so misuse is a
+   Python exception rather than a device fault,
+3. converts fastattn conventions to Ascend ones (bool masks: True = keep
+   becomes 1 = masked out; additive masks become ``realShift``; causal
+   becomes sparse mode 2/3 with the 2048x2048 compressed mask; fastattn's
+   paged KV layout already is the (blocknum, KV_N, blockSize, D) cache layout),
+4. runs the two-phase call on the device's stream and synchronises.
+
+Device buffers taken for the call (uploads, workspace, softmax statistics)
+go back to the pool when it ends, also when it fails.
+"""
+
+import math
+from ctypes import byref, c_uint64, create_string_buffer
+
+import numpy as np
+
+from ._array import DTYPES, DeviceArray, dtype_name, host_storage
+from ._library import ExecutorRef
+from ._meta import DescriptorScope
+from ._runtime import device_index, get_runtime
+
+__all__ = ["flash_attention", "paged_attention"]
+
+FLASH_ATTENTION_DTYPES = ("float32", "float16", "bfloat16")
+INCRE_FLASH_ATTENTION_DTYPES = ("float16", "bfloat16")
+FLASH_ATTENTION_MAX_HEADS, FLASH_ATTENTION_MAX_HEAD_DIM = 256, 768
+INCRE_MAX_BATCH, INCRE_MAX_HEADS, INCRE_MAX_HEAD_DIM, INCRE_MAX_GROUP = 65536, 256, 512, 64
+INCRE_MAX_BLOCK_SIZE, INCRE_BLOCK_ALIGN = 512, 16
+
+SPARSE_NONE, SPARSE_CAUSAL_TOP_LEFT, SPARSE_CAUSAL_BOTTOM_RIGHT = 0, 2, 3
+INNER_PRECISE_DEFAULT, INNER_PRECISE_MASKED_ROWS = 0, 2  # 2: fully masked rows give zeros
+INCRE_INNER_PRECISE_PERFORMANCE = 1
+UNLIMITED_TOKENS = 2147483647  # preTokens/nextTokens default (no band)
+COMPRESSED_MASK_SIZE = 2048
+_LAYOUT_BNSD = create_string_buffer(b"BNSD")  # char * in the C API: a writable buffer
+
+
+# ---------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------
+
+class _Operand:
+    """An input as the call sees it: shape, dtype name, and where it lives."""
+
+    __slots__ = ("value", "shape", "name", "device_array", "what")
+
+    def __init__(self, value, what):
+        self.what = what
+        if isinstance(value, DeviceArray):
+            value._live_buffer()  # use after free -> ValueError here
+            self.device_array, self.value = value, value
+            self.shape, self.name = value.shape, value._dtype_name
+        else:
+            array = np.asarray(value)
+            self.device_array, self.value = None, array
+            self.shape, self.name = array.shape, dtype_name(array.dtype)
+
+    def host(self):
+        """The value as a NumPy array (downloads a DeviceArray)."""
+        return self.value.to_numpy() if self.device_array is not None else self.value
+
+
+def _check_devices(operands, device):
+    for operand in operands:
+        array = operand.device_array
+        if array is not None and array.device != device:
+            raise ValueError(f"{operand.what} is on npu:{array.device} but the call runs on "
+                             f"npu:{device}; all DeviceArrays of a call must be on its device")
+
+
+def _check_dtypes(operands, allowed, operator):
+    names = {operand.name for operand in operands}
+    if len(names) != 1:
+        listing = ", ".join(f"{o.what}={o.name}" for o in operands)
+        raise TypeError(f"{operator} needs one dtype for all inputs, got {listing}")
+    name = names.pop()
+    if name not in allowed:
+        raise TypeError(f"{operator} supports dtypes {', '.join(allowed)}; got {name}"
+                        + ("" if name != "float64" else " (convert with .astype(np.float32))"))
+    return name
+
+
+def _check_rank(operand, expected, layout):
+    if len(operand.shape) != expected:
+        raise ValueError(f"{operand.what} must be {expected}-D {layout}, got shape {operand.shape}")
+
+
+class _CallResources:
+    """Device buffers of one call: temporaries always go back to the pool."""
+
+    def __init__(self, runtime, device):
+        self.runtime, self.device = runtime, device
+        self._temporary = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for buffer in self._temporary:
+            self.runtime.release(buffer)
+        self._temporary = []
+
+    def scratch(self, nbytes):
+        buffer = self.runtime.allocate(self.device, nbytes)
+        self._temporary.append(buffer)
+        return buffer
+
+    def place(self, operand):
+        """Device pointer of ``operand``, uploading host data into a temporary buffer."""
+        if operand.device_array is not None:
+            return operand.device_array._live_buffer().ptr
+        return self.upload(host_storage(operand.value, operand.name)).ptr
+
+    def upload(self, host):
+        buffer = self.scratch(host.nbytes)
+        if host.nbytes:
+            self.runtime.upload(buffer, host)
+        return buffer
+
+    def deliver(self, buffer, shape, name, on_device):
+        """The result in ``buffer``: a DeviceArray (kept) or a NumPy copy."""
+        array = DeviceArray(buffer, shape, name, self.runtime)
+        if on_device:
+            self._temporary.remove(buffer)
+            return array
+        host = array.to_numpy()
+        array._buffer = None  # the buffer is still a temporary; released on exit
+        return host
+
+
+def _run_operator(runtime, device, operator_name, phase1_arguments, resources):
+    """Two-phase aclnn call: workspace size + executor, workspace, launch, synchronise."""
+    operator = runtime.lib.operator(operator_name)
+    stream = runtime.activate(device)
+    workspace_size, executor = c_uint64(0), ExecutorRef()
+    runtime.lib.check(operator.get_workspace_size(*phase1_arguments, byref(workspace_size),
+                                                  byref(executor)), operator.phase1_name)
+    try:
+        workspace = resources.scratch(workspace_size.value).ptr if workspace_size.value else None
+    except BaseException:
+        runtime.lib.meta.aclDestroyAclOpExecutor(executor)  # phase 2 will never consume it
+        raise
+    runtime.lib.check(operator.launch(workspace, workspace_size.value, executor, stream),
+                      operator.name)
+    runtime.lib.check(runtime.lib.acl.aclrtSynchronizeStream(stream), "aclrtSynchronizeStream")
+
+
+# ---------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------
+
+def causal_keep(query_length, key_length, alignment):
+    """Boolean (L, S) matrix, True = attend, for a causal mask of the given alignment.
+
+    Examples
+    --------
+    >>> causal_keep(2, 3, "top_left").astype(int)
+    array([[1, 0, 0],
+           [1, 1, 0]])
+    >>> causal_keep(2, 3, "bottom_right").astype(int)
+    array([[1, 1, 0],
+           [1, 1, 1]])
+    """
+    offset = 0 if alignment == "top_left" else key_length - query_length
+    rows = np.arange(query_length)[:, None]
+    return np.arange(key_length)[None, :] <= rows + offset
+
+
+def compressed_causal_mask():
+    """The 2048x2048 mask sparse modes 2/3 require: ``triu(ones, 1)``, 1 = masked out."""
+    return np.triu(np.ones((COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE), dtype=np.bool_), 1)
+
+
+class _MaskPlan:
+    """What to pass as attenMask / realShift / sparseMode / innerPrecise."""
+
+    __slots__ = ("masked_out", "compressed", "pse", "sparse_mode", "inner_precise")
+
+    def __init__(self, masked_out=None, compressed=False, pse=None,
+                 sparse_mode=SPARSE_NONE, inner_precise=INNER_PRECISE_DEFAULT):
+        self.masked_out, self.compressed, self.pse = masked_out, compressed, pse
+        self.sparse_mode, self.inner_precise = sparse_mode, inner_precise
+
+
+def _plan_mask(attn_mask, is_causal, alignment, full_shape, scale, storage_name):
+    batch, heads, query_length, key_length = full_shape
+    if attn_mask is None:
+        if not is_causal:
+            return _MaskPlan()
+        if alignment == "top_left":
+            return _MaskPlan(compressed=True, sparse_mode=SPARSE_CAUSAL_TOP_LEFT)
+        # bottom-right with L > S leaves the first L - S rows without any key
+        return _MaskPlan(compressed=True, sparse_mode=SPARSE_CAUSAL_BOTTOM_RIGHT,
+                         inner_precise=INNER_PRECISE_MASKED_ROWS
+                         if query_length > key_length else INNER_PRECISE_DEFAULT)
+    if isinstance(attn_mask, DeviceArray):
+        raise TypeError("attn_mask must be a NumPy array (it is converted to Ascend's "
+                        "polarity on the host); DeviceArray masks are not supported")
+    mask = np.asarray(attn_mask)
+    if mask.ndim > 4 or _broadcast_shape(mask.shape, full_shape) != full_shape:
+        raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to "
+                         f"(B, Hq, L, S) = {full_shape}")
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    bias = None
+    if mask.dtype == np.bool_:
+        keep = mask
+    elif mask.dtype.kind == "f":
+        if np.isnan(mask).any() or np.isposinf(mask).any():
+            raise ValueError("additive attn_mask must not contain NaN or +inf")
+        keep = ~np.isneginf(mask)  # -inf entries become masked-out bits, not -inf biases
+        bias = np.where(keep, mask, 0.0)
+        if not bias.any():
+            bias = None
+    else:
+        raise TypeError(f"attn_mask must be bool (True = keep) or floating (additive), "
+                        f"got {mask.dtype}")
+    if is_causal:
+        keep = keep & causal_keep(query_length, key_length, alignment)
+    plan = _MaskPlan()
+    if not keep.all():
+        plan.masked_out = _mask_in_supported_shape(~keep, full_shape)  # Ascend: 1 = masked
+        plan.inner_precise = INNER_PRECISE_MASKED_ROWS
+    if bias is not None:
+        # realShift is added before scaling: scale * (QK^T + pse) = scale * QK^T + bias
+        plan.pse = host_storage(_pse_in_supported_shape(bias / scale, full_shape), storage_name)
+    return plan
+
+
+def _broadcast_shape(shape, full_shape):
+    try:
+        return np.broadcast_shapes(shape, full_shape)
+    except ValueError:
+        return None
+
+
+def _mask_in_supported_shape(mask, full_shape):
+    """attenMask shapes: [B,N,L,S], [B,1,L,S] or [L,S] (= [1,1,L,S])."""
+    batch, heads, length, key_length = full_shape
+    if mask.shape[1] != 1:
+        target = (batch, heads, length, key_length)
+    elif mask.shape[0] != 1:
+        target = (batch, 1, length, key_length)
+    else:
+        return np.ascontiguousarray(np.broadcast_to(mask[0, 0], (length, key_length)))
+    return np.ascontiguousarray(np.broadcast_to(mask, target))
+
+
+def _pse_in_supported_shape(pse, full_shape):
+    """realShift shapes: [B,N,L,S], [B,N,1,S] or [1,N,L,S]."""
+    batch, heads, length, key_length = full_shape
+    if pse.shape[2] == 1:
+        target = (batch, heads, 1, key_length)
+    elif pse.shape[0] == 1:
+        target = (1, heads, length, key_length)
+    else:
+        target = (batch, heads, length, key_length)
+    return np.broadcast_to(pse, target)
+
+
+# ---------------------------------------------------------------------------
+# dense attention
+# ---------------------------------------------------------------------------
+
+def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
+                    causal_alignment="top_left", scale=None, return_lse=False, device=0):
+    """Scaled dot-product attention with ``aclnnFlashAttentionScore`` (layout BNSD).
+
+    Parameters
+    ----------
+    query : ndarray or DeviceArray, shape (B, Hq, L, E)
+    key : ndarray or DeviceArray, shape (B, Hkv, S, E)
+    value : ndarray or DeviceArray, shape (B, Hkv, S, Ev)
+        One dtype for all three: float32, float16 or bfloat16. ``Hq % Hkv == 0``
+        (grouped-query attention), ``Hq <= 256``, ``Ev <= E <= 768``.
+    attn_mask : ndarray, optional
+        Broadcastable to (B, Hq, L, S). bool: True = attend (converted to
+        Ascend's 1 = masked out); float: added to the scaled scores (-inf
+        entries become masked-out positions). Rows with no key give zeros.
+    is_causal : bool
+        Causal mask, combined with ``attn_mask`` if both are given.
+    causal_alignment : {"top_left", "bottom_right"}
+        Query i sees keys ``j <= i`` (sparse mode 2) or ``j <= i + S - L`` (sparse mode 3).
+    scale : float, optional
+        Defaults to ``1 / sqrt(E)``.
+    return_lse : bool
+        Also return the log-sum-exp of the scaled scores, shape (B, Hq, L), float32.
+    device : int or str
+        Device index or ``"npu[:N]"``. DeviceArray inputs must live on it.
+
+    Returns
+    -------
+    out : ndarray or DeviceArray, shape (B, Hq, L, Ev), dtype of ``query``
+        A DeviceArray if any of query/key/value is one, else NumPy.
+    lse : ndarray or DeviceArray, optional
+        If ``return_lse``.
+
+    Examples
+    --------
+    >>> import numpy as np, ascend
+    >>> q = np.random.default_rng(0).standard_normal((1, 2, 4, 8)).astype(np.float32)
+    >>> if ascend.is_available():
+    ...     out = ascend.flash_attention(q, q, q, is_causal=True)
+    ...     print(out.shape, out.dtype)
+    ... else:
+    ...     print((1, 2, 4, 8), "float32")
+    (1, 2, 4, 8) float32
+    """
+    device = device_index(device)
+    runtime = get_runtime()
+    q, k, v = _Operand(query, "query"), _Operand(key, "key"), _Operand(value, "value")
+    operands = (q, k, v)
+    _check_devices(operands, device)
+    name = _check_dtypes(operands, FLASH_ATTENTION_DTYPES, "aclnnFlashAttentionScore")
+    for operand, layout in ((q, "(B, Hq, L, E)"), (k, "(B, Hkv, S, E)"), (v, "(B, Hkv, S, Ev)")):
+        _check_rank(operand, 4, layout)
+    batch, heads, length, head_dim = q.shape
+    kv_heads, key_length, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    if k.shape[0] != batch or v.shape[0] != batch or v.shape[1] != kv_heads \
+            or v.shape[2] != key_length or k.shape[3] != head_dim:
+        raise ValueError(f"inconsistent shapes: query {q.shape}, key {k.shape}, value {v.shape}")
+    if min(q.shape + k.shape + v.shape) < 1:
+        raise ValueError("empty query/key/value are not supported by aclnnFlashAttentionScore")
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
+                         f"({kv_heads})")
+    if heads > FLASH_ATTENTION_MAX_HEADS:
+        raise ValueError(f"aclnnFlashAttentionScore supports at most "
+                         f"{FLASH_ATTENTION_MAX_HEADS} heads, got {heads}")
+    if head_dim > FLASH_ATTENTION_MAX_HEAD_DIM or value_dim > head_dim:
+        raise ValueError(f"aclnnFlashAttentionScore needs Ev <= E <= "
+                         f"{FLASH_ATTENTION_MAX_HEAD_DIM}, got E={head_dim}, Ev={value_dim}")
+    if causal_alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', "
+                         f"got {causal_alignment!r}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+    plan = _plan_mask(attn_mask, is_causal, causal_alignment,
+                      (batch, heads, length, key_length), scale, name)
+
+    on_device = any(o.device_array is not None for o in operands)
+    acl_dtype = DTYPES[name][0]
+    acl_bool = DTYPES["bool"][0]
+    out_shape, stats_shape = (batch, heads, length, value_dim), (batch, heads, length, 8)
+    with _CallResources(runtime, device) as resources, \
+            DescriptorScope(runtime.lib, runtime.descriptors) as scope:
+        tensors = [scope.tensor(resources.place(o), o.shape, acl_dtype) for o in operands]
+        mask_tensor = pse_tensor = None
+        if plan.compressed:
+            mask = runtime.constant(device, "compressed_causal_mask", compressed_causal_mask)
+            mask_tensor = scope.tensor(mask.ptr, (COMPRESSED_MASK_SIZE,) * 2, acl_bool)
+        elif plan.masked_out is not None:
+            mask_tensor = scope.tensor(resources.upload(plan.masked_out).ptr,
+                                       plan.masked_out.shape, acl_bool)
+        if plan.pse is not None:
+            pse_tensor = scope.tensor(resources.upload(plan.pse).ptr, plan.pse.shape, acl_dtype)
+        out_buffer = resources.scratch(math.prod(out_shape) * DTYPES[name][1].itemsize)
+        max_buffer = resources.scratch(math.prod(stats_shape) * 4)
+        sum_buffer = resources.scratch(math.prod(stats_shape) * 4)
+        acl_float = DTYPES["float32"][0]
+        arguments = [
+            *tensors, pse_tensor, None, None, mask_tensor, None,
+            scale, 1.0, UNLIMITED_TOKENS, UNLIMITED_TOKENS, heads, _LAYOUT_BNSD,
+            plan.inner_precise, plan.sparse_mode,
+            scope.tensor(max_buffer.ptr, stats_shape, acl_float),
+            scope.tensor(sum_buffer.ptr, stats_shape, acl_float),
+            scope.tensor(None, (0,), acl_dtype),  # softmaxOut: reserved, empty
+            scope.tensor(out_buffer.ptr, out_shape, acl_dtype),
+        ]
+        _run_operator(runtime, device, "aclnnFlashAttentionScore", arguments, resources)
+        out = resources.deliver(out_buffer, out_shape, name, on_device)
+        if not return_lse:
+            return out
+        lse = _log_sum_exp(runtime, max_buffer, sum_buffer, stats_shape)
+        if on_device:
+            lse = resources.deliver(resources.upload(lse), lse.shape, "float32", True)
+        return out, lse
+
+
+def _log_sum_exp(runtime, max_buffer, sum_buffer, stats_shape):
+    """lse = max + log(sum) from the (replicated x8) softmax statistics; -inf for empty rows."""
+    row_max = np.empty(stats_shape, np.float32)
+    row_sum = np.empty(stats_shape, np.float32)
+    runtime.download(max_buffer, row_max)
+    runtime.download(sum_buffer, row_sum)
+    row_max, row_sum = row_max[..., 0], row_sum[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = row_max + np.log(row_sum)
+    return np.where(row_sum > 0, lse, -np.inf).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# paged decoding
+# ---------------------------------------------------------------------------
+
+def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, scale=None,
+                    causal=True, return_lse=False, device=0):
+    """Attention over a paged KV cache with ``aclnnIncreFlashAttentionV4``.
+
+    Parameters
+    ----------
+    query : ndarray or DeviceArray, shape (B, H, T, D)
+        The T newest tokens of each sequence (T = 1 for decoding).
+    key_blocks, value_blocks : ndarray or DeviceArray, shape (num_blocks, Hkv, block_size, D)
+        fastattn's cache layout, which is the operator's (blocknum, KV_N,
+        blockSize, D) layout, so resident caches are used without copies.
+        ``block_size`` must be a multiple of 16 in [16, 512].
+    block_table : ndarray or DeviceArray of int32, shape (B, max_blocks)
+        Physical block of each logical block of each sequence.
+    seq_lens : array_like of int, shape (B,)
+        Tokens in the cache per sequence, including the T query tokens.
+    scale : float, optional
+        Defaults to ``1 / sqrt(D)``.
+    causal : bool
+        With T > 1, query token t sees the first ``seq_len - T + t + 1`` cached
+        tokens; otherwise every query token sees ``seq_len`` tokens.
+    return_lse : bool
+        Not supported: the operator does not return the log-sum-exp.
+    device : int or str
+
+    Returns
+    -------
+    ndarray or DeviceArray, shape (B, H, T, D)
+
+    Notes
+    -----
+    dtypes float16 and bfloat16 only (the operator has no float32), H <= 256,
+    D <= 512, H / Hkv <= 64, B <= 65536. The operator takes one query token
+    per sequence; T > 1 is run as B * T sequences sharing block-table rows,
+    which costs a host round trip of the query and output.
+
+    Examples
+    --------
+    >>> import numpy as np, ascend
+    >>> rng = np.random.default_rng(0)
+    >>> cache = rng.standard_normal((4, 1, 16, 8)).astype(np.float16)
+    >>> q = rng.standard_normal((2, 2, 1, 8)).astype(np.float16)
+    >>> table = np.array([[0, 1], [2, 3]], np.int32)
+    >>> if ascend.is_available():
+    ...     print(ascend.paged_attention(q, cache, cache, table, [20, 5]).shape)
+    ... else:
+    ...     print((2, 2, 1, 8))
+    (2, 2, 1, 8)
+    """
+    device = device_index(device)
+    runtime = get_runtime()
+    operator = "aclnnIncreFlashAttentionV4"
+    if return_lse:
+        raise NotImplementedError(f"{operator} does not return the log-sum-exp; use "
+                                  "return_lse=False (or flash_attention on gathered K/V)")
+    q = _Operand(query, "query")
+    k, v = _Operand(key_blocks, "key_blocks"), _Operand(value_blocks, "value_blocks")
+    table = _Operand(block_table, "block_table")
+    _check_devices((q, k, v, table), device)
+    name = _check_dtypes((q, k, v), INCRE_FLASH_ATTENTION_DTYPES, operator)
+    _check_rank(q, 4, "(B, H, T, D)")
+    _check_rank(k, 4, "(num_blocks, Hkv, block_size, D)")
+    _check_rank(v, 4, "(num_blocks, Hkv, block_size, D)")
+    _check_rank(table, 2, "(B, max_blocks)")
+    batch, heads, tokens, head_dim = q.shape
+    num_blocks, kv_heads, block_size = k.shape[:3]
+    if v.shape != k.shape or k.shape[3] != head_dim:
+        raise ValueError(f"key_blocks {k.shape} and value_blocks {v.shape} must have one shape "
+                         f"(num_blocks, Hkv, block_size, D) with D = {head_dim}")
+    if min(q.shape + k.shape) < 1:
+        raise ValueError("empty query or cache")
+    if heads % kv_heads or heads // kv_heads > INCRE_MAX_GROUP:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
+                         f"({kv_heads}) with ratio <= {INCRE_MAX_GROUP}")
+    if batch * tokens > INCRE_MAX_BATCH or heads > INCRE_MAX_HEADS \
+            or head_dim > INCRE_MAX_HEAD_DIM:
+        raise ValueError(f"{operator} limits: B*T <= {INCRE_MAX_BATCH}, H <= "
+                         f"{INCRE_MAX_HEADS}, D <= {INCRE_MAX_HEAD_DIM}; got B*T="
+                         f"{batch * tokens}, H={heads}, D={head_dim}")
+    if block_size % INCRE_BLOCK_ALIGN or block_size > INCRE_MAX_BLOCK_SIZE:
+        raise ValueError(f"{operator} needs block_size a multiple of {INCRE_BLOCK_ALIGN} in "
+                         f"[{INCRE_BLOCK_ALIGN}, {INCRE_MAX_BLOCK_SIZE}], got {block_size}")
+    if table.name != "int32" and not (table.device_array is None
+                                      and np.issubdtype(table.value.dtype, np.integer)):
+        raise TypeError(f"block_table must be int32, got {table.name}")
+    if table.shape[0] != batch:
+        raise ValueError(f"block_table has {table.shape[0]} rows for a batch of {batch}")
+    lengths = np.asarray(seq_lens.to_numpy() if isinstance(seq_lens, DeviceArray) else seq_lens)
+    if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"seq_lens must be {batch} integers, got {lengths.dtype} {lengths.shape}")
+    capacity = table.shape[1] * block_size
+    if lengths.min() < (tokens if causal else 0) or lengths.max() > capacity:
+        raise ValueError(f"seq_lens must lie in [{tokens if causal else 0}, {capacity}] "
+                         f"(max_blocks * block_size), got {lengths.tolist()}")
+    table_host = None
+    if table.device_array is None or tokens > 1:
+        table_host = table.host()
+        needed = (np.arange(table.shape[1])[None, :] * block_size) < lengths[:, None]
+        used = table_host[needed]
+        if used.size and (used.min() < 0 or used.max() >= num_blocks):
+            raise ValueError(f"block_table refers to blocks outside [0, {num_blocks})")
+        table_host = np.ascontiguousarray(table_host, dtype=np.int32)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+
+    on_device = q.device_array is not None
+    if tokens > 1:
+        # One operator "sequence" per (b, t): query rows (B*T, H, 1, D), table rows
+        # repeated T times, and per-token lengths that realise the causal limit.
+        q = _Operand(np.ascontiguousarray(q.host().transpose(0, 2, 1, 3)).reshape(
+            batch * tokens, heads, 1, head_dim), "query")
+        q.name = name  # bfloat16 comes back from the device as float32 without ml_dtypes
+        offsets = np.arange(tokens) - (tokens - 1) if causal else np.zeros(tokens, np.int64)
+        lengths = (lengths[:, None] + offsets[None, :]).reshape(-1)
+        table_host = np.repeat(table_host, tokens, axis=0)
+        table = _Operand(table_host, "block_table")
+    elif table_host is not None:
+        table = _Operand(table_host, "block_table")
+
+    acl_dtype = DTYPES[name][0]
+    folded_batch = q.shape[0]
+    out_shape = (folded_batch, heads, 1, head_dim)
+    with _CallResources(runtime, device) as resources, \
+            DescriptorScope(runtime.lib, runtime.descriptors) as scope:
+        query_tensor = scope.tensor(resources.place(q), q.shape, acl_dtype)
+        key_list, value_list = (
+            scope.tensor_list([scope.tensor(resources.place(o), o.shape, acl_dtype,
+                                            cacheable=False)])
+            for o in (k, v))
+        table_tensor = scope.tensor(resources.place(table), table.shape, DTYPES["int32"][0])
+        out_buffer = resources.scratch(math.prod(out_shape) * DTYPES[name][1].itemsize)
+        arguments = [
+            query_tensor, key_list, value_list, None, None, scope.int_array(lengths),
+            None, None, None, None, None, None, None,   # quantisation: unused
+            table_tensor, None,                         # blocktable, kvPaddingSize
+            heads, scale, _LAYOUT_BNSD, kv_heads, block_size, INCRE_INNER_PRECISE_PERFORMANCE,
+            scope.tensor(out_buffer.ptr, out_shape, acl_dtype),
+        ]
+        _run_operator(runtime, device, operator, arguments, resources)
+        if tokens == 1:
+            return resources.deliver(out_buffer, (batch, heads, 1, head_dim), name, on_device)
+        folded = resources.deliver(out_buffer, out_shape, name, False)
+        out = np.ascontiguousarray(
+            folded.reshape(batch, tokens, heads, head_dim).transpose(0, 2, 1, 3))
+        if on_device:
+            return resources.deliver(resources.upload(host_storage(out, name)), out.shape,
+                                     name, True)
+        return out

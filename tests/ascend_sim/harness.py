@@ -1,0 +1,170 @@
+"""Shared pieces of the ascend tests: the simulator fixture, sim-only queries and
+float64 NumPy references.
+
+Test modules load this file by path (``--import-mode=importlib`` gives them no
+package to import from) and re-export the fixtures they use.
+"""
+
+import ctypes
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIM_DIR = Path(__file__).resolve().parent
+REPO_ROOT = SIM_DIR.parents[1]
+SIM_DEVICE_COUNT = 2
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("ascend_sim_build", SIM_DIR / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_sim = _load_build_module().build
+
+
+@pytest.fixture(scope="session")
+def sim_root(tmp_path_factory):
+    """Build the test double once and point this process's ascend at it.
+
+    Skips if a runtime that is not the simulator (real CANN) is already loaded
+    in this process: the real hardware is then exercised by the npu tests.
+    """
+    import ascend._runtime as runtime_module
+
+    root = tmp_path_factory.getbasetemp() / "ascend_sim"
+    build_sim(root)
+    loaded = runtime_module._runtime
+    if loaded is not None and not is_simulator(loaded):
+        pytest.skip("a real CANN runtime is loaded in this process")
+    for variable in ("ASCEND_LIB_DIR", "ASCEND_TOOLKIT_HOME"):
+        os.environ.pop(variable, None)
+    os.environ["ASCEND_HOME_PATH"] = str(root)
+    os.environ["ASCEND_SIM_DEVICE_COUNT"] = str(SIM_DEVICE_COUNT)
+    return root
+
+
+@pytest.fixture
+def runtime(sim_root):
+    """The ascend Runtime, loaded from the simulator; checks no leak at teardown."""
+    import ascend
+    from ascend._runtime import get_runtime
+
+    rt = get_runtime()
+    assert is_simulator(rt), "another runtime was loaded before the simulator fixture"
+    yield rt
+    ascend.empty_cache()
+
+
+def is_simulator(runtime):
+    return hasattr(runtime.lib.acl, "ascendsim_mem_stats")
+
+
+def mem_stats(runtime):
+    """dict(allocs, frees, live, live_bytes, streams) from the simulator."""
+    out = (ctypes.c_int64 * 5)()
+    runtime.lib.acl.ascendsim_mem_stats(out)
+    return dict(zip(("allocs", "frees", "live", "live_bytes", "streams"), out))
+
+
+def object_stats(runtime):
+    """dict(tensors, int_arrays, tensor_lists, executors) alive in the simulator."""
+    out = (ctypes.c_int64 * 4)()
+    runtime.lib.meta.ascendsim_object_stats(out)
+    return dict(zip(("tensors", "int_arrays", "tensor_lists", "executors"), out))
+
+
+def fail_next(runtime, function_name, code):
+    """Make the next call of ``function_name`` in the simulator return ``code``."""
+    runtime.lib.acl.ascendsim_fail_next(function_name.encode(), code)
+
+
+def clear_injection(runtime):
+    runtime.lib.acl.ascendsim_fail_next(None, 0)
+
+
+def assert_no_leak(runtime):
+    """After empty_cache: every aclrtMalloc freed, no descriptor or executor alive."""
+    import ascend
+
+    ascend.empty_cache()
+    stats = mem_stats(runtime)
+    assert stats["allocs"] == stats["frees"] and stats["live"] == 0, stats
+    assert object_stats(runtime) == dict(tensors=0, int_arrays=0, tensor_lists=0,
+                                         executors=0)
+
+
+# ---------------------------------------------------------------------------
+# float64 references
+# ---------------------------------------------------------------------------
+
+def reference_attention(query, key, value, keep=None, bias=None, scale=None):
+    """softmax(scale * q k^T + bias, masked where not keep) v in float64, with lse.
+
+    Grouped heads share key/value head ``h // (Hq // Hkv)``; rows without any
+    key give zeros and lse = -inf.
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (query, key, value))
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    scores = scale * q @ k.swapaxes(-1, -2)
+    if bias is not None:
+        scores = scores + bias
+    if keep is not None:
+        scores = np.where(keep, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    empty = ~np.isfinite(row_max)
+    row_max = np.where(empty, 0.0, row_max)
+    weights = np.exp(scores - row_max)
+    total = weights.sum(axis=-1, keepdims=True)
+    out = np.where(empty, 0.0, (weights @ v) / np.where(empty, 1.0, total))
+    with np.errstate(divide="ignore"):
+        lse = np.where(empty[..., 0], -np.inf, row_max[..., 0] + np.log(total[..., 0]))
+    return out, lse
+
+
+def causal_keep(query_length, key_length, bottom_right):
+    """True = attend; query i sees keys j <= i (+ S - L if bottom-right)."""
+    offset = key_length - query_length if bottom_right else 0
+    return np.arange(key_length)[None, :] <= np.arange(query_length)[:, None] + offset
+
+
+def reference_paged(query, key_blocks, value_blocks, block_table, seq_lens, causal=True,
+                    scale=None):
+    """Gather each sequence's cache through the block table, then attend."""
+    batch, heads, tokens, head_dim = query.shape
+    block_size = key_blocks.shape[2]
+    out = np.zeros(query.shape, dtype=np.float64)
+    for b in range(batch):
+        length = int(seq_lens[b])
+        positions = np.arange(length)
+        blocks = block_table[b, positions // block_size]
+        k = key_blocks[blocks, :, positions % block_size].transpose(1, 0, 2)[None]
+        v = value_blocks[blocks, :, positions % block_size].transpose(1, 0, 2)[None]
+        keep = (causal_keep(tokens, length, bottom_right=True) if causal
+                else np.ones((tokens, length), bool))
+        if length == 0:
+            continue
+        out[b] = reference_attention(query[b:b + 1], k, v, keep=keep, scale=scale)[0][0]
+    return out
+
+
+def bf16_round(x):
+    """float32 values rounded to bfloat16 (nearest even), as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+TOLERANCE = {  # dtype -> (rtol, atol) against the float64 reference
+    "float32": (1e-5, 1e-5),
+    "float16": (5e-3, 5e-3),
+    "bfloat16": (3e-2, 3e-2),
+}
+

@@ -1,0 +1,690 @@
+/*
+ * libopapi.so test double: aclnnFlashAttentionScore and
+ * aclnnIncreFlashAttentionV4, with the documented two-phase protocol.
+ *
+ * Phase 1 (…GetWorkspaceSize) validates arguments the way the operator docs
+ * describe (NULL required argument -> 161001, anything else out of range ->
+ * 161002, message via aclGetRecentErrMsg) and captures copies of the tensor
+ * descriptors in a single-use executor. Phase 2 checks the workspace, checks
+ * that every tensor lies inside live device memory, then computes the
+ * reference result on the host in double precision.
+ *
+ * Simulated subset (anything else is rejected with 161002 "not simulated"):
+ *   FlashAttentionScore: layout BNSD, sparse modes 0-3, attenMask BOOL/UINT8
+ *     (1 = masked out), realShift (pse, added before scaling), keepProb 1.
+ *   IncreFlashAttentionV4: layout BNSD, query S = 1, key/value lists of one
+ *     tensor, paged cache (blocknum, KV_N, blockSize, D) or dense (B, KV_N, S, D).
+ */
+#include "sim.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { KIND_FLASH_ATTENTION_SCORE = 1, KIND_INCRE_FLASH_ATTENTION_V4 = 2 };
+#define COMPRESSED_MASK_SIZE 2048
+
+/* ------------------------------------------------------------------ */
+/* element access                                                      */
+/* ------------------------------------------------------------------ */
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        float f = ldexpf((float)mantissa, -24);
+        return sign ? -f : f;
+    }
+    uint32_t bits = exponent == 31 ? (sign | 0x7f800000u | (mantissa << 13))
+                                   : (sign | ((exponent + 112) << 23) | (mantissa << 13));
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, overflow to inf, NaN kept quiet. */
+static uint16_t float_to_half(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude >= 0x7f800000u) /* inf or NaN */
+        return sign | 0x7c00u | (magnitude > 0x7f800000u ? 0x200u : 0u);
+    if (magnitude >= 0x477ff000u) /* >= 65520 rounds to inf */
+        return sign | 0x7c00u;
+    if (magnitude < 0x38800000u) { /* below 2^-14: subnormal, exact scaling by 2^24 */
+        float a;
+        memcpy(&a, &magnitude, sizeof a);
+        return sign | (uint16_t)nearbyintf(a * 16777216.0f);
+    }
+    uint32_t mantissa = magnitude & 0x7fffffu;
+    uint32_t half = ((((magnitude >> 23) - 127 + 15)) << 10) | (mantissa >> 13);
+    uint32_t rest = mantissa & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) half++; /* carry may bump exponent */
+    return sign | (uint16_t)half;
+}
+
+static float bf16_to_float(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static int64_t itemsize(int dtype) {
+    switch (dtype) {
+    case ACL_FLOAT: case ACL_INT32: case ACL_UINT32: return 4;
+    case ACL_FLOAT16: case ACL_BF16: case ACL_INT16: case ACL_UINT16: return 2;
+    case ACL_INT8: case ACL_UINT8: case ACL_BOOL: return 1;
+    case ACL_INT64: case ACL_UINT64: case ACL_DOUBLE: return 8;
+    default: return 0;
+    }
+}
+
+/* Element at flat storage index (offset and strides already applied). */
+static double load(const aclTensor *t, int64_t index) {
+    const char *p = (const char *)t->data + index * itemsize(t->dtype);
+    switch (t->dtype) {
+    case ACL_FLOAT: { float v; memcpy(&v, p, 4); return v; }
+    case ACL_FLOAT16: { uint16_t v; memcpy(&v, p, 2); return half_to_float(v); }
+    case ACL_BF16: { uint16_t v; memcpy(&v, p, 2); return bf16_to_float(v); }
+    case ACL_INT32: { int32_t v; memcpy(&v, p, 4); return v; }
+    case ACL_INT64: { int64_t v; memcpy(&v, p, 8); return (double)v; }
+    case ACL_INT8: return *(const int8_t *)p;
+    case ACL_UINT8: case ACL_BOOL: return *(const uint8_t *)p;
+    default: return NAN;
+    }
+}
+
+static void store(const aclTensor *t, int64_t index, double value) {
+    char *p = (char *)t->data + index * itemsize(t->dtype);
+    float f = (float)value;
+    uint16_t h;
+    switch (t->dtype) {
+    case ACL_FLOAT: memcpy(p, &f, 4); break;
+    case ACL_FLOAT16: h = float_to_half(f); memcpy(p, &h, 2); break;
+    case ACL_BF16: h = float_to_bf16(f); memcpy(p, &h, 2); break;
+    default: break;
+    }
+}
+
+/* Storage index of a 4-D element; size-1 dims broadcast. */
+static int64_t at4(const aclTensor *t, int64_t a, int64_t b, int64_t c, int64_t d) {
+    const int64_t idx[4] = {a, b, c, d};
+    int64_t index = t->offset;
+    for (int k = 0; k < 4; ++k) index += (t->dims[k] == 1 ? 0 : idx[k]) * t->strides[k];
+    return index;
+}
+
+/* 1 if every element of t lies inside one live device allocation. */
+static int in_device_memory(const aclTensor *t) {
+    int64_t last = t->offset;
+    for (uint64_t k = 0; k < t->ndim; ++k) {
+        if (t->dims[k] == 0) return 1; /* empty: nothing is accessed */
+        last += (t->dims[k] - 1) * t->strides[k];
+    }
+    return ascendsim_check_range(t->data, (uint64_t)(last + 1) * (uint64_t)itemsize(t->dtype));
+}
+
+static int same_shape(const aclTensor *t, uint64_t ndim, const int64_t *dims) {
+    if (t->ndim != ndim) return 0;
+    for (uint64_t k = 0; k < ndim; ++k)
+        if (t->dims[k] != dims[k]) return 0;
+    return 1;
+}
+
+static int strides_ok(const aclTensor *t) {
+    for (uint64_t k = 0; k < t->ndim; ++k)
+        if (t->strides[k] < 0 || t->dims[k] < 0) return 0;
+    return t->data != NULL || t->ndim == 0;
+}
+
+static int is_float_dtype(int dtype) {
+    return dtype == ACL_FLOAT || dtype == ACL_FLOAT16 || dtype == ACL_BF16;
+}
+
+#define FAIL(status, ...)                       \
+    do {                                        \
+        ascendsim_set_error(__VA_ARGS__);       \
+        return (status);                        \
+    } while (0)
+
+#define REQUIRE(ptr, name) \
+    if ((ptr) == NULL) FAIL(ACLNN_ERR_PARAM_NULLPTR, "EZ1001: %s must not be NULL", name)
+
+#define CHECK_TENSOR(t, name)                                                          \
+    if ((t) != NULL && (!ascendsim_tensor_valid(t) || !strides_ok(t)))                \
+    FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: %s is not a valid tensor (destroyed, "      \
+                                  "negative stride or NULL data)", name)
+
+static int64_t g_launches = 0, g_launch_ns = 0;
+
+/* Test hook: out = [launches, nanoseconds spent inside launches], to separate
+ * the binding's overhead from the simulated computation. */
+SIM_EXPORT void ascendsim_launch_stats(int64_t out[2]) {
+    out[0] = __atomic_load_n(&g_launches, __ATOMIC_SEQ_CST);
+    out[1] = __atomic_load_n(&g_launch_ns, __ATOMIC_SEQ_CST);
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Shared phase 2: executor, workspace and memory checks, then run. */
+typedef aclnnStatus (*RunFn)(void *payload, double *scratch);
+
+static aclnnStatus launch(const char *name, int kind, void *workspace, uint64_t workspaceSize,
+                          aclOpExecutor *executor, aclrtStream stream, RunFn run) {
+    const int64_t start = now_ns();
+    uint64_t required = 0;
+    void *payload = ascendsim_executor_payload(executor, kind, &required);
+    if (payload == NULL)
+        FAIL(ACLNN_ERR_PARAM_INVALID,
+             "EZ1001: %s: executor is not live (each executor runs once unless "
+             "aclSetAclOpExecutorRepeatable was called)", name);
+    int injected = ascendsim_injected_failure(name);
+    aclnnStatus status = ACLNN_SUCCESS;
+    if (injected) {
+        status = injected;
+    } else if (!ascendsim_is_initialized() || !ascendsim_stream_valid(stream)) {
+        ascendsim_set_error("EZ1001: %s: runtime not initialised or invalid stream", name);
+        status = ACLNN_ERR_RUNTIME_ERROR;
+    } else if (required > 0 && (workspace == NULL || workspaceSize < required ||
+                                !ascendsim_check_range(workspace, required))) {
+        ascendsim_set_error("EZ1001: %s: workspace of %llu bytes required, got %llu bytes at %p",
+                            name, (unsigned long long)required,
+                            (unsigned long long)workspaceSize, workspace);
+        status = ACLNN_ERR_PARAM_INVALID;
+    } else {
+        status = run(payload, (double *)workspace);
+    }
+    ascendsim_executor_spend(executor); /* single use, success or failure */
+    __atomic_add_fetch(&g_launches, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&g_launch_ns, now_ns() - start, __ATOMIC_SEQ_CST);
+    return status;
+}
+
+/* ------------------------------------------------------------------ */
+/* aclnnFlashAttentionScore                                            */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    aclTensor query, key, value, pse, mask, softmax_max, softmax_sum, out;
+    int has_pse, has_mask;
+    double scale;
+    int64_t pre_tokens, next_tokens, inner_precise, sparse_mode;
+} FlashAttentionArgs;
+
+static int fa_pse_shape_ok(const aclTensor *p, int64_t B, int64_t N, int64_t Sq, int64_t Skv) {
+    if (p->ndim != 4 || p->dims[1] != N || p->dims[3] != Skv) return 0;
+    if (p->dims[0] == B && (p->dims[2] == Sq || p->dims[2] == 1)) return 1; /* BNSS, BN1S */
+    return p->dims[0] == 1 && p->dims[2] == Sq;                              /* 1NSS */
+}
+
+static int fa_mask_shape_ok(const aclTensor *m, int64_t B, int64_t N, int64_t Sq, int64_t Skv) {
+    if (m->ndim == 2) return m->dims[0] == Sq && m->dims[1] == Skv;
+    if (m->ndim != 4 || m->dims[2] != Sq || m->dims[3] != Skv) return 0;
+    return (m->dims[0] == B && (m->dims[1] == N || m->dims[1] == 1)) ||
+           (m->dims[0] == 1 && m->dims[1] == 1);
+}
+
+/* Is (i, j) masked out? Modes 2/3 are rule-based once the compressed mask is checked. */
+static int fa_masked(const FlashAttentionArgs *a, int64_t b, int64_t n, int64_t i, int64_t j,
+                     int64_t Sq, int64_t Skv) {
+    if (!a->has_mask) return 0; /* no mask: sparse mode and pre/next are ignored */
+    switch (a->sparse_mode) {
+    case 2: return j > i;               /* causal, top-left origin */
+    case 3: return j > i + (Skv - Sq);  /* causal, bottom-right origin */
+    default: {
+        const aclTensor *m = &a->mask;
+        int64_t index = m->ndim == 2 ? m->offset + i * m->strides[0] + j * m->strides[1]
+                                     : at4(m, b, n, i, j);
+        if (load(m, index) != 0) return 1; /* Ascend polarity: 1 = masked out */
+        /* mode 0 also applies the band -preTokens <= j - i <= nextTokens */
+        return a->sparse_mode == 0 && (j - i > a->next_tokens || i - j > a->pre_tokens);
+    }
+    }
+}
+
+static aclnnStatus fa_run(void *payload, double *scores) {
+    const FlashAttentionArgs *a = payload;
+    const aclTensor *tensors[] = {&a->query, &a->key, &a->value, &a->softmax_max,
+                                  &a->softmax_sum, &a->out, &a->pse, &a->mask};
+    const char *names[] = {"query", "key", "value", "softmaxMaxOut", "softmaxSumOut",
+                           "attentionOutOut", "realShiftOptional", "attenMaskOptional"};
+    for (int k = 0; k < 8; ++k) {
+        if (k < 6 || (k == 6 && a->has_pse) || (k == 7 && a->has_mask)) {
+            if (!in_device_memory(tensors[k]))
+                FAIL(ACLNN_ERR_RUNTIME_ERROR, "EZ9999: %s lies outside device memory "
+                     "(freed or too small)", names[k]);
+        }
+    }
+    const int64_t B = a->query.dims[0], N = a->query.dims[1], Sq = a->query.dims[2];
+    const int64_t D = a->query.dims[3], Nkv = a->key.dims[1], Skv = a->key.dims[2];
+    const int64_t Dv = a->value.dims[3], group = N / Nkv;
+    if (a->has_mask && (a->sparse_mode == 2 || a->sparse_mode == 3)) {
+        /* The compressed mask must be exactly triu(ones(2048, 2048), diagonal=1). */
+        const aclTensor *m = &a->mask;
+        const uint8_t *row = (const uint8_t *)m->data + m->offset;
+        const int contiguous = m->strides[1] == 1 && m->strides[0] == COMPRESSED_MASK_SIZE;
+        uint8_t expected[COMPRESSED_MASK_SIZE]; /* row i: zeros up to i, then ones */
+        for (int64_t i = 0; i < COMPRESSED_MASK_SIZE; ++i) {
+            int row_ok = 1;
+            if (contiguous) { /* fast path: compare whole rows */
+                memset(expected, 0, (size_t)i + 1);
+                memset(expected + i + 1, 1, (size_t)(COMPRESSED_MASK_SIZE - i - 1));
+                row_ok = memcmp(row + i * COMPRESSED_MASK_SIZE, expected, COMPRESSED_MASK_SIZE) == 0;
+            } else {
+                for (int64_t j = 0; j < COMPRESSED_MASK_SIZE && row_ok; ++j)
+                    row_ok = (load(m, m->offset + i * m->strides[0] + j * m->strides[1]) != 0) ==
+                             (j > i);
+            }
+            if (!row_ok)
+                FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs the compressed "
+                     "mask triu(ones(2048,2048),1); row %lld differs",
+                     (long long)a->sparse_mode, (long long)i);
+        }
+    }
+    const int zero_masked_rows = a->inner_precise == 2 || (a->sparse_mode == 3 && Sq > Skv);
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = 0; n < N; ++n)
+            for (int64_t i = 0; i < Sq; ++i) {
+                // scores <- scale * (q_i . k_j + pse_ij) for unmasked j
+                double row_max = -INFINITY;
+                for (int64_t j = 0; j < Skv; ++j) {
+                    if (fa_masked(a, b, n, i, j, Sq, Skv)) {
+                        scores[j] = -INFINITY;
+                        continue;
+                    }
+                    double dot = 0.0;
+                    for (int64_t d = 0; d < D; ++d)
+                        dot += load(&a->query, at4(&a->query, b, n, i, d)) *
+                               load(&a->key, at4(&a->key, b, n / group, j, d));
+                    if (a->has_pse) dot += load(&a->pse, at4(&a->pse, b, n, i, j));
+                    scores[j] = a->scale * dot;
+                    if (scores[j] > row_max) row_max = scores[j];
+                }
+                double row_sum = 0.0;
+                if (row_max == -INFINITY) {
+                    /* Fully masked row: zeros with innerPrecise 2, undefined otherwise. */
+                    double fill = zero_masked_rows ? 0.0 : NAN;
+                    for (int64_t d = 0; d < Dv; ++d)
+                        store(&a->out, at4(&a->out, b, n, i, d), fill);
+                    row_sum = zero_masked_rows ? 0.0 : NAN;
+                } else {
+                    // p_j <- exp(s_j - max); out <- sum_j p_j v_j / sum_j p_j
+                    for (int64_t j = 0; j < Skv; ++j) {
+                        scores[j] = exp(scores[j] - row_max); /* exp(-inf) = 0 */
+                        row_sum += scores[j];
+                    }
+                    for (int64_t d = 0; d < Dv; ++d) {
+                        double acc = 0.0;
+                        for (int64_t j = 0; j < Skv; ++j)
+                            if (scores[j] != 0.0)
+                                acc += scores[j] *
+                                       load(&a->value, at4(&a->value, b, n / group, j, d));
+                        store(&a->out, at4(&a->out, b, n, i, d), acc / row_sum);
+                    }
+                }
+                /* softmaxMax/Sum are replicated over their last axis of 8 */
+                for (int64_t r = 0; r < 8; ++r) {
+                    store(&a->softmax_max, at4(&a->softmax_max, b, n, i, r), row_max);
+                    store(&a->softmax_sum, at4(&a->softmax_sum, b, n, i, r), row_sum);
+                }
+            }
+    return ACLNN_SUCCESS;
+}
+
+SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGetWorkspaceSize(
+    const aclTensor *query, const aclTensor *key, const aclTensor *value,
+    const aclTensor *realShiftOptional, const aclTensor *dropMaskOptional,
+    const aclTensor *paddingMaskOptional, const aclTensor *attenMaskOptional,
+    const aclIntArray *prefixOptional, double scaleValue, double keepProb, int64_t preTokens,
+    int64_t nextTokens, int64_t headNum, char *inputLayout, int64_t innerPrecise,
+    int64_t sparseMode, const aclTensor *softmaxMaxOut, const aclTensor *softmaxSumOut,
+    const aclTensor *softmaxOutOut, const aclTensor *attentionOutOut, uint64_t *workspaceSize,
+    aclOpExecutor **executor) {
+    int injected = ascendsim_injected_failure("aclnnFlashAttentionScoreGetWorkspaceSize");
+    if (injected) return injected;
+    REQUIRE(query, "query");
+    REQUIRE(key, "key");
+    REQUIRE(value, "value");
+    REQUIRE(inputLayout, "inputLayout");
+    REQUIRE(softmaxMaxOut, "softmaxMaxOut");
+    REQUIRE(softmaxSumOut, "softmaxSumOut");
+    REQUIRE(attentionOutOut, "attentionOutOut");
+    REQUIRE(workspaceSize, "workspaceSize");
+    REQUIRE(executor, "executor");
+    CHECK_TENSOR(query, "query");
+    CHECK_TENSOR(key, "key");
+    CHECK_TENSOR(value, "value");
+    CHECK_TENSOR(realShiftOptional, "realShiftOptional");
+    CHECK_TENSOR(attenMaskOptional, "attenMaskOptional");
+    CHECK_TENSOR(softmaxMaxOut, "softmaxMaxOut");
+    CHECK_TENSOR(softmaxSumOut, "softmaxSumOut");
+    CHECK_TENSOR(attentionOutOut, "attentionOutOut");
+    if (softmaxOutOut != NULL && !ascendsim_tensor_valid(softmaxOutOut))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: softmaxOutOut is not a valid tensor");
+
+    if (strcmp(inputLayout, "BNSD") != 0) {
+        if (strcmp(inputLayout, "BSH") && strcmp(inputLayout, "SBH") && strcmp(inputLayout, "BSND"))
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is invalid", inputLayout);
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is not simulated (BNSD only)",
+             inputLayout);
+    }
+    if (query->ndim != 4 || key->ndim != 4 || value->ndim != 4)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: BNSD query/key/value must be 4-D");
+    if (!is_float_dtype(query->dtype) || key->dtype != query->dtype || value->dtype != query->dtype)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/key/value dtypes must be equal and one of "
+             "FLOAT16, BFLOAT16, FLOAT32 (got %d, %d, %d)", query->dtype, key->dtype, value->dtype);
+    const int64_t B = query->dims[0], N = query->dims[1], Sq = query->dims[2], D = query->dims[3];
+    const int64_t Nkv = key->dims[1], Skv = key->dims[2], Dv = value->dims[3];
+    if (key->dims[0] != B || value->dims[0] != B || value->dims[1] != Nkv ||
+        value->dims[2] != Skv || key->dims[3] != D)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/key/value shapes are inconsistent");
+    if (B < 1 || N < 1 || Sq < 1 || D < 1 || Nkv < 1 || Skv < 1 || Dv < 1)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: empty query/key/value are not supported");
+    if (headNum != N)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: headNum %lld != query N %lld", (long long)headNum,
+             (long long)N);
+    if (N % Nkv != 0)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query heads %lld not a multiple of key heads %lld",
+             (long long)N, (long long)Nkv);
+    if (N > 256 || D > 768 || Dv > D || Sq > (1 << 20) || Skv > (1 << 20))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: limits exceeded: N <= 256, Dv <= D <= 768, "
+             "S <= 1M (N=%lld, D=%lld, Dv=%lld)", (long long)N, (long long)D, (long long)Dv);
+    if (!(keepProb > 0.0 && keepProb <= 1.0))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: keepProb must be in (0, 1]");
+    if (keepProb != 1.0 || dropMaskOptional || paddingMaskOptional || prefixOptional)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dropout, paddingMask and prefix are not simulated");
+    if (innerPrecise < 0 || innerPrecise > 2)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: innerPrecise must be 0, 1 or 2");
+    if (sparseMode < 0 || sparseMode > 8)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld is invalid", (long long)sparseMode);
+    if (sparseMode > 3)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld is not simulated",
+             (long long)sparseMode);
+
+    const int64_t stats_shape[4] = {B, N, Sq, 8}, out_shape[4] = {B, N, Sq, Dv};
+    if (softmaxMaxOut->dtype != ACL_FLOAT || softmaxSumOut->dtype != ACL_FLOAT ||
+        !same_shape(softmaxMaxOut, 4, stats_shape) || !same_shape(softmaxSumOut, 4, stats_shape))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: softmaxMaxOut/softmaxSumOut must be FLOAT "
+             "[B, N, Sq, 8]");
+    if (attentionOutOut->dtype != query->dtype || !same_shape(attentionOutOut, 4, out_shape))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attentionOutOut must be [B, N, Sq, Dv] with the "
+             "query dtype");
+    if (attenMaskOptional) {
+        const aclTensor *m = attenMaskOptional;
+        if (m->dtype != ACL_BOOL && m->dtype != ACL_UINT8)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask dtype must be BOOL or UINT8");
+        if (sparseMode == 2 || sparseMode == 3) {
+            if (m->ndim != 2 || m->dims[0] != COMPRESSED_MASK_SIZE ||
+                m->dims[1] != COMPRESSED_MASK_SIZE)
+                FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs a [2048, 2048] "
+                     "compressed attenMask", (long long)sparseMode);
+        } else if (!fa_mask_shape_ok(m, B, N, Sq, Skv)) {
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask shape must be [B,N,Sq,Skv], "
+                 "[B,1,Sq,Skv], [1,1,Sq,Skv] or [Sq,Skv]");
+        }
+    } else if (sparseMode == 1) {
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode 1 needs a full attenMask");
+    }
+    if (realShiftOptional) {
+        if (realShiftOptional->dtype != query->dtype ||
+            !fa_pse_shape_ok(realShiftOptional, B, N, Sq, Skv))
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: realShift must have the query dtype and shape "
+                 "[B,N,Sq,Skv], [B,N,1,Skv] or [1,N,Sq,Skv]");
+    }
+
+    FlashAttentionArgs *a = calloc(1, sizeof *a);
+    if (a == NULL) FAIL(561000, "EZ9999: out of host memory");
+    a->query = *query;
+    a->key = *key;
+    a->value = *value;
+    a->softmax_max = *softmaxMaxOut;
+    a->softmax_sum = *softmaxSumOut;
+    a->out = *attentionOutOut;
+    if ((a->has_pse = realShiftOptional != NULL)) a->pse = *realShiftOptional;
+    if ((a->has_mask = attenMaskOptional != NULL)) a->mask = *attenMaskOptional;
+    a->scale = scaleValue;
+    a->pre_tokens = preTokens;
+    a->next_tokens = nextTokens;
+    a->inner_precise = innerPrecise;
+    a->sparse_mode = sparseMode;
+    /* the launch keeps one row of double scores in the workspace */
+    uint64_t required = 4096 + (uint64_t)Skv * sizeof(double);
+    *executor = ascendsim_executor_new(KIND_FLASH_ATTENTION_SCORE, a, free, required);
+    if (*executor == NULL) {
+        free(a);
+        FAIL(561101, "EZ9999: could not create executor");
+    }
+    *workspaceSize = required;
+    return ACLNN_SUCCESS;
+}
+
+SIM_EXPORT aclnnStatus aclnnFlashAttentionScore(void *workspace, uint64_t workspaceSize,
+                                                aclOpExecutor *executor, aclrtStream stream) {
+    return launch("aclnnFlashAttentionScore", KIND_FLASH_ATTENTION_SCORE, workspace,
+                  workspaceSize, executor, stream, fa_run);
+}
+
+/* ------------------------------------------------------------------ */
+/* aclnnIncreFlashAttentionV4                                          */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    aclTensor query, key, value, block_table, out;
+    int paged;
+    int64_t *seq_lens; /* per batch, NULL = full S (dense only) */
+    int64_t block_size, num_kv_heads;
+    double scale;
+} IncreArgs;
+
+static void incre_free(void *payload) {
+    IncreArgs *a = payload;
+    free(a->seq_lens);
+    free(a);
+}
+
+static aclnnStatus incre_run(void *payload, double *scores) {
+    const IncreArgs *a = payload;
+    const aclTensor *tensors[] = {&a->query, &a->key, &a->value, &a->out, &a->block_table};
+    const char *names[] = {"query", "key", "value", "attentionOut", "blocktable"};
+    for (int k = 0; k < 4 + a->paged; ++k)
+        if (!in_device_memory(tensors[k]))
+            FAIL(ACLNN_ERR_RUNTIME_ERROR, "EZ9999: %s lies outside device memory "
+                 "(freed or too small)", names[k]);
+    const int64_t B = a->query.dims[0], N = a->query.dims[1], D = a->query.dims[3];
+    const int64_t group = N / a->num_kv_heads;
+    const int64_t num_blocks = a->key.dims[0];
+    if (a->paged) { /* a bad block id would be a device fault: refuse before reading */
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t pos = 0; pos < a->seq_lens[b]; pos += a->block_size) {
+                const aclTensor *t = &a->block_table;
+                int64_t id = (int64_t)load(t, t->offset + b * t->strides[0] +
+                                                  (pos / a->block_size) * t->strides[1]);
+                if (id < 0 || id >= num_blocks)
+                    FAIL(ACLNN_ERR_RUNTIME_ERROR, "EZ9999: blocktable[%lld][%lld] = %lld is "
+                         "outside [0, %lld)", (long long)b, (long long)(pos / a->block_size),
+                         (long long)id, (long long)num_blocks);
+            }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t length = a->seq_lens ? a->seq_lens[b] : a->key.dims[2];
+        for (int64_t n = 0; n < N; ++n) {
+            const int64_t h = n / group;
+            double row_max = -INFINITY, row_sum = 0.0;
+            // kv position -> (block id, slot) through the block table, or (b, pos) if dense
+            for (int64_t pos = 0; pos < length; ++pos) {
+                double dot = 0.0;
+                int64_t outer = b, slot = pos;
+                if (a->paged) {
+                    const aclTensor *t = &a->block_table;
+                    outer = (int64_t)load(t, t->offset + b * t->strides[0] +
+                                                 (pos / a->block_size) * t->strides[1]);
+                    slot = pos % a->block_size;
+                }
+                for (int64_t d = 0; d < D; ++d)
+                    dot += load(&a->query, at4(&a->query, b, n, 0, d)) *
+                           load(&a->key, at4(&a->key, outer, h, slot, d));
+                scores[pos] = a->scale * dot;
+                if (scores[pos] > row_max) row_max = scores[pos];
+            }
+            for (int64_t pos = 0; pos < length; ++pos) {
+                scores[pos] = exp(scores[pos] - row_max);
+                row_sum += scores[pos];
+            }
+            for (int64_t d = 0; d < D; ++d) {
+                double acc = 0.0;
+                for (int64_t pos = 0; pos < length; ++pos) {
+                    int64_t outer = b, slot = pos;
+                    if (a->paged) {
+                        const aclTensor *t = &a->block_table;
+                        outer = (int64_t)load(t, t->offset + b * t->strides[0] +
+                                                     (pos / a->block_size) * t->strides[1]);
+                        slot = pos % a->block_size;
+                    }
+                    acc += scores[pos] * load(&a->value, at4(&a->value, outer, h, slot, d));
+                }
+                /* empty sequence: zeros */
+                store(&a->out, at4(&a->out, b, n, 0, d), length > 0 ? acc / row_sum : 0.0);
+            }
+        }
+    }
+    return ACLNN_SUCCESS;
+}
+
+SIM_EXPORT aclnnStatus aclnnIncreFlashAttentionV4GetWorkspaceSize(
+    const aclTensor *query, const aclTensorList *key, const aclTensorList *value,
+    const aclTensor *pseShift, const aclTensor *attenMask, const aclIntArray *actualSeqLengths,
+    const aclTensor *dequantScale1, const aclTensor *quantScale1, const aclTensor *dequantScale2,
+    const aclTensor *quantScale2, const aclTensor *quantOffset2, const aclTensor *antiquantScale,
+    const aclTensor *antiquantOffset, const aclTensor *blocktable,
+    const aclTensor *kvPaddingSize, int64_t numHeads, double scaleValue, char *inputLayout,
+    int64_t numKeyValueHeads, int64_t blockSize, int64_t innerPrecise,
+    const aclTensor *attentionOut, uint64_t *workspaceSize, aclOpExecutor **executor) {
+    int injected = ascendsim_injected_failure("aclnnIncreFlashAttentionV4GetWorkspaceSize");
+    if (injected) return injected;
+    REQUIRE(query, "query");
+    REQUIRE(key, "key");
+    REQUIRE(value, "value");
+    REQUIRE(inputLayout, "inputLayout");
+    REQUIRE(attentionOut, "attentionOut");
+    REQUIRE(workspaceSize, "workspaceSize");
+    REQUIRE(executor, "executor");
+    if (blocktable != NULL) REQUIRE(actualSeqLengths, "actualSeqLengths (page attention)");
+    CHECK_TENSOR(query, "query");
+    CHECK_TENSOR(attentionOut, "attentionOut");
+    CHECK_TENSOR(blocktable, "blocktable");
+    if (!ascendsim_tensor_list_valid(key) || !ascendsim_tensor_list_valid(value))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: key/value are not valid tensor lists");
+    if (actualSeqLengths != NULL && !ascendsim_int_array_valid(actualSeqLengths))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: actualSeqLengths is not a valid int array");
+    if (pseShift || attenMask || dequantScale1 || quantScale1 || dequantScale2 || quantScale2 ||
+        quantOffset2 || antiquantScale || antiquantOffset || kvPaddingSize)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: pseShift, attenMask, quantisation and kv padding "
+             "are not simulated");
+    if (key->size != 1 || value->size != 1)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: key/value lists of %llu tensors are not simulated "
+             "(one tensor only)", (unsigned long long)key->size);
+    const aclTensor *k = key->tensors[0], *v = value->tensors[0];
+    CHECK_TENSOR(k, "key[0]");
+    CHECK_TENSOR(v, "value[0]");
+    if (strcmp(inputLayout, "BNSD") != 0) {
+        if (strcmp(inputLayout, "BSH") && strcmp(inputLayout, "BSND"))
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is invalid", inputLayout);
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is not simulated (BNSD only)",
+             inputLayout);
+    }
+    if (query->ndim != 4 || (query->dtype != ACL_FLOAT16 && query->dtype != ACL_BF16))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query must be 4-D FLOAT16 or BFLOAT16 (dtype %d)",
+             query->dtype);
+    const int64_t B = query->dims[0], N = query->dims[1], D = query->dims[3];
+    if (query->dims[2] != 1)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query S must be 1, got %lld",
+             (long long)query->dims[2]);
+    if (attentionOut->dtype != query->dtype || !same_shape(attentionOut, 4, query->dims))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attentionOut must match query shape and dtype");
+    if (k->dtype != query->dtype || v->dtype != query->dtype || k->ndim != 4 ||
+        !same_shape(v, 4, k->dims))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: key/value must be 4-D, equal shapes, query dtype");
+    const int64_t kv_heads = numKeyValueHeads == 0 ? numHeads : numKeyValueHeads;
+    if (numHeads != N || k->dims[1] != kv_heads || k->dims[3] != D)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: numHeads/numKeyValueHeads/D do not match the "
+             "tensors");
+    if (kv_heads < 1 || N % kv_heads != 0 || N / kv_heads > 64)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: numHeads must be a multiple of numKeyValueHeads "
+             "with ratio <= 64");
+    if (B < 1 || B > 65536 || N > 256 || D < 1 || D > 512)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: limits exceeded: B <= 65536, N <= 256, D <= 512");
+    if (innerPrecise != 0 && innerPrecise != 1)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: innerPrecise must be 0 or 1");
+    if (actualSeqLengths != NULL && actualSeqLengths->size != (uint64_t)B)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: actualSeqLengths needs B = %lld values",
+             (long long)B);
+
+    int64_t capacity; /* longest sequence the key tensor can hold */
+    if (blocktable != NULL) {
+        if (blockSize < 1 || blockSize > 512 || blockSize % 16 != 0)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: blockSize must be in [16, 512] and a multiple "
+                 "of 16 for FLOAT16/BFLOAT16, got %lld", (long long)blockSize);
+        if (k->dims[2] != blockSize)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: key cache must be (blocknum, KV_N, blockSize, D)");
+        if (blocktable->dtype != ACL_INT32 || blocktable->ndim != 2 || blocktable->dims[0] != B)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: blocktable must be INT32 (B, maxBlockNumPerSeq)");
+        capacity = blocktable->dims[1] * blockSize;
+    } else {
+        if (k->dims[0] != B)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dense key must be (B, KV_N, S, D)");
+        capacity = k->dims[2];
+    }
+    for (uint64_t b = 0; actualSeqLengths && b < actualSeqLengths->size; ++b)
+        if (actualSeqLengths->values[b] < 0 || actualSeqLengths->values[b] > capacity)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: actualSeqLengths[%llu] = %lld outside "
+                 "[0, %lld]", (unsigned long long)b, (long long)actualSeqLengths->values[b],
+                 (long long)capacity);
+
+    IncreArgs *a = calloc(1, sizeof *a);
+    if (a == NULL) FAIL(561000, "EZ9999: out of host memory");
+    a->query = *query;
+    a->key = *k;
+    a->value = *v;
+    a->out = *attentionOut;
+    if ((a->paged = blocktable != NULL)) a->block_table = *blocktable;
+    if (actualSeqLengths != NULL) {
+        a->seq_lens = malloc((size_t)B * sizeof(int64_t));
+        if (a->seq_lens == NULL) {
+            free(a);
+            FAIL(561000, "EZ9999: out of host memory");
+        }
+        memcpy(a->seq_lens, actualSeqLengths->values, (size_t)B * sizeof(int64_t));
+    }
+    a->block_size = blockSize;
+    a->num_kv_heads = kv_heads;
+    a->scale = scaleValue;
+    uint64_t required = 1024 + (uint64_t)capacity * sizeof(double);
+    *executor = ascendsim_executor_new(KIND_INCRE_FLASH_ATTENTION_V4, a, incre_free, required);
+    if (*executor == NULL) {
+        incre_free(a);
+        FAIL(561101, "EZ9999: could not create executor");
+    }
+    *workspaceSize = required;
+    return ACLNN_SUCCESS;
+}
+
+SIM_EXPORT aclnnStatus aclnnIncreFlashAttentionV4(void *workspace, uint64_t workspaceSize,
+                                                  aclOpExecutor *executor, aclrtStream stream) {
+    return launch("aclnnIncreFlashAttentionV4", KIND_INCRE_FLASH_ATTENTION_V4, workspace,
+                  workspaceSize, executor, stream, incre_run);
+}
