@@ -12,11 +12,36 @@ tile/softmax core (``tile.pxd`` + ``vecmath.h``).
 from fastattn import reference
 from fastattn._threads import get_num_threads, set_num_threads
 from fastattn.attention import scaled_dot_product_attention
+from fastattn.masks import causal_mask, combine_masks, padding_mask
+from fastattn.multihead import MultiHeadAttention, merge_heads, multi_head_attention, split_heads
+from fastattn.positional import apply_rotary, sinusoidal_positional_encoding
+from fastattn.scoring import additive_attention, concat_attention, dot_attention, general_attention
+from fastattn.softmax import attention_weights, log_softmax, masked_softmax
+from fastattn.paged import PagedKVCache, paged_attention
+
+from fastattn.sparse import BlockLayout, block_sparse_attention
+from fastattn.sparse_patterns import (bigbird_attention, bigbird_layout, global_attention,
+                                      local_attention, longformer_attention, strided_attention)
+from fastattn.lowrank import (linear_attention, linformer_attention, performer_attention,
+                              performer_features, synthesizer_attention)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "scaled_dot_product_attention",
+    # long sequences: one block-sparse kernel + patterns, low-rank and kernelised variants
+    "BlockLayout", "block_sparse_attention", "local_attention", "strided_attention",
+    "global_attention", "longformer_attention", "bigbird_attention", "bigbird_layout",
+    "linear_attention", "performer_attention", "performer_features",
+    "linformer_attention", "synthesizer_attention",
+    # building blocks (masks, softmax, heads, positions, classic scoring rules)
+    "masked_softmax", "log_softmax", "attention_weights",
+    "causal_mask", "padding_mask", "combine_masks",
+    "sinusoidal_positional_encoding", "apply_rotary",
+    "split_heads", "merge_heads", "multi_head_attention", "MultiHeadAttention",
+    "additive_attention", "concat_attention", "general_attention", "dot_attention",
+    "PagedKVCache",
+    "paged_attention",
     "set_num_threads",
     "get_num_threads",
     "reference",
@@ -25,7 +50,12 @@ __all__ = [
 
 
 def devices():
-    """The devices fastattn can compute on here, e.g. ``['cpu']``.
+    """The devices fastattn can compute on here, e.g. ``['cpu', 'npu:0']``.
+
+    ``"npu:N"`` entries appear when the CANN runtime is installed and sees an Ascend
+    NPU (see the ``ascend`` package); pass them as ``device=`` to
+    :func:`scaled_dot_product_attention`, :func:`multi_head_attention` and
+    :func:`paged_attention`.
 
     Examples
     --------
@@ -33,4 +63,5 @@ def devices():
     >>> "cpu" in fastattn.devices()
     True
     """
-    return ["cpu"]
+    from fastattn._npu import npu_devices
+    return ["cpu"] + npu_devices()

@@ -10,6 +10,7 @@ __all__ = ["result_dtypes", "check_device", "check_choice"]
 # dtypes computed natively; float16 is computed in float32 and converted back.
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
 CPU_DEVICES = ("cpu",)
+CPU_AND_NPU = ("cpu", "npu")      # functions that can also run on an Ascend NPU
 
 
 def result_dtypes(*arrays, names=None):
@@ -64,3 +65,36 @@ def check_scale(scale, e):
     if not np.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
+
+
+def check_qkv(query, key, value):
+    """``(q, k, v, compute_dtype, result_dtype)`` for (..., L, E), (..., S, E), (..., S, Ev).
+
+    The operand checks of :func:`fastattn.scaled_dot_product_attention`, shared by
+    every variant: real dtypes, at least 2 dimensions, matching E and S, E >= 1.
+    """
+    q, k, v = (np.asarray(a) for a in (query, key, value))
+    compute, result = result_dtypes(q, k, v, names=("query", "key", "value"))
+    for name, a in (("query", q), ("key", k), ("value", v)):
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., rows, features), "
+                             f"got shape {a.shape}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"query and key must have the same feature size E: query {q.shape}, "
+                         f"key {k.shape}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"key and value must have the same number of rows S: key {k.shape}, "
+                         f"value {v.shape}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"query and key need at least one feature, got E = 0 "
+                         f"(query {q.shape}, key {k.shape})")
+    return q, k, v, compute, result
+
+
+def check_batch_shape(leads, **named):
+    """Broadcast the leading (batch) shapes ``leads``; the error names ``named`` shapes."""
+    try:
+        return np.broadcast_shapes(*leads)
+    except ValueError:
+        desc = ", ".join(f"{name} {shape}" for name, shape in named.items())
+        raise ValueError(f"batch dimensions do not broadcast: {desc}") from None

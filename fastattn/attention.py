@@ -1,10 +1,12 @@
 """Scaled dot-product attention on NumPy arrays, computed by the fused kernel."""
 import numpy as np
 
-from fastattn import _threads
+from fastattn import _npu, _threads
 from fastattn._kernels import dense as _dense
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets, padded_leading
-from fastattn._validation import check_choice, check_device, check_scale, result_dtypes
+from fastattn._validation import (
+    CPU_AND_NPU, check_choice, check_device, check_scale, result_dtypes,
+)
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -58,8 +60,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         returned.
     num_threads : int, optional
         Threads for this call; default :func:`fastattn.get_num_threads`.
-    device : {"cpu"}, default="cpu"
-        Where to compute.
+    device : {"cpu", "npu", "npu:N"}, default="cpu"
+        Where to compute. ``"npu"`` runs ``aclnnFlashAttentionScore`` on a Huawei
+        Ascend NPU through the ``ascend`` package (float32/float16 inputs; raises
+        ``ascend.AscendRuntimeNotFound`` without CANN). ``ascend.DeviceArray``
+        inputs of shape (B, H, L, E) stay on the device and give a DeviceArray.
 
     Returns
     -------
@@ -112,77 +117,29 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     >>> float(abs(out[..., 3, :]).max()), float(lse[0, 0, 3])
     (0.0, -inf)
     """
-    check_device(device)
+    kind = check_device(device, CPU_AND_NPU)
     check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
-    q, k, v = (np.asarray(a) for a in (query, key, value))
-    compute, result = result_dtypes(q, k, v, names=("query", "key", "value"))
-    for name, a in (("query", q), ("key", k), ("value", v)):
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have at least 2 dimensions (..., rows, features), "
-                             f"got shape {a.shape}")
-    L, E = q.shape[-2:]
-    S, Ev = v.shape[-2:]
-    if k.shape[-1] != E:
-        raise ValueError(f"query and key must have the same feature size E: query {q.shape}, "
-                         f"key {k.shape}")
-    if k.shape[-2] != S:
-        raise ValueError(f"key and value must have the same number of rows S: key {k.shape}, "
-                         f"value {v.shape}")
-    if E == 0:
-        raise ValueError(f"query and key need at least one feature, got E = 0 "
-                         f"(query {q.shape}, key {k.shape})")
-    scale = check_scale(scale, E)
-
-    mask = None
-    if attn_mask is not None:
-        mask = np.asarray(attn_mask)
-        if mask.dtype != np.bool_ and mask.dtype.kind != "f":
-            raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to "
-                            f"the scores), got dtype {mask.dtype}")
-        m_rows, m_cols = ((1, 1) + mask.shape)[-2:]
-        if m_rows not in (1, L) or m_cols not in (1, S):
-            raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to the "
-                             f"scores (..., L={L}, S={S})")
-
-    # Broadcast batch shape, with grouped-query heads matched up on axis -3.
-    group = 1
-    k_lead = k.shape[:-2]
-    v_lead = v.shape[:-2]
-    if enable_gqa and q.ndim >= 3 and k.ndim >= 3 and v.ndim >= 3:
-        hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
-        if hk != hv:
-            raise ValueError(f"key and value must have the same number of heads (axis -3): "
-                             f"key {k.shape}, value {v.shape}")
-        if hk != hq and hk != 1:
-            if hk == 0 or hq % hk:
-                raise ValueError(f"with enable_gqa the key/value heads must divide the query "
-                                 f"heads (axis -3): query {q.shape}, key {k.shape}")
-            group = hq // hk
-            k_lead = k_lead[:-1] + (hq,)
-            v_lead = v_lead[:-1] + (hq,)
-    leads = [q.shape[:-2], k_lead, v_lead]
-    if mask is not None:
-        leads.append(mask.shape[:-2])
-    try:
-        batch_shape = np.broadcast_shapes(*leads)
-    except ValueError:
-        shapes = f"query {q.shape}, key {k.shape}, value {v.shape}"
-        if mask is not None:
-            shapes += f", attn_mask {mask.shape}"
-        raise ValueError(f"batch dimensions do not broadcast: {shapes}") from None
-    out_shape = batch_shape + (L, Ev)
-
+    if kind == "npu" and _npu.any_device_array(query, key, value):
+        return _npu.sdpa_resident(query, key, value, attn_mask, is_causal=is_causal,
+                                  causal_alignment=causal_alignment, scale=scale,
+                                  enable_gqa=enable_gqa, return_lse=return_lse, out=out,
+                                  device=device)
+    ops = _Operands(query, key, value, attn_mask, enable_gqa)
+    scale = check_scale(scale, ops.E)
     if out is not None:
-        _check_out(out, out_shape, result)
+        _check_out(out, ops.out_shape, ops.result)
+    if kind == "npu":
+        return _npu.sdpa(ops, is_causal=is_causal, causal_alignment=causal_alignment,
+                         scale=scale, return_lse=return_lse, out=out, device=device)
     nthreads = _threads.resolve_num_threads(num_threads)
 
-    nbatch = int(np.prod(batch_shape, dtype=np.int64))
-    direct = out is not None and compute == result and not _overlaps(out, q, k, v, mask)
-    res = out if direct else np.empty(out_shape, dtype=compute)
-    lse = np.empty(batch_shape + (L,), dtype=compute) if return_lse else None
-    if nbatch and L and Ev:
-        _run_dense(q, k, v, mask, res, lse, batch_shape, group, compute, scale,
-                   is_causal, causal_alignment, nthreads)
+    compute, result = ops.compute, ops.result
+    direct = out is not None and compute == result and not _overlaps(out, ops.q, ops.k, ops.v,
+                                                                       ops.mask)
+    res = out if direct else np.empty(ops.out_shape, dtype=compute)
+    lse = np.empty(ops.batch_shape + (ops.L,), dtype=compute) if return_lse else None
+    if ops.nbatch and ops.L and ops.Ev:
+        _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads)
     elif lse is not None:
         lse.fill(-np.inf)
 
@@ -195,10 +152,82 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     return (res, lse) if return_lse else res
 
 
-def _run_dense(q, k, v, mask, res, lse, batch_shape, group, compute, scale,
-               is_causal, causal_alignment, nthreads):
-    L, S = q.shape[-2], k.shape[-2]
-    E, Ev = q.shape[-1], v.shape[-1]
+class _Operands:
+    """Validated query/key/value/mask with their broadcast batch shape and dtypes.
+
+    Shared by the CPU and NPU paths; raises ``TypeError``/``ValueError`` naming the
+    shapes before anything is computed.
+    """
+
+    def __init__(self, query, key, value, attn_mask, enable_gqa):
+        q, k, v = (np.asarray(a) for a in (query, key, value))
+        self.compute, self.result = result_dtypes(q, k, v, names=("query", "key", "value"))
+        for name, a in (("query", q), ("key", k), ("value", v)):
+            if a.ndim < 2:
+                raise ValueError(f"{name} must have at least 2 dimensions (..., rows, features), "
+                                 f"got shape {a.shape}")
+        L, E = q.shape[-2:]
+        S, Ev = v.shape[-2:]
+        if k.shape[-1] != E:
+            raise ValueError(f"query and key must have the same feature size E: query {q.shape}, "
+                             f"key {k.shape}")
+        if k.shape[-2] != S:
+            raise ValueError(f"key and value must have the same number of rows S: key {k.shape}, "
+                             f"value {v.shape}")
+        if E == 0:
+            raise ValueError(f"query and key need at least one feature, got E = 0 "
+                             f"(query {q.shape}, key {k.shape})")
+
+        mask = None
+        if attn_mask is not None:
+            mask = np.asarray(attn_mask)
+            if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+                raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to "
+                                f"the scores), got dtype {mask.dtype}")
+            m_rows, m_cols = ((1, 1) + mask.shape)[-2:]
+            if m_rows not in (1, L) or m_cols not in (1, S):
+                raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to the "
+                                 f"scores (..., L={L}, S={S})")
+            while mask.ndim < 2:
+                mask = mask[np.newaxis]
+
+        # Broadcast batch shape, with grouped-query heads matched up on axis -3.
+        group = 1
+        k_lead, v_lead = k.shape[:-2], v.shape[:-2]
+        if enable_gqa and q.ndim >= 3 and k.ndim >= 3 and v.ndim >= 3:
+            hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+            if hk != hv:
+                raise ValueError(f"key and value must have the same number of heads (axis -3): "
+                                 f"key {k.shape}, value {v.shape}")
+            if hk != hq and hk != 1:
+                if hk == 0 or hq % hk:
+                    raise ValueError(f"with enable_gqa the key/value heads must divide the query "
+                                     f"heads (axis -3): query {q.shape}, key {k.shape}")
+                group = hq // hk
+                k_lead = k_lead[:-1] + (hq,)
+                v_lead = v_lead[:-1] + (hq,)
+        leads = [q.shape[:-2], k_lead, v_lead]
+        if mask is not None:
+            leads.append(mask.shape[:-2])
+        try:
+            batch_shape = np.broadcast_shapes(*leads)
+        except ValueError:
+            shapes = f"query {q.shape}, key {k.shape}, value {v.shape}"
+            if mask is not None:
+                shapes += f", attn_mask {mask.shape}"
+            raise ValueError(f"batch dimensions do not broadcast: {shapes}") from None
+
+        self.q, self.k, self.v, self.mask = q, k, v, mask
+        self.L, self.S, self.E, self.Ev = L, S, E, Ev
+        self.group = group
+        self.batch_shape = batch_shape
+        self.nbatch = int(np.prod(batch_shape, dtype=np.int64))
+        self.out_shape = batch_shape + (L, Ev)
+
+
+def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
+    L, S, E, Ev = ops.L, ops.S, ops.E, ops.Ev
+    batch_shape, group, compute = ops.batch_shape, ops.group, ops.compute
     if S == 0:
         res.fill(0)
         if lse is not None:
@@ -206,9 +235,9 @@ def _run_dense(q, k, v, mask, res, lse, batch_shape, group, compute, scale,
         return
     nb = len(batch_shape)
     group_axis = nb - 1 if group > 1 else None
-    q, ldq = as_matrix_stack(q, compute)
-    k, ldk = as_matrix_stack(k, compute)
-    v, ldv = as_matrix_stack(v, compute)
+    q, ldq = as_matrix_stack(ops.q, compute)
+    k, ldk = as_matrix_stack(ops.k, compute)
+    v, ldv = as_matrix_stack(ops.v, compute)
     q_off = batch_offsets(q, batch_shape)
     k_off = batch_offsets(k, batch_shape, group_axis, group)
     v_off = batch_offsets(v, batch_shape, group_axis, group)
@@ -227,8 +256,8 @@ def _run_dense(q, k, v, mask, res, lse, batch_shape, group, compute, scale,
     nthreads = max(1, min(nthreads, items * nsplit))
 
     prepared = None
-    if mask is not None:
-        prepared = PreparedMask(mask, compute, L, S, batch_shape, block_q, block_k)
+    if ops.mask is not None:
+        prepared = PreparedMask(ops.mask, compute, L, S, batch_shape, block_q, block_k)
     causal_offset = 0 if causal_alignment == "top_left" else S - L
     with _threads.single_threaded_blas():
         _dense.sdpa(q, k, v, res, lse, q_off, k_off, v_off, ldq, ldk, ldv, L, S, E, Ev, scale,

@@ -84,3 +84,504 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     probs, lse = masked_softmax(scores, keep)
     out = probs @ v
     return (out, lse) if return_lse else out
+
+
+# ---- sparse patterns as dense bool masks (issue #4) ----------------------------------
+# Query i sits at key position i + S - L (bottom-right alignment); M[i, j] True = attend.
+
+__all__ += ["local_keep", "strided_keep", "global_keep", "local_attention",
+            "strided_attention", "global_attention", "longformer_attention"]
+
+
+def _relative_positions(L, S):
+    i = np.arange(L)[:, None] + (S - L)
+    j = np.arange(S)[None, :]
+    return i, j
+
+
+def local_keep(L, S, window, dilation=1):
+    """Bool ``(L, S)``: ``-left <= j - i' <= right`` and ``(j - i') % dilation == 0``.
+
+    Examples
+    --------
+    >>> local_keep(4, 4, (1, 2)).astype(int)
+    array([[1, 1, 1, 0],
+           [1, 1, 1, 1],
+           [0, 1, 1, 1],
+           [0, 0, 1, 1]])
+    """
+    left, right = (window, window) if np.ndim(window) == 0 else window
+    i, j = _relative_positions(L, S)
+    d = j - i
+    return (d >= -left) & (d <= right) & (d % dilation == 0)
+
+
+def strided_keep(L, S, stride, mode="strided", summary=None):
+    """Bool ``(L, S)`` Sparse Transformer pattern (LRA ``_build_mask``), causal.
+
+    strided: ``(i' - j) % stride == 0``; fixed: ``i' // stride == j // stride`` or
+    ``j % stride == 0`` or ``j % stride >= stride - summary``.
+
+    Examples
+    --------
+    >>> strided_keep(4, 4, 2).astype(int)
+    array([[1, 0, 0, 0],
+           [0, 1, 0, 0],
+           [1, 0, 1, 0],
+           [0, 1, 0, 1]])
+    """
+    i, j = _relative_positions(L, S)
+    if mode == "strided":
+        keep = (i - j) % stride == 0
+    else:
+        summary = max(1, stride // 4) if summary is None else summary
+        keep = (i // stride == j // stride) | (j % stride == 0) | (j % stride >= stride - summary)
+    return keep & (j <= i)
+
+
+def global_keep(L, S, global_tokens):
+    """Bool ``(L, S)``: ``g[i'] or g[j]`` for global key positions ``global_tokens``.
+
+    Examples
+    --------
+    >>> global_keep(3, 3, [0]).astype(int)
+    array([[1, 1, 1],
+           [1, 0, 0],
+           [1, 0, 0]])
+    """
+    g = np.zeros(S, dtype=bool)
+    g[np.asarray(global_tokens, dtype=np.intp)] = True
+    i, j = _relative_positions(L, S)
+    gi = np.zeros((L, 1), dtype=bool)
+    inside = (i >= 0) & (i < S)
+    gi[inside] = g[i[inside]]
+    return gi | g[j]
+
+
+def _masked(query, key, value, keep, scale, return_lse):
+    return scaled_dot_product_attention(query, key, value, keep, scale=scale,
+                                        return_lse=return_lse)
+
+
+def local_attention(query, key, value, window, *, dilation=1, global_tokens=None, scale=None,
+                    return_lse=False):
+    """Full attention with the :func:`local_keep` (| :func:`global_keep`) mask.
+
+    Examples
+    --------
+    >>> q = k = v = np.eye(3)
+    >>> local_attention(q, k, v, (0, 0))
+    array([[1., 0., 0.],
+           [0., 1., 0.],
+           [0., 0., 1.]])
+    """
+    L, S = np.shape(query)[-2], np.shape(key)[-2]
+    keep = local_keep(L, S, window, dilation)
+    if global_tokens is not None:
+        keep = keep | global_keep(L, S, global_tokens)
+    return _masked(query, key, value, keep, scale, return_lse)
+
+
+def strided_attention(query, key, value, stride, *, mode="strided", summary=None, scale=None,
+                      return_lse=False):
+    """Full attention with the :func:`strided_keep` mask.
+
+    Examples
+    --------
+    >>> strided_attention(np.eye(2), np.eye(2), np.eye(2), 1)[0].tolist()
+    [1.0, 0.0]
+    """
+    keep = strided_keep(np.shape(query)[-2], np.shape(key)[-2], stride, mode, summary)
+    return _masked(query, key, value, keep, scale, return_lse)
+
+
+def global_attention(query, key, value, global_tokens, *, window=(0, 0), scale=None,
+                     return_lse=False):
+    """Full attention with ``local_keep(window) | global_keep(global_tokens)``.
+
+    Examples
+    --------
+    >>> global_attention(np.eye(2), np.eye(2), np.eye(2), [0])[1].round(3).tolist()
+    [0.33, 0.67]
+    """
+    return local_attention(query, key, value, window, global_tokens=global_tokens,
+                           scale=scale, return_lse=return_lse)
+
+
+def longformer_attention(query, key, value, window, global_tokens, *, dilation=1, scale=None,
+                         return_lse=False):
+    """Full attention with ``local_keep(window, dilation) | global_keep(global_tokens)``.
+
+    Examples
+    --------
+    >>> longformer_attention(np.eye(2), np.eye(2), np.eye(2), 0, [0])[1].round(3).tolist()
+    [0.33, 0.67]
+    """
+    return local_attention(query, key, value, window, dilation=dilation,
+                           global_tokens=global_tokens, scale=scale, return_lse=return_lse)
+
+
+# ---- paged KV cache --------------------------------------------------------------------
+
+__all__ += ["gather_blocks", "paged_attention"]
+
+
+def gather_blocks(blocks, block_ids, length):
+    """The first ``length`` entries of a sequence's blocks, as one contiguous array.
+
+    ``blocks`` is a pool ``(num_blocks, H_kv, block_size, D)``; the result is
+    ``(H_kv, length, D)``: blocks ``block_ids[0], block_ids[1], ...`` in order.
+
+    Examples
+    --------
+    >>> pool = np.arange(12.0).reshape(3, 1, 2, 2)    # 3 blocks of 2 entries
+    >>> gather_blocks(pool, [2, 0], 3)[0]
+    array([[ 8.,  9.],
+           [10., 11.],
+           [ 0.,  1.]])
+    """
+    blocks = np.asarray(blocks)
+    nblk = -(-int(length) // blocks.shape[2])
+    ids = np.asarray(block_ids[:nblk], dtype=np.intp)
+    seq = blocks[ids].transpose(1, 0, 2, 3).reshape(blocks.shape[1], -1, blocks.shape[3])
+    return seq[:, :length]
+
+
+def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, scale=None,
+                    causal=True, return_lse=False):
+    """:func:`fastattn.paged_attention` in float64: gather each sequence, then attend.
+
+    Sequence ``b`` is attended with :func:`scaled_dot_product_attention` over its
+    gathered keys and values (grouped-query heads, bottom-right causal alignment).
+
+    Examples
+    --------
+    >>> kb = np.ones((2, 1, 2, 2)); vb = np.arange(8.0).reshape(2, 1, 2, 2)
+    >>> paged_attention(np.ones((1, 1, 1, 2)), kb, vb, [[1, 0]], [3])[0, 0]
+    array([[3.33333333, 4.33333333]])
+    """
+    q = np.asarray(query, dtype=np.float64)
+    B, H, T, _ = q.shape
+    Ev = np.shape(value_blocks)[3]
+    out = np.zeros((B, H, T, Ev))
+    lse = np.full((B, H, T), -np.inf)
+    for b in range(B):
+        k = gather_blocks(key_blocks, block_table[b], seq_lens[b])
+        v = gather_blocks(value_blocks, block_table[b], seq_lens[b])
+        out[b], lse[b] = scaled_dot_product_attention(
+            q[b], k, v, is_causal=causal, causal_alignment="bottom_right", scale=scale,
+            enable_gqa=True, return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+# ---- low-rank and kernelised attention (issue #4) ------------------------------------
+
+__all__ += ["linear_attention", "performer_attention", "linformer_attention",
+            "synthesizer_attention"]
+
+
+def _normalised_products(phi_q, phi_k, v, causal, eps):
+    a = phi_q @ np.swapaxes(phi_k, -1, -2)
+    if causal:
+        a = np.tril(a)
+    return (a @ v) / (a.sum(axis=-1, keepdims=True) + eps)
+
+
+def linear_attention(query, key, value, *, feature_map="elu", causal=False, eps=1e-6):
+    """Naive ``O(L S)`` linear attention: ``A = phi(Q) phi(K)^T`` (``tril`` when causal),
+    ``out = A V / (A 1 + eps)``, ``phi(x) = elu(x) + 1``.
+
+    Examples
+    --------
+    >>> linear_attention(np.zeros((1, 2)), np.zeros((2, 2)), np.array([[1.0], [3.0]]))
+    array([[1.9999995]])
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (query, key, value))
+    phi = (lambda x: np.where(x > 0, x + 1, np.exp(x))) if feature_map == "elu" else feature_map
+    return _normalised_products(phi(q), phi(k), v, causal, eps)
+
+
+def performer_attention(query, key, value, features, *, causal=False, scale=None):
+    """FAVOR+ with explicit features ``W`` (m, E), naive ``O(L S)`` form.
+
+    ``phi(x) = m^{-1/2} (exp(W x' - |x'|^2/2 - stab) + 1e-4)``, ``x' = x sqrt(scale)``,
+    stab = row max for queries, global max for keys; ``A = phi(Q) phi(K)^T``
+    (``tril`` when causal); ``out = A V / R`` with ``R = A 1`` pushed by ``2e-6``
+    where ``|R| <= 1e-6``.
+
+    Examples
+    --------
+    >>> w = np.ones((1, 2))
+    >>> performer_attention(np.zeros((1, 2)), np.zeros((2, 2)), np.array([[1.0], [3.0]]), w)
+    array([[2.]])
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (query, key, value))
+    w = np.asarray(features, dtype=np.float64)
+    root = np.sqrt(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
+
+    def phi(x, axes):
+        x = x * root
+        proj = x @ w.T - 0.5 * (x * x).sum(axis=-1, keepdims=True)
+        return (np.exp(proj - proj.max(axis=axes, keepdims=True)) + 1e-4) / np.sqrt(len(w))
+
+    a = phi(q, -1) @ np.swapaxes(phi(k, (-2, -1)), -1, -2)
+    if causal:
+        a = np.tril(a)
+    r = a.sum(axis=-1, keepdims=True)
+    return (a @ v) / (r + 2e-6 * (np.abs(r) <= 1e-6))
+
+
+def linformer_attention(query, key, value, e_proj, f_proj=None, *, scale=None):
+    """``softmax(Q (E K)^T * scale) (F V)``; ``F = E`` when not given.
+
+    Examples
+    --------
+    >>> q = k = v = np.eye(2)
+    >>> bool(np.allclose(linformer_attention(q, k, v, np.eye(2)),
+    ...                  scaled_dot_product_attention(q, k, v)))
+    True
+    """
+    e = np.asarray(e_proj, dtype=np.float64)
+    f = e if f_proj is None else np.asarray(f_proj, dtype=np.float64)
+    return scaled_dot_product_attention(query, e @ np.asarray(key, dtype=np.float64),
+                                        f @ np.asarray(value, dtype=np.float64), scale=scale)
+
+
+def synthesizer_attention(value, logits):
+    """``softmax(logits) @ value`` for synthesised ``(..., S, S)`` logits.
+
+    Examples
+    --------
+    >>> synthesizer_attention(np.array([[1.0], [3.0]]), np.zeros((2, 2)))
+    array([[2.],
+           [2.]])
+    """
+    probs, _ = masked_softmax(logits)
+    return probs @ np.asarray(value, dtype=np.float64)
+
+
+# ---- building blocks (issue #3): direct float64 transcriptions of the formulas --------
+
+__all__ += ["softmax", "log_softmax", "attention_weights", "multi_head_attention",
+            "additive_attention", "concat_attention", "general_attention", "dot_attention",
+            "sinusoidal_positional_encoding", "apply_rotary"]
+
+
+def _scores_with_mask(scores, mask):
+    # split a mask into (scores + float part, bool keep)
+    if mask is None:
+        return scores, None
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        return scores, mask
+    return scores + mask.astype(np.float64), None
+
+
+def softmax(x, mask=None, *, axis=-1, scale=None):
+    """Softmax of ``scale * x + mask`` along ``axis`` (bool mask True = keep); 0 rows when
+    nothing is kept.
+
+    Examples
+    --------
+    >>> softmax(np.array([0.0, 0.0]), np.array([True, False]))
+    array([1., 0.])
+    """
+    x = np.asarray(x, dtype=np.float64) * (1.0 if scale is None else scale)
+    x, keep = _scores_with_mask(x, mask)
+    if keep is not None:
+        keep = np.broadcast_to(keep, x.shape)
+    x = np.moveaxis(x, axis, -1)
+    keep = None if keep is None else np.moveaxis(keep, axis, -1)
+    return np.moveaxis(masked_softmax(x, keep)[0], -1, axis)
+
+
+def log_softmax(x, mask=None, *, axis=-1, scale=None):
+    """``log(softmax(...))``: ``-inf`` where the probability is 0.
+
+    Examples
+    --------
+    >>> log_softmax(np.zeros(2)).round(4)
+    array([-0.6931, -0.6931])
+    """
+    with np.errstate(divide="ignore"):
+        return np.log(softmax(x, mask, axis=axis, scale=scale))
+
+
+def attention_weights(query, key, attn_mask=None, *, is_causal=False, scale=None,
+                      causal_alignment="top_left"):
+    """``softmax(query @ key.T * scale + mask)``, shape (..., L, S).
+
+    Examples
+    --------
+    >>> attention_weights(np.ones((1, 2)), np.ones((3, 2))).round(3)
+    array([[0.333, 0.333, 0.333]])
+    """
+    q, k = np.asarray(query, dtype=np.float64), np.asarray(key, dtype=np.float64)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    scores, keep = _scores_with_mask((q @ np.swapaxes(k, -1, -2)) * scale, attn_mask)
+    if is_causal:
+        c = causal_keep(q.shape[-2], k.shape[-2], causal_alignment)
+        keep = c if keep is None else np.logical_and(keep, c)
+    if keep is not None:
+        scores = np.where(keep, scores, -np.inf)
+    return masked_softmax(scores)[0]
+
+
+def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_weight,
+                         out_weight, q_bias=None, k_bias=None, v_bias=None, out_bias=None,
+                         num_kv_heads=None, attn_mask=None, key_padding_mask=None,
+                         is_causal=False, scale=None, need_weights=False):
+    """Multi-head attention written head by head (torch.nn.Linear weight convention).
+
+    Examples
+    --------
+    >>> x = np.ones((2, 4)); w = np.eye(4)
+    >>> multi_head_attention(x, x, x, 2, q_weight=w, k_weight=w, v_weight=w,
+    ...                      out_weight=w).round(3)
+    array([[1., 1., 1., 1.],
+           [1., 1., 1., 1.]])
+    """
+    f = lambda a: None if a is None else np.asarray(a, dtype=np.float64)  # noqa: E731
+    lin = lambda x, w, b: f(x) @ f(w).T + (0.0 if b is None else f(b))   # noqa: E731
+    q, k, v = lin(query, q_weight, q_bias), lin(key, k_weight, k_bias), lin(value, v_weight,
+                                                                            v_bias)
+    H = num_heads
+    Hkv = H if num_kv_heads is None else num_kv_heads
+    D, Dv = q.shape[-1] // H, v.shape[-1] // Hkv
+    keep = None
+    if key_padding_mask is not None:
+        keep = np.asarray(key_padding_mask)[..., np.newaxis, :]          # (..., 1, S)
+    heads, weights = [], []
+    for h in range(H):
+        g = h // (H // Hkv)
+        mask = attn_mask
+        if attn_mask is not None:
+            m = np.asarray(attn_mask)
+            mask = m[..., h if m.ndim >= 3 and m.shape[-3] == H else 0, :, :] \
+                if m.ndim >= 3 else m
+        w = attention_weights(q[..., h * D:(h + 1) * D], k[..., g * D:(g + 1) * D], mask,
+                              is_causal=is_causal, scale=scale if scale is not None
+                              else 1.0 / np.sqrt(D))
+        if keep is not None:
+            w = np.where(keep, w, 0.0)
+            total = w.sum(axis=-1, keepdims=True)
+            w = w / np.where(total == 0, 1.0, total)
+        weights.append(w)
+        heads.append(w @ v[..., g * Dv:(g + 1) * Dv])
+    out = lin(np.concatenate(heads, axis=-1), out_weight, out_bias)
+    return (out, np.mean(weights, axis=0)) if need_weights else out
+
+
+def _softmax_apply(scores, mask, value):
+    scores, keep = _scores_with_mask(scores, mask)
+    if keep is not None:
+        scores = np.where(keep, scores, -np.inf)
+    w = masked_softmax(scores)[0]
+    return w @ np.asarray(value, dtype=np.float64), w
+
+
+def additive_attention(query, key, value, *, w_q, w_k, v, mask=None):
+    """Bahdanau: ``score[i, j] = v . tanh(W_q q_i + W_k k_j)``, broadcast over (L, S, hidden).
+
+    Returns ``(output, weights)``.
+
+    Examples
+    --------
+    >>> out, w = additive_attention(np.ones((1, 2)), np.ones((3, 2)), np.eye(3),
+    ...                             w_q=np.ones((4, 2)), w_k=np.ones((4, 2)), v=np.ones(4))
+    >>> w.round(3)
+    array([[0.333, 0.333, 0.333]])
+    """
+    f = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+    qp = f(query) @ f(w_q).T                                     # (..., L, h)
+    kp = f(key) @ f(w_k).T                                       # (..., S, h)
+    scores = np.tanh(qp[..., :, np.newaxis, :] + kp[..., np.newaxis, :, :]) @ f(v)
+    return _softmax_apply(scores, mask, value)
+
+
+def concat_attention(query, key, value, *, w, v, mask=None):
+    """Luong concat: ``score[i, j] = v . tanh(W [q_i; k_j])``, with the concatenation
+    formed explicitly. Returns ``(output, weights)``.
+
+    Examples
+    --------
+    >>> out, a = concat_attention(np.ones((1, 2)), np.ones((2, 2)), np.eye(2),
+    ...                           w=np.ones((3, 4)), v=np.ones(3))
+    >>> a
+    array([[0.5, 0.5]])
+    """
+    q, k = np.asarray(query, dtype=np.float64), np.asarray(key, dtype=np.float64)
+    L, S = q.shape[-2], k.shape[-2]
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    qq = np.broadcast_to(q[..., :, np.newaxis, :], lead + (L, S, q.shape[-1]))
+    kk = np.broadcast_to(k[..., np.newaxis, :, :], lead + (L, S, k.shape[-1]))
+    pairs = np.concatenate([qq, kk], axis=-1)                    # (..., L, S, Eq + Ek)
+    scores = np.tanh(pairs @ np.asarray(w, dtype=np.float64).T) @ np.asarray(v, np.float64)
+    return _softmax_apply(scores, mask, value)
+
+
+def general_attention(query, key, value, *, w, mask=None):
+    """Luong general: ``score[i, j] = q_i . (W k_j)``. Returns ``(output, weights)``.
+
+    Examples
+    --------
+    >>> out, a = general_attention(np.ones((1, 2)), np.eye(2), np.eye(2), w=np.eye(2))
+    >>> a
+    array([[0.5, 0.5]])
+    """
+    k = np.asarray(key, dtype=np.float64)
+    wk = k @ np.asarray(w, dtype=np.float64).T                   # W k_j, (..., S, Eq)
+    scores = np.asarray(query, dtype=np.float64) @ np.swapaxes(wk, -1, -2)
+    return _softmax_apply(scores, mask, value)
+
+
+def dot_attention(query, key, value, *, mask=None):
+    """Luong dot: ``score[i, j] = q_i . k_j``. Returns ``(output, weights)``.
+
+    Examples
+    --------
+    >>> out, a = dot_attention(np.ones((1, 2)), np.eye(2), np.eye(2))
+    >>> a
+    array([[0.5, 0.5]])
+    """
+    q, k = np.asarray(query, dtype=np.float64), np.asarray(key, dtype=np.float64)
+    return _softmax_apply(q @ np.swapaxes(k, -1, -2), mask, value)
+
+
+def sinusoidal_positional_encoding(length, dim, *, base=10000.0):
+    """``PE[p, 2i] = sin(p / base**(2i/dim))``, ``PE[p, 2i+1] = cos(...)``, element by element.
+
+    Examples
+    --------
+    >>> sinusoidal_positional_encoding(2, 2).round(4)
+    array([[0.    , 1.    ],
+           [0.8415, 0.5403]])
+    """
+    pe = np.zeros((length, dim))
+    for p in range(length):
+        for j in range(dim):
+            i = j // 2
+            angle = p / base ** (2 * i / dim)
+            pe[p, j] = np.sin(angle) if j % 2 == 0 else np.cos(angle)
+    return pe
+
+
+def apply_rotary(x, positions, *, base=10000.0, layout="interleaved"):
+    """RoPE as a rotation matrix applied to each feature pair.
+
+    Examples
+    --------
+    >>> apply_rotary(np.array([[1.0, 0.0]]), np.array([np.pi / 2])).round(6)
+    array([[0., 1.]])
+    """
+    x = np.asarray(x, dtype=np.float64)
+    D = x.shape[-1]
+    pos = np.broadcast_to(np.asarray(positions, dtype=np.float64), x.shape[:-1])
+    out = np.empty_like(x)
+    for i in range(D // 2):
+        a, b = (2 * i, 2 * i + 1) if layout == "interleaved" else (i, i + D // 2)
+        theta = pos * base ** (-2 * i / D)
+        c, s = np.cos(theta), np.sin(theta)
+        out[..., a] = c * x[..., a] - s * x[..., b]
+        out[..., b] = s * x[..., a] + c * x[..., b]
+    return out

@@ -20,3 +20,23 @@ def assert_lse_close(actual, expected, dtype):
     np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected))
     fin = np.isfinite(expected)
     assert_close(actual[fin], expected[fin], dtype)
+
+
+def load_ascend_harness():
+    """The ascend simulator harness (tests/ascend_sim/harness.py), loaded once per session.
+
+    It is loaded by path and cached under one module name so that every test module
+    shares its session fixtures (one simulator build per run).
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "ascend_sim_harness"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent / "ascend_sim" / "harness.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -4,29 +4,20 @@ reference, through the C test double; plus the operator's own contract
 
 import ctypes
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_ascend_harness
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ascend
 from ascend import _ops
 
 
-def _load_harness():
-    name = "ascend_sim_harness"
-    if name not in sys.modules:
-        path = Path(__file__).parent / "ascend_sim" / "harness.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
-harness = _load_harness()
+harness = load_ascend_harness()
 sim_root, runtime = harness.sim_root, harness.runtime
 reference_attention, causal_keep = harness.reference_attention, harness.causal_keep
 

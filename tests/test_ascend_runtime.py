@@ -2,7 +2,6 @@
 errors, devices, DeviceArray lifecycle and device-memory accounting."""
 
 import gc
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,23 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_ascend_harness
 
 import ascend
 from ascend import _library
 
 
-def _load_harness():
-    name = "ascend_sim_harness"
-    if name not in sys.modules:
-        path = Path(__file__).parent / "ascend_sim" / "harness.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
-harness = _load_harness()
+harness = load_ascend_harness()
 sim_root, runtime = harness.sim_root, harness.runtime
 
 

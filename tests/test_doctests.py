@@ -50,7 +50,8 @@ def test_docstrings_have_examples():
             assert any(n.endswith("." + name) for n in names), f"{name} has no doctest example"
 
 
-DOC_PAGES = sorted(p for p in DOCS.rglob("*.md") if ">>>" in p.read_text())
+# api.md is generated from the docstrings, whose examples run above
+DOC_PAGES = sorted(p for p in DOCS.rglob("*.md") if ">>>" in p.read_text() and p.name != "api.md")
 
 
 @pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(DOCS)))

@@ -283,7 +283,7 @@ def test_bad_masks_and_options():
         sdpa(q, k, v, np.ones((5, 3, 3), bool))
     with pytest.raises(TypeError, match="attn_mask"):
         sdpa(q, k, v, np.ones((3, 3), np.int64))
-    with pytest.raises(ValueError, match=r"\['cpu'\]"):
+    with pytest.raises(ValueError, match="'cpu'"):
         sdpa(q, k, v, device="gpu")
     with pytest.raises(ValueError, match="causal_alignment"):
         sdpa(q, k, v, is_causal=True, causal_alignment="diagonal")

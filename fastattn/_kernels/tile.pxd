@@ -276,3 +276,110 @@ cdef inline void merge_partial_row(const real *part_out, const real *part_lse, P
             row_axpy(out, part_out + i * part_stride, ev, w)
     if lse != NULL:
         lse[0] = mx + log(total)
+
+
+# ---- one whole row of a masked softmax (softmax.pyx, additive.pyx) --------------------
+
+cdef extern from "vecmath.h" nogil:
+    void fa_copy_scale_f32(float *y, const float *x, Py_ssize_t n, float a)
+    void fa_copy_scale_f64(double *y, const double *x, Py_ssize_t n, double a)
+    void fa_add_const_f32(float *x, Py_ssize_t n, float c)
+    void fa_add_const_f64(double *x, Py_ssize_t n, double c)
+    float fa_tanh_dot_f32(const float *a, const float *b, const float *w, Py_ssize_t n)
+    double fa_tanh_dot_f64(const double *a, const double *b, const double *w, Py_ssize_t n)
+    float fa_tanh_f32(float x)
+    double fa_tanh_f64(double x)
+
+cdef inline void row_copy_scale(real *y, const real *x, Py_ssize_t n, real a) noexcept nogil:
+    if real is float:
+        fa_copy_scale_f32(y, x, n, a)
+    else:
+        fa_copy_scale_f64(y, x, n, a)
+
+cdef inline void row_add_const(real *x, Py_ssize_t n, real c) noexcept nogil:
+    if real is float:
+        fa_add_const_f32(x, n, c)
+    else:
+        fa_add_const_f64(x, n, c)
+
+cdef inline real row_tanh_dot(const real *a, const real *b, const real *w,
+                              Py_ssize_t n) noexcept nogil:
+    if real is float:
+        return fa_tanh_dot_f32(a, b, w, n)
+    else:
+        return fa_tanh_dot_f64(a, b, w, n)
+
+
+cdef inline void softmax_row(const real *x, real *y, real *scratch, Py_ssize_t n,
+                             Py_ssize_t visible, real scale, const void *mask,
+                             int mask_kind, Py_ssize_t mask_col_stride,
+                             bint log_out) noexcept nogil:
+    # y[:n] <- softmax (or log_softmax) of  scale * x[:visible] + mask,  one pass per
+    # stage: scale, mask + max, exp + sum, normalise. Columns >= visible (a causal band)
+    # and a row with nothing visible give probability 0 (log: -inf), never NaN.
+    # y may be x. scratch (n elements) is only used, and only needed, for log_out.
+    cdef real empty = -INFINITY if log_out else 0
+    cdef real mx, total
+    cdef Py_ssize_t j
+    if y != x or scale != 1:
+        row_copy_scale(y, x, visible, scale)
+    row_fill(y + visible, n - visible, empty)
+    # y <- y + mask; mx <- max(y)
+    mx = mask_row_max(y, visible, mask, mask_kind, mask_col_stride)
+    if mx == -INFINITY:
+        row_fill(y, visible, empty)
+        return
+    if log_out:
+        # y <- y - (mx + log(sum exp(y - mx)))
+        for j in range(visible):
+            scratch[j] = y[j]
+        total = row_exp_sum(scratch, visible, mx)
+        row_add_const(y, visible, -(mx + log(total)))
+    else:
+        # y <- exp(y - mx) / sum
+        total = row_exp_sum(y, visible, mx)
+        row_scale(y, visible, 1 / total)
+
+
+# ---- small GEMMs for decoding: a few query rows against one key/value block (paged.pyx) ----
+# Same row-major meaning as gemm_abt / gemm_ab, as vector loops: for a handful of rows
+# a BLAS call costs more than its arithmetic.
+
+cdef extern from "vecmath.h" nogil:
+    void fa_gemm_abt_small_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float alpha,
+                               const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
+                               float *c, Py_ssize_t ldc)
+    void fa_gemm_abt_small_f64(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, double alpha,
+                               const double *a, Py_ssize_t lda, const double *b, Py_ssize_t ldb,
+                               double *c, Py_ssize_t ldc)
+    void fa_gemm_ab_acc_small_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                                  const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
+                                  float *c, Py_ssize_t ldc)
+    void fa_gemm_ab_acc_small_f64(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                                  const double *a, Py_ssize_t lda, const double *b,
+                                  Py_ssize_t ldb, double *c, Py_ssize_t ldc)
+
+cdef inline void gemm_abt_small(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, real alpha,
+                                const real *a, Py_ssize_t lda, const real *b, Py_ssize_t ldb,
+                                real *c, Py_ssize_t ldc) noexcept nogil:
+    # c[m, n] = alpha * a[m, k] @ b[n, k].T
+    if real is float:
+        fa_gemm_abt_small_f32(m, n, k, alpha, a, lda, b, ldb, c, ldc)
+    else:
+        fa_gemm_abt_small_f64(m, n, k, alpha, a, lda, b, ldb, c, ldc)
+
+cdef inline void gemm_ab_acc_small(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                                   const real *a, Py_ssize_t lda, const real *b, Py_ssize_t ldb,
+                                   real *c, Py_ssize_t ldc) noexcept nogil:
+    # c[m, n] += a[m, k] @ b[k, n]
+    if real is float:
+        fa_gemm_ab_acc_small_f32(m, n, k, a, lda, b, ldb, c, ldc)
+    else:
+        fa_gemm_ab_acc_small_f64(m, n, k, a, lda, b, ldb, c, ldc)
+
+cdef extern from "vecmath.h" nogil:
+    void fa_prefetch(const void *p, Py_ssize_t nbytes)
+
+cdef inline void prefetch_rows(const real *x, Py_ssize_t rows, Py_ssize_t ld) noexcept nogil:
+    # cache hint for rows x ld elements from x (e.g. the next key/value block)
+    fa_prefetch(x, rows * ld * sizeof(real))

@@ -1,0 +1,96 @@
+"""The ``device="npu"`` path: fastattn's calls run through the sibling package ``ascend``.
+
+fastattn validates and broadcasts as it does for the CPU, reshapes to the BNSD layout
+the Ascend operators take, and hands over; ``ascend`` knows nothing of fastattn.
+DeviceArray inputs (already resident on the NPU) are passed through untouched and
+give DeviceArray results.
+"""
+import numpy as np
+
+__all__ = ["npu_devices", "is_device_array", "any_device_array"]
+
+
+def npu_devices():
+    """``["npu:0", ...]`` for the usable NPUs; empty without CANN or a device."""
+    import ascend
+    try:
+        return ascend.devices() if ascend.is_available() else []
+    except Exception:       # a broken install must not break fastattn.devices()
+        return []
+
+
+def is_device_array(x):
+    import ascend
+    return isinstance(x, ascend.DeviceArray)
+
+
+def any_device_array(*arrays):
+    return any(a is not None and is_device_array(a) for a in arrays)
+
+
+def to_bnsd(a, batch_shape, heads=None):
+    """Broadcast ``(..., rows, cols)`` over ``batch_shape`` and reshape to 4-D (B, H, rows, cols).
+
+    The last batch axis is the head axis; ``heads`` overrides its size (grouped-query
+    key/value heads keep their own count).
+    """
+    lead = tuple(batch_shape)
+    if heads is not None:
+        lead = lead[:-1] + (heads,)
+    if not lead:
+        lead = (1,)
+    a = np.broadcast_to(a, lead + a.shape[-2:])
+    n_heads = lead[-1]
+    return a.reshape((-1, n_heads) + a.shape[-2:])
+
+
+def sdpa(ops, *, is_causal, causal_alignment, scale, return_lse, out, device):
+    """Run prepared SDPA operands (see ``attention._Operands``) on the NPU."""
+    import ascend
+    index = ascend.parse_device(device)
+    q = to_bnsd(ops.q, ops.batch_shape)
+    kv_heads = ops.k.shape[-3] if ops.group > 1 else None
+    k = to_bnsd(ops.k, ops.batch_shape, kv_heads)
+    v = to_bnsd(ops.v, ops.batch_shape, kv_heads)
+    mask = None
+    if ops.mask is not None:
+        mask = np.broadcast_to(ops.mask, ops.batch_shape + ops.mask.shape[-2:])
+        mask = to_bnsd(mask, ops.batch_shape)
+    result = ascend.flash_attention(q, k, v, mask, is_causal=is_causal,
+                                    causal_alignment=causal_alignment, scale=scale,
+                                    return_lse=return_lse, device=index)
+    res, lse = result if return_lse else (result, None)
+    res = res.reshape(ops.batch_shape + res.shape[-2:])
+    if out is not None:
+        out[...] = res
+        res = out
+    if return_lse:
+        return res, lse.reshape(ops.batch_shape + lse.shape[-1:])
+    return res
+
+
+def sdpa_resident(query, key, value, attn_mask, *, is_causal, causal_alignment, scale,
+                  enable_gqa, return_lse, out, device):
+    """DeviceArray inputs: already 4-D BNSD on the device; results stay there."""
+    import ascend
+    if out is not None:
+        raise ValueError("out= is not supported with DeviceArray inputs; the result is a "
+                         "new DeviceArray")
+    arrays = (query, key, value)
+    if not all(is_device_array(a) for a in arrays):
+        raise TypeError("query, key and value must be all NumPy arrays or all ascend.DeviceArray")
+    if not enable_gqa and key.shape[1] != query.shape[1]:
+        raise ValueError(f"key/value heads differ from the query's: query {query.shape}, key "
+                         f"{key.shape}; pass enable_gqa=True for grouped-query attention")
+    return ascend.flash_attention(query, key, value, attn_mask, is_causal=is_causal,
+                                  causal_alignment=causal_alignment, scale=scale,
+                                  return_lse=return_lse, device=ascend.parse_device(device))
+
+
+def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, scale, causal,
+                    return_lse, device):
+    """Validated paged-attention operands to ``aclnnIncreFlashAttentionV4`` on the NPU."""
+    import ascend
+    return ascend.paged_attention(query, key_blocks, value_blocks, block_table, seq_lens,
+                                  scale=scale, causal=causal, return_lse=return_lse,
+                                  device=ascend.parse_device(device))

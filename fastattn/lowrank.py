@@ -1,0 +1,397 @@
+"""Low-rank and kernelised attention: linear attention, Performer, Linformer, Synthesizer.
+
+None of these forms the ``(L, S)`` softmax: linear attention and Performer replace
+it by a feature map (``O(N)`` time and memory), Linformer projects keys and values
+along the sequence to ``k`` rows, and Synthesizer's logits do not depend on the
+query-key product. The exact-softmax pieces (Linformer, Synthesizer) run on the
+fused dense kernel; the rest is a handful of BLAS products per chunk.
+"""
+import operator
+
+import numpy as np
+
+from fastattn._validation import check_choice, check_qkv, check_scale, result_dtypes
+from fastattn.attention import scaled_dot_product_attention
+
+__all__ = ["linear_attention", "performer_features", "performer_attention",
+           "linformer_attention", "synthesizer_attention"]
+
+# Rows per step of the causal prefix scan: the state (E x Ev) is updated once per
+# chunk and the chunk's own (C x C) triangle is computed directly.
+SCAN_CHUNK = 128
+
+
+def _elu_plus_one(x):
+    return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
+
+
+def _linear_terms(phi_q, phi_k, v, causal):
+    """Numerator ``phi_q @ (phi_k.T @ v)`` and denominator ``phi_q @ phi_k.sum(0)``.
+
+    Causal: row ``i`` uses only keys ``j <= i``, by a chunked prefix scan that keeps
+    one ``(m, Ev)`` state per batch entry, never the ``(N, m, Ev)`` cumulative sums.
+    """
+    if not causal:
+        kv = np.swapaxes(phi_k, -1, -2) @ v
+        z = phi_k.sum(axis=-2)
+        return phi_q @ kv, np.einsum("...lm,...m->...l", phi_q, z)
+    batch = np.broadcast_shapes(phi_q.shape[:-2], phi_k.shape[:-2], v.shape[:-2])
+    N, m, ev = phi_q.shape[-2], phi_q.shape[-1], v.shape[-1]
+    num = np.empty(batch + (N, ev), dtype=v.dtype)
+    den = np.empty(batch + (N,), dtype=v.dtype)
+    state = np.zeros(batch + (m, ev), dtype=v.dtype)
+    z = np.zeros(batch + (m,), dtype=v.dtype)
+    for c0 in range(0, N, SCAN_CHUNK):
+        c1 = min(c0 + SCAN_CHUNK, N)
+        qc, kc, vc = phi_q[..., c0:c1, :], phi_k[..., c0:c1, :], v[..., c0:c1, :]
+        # earlier chunks through the state, this chunk through its lower triangle
+        a = np.tril(qc @ np.swapaxes(kc, -1, -2))
+        num[..., c0:c1, :] = qc @ state + a @ vc
+        den[..., c0:c1] = np.einsum("...lm,...m->...l", qc, z) + a.sum(axis=-1)
+        state += np.swapaxes(kc, -1, -2) @ vc
+        z += kc.sum(axis=-2)
+    return num, den
+
+
+def _check_causal_lengths(causal, q, k):
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"causal linear attention needs L == S: query {q.shape}, key {k.shape}")
+
+
+def linear_attention(query, key, value, *, feature_map="elu", causal=False, eps=1e-6):
+    r"""Linear attention (Katharopoulos et al.): softmax replaced by a feature map.
+
+    ``out_i = phi(q_i) @ sum_j phi(k_j) v_j^T / (phi(q_i) @ sum_j phi(k_j) + eps)``,
+    over ``j <= i`` when causal. No ``1/sqrt(E)`` scaling (as in fast-transformers).
+
+    Parameters
+    ----------
+    query : array_like, shape (..., L, E)
+    key : array_like, shape (..., S, E)
+    value : array_like, shape (..., S, Ev)
+    feature_map : "elu" or callable, default="elu"
+        ``phi(x) = elu(x) + 1``, or a function applied to query and key arrays
+        (it must keep them non-negative for a meaningful normalisation).
+    causal : bool, default=False
+        Row ``i`` sees keys ``j <= i`` (needs ``L == S``): a chunked prefix scan,
+        ``O(N E Ev)`` time, ``O(E Ev)`` state per batch entry.
+    eps : float, default=1e-6
+        Added to the denominator.
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, Ev)
+
+    Raises
+    ------
+    ValueError
+        For mismatched shapes, or ``causal`` with ``L != S``.
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 100, 8)) for _ in range(3))
+    >>> out = fastattn.linear_attention(q, k, v, causal=True)
+    >>> ref = fastattn.reference.linear_attention(q, k, v, causal=True)
+    >>> bool(np.allclose(out, ref))
+    True
+    """
+    q, k, v, compute, result = check_qkv(query, key, value)
+    _check_causal_lengths(causal, q, k)
+    if isinstance(feature_map, str):
+        check_choice("feature_map", feature_map, ("elu",))
+        feature_map = _elu_plus_one
+    elif not callable(feature_map):
+        raise TypeError(f"feature_map must be 'elu' or a callable, got {feature_map!r}")
+    q, k, v = (a.astype(compute, copy=False) for a in (q, k, v))
+    num, den = _linear_terms(np.asarray(feature_map(q), compute),
+                             np.asarray(feature_map(k), compute), v, causal)
+    return (num / (den[..., None] + eps)).astype(result, copy=False)
+
+
+def performer_features(dim, num_features=256, *, orthogonal=True, rng=None):
+    """Random feature directions ``W`` of shape ``(num_features, dim)`` for FAVOR+.
+
+    Orthogonal: blocks of ``dim`` orthonormal rows (``Q^T`` of the QR of a Gaussian
+    matrix, with the sign fix ``diag(sign(diag R))``), stacked and truncated to
+    ``num_features`` rows, each row scaled by the norm of an independent
+    ``N(0, I_dim)`` vector, so rows are distributed like Gaussian rows. Otherwise
+    i.i.d. ``N(0, 1)`` entries.
+
+    Parameters
+    ----------
+    dim : int
+        Feature size E of queries and keys.
+    num_features : int, default=256
+    orthogonal : bool, default=True
+    rng : numpy.random.Generator or int, optional
+        The same seed gives the same features.
+
+    Returns
+    -------
+    ndarray, shape (num_features, dim), float64
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> w = fastattn.performer_features(4, 8, rng=0)
+    >>> w.shape
+    (8, 4)
+    >>> unit = w[:4] / np.linalg.norm(w[:4], axis=1, keepdims=True)
+    >>> bool(np.allclose(unit @ unit.T, np.eye(4)))
+    True
+    """
+    dim = _positive("dim", dim)
+    num_features = _positive("num_features", num_features)
+    rng = np.random.default_rng(rng)
+    if not orthogonal:
+        return rng.standard_normal((num_features, dim))
+    blocks = []
+    for _ in range(-(-num_features // dim)):
+        qm, rm = np.linalg.qr(rng.standard_normal((dim, dim)))
+        blocks.append((qm * np.sign(np.diag(rm))).T)
+    w = np.concatenate(blocks)[:num_features]
+    norms = np.linalg.norm(rng.standard_normal((num_features, dim)), axis=1)
+    return w * norms[:, None]
+
+
+def _positive(name, value):
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _favor_features(x, w, per_row):
+    # phi(x) = m^{-1/2} (exp(x W^T - |x|^2 / 2 - stab) + 1e-4); stab cancels in the
+    # normalisation: per row for queries, one maximum over everything for keys.
+    proj = x @ w.T
+    proj -= 0.5 * np.einsum("...e,...e->...", x, x)[..., None]
+    proj -= proj.max(axis=-1, keepdims=True) if per_row else \
+        proj.max(axis=(-2, -1), keepdims=True)
+    np.exp(proj, out=proj)                       # in place: (N, m) is the big array here
+    proj += 1e-4
+    proj *= 1 / np.sqrt(w.shape[0])
+    return proj
+
+
+def performer_attention(query, key, value, *, num_features=None, causal=False, orthogonal=True,
+                        rng=None, features=None, scale=None):
+    """Performer (FAVOR+): softmax attention approximated by positive random features.
+
+    ``out = D^{-1} phi(Q) (phi(K)^T V)`` with ``D = phi(Q) phi(K)^T 1``, where
+    ``phi(x) = m^{-1/2} exp(W x' - |x'|^2 / 2)`` and ``x' = x * scale ** 0.5``, so
+    ``E[phi(q) . phi(k)] = exp(scale * q . k)``.
+
+    Parameters
+    ----------
+    query : array_like, shape (..., L, E)
+    key : array_like, shape (..., S, E)
+    value : array_like, shape (..., S, Ev)
+    num_features : int, optional
+        Number of random features m; default 256 (google-research).
+    causal : bool, default=False
+        Prefix-scan form (needs ``L == S``).
+    orthogonal : bool, default=True
+        Orthogonal random features (see :func:`performer_features`).
+    rng : numpy.random.Generator or int, optional
+        Source of the features when ``features`` is not given.
+    features : array_like, shape (m, E), optional
+        Reuse a draw of :func:`performer_features`.
+    scale : float, optional
+        Softmax scale being approximated; default ``1 / sqrt(E)``.
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, Ev)
+
+    Raises
+    ------
+    ValueError
+        For ``num_features <= 0``, features of the wrong shape, or ``causal``
+        with ``L != S``.
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (0.3 * rng.standard_normal((2, 64, 16)) for _ in range(3))
+    >>> approx = fastattn.performer_attention(q, k, v, num_features=2048, rng=0)
+    >>> exact = fastattn.scaled_dot_product_attention(q, k, v)
+    >>> bool(np.abs(approx - exact).max() < 0.05)
+    True
+    """
+    q, k, v, compute, result = check_qkv(query, key, value)
+    _check_causal_lengths(causal, q, k)
+    E = q.shape[-1]
+    if features is None:
+        w = performer_features(E, 256 if num_features is None else num_features,
+                               orthogonal=orthogonal, rng=rng)
+    else:
+        w = np.asarray(features, dtype=np.float64)
+        if w.ndim != 2 or w.shape[1] != E or w.shape[0] == 0:
+            raise ValueError(f"features must have shape (m, E={E}) with m >= 1, got {w.shape}")
+        if num_features is not None and _positive("num_features", num_features) != w.shape[0]:
+            raise ValueError(f"num_features={num_features} but features has {w.shape[0]} rows")
+    root = float(np.sqrt(check_scale(scale, E)))   # a Python float keeps float32 float32
+    w = w.astype(compute)
+    q, k, v = (a.astype(compute, copy=False) for a in (q, k, v))
+    num, den = _linear_terms(_favor_features(q * root, w, True),
+                             _favor_features(k * root, w, False), v, causal)
+    # google-research guard: push denominators with |R| <= 1e-6 away from zero
+    den[np.abs(den) <= 1e-6] += 2e-6
+    return (num / den[..., None]).astype(result, copy=False)
+
+
+def linformer_attention(query, key, value, e_proj, f_proj=None, *, scale=None,
+                        num_threads=None):
+    """Linformer: ``softmax(Q (E K)^T * scale) (F V)``, keys and values projected along
+    the sequence axis to ``k`` rows.
+
+    Parameters
+    ----------
+    query : array_like, shape (..., L, E)
+    key : array_like, shape (..., S, E)
+    value : array_like, shape (..., S, Ev)
+    e_proj : array_like, shape (..., k, S)
+        Projection of the keys (broadcast over the batch).
+    f_proj : array_like, shape (..., k, S), optional
+        Projection of the values; default ``e_proj`` (shared, as in LRA).
+    scale : float, optional
+        Default ``1 / sqrt(E)``.
+    num_threads : int, optional
+        Threads of the dense kernel.
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, Ev)
+
+    Raises
+    ------
+    ValueError
+        When a projection's last axis is not S.
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 128, 16)) for _ in range(3))
+    >>> out = fastattn.linformer_attention(q, k, v, np.eye(128))   # E = F = I
+    >>> bool(np.allclose(out, fastattn.scaled_dot_product_attention(q, k, v)))
+    True
+    """
+    q, k, v, compute, result = check_qkv(query, key, value)
+    S = k.shape[-2]
+    projections = []
+    for name, p in (("e_proj", e_proj), ("f_proj", e_proj if f_proj is None else f_proj)):
+        p = np.asarray(p)
+        result_dtypes(p, names=(name,))
+        if p.ndim < 2 or p.shape[-1] != S or p.shape[-2] == 0:
+            raise ValueError(f"{name} must have shape (..., k, S={S}) with k >= 1, got "
+                             f"{p.shape} (key {k.shape})")
+        projections.append(p.astype(compute, copy=False))
+    k_proj = projections[0] @ k.astype(compute, copy=False)
+    v_proj = projections[1] @ v.astype(compute, copy=False)
+    out = scaled_dot_product_attention(q.astype(compute, copy=False), k_proj, v_proj,
+                                       scale=scale, num_threads=num_threads)
+    return out.astype(result, copy=False)
+
+
+def synthesizer_attention(value, *, weights, mode="random", query=None, num_threads=None):
+    """Synthesizer attention: ``softmax(logits) @ value`` with synthesised logits.
+
+    The logits over the ``S`` positions of ``value`` (self-attention, ``L = S``)
+    do not come from query-key products:
+
+    - ``mode="random"``: ``weights = R`` of shape ``(..., N, N)`` with ``N >= S``;
+      logits ``R[..., :S, :S]`` (LRA slices a ``max_len`` matrix the same way).
+    - ``mode="factorized"``: ``weights = (R1, R2)``, ``(..., N, k)`` and
+      ``(..., k, N)``; logits ``R1[..., :S, :] @ R2[..., :, :S]``.
+    - ``mode="dense"``: ``weights = (W1, W2)`` or ``(W1, b1, W2, b2)`` with
+      ``W1 (d, h)``, ``W2 (h, N)``; logits ``relu(X W1 + b1) W2[:, :S] + b2[:S]``
+      for ``X = query`` of shape ``(..., S, d)``.
+
+    Every mode runs the fused dense kernel: the logits are a float mask
+    (random) or a query-key product with scale 1 (factorized, dense).
+
+    Parameters
+    ----------
+    value : array_like, shape (..., S, Ev)
+    weights : array_like or tuple of array_like
+    mode : {"random", "factorized", "dense"}, default="random"
+    query : array_like, shape (..., S, d), optional
+        The input X of the dense mode.
+    num_threads : int, optional
+
+    Returns
+    -------
+    out : ndarray, shape (..., S, Ev)
+
+    Raises
+    ------
+    ValueError
+        For weights too short for S or of mismatched shapes.
+
+    Examples
+    --------
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((64, 8)) for _ in range(3))
+    >>> logits = q @ k.T / np.sqrt(8)
+    >>> out = fastattn.synthesizer_attention(v, weights=logits)
+    >>> bool(np.allclose(out, fastattn.scaled_dot_product_attention(q, k, v)))
+    True
+    """
+    check_choice("mode", mode, ("random", "factorized", "dense"))
+    v = np.asarray(value)
+    if v.ndim < 2:
+        raise ValueError(f"value must have at least 2 dimensions (..., S, Ev), got {v.shape}")
+    S = v.shape[-2]
+
+    def fits(name, a, axes):
+        a = np.asarray(a)
+        if a.ndim < 2 or any(a.shape[ax] < S for ax in axes):
+            raise ValueError(f"{name} of shape {a.shape} is too short for S={S} "
+                             f"(value {v.shape})")
+        return a
+
+    if mode == "random":
+        r = fits("weights", weights, (-2, -1))[..., :S, :S]
+        zeros = np.zeros(r.shape[:-2] + (S, 1), dtype=np.result_type(r, v, 1.0))
+        return scaled_dot_product_attention(zeros, zeros, v, r.astype(zeros.dtype),
+                                            scale=1.0, num_threads=num_threads)
+    if mode == "factorized":
+        r1, r2 = weights
+        r1 = fits("weights[0]", r1, (-2,))[..., :S, :]
+        r2 = fits("weights[1]", r2, (-1,))[..., :, :S]
+        if r1.shape[-1] != r2.shape[-2]:
+            raise ValueError(f"factorized weights do not chain: {r1.shape} @ {r2.shape}")
+        return scaled_dot_product_attention(r1, np.swapaxes(r2, -1, -2), v, scale=1.0,
+                                            num_threads=num_threads)
+    if query is None:
+        raise ValueError("mode='dense' needs query (the input X, shape (..., S, d))")
+    x = np.asarray(query)
+    if len(weights) == 2:
+        (w1, w2), b1, b2 = weights, None, None
+    elif len(weights) == 4:
+        w1, b1, w2, b2 = weights
+    else:
+        raise ValueError("dense weights must be (W1, W2) or (W1, b1, W2, b2)")
+    w1 = np.asarray(w1)
+    w2 = fits("W2", w2, (-1,))[..., :S]
+    if x.ndim < 2 or x.shape[-2] != S or w1.ndim != 2 or w1.shape[0] != x.shape[-1] \
+            or w2.shape[-2] != w1.shape[1]:
+        raise ValueError(f"dense synthesizer shapes do not chain: X {x.shape} (needs S={S} "
+                         f"rows), W1 {w1.shape}, W2 {np.shape(w2)}")
+    hidden = x @ w1
+    if b1 is not None:
+        hidden = hidden + np.asarray(b1)
+    hidden = np.maximum(hidden, 0)
+    bias = None if b2 is None else np.asarray(b2)[..., None, :S].astype(
+        np.result_type(hidden, w2, v, 1.0))
+    return scaled_dot_product_attention(hidden, np.swapaxes(w2, -1, -2), v, bias, scale=1.0,
+                                        num_threads=num_threads)

@@ -1,0 +1,448 @@
+"""Multi-head attention: projections by BLAS, heads as strided views, the fused kernel."""
+import operator
+
+import numpy as np
+
+from fastattn._validation import CPU_AND_NPU, check_device, result_dtypes
+from fastattn.attention import scaled_dot_product_attention
+from fastattn.masks import combine_masks
+from fastattn.softmax import attention_weights
+
+__all__ = ["split_heads", "merge_heads", "multi_head_attention", "MultiHeadAttention"]
+
+
+def split_heads(x, num_heads):
+    """View ``(..., S, H·D)`` features as ``(..., H, S, D)`` heads (no copy when possible).
+
+    Parameters
+    ----------
+    x : array_like, shape (..., S, H·D)
+    num_heads : int
+        ``H``; must divide the last dimension.
+
+    Returns
+    -------
+    ndarray, shape (..., H, S, D)
+        A strided view of ``x`` when ``x`` is C-contiguous.
+
+    See Also
+    --------
+    merge_heads
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastattn
+    >>> x = np.arange(12).reshape(2, 6)       # S = 2 tokens, 3 heads of D = 2
+    >>> h = fastattn.split_heads(x, 3)
+    >>> h.shape
+    (3, 2, 2)
+    >>> h[1]                                  # head 1: features 2, 3 of each token
+    array([[2, 3],
+           [8, 9]])
+    >>> bool((fastattn.merge_heads(h) == x).all())
+    True
+    """
+    x = np.asarray(x)
+    H = _positive_int("num_heads", num_heads)
+    if x.ndim < 2 or x.shape[-1] % H:
+        raise ValueError(f"x of shape {x.shape} cannot be split into {H} heads: need "
+                         f"(..., S, H*D) with H={H} dividing the last dimension")
+    return _split(x, H)
+
+
+def merge_heads(x):
+    """Inverse of :func:`split_heads`: ``(..., H, S, D)`` to ``(..., S, H·D)``.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., H, S, D)
+
+    Returns
+    -------
+    ndarray, shape (..., S, H·D)
+
+    See Also
+    --------
+    split_heads
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastattn
+    >>> fastattn.merge_heads(np.zeros((2, 4, 5, 8))).shape
+    (2, 5, 32)
+    """
+    x = np.asarray(x)
+    if x.ndim < 3:
+        raise ValueError(f"x must have shape (..., H, S, D), got {x.shape}")
+    t = x.swapaxes(-3, -2)
+    return t.reshape(t.shape[:-2] + (t.shape[-2] * t.shape[-1],))
+
+
+def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_weight,
+                         out_weight, q_bias=None, k_bias=None, v_bias=None, out_bias=None,
+                         num_kv_heads=None, attn_mask=None, key_padding_mask=None,
+                         is_causal=False, scale=None, need_weights=False, num_threads=None,
+                         device="cpu"):
+    r"""Multi-head attention, ``concat(head_1, ..., head_H) @ out_weight.T + out_bias``.
+
+    Each head is ``softmax(q_h @ k_h.T * scale + mask) @ v_h`` with
+    ``q = query @ q_weight.T + q_bias`` (likewise ``k``, ``v``) split into heads.
+    Weights follow the ``torch.nn.Linear`` convention, shape
+    ``(out_features, in_features)``, so PyTorch / Hugging Face weights drop in.
+
+    Parameters
+    ----------
+    query : array_like, shape (..., L, E_q)
+    key : array_like, shape (..., S, E_k)
+    value : array_like, shape (..., S, E_v)
+        Self-attention passes the same array three times; cross-attention
+        (encoder-decoder) passes decoder states as ``query`` and encoder states
+        as ``key`` and ``value`` (``L != S`` is fine).
+    num_heads : int
+        Query heads ``H``; must divide ``q_weight.shape[0]`` (``E = H·D``).
+    q_weight : array_like, shape (H·D, E_q)
+    k_weight : array_like, shape (H_kv·D, E_k)
+    v_weight : array_like, shape (H_kv·D_v, E_v)
+    out_weight : array_like, shape (E_out, H·D_v)
+    q_bias, k_bias, v_bias, out_bias : array_like, optional
+        Shapes ``(H·D,)``, ``(H_kv·D,)``, ``(H_kv·D_v,)``, ``(E_out,)``.
+    num_kv_heads : int, optional
+        ``H_kv`` key/value heads (default ``H``): grouped-query attention, or
+        multi-query attention with 1. Must divide ``H``; K/V are not copied.
+    attn_mask : array_like, optional
+        As in :func:`fastattn.scaled_dot_product_attention`, broadcast against
+        the per-head scores ``(..., H, L, S)``: bool True = attend, float added.
+    key_padding_mask : array_like of bool, shape (..., S), optional
+        True marks a real token (keep), False padding. (PyTorch's
+        ``nn.MultiheadAttention`` uses the opposite polarity: pass ``~mask``.)
+    is_causal : bool, default=False
+        Query ``i`` sees keys ``j <= i``.
+    scale : float, optional
+        Default ``1 / sqrt(D)``.
+    need_weights : bool, default=False
+        Also return the attention weights averaged over heads, ``(..., L, S)``
+        (this materialises the per-head weights: O(H·L·S) memory).
+    num_threads : int, optional
+        Threads for the attention kernel; the projections use BLAS's threads.
+    device : {"cpu", "npu", "npu:N"}, default="cpu"
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, E_out)
+    weights : ndarray, shape (..., L, S)
+        Only with ``need_weights=True``.
+
+    Raises
+    ------
+    ValueError
+        For weight or bias shapes that do not match the inputs or ``num_heads``,
+        ``num_heads`` not dividing ``E``, ``num_kv_heads`` not dividing
+        ``num_heads``, or masks that do not broadcast (the shapes are named).
+    TypeError
+        For non-real inputs or masks of the wrong dtype.
+
+    See Also
+    --------
+    MultiHeadAttention, fastattn.scaled_dot_product_attention
+
+    Notes
+    -----
+    Each projection is one BLAS matrix product over all ``batch·seq`` rows; the
+    heads are strided views of the projected arrays handed to the fused
+    attention kernel, with no per-head Python loop.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> E, H = 16, 4
+    >>> x = rng.standard_normal((2, 5, E), dtype=np.float32)     # (B, S, E)
+    >>> w = {n: rng.standard_normal((E, E), dtype=np.float32) / 4
+    ...      for n in ("q_weight", "k_weight", "v_weight", "out_weight")}
+    >>> out = fastattn.multi_head_attention(x, x, x, H, **w, is_causal=True)
+    >>> out.shape, out.dtype
+    ((2, 5, 16), dtype('float32'))
+
+    Padding: the second sequence has 3 real tokens; weights come back averaged
+    over heads, and padded keys get none.
+
+    >>> keep = fastattn.padding_mask([5, 3], 5)[:, 0, 0]              # (B, S)
+    >>> out, weights = fastattn.multi_head_attention(
+    ...     x, x, x, H, **w, key_padding_mask=keep, need_weights=True)
+    >>> weights.shape, float(weights[1, :, 3:].max())
+    ((2, 5, 5), 0.0)
+    """
+    check_device(device, CPU_AND_NPU)
+    H = _positive_int("num_heads", num_heads)
+    Hkv = H if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+    if H % Hkv:
+        raise ValueError(f"num_kv_heads={Hkv} must divide num_heads={H}")
+    named = {"query": query, "key": key, "value": value, "q_weight": q_weight,
+             "k_weight": k_weight, "v_weight": v_weight, "out_weight": out_weight,
+             "q_bias": q_bias, "k_bias": k_bias, "v_bias": v_bias, "out_bias": out_bias}
+    arr = {n: np.asarray(a) for n, a in named.items() if a is not None}
+    compute, result = result_dtypes(*arr.values(), names=list(arr))
+    arr = {n: a.astype(compute, copy=False) for n, a in arr.items()}
+    q, k, v = arr["query"], arr["key"], arr["value"]
+    for name in ("query", "key", "value"):
+        if arr[name].ndim < 2:
+            raise ValueError(f"{name} must have shape (..., seq, features), got "
+                             f"{arr[name].shape}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"key and value must have the same length S: key {k.shape}, "
+                         f"value {v.shape}")
+    S = k.shape[-2]
+
+    # weight shapes: (out_features, in_features)
+    E = _weight_rows(arr, "q_weight", q, H, "num_heads")
+    D = E // H
+    _weight_rows(arr, "k_weight", k, Hkv, "num_kv_heads", rows=Hkv * D)
+    Ev = _weight_rows(arr, "v_weight", v, Hkv, "num_kv_heads")
+    w_out = arr["out_weight"]
+    if w_out.ndim != 2 or w_out.shape[1] != H * (Ev // Hkv):
+        raise ValueError(f"out_weight must have shape (E_out, {H * (Ev // Hkv)}) to take the "
+                         f"{H} concatenated heads, got {w_out.shape}")
+    for b, w in (("q_bias", "q_weight"), ("k_bias", "k_weight"), ("v_bias", "v_weight"),
+                 ("out_bias", "out_weight")):
+        if b in arr and arr[b].shape != (arr[w].shape[0],):
+            raise ValueError(f"{b} must have shape ({arr[w].shape[0]},) to match {w} "
+                             f"{arr[w].shape}, got {arr[b].shape}")
+    try:
+        np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(f"batch dimensions do not broadcast: query {q.shape}, key {k.shape}, "
+                         f"value {v.shape}") from None
+
+    mask = attn_mask
+    if key_padding_mask is not None:
+        kpm = np.asarray(key_padding_mask)
+        if kpm.dtype != np.bool_:
+            raise TypeError(f"key_padding_mask must be bool (True = real token), got dtype "
+                            f"{kpm.dtype}")
+        if kpm.ndim < 1 or kpm.shape[-1] != S:
+            raise ValueError(f"key_padding_mask must have shape (..., S={S}), got {kpm.shape}")
+        # (..., S) -> (..., 1 head, 1 query, S)
+        mask = combine_masks(attn_mask, kpm[..., np.newaxis, np.newaxis, :])
+
+    # projections: one BLAS product each over all (batch * seq) rows; heads are views
+    qh = _split(_project(q, arr["q_weight"], arr.get("q_bias")), H)
+    kh = _split(_project(k, arr["k_weight"], arr.get("k_bias")), Hkv)
+    vh = _split(_project(v, arr["v_weight"], arr.get("v_bias")), Hkv)
+    heads = scaled_dot_product_attention(qh, kh, vh, mask, is_causal=is_causal, scale=scale,
+                                         enable_gqa=Hkv != H, num_threads=num_threads,
+                                         device=device)
+    out = _project(merge_heads(heads), w_out, arr.get("out_bias"))
+    if result != compute:
+        out = out.astype(result)
+    if not need_weights:
+        return out
+    if Hkv != H:
+        kh = np.repeat(kh, H // Hkv, axis=-3)
+    weights = attention_weights(qh, kh, mask, is_causal=is_causal, scale=scale,
+                                num_threads=num_threads).mean(axis=-3)
+    return out, weights.astype(result, copy=False)
+
+
+class MultiHeadAttention:
+    """Multi-head attention weights plus :func:`multi_head_attention` as ``__call__``.
+
+    Parameters
+    ----------
+    embed_dim : int
+        ``E``, the query width and projected width (``H·D``).
+    num_heads : int
+        ``H``; must divide ``embed_dim``.
+    kdim, vdim : int, optional
+        Widths of the key and value inputs; default ``embed_dim``.
+    num_kv_heads : int, optional
+        Grouped-query attention (default ``num_heads``).
+    bias : bool, default=True
+        Whether the four projections have biases (initialised to 0).
+    rng : numpy.random.Generator or int, optional
+        Seeds the initial weights: Xavier-uniform input projections and
+        ``U(-1/sqrt(E), 1/sqrt(E))`` output projection, like PyTorch's
+        ``nn.MultiheadAttention``.
+    dtype : dtype, default=np.float32
+
+    Attributes
+    ----------
+    q_weight, k_weight, v_weight, out_weight : ndarray
+        ``torch.nn.Linear``-style ``(out_features, in_features)``.
+    q_bias, k_bias, v_bias, out_bias : ndarray or None
+    num_heads, num_kv_heads : int
+
+    See Also
+    --------
+    multi_head_attention
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastattn
+    >>> mha = fastattn.MultiHeadAttention(32, 4, rng=0)
+    >>> x = np.ones((2, 7, 32), dtype=np.float32)
+    >>> mha(x).shape                                 # self-attention
+    (2, 7, 32)
+    >>> memory = np.ones((2, 9, 32), dtype=np.float32)
+    >>> mha(x, memory, is_causal=False).shape        # cross-attention
+    (2, 7, 32)
+    """
+
+    def __init__(self, embed_dim, num_heads, *, kdim=None, vdim=None, num_kv_heads=None,
+                 bias=True, rng=None, dtype=np.float32):
+        E = _positive_int("embed_dim", embed_dim)
+        H = _positive_int("num_heads", num_heads)
+        Hkv = H if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        if E % H:
+            raise ValueError(f"num_heads={H} must divide embed_dim={E}")
+        if H % Hkv:
+            raise ValueError(f"num_kv_heads={Hkv} must divide num_heads={H}")
+        kdim = E if kdim is None else _positive_int("kdim", kdim)
+        vdim = E if vdim is None else _positive_int("vdim", vdim)
+        rng = np.random.default_rng(rng)
+        kv = Hkv * (E // H)
+        if kdim == vdim == E and kv == E:
+            # PyTorch packs q, k, v into one (3E, E) in_proj_weight and draws it at once
+            w = _xavier_uniform(rng, (3 * E, E), dtype)
+            self.q_weight, self.k_weight, self.v_weight = w[:E], w[E:2 * E], w[2 * E:]
+        else:
+            self.q_weight = _xavier_uniform(rng, (E, E), dtype)
+            self.k_weight = _xavier_uniform(rng, (kv, kdim), dtype)
+            self.v_weight = _xavier_uniform(rng, (kv, vdim), dtype)
+        bound = 1 / np.sqrt(E)
+        self.out_weight = rng.uniform(-bound, bound, (E, E)).astype(dtype)
+        zeros = (lambda n: np.zeros(n, dtype=dtype)) if bias else (lambda n: None)
+        self.q_bias, self.k_bias, self.v_bias, self.out_bias = zeros(E), zeros(kv), \
+            zeros(kv), zeros(E)
+        self.num_heads, self.num_kv_heads = H, Hkv
+
+    def __call__(self, query, key=None, value=None, **kwargs):
+        """Attend; ``key`` defaults to ``query`` and ``value`` to ``key``.
+
+        Keyword arguments are those of :func:`multi_head_attention` (masks,
+        ``is_causal``, ``scale``, ``need_weights``, ``num_threads``, ``device``).
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        return multi_head_attention(
+            query, key, value, self.num_heads, num_kv_heads=self.num_kv_heads,
+            q_weight=self.q_weight, k_weight=self.k_weight, v_weight=self.v_weight,
+            out_weight=self.out_weight, q_bias=self.q_bias, k_bias=self.k_bias,
+            v_bias=self.v_bias, out_bias=self.out_bias, **kwargs)
+
+    @classmethod
+    def from_torch_state_dict(cls, state_dict, num_heads, *, prefix=""):
+        """Build from the ``state_dict`` of a ``torch.nn.MultiheadAttention``.
+
+        Reads ``in_proj_weight``/``in_proj_bias`` (or ``q_proj_weight``,
+        ``k_proj_weight``, ``v_proj_weight`` when ``kdim``/``vdim`` differ) and
+        ``out_proj.weight``/``out_proj.bias``, each name after ``prefix``. The
+        values may be NumPy arrays or anything ``np.asarray`` accepts (CPU tensors
+        after ``.detach()``); torch is not imported.
+
+        Parameters
+        ----------
+        state_dict : mapping of str to array_like
+        num_heads : int
+        prefix : str, default=""
+            E.g. ``"encoder.layers.0.self_attn."``.
+
+        Returns
+        -------
+        MultiHeadAttention
+
+        Raises
+        ------
+        KeyError
+            When a required entry is missing.
+        ValueError
+            For ``bias_k``/``bias_v`` (``add_bias_kv=True`` is not supported) or
+            shapes that do not fit ``num_heads``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastattn
+        >>> E = 8
+        >>> sd = {"in_proj_weight": np.eye(3 * E, E), "in_proj_bias": np.zeros(3 * E),
+        ...       "out_proj.weight": np.eye(E), "out_proj.bias": np.zeros(E)}
+        >>> mha = fastattn.MultiHeadAttention.from_torch_state_dict(sd, num_heads=2)
+        >>> mha.q_weight.shape, mha.num_heads
+        ((8, 8), 2)
+        """
+        def get(name, required=True):
+            full = prefix + name
+            if full not in state_dict:
+                if required:
+                    raise KeyError(f"state_dict has no {full!r}")
+                return None
+            return np.asarray(state_dict[full])
+
+        for extra in ("bias_k", "bias_v"):
+            if prefix + extra in state_dict:
+                raise ValueError(f"{prefix + extra!r} found: add_bias_kv=True is not supported")
+        packed = get("in_proj_weight", required=False)
+        if packed is not None:
+            if packed.ndim != 2 or packed.shape[0] % 3:
+                raise ValueError(f"in_proj_weight must have shape (3E, E), got {packed.shape}")
+            wq, wk, wv = np.split(packed, 3)
+        else:
+            wq, wk, wv = (get(f"{n}_proj_weight") for n in "qkv")
+        in_bias = get("in_proj_bias", required=False)
+        bq, bk, bv = (None,) * 3 if in_bias is None else np.split(in_bias, [len(wq), len(wq) + len(wk)])
+        self = cls.__new__(cls)
+        self.q_weight, self.k_weight, self.v_weight = wq, wk, wv
+        self.q_bias, self.k_bias, self.v_bias = bq, bk, bv
+        self.out_weight = get("out_proj.weight")
+        self.out_bias = get("out_proj.bias", required=False)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        self.num_kv_heads = self.num_heads
+        if wq.shape[0] % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide the embedding size "
+                             f"{wq.shape[0]} of in_proj_weight/q_proj_weight {wq.shape}")
+        return self
+
+
+def _project(x, w, b):
+    # y = x @ w.T + b over all rows at once: (..., n, in) -> (..., n, out)
+    y = x.reshape(-1, x.shape[-1]) @ w.T
+    if b is not None:
+        y += b
+    return y.reshape(x.shape[:-1] + (w.shape[0],))
+
+
+def _split(x, num_heads):
+    # (..., S, H*D) -> (..., H, S, D) as a strided view of the projection
+    return x.reshape(x.shape[:-1] + (num_heads, x.shape[-1] // num_heads)).swapaxes(-2, -3)
+
+
+def _weight_rows(arr, name, x, heads, heads_name, rows=None):
+    w = arr[name]
+    if w.ndim != 2 or w.shape[1] != x.shape[-1]:
+        raise ValueError(f"{name} must have shape (out_features, {x.shape[-1]}) to project "
+                         f"inputs of shape {x.shape}, got {w.shape}")
+    if rows is not None and w.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows ({heads_name}={heads} heads of the "
+                         f"query head size), got {w.shape}")
+    if w.shape[0] == 0 or w.shape[0] % heads:
+        raise ValueError(f"{heads_name}={heads} must divide {name}.shape[0]; {name} has "
+                         f"shape {w.shape}")
+    return w.shape[0]
+
+
+def _xavier_uniform(rng, shape, dtype):
+    bound = np.sqrt(6.0 / (shape[0] + shape[1]))
+    return rng.uniform(-bound, bound, shape).astype(dtype)
+
+
+def _positive_int(name, n):
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return n

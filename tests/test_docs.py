@@ -1,0 +1,15 @@
+"""The API reference page is generated from the docstrings and must be current."""
+import importlib.util
+from pathlib import Path
+
+import fastattn
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_api_reference_is_current():
+    spec = importlib.util.spec_from_file_location("gen_api", DOCS / "gen_api.py")
+    gen_api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_api)
+    expected = gen_api.render(fastattn)
+    assert (DOCS / "api.md").read_text() == expected, "run: python docs/gen_api.py"
