@@ -83,6 +83,11 @@ cdef struct DenseProblem:
 
 
 
+# Rows per slice when a causal tile crossing the diagonal is taken apart.
+cdef enum:
+    DIAGONAL_ROWS = 64
+
+
 cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k, const real *v,
                        real *out, real *lse, real *part_out, real *part_lse) noexcept nogil:
     cdef Py_ssize_t nqb = (p.L + p.block_q - 1) // p.block_q
@@ -90,6 +95,8 @@ cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k
     cdef Py_ssize_t kb_per_split = (nkb + p.nsplit - 1) // p.nsplit
     cdef Py_ssize_t nitems = p.nbatch * nqb * p.nsplit
     cdef Py_ssize_t item, t, b, qb, split, kb, kb_lo, kb_hi, last_key, r
+    cdef Py_ssize_t r0, sub_rows, sub_cols
+    cdef const void *mslice
     cdef Py_ssize_t q0, k0, rows, cols, band_hi, ldacc
     cdef int state
     cdef real *s
@@ -166,14 +173,44 @@ cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k
                         else:
                             mtile = <const void *>((<const real *>p.mask) + p.mask_off[b]
                                                    + q0 * p.mask_rs + k0 * p.mask_cs)
-                    attend_tile(q + p.q_off[b] + q0 * p.ldq, p.ldq, <int>rows,
-                                k + p.k_off[b] + k0 * p.ldk, p.ldk,
-                                v + p.v_off[b] + k0 * p.ldv, p.ldv, <int>cols,
-                                p.e, p.ev, scale,
-                                mtile, p.mask_kind if mtile != NULL else MASK_NONE,
-                                p.mask_rs, p.mask_cs,
-                                -BAND_ALL, band_hi,
-                                s, acc, ldacc, m, l)
+                    if p.causal and band_hi < cols - 1 and rows > DIAGONAL_ROWS:
+                        # The tile crosses the diagonal: take it in row slices, each cut at
+                        # its own last visible key, so little above the diagonal is computed.
+                        r0 = 0
+                        while r0 < rows:
+                            sub_rows = rows - r0
+                            if sub_rows > DIAGONAL_ROWS:
+                                sub_rows = DIAGONAL_ROWS
+                            sub_cols = band_hi + r0 + sub_rows
+                            if sub_cols > cols:
+                                sub_cols = cols
+                            if sub_cols <= 0:
+                                r0 = r0 + DIAGONAL_ROWS
+                                continue
+                            mslice = NULL
+                            if mtile != NULL and p.mask_kind == MASK_BOOL:
+                                mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask_rs)
+                            elif mtile != NULL:
+                                mslice = <const void *>((<const real *>mtile) + r0 * p.mask_rs)
+                            attend_tile(q + p.q_off[b] + (q0 + r0) * p.ldq, p.ldq, <int>sub_rows,
+                                        k + p.k_off[b] + k0 * p.ldk, p.ldk,
+                                        v + p.v_off[b] + k0 * p.ldv, p.ldv, <int>sub_cols,
+                                        p.e, p.ev, scale,
+                                        mslice,
+                                        p.mask_kind if mtile != NULL else MASK_NONE,
+                                        p.mask_rs, p.mask_cs,
+                                        -BAND_ALL, band_hi + r0,
+                                        s, acc + r0 * ldacc, ldacc, m + r0, l + r0)
+                            r0 = r0 + DIAGONAL_ROWS
+                    else:
+                        attend_tile(q + p.q_off[b] + q0 * p.ldq, p.ldq, <int>rows,
+                                    k + p.k_off[b] + k0 * p.ldk, p.ldk,
+                                    v + p.v_off[b] + k0 * p.ldv, p.ldv, <int>cols,
+                                    p.e, p.ev, scale,
+                                    mtile, p.mask_kind if mtile != NULL else MASK_NONE,
+                                    p.mask_rs, p.mask_cs,
+                                    -BAND_ALL, band_hi,
+                                    s, acc, ldacc, m, l)
 
                 for r in range(rows):
                     if p.nsplit == 1:

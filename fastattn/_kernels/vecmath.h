@@ -91,6 +91,33 @@ static inline double fa_expneg_f64(double x)
     return x < lo ? 0.0 : y;
 }
 
+
+/* Constants of the exp above, shared by the scalar and the vector (fa_exp_sum_*) forms. */
+#define FA_EXP_LO_f32 (-87.33654f)
+#define FA_LOG2E_f32 1.44269504088896341f
+#define FA_ROUND_f32 12582912.0f
+#define FA_ROUND_BITS_f32 0x4B400000
+#define FA_LN2HI_f32 0.693359375f
+#define FA_LN2LO_f32 (-2.12194440e-4f)
+#define FA_BIAS_f32 127
+#define FA_MANT_f32 23
+#define FA_EXP_POLY_f32(r) \
+    ((((((((1.9875691500E-4f * (r) + 1.3981999507E-3f) * (r) + 8.3334519073E-3f) * (r) \
+    + 4.1665795894E-2f) * (r) + 1.6666665459E-1f) * (r) + 5.0000001201E-1f) * (r) * (r)) + (r)) + 1.0f)
+#define FA_EXP_LO_f64 (-708.3964185322641)
+#define FA_LOG2E_f64 1.4426950408889634
+#define FA_ROUND_f64 6755399441055744.0
+#define FA_ROUND_BITS_f64 0x4338000000000000LL
+#define FA_LN2HI_f64 6.93147180369123816490e-01
+#define FA_LN2LO_f64 1.90821492927058770002e-10
+#define FA_BIAS_f64 1023
+#define FA_MANT_f64 52
+#define FA_EXP_POLY_f64(r) \
+    (((((((((((((1.0 / 6227020800.0 * (r) + 1.0 / 479001600.0) * (r) + 1.0 / 39916800.0) * (r) \
+    + 1.0 / 3628800.0) * (r) + 1.0 / 362880.0) * (r) + 1.0 / 40320.0) * (r) + 1.0 / 5040.0) * (r) \
+    + 1.0 / 720.0) * (r) + 1.0 / 120.0) * (r) + 1.0 / 24.0) * (r) + 1.0 / 6.0) * (r) + 0.5) \
+    * (r) * (r) + (r)) + 1.0)
+
 /* ---- row routines, instantiated for float and double ------------------------------- */
 /* Every routine accepts n == 0. Max of nothing (or of all -inf) is -inf. */
 
@@ -135,21 +162,36 @@ FA_VECTOR static T fa_keep_max_##SFX(T *x, const uint8_t *keep, ptrdiff_t n)    
     return fa_max_##SFX(x, n);                                                             \
 }                                                                                          \
                                                                                            \
-/* x[j] = exp(x[j] - m); return sum_j x[j].  m must be finite. */                          \
+/* x[j] = exp(x[j] - m); return sum_j x[j].  m must be finite.                            */ \
+/* The exp of fa_expneg_* on whole vectors (GCC vector types, as for the max).              */ \
 FA_VECTOR static T fa_exp_sum_##SFX(T *x, ptrdiff_t n, T m)                                \
 {                                                                                          \
-    T acc[FA_LANES];                                                                       \
-    for (int k = 0; k < FA_LANES; k++) acc[k] = 0;                                         \
+    enum { W = FA_VEC_BYTES / sizeof(T) };                                                 \
+    typedef T vec __attribute__((vector_size(FA_VEC_BYTES)));                              \
+    typedef IT ivec __attribute__((vector_size(FA_VEC_BYTES)));                            \
+    const vec zero = (vec){0};                                                             \
+    vec acc = zero;                                                                        \
     ptrdiff_t j = 0;                                                                       \
-    for (; j + FA_LANES <= n; j += FA_LANES)                                               \
-        for (int k = 0; k < FA_LANES; k++) {                                               \
-            T e = EXPNEG(x[j + k] - m);                                                    \
-            x[j + k] = e;                                                                  \
-            acc[k] += e;                                                                   \
-        }                                                                                  \
+    for (; j + W <= n; j += W) {                                                           \
+        vec v;                                                                             \
+        memcpy(&v, x + j, sizeof v);                                                       \
+        v = v - m;                                                                         \
+        ivec below = (ivec)(v < zero + FA_EXP_LO_##SFX);   /* result 0 (and -inf -> 0) */  \
+        vec vc = (vec)(((ivec)(zero + FA_EXP_LO_##SFX) & below) | ((ivec)v & ~below));     \
+        vec kf = vc * FA_LOG2E_##SFX + FA_ROUND_##SFX;                                     \
+        vec nf = kf - FA_ROUND_##SFX;                                                      \
+        vec r = vc - nf * FA_LN2HI_##SFX;                                                  \
+        r = r - nf * FA_LN2LO_##SFX;                                                       \
+        vec p = FA_EXP_POLY_##SFX(r);                                                      \
+        ivec ebits = (((ivec)kf - FA_ROUND_BITS_##SFX) + FA_BIAS_##SFX) << FA_MANT_##SFX;  \
+        vec e = p * (vec)ebits;                                                            \
+        e = (vec)((ivec)e & ~below);                                                       \
+        memcpy(x + j, &e, sizeof e);                                                       \
+        acc += e;                                                                          \
+    }                                                                                      \
     T s = 0;                                                                               \
     for (; j < n; j++) { T e = EXPNEG(x[j] - m); x[j] = e; s += e; }                       \
-    for (int k = 0; k < FA_LANES; k++) s += acc[k];                                        \
+    for (int k = 0; k < W; k++) s += acc[k];                                               \
     return s;                                                                              \
 }                                                                                          \
                                                                                            \
