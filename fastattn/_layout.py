@@ -62,12 +62,6 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
     return off.reshape(-1)
 
 
-def padded_leading(shape, nb):
-    """The leading (batch) part of ``shape`` left-padded with ones to ``nb`` axes."""
-    lead = tuple(shape[:-2])
-    return (1,) * (nb - len(lead)) + lead
-
-
 class PreparedMask:
     """A mask as the kernels take it, plus its per-tile block map.
 

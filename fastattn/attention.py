@@ -3,9 +3,9 @@ import numpy as np
 
 from fastattn import _npu, _threads
 from fastattn._kernels import dense as _dense
-from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets, padded_leading
+from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._validation import (
-    CPU_AND_NPU, check_choice, check_device, check_scale, result_dtypes,
+    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
 )
 
 __all__ = ["scaled_dot_product_attention"]
@@ -162,23 +162,9 @@ class _Operands:
     """
 
     def __init__(self, query, key, value, attn_mask, enable_gqa):
-        q, k, v = (np.asarray(a) for a in (query, key, value))
-        self.compute, self.result = result_dtypes(q, k, v, names=("query", "key", "value"))
-        for name, a in (("query", q), ("key", k), ("value", v)):
-            if a.ndim < 2:
-                raise ValueError(f"{name} must have at least 2 dimensions (..., rows, features), "
-                                 f"got shape {a.shape}")
+        q, k, v, self.compute, self.result = check_qkv(query, key, value)
         L, E = q.shape[-2:]
         S, Ev = v.shape[-2:]
-        if k.shape[-1] != E:
-            raise ValueError(f"query and key must have the same feature size E: query {q.shape}, "
-                             f"key {k.shape}")
-        if k.shape[-2] != S:
-            raise ValueError(f"key and value must have the same number of rows S: key {k.shape}, "
-                             f"value {v.shape}")
-        if E == 0:
-            raise ValueError(f"query and key need at least one feature, got E = 0 "
-                             f"(query {q.shape}, key {k.shape})")
 
         mask = None
         if attn_mask is not None:
@@ -209,15 +195,11 @@ class _Operands:
                 k_lead = k_lead[:-1] + (hq,)
                 v_lead = v_lead[:-1] + (hq,)
         leads = [q.shape[:-2], k_lead, v_lead]
+        named = dict(query=q.shape, key=k.shape, value=v.shape)
         if mask is not None:
             leads.append(mask.shape[:-2])
-        try:
-            batch_shape = np.broadcast_shapes(*leads)
-        except ValueError:
-            shapes = f"query {q.shape}, key {k.shape}, value {v.shape}"
-            if mask is not None:
-                shapes += f", attn_mask {mask.shape}"
-            raise ValueError(f"batch dimensions do not broadcast: {shapes}") from None
+            named["attn_mask"] = mask.shape
+        batch_shape = check_batch_shape(leads, **named)
 
         self.q, self.k, self.v, self.mask = q, k, v, mask
         self.L, self.S, self.E, self.Ev = L, S, E, Ev
