@@ -11,31 +11,7 @@ import numpy as np
 
 import fastattn
 from fastattn import reference
-
-
-def _progress(step, total, label, width=28):
-    filled = int(width * step / total)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} {label:<40}")
-    sys.stderr.flush()
-    if step == total:
-        sys.stderr.write("\n")
-
-
-def numpy_attention(q, k, v, causal):
-    """The unfused formula as people write it in NumPy (in the inputs' dtype)."""
-    scores = q @ np.swapaxes(k, -1, -2) * q.dtype.type(1 / np.sqrt(q.shape[-1]))
-    if causal:
-        L, S = scores.shape[-2:]
-        scores = np.where(np.tri(L, S, dtype=bool), scores, -np.inf)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores @ v
-
-
-def attention_flops(batch, heads, L, S, E, Ev, causal):
-    """FLOPs by the flash-attention convention: 2·L·S·(E + Ev) per head, halved if causal."""
-    flops = 2.0 * batch * heads * L * S * (E + Ev)
-    return flops / 2 if causal else flops
+from fastattn.bench import _progress, attention_flops, numpy_attention
 
 
 def _best_time(fn, repeat):

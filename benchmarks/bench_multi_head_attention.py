@@ -1,0 +1,57 @@
+"""multi_head_attention (issue 3): projections + fused attention on a BERT-base layer.
+
+Target: B=8, S=256, E=768, H=12 spends >= 90 % of its time in BLAS and the fused
+kernel; ``track_sgemm_fraction`` counts the four projections and the attention.
+"""
+import numpy as np
+
+from . import common
+
+EMBED = 768
+HEADS = 12
+
+
+class MultiHeadAttention:
+    """BERT-base layer shape, B=8 S=256 E=768 H=12 float32."""
+    params = [["self", "cross", "gqa", "causal_padded"]]
+    param_names = ["variant"]
+    batch, length, source_length = 8, 256, 512
+
+    def setup(self, variant):
+        self.mha = common.require("multi_head_attention")
+        B, L = self.batch, self.length
+        S = self.source_length if variant == "cross" else L
+        kv_heads = 4 if variant == "gqa" else HEADS
+        kv_embed = EMBED * kv_heads // HEADS
+        self.query = common.random_array((B, L, EMBED), seed=20)
+        self.key = self.value = self.query if S == L else common.random_array((B, S, EMBED), 21)
+        scale = EMBED ** -0.5            # keeps activations O(1)
+        self.kwargs = {
+            "q_weight": common.random_array((EMBED, EMBED), 22) * scale,
+            "k_weight": common.random_array((kv_embed, EMBED), 23) * scale,
+            "v_weight": common.random_array((kv_embed, EMBED), 24) * scale,
+            "out_weight": common.random_array((EMBED, EMBED), 25) * scale,
+            "q_bias": common.random_array((EMBED,), 26),
+            "k_bias": common.random_array((kv_embed,), 27),
+            "v_bias": common.random_array((kv_embed,), 28),
+            "out_bias": common.random_array((EMBED,), 29),
+        }
+        if kv_heads != HEADS:
+            self.kwargs["num_kv_heads"] = kv_heads
+        if variant == "causal_padded":
+            lengths = np.linspace(L // 2, L, B).astype(int)
+            self.kwargs["is_causal"] = True
+            self.kwargs["key_padding_mask"] = np.arange(S) < lengths[:, None]
+        projection_flops = 2.0 * B * (2 * L * EMBED * EMBED + 2 * S * EMBED * kv_embed)
+        self.flops = lambda: projection_flops + common.attention_flops(
+            B, HEADS, L, S, EMBED // HEADS, EMBED // HEADS, variant == "causal_padded")
+
+    def _run(self):
+        return self.mha(self.query, self.key, self.value, HEADS, **self.kwargs)
+
+    def time_multi_head_attention(self, variant):
+        self._run()
+
+    def track_sgemm_fraction(self, variant):
+        return common.gflops(self._run, self.flops) / common.sgemm_gflops()
+    track_sgemm_fraction.unit = "fraction of SGEMM rate"

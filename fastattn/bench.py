@@ -1,0 +1,586 @@
+"""Side-by-side speed comparison of fastattn against its peers: ``python -m fastattn.bench``.
+
+Runs the standard workloads (dense, causal and bool-masked attention, B=1, H=8,
+E=64, float32, over a range of sequence lengths) with
+
+- ``fastattn``   -- :func:`fastattn.scaled_dot_product_attention`;
+- ``numpy``      -- the unfused NumPy formula (:func:`numpy_attention`);
+- ``torch_sdpa`` -- ``torch.nn.functional.scaled_dot_product_attention``, when
+  PyTorch is importable (it picks its fused CPU kernel);
+- ``torch_math`` -- the same call forced onto PyTorch's unfused math path.
+
+Every system gets the same arrays (``torch.from_numpy`` shares the memory) and the
+same thread count; runs are interleaved so all systems see the same machine
+state, and medians are reported with GFLOP/s, the fraction of this machine's
+SGEMM rate and fastattn's speed-up over each system. Writes ``bench.json`` and,
+when matplotlib is importable, ``bench.png`` (GFLOP/s against sequence length).
+
+This module also holds the pieces shared by ``python -m fastattn`` and the asv
+suite in ``benchmarks/``: the FLOP convention, the NumPy formula and the machine
+baselines (SGEMM rate, memory bandwidth).
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import fastattn
+
+__all__ = ["attention_flops", "numpy_attention", "sgemm_gflops", "memory_bandwidth_gbs",
+           "run_comparison", "main"]
+
+SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math")
+KINDS = ("dense", "causal", "mask")
+# Systems that materialise the (H, L, S) scores and so are skipped past a memory budget.
+UNFUSED_SYSTEMS = ("numpy", "torch_math")
+FULL_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+QUICK_LENGTHS = (256, 512, 1024, 2048)
+MASK_KEEP_PROBABILITY = 0.9
+
+
+def attention_flops(batch, heads, L, S, E, Ev, causal):
+    """FLOPs of one attention forward pass, by the flash-attention convention.
+
+    ``2·L·S·(E + Ev)`` per head (the two matrix products; softmax and exp are not
+    counted), halved when causal.
+
+    Parameters
+    ----------
+    batch, heads : int
+        Batch size and number of query heads.
+    L, S : int
+        Query and key sequence lengths.
+    E, Ev : int
+        Head dimension of query/key and of value.
+    causal : bool
+        Whether only the lower triangle of the scores is computed.
+
+    Returns
+    -------
+    float
+        The FLOP count.
+
+    Examples
+    --------
+    >>> from fastattn.bench import attention_flops
+    >>> attention_flops(1, 8, 2048, 2048, 64, 64, causal=False) / 1e9
+    8.589934592
+    >>> attention_flops(1, 8, 2048, 2048, 64, 64, causal=True) / 1e9
+    4.294967296
+    """
+    flops = 2.0 * batch * heads * L * S * (E + Ev)
+    return flops / 2 if causal else flops
+
+
+def numpy_attention(q, k, v, causal=False, mask=None):
+    """The unfused attention formula as people write it in NumPy, in the inputs' dtype.
+
+    ``softmax(q @ k.T / sqrt(E) + mask) @ v`` with the full ``(..., L, S)`` score
+    matrix in memory: the baseline fastattn's fused kernel is measured against.
+
+    Parameters
+    ----------
+    q : ndarray, shape (..., L, E)
+    k : ndarray, shape (..., S, E)
+    v : ndarray, shape (..., S, Ev)
+    causal : bool, default=False
+        Query ``i`` sees keys ``j <= i`` (top-left aligned, like PyTorch).
+    mask : ndarray of bool, optional
+        Broadcastable to ``(..., L, S)``; True = the key takes part.
+
+    Returns
+    -------
+    ndarray, shape (..., L, Ev)
+
+    Examples
+    --------
+    >>> from fastattn.bench import numpy_attention
+    >>> q = k = np.eye(2, dtype=np.float32)
+    >>> v = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    >>> numpy_attention(q, k, v, causal=True).round(4)
+    array([[1.    , 0.    ],
+           [0.3302, 0.6698]], dtype=float32)
+    """
+    scores = q @ np.swapaxes(k, -1, -2) * q.dtype.type(1 / np.sqrt(q.shape[-1]))
+    if causal:
+        L, S = scores.shape[-2:]
+        scores = np.where(np.tri(L, S, dtype=bool), scores, -np.inf)
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores @ v
+
+
+def sgemm_gflops(n=2048, repeat=3):
+    """This machine's float32 matrix-multiply rate through NumPy's BLAS, in GFLOP/s.
+
+    The best of ``repeat`` timed ``a @ b`` products of two ``(n, n)`` float32
+    matrices (after one warm-up), counted as ``2·n³`` FLOPs. The attention targets
+    are stated as a fraction of this rate, measured in the same run.
+
+    Parameters
+    ----------
+    n : int, default=2048
+        Matrix size.
+    repeat : int, default=3
+        Timed products; the fastest counts.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> from fastattn.bench import sgemm_gflops
+    >>> sgemm_gflops(n=64, repeat=1) > 0
+    True
+    """
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    c = np.empty((n, n), dtype=np.float32)
+    np.matmul(a, b, out=c)
+    best = min(_seconds(lambda: np.matmul(a, b, out=c)) for _ in range(repeat))
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def memory_bandwidth_gbs(nbytes=256 * 2 ** 20, threads=None, repeat=3):
+    """This machine's read memory bandwidth, STREAM-style, in GB/s (10⁹ bytes/s).
+
+    Sums a float32 array much larger than the caches, split into one contiguous
+    chunk per thread (NumPy releases the GIL in the reduction); counts the bytes
+    read. Reading is what decode attention does with its KV cache, so this is the
+    ceiling paged attention is measured against.
+
+    Parameters
+    ----------
+    nbytes : int, default=256 MiB
+        Size of the array read.
+    threads : int, optional
+        Reading threads; default :func:`fastattn.get_num_threads`.
+    repeat : int, default=3
+        Timed passes; the fastest counts.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> from fastattn.bench import memory_bandwidth_gbs
+    >>> memory_bandwidth_gbs(nbytes=2 ** 20, threads=1, repeat=1) > 0
+    True
+    """
+    threads = fastattn.get_num_threads() if threads is None else threads
+    data = np.ones(nbytes // 4, dtype=np.float32)          # written, so every page is faulted in
+    chunks = np.array_split(data, threads)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        def read_all():
+            list(pool.map(np.add.reduce, chunks))
+        read_all()
+        best = min(_seconds(read_all) for _ in range(repeat))
+    return data.nbytes / best / 1e9
+
+
+def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1, heads=8,
+                   dim=64, dtype="float32", repeat=5, threads=None,
+                   max_unfused_bytes=4 * 2 ** 30, progress=True):
+    """Time every system on every workload, interleaved, and collect the numbers.
+
+    Parameters
+    ----------
+    lengths : sequence of int
+        Sequence lengths ``L = S`` to run.
+    kinds : sequence of {"dense", "causal", "mask"}
+        Workload kinds; "mask" is a random bool ``(L, S)`` mask (90 % kept, the
+        diagonal always kept) broadcast over heads.
+    systems : sequence of str, optional
+        A subset of ``("fastattn", "numpy", "torch_sdpa", "torch_math")``; default
+        all, the torch ones only when PyTorch is importable.
+    batch, heads, dim : int
+        Shape ``(batch, heads, L, dim)`` of q, k and v.
+    dtype : {"float32", "float64"}
+    repeat : int, default=5
+        Timed runs per system and workload, after one untimed warm-up.
+    threads : int, optional
+        Thread count for every system; default :func:`fastattn.get_num_threads`.
+    max_unfused_bytes : int, default=4 GiB
+        The unfused systems (numpy, torch_math) are skipped on workloads whose
+        estimated transient memory (three score-sized arrays) exceeds this.
+    progress : bool, default=True
+        Draw a progress bar on stderr.
+
+    Returns
+    -------
+    dict
+        ``machine`` (platform, CPU, libraries), ``config``, ``sgemm_gflops``,
+        ``memory_bandwidth_gbs`` and ``rows``: one dict per workload and system
+        with ``kind``, ``length``, ``system``, ``median_s``, ``min_s``,
+        ``gflops``, ``sgemm_fraction``, ``fastattn_speedup`` (this system's
+        median over fastattn's) and ``max_rel_diff`` (from fastattn's output).
+        Skipped pairs have ``median_s`` None and a ``skipped`` reason.
+
+    Examples
+    --------
+    >>> from fastattn.bench import run_comparison
+    >>> result = run_comparison([32], ["causal"], systems=["fastattn", "numpy"],
+    ...                         heads=1, repeat=1, progress=False)
+    >>> [(row["system"], row["median_s"] > 0) for row in result["rows"]]
+    [('fastattn', True), ('numpy', True)]
+    >>> result["rows"][1]["max_rel_diff"] < 1e-4
+    True
+    """
+    dtype = np.dtype(dtype)
+    threads = fastattn.get_num_threads() if threads is None else threads
+    runners = _runners(systems, threads)
+    workloads = [(kind, L) for L in lengths for kind in kinds]
+    bar = _ProgressBar(len(workloads) * (repeat + 1) + 2, enabled=progress)
+
+    bar.show("measuring the SGEMM rate and memory bandwidth")
+    with _blas_threads(threads):
+        sgemm = sgemm_gflops()
+    bandwidth = memory_bandwidth_gbs(threads=threads)
+    bar.advance()
+
+    rows = []
+    for kind, L in workloads:
+        q, k, v, mask = _workload_arrays(kind, batch, heads, L, dim, dtype)
+        causal = kind == "causal"
+        unfused_bytes = 3 * batch * heads * L * L * dtype.itemsize
+        active = {name: run for name, run in runners.items()
+                  if name not in UNFUSED_SYSTEMS or unfused_bytes <= max_unfused_bytes}
+        bar.show(f"{kind} L={L}: warm-up")
+        outputs = {name: run(q, k, v, causal, mask) for name, run in active.items()}
+        times = {name: [] for name in active}
+        order = list(active)
+        for i in range(repeat):
+            bar.show(f"{kind} L={L}: run {i + 1}/{repeat}")
+            for name in order:
+                run = active[name]
+                times[name].append(_seconds(lambda: run(q, k, v, causal, mask)))
+            order = order[1:] + order[:1]         # rotate so no system always runs first
+            bar.advance()
+        bar.advance()
+        flops = attention_flops(batch, heads, L, L, dim, dim, causal)
+        reference = outputs.get("fastattn")
+        fastattn_median = statistics.median(times["fastattn"]) if "fastattn" in times else None
+        for name in runners:
+            row = {"kind": kind, "length": L, "system": name}
+            if name not in active:
+                row.update(median_s=None, skipped=f"needs ~{unfused_bytes / 2 ** 30:.1f} GiB")
+            else:
+                median = statistics.median(times[name])
+                row.update(
+                    median_s=median, min_s=min(times[name]), gflops=flops / median / 1e9,
+                    sgemm_fraction=flops / median / 1e9 / sgemm,
+                    fastattn_speedup=None if fastattn_median is None else median / fastattn_median,
+                    max_rel_diff=None if reference is None else _relative_difference(
+                        outputs[name], reference))
+            rows.append(row)
+    bar.show("done")
+    bar.advance()
+    return {
+        "machine": _machine_info(),
+        "config": {"batch": batch, "heads": heads, "dim": dim, "dtype": dtype.name,
+                   "threads": threads, "repeat": repeat, "lengths": list(lengths),
+                   "kinds": list(kinds), "systems": list(runners)},
+        "sgemm_gflops": sgemm,
+        "memory_bandwidth_gbs": bandwidth,
+        "rows": rows,
+    }
+
+
+def main(argv=None):
+    """Command line of ``python -m fastattn.bench``: run, print the table, write the files.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default ``sys.argv[1:]``); ``--help`` lists them.
+
+    Returns
+    -------
+    int
+        The exit status, 0 on success.
+
+    Examples
+    --------
+    >>> import contextlib, io, tempfile
+    >>> from pathlib import Path
+    >>> from fastattn.bench import main
+    >>> out = tempfile.mkdtemp()
+    >>> with contextlib.redirect_stdout(io.StringIO()):
+    ...     status = main(["--lengths", "32", "--kinds", "dense", "--heads", "1",
+    ...                    "--repeat", "1", "--systems", "fastattn,numpy", "--no-plot",
+    ...                    "--no-progress", "--out", out])
+    >>> status
+    0
+    >>> sorted(p.name for p in Path(out).iterdir())
+    ['bench.json']
+    """
+    args = _parse_args(argv)
+    result = run_comparison(
+        args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS), args.kinds,
+        systems=args.systems, batch=args.batch, heads=args.heads, dim=args.dim,
+        dtype=args.dtype, repeat=args.repeat or (3 if args.quick else 7),
+        threads=args.threads, progress=not args.no_progress)
+    result["command"] = "python -m fastattn.bench " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    print(_format_table(result))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "bench.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {json_path}")
+    if not args.no_plot:
+        png_path = _plot(result, out_dir / "bench.png")
+        print(f"wrote {png_path}" if png_path else "matplotlib is not installed: no plot")
+    return 0
+
+
+# --- systems ----------------------------------------------------------------------
+
+def _runners(systems, threads):
+    """``name -> run(q, k, v, causal, mask)`` for the requested, available systems."""
+    torch = _import_torch()
+    available = [s for s in SYSTEMS if torch is not None or not s.startswith("torch")]
+    if systems is None:
+        systems = available
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    missing = [s for s in systems if s not in available]
+    if missing:
+        raise ValueError(f"{missing} need PyTorch, which is not importable here")
+
+    def run_fastattn(q, k, v, causal, mask):
+        return fastattn.scaled_dot_product_attention(q, k, v, mask, is_causal=causal,
+                                                     num_threads=threads)
+
+    def run_numpy(q, k, v, causal, mask):
+        with _blas_threads(threads):
+            return numpy_attention(q, k, v, causal, mask)
+
+    runners = {"fastattn": run_fastattn, "numpy": run_numpy}
+    if torch is not None:
+        runners.update(_torch_runners(torch, threads))
+    return {name: runners[name] for name in systems}
+
+
+def _torch_runners(torch, threads):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def call(q, k, v, causal, mask):
+        torch.set_num_threads(threads)
+        tensors = [torch.from_numpy(a) for a in (q, k, v)]      # shared memory, no copy
+        tmask = None if mask is None else torch.from_numpy(mask)
+        with torch.inference_mode():
+            return sdpa(*tensors, attn_mask=tmask, is_causal=causal).numpy()
+
+    def call_math(q, k, v, causal, mask):
+        with sdpa_kernel(SDPBackend.MATH):
+            return call(q, k, v, causal, mask)
+
+    return {"torch_sdpa": call, "torch_math": call_math}
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+@contextlib.contextmanager
+def _blas_threads(threads):
+    """NumPy's BLAS limited to ``threads`` (fastattn's kernels manage their own)."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield
+
+
+# --- workloads and measurement ------------------------------------------------------
+
+def _workload_arrays(kind, batch, heads, L, dim, dtype):
+    rng = np.random.default_rng(L)
+    q, k, v = (rng.standard_normal((batch, heads, L, dim), dtype=np.float32).astype(dtype)
+               for _ in range(3))
+    mask = None
+    if kind == "mask":
+        mask = rng.random((L, L)) < MASK_KEEP_PROBABILITY
+        np.fill_diagonal(mask, True)      # no fully masked rows: the systems disagree there
+    elif kind not in ("dense", "causal"):
+        raise ValueError(f"unknown workload kind {kind!r}; choose from {list(KINDS)}")
+    return q, k, v, mask
+
+
+def _seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _relative_difference(result, reference):
+    result = np.asarray(result, dtype=np.float64)
+    return float(np.abs(result - reference).max() / max(np.abs(reference).max(), 1e-300))
+
+
+def _machine_info():
+    from threadpoolctl import threadpool_info
+    torch = _import_torch()
+    return {
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "blas": [{key: info.get(key) for key in ("internal_api", "version", "num_threads")}
+                 for info in threadpool_info() if info.get("user_api") == "blas"],
+        "fastattn": fastattn.__version__,
+        "torch": None if torch is None else torch.__version__,
+    }
+
+
+def _cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class _ProgressBar:
+    """A one-line ``[####....] step/total label`` bar on stderr."""
+
+    def __init__(self, total, enabled=True, width=28):
+        self.total, self.enabled, self.width, self.step = total, enabled, width, 0
+        self.label = ""
+
+    def show(self, label):
+        self.label = label
+        if self.enabled:
+            _progress(self.step, self.total, label, self.width)
+
+    def advance(self):
+        self.step = min(self.step + 1, self.total)
+        self.show(self.label)
+
+
+def _progress(step, total, label, width=28):
+    filled = int(width * step / total)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} {label:<40}")
+    sys.stderr.flush()
+    if step == total:
+        sys.stderr.write("\n")
+
+
+# --- output -------------------------------------------------------------------------
+
+def _format_table(result):
+    config, machine = result["config"], result["machine"]
+    lines = [
+        f"fastattn {machine['fastattn']} on {machine['cpu']} ({machine['logical_cpus']} logical "
+        f"CPUs), {config['threads']} threads; numpy {machine['numpy']}, "
+        f"torch {machine['torch'] or 'not installed'}",
+        f"B={config['batch']} H={config['heads']} E={config['dim']} {config['dtype']}, "
+        f"median of {config['repeat']} interleaved runs; SGEMM {result['sgemm_gflops']:.1f} "
+        f"GFLOP/s, read bandwidth {result['memory_bandwidth_gbs']:.1f} GB/s",
+        "",
+        f"{'kind':<7}{'L=S':>6}  {'system':<11}{'median ms':>10}{'GFLOP/s':>9}"
+        f"{'of SGEMM':>9}{'fastattn x':>11}",
+    ]
+    previous = None
+    for row in result["rows"]:
+        if previous is not None and (row["kind"], row["length"]) != previous:
+            lines.append("")
+        previous = row["kind"], row["length"]
+        head = f"{row['kind']:<7}{row['length']:>6}  {row['system']:<11}"
+        if row["median_s"] is None:
+            lines.append(head + f"  skipped ({row['skipped']})")
+            continue
+        speedup = row["fastattn_speedup"]
+        lines.append(head + f"{row['median_s'] * 1e3:>10.2f}{row['gflops']:>9.1f}"
+                     f"{row['sgemm_fraction']:>9.0%}"
+                     f"{'' if speedup is None else f'{speedup:.2f}x':>11}")
+    return "\n".join(lines)
+
+
+def _plot(result, path):
+    """GFLOP/s against sequence length, one panel per kind, one line per system."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")                      # files only, never a window
+    import matplotlib.pyplot as plt
+
+    kinds = result["config"]["kinds"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.6), sharey=True,
+                             squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for system in result["config"]["systems"]:
+            points = [(r["length"], r["gflops"]) for r in result["rows"]
+                      if r["kind"] == kind and r["system"] == system and r["median_s"]]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=system)
+        ax.axhline(result["sgemm_gflops"], color="grey", linestyle="--", linewidth=1,
+                   label="SGEMM rate")
+        ax.set_xscale("log", base=2)
+        ax.set_title(kind)
+        ax.set_xlabel("sequence length L = S")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("GFLOP/s")
+    axes[0][-1].legend(fontsize="small")
+    config = result["config"]
+    fig.suptitle(f"attention, B={config['batch']} H={config['heads']} E={config['dim']} "
+                 f"{config['dtype']}, {config['threads']} threads ({result['machine']['cpu']})",
+                 fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _parse_args(argv):
+    def int_list(text):
+        return [int(x) for x in text.split(",") if x]
+
+    def name_list(text):
+        return [x.strip() for x in text.split(",") if x.strip()]
+
+    parser = argparse.ArgumentParser(prog="python -m fastattn.bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"lengths {','.join(map(str, QUICK_LENGTHS))} and 3 runs "
+                             "(under a minute)")
+    parser.add_argument("--out", default="bench-out", help="directory for bench.json/bench.png")
+    parser.add_argument("--lengths", type=int_list, help="comma-separated L = S values")
+    parser.add_argument("--kinds", type=name_list, default=list(KINDS),
+                        help=f"comma-separated subset of {','.join(KINDS)}")
+    parser.add_argument("--systems", type=name_list,
+                        help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64, help="head dimension E = Ev")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--repeat", type=int, help="timed runs per system (default 7, quick 3)")
+    parser.add_argument("--threads", type=int, help="threads for every system (default all)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
