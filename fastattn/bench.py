@@ -40,6 +40,13 @@ __all__ = ["attention_flops", "numpy_attention", "sgemm_gflops", "memory_bandwid
 SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math")
 KINDS = ("dense", "causal", "mask")
 # Systems that materialise the (H, L, S) scores and so are skipped past a memory budget.
+# Each system is timed in one block per workload: WARMUP_RUNS untimed runs that absorb
+# what the previous system left behind (its OpenMP/BLAS threads still spinning;
+# fastattn and torch each bring their own pool) and wake this system's threads, then
+# the timed runs back to back. The order of the systems rotates from workload to
+# workload. Alternating single runs was measured to slow whichever system ran second
+# by up to 2x, and idle pauses let a VM's vCPUs fall asleep, which costs milliseconds.
+WARMUP_RUNS = 2
 UNFUSED_SYSTEMS = ("numpy", "torch_math")
 FULL_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 QUICK_LENGTHS = (256, 512, 1024, 2048)
@@ -242,7 +249,7 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
     threads = fastattn.get_num_threads() if threads is None else threads
     runners = _runners(systems, threads)
     workloads = [(kind, L) for L in lengths for kind in kinds]
-    bar = _ProgressBar(len(workloads) * (repeat + 1) + 2, enabled=progress)
+    bar = _ProgressBar(len(workloads) * (len(runners) + 1) + 2, enabled=progress)
 
     bar.show("measuring the SGEMM rate and memory bandwidth")
     with _blas_threads(threads):
@@ -251,6 +258,7 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
     bar.advance()
 
     rows = []
+    rotation = 0
     for kind, L in workloads:
         q, k, v, mask = _workload_arrays(kind, batch, heads, L, dim, dtype)
         causal = kind == "causal"
@@ -259,14 +267,16 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
                   if name not in UNFUSED_SYSTEMS or unfused_bytes <= max_unfused_bytes}
         bar.show(f"{kind} L={L}: warm-up")
         outputs = {name: run(q, k, v, causal, mask) for name, run in active.items()}
-        times = {name: [] for name in active}
-        order = list(active)
-        for i in range(repeat):
-            bar.show(f"{kind} L={L}: run {i + 1}/{repeat}")
-            for name in order:
-                run = active[name]
-                times[name].append(_seconds(lambda: run(q, k, v, causal, mask)))
-            order = order[1:] + order[:1]         # rotate so no system always runs first
+        times = {}
+        names = list(active)
+        order = names[rotation % len(names):] + names[:rotation % len(names)]
+        rotation += 1                             # so that no system always runs first
+        for name in order:
+            run = active[name]
+            bar.show(f"{kind} L={L}: {name}")
+            for _ in range(WARMUP_RUNS):
+                run(q, k, v, causal, mask)
+            times[name] = [_seconds(lambda: run(q, k, v, causal, mask)) for _ in range(repeat)]
             bar.advance()
         bar.advance()
         flops = attention_flops(batch, heads, L, L, dim, dim, causal)
