@@ -36,7 +36,7 @@ def openmp_flags():
 def extensions():
     debug = _flag("FASTATTN_DEBUG")
     omp_compile, omp_link = openmp_flags()
-    # No -ffast-math / -Ofast: masking relies on -inf and the kernels test for it.
+    # No fast-math flags of any kind: masking relies on -inf and the kernels test for it.
     compile_args = ["-O0", "-g"] if debug else ["-O3"]
     if sys.platform != "win32":
         compile_args += ["-fno-math-errno", "-Wno-unused-function", "-Wno-unreachable-code"]
