@@ -15,6 +15,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
+    MaskView, mask_view,
     real, gemm_ab, softmax_row, row_fill, row_tanh_dot,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_FULL,
 )
@@ -30,14 +31,7 @@ cdef struct AdditiveProblem:
     const Py_ssize_t *k_off
     const Py_ssize_t *v_off
     Py_ssize_t ldq, ldk, ldv
-    # mask at its own shape (strides 0 where broadcast) and its block map
-    int mask_kind
-    const void *mask
-    const Py_ssize_t *mask_off
-    Py_ssize_t mask_rs, mask_cs
-    const uint8_t *bmap
-    const Py_ssize_t *bmap_off
-    Py_ssize_t bmap_rs
+    MaskView mask               # the mask and its block map (tile.pxd)
     int block_r, nthreads
     int alloc_failed
 
@@ -75,9 +69,9 @@ cdef void additive_kernel(AdditiveProblem *p, const real *qp, const real *kp, co
                     rows = p.block_r
                 s = scratch if weights == NULL else weights + (b * p.L + r0) * p.S
                 state = BLOCK_FULL
-                if p.bmap != NULL:
-                    state = p.bmap[p.bmap_off[b] + rb * p.bmap_rs]
-                kind = MASK_NONE if state == BLOCK_FULL else p.mask_kind
+                if p.mask.bmap != NULL:
+                    state = p.mask.bmap[p.mask.bmap_off[b] + rb * p.mask.bmap_rs]
+                kind = MASK_NONE if state == BLOCK_FULL else p.mask.kind
                 kb = kp + p.k_off[b]
                 for r in range(rows):
                     srow = s + r * p.S
@@ -87,22 +81,22 @@ cdef void additive_kernel(AdditiveProblem *p, const real *qp, const real *kp, co
                     qrow = qp + p.q_off[b] + (r0 + r) * p.ldq
                     mrow = NULL
                     if kind == MASK_BOOL:
-                        keep = (<const uint8_t *>p.mask) + p.mask_off[b] + (r0 + r) * p.mask_rs
+                        keep = (<const uint8_t *>p.mask.data) + p.mask.off[b] + (r0 + r) * p.mask.rs
                         mrow = <const void *>keep
                         # score[j] <- w . tanh(qp[i] + kp[j]), only for keys that are kept
                         for j in range(p.S):
-                            if keep[j * p.mask_cs]:
+                            if keep[j * p.mask.cs]:
                                 srow[j] = row_tanh_dot(qrow, kb + j * p.ldk, w, p.h)
                             else:
                                 srow[j] = -INFINITY
                     else:
                         if kind != MASK_NONE:
-                            mrow = <const void *>((<const real *>p.mask) + p.mask_off[b]
-                                                  + (r0 + r) * p.mask_rs)
+                            mrow = <const void *>((<const real *>p.mask.data) + p.mask.off[b]
+                                                  + (r0 + r) * p.mask.rs)
                         for j in range(p.S):
                             srow[j] = row_tanh_dot(qrow, kb + j * p.ldk, w, p.h)
                     # srow <- softmax(srow + mask)
-                    softmax_row(srow, srow, NULL, p.S, p.S, 1, mrow, kind, p.mask_cs, False)
+                    softmax_row(srow, srow, NULL, p.S, p.S, 1, mrow, kind, p.mask.cs, False)
                 # out[r0:r0+rows] <- p @ value
                 if p.ev > 0:
                     gemm_ab(<int>rows, <int>p.ev, <int>p.S, 1, s, <int>p.S,
@@ -146,18 +140,7 @@ def additive(cnp.ndarray qp, cnp.ndarray kp, cnp.ndarray w, cnp.ndarray v,
     p.ldq = ldq
     p.ldk = ldk
     p.ldv = ldv
-    p.mask_kind = MASK_NONE
-    p.mask = NULL
-    p.bmap = NULL
-    if mask is not None:
-        p.mask_kind = mask.kind
-        p.mask = cnp.PyArray_DATA(mask.array)
-        p.mask_off = <const Py_ssize_t *>cnp.PyArray_DATA(mask.offsets)
-        p.mask_rs = mask.row_stride
-        p.mask_cs = mask.col_stride
-        p.bmap = <const uint8_t *>cnp.PyArray_DATA(mask.block_map)
-        p.bmap_off = <const Py_ssize_t *>cnp.PyArray_DATA(mask.block_offsets)
-        p.bmap_rs = mask.block_row_stride
+    p.mask = mask_view(mask)
     p.block_r = block_r
     p.nthreads = nthreads
     p.alloc_failed = 0

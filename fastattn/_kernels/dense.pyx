@@ -17,6 +17,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
+    MaskView, mask_view,
     real, attend_tile, finish_row, merge_partial_row, row_fill,
     MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
@@ -61,15 +62,7 @@ cdef struct DenseProblem:
     const Py_ssize_t *k_off
     const Py_ssize_t *v_off
     Py_ssize_t ldq, ldk, ldv
-    # mask: kind, per-batch offsets, row/col strides (0 where broadcast)
-    int mask_kind
-    const void *mask
-    const Py_ssize_t *mask_off
-    Py_ssize_t mask_rs, mask_cs
-    # block map (BLOCK_* per tile): NULL = every tile BLOCK_MASKED if masked else FULL
-    const uint8_t *bmap
-    const Py_ssize_t *bmap_off
-    Py_ssize_t bmap_rs, bmap_cs
+    MaskView mask               # the mask and its block map (tile.pxd)
     # causal band: query i sees key j <= i + causal_offset
     bint causal
     Py_ssize_t causal_offset
@@ -153,9 +146,9 @@ cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k
                     l[r] = 0
 
                 for kb in range(kb_lo, kb_hi):
-                    state = BLOCK_FULL if p.mask_kind == MASK_NONE else BLOCK_MASKED
-                    if p.bmap != NULL:
-                        state = p.bmap[p.bmap_off[b] + qb * p.bmap_rs + kb * p.bmap_cs]
+                    state = BLOCK_FULL if p.mask.kind == MASK_NONE else BLOCK_MASKED
+                    if p.mask.bmap != NULL:
+                        state = p.mask.bmap[p.mask.bmap_off[b] + qb * p.mask.bmap_rs + kb * p.mask.bmap_cs]
                         if state == BLOCK_SKIP:
                             continue
                     k0 = kb * p.block_k
@@ -167,12 +160,12 @@ cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k
                     band_hi = (q0 + p.causal_offset - k0) if p.causal else BAND_ALL
                     mtile = NULL
                     if state != BLOCK_FULL:
-                        if p.mask_kind == MASK_BOOL:
-                            mtile = <const void *>((<const uint8_t *>p.mask) + p.mask_off[b]
-                                                   + q0 * p.mask_rs + k0 * p.mask_cs)
+                        if p.mask.kind == MASK_BOOL:
+                            mtile = <const void *>((<const uint8_t *>p.mask.data) + p.mask.off[b]
+                                                   + q0 * p.mask.rs + k0 * p.mask.cs)
                         else:
-                            mtile = <const void *>((<const real *>p.mask) + p.mask_off[b]
-                                                   + q0 * p.mask_rs + k0 * p.mask_cs)
+                            mtile = <const void *>((<const real *>p.mask.data) + p.mask.off[b]
+                                                   + q0 * p.mask.rs + k0 * p.mask.cs)
                     if p.causal and band_hi < cols - 1 and rows > DIAGONAL_ROWS:
                         # The tile crosses the diagonal: take it in row slices, each cut at
                         # its own last visible key, so little above the diagonal is computed.
@@ -188,17 +181,17 @@ cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k
                                 r0 = r0 + DIAGONAL_ROWS
                                 continue
                             mslice = NULL
-                            if mtile != NULL and p.mask_kind == MASK_BOOL:
-                                mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask_rs)
+                            if mtile != NULL and p.mask.kind == MASK_BOOL:
+                                mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask.rs)
                             elif mtile != NULL:
-                                mslice = <const void *>((<const real *>mtile) + r0 * p.mask_rs)
+                                mslice = <const void *>((<const real *>mtile) + r0 * p.mask.rs)
                             attend_tile(q + p.q_off[b] + (q0 + r0) * p.ldq, p.ldq, <int>sub_rows,
                                         k + p.k_off[b] + k0 * p.ldk, p.ldk,
                                         v + p.v_off[b] + k0 * p.ldv, p.ldv, <int>sub_cols,
                                         p.e, p.ev, scale,
                                         mslice,
-                                        p.mask_kind if mtile != NULL else MASK_NONE,
-                                        p.mask_rs, p.mask_cs,
+                                        p.mask.kind if mtile != NULL else MASK_NONE,
+                                        p.mask.rs, p.mask.cs,
                                         -BAND_ALL, band_hi + r0,
                                         s, acc + r0 * ldacc, ldacc, m + r0, l + r0)
                             r0 = r0 + DIAGONAL_ROWS
@@ -207,8 +200,8 @@ cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k
                                     k + p.k_off[b] + k0 * p.ldk, p.ldk,
                                     v + p.v_off[b] + k0 * p.ldv, p.ldv, <int>cols,
                                     p.e, p.ev, scale,
-                                    mtile, p.mask_kind if mtile != NULL else MASK_NONE,
-                                    p.mask_rs, p.mask_cs,
+                                    mtile, p.mask.kind if mtile != NULL else MASK_NONE,
+                                    p.mask.rs, p.mask.cs,
                                     -BAND_ALL, band_hi,
                                     s, acc, ldacc, m, l)
 
@@ -268,19 +261,7 @@ def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object ls
     p.ldq = ldq
     p.ldk = ldk
     p.ldv = ldv
-    p.mask_kind = MASK_NONE
-    p.mask = NULL
-    p.bmap = NULL
-    if mask is not None:
-        p.mask_kind = mask.kind
-        p.mask = cnp.PyArray_DATA(mask.array)
-        p.mask_off = _offsets(mask.offsets)
-        p.mask_rs = mask.row_stride
-        p.mask_cs = mask.col_stride
-        p.bmap = <const uint8_t *>cnp.PyArray_DATA(mask.block_map)
-        p.bmap_off = _offsets(mask.block_offsets)
-        p.bmap_rs = mask.block_row_stride
-        p.bmap_cs = mask.block_col_stride
+    p.mask = mask_view(mask)
     p.alloc_failed = 0
     p.causal = causal
     p.causal_offset = causal_offset

@@ -15,6 +15,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
+    MaskView, mask_view,
     real, softmax_row, row_fill, MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_FULL,
 )
 
@@ -27,15 +28,7 @@ cdef struct SoftmaxProblem:
     # element offset of each batch's input matrix, and its row stride
     const Py_ssize_t *x_off
     Py_ssize_t ldx
-    # mask: kind, per-batch offsets, row/col strides (0 where broadcast)
-    int mask_kind
-    const void *mask
-    const Py_ssize_t *mask_off
-    Py_ssize_t mask_rs, mask_cs
-    # block map, one state per (batch, row block): NULL without a mask
-    const uint8_t *bmap
-    const Py_ssize_t *bmap_off
-    Py_ssize_t bmap_rs
+    MaskView mask               # the mask and its block map (tile.pxd)
     # causal band: row i keeps columns j <= i + causal_offset
     bint causal
     Py_ssize_t causal_offset
@@ -71,9 +64,9 @@ cdef void softmax_kernel(SoftmaxProblem *p, real scale, const real *x,
                 if r1 > p.R:
                     r1 = p.R
                 state = BLOCK_FULL
-                if p.bmap != NULL:
-                    state = p.bmap[p.bmap_off[b] + rb * p.bmap_rs]
-                kind = MASK_NONE if state == BLOCK_FULL else p.mask_kind
+                if p.mask.bmap != NULL:
+                    state = p.mask.bmap[p.mask.bmap_off[b] + rb * p.mask.bmap_rs]
+                kind = MASK_NONE if state == BLOCK_FULL else p.mask.kind
                 for r in range(r0, r1):
                     orow = out + (b * p.R + r) * p.N
                     visible = p.N
@@ -89,13 +82,13 @@ cdef void softmax_kernel(SoftmaxProblem *p, real scale, const real *x,
                         continue
                     mrow = NULL
                     if kind == MASK_BOOL:
-                        mrow = <const void *>((<const uint8_t *>p.mask) + p.mask_off[b]
-                                              + r * p.mask_rs)
+                        mrow = <const void *>((<const uint8_t *>p.mask.data) + p.mask.off[b]
+                                              + r * p.mask.rs)
                     elif kind != MASK_NONE:
-                        mrow = <const void *>((<const real *>p.mask) + p.mask_off[b]
-                                              + r * p.mask_rs)
+                        mrow = <const void *>((<const real *>p.mask.data) + p.mask.off[b]
+                                              + r * p.mask.rs)
                     softmax_row(x + p.x_off[b] + r * p.ldx, orow, scratch, p.N, visible,
-                                scale, mrow, kind, p.mask_cs, p.log_out)
+                                scale, mrow, kind, p.mask.cs, p.log_out)
         free(scratch)
     # end: with nogil, parallel
 
@@ -118,18 +111,7 @@ def softmax(cnp.ndarray x, cnp.ndarray out, cnp.ndarray x_off, Py_ssize_t ldx,
     p.N = N
     p.x_off = <const Py_ssize_t *>cnp.PyArray_DATA(x_off)
     p.ldx = ldx
-    p.mask_kind = MASK_NONE
-    p.mask = NULL
-    p.bmap = NULL
-    if mask is not None:
-        p.mask_kind = mask.kind
-        p.mask = cnp.PyArray_DATA(mask.array)
-        p.mask_off = <const Py_ssize_t *>cnp.PyArray_DATA(mask.offsets)
-        p.mask_rs = mask.row_stride
-        p.mask_cs = mask.col_stride
-        p.bmap = <const uint8_t *>cnp.PyArray_DATA(mask.block_map)
-        p.bmap_off = <const Py_ssize_t *>cnp.PyArray_DATA(mask.block_offsets)
-        p.bmap_rs = mask.block_row_stride
+    p.mask = mask_view(mask)
     p.causal = causal
     p.causal_offset = causal_offset
     p.log_out = log_out

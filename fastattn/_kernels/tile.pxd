@@ -9,6 +9,7 @@
 # All routines are `noexcept nogil` and touch only the memory they are given.
 
 from libc.stdint cimport uint8_t
+cimport numpy as cnp
 from libc.math cimport INFINITY, log
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -27,6 +28,42 @@ cdef enum:
     BLOCK_SKIP = 0     # every element masked out: the tile is not computed
     BLOCK_MASKED = 1   # the mask must be applied element by element
     BLOCK_FULL = 2     # nothing masked (bool all True / float all 0): no mask work
+
+# A mask as every kernel family reads it: kept at its own (broadcast) shape, plus its
+# block map. Filled from a `fastattn._layout.PreparedMask` by `mask_view`.
+cdef struct MaskView:
+    int kind                    # MASK_NONE, MASK_BOOL or MASK_FLOAT
+    const void *data
+    const Py_ssize_t *off       # element offset of each batch's (rows, cols) matrix
+    Py_ssize_t rs, cs           # row / column strides in elements, 0 where broadcast
+    const uint8_t *bmap         # BLOCK_* per tile; NULL without a mask
+    const Py_ssize_t *bmap_off  # per-batch offsets into bmap
+    Py_ssize_t bmap_rs, bmap_cs
+
+
+cdef inline MaskView mask_view(object prepared):
+    # The MaskView of a PreparedMask, or an empty one (kind MASK_NONE) for None.
+    cdef MaskView view
+    view.kind = MASK_NONE
+    view.data = NULL
+    view.off = NULL
+    view.rs = view.cs = 0
+    view.bmap = NULL
+    view.bmap_off = NULL
+    view.bmap_rs = view.bmap_cs = 0
+    if prepared is None:
+        return view
+    view.kind = prepared.kind
+    view.data = cnp.PyArray_DATA(prepared.array)
+    view.off = <const Py_ssize_t *>cnp.PyArray_DATA(prepared.offsets)
+    view.rs = prepared.row_stride
+    view.cs = prepared.col_stride
+    view.bmap = <const uint8_t *>cnp.PyArray_DATA(prepared.block_map)
+    view.bmap_off = <const Py_ssize_t *>cnp.PyArray_DATA(prepared.block_offsets)
+    view.bmap_rs = prepared.block_row_stride
+    view.bmap_cs = prepared.block_col_stride
+    return view
+
 
 # Column band that is "everything" (no causal or window limit).
 cdef enum:
