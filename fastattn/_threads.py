@@ -76,6 +76,21 @@ def _kernel_blas_controller():
     return blas.select(filepath=scipy_owned) if scipy_owned else blas
 
 
+def split_keys(items, key_blocks, nthreads):
+    """How to spread ``items`` independent work items over ``nthreads`` threads.
+
+    When the items alone cannot keep every thread busy (decoding: few sequences and
+    heads, one query each), each item's keys are split too, into at most
+    ``key_blocks`` parts whose partial results the kernel merges by their
+    log-sum-exp (flash-decoding). Returns ``(nsplit, threads)``: the number of key
+    parts per item and the threads worth starting for ``items * nsplit`` pieces.
+    """
+    nsplit = 1
+    if items < 2 * nthreads and key_blocks > 1:
+        nsplit = min(key_blocks, -(-4 * nthreads // items))
+    return nsplit, max(1, min(nthreads, items * nsplit))
+
+
 @contextlib.contextmanager
 def single_threaded_blas():
     """Limit BLAS to one thread while our OpenMP threads each call it on their tiles."""

@@ -232,13 +232,7 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
     block_k = min(BLOCK_K, S)
     nqb = -(-L // block_q)
     nkb = -(-S // block_k)
-    # Too few (batch, query block) items to keep every thread busy: split the keys
-    # too and merge the partial results by their log-sum-exp.
-    nsplit = 1
-    items = nbatch * nqb
-    if items < 2 * nthreads and nkb > 1:
-        nsplit = min(nkb, -(-4 * nthreads // items))
-    nthreads = max(1, min(nthreads, items * nsplit))
+    nsplit, nthreads = _threads.split_keys(nbatch * nqb, nkb, nthreads)
 
     prepared = None
     if ops.mask is not None:

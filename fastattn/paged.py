@@ -145,14 +145,10 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         use_blas = rows > VECTOR_ROWS
         row_tile = ROW_TILE if use_blas else rows
         chunk_blocks = max(1, KEYS_PER_CHUNK // bs)
-        # Too few (sequence, kv-head, row tile) items to keep every thread busy: split
-        # the keys too and merge the partial results by their log-sum-exp.
+        # work items: (sequence, kv-head, row tile); their keys may be split too
         items = B * Hkv * -(-rows // row_tile)
         max_blocks = -(-int(lens.max(initial=0)) // bs)
-        nsplit = 1
-        if items < 2 * nthreads and max_blocks > 1:
-            nsplit = min(max_blocks, -(-4 * nthreads // items))
-        nthreads = max(1, min(nthreads, items * nsplit))
+        nsplit, nthreads = _threads.split_keys(items, max_blocks, nthreads)
         blas = _threads.single_threaded_blas() if use_blas else contextlib.nullcontext()
         with blas:
             _paged.paged_attention(q, k, v, table, lens, out, lse, Hkv, T, scale, bool(causal),

@@ -15,6 +15,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
+    intp_data,
     MaskView, mask_view,
     real, gemm_ab, softmax_row, row_fill, row_tanh_dot,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_FULL,
@@ -134,9 +135,9 @@ def additive(cnp.ndarray qp, cnp.ndarray kp, cnp.ndarray w, cnp.ndarray v,
     p.S = S
     p.h = h
     p.ev = ev
-    p.q_off = <const Py_ssize_t *>cnp.PyArray_DATA(q_off)
-    p.k_off = <const Py_ssize_t *>cnp.PyArray_DATA(k_off)
-    p.v_off = <const Py_ssize_t *>cnp.PyArray_DATA(v_off)
+    p.q_off = intp_data(q_off)
+    p.k_off = intp_data(k_off)
+    p.v_off = intp_data(v_off)
     p.ldq = ldq
     p.ldk = ldk
     p.ldv = ldv

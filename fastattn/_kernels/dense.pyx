@@ -17,6 +17,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
+    intp_data,
     MaskView, mask_view,
     real, attend_tile, finish_row, merge_partial_row, row_fill,
     MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
@@ -222,10 +223,6 @@ cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k
                               (lse + item) if lse != NULL else NULL)
 
 
-cdef inline const Py_ssize_t *_offsets(cnp.ndarray a):
-    return <const Py_ssize_t *>cnp.PyArray_DATA(a)
-
-
 def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object lse,
          cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off,
          Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv,
@@ -255,9 +252,9 @@ def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object ls
     p.S = S
     p.e = e
     p.ev = ev
-    p.q_off = _offsets(q_off)
-    p.k_off = _offsets(k_off)
-    p.v_off = _offsets(v_off)
+    p.q_off = intp_data(q_off)
+    p.k_off = intp_data(k_off)
+    p.v_off = intp_data(v_off)
     p.ldq = ldq
     p.ldk = ldk
     p.ldv = ldv

@@ -22,6 +22,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
+    intp_data,
     real, gemm_abt, gemm_ab, gemm_abt_small, gemm_ab_acc_small,
     row_max, row_fill, prefetch_rows, online_softmax_row, finish_row, merge_partial_row,
 )
@@ -254,9 +255,9 @@ def paged_attention(cnp.ndarray q, cnp.ndarray key_blocks, cnp.ndarray value_blo
     p.v_bs = value_blocks.strides[0] // item
     p.v_hs = value_blocks.strides[1] // item
     p.ldv = value_blocks.strides[2] // item
-    p.table = <const Py_ssize_t *>cnp.PyArray_DATA(table)
+    p.table = intp_data(table)
     p.table_ld = table.shape[1]
-    p.lens = <const Py_ssize_t *>cnp.PyArray_DATA(lens)
+    p.lens = intp_data(lens)
     p.causal = causal
     p.row_tile = row_tile
     p.chunk_blocks = chunk_blocks

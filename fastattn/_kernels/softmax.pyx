@@ -15,6 +15,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
+    intp_data,
     MaskView, mask_view,
     real, softmax_row, row_fill, MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_FULL,
 )
@@ -109,7 +110,7 @@ def softmax(cnp.ndarray x, cnp.ndarray out, cnp.ndarray x_off, Py_ssize_t ldx,
     p.nbatch = x_off.shape[0]
     p.R = R
     p.N = N
-    p.x_off = <const Py_ssize_t *>cnp.PyArray_DATA(x_off)
+    p.x_off = intp_data(x_off)
     p.ldx = ldx
     p.mask = mask_view(mask)
     p.causal = causal

@@ -24,6 +24,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
+    intp_data,
     real, attend_tile, finish_row, row_fill, MASK_NONE, MASK_BOOL, BAND_ALL,
 )
 
@@ -222,10 +223,6 @@ cdef void sparse_kernel(SparseProblem *p, real scale, const real *q, const real 
         free(keep)
 
 
-cdef inline const Py_ssize_t *_intp(cnp.ndarray a):
-    return <const Py_ssize_t *>cnp.PyArray_DATA(a)
-
-
 def block_sparse(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object lse,
                  cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off,
                  Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv,
@@ -252,15 +249,15 @@ def block_sparse(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, o
     p.S = S
     p.e = e
     p.ev = ev
-    p.q_off = _intp(q_off)
-    p.k_off = _intp(k_off)
-    p.v_off = _intp(v_off)
+    p.q_off = intp_data(q_off)
+    p.k_off = intp_data(k_off)
+    p.v_off = intp_data(v_off)
     p.ldq = ldq
     p.ldk = ldk
     p.ldv = ldv
     p.indptr = <const int64_t *>cnp.PyArray_DATA(indptr)
     p.indices = <const int64_t *>cnp.PyArray_DATA(indices)
-    p.layout_off = _intp(layout_off)
+    p.layout_off = intp_data(layout_off)
     p.block_q = block_q
     p.block_k = block_k
     p.nthreads = nthreads
@@ -282,7 +279,7 @@ def block_sparse(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, o
             p.rule.gk = <const uint8_t *>cnp.PyArray_DATA(rule["gk"])
         if rule["mask"] is not None:
             p.rule.mask = <const uint8_t *>cnp.PyArray_DATA(rule["mask"])
-            p.rule.mask_off = _intp(rule["mask_off"])
+            p.rule.mask_off = intp_data(rule["mask_off"])
             p.rule.mask_rs = rule["mask_rs"]
             p.rule.mask_cs = rule["mask_cs"]
     if lse is not None:

@@ -41,6 +41,11 @@ cdef struct MaskView:
     Py_ssize_t bmap_rs, bmap_cs
 
 
+cdef inline const Py_ssize_t *intp_data(cnp.ndarray a):
+    # Data pointer of an intp vector (per-batch element offsets built in fastattn._layout).
+    return <const Py_ssize_t *>cnp.PyArray_DATA(a)
+
+
 cdef inline MaskView mask_view(object prepared):
     # The MaskView of a PreparedMask, or an empty one (kind MASK_NONE) for None.
     cdef MaskView view
@@ -55,11 +60,11 @@ cdef inline MaskView mask_view(object prepared):
         return view
     view.kind = prepared.kind
     view.data = cnp.PyArray_DATA(prepared.array)
-    view.off = <const Py_ssize_t *>cnp.PyArray_DATA(prepared.offsets)
+    view.off = intp_data(prepared.offsets)
     view.rs = prepared.row_stride
     view.cs = prepared.col_stride
     view.bmap = <const uint8_t *>cnp.PyArray_DATA(prepared.block_map)
-    view.bmap_off = <const Py_ssize_t *>cnp.PyArray_DATA(prepared.block_offsets)
+    view.bmap_off = intp_data(prepared.block_offsets)
     view.bmap_rs = prepared.block_row_stride
     view.bmap_cs = prepared.block_col_stride
     return view
