@@ -6,7 +6,6 @@ faster than ``np.where`` + ``scipy.special.softmax``
 """
 import numpy as np
 
-import fastattn
 
 from . import common
 

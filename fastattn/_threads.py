@@ -1,10 +1,10 @@
 """Thread-count control shared by every kernel, and single-threaded BLAS inside them."""
 import contextlib
-import operator
 import threading
 from pathlib import Path
 
 from fastattn._kernels import dense as _dense
+from fastattn._validation import check_int
 
 __all__ = ["set_num_threads", "get_num_threads"]
 
@@ -31,7 +31,7 @@ def set_num_threads(n):
     >>> fastattn.set_num_threads(None)
     """
     global _num_threads
-    _num_threads = None if n is None else _check_thread_count(n)
+    _num_threads = None if n is None else check_int("num_threads", n)
 
 
 def get_num_threads():
@@ -46,19 +46,11 @@ def get_num_threads():
     return _num_threads if _num_threads is not None else max(1, _dense.max_threads())
 
 
-def _check_thread_count(n):
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"num_threads must be an int or None, got {type(n).__name__}") from None
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}")
-    return n
 
 
 def resolve_num_threads(num_threads):
     """The thread count a call uses: its own argument, else the library default."""
-    return get_num_threads() if num_threads is None else _check_thread_count(num_threads)
+    return get_num_threads() if num_threads is None else check_int("num_threads", num_threads)
 
 
 def _kernel_blas_controller():

@@ -3,6 +3,8 @@
 Everything here raises before any kernel runs: ``TypeError`` for a wrong kind of
 data, ``ValueError`` for wrong shapes or values, with the offending shapes named.
 """
+import operator
+
 import numpy as np
 
 __all__ = ["result_dtypes", "check_device", "check_choice"]
@@ -46,6 +48,18 @@ def check_device(device, available=CPU_DEVICES):
         if device in available or (kind == "npu" and "npu" in available):
             return kind
     raise ValueError(f"device must be one of {list(available)}, got {device!r}")
+
+
+def check_int(name, value, minimum=1):
+    """``value`` as a Python int, at least ``minimum``: ``TypeError`` if it is not an
+    integer (``operator.index`` fails), ``ValueError`` if it is too small."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def check_choice(name, value, choices):

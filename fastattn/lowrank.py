@@ -6,11 +6,10 @@ along the sequence to ``k`` rows, and Synthesizer's logits do not depend on the
 query-key product. The exact-softmax pieces (Linformer, Synthesizer) run on the
 fused dense kernel; the rest is a handful of BLAS products per chunk.
 """
-import operator
 
 import numpy as np
 
-from fastattn._validation import check_choice, check_qkv, check_scale, result_dtypes
+from fastattn._validation import check_choice, check_int, check_qkv, check_scale, result_dtypes
 from fastattn.attention import scaled_dot_product_attention
 
 __all__ = ["linear_attention", "performer_features", "performer_attention",
@@ -142,8 +141,8 @@ def performer_features(dim, num_features=256, *, orthogonal=True, rng=None):
     >>> bool(np.allclose(unit @ unit.T, np.eye(4)))
     True
     """
-    dim = _positive("dim", dim)
-    num_features = _positive("num_features", num_features)
+    dim = check_int("dim", dim)
+    num_features = check_int("num_features", num_features)
     rng = np.random.default_rng(rng)
     if not orthogonal:
         return rng.standard_normal((num_features, dim))
@@ -156,14 +155,6 @@ def performer_features(dim, num_features=256, *, orthogonal=True, rng=None):
     return w * norms[:, None]
 
 
-def _positive(name, value):
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 def _favor_features(x, w, per_row):
@@ -235,7 +226,7 @@ def performer_attention(query, key, value, *, num_features=None, causal=False, o
         w = np.asarray(features, dtype=np.float64)
         if w.ndim != 2 or w.shape[1] != E or w.shape[0] == 0:
             raise ValueError(f"features must have shape (m, E={E}) with m >= 1, got {w.shape}")
-        if num_features is not None and _positive("num_features", num_features) != w.shape[0]:
+        if num_features is not None and check_int("num_features", num_features) != w.shape[0]:
             raise ValueError(f"num_features={num_features} but features has {w.shape[0]} rows")
     root = float(np.sqrt(check_scale(scale, E)))   # a Python float keeps float32 float32
     w = w.astype(compute)

@@ -1,9 +1,8 @@
 """Mask builders: bool arrays where True means "this key takes part" (keep)."""
-import operator
 
 import numpy as np
 
-from fastattn._validation import check_choice
+from fastattn._validation import check_choice, check_int
 from fastattn.attention import CAUSAL_ALIGNMENTS
 
 __all__ = ["causal_mask", "padding_mask", "combine_masks"]
@@ -42,8 +41,8 @@ def causal_mask(L, S=None, *, alignment="top_left"):
            [1, 1, 1, 1]])
     """
     check_choice("alignment", alignment, CAUSAL_ALIGNMENTS)
-    L = _length("L", L)
-    S = L if S is None else _length("S", S)
+    L = check_int("L", L, 0)
+    S = L if S is None else check_int("S", S, 0)
     offset = 0 if alignment == "top_left" else S - L
     return np.arange(S)[np.newaxis, :] <= np.arange(L)[:, np.newaxis] + offset
 
@@ -80,7 +79,7 @@ def padding_mask(lengths, S):
     array([[1, 1, 1, 0],
            [1, 0, 0, 0]])
     """
-    S = _length("S", S)
+    S = check_int("S", S, 0)
     lengths = np.asarray(lengths)
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
@@ -153,11 +152,3 @@ def combine_masks(*masks):
     return np.asarray(out, dtype=dtype)
 
 
-def _length(name, n):
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(n).__name__}") from None
-    if n < 0:
-        raise ValueError(f"{name} must be >= 0, got {n}")
-    return n

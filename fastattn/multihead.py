@@ -1,9 +1,8 @@
 """Multi-head attention: projections by BLAS, heads as strided views, the fused kernel."""
-import operator
 
 import numpy as np
 
-from fastattn._validation import CPU_AND_NPU, check_device, result_dtypes
+from fastattn._validation import CPU_AND_NPU, check_device, check_int, result_dtypes
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.masks import combine_masks
 from fastattn.softmax import attention_weights
@@ -44,7 +43,7 @@ def split_heads(x, num_heads):
     True
     """
     x = np.asarray(x)
-    H = _positive_int("num_heads", num_heads)
+    H = check_int("num_heads", num_heads)
     if x.ndim < 2 or x.shape[-1] % H:
         raise ValueError(f"x of shape {x.shape} cannot be split into {H} heads: need "
                          f"(..., S, H*D) with H={H} dividing the last dimension")
@@ -176,8 +175,8 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
     ((2, 5, 5), 0.0)
     """
     check_device(device, CPU_AND_NPU)
-    H = _positive_int("num_heads", num_heads)
-    Hkv = H if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+    H = check_int("num_heads", num_heads)
+    Hkv = H if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads)
     if H % Hkv:
         raise ValueError(f"num_kv_heads={Hkv} must divide num_heads={H}")
     named = {"query": query, "key": key, "value": value, "q_weight": q_weight,
@@ -293,15 +292,15 @@ class MultiHeadAttention:
 
     def __init__(self, embed_dim, num_heads, *, kdim=None, vdim=None, num_kv_heads=None,
                  bias=True, rng=None, dtype=np.float32):
-        E = _positive_int("embed_dim", embed_dim)
-        H = _positive_int("num_heads", num_heads)
-        Hkv = H if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        E = check_int("embed_dim", embed_dim)
+        H = check_int("num_heads", num_heads)
+        Hkv = H if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads)
         if E % H:
             raise ValueError(f"num_heads={H} must divide embed_dim={E}")
         if H % Hkv:
             raise ValueError(f"num_kv_heads={Hkv} must divide num_heads={H}")
-        kdim = E if kdim is None else _positive_int("kdim", kdim)
-        vdim = E if vdim is None else _positive_int("vdim", vdim)
+        kdim = E if kdim is None else check_int("kdim", kdim)
+        vdim = E if vdim is None else check_int("vdim", vdim)
         rng = np.random.default_rng(rng)
         kv = Hkv * (E // H)
         if kdim == vdim == E and kv == E:
@@ -398,7 +397,7 @@ class MultiHeadAttention:
         self.q_bias, self.k_bias, self.v_bias = bq, bk, bv
         self.out_weight = get("out_proj.weight")
         self.out_bias = get("out_proj.bias", required=False)
-        self.num_heads = _positive_int("num_heads", num_heads)
+        self.num_heads = check_int("num_heads", num_heads)
         self.num_kv_heads = self.num_heads
         if wq.shape[0] % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide the embedding size "
@@ -438,11 +437,3 @@ def _xavier_uniform(rng, shape, dtype):
     return rng.uniform(-bound, bound, shape).astype(dtype)
 
 
-def _positive_int(name, n):
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(n).__name__}") from None
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
-    return n

@@ -6,14 +6,13 @@ layout). A sequence is a list of block ids, so it grows without copying and
 sequences can share blocks (``fork``, copy-on-write).
 """
 import contextlib
-import operator
 
 import numpy as np
 
 from fastattn import _npu, _threads
 from fastattn._kernels import paged as _paged
 from fastattn._layout import as_matrix_stack
-from fastattn._validation import CPU_AND_NPU, check_device, check_scale, result_dtypes
+from fastattn._validation import CPU_AND_NPU, check_device, check_int, check_scale, result_dtypes
 
 __all__ = ["PagedKVCache", "paged_attention"]
 
@@ -267,11 +266,11 @@ class PagedKVCache:
 
     def __init__(self, num_blocks, block_size, num_kv_heads, head_dim, *, dtype=np.float32,
                  value_dim=None):
-        num_blocks = _count("num_blocks", num_blocks, 0)
-        block_size = _count("block_size", block_size, 1)
-        num_kv_heads = _count("num_kv_heads", num_kv_heads, 1)
-        head_dim = _count("head_dim", head_dim, 1)
-        value_dim = head_dim if value_dim is None else _count("value_dim", value_dim, 1)
+        num_blocks = check_int("num_blocks", num_blocks, 0)
+        block_size = check_int("block_size", block_size, 1)
+        num_kv_heads = check_int("num_kv_heads", num_kv_heads, 1)
+        head_dim = check_int("head_dim", head_dim, 1)
+        value_dim = head_dim if value_dim is None else check_int("value_dim", value_dim, 1)
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -491,11 +490,3 @@ class PagedKVCache:
         return blk
 
 
-def _count(name, value, minimum):
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value

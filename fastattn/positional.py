@@ -2,7 +2,7 @@
 import numpy as np
 
 from fastattn._validation import check_choice, result_dtypes
-from fastattn.masks import _length
+from fastattn._validation import check_int
 
 __all__ = ["sinusoidal_positional_encoding", "apply_rotary"]
 
@@ -40,7 +40,7 @@ def sinusoidal_positional_encoding(length, dim, *, base=10000.0, dtype=np.float3
            [ 0.8415,  0.5403,  0.01  ,  1.    ],
            [ 0.9093, -0.4161,  0.02  ,  0.9998]], dtype=float32)
     """
-    length, dim = _length("length", length), _length("dim", dim)
+    length, dim = check_int("length", length, 0), check_int("dim", dim, 0)
     base = _positive("base", base)
     dtype = np.dtype(dtype)
     if dtype.kind != "f":

@@ -14,7 +14,7 @@ import numpy as np
 from fastattn import _threads
 from fastattn._kernels import sparse as _sparse
 from fastattn._layout import as_matrix_stack, batch_offsets
-from fastattn._validation import check_batch_shape, check_qkv, check_scale
+from fastattn._validation import check_batch_shape, check_int, check_qkv, check_scale
 
 __all__ = ["BlockLayout", "block_sparse_attention"]
 
@@ -22,17 +22,7 @@ __all__ = ["BlockLayout", "block_sparse_attention"]
 _NO_LIMIT = 1 << 30
 
 
-def _positive_int(name, value):
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
-
-
-def _pair(name, value, check=_positive_int):
+def _pair(name, value, check=check_int):
     if np.ndim(value) == 0:
         value = (value, value)
     if len(value) != 2:
@@ -190,8 +180,8 @@ class BlockLayout:
         self.indptr, self.indices = indptr, indices
 
         self.window = None if window is None else _window(window)
-        self.dilation = _positive_int("dilation", dilation)
-        self.segment = None if segment is None else _positive_int("segment", segment)
+        self.dilation = check_int("dilation", dilation)
+        self.segment = None if segment is None else check_int("segment", segment)
         self.causal = bool(causal)
         self.global_query = _token_flags("global_query", global_query, L)
         self.global_key = _token_flags("global_key", global_key, S)

@@ -7,9 +7,9 @@ the bottom-right convention when ``L != S``: query ``i`` sits at key position
 """
 import numpy as np
 
-from fastattn.sparse import BlockLayout, _positive_int, _token_flags, _window, \
+from fastattn.sparse import BlockLayout, _token_flags, _window, \
     block_sparse_attention
-from fastattn._validation import check_choice, check_qkv
+from fastattn._validation import check_choice, check_int, check_qkv
 
 __all__ = ["local_attention", "strided_attention", "global_attention",
            "longformer_attention", "bigbird_attention", "bigbird_layout"]
@@ -134,12 +134,12 @@ def strided_attention(query, key, value, stride, *, mode="strided", summary=None
     True
     """
     check_choice("mode", mode, ("strided", "fixed"))
-    stride = _positive_int("stride", stride)
+    stride = check_int("stride", stride)
     q, k, v, L, S = _lengths(query, key, value)
     if mode == "strided":
         rule = dict(dilation=stride)
     else:
-        summary = max(1, stride // 4) if summary is None else _positive_int("summary", summary)
+        summary = max(1, stride // 4) if summary is None else check_int("summary", summary)
         j = np.arange(S) % stride
         rule = dict(segment=stride, global_key=(j == 0) | (j >= stride - summary))
     layout = BlockLayout.from_rule((L, S), BLOCK_SIZE, causal=True, **rule)
@@ -270,13 +270,13 @@ def bigbird_layout(length, *, num_heads=None, block_size=64, num_random_blocks=3
     length = int(length)
     if length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
-    block_size = _positive_int("block_size", block_size)
+    block_size = check_int("block_size", block_size)
     for name, value in (("num_random_blocks", num_random_blocks),
                         ("num_window_blocks", num_window_blocks),
                         ("num_global_blocks", num_global_blocks)):
         if int(value) < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    heads = 1 if num_heads is None else _positive_int("num_heads", num_heads)
+    heads = 1 if num_heads is None else check_int("num_heads", num_heads)
     rng = np.random.default_rng(rng)
     n = -(-length // block_size)
     g, half = int(num_global_blocks), int(num_window_blocks) // 2
