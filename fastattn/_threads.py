@@ -3,6 +3,8 @@ import contextlib
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from fastattn._kernels import dense as _dense
 from fastattn._validation import check_int
 
@@ -81,6 +83,18 @@ def split_keys(items, key_blocks, nthreads):
     if items < 2 * nthreads and key_blocks > 1:
         nsplit = min(key_blocks, -(-4 * nthreads // items))
     return nsplit, max(1, min(nthreads, items * nsplit))
+
+
+def tile_blas_limit(dtype, ev):
+    """The BLAS thread limit a kernel over ``attend_tile`` needs (see tile.pxd).
+
+    None when the tile products run on fastattn's own micro-kernels (float32 on an
+    AVX-512 CPU, ``ev`` a multiple of 16): BLAS is then never called, and not touching
+    its thread count spares waking its idle worker threads.
+    """
+    if _dense.tile_products_run_natively(dtype == np.float32, ev):
+        return contextlib.nullcontext()
+    return single_threaded_blas()
 
 
 @contextlib.contextmanager

@@ -238,7 +238,7 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
     if ops.mask is not None:
         prepared = PreparedMask(ops.mask, compute, L, S, batch_shape, block_q, block_k)
     causal_offset = 0 if causal_alignment == "top_left" else S - L
-    with _threads.single_threaded_blas():
+    with _threads.tile_blas_limit(compute, Ev):
         _dense.sdpa(q, k, v, res, lse, q_off, k_off, v_off, ldq, ldk, ldv, L, S, E, Ev, scale,
                     prepared, bool(is_causal), causal_offset, block_q, block_k, nsplit, nthreads)
 

@@ -38,7 +38,7 @@ def problems(draw):
     L = draw(st.integers(1, 150))
     S = draw(st.integers(1, 300))
     E = draw(st.sampled_from(FEATURES))
-    Ev = draw(st.sampled_from([1, 5, 16, 64]))
+    Ev = draw(st.sampled_from([1, 5, 16, 48, 64, 80]))
     B = draw(st.integers(1, 2))
     H = draw(st.integers(1, 3))
     mask_kind = draw(st.sampled_from(["none", "bool", "float"]))
@@ -89,6 +89,22 @@ def test_edge_lengths(rng, L, S, causal):
     q, k, v = make(rng, (1, L, 16)), make(rng, (1, S, 16)), make(rng, (1, S, 8))
     check(q, k, v, is_causal=causal, causal_alignment="bottom_right")
     check(q, k, v, is_causal=causal)
+
+
+@pytest.mark.parametrize("ev", [16, 48, 64, 80, 128])
+def test_tile_micro_kernel_edges(rng, small_tiles, ev):
+    # float32 tiles with ev % 16 == 0 run on tilegemm.h: register blocks of 8 rows x 32
+    # keys (scores) and 4 rows x 64 values (p @ v), a dot-product path below 16 rows, and
+    # partial vectors at every edge. Whole problems as single tiles hit each edge exactly.
+    for rows, cols, e in [(1, 1, 1), (1, 17, 64), (7, 33, 3), (8, 32, 16), (9, 31, 17),
+                          (15, 16, 64), (16, 15, 80), (17, 47, 64), (33, 100, 8),
+                          (64, 256, 64), (70, 257, 128)]:
+        small_tiles(rows, cols)
+        q = make(rng, (2, rows, 2 * e))[..., ::2]          # row stride != e
+        k = make(rng, (2, cols, e))
+        v = make(rng, (2, cols, ev + 16))[..., 16:]          # unaligned start, stride != ev
+        check(q, k, v)
+        check(q, k, v, is_causal=True)
 
 
 def test_independent_of_tiles_and_threads(rng, small_tiles):

@@ -19,7 +19,7 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data,
     MaskView, mask_view,
-    real, attend_tile, finish_row, merge_partial_row, row_fill,
+    real, attend_tile, finish_row, merge_partial_row, row_fill, tile_products_native,
     MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
 
@@ -52,6 +52,11 @@ def max_threads():
 
 def have_openmp():
     return bool(fa_have_openmp())
+
+
+def tile_products_run_natively(bint is_float32, int ev):
+    """True when attend_tile computes its products without BLAS (tile.pxd)."""
+    return tile_products_native(is_float32, ev)
 
 
 cdef struct DenseProblem:

@@ -1,10 +1,12 @@
 # The tile/softmax core shared by every kernel family (dense, block-sparse, paged, ...).
 #
 # A kernel walks (query block, key block) tiles. For each tile, `attend_tile`
-#   1. computes the scores  s <- scale * q_blk @ k_blk.T          (BLAS gemm)
+#   1. computes the scores  s <- scale * q_blk @ k_blk.T          (tile_scores)
 #   2. restricts each row to its visible band of keys and applies the mask,
 #   3. folds the row into the running online softmax (m, l, acc)  (FlashAttention-2),
-#   4. accumulates          acc <- acc + p @ v_blk                 (BLAS gemm)
+#   4. accumulates          acc <- acc + p @ v_blk                 (tile_accumulate)
+# The two products run on the AVX-512 micro-kernels of tilegemm.h for float32 (when the
+# CPU has AVX-512 and ev is a multiple of 16, see `tile_products_native`), else on BLAS.
 # and `finish_rows` turns (m, l, acc) into the output rows and their log-sum-exp.
 # All routines are `noexcept nogil` and touch only the memory they are given.
 
@@ -116,6 +118,43 @@ cdef inline void gemm_ab(int m, int n, int k, real alpha, const real *a, int lda
         sgemm(&t, &t, &n, &m, &k, &alpha, <float *>b, &ldb, <float *>a, &lda, &beta, c, &ldc)
     else:
         dgemm(&t, &t, &n, &m, &k, &alpha, <double *>b, &ldb, <double *>a, &lda, &beta, c, &ldc)
+
+
+# ---- the two tile products: own micro-kernels (tilegemm.h) or BLAS -------------------
+
+cdef extern from "tilegemm.h" nogil:
+    int fa_tile_products_ok(int ev)
+    int fa_tile_scores_f32(int rows, int cols, int e, float scale, const float *q,
+                           Py_ssize_t ldq, const float *k, Py_ssize_t ldk, float *s)
+    void fa_tile_pv_f32(int rows, int ev, int cols, const float *p, Py_ssize_t ldp,
+                        const float *v, Py_ssize_t ldv, float *acc, Py_ssize_t ldacc)
+
+
+cdef inline bint tile_products_native(bint is_float32, int ev) noexcept nogil:
+    # True when attend_tile's products never call BLAS for this dtype and value width,
+    # so the caller need not limit BLAS's threads around the kernel.
+    return is_float32 and fa_tile_products_ok(ev) != 0
+
+
+cdef inline void tile_scores(int rows, int cols, int e, real scale, const real *q,
+                             Py_ssize_t ldq, const real *k, Py_ssize_t ldk,
+                             real *s, int ev) noexcept nogil:
+    # s[rows, cols] (row stride cols) <- scale * q @ k.T
+    if real is float:
+        if fa_tile_products_ok(ev) and fa_tile_scores_f32(rows, cols, e, scale, q, ldq,
+                                                          k, ldk, s):
+            return
+    gemm_abt(rows, cols, e, scale, q, <int>ldq, k, <int>ldk, 0, s, cols)
+
+
+cdef inline void tile_accumulate(int rows, int ev, int cols, const real *p, const real *v,
+                                 Py_ssize_t ldv, real *acc, Py_ssize_t ldacc) noexcept nogil:
+    # acc[rows, ev] (row stride ldacc) += p[rows, cols] (row stride cols) @ v
+    if real is float:
+        if fa_tile_products_ok(ev):
+            fa_tile_pv_f32(rows, ev, cols, p, cols, v, ldv, acc, ldacc)
+            return
+    gemm_ab(rows, ev, cols, 1, p, cols, v, <int>ldv, 1, acc, <int>ldacc)
 
 
 # ---- vector row routines (vecmath.h), dispatched on the element type ---------------
@@ -264,7 +303,7 @@ cdef inline void attend_tile(
     cdef real *srow
 
     # s <- scale * q @ k.T
-    gemm_abt(rows, cols, e, scale, q, <int>ldq, k, <int>ldk, 0, s, cols)
+    tile_scores(rows, cols, e, scale, q, ldq, k, ldk, s, ev)
 
     for r in range(rows):
         srow = s + r * cols
@@ -288,7 +327,7 @@ cdef inline void attend_tile(
 
     # acc <- acc + p @ v
     if any_row:
-        gemm_ab(rows, ev, cols, 1, s, cols, v, <int>ldv, 1, acc, <int>ldacc)
+        tile_accumulate(rows, ev, cols, s, v, ldv, acc, ldacc)
 
 
 cdef inline void merge_partial_row(const real *part_out, const real *part_lse, Py_ssize_t nparts,

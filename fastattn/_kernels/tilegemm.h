@@ -1,0 +1,363 @@
+/*
+ * tilegemm.h -- float32 AVX-512 micro-kernels for the two products of an attention tile:
+ *
+ *     s   = scale * q @ k.T     (rows x cols, reduction over e)
+ *     acc = acc + p @ v         (rows x ev,   reduction over cols)
+ *
+ * Why not BLAS: a tile is small (256 x 256 x 64), so a BLAS call spends a large share
+ * packing both operands and splitting the work, and every call made from our OpenMP
+ * threads has to run with BLAS limited to one thread, a switch that wakes BLAS's own
+ * worker threads. Measured on a Zen 4 core (single-threaded, thread CPU time):
+ * OpenBLAS 0.3.30 reaches about 95 GFLOP/s on each product, these kernels 108 (scores,
+ * including the transposition of k) and 116 (p @ v).
+ *
+ * The kernels keep a block of output rows in registers and stream the other operand:
+ *   scores: 8 query rows x 32 keys; q elements are broadcast, k is first transposed
+ *           into a (e, cols rounded up to 32) panel so that 16 keys load as one vector
+ *           (for fewer than 16 rows, dot products reduced by one 16 x 16 transpose);
+ *   p @ v : 4 rows x 64 value columns; p elements are broadcast, v rows load as is.
+ * They are compiled for x86-64-v4 only and used when the CPU has AVX-512 and the value
+ * width is a multiple of 16 (fa_tile_products_ok); everything else goes to BLAS.
+ * The build never uses -ffast-math: the sums run in the same order as a plain loop.
+ */
+#ifndef FASTATTN_TILEGEMM_H
+#define FASTATTN_TILEGEMM_H
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+    && !defined(FASTATTN_NO_CLONES)
+#define FA_TILE_KERNELS 1
+#define FA_V4 __attribute__((target("arch=x86-64-v4")))
+#else
+#define FA_TILE_KERNELS 0
+#endif
+
+#if FA_TILE_KERNELS
+
+typedef float fa_v16 __attribute__((vector_size(64)));
+typedef int fa_i16 __attribute__((vector_size(64)));
+/* unaligned, may-alias view for loads and stores */
+typedef float fa_v16u __attribute__((vector_size(64), aligned(4), may_alias));
+
+#define FA_LOAD(p) (*(const fa_v16u *)(p))
+#define FA_STORE(p, x) (*(fa_v16u *)(p) = (x))
+
+/* Key panel width: two vectors of keys per register block. */
+#define FA_PANEL 32
+#define FA_SCORE_ROWS 8
+/* Below this many query rows, transposing the keys costs more than it saves. */
+#define FA_PACK_MIN_ROWS 16
+/* With few rows the products are bound by reading k and v: software prefetch this many
+ * key rows ahead (k) and twice as many (v) matched OpenBLAS's small-matrix kernels on
+ * decoding shapes (Zen 4, 1 query x 256-key tiles); without it they were 15% slower.
+ * Prefetches past the end of a block are harmless hints. */
+#define FA_PREFETCH_ROWS 16
+
+/* In-register transpose of 16 vectors (a 16 x 16 block): swap the off-diagonal
+ * b x b sub-blocks of every 2b x 2b block, for b = 8, 4, 2, 1. Unrolled with
+ * constant shuffle masks so the block stays in registers (one vpermt2ps each). */
+#define FA_T_LO8 ((fa_i16){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23})
+#define FA_T_HI8 ((fa_i16){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31})
+#define FA_T_LO4 ((fa_i16){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27})
+#define FA_T_HI4 ((fa_i16){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31})
+#define FA_T_LO2 ((fa_i16){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29})
+#define FA_T_HI2 ((fa_i16){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31})
+#define FA_T_LO1 ((fa_i16){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30})
+#define FA_T_HI1 ((fa_i16){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31})
+#define FA_T_SWAP(i, j, b)                                                          \
+    do {                                                                            \
+        fa_v16 a_ = x##i, c_ = x##j;                                                \
+        x##i = __builtin_shuffle(a_, c_, FA_T_LO##b);                               \
+        x##j = __builtin_shuffle(a_, c_, FA_T_HI##b);                               \
+    } while (0)
+FA_V4 static inline void fa_transpose16(fa_v16 *r)
+{
+    fa_v16 x0 = r[0], x1 = r[1], x2 = r[2], x3 = r[3], x4 = r[4], x5 = r[5], x6 = r[6],
+           x7 = r[7], x8 = r[8], x9 = r[9], x10 = r[10], x11 = r[11], x12 = r[12],
+           x13 = r[13], x14 = r[14], x15 = r[15];
+    FA_T_SWAP(0, 8, 8); FA_T_SWAP(1, 9, 8); FA_T_SWAP(2, 10, 8); FA_T_SWAP(3, 11, 8);
+    FA_T_SWAP(4, 12, 8); FA_T_SWAP(5, 13, 8); FA_T_SWAP(6, 14, 8); FA_T_SWAP(7, 15, 8);
+    FA_T_SWAP(0, 4, 4); FA_T_SWAP(1, 5, 4); FA_T_SWAP(2, 6, 4); FA_T_SWAP(3, 7, 4);
+    FA_T_SWAP(8, 12, 4); FA_T_SWAP(9, 13, 4); FA_T_SWAP(10, 14, 4); FA_T_SWAP(11, 15, 4);
+    FA_T_SWAP(0, 2, 2); FA_T_SWAP(1, 3, 2); FA_T_SWAP(4, 6, 2); FA_T_SWAP(5, 7, 2);
+    FA_T_SWAP(8, 10, 2); FA_T_SWAP(9, 11, 2); FA_T_SWAP(12, 14, 2); FA_T_SWAP(13, 15, 2);
+    FA_T_SWAP(0, 1, 1); FA_T_SWAP(2, 3, 1); FA_T_SWAP(4, 5, 1); FA_T_SWAP(6, 7, 1);
+    FA_T_SWAP(8, 9, 1); FA_T_SWAP(10, 11, 1); FA_T_SWAP(12, 13, 1); FA_T_SWAP(14, 15, 1);
+    r[0] = x0; r[1] = x1; r[2] = x2; r[3] = x3; r[4] = x4; r[5] = x5; r[6] = x6;
+    r[7] = x7; r[8] = x8; r[9] = x9; r[10] = x10; r[11] = x11; r[12] = x12;
+    r[13] = x13; r[14] = x14; r[15] = x15;
+}
+
+/* Lane i of the result = the sum of the lanes of x[i]: the transpose above, but adding
+ * the two halves at each step (30 shuffles and 15 adds instead of 64 and 15). At step b,
+ * lanes with bit b clear keep sums for x[i], lanes with it set those for x[i + b]. */
+#define FA_T_FOLD(i, j, b) \
+    x##i = __builtin_shuffle(x##i, x##j, FA_T_LO##b) + __builtin_shuffle(x##i, x##j, FA_T_HI##b)
+FA_V4 static inline fa_v16 fa_lane_sums16(const fa_v16 *r)
+{
+    fa_v16 x0 = r[0], x1 = r[1], x2 = r[2], x3 = r[3], x4 = r[4], x5 = r[5], x6 = r[6],
+           x7 = r[7], x8 = r[8], x9 = r[9], x10 = r[10], x11 = r[11], x12 = r[12],
+           x13 = r[13], x14 = r[14], x15 = r[15];
+    FA_T_FOLD(0, 8, 8); FA_T_FOLD(1, 9, 8); FA_T_FOLD(2, 10, 8); FA_T_FOLD(3, 11, 8);
+    FA_T_FOLD(4, 12, 8); FA_T_FOLD(5, 13, 8); FA_T_FOLD(6, 14, 8); FA_T_FOLD(7, 15, 8);
+    FA_T_FOLD(0, 4, 4); FA_T_FOLD(1, 5, 4); FA_T_FOLD(2, 6, 4); FA_T_FOLD(3, 7, 4);
+    FA_T_FOLD(0, 2, 2); FA_T_FOLD(1, 3, 2);
+    FA_T_FOLD(0, 1, 1);
+    return x0;
+}
+
+/* kt[t * ldkt + j] = k[j * ldk + t] for t < e, j < cols; zero for cols <= j < ldkt. */
+FA_V4 static void fa_pack_keys_t(int cols, int e, const float *k, ptrdiff_t ldk,
+                                 float *kt, ptrdiff_t ldkt)
+{
+    fa_v16 r[16];
+    for (int j0 = 0; j0 < ldkt; j0 += 16) {
+        int nj = cols - j0 < 16 ? cols - j0 : 16;      /* may be <= 0: padding only */
+        for (int t0 = 0; t0 < e; t0 += 16) {
+            int nt = e - t0 < 16 ? e - t0 : 16;
+            for (int i = 0; i < 16; i++) {
+                if (i < nj && nt == 16) {
+                    r[i] = FA_LOAD(k + (j0 + i) * ldk + t0);
+                } else {
+                    r[i] = (fa_v16){0};
+                    if (i < nj)
+                        memcpy(&r[i], k + (j0 + i) * ldk + t0, nt * sizeof(float));
+                }
+            }
+            fa_transpose16(r);
+            for (int t = 0; t < nt; t++)
+                FA_STORE(kt + (t0 + t) * ldkt + j0, r[t]);
+        }
+    }
+}
+
+/* Store the first n (1..16) lanes of x at p. */
+FA_V4 static inline void fa_store_part(float *p, fa_v16 x, int n)
+{
+    if (n == 16)
+        FA_STORE(p, x);
+    else
+        memcpy(p, &x, n * sizeof(float));
+}
+
+/* s[rows, cols] (row stride lds) = scale * q[rows, e] @ kt[e, 0:cols]; kt has row
+ * stride ldkt, a multiple of FA_PANEL, zero-padded past cols. */
+#define FA_DEFINE_SCORE_BLOCK(R)                                                           \
+FA_V4 static inline void fa_score_block_##R(int e, float scale, const float *q,           \
+                                            ptrdiff_t ldq, const float *kt, ptrdiff_t ldkt, \
+                                            float *s, ptrdiff_t lds, int ncols)             \
+{                                                                                          \
+    fa_v16 c0[R], c1[R];                                                                   \
+    for (int r = 0; r < R; r++)                                                            \
+        c0[r] = c1[r] = (fa_v16){0};                                                       \
+    for (int t = 0; t < e; t++) {                                                          \
+        fa_v16 b0 = FA_LOAD(kt + t * ldkt), b1 = FA_LOAD(kt + t * ldkt + 16);              \
+        for (int r = 0; r < R; r++) {                                                      \
+            float a = q[r * ldq + t];                                                      \
+            c0[r] += a * b0;                                                               \
+            c1[r] += a * b1;                                                               \
+        }                                                                                  \
+    }                                                                                      \
+    for (int r = 0; r < R; r++) {                                                          \
+        if (ncols >= 16) {                                                                 \
+            FA_STORE(s + r * lds, c0[r] * scale);                                          \
+            if (ncols > 16)                                                                \
+                fa_store_part(s + r * lds + 16, c1[r] * scale, ncols - 16);                \
+        } else {                                                                           \
+            fa_store_part(s + r * lds, c0[r] * scale, ncols);                              \
+        }                                                                                  \
+    }                                                                                      \
+}
+FA_DEFINE_SCORE_BLOCK(8)
+FA_DEFINE_SCORE_BLOCK(1)
+
+FA_V4 static void fa_scores_from_panel(int rows, int cols, int e, float scale,
+                                       const float *q, ptrdiff_t ldq,
+                                       const float *kt, ptrdiff_t ldkt, float *s, ptrdiff_t lds)
+{
+    int r0 = 0;
+    for (; r0 + FA_SCORE_ROWS <= rows; r0 += FA_SCORE_ROWS)
+        for (int j0 = 0; j0 < cols; j0 += FA_PANEL)
+            fa_score_block_8(e, scale, q + r0 * ldq, ldq, kt + j0, ldkt, s + r0 * lds + j0,
+                             lds, cols - j0 < FA_PANEL ? cols - j0 : FA_PANEL);
+    for (; r0 < rows; r0++)
+        for (int j0 = 0; j0 < cols; j0 += FA_PANEL)
+            fa_score_block_1(e, scale, q + r0 * ldq, ldq, kt + j0, ldkt, s + r0 * lds + j0,
+                             lds, cols - j0 < FA_PANEL ? cols - j0 : FA_PANEL);
+}
+
+/* acc[rows, W*16 columns] += p[rows, cols] @ v[cols, W*16 columns] */
+#define FA_DEFINE_PV_BLOCK(R, W)                                                           \
+FA_V4 static inline void fa_pv_block_##R##_##W(int cols, const float *p, ptrdiff_t ldp,   \
+                                               const float *v, ptrdiff_t ldv,              \
+                                               float *acc, ptrdiff_t ldacc)                \
+{                                                                                          \
+    fa_v16 c[R][W];                                                                        \
+    for (int r = 0; r < R; r++)                                                            \
+        for (int w = 0; w < W; w++)                                                        \
+            c[r][w] = FA_LOAD(acc + r * ldacc + 16 * w);                                   \
+    for (int j = 0; j < cols; j++) {                                                       \
+        fa_v16 b[W];                                                                       \
+        if (R == 1)     /* one row: bound by reading v, so fetch ahead */                  \
+            for (int w = 0; w < W; w++)                                                    \
+                __builtin_prefetch(v + (j + 2 * FA_PREFETCH_ROWS) * ldv + 16 * w);         \
+        for (int w = 0; w < W; w++)                                                        \
+            b[w] = FA_LOAD(v + j * ldv + 16 * w);                                          \
+        for (int r = 0; r < R; r++) {                                                      \
+            float a = p[r * ldp + j];                                                      \
+            for (int w = 0; w < W; w++)                                                    \
+                c[r][w] += a * b[w];                                                       \
+        }                                                                                  \
+    }                                                                                      \
+    for (int r = 0; r < R; r++)                                                            \
+        for (int w = 0; w < W; w++)                                                        \
+            FA_STORE(acc + r * ldacc + 16 * w, c[r][w]);                                   \
+}
+FA_DEFINE_PV_BLOCK(4, 4)
+FA_DEFINE_PV_BLOCK(1, 4)
+FA_DEFINE_PV_BLOCK(8, 2)
+FA_DEFINE_PV_BLOCK(1, 2)
+FA_DEFINE_PV_BLOCK(8, 1)
+FA_DEFINE_PV_BLOCK(1, 1)
+
+/* Run one of the blocks above over all rows: R-row blocks, then single rows. */
+#define FA_PV_ROWS_LOOP(R, W)                                                              \
+    do {                                                                                   \
+        int r0 = 0;                                                                        \
+        for (; r0 + R <= rows; r0 += R)                                                    \
+            fa_pv_block_##R##_##W(cols, p + r0 * ldp, ldp, v + c0, ldv,                    \
+                                  acc + r0 * ldacc + c0, ldacc);                           \
+        for (; r0 < rows; r0++)                                                            \
+            fa_pv_block_1_##W(cols, p + r0 * ldp, ldp, v + c0, ldv,                        \
+                              acc + r0 * ldacc + c0, ldacc);                               \
+    } while (0)
+
+/* acc[rows, ev] += p[rows, cols] @ v[cols, ev], ev a multiple of 16. */
+FA_V4 static void fa_tile_pv_f32(int rows, int ev, int cols, const float *p, ptrdiff_t ldp,
+                                 const float *v, ptrdiff_t ldv, float *acc, ptrdiff_t ldacc)
+{
+    int c0 = 0;
+    for (; c0 + 64 <= ev; c0 += 64)
+        FA_PV_ROWS_LOOP(4, 4);
+    for (; c0 + 32 <= ev; c0 += 32)
+        FA_PV_ROWS_LOOP(8, 2);
+    for (; c0 + 16 <= ev; c0 += 16)
+        FA_PV_ROWS_LOOP(8, 1);
+}
+
+/* out[i] = the lane-wise partial products of q[0:e] and key i (of 16), e a multiple of
+ * 16. Key rows are read one after the other, one sequential stream fetched ahead; the 16
+ * partial vectors stay in registers. */
+#define FA_DOT_KEY(i)                                                                      \
+    for (int t0 = 0; t0 < e; t0 += 16) {                                                   \
+        __builtin_prefetch(k + ((i) + FA_PREFETCH_ROWS) * ldk + t0);                       \
+        x##i += FA_LOAD(q + t0) * FA_LOAD(k + (i) * ldk + t0);                             \
+    }
+FA_V4 static inline __attribute__((always_inline)) void fa_dots16(const float *q, const float *k, ptrdiff_t ldk, int e,
+                                   fa_v16 *out)
+{
+    fa_v16 x0 = {0}, x1 = {0}, x2 = {0}, x3 = {0}, x4 = {0}, x5 = {0}, x6 = {0}, x7 = {0},
+           x8 = {0}, x9 = {0}, x10 = {0}, x11 = {0}, x12 = {0}, x13 = {0}, x14 = {0},
+           x15 = {0};
+    FA_DOT_KEY(0); FA_DOT_KEY(1); FA_DOT_KEY(2); FA_DOT_KEY(3);
+    FA_DOT_KEY(4); FA_DOT_KEY(5); FA_DOT_KEY(6); FA_DOT_KEY(7);
+    FA_DOT_KEY(8); FA_DOT_KEY(9); FA_DOT_KEY(10); FA_DOT_KEY(11);
+    FA_DOT_KEY(12); FA_DOT_KEY(13); FA_DOT_KEY(14); FA_DOT_KEY(15);
+    out[0] = x0; out[1] = x1; out[2] = x2; out[3] = x3; out[4] = x4; out[5] = x5;
+    out[6] = x6; out[7] = x7; out[8] = x8; out[9] = x9; out[10] = x10; out[11] = x11;
+    out[12] = x12; out[13] = x13; out[14] = x14; out[15] = x15;
+}
+
+/* The same for the edges: nk < 16 keys (the rest zero) or e not a multiple of 16. */
+FA_V4 static void fa_dots_partial(const float *q, const float *k, ptrdiff_t ldk, int e, int nk,
+                                  fa_v16 *out)
+{
+    for (int i = 0; i < 16; i++)
+        out[i] = (fa_v16){0};
+    for (int t0 = 0; t0 < e; t0 += 16) {
+        int nt = e - t0 < 16 ? e - t0 : 16;
+        fa_v16 a = (fa_v16){0}, b;
+        memcpy(&a, q + t0, nt * sizeof(float));
+        for (int i = 0; i < nk; i++) {
+            b = (fa_v16){0};
+            memcpy(&b, k + i * ldk + t0, nt * sizeof(float));
+            out[i] += a * b;
+        }
+    }
+}
+
+/* s[rows, cols] (row stride cols) = scale * q @ k.T for a few rows, without packing:
+ * 16 keys at a time, one vector of partial dot products per key, the 16 partial
+ * vectors transposed and added so that lane j holds the dot product with key j. */
+FA_V4 static void fa_scores_by_dots(int rows, int cols, int e, float scale,
+                                    const float *q, ptrdiff_t ldq,
+                                    const float *k, ptrdiff_t ldk, float *s)
+{
+    fa_v16 acc[16];
+    for (int r = 0; r < rows; r++) {
+        const float *qr = q + r * ldq;
+        for (int j0 = 0; j0 < cols; j0 += 16) {
+            int nj = cols - j0 < 16 ? cols - j0 : 16;
+            /* the usual head sizes get a copy with e known, fully unrolled */
+            if (nj == 16 && e == 64) {
+                fa_dots16(qr, k + j0 * ldk, ldk, 64, acc);
+            } else if (nj == 16 && e == 128) {
+                fa_dots16(qr, k + j0 * ldk, ldk, 128, acc);
+            } else if (nj == 16 && e % 16 == 0) {
+                fa_dots16(qr, k + j0 * ldk, ldk, e, acc);
+            } else {
+                fa_dots_partial(qr, k + j0 * ldk, ldk, e, nj, acc);
+            }
+            fa_store_part(s + r * cols + j0, fa_lane_sums16(acc) * scale, nj);
+        }
+    }
+}
+
+/* s[rows, cols] (row stride cols) = scale * q @ k.T. Returns 0 when the transposed-key
+ * panel cannot be allocated (the caller then uses BLAS). */
+FA_V4 static int fa_tile_scores_f32(int rows, int cols, int e, float scale,
+                                    const float *q, ptrdiff_t ldq,
+                                    const float *k, ptrdiff_t ldk, float *s)
+{
+    if (rows < FA_PACK_MIN_ROWS) {
+        fa_scores_by_dots(rows, cols, e, scale, q, ldq, k, ldk, s);
+        return 1;
+    }
+    ptrdiff_t ldkt = (cols + FA_PANEL - 1) / FA_PANEL * FA_PANEL;
+    float *kt = (float *)malloc((size_t)(e > 0 ? e : 1) * ldkt * sizeof(float));
+    if (kt == NULL)
+        return 0;
+    fa_pack_keys_t(cols, e, k, ldk, kt, ldkt);
+    fa_scores_from_panel(rows, cols, e, scale, q, ldq, kt, ldkt, s, cols);
+    free(kt);
+    return 1;
+}
+
+static int fa_tile_products_ok(int ev)
+{
+    static int have = -1;
+    if (have < 0) {
+        __builtin_cpu_init();
+        have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+               && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    }
+    return have && ev % 16 == 0;
+}
+
+#else   /* no AVX-512 kernels in this build: BLAS everywhere */
+
+static int fa_tile_products_ok(int ev) { (void)ev; return 0; }
+static int fa_tile_scores_f32(int rows, int cols, int e, float scale, const float *q,
+                              ptrdiff_t ldq, const float *k, ptrdiff_t ldk, float *s)
+{ (void)rows; (void)cols; (void)e; (void)scale; (void)q; (void)ldq; (void)k; (void)ldk;
+  (void)s; return 0; }
+static void fa_tile_pv_f32(int rows, int ev, int cols, const float *p, ptrdiff_t ldp,
+                           const float *v, ptrdiff_t ldv, float *acc, ptrdiff_t ldacc)
+{ (void)rows; (void)ev; (void)cols; (void)p; (void)ldp; (void)v; (void)ldv; (void)acc;
+  (void)ldacc; }
+
+#endif
+#endif  /* FASTATTN_TILEGEMM_H */
