@@ -37,6 +37,15 @@ def variants(N, rng):
             lambda q, k, v: fastattn.strided_attention(q, k, v, 128, mode="fixed"), None),
         "BigBird (block 64, 3 random)": (
             lambda q, k, v: fastattn.block_sparse_attention(q, k, v, bigbird), bigbird.density),
+        "Reformer (LSH, bucket 64, 1 hash)": (
+            lambda q, k, v: fastattn.lsh_attention(q, v, bucket_size=64, rng=0), None),
+        "Clustered (100)": (
+            lambda q, k, v: fastattn.clustered_attention(q, k, v, clusters=100, rng=0), None),
+        "Clustered (100, top-32)": (
+            lambda q, k, v: fastattn.clustered_attention(q, k, v, clusters=100, topk=32, rng=0),
+            None),
+        "Sinkhorn (block 64)": (
+            lambda q, k, v: fastattn.sinkhorn_attention(q, k, v, block_size=64, rng=0), None),
         "Linformer (k=256)": (lambda q, k, v: fastattn.linformer_attention(q, k, v, proj),
                               None),
         "Linear Trans.": (lambda q, k, v: fastattn.linear_attention(q, k, v), None),

@@ -24,14 +24,18 @@ from fastattn.sparse_patterns import (bigbird_attention, bigbird_layout, global_
                                       local_attention, longformer_attention, strided_attention)
 from fastattn.lowrank import (linear_attention, linformer_attention, performer_attention,
                               performer_features, synthesizer_attention)
+from fastattn.content_sparse import (clustered_attention, lsh_attention, sinkhorn,
+                                     sinkhorn_attention)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "scaled_dot_product_attention",
-    # long sequences: one block-sparse kernel + patterns, low-rank and kernelised variants
+    # long sequences: one block-sparse kernel + patterns, content-based sparsity (hashing,
+    # clustering, sorting), low-rank and kernelised variants
     "BlockLayout", "block_sparse_attention", "local_attention", "strided_attention",
     "global_attention", "longformer_attention", "bigbird_attention", "bigbird_layout",
+    "lsh_attention", "clustered_attention", "sinkhorn_attention", "sinkhorn",
     "linear_attention", "performer_attention", "performer_features",
     "linformer_attention", "synthesizer_attention",
     # building blocks (masks, softmax, heads, positions, classic scoring rules)

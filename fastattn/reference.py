@@ -585,3 +585,212 @@ def apply_rotary(x, positions, *, base=10000.0, layout="interleaved"):
         out[..., a] = c * x[..., a] - s * x[..., b]
         out[..., b] = s * x[..., a] + c * x[..., b]
     return out
+
+
+# ---- content-based sparse attention (issue #4): dense masks given the hash/clusters/sort ----
+
+__all__ += ["lsh_buckets", "lsh_keep", "lsh_attention", "kmeans", "clustered_attention",
+            "sinkhorn", "sinkhorn_attention"]
+
+
+def lsh_buckets(query, rotations):
+    """Reformer hash ``h(x) = argmax([x R_r, -x R_r])`` of every row, for every round r.
+
+    ``query`` (..., L, E), ``rotations`` (..., E, n_hashes, n_buckets // 2) with
+    broadcasting leading axes; returns bucket ids (..., n_hashes, L).
+
+    Examples
+    --------
+    >>> lsh_buckets(np.array([[1.0, 0.0], [-1.0, 0.0]]), np.eye(2)[:, None, :1])
+    array([[0, 1]])
+    """
+    x = np.asarray(query, dtype=np.float64)
+    rot = np.einsum("...le,...ehr->...hlr", x, np.asarray(rotations, dtype=np.float64))
+    return np.concatenate([rot, -rot], axis=-1).argmax(axis=-1)
+
+
+def lsh_keep(buckets, bucket_size, chunks_before=1):
+    """Bool (..., L, L) of one hash round: query i sees key j iff, in the order sorted by
+    (bucket, position), j's chunk of ``bucket_size`` is i's chunk or one of the
+    ``chunks_before`` chunks before it.
+
+    Examples
+    --------
+    >>> lsh_keep(np.array([1, 0, 1, 0]), 2, 0).astype(int)   # sorted: 1 3 | 0 2
+    array([[1, 0, 1, 0],
+           [0, 1, 0, 1],
+           [1, 0, 1, 0],
+           [0, 1, 0, 1]])
+    """
+    b = np.asarray(buckets)
+    L = b.shape[-1]
+    order = np.argsort(b * L + np.arange(L), axis=-1)
+    chunk = np.argsort(order, axis=-1) // bucket_size           # chunk of each position
+    d = chunk[..., :, None] - chunk[..., None, :]
+    return (d >= 0) & (d <= chunks_before)
+
+
+def lsh_attention(query, value, buckets, *, bucket_size=64, chunks_before=1, causal=False,
+                  self_mask=True, return_lse=False):
+    """Reformer LSH attention given the bucket ids (..., n_hashes, L), as dense masks.
+
+    Keys ``k = q / sqrt(mean(q ** 2) + 1e-6) / sqrt(E)``, scores ``q . k``; per round
+    the :func:`lsh_keep` mask (and ``j <= i`` when causal), the own-key score lowered
+    by 1e5 when ``self_mask``; rounds merged as ``sum_r softmax_r(lse) out_r``.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 0.0], [0.0, 1.0]]); v = np.array([[1.0], [3.0]])
+    >>> lsh_attention(x, v, np.zeros((1, 2), int), causal=True)    # row 0 sees only itself
+    array([[1.],
+           [1.]])
+    """
+    q = np.asarray(query, dtype=np.float64)
+    v = np.asarray(value, dtype=np.float64)
+    b = np.asarray(buckets)
+    L, E = q.shape[-2:]
+    keys = q / np.sqrt((q ** 2).mean(axis=-1, keepdims=True) + 1e-6) / np.sqrt(E)
+    scores = q @ np.swapaxes(keys, -1, -2)
+    if self_mask:
+        scores = scores - 1e5 * np.eye(L)
+    outs, lses = [], []
+    for r in range(b.shape[-2]):
+        keep = lsh_keep(b[..., r, :], bucket_size, chunks_before)
+        if causal:
+            keep = keep & causal_keep(L, L)
+        probs, lse = masked_softmax(scores, keep)
+        outs.append(probs @ v)
+        lses.append(lse)
+    lses = np.stack(lses)                                        # (rounds, ..., L)
+    weights, total = masked_softmax(np.moveaxis(lses, 0, -1))
+    out = sum(np.moveaxis(weights, -1, 0)[r][..., None] * outs[r] for r in range(len(outs)))
+    return (out, total) if return_lse else out
+
+
+def kmeans(x, start, iterations):
+    """Lloyd's algorithm on the rows of ``x`` (..., L, E) from the centroids
+    ``x[..., start, :]``: ``iterations`` times assign each row to the nearest centroid
+    (squared Euclidean distance, first on ties), then move each centroid to the mean of
+    its rows (an empty cluster keeps its centroid). Returns the last assignment (..., L).
+
+    Examples
+    --------
+    >>> kmeans(np.array([[0.0], [0.1], [5.0], [5.2]]), np.array([0, 1]), 2)
+    array([0, 0, 1, 1])
+    """
+    x = np.asarray(x, dtype=np.float64)
+    start = np.asarray(start)
+    c = np.take_along_axis(x, start[..., None], axis=-2)
+    C = start.shape[-1]
+    for _ in range(iterations):
+        d = ((x[..., :, None, :] - c[..., None, :, :]) ** 2).sum(axis=-1)
+        assign = d.argmin(axis=-1)
+        onehot = (assign[..., None] == np.arange(C)).astype(np.float64)   # (..., L, C)
+        counts = onehot.sum(axis=-2)[..., None]
+        sums = np.swapaxes(onehot, -1, -2) @ x
+        c = np.where(counts > 0, sums / np.maximum(counts, 1), c)
+    return assign
+
+
+def clustered_attention(query, key, value, assignments, clusters, *, topk=None, scale=None):
+    """Clustered attention given the cluster of each query (..., L).
+
+    Centroid ``c`` = mean query of its members; ``p_c = softmax(c K^T * scale)``.
+    Without ``topk``: member ``i`` of cluster ``c`` gets ``p_c V``. With ``topk``:
+    ``T`` = the ``topk`` keys with the largest centroid scores (the lower index first on
+    ties), ``m = sum_T p_c``,
+    ``out_i = m * softmax_T(q_i K^T * scale) V + sum_{j not in T} p_c(j) v_j``.
+
+    Examples
+    --------
+    >>> q = np.array([[1.0], [3.0]]); k = np.array([[0.0], [1.0]]); v = np.array([[0.0], [1.0]])
+    >>> out = clustered_attention(q, k, v, np.array([0, 0]), 1, scale=1.0)
+    >>> bool(np.allclose(out, np.exp(2) / (1 + np.exp(2))))            # centroid q = 2
+    True
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (query, key, value))
+    a = np.asarray(assignments)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    onehot = (a[..., None] == np.arange(clusters)).astype(np.float64)       # (..., L, C)
+    counts = onehot.sum(axis=-2)[..., None]
+    centroids = (np.swapaxes(onehot, -1, -2) @ q) / np.maximum(counts, 1)
+    scores = centroids @ np.swapaxes(k, -1, -2) * scale                    # (..., C, S)
+    p, _ = masked_softmax(scores)
+    if topk is None:
+        return onehot @ (p @ v)
+    top_idx = np.argsort(-scores, axis=-1, kind="stable")[..., :topk]   # ties: lower index
+    top = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(top, top_idx, True, axis=-1)
+    mass = (p * top).sum(axis=-1, keepdims=True)                            # (..., C, 1)
+    rest = (p * ~top) @ v                                                    # (..., C, Ev)
+    member_top = (onehot @ top.astype(np.float64)) > 0                      # (..., L, S)
+    exact, _ = masked_softmax(q @ np.swapaxes(k, -1, -2) * scale, member_top)
+    return (onehot @ mass) * (exact @ v) + onehot @ rest
+
+
+def sinkhorn(log_alpha, n_iters=7):
+    """``n_iters`` times ``r -= logsumexp(r, -1)``, ``r -= logsumexp(r, -2)``; ``exp(r)``.
+    A line that is all ``-inf`` is left as it is.
+
+    Examples
+    --------
+    >>> sinkhorn(np.zeros((2, 2)))
+    array([[0.5, 0.5],
+           [0.5, 0.5]])
+    """
+    r = np.array(log_alpha, dtype=np.float64)
+    for _ in range(n_iters):
+        for axis in (-1, -2):
+            _, lse = masked_softmax(np.moveaxis(r, axis, -1))
+            lse = np.expand_dims(np.where(np.isfinite(lse), lse, 0.0), axis)
+            r = r - lse
+    return np.exp(r)
+
+
+def sinkhorn_attention(query, key, value, *, block_size, n_iters=7, temperature=0.75,
+                       noise=None, scale=None):
+    """Sinkhorn attention as one dense masked softmax over ``[K; sorted blocks]``.
+
+    Blocks of ``block_size`` rows (the last one padded with zero rows); pooled means
+    over real rows; ``P = sinkhorn((pq pk^T * scale + noise) / temperature)``; sorted
+    block ``i`` row ``r`` = ``sum_j P[i, j] X[j * block_size + r]`` (0 past the end).
+    Query ``i`` in block ``b`` keeps the real keys of block ``b`` and the rows
+    ``r < N`` of sorted block ``b``.
+
+    Examples
+    --------
+    >>> q = k = np.eye(2); v = np.array([[1.0], [3.0]])
+    >>> bool(np.allclose(sinkhorn_attention(q, k, v, block_size=2),
+    ...                  scaled_dot_product_attention(q, k, v)))
+    True
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (query, key, value))
+    N, E = q.shape[-2:]
+    scale = 1.0 / np.sqrt(E) if scale is None else scale
+    n = -(-N // block_size)
+    blk = np.arange(N) // block_size
+    onehot = (blk[:, None] == np.arange(n)).astype(np.float64)              # (N, n)
+    pooled_q = (onehot.T @ q) / onehot.sum(axis=0)[:, None]
+    pooled_k = (onehot.T @ k) / onehot.sum(axis=0)[:, None]
+    logits = pooled_q @ np.swapaxes(pooled_k, -1, -2) * scale
+    if noise is not None:
+        logits = logits + np.asarray(noise, dtype=np.float64)
+    P = sinkhorn(logits / temperature, n_iters)                             # (..., n, n)
+
+    def sorted_blocks(x):
+        padded = np.zeros(x.shape[:-2] + (n * block_size, x.shape[-1]))
+        padded[..., :N, :] = x
+        xb = padded.reshape(x.shape[:-2] + (n, block_size, x.shape[-1]))
+        return np.einsum("...ij,...jrd->...ird", P, xb).reshape(
+            P.shape[:-2] + (n * block_size, x.shape[-1]))
+
+    k_all = np.concatenate([np.broadcast_to(k, P.shape[:-2] + k.shape[-2:]), sorted_blocks(k)],
+                           axis=-2)
+    v_all = np.concatenate([np.broadcast_to(v, P.shape[:-2] + v.shape[-2:]), sorted_blocks(v)],
+                           axis=-2)
+    sorted_blk = np.arange(n * block_size) // block_size
+    sorted_row = np.arange(n * block_size) % block_size
+    keep = np.concatenate([blk[:, None] == blk[None, :],
+                           (blk[:, None] == sorted_blk[None, :]) & (sorted_row < N)[None, :]],
+                          axis=-1)                                            # (N, N + n b)
+    return scaled_dot_product_attention(q, k_all, v_all, keep, scale=scale)

@@ -166,6 +166,18 @@ def test_causal_rows_before_the_keys_are_empty(rng):
     assert np.all(out[:5] == 0) and np.isneginf(lse[:5]).all() and np.isfinite(lse[6:]).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tile_whose_max_underflows_is_dropped(rng, dtype):
+    # A large finite mask (-1e5, HF style) on the first key tile: when a later tile raises
+    # the running max by that much, exp(old - new) underflows to 0 and the earlier tile's
+    # accumulated values must be dropped with it (one thread: no key-split merge).
+    q, k, v = make(rng, (600, 8), dtype), make(rng, (512, 8), dtype), make(rng, (512, 4), dtype)
+    mask = np.zeros((600, 512), dtype)
+    mask[:, :256] = -1e5
+    for threads in (1, 2):
+        check(q, k, v, mask, dtype, num_threads=threads)
+
+
 def test_mask_and_causal_combine(rng):
     q, k, v = make(rng, (1, 2, 33, 8)), make(rng, (1, 2, 33, 8)), make(rng, (1, 2, 33, 8))
     mask = rng.random((1, 1, 33, 33)) > 0.5

@@ -258,9 +258,11 @@ cdef inline bint online_softmax_row(real *s, Py_ssize_t c0, Py_ssize_t c1, Py_ss
     if m_new > m[0]:
         # acc and l were accumulated relative to the old max: rescale them.
         alpha = exp_nonpositive(m[0] - m_new)   # 0 when m was -inf
-        l[0] *= alpha
+        # Test l before scaling it: alpha can underflow to 0 (old max far below the new
+        # one, e.g. a finite -1e5 mask), and then acc must be zeroed too.
         if l[0] != 0:
             row_scale(acc, ev, alpha)
+        l[0] *= alpha
         m[0] = m_new
     row_fill(s, c0, 0)
     l[0] += row_exp_sum(s + c0, c1 - c0, m_new)

@@ -1,0 +1,813 @@
+# Content-based sparse attention: rows grouped by their content (a hash sort, a
+# clustering) attend to a gathered set of key rows, over the shared tile core.
+#
+# `gathered_attention` takes work items, each pairing a run of query rows with a run
+# of key rows; the runs are slices of row-index arrays (the sorted order of a Reformer
+# hash round, the members and top-k keys of a cluster), so nothing is permuted in
+# memory beforehand. Per item and thread:
+#   qg <- q[q_rows[run]]                                  (gather, <= block_q rows)
+#   for each block of <= block_k key rows:
+#       kg, vg <- k[k_rows[...]], v[k_rows[...]]          (gather; keys optionally scaled
+#                                                          per row: Reformer's unit keys)
+#       bias <- -inf where causal forbids, -self_penalty on a query's own row
+#       attend_tile(qg, kg, vg, bias)                     (online softmax, tile.pxd)
+#   out[out_rows[run]], lse[...] <- finish_row(...)       (scatter)
+# Causal and self rules compare row indices: the caller numbers query and key rows
+# alike (batch * L + position), so "key row > query row" is "key in the future".
+#
+# `merge_parts` merges per-round results by their log-sum-exp (merge_partial_row).
+# `nearest_centroid` / `cluster_sums` are the two halves of a Lloyd k-means step;
+# `lsh_hash` is the Reformer hash; `centroid_topk` picks each centroid's best keys.
+# Extra memory is per thread: gathered tiles, one score tile and one bias tile.
+
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+from libc.math cimport INFINITY
+cimport numpy as cnp
+import numpy as np
+
+from fastattn._kernels.tile cimport (
+    intp_data, real, gemm_abt, gemm_ab, attend_tile, finish_row, merge_partial_row, row_fill,
+    row_add_max, row_copy_scale,
+    MASK_NONE, MASK_FLOAT, BAND_ALL,
+)
+
+cnp.import_array()
+
+
+cdef struct Gathered:
+    Py_ssize_t nitems
+    int e, ev, block_q, block_k, nthreads
+    Py_ssize_t ldq, ldk, ldv
+    const Py_ssize_t *q_rows     # query row of each slot
+    const Py_ssize_t *out_rows   # output row of each slot (parallel to q_rows)
+    const Py_ssize_t *k_rows     # key/value row of each slot
+    const Py_ssize_t *items      # (nitems, 4): q_lo, q_hi, k_lo, k_hi (slices of the above)
+    const void *k_scale          # per key row factor (real), or NULL: keys = k_scale * k
+    bint causal                  # key row > query row is masked out
+    double self_penalty          # subtracted from a query's score with its own row (0: no rule)
+    int alloc_failed
+
+
+cdef inline void gather_rows(real *dst, const real *src, Py_ssize_t ld,
+                             const Py_ssize_t *rows, Py_ssize_t n, int width,
+                             const real *row_scale) noexcept nogil:
+    # dst[r, :width] <- src[rows[r], :width] (* row_scale[rows[r]])   (dst row stride = width)
+    cdef Py_ssize_t r
+    for r in range(n):
+        if row_scale == NULL:
+            memcpy(dst + r * width, src + rows[r] * ld, width * sizeof(real))
+        else:
+            row_copy_scale(dst + r * width, src + rows[r] * ld, width, row_scale[rows[r]])
+
+
+cdef inline void fill_bias(const Gathered *p, const Py_ssize_t *qr, int rows,
+                           const Py_ssize_t *kr, int cols, real *bias) noexcept nogil:
+    # bias[r, c] <- -inf (causal: key after query), -self_penalty (own row), else 0.
+    # Branch-free selects, so that the compiler can vectorise the row loops.
+    cdef int r, c
+    cdef Py_ssize_t row
+    cdef real penalty = -<real>p.self_penalty
+    cdef real *brow
+    for r in range(rows):
+        brow = bias + r * cols
+        row = qr[r]
+        for c in range(cols):
+            brow[c] = penalty if kr[c] == row else 0
+        if p.causal:
+            for c in range(cols):
+                brow[c] = -INFINITY if kr[c] > row else brow[c]
+
+
+cdef void gathered_kernel(Gathered *p, real scale, const real *q, const real *k,
+                          const real *v, real *out, real *lse) noexcept nogil:
+    cdef Py_ssize_t item, r, q_lo, k_lo, k_hi, kt
+    cdef int rows, cols, kind
+    cdef bint masked = p.causal or p.self_penalty != 0
+    cdef real *qg
+    cdef real *kg
+    cdef real *vg
+    cdef real *s
+    cdef real *bias
+    cdef real *acc
+    cdef real *m
+    cdef real *l
+    cdef int nt = p.nthreads
+
+    if p.nitems == 0:
+        return
+    with nogil, parallel(num_threads=nt):
+        qg = <real *>malloc(p.block_q * p.e * sizeof(real))
+        kg = <real *>malloc(p.block_k * p.e * sizeof(real))
+        vg = <real *>malloc(p.block_k * p.ev * sizeof(real))
+        s = <real *>malloc(p.block_q * p.block_k * sizeof(real))
+        bias = <real *>malloc(p.block_q * p.block_k * sizeof(real))
+        acc = <real *>malloc(p.block_q * p.ev * sizeof(real))
+        m = <real *>malloc(p.block_q * sizeof(real))
+        l = <real *>malloc(p.block_q * sizeof(real))
+        # Every thread must reach the prange; one without scratch only flags the failure.
+        for item in prange(p.nitems, schedule='dynamic'):
+            if (qg == NULL or kg == NULL or vg == NULL or s == NULL or bias == NULL
+                    or acc == NULL or m == NULL or l == NULL):
+                p.alloc_failed = 1
+            else:
+                q_lo = p.items[4 * item]
+                rows = <int>(p.items[4 * item + 1] - q_lo)
+                k_lo = p.items[4 * item + 2]
+                k_hi = p.items[4 * item + 3]
+                gather_rows(qg, q, p.ldq, p.q_rows + q_lo, rows, p.e, NULL)
+                for r in range(rows):
+                    row_fill(acc + r * p.ev, p.ev, 0)
+                    m[r] = -INFINITY
+                    l[r] = 0
+
+                kt = k_lo
+                while kt < k_hi:
+                    cols = <int>(k_hi - kt if k_hi - kt < p.block_k else p.block_k)
+                    gather_rows(kg, k, p.ldk, p.k_rows + kt, cols, p.e,
+                                <const real *>p.k_scale)
+                    gather_rows(vg, v, p.ldv, p.k_rows + kt, cols, p.ev, NULL)
+                    kind = MASK_NONE
+                    if masked:
+                        fill_bias(p, p.q_rows + q_lo, rows, p.k_rows + kt, cols, bias)
+                        kind = MASK_FLOAT
+                    attend_tile(qg, p.e, rows, kg, p.e, vg, p.ev, cols, p.e, p.ev, scale,
+                                <const void *>bias, kind, cols, 1, -BAND_ALL, BAND_ALL,
+                                s, acc, p.ev, m, l)
+                    kt = kt + cols
+
+                # out[out_rows] <- acc / l;  lse[out_rows] <- m + log(l)
+                for r in range(rows):
+                    finish_row(acc + r * p.ev, p.ev, m[r], l[r],
+                               (lse + p.out_rows[q_lo + r]) if lse != NULL else NULL)
+                    memcpy(out + p.out_rows[q_lo + r] * p.ev, acc + r * p.ev,
+                           p.ev * sizeof(real))
+        free(qg)
+        free(kg)
+        free(vg)
+        free(s)
+        free(bias)
+        free(acc)
+        free(m)
+        free(l)
+    # end: with nogil, parallel
+
+
+def _check_indices(cnp.ndarray rows, Py_ssize_t n, str name):
+    # The kernels index with these: every entry must lie in [0, n).
+    if rows.shape[0] and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(f"{name} must lie in [0, {n})")
+
+
+def _check_layout(object dtype, *arrays):
+    # One float dtype, C-contiguous (the kernels index rows by their length).
+    for a in arrays:
+        if a is not None and (a.dtype != dtype or not a.flags.c_contiguous):
+            raise ValueError(f"kernel operands must be C-contiguous {dtype}, got {a.dtype}")
+
+
+def _check_runs(cnp.ndarray items, cnp.ndarray q_rows, cnp.ndarray k_rows, int block_q):
+    if items.ndim != 2 or items.shape[1] != 4:
+        raise ValueError("items must have shape (n, 4)")
+    if items.shape[0] == 0:
+        return
+    q_lo, q_hi, k_lo, k_hi = items[:, 0], items[:, 1], items[:, 2], items[:, 3]
+    if ((q_lo < 0).any() or (q_hi < q_lo).any() or (q_hi - q_lo > block_q).any()
+            or q_hi.max() > q_rows.shape[0] or (k_lo < 0).any() or (k_hi < k_lo).any()
+            or k_hi.max() > k_rows.shape[0]):
+        raise ValueError("items must be runs within q_rows / k_rows of at most block_q rows")
+
+
+def gathered_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out,
+                       object lse, cnp.ndarray q_rows, cnp.ndarray out_rows,
+                       cnp.ndarray k_rows, cnp.ndarray items, double scale, bint causal,
+                       double self_penalty, int block_q, int block_k, int nthreads,
+                       object k_scale=None):
+    """Attention of gathered query runs over gathered key runs. Private: the callers in
+    `fastattn.content_sparse` validate every argument.
+
+    q (.., E), k (.., E), v (.., Ev): 2-D, unit column stride, one dtype (float32 or
+    float64); out (R, Ev) C-contiguous and lse (R,) or None in that dtype. q_rows,
+    out_rows, k_rows: intp row indices within those arrays; items: intp (n, 4) rows
+    (q_lo, q_hi, k_lo, k_hi) of slices into q_rows/out_rows and k_rows, with
+    q_hi - q_lo <= block_q. Each output row is written by at most one item. k_scale
+    (one factor per row of k, in its dtype) or None scales the key rows as gathered.
+    """
+    _check_layout(q.dtype, q, k, v, out, lse, k_scale)
+    if k_scale is not None and k_scale.shape[0] < k.shape[0]:
+        raise ValueError("k_scale needs one factor per row of k")
+    _check_layout(np.dtype(np.intp), q_rows, out_rows, k_rows, items)
+    _check_runs(items, q_rows, k_rows, block_q)
+    _check_indices(q_rows, q.shape[0], "q_rows")
+    _check_indices(k_rows, min(k.shape[0], v.shape[0]), "k_rows")
+    _check_indices(out_rows, out.shape[0], "out_rows")
+    if out_rows.shape[0] != q_rows.shape[0] or (lse is not None and lse.shape[0] < out.shape[0]):
+        raise ValueError("out_rows must parallel q_rows, lse must have a row per out row")
+    cdef Gathered p
+    cdef void *qd = cnp.PyArray_DATA(q)
+    cdef void *kd = cnp.PyArray_DATA(k)
+    cdef void *vd = cnp.PyArray_DATA(v)
+    cdef void *od = cnp.PyArray_DATA(out)
+    cdef void *ld = NULL
+    cdef bint is_f32 = q.dtype.num == cnp.NPY_FLOAT32
+    cdef Py_ssize_t item_size = q.dtype.itemsize
+
+    p.nitems = items.shape[0]
+    p.e = <int>q.shape[1]
+    p.ev = <int>v.shape[1]
+    p.ldq = q.strides[0] // item_size
+    p.ldk = k.strides[0] // item_size
+    p.ldv = v.strides[0] // item_size
+    p.q_rows = intp_data(q_rows)
+    p.out_rows = intp_data(out_rows)
+    p.k_rows = intp_data(k_rows)
+    p.items = intp_data(items)
+    p.causal = causal
+    p.self_penalty = self_penalty
+    p.block_q = block_q
+    p.block_k = block_k
+    p.nthreads = nthreads
+    p.alloc_failed = 0
+    p.k_scale = NULL if k_scale is None else cnp.PyArray_DATA(k_scale)
+    if lse is not None:
+        ld = cnp.PyArray_DATA(lse)
+    with nogil:
+        if is_f32:
+            gathered_kernel[float](&p, <float>scale, <const float *>qd, <const float *>kd,
+                                   <const float *>vd, <float *>od, <float *>ld)
+        else:
+            gathered_kernel[double](&p, scale, <const double *>qd, <const double *>kd,
+                                    <const double *>vd, <double *>od, <double *>ld)
+    if p.alloc_failed:
+        raise MemoryError("fastattn: a kernel thread could not allocate its tile buffers")
+
+
+cdef void merge_kernel(const real *parts, const real *part_lse, Py_ssize_t nrows,
+                       Py_ssize_t nparts, Py_ssize_t ev, real *out, real *lse,
+                       int nthreads) noexcept nogil:
+    cdef Py_ssize_t r
+    for r in prange(nrows, schedule='static', num_threads=nthreads):
+        merge_partial_row(parts + r * nparts * ev, part_lse + r * nparts, nparts, ev, ev,
+                          out + r * ev, (lse + r) if lse != NULL else NULL)
+
+
+def merge_parts(cnp.ndarray parts, cnp.ndarray part_lse, cnp.ndarray out, object lse,
+                int nthreads):
+    """out[r] <- the lse-weighted merge of parts[r, :] (R, n, Ev); lse[r] <- their
+    log-sum-exp. All C-contiguous, one dtype; lse may be None."""
+    if (part_lse.shape[0] != parts.shape[0] or part_lse.shape[1] != parts.shape[1]
+            or out.shape[0] != parts.shape[0] or out.shape[1] != parts.shape[2]
+            or (lse is not None and lse.shape[0] != parts.shape[0])):
+        raise ValueError("merge_parts: parts (R, n, Ev), part_lse (R, n), out (R, Ev), lse (R,)")
+    _check_layout(parts.dtype, parts, part_lse, out, lse)
+    cdef void *pd = cnp.PyArray_DATA(parts)
+    cdef void *pl = cnp.PyArray_DATA(part_lse)
+    cdef void *od = cnp.PyArray_DATA(out)
+    cdef void *ld = NULL if lse is None else cnp.PyArray_DATA(lse)
+    cdef Py_ssize_t nrows = parts.shape[0], nparts = parts.shape[1], ev = parts.shape[2]
+    cdef bint is_f32 = parts.dtype.num == cnp.NPY_FLOAT32
+    with nogil:
+        if is_f32:
+            merge_kernel[float](<const float *>pd, <const float *>pl, nrows, nparts, ev,
+                                <float *>od, <float *>ld, nthreads)
+        else:
+            merge_kernel[double](<const double *>pd, <const double *>pl, nrows, nparts, ev,
+                                 <double *>od, <double *>ld, nthreads)
+
+
+# ---- Lloyd k-means -----------------------------------------------------------------------
+
+cdef void nearest_kernel(const real *x, const real *c, const real *neg_c_sq, Py_ssize_t nbatch,
+                         Py_ssize_t L, int C, int e, int block, Py_ssize_t *assign,
+                         int nthreads, int *failed) noexcept nogil:
+    # assign[b, i] <- argmax_j 2 x_i . c_j - |c_j|^2  (= argmin_j |x_i - c_j|^2; first on ties)
+    cdef Py_ssize_t nblk = (L + block - 1) // block
+    cdef Py_ssize_t item, b, r0, r, j
+    cdef int rows
+    cdef real best
+    cdef real *d
+    cdef real *drow
+    with nogil, parallel(num_threads=nthreads):
+        d = <real *>malloc(block * C * sizeof(real))
+        for item in prange(nbatch * nblk, schedule='static'):
+            if d == NULL:
+                failed[0] = 1
+            else:
+                b = item // nblk
+                r0 = (item % nblk) * block
+                rows = <int>(L - r0 if L - r0 < block else block)
+                # d <- 2 x[b, r0:r0 + rows] @ c[b].T
+                gemm_abt(rows, C, e, 2, x + (b * L + r0) * e, e, c + b * C * e, e, 0, d, C)
+                for r in range(rows):
+                    drow = d + r * C
+                    # drow <- drow - |c|^2 and its maximum (vectorised), then its first place
+                    best = row_add_max(drow, neg_c_sq + b * C, C)
+                    j = 0
+                    while j < C - 1 and not (drow[j] == best):
+                        j = j + 1
+                    assign[b * L + r0 + r] = j
+        free(d)
+    # end: with nogil, parallel
+
+
+def nearest_centroid(cnp.ndarray x, cnp.ndarray c, cnp.ndarray assign, int nthreads):
+    """assign (nbatch, L) intp <- nearest row of c (nbatch, C, E) for each row of
+    x (nbatch, L, E); x and c C-contiguous, one dtype."""
+    cdef Py_ssize_t nbatch = x.shape[0], L = x.shape[1]
+    cdef int e = <int>x.shape[2], C = <int>c.shape[1]
+    cdef int block = 256
+    if c.shape[0] != nbatch or c.shape[2] != e or assign.shape[0] * assign.shape[1] != nbatch * L \
+            or C < 1:
+        raise ValueError("nearest_centroid: x (nbatch, L, E), c (nbatch, C >= 1, E), "
+                         "assign (nbatch, L)")
+    _check_layout(x.dtype, x, c)
+    _check_layout(np.dtype(np.intp), assign)
+    neg_c_sq = -np.einsum("bce,bce->bc", c, c)
+    cdef void *xd = cnp.PyArray_DATA(x)
+    cdef void *cd = cnp.PyArray_DATA(c)
+    cdef void *sd = cnp.PyArray_DATA(neg_c_sq)
+    cdef Py_ssize_t *ad = <Py_ssize_t *>cnp.PyArray_DATA(assign)
+    cdef int failed = 0
+    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
+    if nbatch * L == 0:
+        return
+    with nogil:
+        if is_f32:
+            nearest_kernel[float](<const float *>xd, <const float *>cd, <const float *>sd,
+                                  nbatch, L, C, e, block, ad, nthreads, &failed)
+        else:
+            nearest_kernel[double](<const double *>xd, <const double *>cd,
+                                   <const double *>sd, nbatch, L, C, e, block, ad, nthreads,
+                                   &failed)
+    if failed:
+        raise MemoryError("fastattn: a kernel thread could not allocate its distance tile")
+
+
+cdef void sums_kernel(const real *x, const Py_ssize_t *assign, Py_ssize_t nbatch,
+                      Py_ssize_t L, Py_ssize_t C, Py_ssize_t e, double *sums,
+                      Py_ssize_t *counts, int nthreads) noexcept nogil:
+    # sums[b, a] += x[b, i] and counts[b, a] += 1 for a = assign[b, i]; in float64 so a
+    # centroid is the same mean whatever the input precision. One batch entry per thread.
+    cdef Py_ssize_t b, i, j, a
+    cdef double *srow
+    cdef const real *xrow
+    for b in prange(nbatch, schedule='static', num_threads=nthreads):
+        for i in range(L):
+            a = b * C + assign[b * L + i]
+            counts[a] += 1
+            srow = sums + a * e
+            xrow = x + (b * L + i) * e
+            for j in range(e):
+                srow[j] += xrow[j]
+
+
+def cluster_sums(cnp.ndarray x, cnp.ndarray assign, cnp.ndarray sums, cnp.ndarray counts,
+                 int nthreads):
+    """sums (nbatch, C, E) float64 and counts (nbatch, C) intp, both zeroed by the caller,
+    <- per-cluster sums and sizes of x (nbatch, L, E) under assign (nbatch, L), whose
+    entries must lie in [0, C)."""
+    cdef Py_ssize_t nbatch = x.shape[0], L = x.shape[1], e = x.shape[2], C = sums.shape[1]
+    if (sums.shape[0] != nbatch or sums.shape[2] != e or counts.shape[0] != nbatch
+            or counts.shape[1] != C or assign.shape[0] != nbatch or assign.shape[1] != L):
+        raise ValueError("cluster_sums: x (nbatch, L, E), assign (nbatch, L), sums (nbatch, C, E), "
+                         "counts (nbatch, C)")
+    _check_layout(np.dtype(np.float64), sums)
+    _check_layout(np.dtype(np.intp), assign, counts)
+    _check_indices(assign.reshape(-1), C, "assign")
+    cdef void *xd = cnp.PyArray_DATA(x)
+    cdef const Py_ssize_t *ad = intp_data(assign)
+    cdef double *sd = <double *>cnp.PyArray_DATA(sums)
+    cdef Py_ssize_t *cd = <Py_ssize_t *>cnp.PyArray_DATA(counts)
+    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
+    with nogil:
+        if is_f32:
+            sums_kernel[float](<const float *>xd, ad, nbatch, L, C, e, sd, cd, nthreads)
+        else:
+            sums_kernel[double](<const double *>xd, ad, nbatch, L, C, e, sd, cd, nthreads)
+
+
+# ---- Reformer hashing ----------------------------------------------------------------------
+
+cdef void hash_kernel(const real *x, const real *rot, const Py_ssize_t *rot_index,
+                      Py_ssize_t nbatch, Py_ssize_t L, int e, int n_hashes, int half,
+                      int block, Py_ssize_t *buckets, int nthreads, int *failed) noexcept nogil:
+    # buckets[b, h, i] <- argmax([x_i R_h, -x_i R_h]): the first maximum, as np.argmax
+    # of the concatenation (ties between the halves go to the first).
+    cdef Py_ssize_t nblk = (L + block - 1) // block
+    cdef int width = n_hashes * half
+    cdef Py_ssize_t item, b, r0, r, j, hi_j, lo_j
+    cdef int rows, h
+    cdef real hi, lo
+    cdef real *d
+    cdef real *drow
+    with nogil, parallel(num_threads=nthreads):
+        d = <real *>malloc(block * width * sizeof(real))
+        for item in prange(nbatch * nblk, schedule='static'):
+            if d == NULL:
+                failed[0] = 1
+            else:
+                b = item // nblk
+                r0 = (item % nblk) * block
+                rows = <int>(L - r0 if L - r0 < block else block)
+                # d <- x[b, r0:r0 + rows] @ R   (R: e x width, row-major)
+                gemm_ab(rows, width, e, 1, x + (b * L + r0) * e, e,
+                        rot + rot_index[b] * e * width, width, 0, d, width)
+                for r in range(rows):
+                    for h in range(n_hashes):
+                        drow = d + r * width + h * half
+                        hi = drow[0]
+                        lo = drow[0]
+                        hi_j = 0
+                        lo_j = 0
+                        for j in range(1, half):
+                            if drow[j] > hi:
+                                hi = drow[j]
+                                hi_j = j
+                            if drow[j] < lo:
+                                lo = drow[j]
+                                lo_j = j
+                        buckets[(b * n_hashes + h) * L + r0 + r] = hi_j if hi >= -lo \
+                            else half + lo_j
+        free(d)
+    # end: with nogil, parallel
+
+
+def lsh_hash(cnp.ndarray x, cnp.ndarray rot, cnp.ndarray rot_index, cnp.ndarray buckets,
+             int n_hashes, int nthreads):
+    """buckets (nbatch, n_hashes, L) intp <- Reformer hashes of the rows of x (nbatch, L, E)
+    under rotations rot (nrot, E, n_hashes * half); batch b uses rot[rot_index[b]]. x and
+    rot C-contiguous, one dtype."""
+    cdef Py_ssize_t nbatch = x.shape[0], L = x.shape[1]
+    cdef int e = <int>x.shape[2]
+    if (rot.shape[1] != x.shape[2] or n_hashes < 1 or rot.shape[2] % n_hashes
+            or rot.shape[2] < n_hashes or buckets.shape[0] != nbatch
+            or buckets.shape[1] != n_hashes or buckets.shape[2] != L
+            or rot_index.shape[0] != nbatch):
+        raise ValueError("lsh_hash: x (nbatch, L, E), rot (nrot, E, n_hashes * half), "
+                         "buckets (nbatch, n_hashes, L)")
+    _check_layout(x.dtype, x, rot)
+    _check_layout(np.dtype(np.intp), rot_index, buckets)
+    _check_indices(rot_index, rot.shape[0], "rot_index")
+    cdef int half = <int>(rot.shape[2] // n_hashes)
+    cdef void *xd = cnp.PyArray_DATA(x)
+    cdef void *rd = cnp.PyArray_DATA(rot)
+    cdef const Py_ssize_t *ri = intp_data(rot_index)
+    cdef Py_ssize_t *bd = <Py_ssize_t *>cnp.PyArray_DATA(buckets)
+    cdef int failed = 0
+    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
+    if nbatch * L == 0:
+        return
+    with nogil:
+        if is_f32:
+            hash_kernel[float](<const float *>xd, <const float *>rd, ri, nbatch, L, e,
+                               n_hashes, half, 256, bd, nthreads, &failed)
+        else:
+            hash_kernel[double](<const double *>xd, <const double *>rd, ri, nbatch, L, e,
+                                n_hashes, half, 256, bd, nthreads, &failed)
+    if failed:
+        raise MemoryError("fastattn: a kernel thread could not allocate its rotation tile")
+
+
+# ---- the top-k keys of each centroid --------------------------------------------------------
+
+cdef struct Candidate:
+    double score
+    Py_ssize_t index
+
+
+cdef inline bint ranks_before(const Candidate *a, const Candidate *b) noexcept nogil:
+    # higher score first; the lower index on ties
+    return a.score > b.score or (a.score == b.score and a.index < b.index)
+
+
+cdef inline void sift_down(Candidate *heap, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
+    # Restore the heap below i; heap[0] is the candidate ranked last (a min-heap).
+    cdef Py_ssize_t child
+    cdef Candidate tmp
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            return
+        if child + 1 < n and ranks_before(heap + child, heap + child + 1):
+            child += 1
+        if not ranks_before(heap + i, heap + child):
+            return
+        tmp = heap[i]
+        heap[i] = heap[child]
+        heap[child] = tmp
+        i = child
+
+
+cdef inline void heap_offer(Candidate *heap, Py_ssize_t *size, Py_ssize_t cap, double score,
+                            Py_ssize_t index) noexcept nogil:
+    # Keep the cap best candidates seen so far.
+    cdef Py_ssize_t i, parent
+    cdef Candidate c, tmp
+    c.score = score
+    c.index = index
+    if size[0] < cap:
+        # sift up
+        i = size[0]
+        heap[i] = c
+        size[0] += 1
+        while i > 0:
+            parent = (i - 1) // 2
+            if not ranks_before(heap + parent, heap + i):
+                break
+            tmp = heap[i]
+            heap[i] = heap[parent]
+            heap[parent] = tmp
+            i = parent
+    elif ranks_before(&c, heap):
+        heap[0] = c
+        sift_down(heap, size[0], 0)
+
+
+cdef void topk_kernel(const real *c, const double *c64, const real *k,
+                      Py_ssize_t nbatch, Py_ssize_t C, Py_ssize_t S, int e, real scale,
+                      Py_ssize_t topk, Py_ssize_t cap, int block_c, int block_k,
+                      Py_ssize_t *top, double *top_score, int nthreads,
+                      int *failed) noexcept nogil:
+    # For each centroid row (b, i): the topk keys j with the largest float64 scores
+    # scale * c64[b, i] . k[b, j]. Candidates are first the cap >= topk best by the
+    # compute-dtype scores (tile gemms), then rescored in float64 and the best topk
+    # kept, so the choice agrees with float64 scores unless rounding reorders keys
+    # across the cap-th place.
+    cdef Py_ssize_t nblk = (C + block_c - 1) // block_c
+    cdef Py_ssize_t item, b, i0, r, k0, j, t
+    cdef int rows, cols
+    cdef double acc
+    cdef real *s
+    cdef Candidate *heaps
+    cdef Py_ssize_t *sizes
+    cdef Candidate *heap
+    cdef const double *crow
+    cdef const real *krow
+    with nogil, parallel(num_threads=nthreads):
+        s = <real *>malloc(block_c * block_k * sizeof(real))
+        heaps = <Candidate *>malloc(block_c * cap * sizeof(Candidate))
+        sizes = <Py_ssize_t *>malloc(block_c * sizeof(Py_ssize_t))
+        for item in prange(nbatch * nblk, schedule='dynamic'):
+            if s == NULL or heaps == NULL or sizes == NULL:
+                failed[0] = 1
+            else:
+                b = item // nblk
+                i0 = (item % nblk) * block_c
+                rows = <int>(C - i0 if C - i0 < block_c else block_c)
+                for r in range(rows):
+                    sizes[r] = 0
+                k0 = 0
+                while k0 < S:
+                    cols = <int>(S - k0 if S - k0 < block_k else block_k)
+                    # s <- scale * c[b, i0:i0 + rows] @ k[b, k0:k0 + cols].T
+                    gemm_abt(rows, cols, e, scale, c + (b * C + i0) * e, e,
+                             k + (b * S + k0) * e, e, 0, s, cols)
+                    for r in range(rows):
+                        heap = heaps + r * cap
+                        for j in range(cols):
+                            # most keys rank below a full heap's worst: reject them first
+                            if sizes[r] == cap and s[r * cols + j] < heap[0].score:
+                                continue
+                            heap_offer(heap, sizes + r, cap, s[r * cols + j], k0 + j)
+                    k0 = k0 + cols
+                for r in range(rows):
+                    # rescore the candidates in float64, then keep the best topk
+                    heap = heaps + r * cap
+                    crow = c64 + (b * C + i0 + r) * e
+                    for t in range(sizes[r]):
+                        krow = k + (b * S + heap[t].index) * e
+                        acc = 0
+                        for j in range(e):
+                            acc = acc + crow[j] * krow[j]
+                        heap[t].score = acc * scale
+                    # heapify, then pop the worst until topk remain
+                    t = sizes[r] // 2
+                    while t > 0:
+                        t = t - 1
+                        sift_down(heap, sizes[r], t)
+                    while sizes[r] > topk:
+                        sizes[r] -= 1
+                        heap[0] = heap[sizes[r]]
+                        sift_down(heap, sizes[r], 0)
+                    for t in range(topk):
+                        top[(b * C + i0 + r) * topk + t] = heap[t].index
+                        top_score[(b * C + i0 + r) * topk + t] = heap[t].score
+        free(s)
+        free(heaps)
+        free(sizes)
+    # end: with nogil, parallel
+
+
+def centroid_topk(cnp.ndarray c, cnp.ndarray c64, cnp.ndarray k, double scale, Py_ssize_t topk,
+                  Py_ssize_t cap, cnp.ndarray top, cnp.ndarray top_score, int nthreads):
+    """top (nbatch, C, topk) intp, top_score (same shape) float64 <- for every centroid the
+    topk keys with the largest scale * c64 . k (float64), found among the cap best by
+    compute-dtype scores. c (nbatch, C, E) and k (nbatch, S, E) C-contiguous in one dtype;
+    c64 their float64 centroids; topk <= cap <= S."""
+    cdef Py_ssize_t nbatch = c.shape[0], C = c.shape[1], S = k.shape[1]
+    cdef int e = <int>c.shape[2]
+    if not (1 <= topk <= cap <= S) or c64.shape[0] != nbatch or c64.shape[1] != C \
+            or k.shape[0] != nbatch or k.shape[2] != e or c64.shape[2] != e \
+            or top.size != nbatch * C * topk or top_score.size != nbatch * C * topk:
+        raise ValueError("centroid_topk: needs 1 <= topk <= cap <= S and matching shapes")
+    _check_layout(c.dtype, c, k)
+    _check_layout(np.dtype(np.float64), c64, top_score)
+    _check_layout(np.dtype(np.intp), top)
+    cdef void *cd = cnp.PyArray_DATA(c)
+    cdef const double *c64d = <const double *>cnp.PyArray_DATA(c64)
+    cdef void *kd = cnp.PyArray_DATA(k)
+    cdef Py_ssize_t *td = <Py_ssize_t *>cnp.PyArray_DATA(top)
+    cdef double *sd = <double *>cnp.PyArray_DATA(top_score)
+    cdef int failed = 0
+    cdef bint is_f32 = c.dtype.num == cnp.NPY_FLOAT32
+    if nbatch * C == 0:
+        return
+    with nogil:
+        if is_f32:
+            topk_kernel[float](<const float *>cd, c64d, <const float *>kd, nbatch, C, S,
+                               e, <float>scale, topk, cap, 32, 512, td, sd, nthreads, &failed)
+        else:
+            topk_kernel[double](<const double *>cd, c64d, <const double *>kd, nbatch, C,
+                                S, e, scale, topk, cap, 32, 512, td, sd, nthreads, &failed)
+    if failed:
+        raise MemoryError("fastattn: a kernel thread could not allocate its top-k buffers")
+
+
+# ---- Lloyd k-means, one batch entry per thread ------------------------------------------------
+
+cdef void kmeans_kernel(const real *x, double *c64, Py_ssize_t *assign, Py_ssize_t *counts,
+                        Py_ssize_t nbatch, Py_ssize_t L, int C, int e, int iterations,
+                        int block, int nthreads, int *failed) noexcept nogil:
+    # For each batch entry b, independently (no synchronisation between iterations):
+    #   repeat `iterations` times, or until the assignment stops changing:
+    #     assign[b, i] <- argmax_j 2 x_i . c_j - |c_j|^2      (nearest centroid)
+    #     c64[b, j] <- mean of its members (float64); an empty cluster keeps its centroid
+    #   counts[b, j] <- members of cluster j under the final assignment
+    # x[b] (L x e) stays in this thread's cache across the iterations.
+    cdef Py_ssize_t b, r0, r, j, a, it
+    cdef int rows, t
+    cdef bint changed
+    cdef real best
+    cdef real *c
+    cdef real *neg_sq
+    cdef real *d
+    cdef real *drow
+    cdef double *sums
+    cdef double *crow
+    cdef double *srow
+    cdef const real *xb
+    cdef const real *xrow
+    cdef Py_ssize_t *ab
+    cdef Py_ssize_t *cb
+    with nogil, parallel(num_threads=nthreads):
+        c = <real *>malloc(C * e * sizeof(real))
+        neg_sq = <real *>malloc(C * sizeof(real))
+        d = <real *>malloc(block * C * sizeof(real))
+        sums = <double *>malloc(C * e * sizeof(double))
+        for b in prange(nbatch, schedule='dynamic'):
+            if c == NULL or neg_sq == NULL or d == NULL or sums == NULL:
+                failed[0] = 1
+            else:
+                xb = x + b * L * e
+                ab = assign + b * L
+                cb = counts + b * C
+                for it in range(iterations):
+                    # c <- the centroids in the compute dtype; neg_sq <- -|c_j|^2
+                    for j in range(C):
+                        neg_sq[j] = 0
+                        for t in range(e):
+                            c[j * e + t] = <real>c64[(b * C + j) * e + t]
+                            neg_sq[j] -= c[j * e + t] * c[j * e + t]
+                    changed = it == 0
+                    r0 = 0
+                    while r0 < L:
+                        rows = <int>(L - r0 if L - r0 < block else block)
+                        # d <- 2 x[b, r0:r0 + rows] @ c.T
+                        gemm_abt(rows, C, e, 2, xb + r0 * e, e, c, e, 0, d, C)
+                        for r in range(rows):
+                            drow = d + r * C
+                            # drow - |c|^2 and its maximum (vectorised), then its first place
+                            best = row_add_max(drow, neg_sq, C)
+                            j = 0
+                            while j < C - 1 and not (drow[j] == best):
+                                j = j + 1
+                            if ab[r0 + r] != j:
+                                ab[r0 + r] = j
+                                changed = True
+                        r0 = r0 + rows
+                    if not changed:
+                        break           # a fixed point: c64 already holds these means
+                    # c64 <- member means (float64 sums, as for any input precision)
+                    for j in range(C * e):
+                        sums[j] = 0
+                    for j in range(C):
+                        cb[j] = 0
+                    for r in range(L):
+                        a = ab[r]
+                        cb[a] += 1
+                        srow = sums + a * e
+                        xrow = xb + r * e
+                        for t in range(e):
+                            srow[t] += xrow[t]
+                    for j in range(C):
+                        if cb[j] > 0:
+                            crow = c64 + (b * C + j) * e
+                            srow = sums + j * e
+                            for t in range(e):
+                                crow[t] = srow[t] / cb[j]
+        free(c)
+        free(neg_sq)
+        free(d)
+        free(sums)
+    # end: with nogil, parallel
+
+
+def kmeans(cnp.ndarray x, cnp.ndarray c64, cnp.ndarray assign, cnp.ndarray counts,
+           int iterations, int nthreads):
+    """Lloyd's k-means on each x[b] (nbatch, L, E) from the float64 centroids c64
+    (nbatch, C, E), updated in place; assign (nbatch, L) and counts (nbatch, C) intp get
+    the final assignment and cluster sizes. iterations >= 1."""
+    cdef Py_ssize_t nbatch = x.shape[0], L = x.shape[1]
+    cdef int e = <int>x.shape[2], C = <int>c64.shape[1]
+    if (c64.shape[0] != nbatch or c64.shape[2] != e or C < 1 or iterations < 1
+            or assign.shape[0] != nbatch or assign.shape[1] != L
+            or counts.shape[0] != nbatch or counts.shape[1] != C):
+        raise ValueError("kmeans: x (nbatch, L, E), c64 (nbatch, C >= 1, E), assign "
+                         "(nbatch, L), counts (nbatch, C), iterations >= 1")
+    _check_layout(x.dtype, x)
+    _check_layout(np.dtype(np.float64), c64)
+    _check_layout(np.dtype(np.intp), assign, counts)
+    cdef void *xd = cnp.PyArray_DATA(x)
+    cdef double *cd = <double *>cnp.PyArray_DATA(c64)
+    cdef Py_ssize_t *ad = <Py_ssize_t *>cnp.PyArray_DATA(assign)
+    cdef Py_ssize_t *nd = <Py_ssize_t *>cnp.PyArray_DATA(counts)
+    cdef int failed = 0
+    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
+    if nbatch * L == 0:
+        return
+    with nogil:
+        if is_f32:
+            kmeans_kernel[float](<const float *>xd, cd, ad, nd, nbatch, L, C, e, iterations,
+                                 256, nthreads, &failed)
+        else:
+            kmeans_kernel[double](<const double *>xd, cd, ad, nd, nbatch, L, C, e, iterations,
+                                  256, nthreads, &failed)
+    if failed:
+        raise MemoryError("fastattn: a kernel thread could not allocate its k-means buffers")
+
+
+# ---- Sinkhorn: mixing blocks ------------------------------------------------------------------
+
+cdef void mix_kernel(const real *P, const real *xb, real *out, Py_ssize_t nbatch,
+                     int n, int width, Py_ssize_t ldo, Py_ssize_t bstride, int split,
+                     int nthreads) noexcept nogil:
+    # out[b, i, :width] <- sum_j P[b, i, j] xb[b, j, :width]  (out: batch stride bstride,
+    # row stride ldo), columns cut in `split` pieces so that few batch entries still
+    # use every thread.
+    cdef Py_ssize_t item, b, w0
+    cdef int piece = (width + split - 1) // split
+    cdef int cols
+    for item in prange(nbatch * split, schedule='static', num_threads=nthreads):
+        b = item // split
+        w0 = (item % split) * piece
+        if w0 < width:
+            cols = <int>(width - w0 if width - w0 < piece else piece)
+            gemm_ab(n, cols, n, 1, P + b * n * n, n, xb + b * n * width + w0, width, 0,
+                    out + b * bstride + w0, <int>ldo)
+
+
+def mix_blocks(cnp.ndarray P, cnp.ndarray xb, cnp.ndarray out, int nthreads):
+    """out[b, i, :W] <- P[b] @ xb[b] for P (nbatch, n, n), xb (nbatch, n, W) C-contiguous,
+    out (nbatch, n, W) with unit column stride and rows of at least W elements apart
+    (e.g. the second half of an (nbatch, n, 2W) array)."""
+    cdef Py_ssize_t nbatch = P.shape[0]
+    cdef int n = <int>P.shape[1], width = <int>xb.shape[2]
+    cdef Py_ssize_t item_size = P.dtype.itemsize
+    cdef Py_ssize_t ldo, bstride
+    if (P.shape[2] != n or xb.shape[0] != nbatch or xb.shape[1] != n
+            or out.shape[0] != nbatch or out.shape[1] != n or out.shape[2] != width):
+        raise ValueError("mix_blocks: P (nbatch, n, n), xb (nbatch, n, W), out (nbatch, n, W)")
+    _check_layout(P.dtype, P, xb)
+    if nbatch * n * width == 0:
+        return
+    # strides of size-1 axes carry no meaning: only the used ones are checked
+    ldo = out.strides[1] // item_size if n > 1 else width
+    bstride = out.strides[0] // item_size if nbatch > 1 else 0
+    if (out.dtype != P.dtype or (width > 1 and out.strides[2] != item_size)
+            or any(st % item_size for st in (out.strides[0], out.strides[1])) or ldo < width
+            or (nbatch > 1 and bstride < n * ldo)):
+        raise ValueError("mix_blocks: out must be rows of W contiguous elements that do not "
+                         "overlap")
+    cdef int split = max(1, min(8, (2 * nthreads + nbatch - 1) // nbatch))
+    cdef void *pd = cnp.PyArray_DATA(P)
+    cdef void *xd = cnp.PyArray_DATA(xb)
+    cdef void *od = cnp.PyArray_DATA(out)
+    cdef bint is_f32 = P.dtype.num == cnp.NPY_FLOAT32
+    with nogil:
+        if is_f32:
+            mix_kernel[float](<const float *>pd, <const float *>xd, <float *>od, nbatch, n,
+                              width, ldo, bstride, split, nthreads)
+        else:
+            mix_kernel[double](<const double *>pd, <const double *>xd, <double *>od, nbatch,
+                               n, width, ldo, bstride, split, nthreads)
