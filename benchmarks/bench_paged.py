@@ -5,6 +5,11 @@ and V at >= 70 % of the measured read bandwidth
 (``PagedDecode.track_bandwidth_fraction``); one long sequence (B=1, S=32768) is
 split across threads, >= 1.7x faster than one thread (``SplitKv``). Here B=4 keeps
 the quick suite short; K+V are still 128 MiB, far beyond the caches.
+
+The thread speed-up of a memory-bound kernel cannot exceed how much faster the
+machine reads with all threads than with one (``memory_bandwidth_gbs(threads=1)``
+vs all); on a 2-core VM that ratio was 1.2-1.9x. ``SplitKv.track_bandwidth_fraction``
+is the same bandwidth fraction as for ``PagedDecode``, for the split path.
 """
 import numpy as np
 
@@ -85,3 +90,9 @@ class SplitKv:
         return (common.median_seconds(lambda: self._run(num_threads=1))
                 / common.median_seconds(self._run))
     track_thread_speedup.unit = "x"
+
+    def track_bandwidth_fraction(self, seq_len):
+        kv_bytes = 2 * KV_HEADS * seq_len * HEAD_DIM * np.dtype(common.DTYPE).itemsize
+        achieved = kv_bytes / common.median_seconds(self._run) / 1e9
+        return achieved / common.memory_bandwidth_gbs()
+    track_bandwidth_fraction.unit = "fraction of read bandwidth"

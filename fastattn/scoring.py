@@ -62,12 +62,15 @@ def additive_attention(query, key, value, *, w_q, w_k, v, mask=None, return_weig
 
     Notes
     -----
-    ``W_q q`` and ``W_k k`` are projected once by BLAS; each score is then one
-    vectorised tanh-dot over the hidden units inside the kernel, followed by the
-    fused masked softmax and a BLAS product with ``value`` per block of query
-    rows. Extra memory is a block of scores per thread, not the
-    ``L·S·hidden`` tensor of the broadcasting formula. A query whose keys are
-    all masked out gets zeros.
+    ``W_q q`` and ``W_k k`` are projected once per distinct query or key matrix
+    (BLAS, inside the kernel's threads). The scores of a query are then computed
+    for a vector of keys at a time, with a rational approximation of ``tanh``
+    (error at most 6.3 ulp in float32, 1e-15 absolute in float64), then the fused
+    masked softmax and a BLAS product with ``value`` per block of query rows. A
+    bool mask's keys before the first and after the last kept one of a row are
+    not scored. Extra memory is the two projections and a block of scores per
+    thread, not the ``L·S·hidden`` tensor of the broadcasting formula. A query
+    whose keys are all masked out gets zeros.
 
     Examples
     --------
@@ -93,10 +96,8 @@ def additive_attention(query, key, value, *, w_q, w_k, v, mask=None, return_weig
     hidden = c.arr["w_q"].shape[0]
     c.weight("w_k", (hidden, c.Ek))
     c.weight("v", (hidden,))
-    qp = _linear(c.q, c.arr["w_q"])
-    kp = _linear(c.k, c.arr["w_k"])
-    return c.finish(*_run_additive(qp, kp, c.arr["v"], c.v, c, return_weights, num_threads),
-                    return_weights)
+    return c.finish(*_run_additive(c.arr["w_q"], c.arr["w_k"], c.arr["v"], c, return_weights,
+                                   num_threads), return_weights)
 
 
 def concat_attention(query, key, value, *, w, v, mask=None, return_weights=False,
@@ -148,10 +149,8 @@ def concat_attention(query, key, value, *, w, v, mask=None, return_weights=False
     hidden = c.arr["w"].shape[0]
     c.weight("v", (hidden,))
     w = c.arr["w"]
-    qp = _linear(c.q, w[:, :c.Eq])
-    kp = _linear(c.k, w[:, c.Eq:])
-    return c.finish(*_run_additive(qp, kp, c.arr["v"], c.v, c, return_weights, num_threads),
-                    return_weights)
+    return c.finish(*_run_additive(w[:, :c.Eq], w[:, c.Eq:], c.arr["v"], c, return_weights,
+                                   num_threads), return_weights)
 
 
 def general_attention(query, key, value, *, w, mask=None, return_weights=False,
@@ -289,11 +288,6 @@ class _Checked:
         return (out, weights) if return_weights else out
 
 
-def _linear(x, w):
-    # x @ w.T over all rows at once (one BLAS product)
-    return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
-
-
 def _dot(q, c, return_weights, num_threads):
     out = scaled_dot_product_attention(q, c.k, c.v, c.mask, scale=1.0, num_threads=num_threads)
     weights = None
@@ -302,28 +296,39 @@ def _dot(q, c, return_weights, num_threads):
     return c.finish(out, weights, return_weights)
 
 
-def _run_additive(qp, kp, w, value, c, return_weights, num_threads):
-    L, S, hidden, Ev = c.L, c.S, qp.shape[-1], value.shape[-1]
+def _run_additive(w_q, w_k, w, c, return_weights, num_threads):
+    # softmax(w . tanh(W_q q + W_k k) + mask) @ value, for the validated inputs in c
+    L, S, hidden, Ev = c.L, c.S, w_q.shape[0], c.v.shape[-1]
     dtype = c.compute
     out = np.zeros(c.batch_shape + (L, Ev), dtype=dtype)
     weights = np.zeros(c.batch_shape + (L, S), dtype=dtype) if return_weights else None
     nthreads = _threads.resolve_num_threads(num_threads)
     if out.shape[:-1].count(0) or S == 0:
         return out, weights      # nothing to attend: zeros, like a fully masked row
-    qs, ldq = as_matrix_stack(qp, dtype)
-    ks, ldk = as_matrix_stack(kp, dtype)
-    vs, ldv = as_matrix_stack(value, dtype)
-    q_off = batch_offsets(qs, c.batch_shape)
-    k_off = batch_offsets(ks, c.batch_shape)
+    qs, ldq = as_matrix_stack(c.q, dtype)
+    ks, ldk = as_matrix_stack(c.k, dtype)
+    vs, ldv = as_matrix_stack(c.v, dtype)
+    wq, ldwq = as_matrix_stack(w_q, dtype)
+    wk, ldwk = as_matrix_stack(w_k, dtype)
+    # Each distinct query / key matrix is projected once, however often it is broadcast.
+    q_mats, q_of = np.unique(batch_offsets(qs, c.batch_shape), return_inverse=True)
+    k_mats, k_of = np.unique(batch_offsets(ks, c.batch_shape), return_inverse=True)
     v_off = batch_offsets(vs, c.batch_shape)
-    nbatch = q_off.shape[0]
+    nbatch = v_off.shape[0]
+    # Key projections as columns (kp.T), the key axis padded with zeros to whole vectors.
+    s_pad = -(-S // _additive.KEY_PAD) * _additive.KEY_PAD
+    qp = np.empty((len(q_mats), L, hidden), dtype=dtype)
+    kpt = np.zeros((len(k_mats), hidden, s_pad), dtype=dtype)
+    q_off = (q_of * (L * hidden)).astype(np.intp).reshape(-1)
+    k_off = (k_of * (hidden * s_pad)).astype(np.intp).reshape(-1)
     block_r = int(max(1, min(BLOCK_ROWS, L, -(-L * nbatch // (4 * nthreads)))))
     prepared = None
     if c.mask is not None:
         prepared = PreparedMask(c.mask, dtype, L, S, c.batch_shape, block_r, S)
-    nthreads = min(nthreads, nbatch * -(-L // block_r))
     with _threads.single_threaded_blas():
-        _additive.additive(qs, ks, np.ascontiguousarray(w), vs, out, weights,
-                           q_off, k_off, v_off, ldq, ldk, ldv, L, S, hidden, Ev,
-                           prepared, block_r, nthreads)
+        _additive.project(qs, q_mats, ldq, L, wq, ldwq, qp, False, nthreads)
+        _additive.project(ks, k_mats, ldk, S, wk, ldwk, kpt, True, nthreads)
+        _additive.additive(qp, kpt, np.ascontiguousarray(w), vs, out, weights,
+                           q_off, k_off, v_off, ldv, L, S, Ev, prepared, block_r,
+                           min(nthreads, nbatch * -(-L // block_r)))
     return out, weights

@@ -81,14 +81,17 @@ def problems(draw):
         e=draw(st.sampled_from([1, 8, 17, 64, 128])), ev=draw(st.sampled_from([1, 8, 20, 64])),
         lens=draw(st.lists(st.integers(0, nmax * bs), min_size=3, max_size=3)),
         causal=draw(st.booleans()), threads=draw(st.integers(1, 3)),
+        row_tile=draw(st.sampled_from([1, 3, 8, 64])),
         seed=draw(st.integers(0, 2**32 - 1)))
 
 
-# VECTOR_ROWS: 0 = BLAS for every tile, 10**9 = the vector small-GEMM loops for every tile
+# VECTOR_ROWS: 0 = BLAS for every tile, 10**9 = the vector small-GEMM loops for every tile;
+# ROW_TILE: tiles of several kv-heads' rows (a group of rows per kv-head) or of part of one's
 @pytest.mark.parametrize("vector_rows", [0, paged.VECTOR_ROWS, 10**9])
 @given(p=problems())
 def test_random_shapes_match_reference(vector_rows, p):
-    with mock.patch.object(paged, "VECTOR_ROWS", vector_rows):
+    with mock.patch.object(paged, "VECTOR_ROWS", vector_rows), \
+            mock.patch.object(paged, "ROW_TILE", p["row_tile"]):
         _check_problem(p)
 
 
@@ -113,6 +116,57 @@ def test_split_keys_across_threads(rng, threads):
         one = fastattn.paged_attention(q, kb, vb, table, [n], num_threads=1)
         out, _ = check(q, kb, vb, table, np.array([n]), num_threads=threads)
         np.testing.assert_allclose(out, one, atol=1e-6)
+
+
+@pytest.mark.parametrize("vector_rows", [0, 10**9])
+@pytest.mark.parametrize("row_tile", [1, 4, 12, 18, 10**6])
+def test_kv_head_groups_and_row_tiles(rng, monkeypatch, vector_rows, row_tile):
+    # G = 2, T = 3: 6 rows per kv-head. ROW_TILE 1 / 4: parts of one kv-head's rows;
+    # 12 / 18: groups of 2 / 3 of the 5 kv-heads, the last one smaller; 10**6: all 5.
+    # One sequence on 3 threads also splits its keys, merging per-group partial results.
+    monkeypatch.setattr(paged, "VECTOR_ROWS", vector_rows)
+    monkeypatch.setattr(paged, "ROW_TILE", row_tile)
+    kb, vb = pools(rng, 20, 5, 4, 24, 16)
+    table = rng.permutation(20)[:18].reshape(2, 9)
+    q = make(rng, (2, 10, 3, 24))
+    one = check(q, kb, vb, table, np.array([33, 17]), num_threads=2)[0]
+    monkeypatch.setattr(paged, "ROW_TILE", 10**6)
+    np.testing.assert_allclose(one, fastattn.paged_attention(q, kb, vb, table, [33, 17]),
+                               atol=2e-6)
+    for threads in (1, 3):
+        check(q[:1], kb, vb, table[:1], np.array([35]), num_threads=threads)
+
+
+def test_odd_batch_on_two_threads(rng):
+    # 5 sequences of one group of 4 kv-heads on 2 threads: paged.py halves the groups so
+    # that the 10 items spread evenly; same answer as with one thread
+    kb, vb = pools(rng, 40, 4, 4, 16)
+    table = rng.permutation(40).reshape(5, 8)
+    q = make(rng, (5, 8, 1, 16))
+    lens = np.array([32, 5, 17, 0, 29])
+    out, _ = check(q, kb, vb, table, lens, num_threads=2)
+    np.testing.assert_allclose(out, fastattn.paged_attention(q, kb, vb, table, lens,
+                                                             num_threads=1), atol=2e-6)
+
+
+@pytest.mark.parametrize("vector_rows", [0, 10**9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prefetch_does_not_change_results(rng, monkeypatch, vector_rows, dtype):
+    # prefetching is only a hint: any distance (none, less than a piece, the whole pool)
+    # gives the same bits, also past the end of an item's keys and across chunks
+    monkeypatch.setattr(paged, "VECTOR_ROWS", vector_rows)
+    monkeypatch.setattr(paged, "KEYS_PER_CHUNK", 15)
+    kb, vb = pools(rng, 30, 3, 5, 40, 24, dtype)
+    table = rng.permutation(30)[:28].reshape(2, 14)
+    q = make(rng, (2, 6, 2, 40), dtype)
+    lens = np.array([67, 29])
+    outs = []
+    for distance in (0, 1, 4096, 10**9):
+        monkeypatch.setattr(paged, "PREFETCH_BYTES", distance)
+        outs.append(fastattn.paged_attention(q, kb, vb, table, lens, num_threads=2))
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    check(q, kb, vb, table, lens, dtype, num_threads=2)
 
 
 def test_causal_rows_before_the_first_key_are_zero(rng):

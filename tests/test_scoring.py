@@ -3,10 +3,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import fastattn
 from fastattn import reference
+from fastattn._kernels import additive as additive_kernel
 from helpers import assert_close
 
 DTYPES = [np.float32, np.float64]
@@ -78,6 +79,146 @@ def test_tanh_accuracy(rng, dtype):
         got = np.log(w[0, 0] / w[0, 1])
         tol = 4e-7 if dtype == np.float32 else 1e-15
         assert abs(got - np.tanh(np.float64(dtype(xi)))) <= tol * 4 + 1e-12, xi
+
+
+def tanh_scores(x, dtype):
+    """The kernel's tanh of each x (one hidden unit, w = 1), padded as it needs."""
+    x = np.asarray(x, dtype)
+    pad = -len(x) % additive_kernel.KEY_PAD
+    kpt = np.concatenate([x, np.zeros(pad, dtype)]).reshape(1, -1)
+    a = np.full(1, -0.0, dtype)     # x + -0 is x, also for x = -0
+    return additive_kernel.tanh_scores(a, kpt, np.ones(1, dtype))[:len(x)]
+
+
+def test_tanh_ulp_error_float32():
+    # vecmath.h: at most 5 ulp over every float with FMA, 6.3 without (checked exhaustively
+    # in C); here a dense sweep of [-10, 10], where all the error is, tiny and huge values
+    x = np.concatenate([np.linspace(-10, 10, 400_001), np.geomspace(1e-38, 1, 2001),
+                        -np.geomspace(1e-38, 1, 2001), [8.0, 8.000001, 7.999999, 1e30, -3e38]])
+    x = x.astype(np.float32)
+    got = tanh_scores(x, np.float32).astype(np.float64)
+    ref = np.tanh(x.astype(np.float64))
+    ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    err = np.abs(got - ref) / ulp
+    assert err.max() <= 6.5, (err.max(), x[err.argmax()])
+    assert err.mean() <= 1
+
+
+def test_tanh_error_float64():
+    # at most 9 ulp (absolute error 1e-15) against long double tanh
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.uniform(-25, 25, 200_000), rng.uniform(-1, 1, 100_000),
+                        np.geomspace(1e-300, 1, 1001), np.linspace(18.4, 18.6, 1001)])
+    got = tanh_scores(x, np.float64)
+    ref = np.tanh(x.astype(np.longdouble))
+    err = np.abs(got - ref).astype(np.float64)
+    assert err.max() <= 1e-15
+    assert (err / np.spacing(np.abs(ref).astype(np.float64))).max() <= 9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tanh_special_values(dtype):
+    x = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-45, 30.0, -30.0, 3e38], dtype)
+    got = tanh_scores(x, dtype)
+    np.testing.assert_array_equal(got[[0, 1, 6, 7, 8]], [1, -1, 1, -1, 1])
+    assert np.isnan(got[2])
+    np.testing.assert_array_equal(got[3:5], 0)    # a sum: +-0 both give +0
+    assert got[5] == x[5]
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.sampled_from([0, 1, 5, 16, 17, 40]), blocks=st.integers(1, 4),
+       scale=st.sampled_from([0.01, 1.0, 10.0]), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**32 - 1))
+def test_tanh_scores_match_formula(h, blocks, scale, dtype, seed):
+    # s[j] = sum_c w[c] tanh(a[c] + kpt[c, j]), against float64 on the same rounded sums
+    rng = np.random.default_rng(seed)
+    n = blocks * additive_kernel.KEY_PAD
+    a = (rng.standard_normal(h) * scale).astype(dtype)
+    kpt = (rng.standard_normal((h, n)) * scale).astype(dtype)
+    w = rng.standard_normal(h).astype(dtype)
+    got = additive_kernel.tanh_scores(a, kpt, w)
+    terms = w[:, None].astype(np.float64) * np.tanh((a[:, None] + kpt).astype(np.float64))
+    ref = terms.sum(axis=0)
+    eps = np.finfo(dtype).eps
+    # tanh (<= 10 ulp) and the summation (<= h roundings), relative to sum |terms|
+    tol = (10 + h) * eps * np.abs(terms).sum(axis=0)
+    assert got.dtype == dtype and got.shape == (n,)
+    assert np.all(np.abs(got - ref) <= tol + 1e-300)
+
+
+def test_tanh_scores_rejects_bad_input():
+    f32, pad = np.float32, additive_kernel.KEY_PAD
+    with pytest.raises(TypeError, match="float32 or all float64"):
+        additive_kernel.tanh_scores(np.zeros(2), np.zeros((2, pad), f32), np.zeros(2))
+    with pytest.raises(ValueError, match="multiple of"):
+        additive_kernel.tanh_scores(np.zeros(2), np.zeros((2, pad + 1)), np.zeros(2))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        additive_kernel.tanh_scores(np.zeros(2), np.zeros((2, 2 * pad))[:, ::2], np.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bool_mask_spans_and_key_pieces(rng, dtype):
+    # hidden 300 cuts kp.T into pieces of 48 (float64) / 96 (float32) keys; rows whose
+    # kept keys start or end mid-vector, a single kept key, none, all
+    L, S, h = 7, 203, 300
+    q = rng.standard_normal((2, L, 6)).astype(dtype)
+    k = rng.standard_normal((2, S, 5)).astype(dtype)
+    v = rng.standard_normal((2, S, 3)).astype(dtype)
+    w = dict(w_q=(rng.standard_normal((h, 6)) / 3).astype(dtype),
+             w_k=(rng.standard_normal((h, 5)) / 3).astype(dtype),
+             v=(rng.standard_normal(h) / 8).astype(dtype))
+    mask = np.zeros((2, L, S), bool)
+    mask[:, 0, 17:50] = True
+    mask[:, 1, 100] = True
+    mask[:, 2, S - 1] = True
+    mask[:, 3] = True
+    mask[:, 4, [0, 95, 96, 150]] = True
+    mask[:, 6] = rng.random(S) > 0.5
+    out, a = fastattn.additive_attention(q, k, v, **w, mask=mask, return_weights=True)
+    ref_out, ref_a = reference.additive_attention(q, k, v, **w, mask=mask)
+    assert_close(out, ref_out, dtype)
+    assert_close(a, ref_a, dtype)
+    np.testing.assert_array_equal(a[~mask], 0)
+    np.testing.assert_array_equal(out[:, 5], 0)
+    np.testing.assert_allclose(a[:, [1, 2]].sum(-1), 1)
+
+
+def test_broadcast_projections_and_weight_layouts(rng):
+    # one query matrix against several key matrices and the reverse (each distinct matrix
+    # is projected once); weights as a transposed view and a strided slice; no hidden
+    # units; no features
+    w_q = rng.standard_normal((5, 7)).T                   # (7, 5), column-major
+    w_k = rng.standard_normal((14, 4))[::2]               # (7, 4), row stride 8
+    cases = [(rng.standard_normal((4, 5)), rng.standard_normal((3, 2, 6, 4)), w_q, w_k),
+             (rng.standard_normal((3, 2, 4, 5)), rng.standard_normal((6, 4)), w_q, w_k),
+             (rng.standard_normal((4, 5)), rng.standard_normal((2, 6, 4)),
+              np.ones((0, 5)), np.ones((0, 4))),
+             (np.ones((4, 0)), rng.standard_normal((2, 6, 0)), np.ones((7, 0)), np.ones((7, 0)))]
+    for q, k, wq, wk in cases:
+        v = rng.standard_normal((6, 2))
+        w = dict(w_q=wq, w_k=wk, v=rng.standard_normal(wq.shape[0]))
+        out, a = fastattn.additive_attention(q, k, v, **w, return_weights=True)
+        ref_out, ref_a = reference.additive_attention(q, k, v, **w)
+        assert_close(out, ref_out, np.float64)
+        assert_close(a, ref_a, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saturated_and_tiny_projections(rng, dtype):
+    # |W_q q + W_k k| far beyond the clamp (tanh exactly +-1) and far below (tanh = x)
+    q, k = rng.standard_normal((3, 4)), rng.standard_normal((20, 4))
+    v = rng.standard_normal((20, 2))
+    for scale in (1e6, 1e-6):
+        w = dict(w_q=rng.standard_normal((8, 4)) * scale, w_k=rng.standard_normal((8, 4)) * scale,
+                 v=rng.standard_normal(8) / scale ** 0.5)
+        args = [a.astype(dtype) for a in (q, k, v)]
+        w = {n: a.astype(dtype) for n, a in w.items()}
+        out, a = fastattn.additive_attention(*args, **w, return_weights=True)
+        ref_out, ref_a = reference.additive_attention(*args, **w)
+        assert np.isfinite(out).all()
+        assert_close(out, ref_out, dtype)
+        assert_close(a, ref_a, dtype)
 
 
 def test_fully_masked_rows_and_batch_broadcast(rng):

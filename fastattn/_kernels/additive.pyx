@@ -1,65 +1,210 @@
 # Additive (Bahdanau) attention:  out = softmax(score + mask) @ value  with
-#   score[i, j] = w . tanh(qp[i] + kp[j])      (qp = W_q q, kp = W_k k, projected by BLAS)
+#   score[i, j] = w . tanh(qp[i] + kp[j])      (qp = W_q q, kp = W_k k)
 #
-# Work is one flat index over (batch, query row block), handed out dynamically. For a
-# block of rows, each score is one vectorised tanh-dot over the hidden axis, so the
-# (L, S, hidden) tensor of the NumPy formula never exists: extra memory is one
-# rows x S score block per thread (or the caller's weights array when it wants them).
-# Each score row then goes through the tile core's `softmax_row`, and the block's
-# output is one BLAS gemm  out[rows] = p @ value.
+# Two parallel passes; the caller keeps BLAS single-threaded around both:
+#   project   qp = q @ W_q.T for each distinct query matrix and kp.T = W_k @ k.T for each
+#             distinct key matrix, a block of rows per work item (BLAS gemm). The key
+#             projections are stored transposed, one column per key, with the key axis
+#             padded to FA_TANH_KEY_PAD columns. Projecting here rather than with NumPy's
+#             matmul keeps NumPy's BLAS threads out of it: after a product they spin for
+#             a while, on the cores the scoring pass then needs.
+#   additive  one flat index over (batch, query row block), handed out dynamically. For
+#             each row, `row_tanh_scores` scores a span of keys vectorised over the keys
+#             (no lane sums); the spans are cut into pieces of ~128 KiB of kp.T so that
+#             the rows of a block reuse each piece from L2. A bool-masked row only scores
+#             the keys from its first to its last kept one. Each score row then goes
+#             through the tile core's `softmax_row`, and the block's output is one BLAS
+#             gemm  out[rows] = p @ value.
+# The (L, S, hidden) tensor of the NumPy formula never exists: extra memory is the two
+# projections and a rows x S score block per thread (or the caller's weights array).
 
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport uint8_t
 from libc.math cimport INFINITY
+import numpy as np
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
     intp_data,
     MaskView, mask_view,
-    real, gemm_ab, softmax_row, row_fill, row_tanh_dot,
+    real, gemm_ab, gemm_abt, softmax_row, row_fill, row_tanh_scores, FA_TANH_KEY_PAD,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_FULL,
 )
 
 cnp.import_array()
 
+# The key axis of kp.T (and of a score row) is padded to a multiple of this.
+KEY_PAD = FA_TANH_KEY_PAD
+
+cdef enum:
+    PROJECT_ROWS = 64             # query or key rows per projection work item
+    KEY_PIECE_BYTES = 128 * 1024  # kp.T columns scored per pass over a row block
+
+
+# ---- projections -----------------------------------------------------------------------
+
+cdef void project_kernel(const real *x, const Py_ssize_t *x_off, Py_ssize_t nmat,
+                         Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t e,
+                         const real *wm, Py_ssize_t ldw, Py_ssize_t h,
+                         real *out, Py_ssize_t ldo, bint transpose,
+                         int nthreads) noexcept nogil:
+    # For each matrix u (n x e at x + x_off[u], row stride ldx):
+    #   out[u] = x_u @ wm.T         n x h, row stride h          (transpose False)
+    #   out[u] = wm @ x_u.T         h x n, row stride ldo        (transpose True)
+    # wm is h x e with row stride ldw.
+    cdef Py_ssize_t nblk = (n + PROJECT_ROWS - 1) // PROJECT_ROWS
+    cdef Py_ssize_t item, u, r0, rows, i
+    cdef const real *xb
+    cdef real *ob
+    if h == 0 or nmat * nblk == 0:
+        return
+    for item in prange(nmat * nblk, nogil=True, schedule='dynamic', num_threads=nthreads):
+        u = item // nblk
+        r0 = (item % nblk) * PROJECT_ROWS
+        rows = n - r0
+        if rows > PROJECT_ROWS:
+            rows = PROJECT_ROWS
+        xb = x + x_off[u] + r0 * ldx
+        if transpose:
+            ob = out + u * h * ldo + r0
+            if e == 0:
+                for i in range(h):
+                    row_fill(ob + i * ldo, rows, 0)
+            else:
+                # ob[h, rows] (row stride ldo) <- wm[h, e] @ xb[rows, e].T
+                gemm_abt(<int>h, <int>rows, <int>e, 1, wm, <int>ldw, xb, <int>ldx,
+                         0, ob, <int>ldo)
+        else:
+            ob = out + (u * n + r0) * h
+            if e == 0:
+                row_fill(ob, rows * h, 0)
+            else:
+                # ob[rows, h] <- xb[rows, e] @ wm[h, e].T
+                gemm_abt(<int>rows, <int>h, <int>e, 1, xb, <int>ldx, wm, <int>ldw,
+                         0, ob, <int>h)
+
+
+def project(cnp.ndarray x, cnp.ndarray x_off, Py_ssize_t ldx, Py_ssize_t n,
+            cnp.ndarray wm, Py_ssize_t ldw, cnp.ndarray out, bint transpose, int nthreads):
+    """Project query or key matrices for the kernel. Private: `fastattn.scoring` validates.
+
+    x is a base array holding matrices (n, e) at the element offsets x_off (intp), row
+    stride ldx; wm (h, e) has row stride ldw; all share one dtype (float32 or float64).
+    out is C-contiguous: (len(x_off), n, h), or with transpose (len(x_off), h, ldo) with
+    ldo >= n, columns n and up left as they are. BLAS must be single-threaded.
+    """
+    cdef Py_ssize_t e = wm.shape[1]
+    cdef Py_ssize_t h = wm.shape[0]
+    cdef Py_ssize_t ldo = out.shape[2] if transpose else h
+    cdef Py_ssize_t nmat = x_off.shape[0]
+    cdef const Py_ssize_t *off = intp_data(x_off)
+    cdef void *xd = cnp.PyArray_DATA(x)
+    cdef void *wd = cnp.PyArray_DATA(wm)
+    cdef void *od = cnp.PyArray_DATA(out)
+    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
+    with nogil:
+        if is_f32:
+            project_kernel[float](<const float *>xd, off, nmat, ldx, n, e,
+                                  <const float *>wd, ldw, h, <float *>od, ldo, transpose,
+                                  nthreads)
+        else:
+            project_kernel[double](<const double *>xd, off, nmat, ldx, n, e,
+                                   <const double *>wd, ldw, h, <double *>od, ldo,
+                                   transpose, nthreads)
+
+
+# ---- scores, softmax, p @ value ----------------------------------------------------------
 
 cdef struct AdditiveProblem:
     # sizes: L queries, S keys, h hidden units, ev value features
     Py_ssize_t nbatch, L, S, h, ev
-    # per-batch element offsets and row strides of qp (L, h), kp (S, h), value (S, ev)
+    Py_ssize_t ldk              # row stride of kp.T: S rounded up to FA_TANH_KEY_PAD
+    # per-batch element offsets of qp (L, h; row stride h), kp.T (h, ldk), value (S, ev)
     const Py_ssize_t *q_off
     const Py_ssize_t *k_off
     const Py_ssize_t *v_off
-    Py_ssize_t ldq, ldk, ldv
+    Py_ssize_t ldv
     MaskView mask               # the mask and its block map (tile.pxd)
     int block_r, nthreads
     int alloc_failed
 
 
-cdef void additive_kernel(AdditiveProblem *p, const real *qp, const real *kp, const real *w,
+cdef inline void kept_span(const uint8_t *keep, Py_ssize_t cs, Py_ssize_t S,
+                           Py_ssize_t *span) noexcept nogil:
+    # span[0:2] <- the columns from the first kept key to the last one, widened to whole
+    # FA_TANH_KEY_PAD blocks; empty (0, 0) when no key is kept
+    cdef Py_ssize_t j0 = 0
+    cdef Py_ssize_t j1 = S
+    while j0 < S and not keep[j0 * cs]:
+        j0 += 1
+    if j0 == S:
+        span[0] = span[1] = 0
+        return
+    while not keep[(j1 - 1) * cs]:
+        j1 -= 1
+    span[0] = j0 - j0 % FA_TANH_KEY_PAD
+    span[1] = (j1 + FA_TANH_KEY_PAD - 1) // FA_TANH_KEY_PAD * FA_TANH_KEY_PAD
+
+
+cdef void score_rows(AdditiveProblem *p, Py_ssize_t b, Py_ssize_t r0, Py_ssize_t rows,
+                     int kind, const real *qp, const real *kpt, const real *w,
+                     real *s, Py_ssize_t *span) noexcept nogil:
+    # s[r, span_r] <- w . tanh(qp[r0 + r] + kp[j]) for the keys j of each row's span
+    # (row stride ldk); span[2r : 2r + 2] <- that span, all keys unless a bool mask
+    # limits it
+    cdef const real *qb = qp + p.q_off[b]
+    cdef const real *kb = kpt + p.k_off[b]
+    cdef const uint8_t *keep
+    cdef Py_ssize_t r, c0, c1, lo, hi
+    cdef Py_ssize_t piece = p.ldk
+    for r in range(rows):
+        if kind == MASK_BOOL:
+            keep = (<const uint8_t *>p.mask.data) + p.mask.off[b] + (r0 + r) * p.mask.rs
+            kept_span(keep, p.mask.cs, p.S, span + 2 * r)
+        else:
+            span[2 * r] = 0
+            span[2 * r + 1] = p.ldk
+    if p.h > 0:
+        piece = KEY_PIECE_BYTES // (p.h * <Py_ssize_t>sizeof(real))
+        piece = max(FA_TANH_KEY_PAD, piece - piece % FA_TANH_KEY_PAD)
+    # piece by piece of kp.T, so each piece is read from L2 by every row of the block
+    c0 = 0
+    while c0 < p.ldk:
+        c1 = min(c0 + piece, p.ldk)
+        for r in range(rows):
+            lo = max(span[2 * r], c0)
+            hi = min(span[2 * r + 1], c1)
+            if lo < hi:
+                row_tanh_scores(qb + (r0 + r) * p.h, kb + lo, p.ldk, w, p.h, hi - lo,
+                                s + r * p.ldk + lo)
+        c0 = c1
+
+
+cdef void additive_kernel(AdditiveProblem *p, const real *qp, const real *kpt, const real *w,
                           const real *v, real *out, real *weights) noexcept nogil:
     cdef Py_ssize_t nrb = (p.L + p.block_r - 1) // p.block_r
     cdef Py_ssize_t nitems = p.nbatch * nrb
-    cdef Py_ssize_t item, b, rb, r, r0, rows, j
+    cdef Py_ssize_t item, b, rb, r, r0, rows, lo, hi, ldp
     cdef int state, kind
     cdef real *scratch
-    cdef real *s
+    cdef Py_ssize_t *span
     cdef real *srow
-    cdef const real *qrow
-    cdef const real *kb
-    cdef const uint8_t *keep
+    cdef real *dest
+    cdef real *pb
     cdef const void *mrow
 
     if nitems == 0:
         return
-    scratch = NULL   # (set per thread below)
+    scratch = NULL   # (both set per thread below)
+    span = NULL
     with nogil, parallel(num_threads=p.nthreads):
-        scratch = NULL
-        if weights == NULL:
-            scratch = <real *>malloc(p.block_r * p.S * sizeof(real))
+        # per thread: a block_r x ldk score block, then 2 span ends per row
+        scratch = <real *>malloc(p.block_r * p.ldk * sizeof(real)
+                                 + 2 * p.block_r * sizeof(Py_ssize_t))
+        span = <Py_ssize_t *>(scratch + p.block_r * p.ldk)
         for item in prange(nitems, schedule='dynamic'):
-            if weights == NULL and scratch == NULL:
+            if scratch == NULL:
                 p.alloc_failed = 1
             else:
                 b = item // nrb
@@ -68,62 +213,64 @@ cdef void additive_kernel(AdditiveProblem *p, const real *qp, const real *kp, co
                 rows = p.L - r0
                 if rows > p.block_r:
                     rows = p.block_r
-                s = scratch if weights == NULL else weights + (b * p.L + r0) * p.S
                 state = BLOCK_FULL
                 if p.mask.bmap != NULL:
                     state = p.mask.bmap[p.mask.bmap_off[b] + rb * p.mask.bmap_rs]
                 kind = MASK_NONE if state == BLOCK_FULL else p.mask.kind
-                kb = kp + p.k_off[b]
+                if state != BLOCK_SKIP:
+                    score_rows(p, b, r0, rows, kind, qp, kpt, w, scratch, span)
                 for r in range(rows):
-                    srow = s + r * p.S
+                    srow = scratch + r * p.ldk
+                    dest = srow if weights == NULL else weights + (b * p.L + r0 + r) * p.S
                     if state == BLOCK_SKIP:
-                        row_fill(srow, p.S, 0)
+                        row_fill(dest, p.S, 0)
                         continue
-                    qrow = qp + p.q_off[b] + (r0 + r) * p.ldq
                     mrow = NULL
                     if kind == MASK_BOOL:
-                        keep = (<const uint8_t *>p.mask.data) + p.mask.off[b] + (r0 + r) * p.mask.rs
-                        mrow = <const void *>keep
-                        # score[j] <- w . tanh(qp[i] + kp[j]), only for keys that are kept
-                        for j in range(p.S):
-                            if keep[j * p.mask.cs]:
-                                srow[j] = row_tanh_dot(qrow, kb + j * p.ldk, w, p.h)
-                            else:
-                                srow[j] = -INFINITY
-                    else:
-                        if kind != MASK_NONE:
-                            mrow = <const void *>((<const real *>p.mask.data) + p.mask.off[b]
-                                                  + (r0 + r) * p.mask.rs)
-                        for j in range(p.S):
-                            srow[j] = row_tanh_dot(qrow, kb + j * p.ldk, w, p.h)
-                    # srow <- softmax(srow + mask)
-                    softmax_row(srow, srow, NULL, p.S, p.S, 1, mrow, kind, p.mask.cs, False)
+                        mrow = <const void *>((<const uint8_t *>p.mask.data) + p.mask.off[b]
+                                              + (r0 + r) * p.mask.rs)
+                        # keys outside the scored span are all masked: give them -inf
+                        lo = min(span[2 * r], p.S)
+                        hi = min(span[2 * r + 1], p.S)
+                        row_fill(srow, lo, -INFINITY)
+                        row_fill(srow + hi, p.S - hi, -INFINITY)
+                    elif kind != MASK_NONE:
+                        mrow = <const void *>((<const real *>p.mask.data) + p.mask.off[b]
+                                              + (r0 + r) * p.mask.rs)
+                    # dest <- softmax(srow + mask)
+                    softmax_row(srow, dest, NULL, p.S, p.S, 1, mrow, kind, p.mask.cs, False)
                 # out[r0:r0+rows] <- p @ value
                 if p.ev > 0:
-                    gemm_ab(<int>rows, <int>p.ev, <int>p.S, 1, s, <int>p.S,
+                    pb = scratch
+                    ldp = p.ldk
+                    if weights != NULL:
+                        pb = weights + (b * p.L + r0) * p.S
+                        ldp = p.S
+                    gemm_ab(<int>rows, <int>p.ev, <int>p.S, 1, pb, <int>ldp,
                             v + p.v_off[b], <int>p.ldv, 0, out + (b * p.L + r0) * p.ev,
                             <int>p.ev)
         free(scratch)
     # end: with nogil, parallel
 
 
-def additive(cnp.ndarray qp, cnp.ndarray kp, cnp.ndarray w, cnp.ndarray v,
+def additive(cnp.ndarray qp, cnp.ndarray kpt, cnp.ndarray w, cnp.ndarray v,
              cnp.ndarray out, object weights,
-             cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off,
-             Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv,
-             Py_ssize_t L, Py_ssize_t S, Py_ssize_t h, Py_ssize_t ev,
+             cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off, Py_ssize_t ldv,
+             Py_ssize_t L, Py_ssize_t S, Py_ssize_t ev,
              object mask, int block_r, int nthreads):
     """Run the additive-attention kernel. Private: `fastattn.scoring` validates everything.
 
-    All arrays share one dtype (float32 or float64). qp, kp, v are base arrays with
-    per-batch element offsets (intp vectors); w is contiguous (h,); out is C-contiguous
-    (nbatch, L, ev); weights is C-contiguous (nbatch, L, S) or None. mask is a
+    All arrays share one dtype (float32 or float64) and are C-contiguous unless stated:
+    qp holds (L, h) query projections and kpt (h, ldk) transposed key projections, with
+    ldk = kpt.shape[-1] a multiple of KEY_PAD and >= S; q_off, k_off, v_off (intp) give
+    each batch's element offset into qp, kpt and v (value base array, row stride ldv);
+    w is (h,); out is (nbatch, L, ev); weights is (nbatch, L, S) or None. mask is a
     `fastattn._layout.PreparedMask` built with block_q = block_r, block_k = S, or None.
-    S must be at least 1.
+    S must be at least 1. BLAS must be single-threaded.
     """
     cdef AdditiveProblem p
     cdef void *qd = cnp.PyArray_DATA(qp)
-    cdef void *kd = cnp.PyArray_DATA(kp)
+    cdef void *kd = cnp.PyArray_DATA(kpt)
     cdef void *wd = cnp.PyArray_DATA(w)
     cdef void *vd = cnp.PyArray_DATA(v)
     cdef void *od = cnp.PyArray_DATA(out)
@@ -133,13 +280,12 @@ def additive(cnp.ndarray qp, cnp.ndarray kp, cnp.ndarray w, cnp.ndarray v,
     p.nbatch = q_off.shape[0]
     p.L = L
     p.S = S
-    p.h = h
+    p.h = w.shape[0]
     p.ev = ev
+    p.ldk = kpt.shape[kpt.ndim - 1]
     p.q_off = intp_data(q_off)
     p.k_off = intp_data(k_off)
     p.v_off = intp_data(v_off)
-    p.ldq = ldq
-    p.ldk = ldk
     p.ldv = ldv
     p.mask = mask_view(mask)
     p.block_r = block_r
@@ -156,3 +302,36 @@ def additive(cnp.ndarray qp, cnp.ndarray kp, cnp.ndarray w, cnp.ndarray v,
                                     <double *>pd)
     if p.alloc_failed:
         raise MemoryError("fastattn: a kernel thread could not allocate its score block")
+
+
+def tanh_scores(cnp.ndarray a, cnp.ndarray kpt, cnp.ndarray w):
+    """``s[j] = sum_c w[c] * tanh(a[c] + kpt[c, j])``: the kernel's score routine for one
+    query, exposed for its tests. a, w: (h,); kpt: (h, n), n a multiple of KEY_PAD; all
+    C-contiguous float32 or all float64.
+    """
+    if not (a.dtype == kpt.dtype == w.dtype and a.dtype in (np.float32, np.float64)):
+        raise TypeError(f"a, kpt and w must all be float32 or all float64, got {a.dtype}, "
+                        f"{kpt.dtype}, {w.dtype}")
+    if (a.ndim != 1 or w.ndim != 1 or kpt.ndim != 2 or w.shape[0] != a.shape[0]
+            or kpt.shape[0] != a.shape[0] or kpt.shape[1] % KEY_PAD):
+        raise ValueError(f"need a (h,), kpt (h, n) with n a multiple of {KEY_PAD}, w (h,): "
+                         f"got {(<object>a).shape}, {(<object>kpt).shape}, "
+                         f"{(<object>w).shape}")
+    if not (a.flags.c_contiguous and kpt.flags.c_contiguous and w.flags.c_contiguous):
+        raise ValueError("a, kpt and w must be C-contiguous")
+    cdef Py_ssize_t h = kpt.shape[0]
+    cdef Py_ssize_t n = kpt.shape[1]
+    cdef cnp.ndarray s = np.empty(n, dtype=a.dtype)
+    cdef void *ad = cnp.PyArray_DATA(a)
+    cdef void *kd = cnp.PyArray_DATA(kpt)
+    cdef void *wd = cnp.PyArray_DATA(w)
+    cdef void *sd = cnp.PyArray_DATA(s)
+    cdef bint is_f32 = a.dtype == np.float32
+    with nogil:
+        if is_f32:
+            row_tanh_scores[float](<const float *>ad, <const float *>kd, n, <const float *>wd,
+                                   h, n, <float *>sd)
+        else:
+            row_tanh_scores[double](<const double *>ad, <const double *>kd, n,
+                                    <const double *>wd, h, n, <double *>sd)
+    return s

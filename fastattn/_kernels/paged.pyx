@@ -4,16 +4,22 @@
 # (..., Ev); sequence b owns the blocks table[b, :ceil(len_b / block_size)] in order.
 # Blocks are read where they are: nothing is gathered into a contiguous copy.
 #
-# One work item is (sequence, kv-head, row tile, key split). Its rows are the G*T query
-# rows of the kv-head's group (G = H / H_kv query heads, T new tokens each), so every
-# key/value block is read once for all of them. The item walks its key blocks in chunks:
-#   s   <- scale * q @ k_chunk.T           (one call per block: small-GEMM loops or BLAS)
+# One work item is (sequence, head group, row tile, key split). Its rows are, for each
+# kv-head of the group, a tile of the G*T query rows that share that kv-head (G = H / H_kv
+# query heads, T new tokens each), so every key/value block is read once for all of them.
+# When a kv-head has few rows (decoding), a group holds several kv-heads: a block stores
+# its heads next to each other, so the item then reads each block's keys (and values) as
+# one contiguous run instead of one short piece per kv-head, which streams faster
+# (measured in paged.py). Each product prefetches the piece `prefetch` pieces ahead in
+# the item's read order (piece_at), spread over its loop.
+# The item walks its key blocks in chunks:
+#   s   <- scale * q @ k_chunk.T       (per block and kv-head: small-GEMM loops or BLAS)
 #   online softmax of each row over its visible columns               (tile core)
-#   acc <- acc + p @ v_chunk               (one call per block)
+#   acc <- acc + p @ v_chunk           (per block and kv-head)
 # then writes its rows:
 #   nsplit == 1: straight into `out` (and `lse`), normalised;
 #   nsplit > 1 : into partial buffers merged by their log-sum-exp (flash-decoding), used
-#                when (sequence, kv-head) pairs alone cannot keep every thread busy.
+#                when the items alone cannot keep every thread busy.
 # Extra memory is per thread: one rows x chunk score tile plus m and l.
 
 from cython.parallel cimport prange, parallel
@@ -42,10 +48,11 @@ cdef struct PagedProblem:
     const Py_ssize_t *lens
     # causal: row t of T sees keys j < len - T + 1 + t (bottom-right aligned)
     bint causal
-    # tiling and threads
-    int row_tile, chunk_blocks, nsplit, nthreads
+    # tiling: a tile is tile_heads kv-heads x row_tile of each one's R rows (row_tile == R
+    # when tile_heads > 1); chunk_blocks key blocks per online-softmax update
+    int tile_heads, row_tile, chunk_blocks, nsplit, nthreads
     bint use_blas
-    # software prefetch distance in key blocks (0: none)
+    # software prefetch distance in pieces (one kv-head of one block; 0: none)
     int prefetch
     # set by a thread that could not allocate its scratch (its items are not computed)
     int alloc_failed
@@ -60,16 +67,45 @@ cdef inline Py_ssize_t visible_keys(const PagedProblem *p, Py_ssize_t length,
     return n if n > 0 else 0
 
 
+cdef inline const real *piece_at(const PagedProblem *p, const real *kpool, const real *vpool,
+                                 Py_ssize_t b, Py_ssize_t h0, Py_ssize_t nh, Py_ssize_t piece,
+                                 Py_ssize_t kb_lo, Py_ssize_t kb_hi,
+                                 Py_ssize_t *nbytes) noexcept nogil:
+    # Start and size of piece number `piece` of an item's reads, in the order it reads
+    # them: chunk by chunk, the keys of the chunk's blocks (block by block, each block's
+    # nh kv-heads in memory order), then their values. A piece is one kv-head of one
+    # block. NULL past the item's last block.
+    cdef Py_ssize_t per = 2 * p.chunk_blocks * nh
+    cdef Py_ssize_t start = kb_lo + piece // per * p.chunk_blocks
+    cdef Py_ssize_t within = piece % per
+    cdef Py_ssize_t n = kb_hi - start
+    if n > p.chunk_blocks:
+        n = p.chunk_blocks
+    if n <= 0 or within >= 2 * n * nh:
+        return NULL
+    if within < n * nh:
+        nbytes[0] = ((p.block_size - 1) * p.ldk + p.e) * sizeof(real)
+        return (kpool + p.table[b * p.table_ld + start + within // nh] * p.k_bs
+                + (h0 + within % nh) * p.k_hs)
+    within = within - n * nh
+    nbytes[0] = ((p.block_size - 1) * p.ldv + p.ev) * sizeof(real)
+    return (vpool + p.table[b * p.table_ld + start + within // nh] * p.v_bs
+            + (h0 + within % nh) * p.v_hs)
+
+
 cdef void paged_kernel(PagedProblem *p, real scale, const real *q, const real *kpool,
                        const real *vpool, real *out, real *lse,
                        real *part_out, real *part_lse) noexcept nogil:
     cdef Py_ssize_t ntiles = (p.R + p.row_tile - 1) // p.row_tile
-    cdef Py_ssize_t nitems = p.nbatch * p.nkv * ntiles * p.nsplit
+    cdef Py_ssize_t ngroups = (p.nkv + p.tile_heads - 1) // p.tile_heads
+    cdef Py_ssize_t nitems = p.nbatch * ngroups * ntiles * p.nsplit
     cdef Py_ssize_t chunk = <Py_ssize_t>p.chunk_blocks * p.block_size
     cdef Py_ssize_t bs = p.block_size
-    cdef Py_ssize_t item, t, b, kvh, tile, split, r, r0, rows, row0, ldacc
+    cdef Py_ssize_t tile_rows = <Py_ssize_t>p.tile_heads * p.row_tile
+    cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
+    cdef Py_ssize_t item, t, b, h0, nh, hh, tile, split, r, r0, rows, row0, ldacc, acc_step
     cdef Py_ssize_t length, hi, nblk, per, kb_lo, kb_hi, c_lo, c_hi, kb, k0, ncols, cols, vis
-    cdef Py_ssize_t blk, off
+    cdef Py_ssize_t blk, off, piece, cn, cl, pf_bytes
     cdef bint any_row
     cdef real *s
     cdef real *m
@@ -80,14 +116,15 @@ cdef void paged_kernel(PagedProblem *p, real scale, const real *q, const real *k
     cdef const real *qt
     cdef const real *kb_ptr
     cdef const real *vb_ptr
+    cdef const real *pf
     cdef int nt = p.nthreads
 
     if nitems == 0:
         return
     with nogil, parallel(num_threads=nt):
-        s = <real *>malloc(p.row_tile * chunk * sizeof(real))
-        m = <real *>malloc(p.row_tile * sizeof(real))
-        l = <real *>malloc(p.row_tile * sizeof(real))
+        s = <real *>malloc(tile_rows * chunk * sizeof(real))
+        m = <real *>malloc(tile_rows * sizeof(real))
+        l = <real *>malloc(tile_rows * sizeof(real))
         # Every thread must reach the prange (a worksharing loop); one without scratch
         # only flags the failure.
         for item in prange(nitems, schedule='dynamic'):
@@ -98,15 +135,25 @@ cdef void paged_kernel(PagedProblem *p, real scale, const real *q, const real *k
                 t = item // p.nsplit
                 tile = t % ntiles
                 t = t // ntiles
-                kvh = t % p.nkv
-                b = t // p.nkv
+                h0 = (t % ngroups) * p.tile_heads
+                b = t // ngroups
+                nh = p.nkv - h0
+                if nh > p.tile_heads:
+                    nh = p.tile_heads
                 r0 = tile * p.row_tile
                 rows = p.R - r0
                 if rows > p.row_tile:
                     rows = p.row_tile
-                # rows of the whole group, in out's (B, H, T) order: head kvh * G + g, token t
-                row0 = (b * p.nkv + kvh) * p.R + r0
-                qt = q + row0 * p.e
+                # kv-head h0 + hh owns the rows (b * nkv + h0 + hh) * R + r0 + [0, rows) of
+                # out's (B, H, T) order: query head (h0 + hh) * G + g, token t
+                row0 = (b * p.nkv + h0) * p.R + r0
+                # split s accumulates into its own copy of out, part_out[s] (rows next to
+                # each other: rows nsplit * ev apart would share cache sets)
+                acc = out + row0 * p.ev
+                if p.nsplit > 1:
+                    acc = part_out + (split * nrows + row0) * p.ev
+                ldacc = p.ev
+                acc_step = p.R * ldacc          # from one kv-head's rows to the next's
 
                 # keys any row of the tile sees: [0, hi); this split's blocks of them
                 length = p.lens[b]
@@ -122,16 +169,18 @@ cdef void paged_kernel(PagedProblem *p, real scale, const real *q, const real *k
                 if kb_hi > nblk:
                     kb_hi = nblk
 
-                if p.nsplit == 1:
-                    acc = out + row0 * p.ev
-                    ldacc = p.ev
-                else:
-                    acc = part_out + (row0 * p.nsplit + split) * p.ev
-                    ldacc = p.nsplit * p.ev
-                for r in range(rows):
-                    row_fill(acc + r * ldacc, p.ev, 0)
-                    m[r] = -INFINITY
-                    l[r] = 0
+                for hh in range(nh):
+                    for r in range(rows):
+                        row_fill(acc + hh * acc_step + r * ldacc, p.ev, 0)
+                        m[hh * rows + r] = -INFINITY
+                        l[hh * rows + r] = 0
+                # the first p.prefetch pieces; each product below prefetches the piece
+                # that far ahead of its own
+                for piece in range(p.prefetch):
+                    pf = piece_at(p, kpool, vpool, b, h0, nh, piece, kb_lo, kb_hi, &pf_bytes)
+                    if pf == NULL:
+                        break
+                    prefetch_rows(pf, 1, pf_bytes // sizeof(real))
 
                 c_lo = kb_lo
                 while c_lo < kb_hi:
@@ -143,67 +192,89 @@ cdef void paged_kernel(PagedProblem *p, real scale, const real *q, const real *k
                     if ncols > hi:
                         ncols = hi
                     ncols = ncols - k0
+                    # pieces before this chunk's, and in its keys (see piece_at)
+                    cn = (c_lo - kb_lo) // p.chunk_blocks * 2 * p.chunk_blocks * nh
+                    cl = (c_hi - c_lo) * nh
 
-                    # s[:, chunk] <- scale * q @ k_chunk.T, block by block
+                    # s[hh, :, chunk] <- scale * q_hh @ k_chunk.T, block by block, each
+                    # block's kv-heads in memory order
                     for kb in range(c_lo, c_hi):
                         blk = p.table[b * p.table_ld + kb]
-                        kb_ptr = kpool + blk * p.k_bs + kvh * p.k_hs
-                        if p.prefetch:
-                            # this block's values (read after the softmax) and the keys
-                            # p.prefetch blocks ahead
-                            prefetch_rows(vpool + blk * p.v_bs + kvh * p.v_hs, bs, p.ldv)
-                            if kb + p.prefetch < kb_hi:
-                                prefetch_rows(kpool + p.table[b * p.table_ld + kb + p.prefetch]
-                                              * p.k_bs + kvh * p.k_hs, bs, p.ldk)
                         off = (kb - c_lo) * bs
                         cols = ncols - off
                         if cols > bs:
                             cols = bs
-                        if p.use_blas:
-                            gemm_abt(<int>rows, <int>cols, p.e, scale, qt, p.e, kb_ptr,
-                                     <int>p.ldk, 0, s + off, <int>chunk)
-                        else:
-                            gemm_abt_small(rows, cols, p.e, scale, qt, p.e, kb_ptr, p.ldk,
-                                           s + off, chunk)
+                        for hh in range(nh):
+                            kb_ptr = kpool + blk * p.k_bs + (h0 + hh) * p.k_hs
+                            qt = q + (row0 + hh * p.R) * p.e
+                            srow = s + hh * rows * chunk + off
+                            pf = NULL
+                            if p.prefetch:
+                                pf = piece_at(p, kpool, vpool, b, h0, nh,
+                                              cn + (kb - c_lo) * nh + hh + p.prefetch,
+                                              kb_lo, kb_hi, &pf_bytes)
+                            if p.use_blas:
+                                if pf != NULL:
+                                    prefetch_rows(pf, 1, pf_bytes // sizeof(real))
+                                gemm_abt(<int>rows, <int>cols, p.e, scale, qt, p.e, kb_ptr,
+                                         <int>p.ldk, 0, srow, <int>chunk)
+                            else:
+                                gemm_abt_small(rows, cols, p.e, scale, qt, p.e, kb_ptr, p.ldk,
+                                               srow, chunk, pf, pf_bytes)
 
                     # fold each row's visible columns into its online softmax;
                     # s then holds the probabilities (0 where not visible)
                     any_row = False
-                    for r in range(rows):
-                        srow = s + r * chunk
-                        vis = visible_keys(p, length, r0 + r) - k0
-                        if vis > ncols:
-                            vis = ncols
-                        if vis <= 0:
-                            row_fill(srow, ncols, 0)
-                            continue
-                        if online_softmax_row(srow, 0, vis, ncols, row_max(srow, vis),
-                                              m + r, l + r, acc + r * ldacc, p.ev):
-                            any_row = True
+                    for hh in range(nh):
+                        for r in range(rows):
+                            srow = s + (hh * rows + r) * chunk
+                            vis = visible_keys(p, length, r0 + r) - k0
+                            if vis > ncols:
+                                vis = ncols
+                            if vis <= 0:
+                                row_fill(srow, ncols, 0)
+                                continue
+                            if online_softmax_row(srow, 0, vis, ncols, row_max(srow, vis),
+                                                  m + hh * rows + r, l + hh * rows + r,
+                                                  acc + hh * acc_step + r * ldacc, p.ev):
+                                any_row = True
 
-                    # acc <- acc + p @ v_chunk, block by block
+                    # acc_hh <- acc_hh + p_hh @ v_chunk, block by block
                     if any_row:
                         for kb in range(c_lo, c_hi):
                             blk = p.table[b * p.table_ld + kb]
-                            vb_ptr = vpool + blk * p.v_bs + kvh * p.v_hs
                             off = (kb - c_lo) * bs
                             cols = ncols - off
                             if cols > bs:
                                 cols = bs
-                            if p.use_blas:
-                                gemm_ab(<int>rows, p.ev, <int>cols, 1, s + off, <int>chunk,
-                                        vb_ptr, <int>p.ldv, 1, acc, <int>ldacc)
-                            else:
-                                gemm_ab_acc_small(rows, p.ev, cols, s + off, chunk,
-                                                  vb_ptr, p.ldv, acc, ldacc)
+                            for hh in range(nh):
+                                vb_ptr = vpool + blk * p.v_bs + (h0 + hh) * p.v_hs
+                                srow = s + hh * rows * chunk + off
+                                pf = NULL
+                                if p.prefetch:
+                                    pf = piece_at(p, kpool, vpool, b, h0, nh,
+                                                  cn + cl + (kb - c_lo) * nh + hh + p.prefetch,
+                                                  kb_lo, kb_hi, &pf_bytes)
+                                if p.use_blas:
+                                    if pf != NULL:
+                                        prefetch_rows(pf, 1, pf_bytes // sizeof(real))
+                                    gemm_ab(<int>rows, p.ev, <int>cols, 1, srow, <int>chunk,
+                                            vb_ptr, <int>p.ldv, 1, acc + hh * acc_step,
+                                            <int>ldacc)
+                                else:
+                                    gemm_ab_acc_small(rows, p.ev, cols, srow, chunk, vb_ptr,
+                                                      p.ldv, acc + hh * acc_step, ldacc,
+                                                      pf, pf_bytes)
                     c_lo = c_hi
 
-                for r in range(rows):
-                    if p.nsplit == 1:
-                        lse_row = (lse + row0 + r) if lse != NULL else NULL
-                    else:
-                        lse_row = part_lse + (row0 + r) * p.nsplit + split
-                    finish_row(acc + r * ldacc, p.ev, m[r], l[r], lse_row)
+                for hh in range(nh):
+                    for r in range(rows):
+                        if p.nsplit == 1:
+                            lse_row = (lse + row0 + hh * p.R + r) if lse != NULL else NULL
+                        else:
+                            lse_row = part_lse + (row0 + hh * p.R + r) * p.nsplit + split
+                        finish_row(acc + hh * acc_step + r * ldacc, p.ev, m[hh * rows + r],
+                                   l[hh * rows + r], lse_row)
         free(s)
         free(m)
         free(l)
@@ -211,23 +282,24 @@ cdef void paged_kernel(PagedProblem *p, real scale, const real *q, const real *k
 
     if p.nsplit > 1 and not p.alloc_failed:
         for item in prange(p.nbatch * p.nkv * p.R, schedule='static', num_threads=nt):
-            merge_partial_row(part_out + item * p.nsplit * p.ev, part_lse + item * p.nsplit,
-                              p.nsplit, p.ev, p.ev, out + item * p.ev,
+            merge_partial_row(part_out + item * p.ev, part_lse + item * p.nsplit,
+                              p.nsplit, nrows * p.ev, p.ev, out + item * p.ev,
                               (lse + item) if lse != NULL else NULL)
 
 
 def paged_attention(cnp.ndarray q, cnp.ndarray key_blocks, cnp.ndarray value_blocks,
                     cnp.ndarray table, cnp.ndarray lens, cnp.ndarray out, object lse,
                     Py_ssize_t nkv, Py_ssize_t T, double scale, bint causal,
-                    int row_tile, int chunk_blocks, int nsplit, bint use_blas, int prefetch,
-                    int nthreads):
+                    int tile_heads, int row_tile, int chunk_blocks, int nsplit, bint use_blas,
+                    int prefetch, int nthreads):
     """Run the paged kernel. Private: `fastattn.paged_attention` validates every argument.
 
     q is C-contiguous (B, H, T, E); key_blocks / value_blocks are (N, H_kv, block_size,
     E / Ev) with unit last stride and element-multiple strides; all three share one dtype
     (float32 or float64). table is C-contiguous intp (B, max_blocks) whose entries below
     ceil(visible length / block_size) are valid block ids; lens is intp (B,). out is
-    C-contiguous (B, H, T, Ev); lse is (B, H, T) or None.
+    C-contiguous (B, H, T, Ev); lse is (B, H, T) or None. A tile is tile_heads kv-heads x
+    row_tile rows of each (row_tile == G * T when tile_heads > 1).
     """
     cdef PagedProblem p
     cdef cnp.ndarray part_out = None, part_lse = None
@@ -259,6 +331,7 @@ def paged_attention(cnp.ndarray q, cnp.ndarray key_blocks, cnp.ndarray value_blo
     p.table_ld = table.shape[1]
     p.lens = intp_data(lens)
     p.causal = causal
+    p.tile_heads = tile_heads
     p.row_tile = row_tile
     p.chunk_blocks = chunk_blocks
     p.nsplit = nsplit

@@ -368,10 +368,6 @@ cdef extern from "vecmath.h" nogil:
     void fa_copy_scale_f64(double *y, const double *x, Py_ssize_t n, double a)
     void fa_add_const_f32(float *x, Py_ssize_t n, float c)
     void fa_add_const_f64(double *x, Py_ssize_t n, double c)
-    float fa_tanh_dot_f32(const float *a, const float *b, const float *w, Py_ssize_t n)
-    double fa_tanh_dot_f64(const double *a, const double *b, const double *w, Py_ssize_t n)
-    float fa_tanh_f32(float x)
-    double fa_tanh_f64(double x)
 
 cdef inline void row_copy_scale(real *y, const real *x, Py_ssize_t n, real a) noexcept nogil:
     if real is float:
@@ -384,13 +380,6 @@ cdef inline void row_add_const(real *x, Py_ssize_t n, real c) noexcept nogil:
         fa_add_const_f32(x, n, c)
     else:
         fa_add_const_f64(x, n, c)
-
-cdef inline real row_tanh_dot(const real *a, const real *b, const real *w,
-                              Py_ssize_t n) noexcept nogil:
-    if real is float:
-        return fa_tanh_dot_f32(a, b, w, n)
-    else:
-        return fa_tanh_dot_f64(a, b, w, n)
 
 
 cdef inline void softmax_row(const real *x, real *y, real *scratch, Py_ssize_t n,
@@ -424,41 +413,64 @@ cdef inline void softmax_row(const real *x, real *y, real *scratch, Py_ssize_t n
         row_scale(y, visible, 1 / total)
 
 
+# ---- additive (Bahdanau) scores (additive.pyx) ---------------------------------------
+
+cdef extern from "vecmath.h" nogil:
+    enum: FA_TANH_KEY_PAD
+    void fa_tanh_scores_f32(const float *a, const float *bt, Py_ssize_t ldb, const float *w,
+                            Py_ssize_t h, Py_ssize_t n, float *s)
+    void fa_tanh_scores_f64(const double *a, const double *bt, Py_ssize_t ldb,
+                            const double *w, Py_ssize_t h, Py_ssize_t n, double *s)
+
+cdef inline void row_tanh_scores(const real *a, const real *bt, Py_ssize_t ldb, const real *w,
+                                 Py_ssize_t h, Py_ssize_t n, real *s) noexcept nogil:
+    # s[j] <- sum_c w[c] * tanh(a[c] + bt[c * ldb + j]) for j < n, a multiple of
+    # FA_TANH_KEY_PAD (one query against the key columns of bt: h x n, row stride ldb)
+    if real is float:
+        fa_tanh_scores_f32(a, bt, ldb, w, h, n, s)
+    else:
+        fa_tanh_scores_f64(a, bt, ldb, w, h, n, s)
+
+
 # ---- small GEMMs for decoding: a few query rows against one key/value block (paged.pyx) ----
 # Same row-major meaning as gemm_abt / gemm_ab, as vector loops: for a handful of rows
-# a BLAS call costs more than its arithmetic.
+# a BLAS call costs more than its arithmetic. Each also prefetches pf[0:pf_bytes] (the
+# piece the caller reads next but one, or NULL), spread over its loop (see vecmath.h).
 
 cdef extern from "vecmath.h" nogil:
     void fa_gemm_abt_small_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float alpha,
                                const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
-                               float *c, Py_ssize_t ldc)
+                               float *c, Py_ssize_t ldc, const void *pf, Py_ssize_t pf_bytes)
     void fa_gemm_abt_small_f64(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, double alpha,
                                const double *a, Py_ssize_t lda, const double *b, Py_ssize_t ldb,
-                               double *c, Py_ssize_t ldc)
+                               double *c, Py_ssize_t ldc, const void *pf, Py_ssize_t pf_bytes)
     void fa_gemm_ab_acc_small_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                   const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
-                                  float *c, Py_ssize_t ldc)
+                                  float *c, Py_ssize_t ldc, const void *pf, Py_ssize_t pf_bytes)
     void fa_gemm_ab_acc_small_f64(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                   const double *a, Py_ssize_t lda, const double *b,
-                                  Py_ssize_t ldb, double *c, Py_ssize_t ldc)
+                                  Py_ssize_t ldb, double *c, Py_ssize_t ldc, const void *pf,
+                                  Py_ssize_t pf_bytes)
 
 cdef inline void gemm_abt_small(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, real alpha,
                                 const real *a, Py_ssize_t lda, const real *b, Py_ssize_t ldb,
-                                real *c, Py_ssize_t ldc) noexcept nogil:
+                                real *c, Py_ssize_t ldc, const void *pf,
+                                Py_ssize_t pf_bytes) noexcept nogil:
     # c[m, n] = alpha * a[m, k] @ b[n, k].T
     if real is float:
-        fa_gemm_abt_small_f32(m, n, k, alpha, a, lda, b, ldb, c, ldc)
+        fa_gemm_abt_small_f32(m, n, k, alpha, a, lda, b, ldb, c, ldc, pf, pf_bytes)
     else:
-        fa_gemm_abt_small_f64(m, n, k, alpha, a, lda, b, ldb, c, ldc)
+        fa_gemm_abt_small_f64(m, n, k, alpha, a, lda, b, ldb, c, ldc, pf, pf_bytes)
 
 cdef inline void gemm_ab_acc_small(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                    const real *a, Py_ssize_t lda, const real *b, Py_ssize_t ldb,
-                                   real *c, Py_ssize_t ldc) noexcept nogil:
+                                   real *c, Py_ssize_t ldc, const void *pf,
+                                   Py_ssize_t pf_bytes) noexcept nogil:
     # c[m, n] += a[m, k] @ b[k, n]
     if real is float:
-        fa_gemm_ab_acc_small_f32(m, n, k, a, lda, b, ldb, c, ldc)
+        fa_gemm_ab_acc_small_f32(m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes)
     else:
-        fa_gemm_ab_acc_small_f64(m, n, k, a, lda, b, ldb, c, ldc)
+        fa_gemm_ab_acc_small_f64(m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes)
 
 cdef extern from "vecmath.h" nogil:
     void fa_prefetch(const void *p, Py_ssize_t nbytes)

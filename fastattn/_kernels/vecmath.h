@@ -224,42 +224,9 @@ FA_VECTOR static T fa_dot_##SFX(const T *x, const T *y, ptrdiff_t n)            
 FA_DEFINE_ROW_ROUTINES(float, int32_t, f32, fa_expneg_f32)
 FA_DEFINE_ROW_ROUTINES(double, int64_t, f64, fa_expneg_f64)
 
-/* ---- softmax and additive-attention helpers (softmax.pyx, additive.pyx) ------------ */
+/* ---- softmax helpers (softmax.pyx) ------------------------------------------------- */
 
-/* tanh, branch-free (both branches computed, one selected) so loops vectorise.
- * |x| < 0.625: Cephes odd polynomial/rational approximation (no cancellation near 0);
- * else (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 0.29]. NaN propagates, +-inf -> +-1.
- * Error: float < 3 ulp, double < 2 ulp (checked against np.tanh in the tests). */
-static inline float fa_tanh_f32(float x)
-{
-    float ax = fabsf(x);
-    float z = x * x;
-    float p = -5.70498872745E-3f;
-    p = p * z + 2.06390887954E-2f;
-    p = p * z - 5.37397155531E-2f;
-    p = p * z + 1.33314422036E-1f;
-    p = p * z - 3.33332819422E-1f;
-    float small = p * z * x + x;
-    float e = fa_expneg_f32(-2.0f * ax);
-    float big = copysignf((1.0f - e) / (1.0f + e), x);
-    return ax < 0.625f ? small : big;
-}
-
-static inline double fa_tanh_f64(double x)
-{
-    double ax = fabs(x);
-    double z = x * x;
-    double p = (-9.64399179425052238628E-1 * z - 9.92877231001918586564E1) * z
-               - 1.61468768441708447952E3;
-    double q = ((z + 1.12811678491632931402E2) * z + 2.23548839060100448583E3) * z
-               + 4.84406305325125486048E3;
-    double small = x + x * z * (p / q);
-    double e = fa_expneg_f64(-2.0 * ax);
-    double big = copysign((1.0 - e) / (1.0 + e), x);
-    return ax < 0.625 ? small : big;
-}
-
-#define FA_DEFINE_SOFTMAX_ROUTINES(T, SFX, TANH)                                            \
+#define FA_DEFINE_SOFTMAX_ROUTINES(T, SFX)                                                  \
                                                                                            \
 /* y[j] = a * x[j]   (y may be x) */                                                       \
 FA_VECTOR static void fa_copy_scale_##SFX(T *y, const T *x, ptrdiff_t n, T a)              \
@@ -271,45 +238,239 @@ FA_VECTOR static void fa_copy_scale_##SFX(T *y, const T *x, ptrdiff_t n, T a)   
 FA_VECTOR static void fa_add_const_##SFX(T *x, ptrdiff_t n, T c)                           \
 {                                                                                          \
     for (ptrdiff_t j = 0; j < n; j++) x[j] += c;                                           \
-}                                                                                          \
-                                                                                           \
-/* sum_j w[j] * tanh(a[j] + b[j])   (the Bahdanau score of one query/key pair) */          \
-FA_VECTOR static T fa_tanh_dot_##SFX(const T *a, const T *b, const T *w, ptrdiff_t n)      \
-{                                                                                          \
-    T acc[FA_LANES];                                                                       \
-    for (int k = 0; k < FA_LANES; k++) acc[k] = 0;                                         \
-    ptrdiff_t j = 0;                                                                       \
-    for (; j + FA_LANES <= n; j += FA_LANES)                                               \
-        for (int k = 0; k < FA_LANES; k++)                                                 \
-            acc[k] += w[j + k] * TANH(a[j + k] + b[j + k]);                                \
-    T s = 0;                                                                               \
-    for (; j < n; j++) s += w[j] * TANH(a[j] + b[j]);                                      \
-    for (int k = 0; k < FA_LANES; k++) s += acc[k];                                        \
-    return s;                                                                              \
 }
 
-FA_DEFINE_SOFTMAX_ROUTINES(float, f32, fa_tanh_f32)
-FA_DEFINE_SOFTMAX_ROUTINES(double, f64, fa_tanh_f64)
+FA_DEFINE_SOFTMAX_ROUTINES(float, f32)
+FA_DEFINE_SOFTMAX_ROUTINES(double, f64)
+
+/* ---- additive (Bahdanau) scores (additive.pyx) ------------------------------------- */
+
+/* tanh(x) = x P(x^2) / Q(x^2) for |x| <= c, exactly +-1 beyond c and at +-inf; NaN stays
+ * NaN, -0 stays -0. P/Q is the minimax rational approximation of tanh(x)/x in relative
+ * error on [0, r] (a rational Remez exchange in 50-digit arithmetic); all coefficients are
+ * positive, so the Horner sums never cancel; P(0) = Q(0) = 1, so tanh(x) = x for tiny x.
+ * c < r where the rounded quotient would pass 1 (with FMA; without, a double can still
+ * come out 1 ulp above 1 between 17.6 and 17.9).
+ * One division and no exp: the exp-based formula costs an exp and two divisions.
+ *   float  [4/4], r = 9, c = 8 (1 - tanh 8 = 2.3e-7 = 3.8 ulp): approximation error
+ *          2.1e-8; over every float at most 5 ulp with FMA, 6.3 without (the rounding of
+ *          the Horner steps and the division, not the approximation).
+ *   double [9/9], r = 19.1, c = 17.9 (1 - tanh 17.9 = 5.7e-16 = 5 ulp): approximation
+ *          error 7.1e-17; against tanhl at 4e7 points at most 8 ulp with FMA, 9 without
+ *          (absolute error at most 1e-15). */
+#define FA_TANH_C_f32 8.0f
+#define FA_TANH_P_f32(z) ((((1.335465427e-08f * (z) + 2.060907536e-05f) * (z) \
+    + 3.495587735e-03f) * (z) + 1.338102520e-01f) * (z) + 1.0f)
+#define FA_TANH_Q_f32(z) ((((7.776554867e-07f * (z) + 3.285634157e-04f) * (z) \
+    + 2.587698027e-02f) * (z) + 4.671434164e-01f) * (z) + 1.0f)
+#define FA_TANH_C_f64 17.9
+#define FA_TANH_P_f64(z) (((((((((2.49253667590070978e-23 * (z) + 7.39533910468194157e-19) \
+    * (z) + 3.05867963710775499e-15) * (z) + 4.16683250094880823e-12) * (z) \
+    + 2.43914065999291102e-09) * (z) + 6.82846669615807607e-07) * (z) \
+    + 9.35896501016260840e-05) * (z) + 5.97436168427638303e-03) * (z) \
+    + 1.51803012210423777e-01) * (z) + 1.0)
+#define FA_TANH_Q_f64(z) (((((((((6.20466978273676082e-21 * (z) + 5.62020757302280071e-17) \
+    * (z) + 1.26877890550281447e-13) * (z) + 1.11031007882528970e-10) * (z) \
+    + 4.46139313586382029e-08) * (z) + 8.75180839807571201e-06) * (z) \
+    + 8.28045389918737940e-04) * (z) + 3.43531435321969975e-02) * (z) \
+    + 4.85136345543756231e-01) * (z) + 1.0)
+
+/* tanh of a vector x of the enclosing scope's types vec / ivec (IT lanes). Selects are bit
+ * masks made by a shift, not comparisons: gcc turns a vector comparison wider than the
+ * ISA's registers into scalar code. big = all ones where c - |x| < 0 (|x| > c or inf); for
+ * NaN, c - |x| is a NaN with the sign of |x|, i.e. clear, and the NaN goes through. */
+#define FA_TANH_VEC(IT, SFX, x) ({                                                         \
+    const ivec sign_ = (ivec){0} + ((IT)1 << (8 * sizeof(IT) - 1));                        \
+    vec ax_ = (vec)((ivec)(x) & ~sign_);                                                   \
+    ivec big_ = (ivec)(FA_TANH_C_##SFX - ax_) >> (8 * sizeof(IT) - 1);                     \
+    vec xc_ = (vec)((ivec)ax_ & ~big_);                                                    \
+    vec z_ = xc_ * xc_;                                                                    \
+    vec t_ = xc_ * FA_TANH_P_##SFX(z_) / FA_TANH_Q_##SFX(z_);                              \
+    (vec)((ivec)t_ | ((ivec)((vec){0} + 1) & big_) | ((ivec)(x) & sign_));                 \
+})
+
+/* Callers pad the key axis to a multiple of this many elements (64 bytes of float). */
+#define FA_TANH_KEY_PAD 16
+
+/* s[j] = sum_{c < h} w[c] * tanh(a[c] + bt[c * ldb + j])   for j < n, n a multiple of
+ * FA_TANH_KEY_PAD: the scores of one projected query a (h) against n keys whose
+ * projections are the columns of bt (h x n, row stride ldb). Vectorised over keys, so no
+ * lane sums: each step over the hidden axis broadcasts a[c] and w[c] and updates two
+ * vectors of keys (then one), as independent FMA chains. The sum over c is blocked (16
+ * terms per partial sum): one running sum of all h terms had 3x the float32 rounding
+ * error of the pairwise-summed NumPy formula. VB is the vector width in bytes. */
+#define FA_TANH_SUM_BLOCK 16
+#define FA_TANH_SCORES_BODY(T, IT, SFX, VB)                                                 \
+{                                                                                          \
+    typedef T vec __attribute__((vector_size(VB)));                                        \
+    typedef IT ivec __attribute__((vector_size(VB)));                                      \
+    enum { W = VB / sizeof(T) };                                                           \
+    ptrdiff_t j = 0;                                                                       \
+    for (; j + 2 * W <= n; j += 2 * W) {                                                   \
+        vec acc0 = {0}, acc1 = {0};                                                        \
+        for (ptrdiff_t c0 = 0; c0 < h; c0 += FA_TANH_SUM_BLOCK) {                          \
+            ptrdiff_t c1 = c0 + FA_TANH_SUM_BLOCK < h ? c0 + FA_TANH_SUM_BLOCK : h;        \
+            const T *col = bt + c0 * ldb + j;                                              \
+            vec part0 = {0}, part1 = {0};                                                  \
+            for (ptrdiff_t c = c0; c < c1; c++, col += ldb) {                              \
+                vec x0, x1;                                                                \
+                memcpy(&x0, col, sizeof x0);                                               \
+                memcpy(&x1, col + W, sizeof x1);                                           \
+                x0 += a[c];                                                                \
+                x1 += a[c];                                                                \
+                part0 += w[c] * FA_TANH_VEC(IT, SFX, x0);                                  \
+                part1 += w[c] * FA_TANH_VEC(IT, SFX, x1);                                  \
+            }                                                                              \
+            acc0 += part0;                                                                 \
+            acc1 += part1;                                                                 \
+        }                                                                                  \
+        memcpy(s + j, &acc0, sizeof acc0);                                                 \
+        memcpy(s + j + W, &acc1, sizeof acc1);                                             \
+    }                                                                                      \
+    for (; j < n; j += W) {                                                                \
+        vec acc0 = {0};                                                                    \
+        for (ptrdiff_t c0 = 0; c0 < h; c0 += FA_TANH_SUM_BLOCK) {                          \
+            ptrdiff_t c1 = c0 + FA_TANH_SUM_BLOCK < h ? c0 + FA_TANH_SUM_BLOCK : h;        \
+            const T *col = bt + c0 * ldb + j;                                              \
+            vec part0 = {0};                                                               \
+            for (ptrdiff_t c = c0; c < c1; c++, col += ldb) {                              \
+                vec x0;                                                                    \
+                memcpy(&x0, col, sizeof x0);                                               \
+                x0 += a[c];                                                                \
+                part0 += w[c] * FA_TANH_VEC(IT, SFX, x0);                                  \
+            }                                                                              \
+            acc0 += part0;                                                                 \
+        }                                                                                  \
+        memcpy(s + j, &acc0, sizeof acc0);                                                 \
+    }                                                                                      \
+}
+
+/* Unlike FA_VECTOR's clones (one vector width for all), each ISA gets its own register
+ * width: a vector wider than the registers that is carried across loop iterations (the
+ * accumulators) lives in memory, which made 64-byte vectors half as fast as 32-byte ones
+ * with AVX2, while AVX-512 runs 64-byte ones 1.5x faster (both measured on a Zen 4 core).
+ * The AVX-512 and AVX2 versions are picked at run time from the CPU's features. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+    && !defined(FASTATTN_NO_CLONES)
+#define FA_TANH_WIDTHS 1
+#else
+#define FA_TANH_WIDTHS 0
+#endif
+
+#define FA_TANH_SCORES_ARGS(T) \
+    (const T *a, const T *bt, ptrdiff_t ldb, const T *w, ptrdiff_t h, ptrdiff_t n, T *s)
+
+#if FA_TANH_WIDTHS
+#define FA_DEFINE_TANH_SCORES(T, IT, SFX)                                                   \
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))                          \
+static void fa_tanh_scores_zmm_##SFX FA_TANH_SCORES_ARGS(T)                                \
+FA_TANH_SCORES_BODY(T, IT, SFX, 64)                                                        \
+__attribute__((target("avx2,fma")))                                                        \
+static void fa_tanh_scores_ymm_##SFX FA_TANH_SCORES_ARGS(T)                                \
+FA_TANH_SCORES_BODY(T, IT, SFX, 32)                                                        \
+static void fa_tanh_scores_any_##SFX FA_TANH_SCORES_ARGS(T)                                \
+FA_TANH_SCORES_BODY(T, IT, SFX, 32)                                                        \
+static void fa_tanh_scores_##SFX FA_TANH_SCORES_ARGS(T)                                    \
+{                                                                                          \
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")            \
+        && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")        \
+        && __builtin_cpu_supports("fma"))                                                  \
+        fa_tanh_scores_zmm_##SFX(a, bt, ldb, w, h, n, s);                                  \
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))              \
+        fa_tanh_scores_ymm_##SFX(a, bt, ldb, w, h, n, s);                                  \
+    else                                                                                   \
+        fa_tanh_scores_any_##SFX(a, bt, ldb, w, h, n, s);                                  \
+}
+#else
+#define FA_DEFINE_TANH_SCORES(T, IT, SFX)                                                   \
+static void fa_tanh_scores_##SFX FA_TANH_SCORES_ARGS(T)                                    \
+FA_TANH_SCORES_BODY(T, IT, SFX, 32)
+#endif
+
+FA_DEFINE_TANH_SCORES(float, int32_t, f32)
+FA_DEFINE_TANH_SCORES(double, int64_t, f64)
 
 /* ---- small GEMMs for decoding: a few query rows against one key/value block (paged.pyx) */
 
-/* For one query row (or small calls) a BLAS call on a (rows x 16 keys) tile costs more
- * than its arithmetic; paged.py picks these loops there (with OpenBLAS, BLAS wins from 2
- * rows up). They use GCC/clang vector types (32 bytes: one AVX register, two SSE2 ones),
- * since the plain loops did not vectorise across rows. 4 rows x 2 keys (scores) or
- * 4 rows x 2 vectors (p @ v) accumulate in registers as 8 independent FMA chains, each
- * key or value row read once per 4 rows; dot products end in a pairwise lane sum.
- * Other compilers get plain loops. Every routine accepts m, n or k == 0. */
+/* Hint the caches to load [p, p + nbytes): paged blocks sit at scattered addresses, where
+ * the hardware prefetchers start late. Never faults, whatever the address. Locality 2
+ * (x86: prefetcht1, into L2) measured faster than 3: L1's few miss buffers fill up and
+ * stall the loop. */
+static inline void fa_prefetch(const void *p, ptrdiff_t nbytes)
+{
+#if defined(__GNUC__)
+    for (ptrdiff_t o = 0; o < nbytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
+#else
+    (void)p; (void)nbytes;
+#endif
+}
+
+/* The small GEMMs below also take a range [pf, pf_end) to prefetch (the key/value piece
+ * the caller reads a little later, or NULL) and spread its cache lines over their inner
+ * loops, a line or two per iteration: issued in one burst before each call, the hints
+ * fill the load queue and stall it. In a C model of the paged decode loop on one Zen 4
+ * core: 9 GB/s with bursts, 18 spread (as fast as a plain streaming read), 7 with none.
+ * Whatever is left (shapes whose loops are shorter) is issued when the call returns. */
+static inline void fa_prefetch_some(const char **pf, const char *pf_end, int lines)
+{
+#if defined(__GNUC__)
+    for (int z = 0; z < lines && *pf < pf_end; z++, *pf += 64) __builtin_prefetch(*pf, 0, 2);
+#else
+    (void)pf; (void)pf_end; (void)lines;
+#endif
+}
+
+/* For a few query rows a BLAS call on a (rows x 16 keys) tile costs more than its
+ * arithmetic; paged.py picks these loops there. They use GCC/clang vector types
+ * (32 bytes: one AVX register, two SSE2 ones), since the plain loops did not vectorise
+ * across rows. Scores: 4 rows x 4 keys accumulate as 16 independent FMA chains (8 would
+ * leave the FMA units waiting on their latency; each key and query vector is loaded once
+ * per 4 uses), the 16 dot products finished by a shuffle tree (fa_lane_sums_*) instead
+ * of one lane sum each. p @ v: 4 rows x 2 vectors, 8 chains, each value row read once
+ * per 4 rows. Other compilers get plain loops. Every routine accepts m, n or k == 0. */
 
 #if defined(__GNUC__)
 
 /* helpers inlined into each target clone of their caller (else built for the baseline) */
 #define FA_INLINE static inline __attribute__((always_inline))
 
+typedef float fa_vec_f32 __attribute__((vector_size(32)));
+typedef double fa_vec_f64 __attribute__((vector_size(32)));
+typedef int32_t fa_lanes_f32 __attribute__((vector_size(32)));
+typedef int64_t fa_lanes_f64 __attribute__((vector_size(32)));
+enum { FA_VL_f32 = 8, FA_VL_f64 = 4 };
+
+/* Lane j of the result = the sum of the lanes of x[j], for j < 8 (float) or 4 (double):
+ * a transpose that adds its two halves at each step, so the VL sums cost VL - 1 shuffle
+ * pairs in all. At step b, lanes with bit b clear hold partial sums of x[i], lanes with
+ * it set those of x[i + b]. The additions are a fixed pairwise tree (no -ffast-math). */
+#define FA_FOLD(i, j, lo, hi) \
+    x##i = __builtin_shuffle(x##i, x##j, lo) + __builtin_shuffle(x##i, x##j, hi)
+FA_INLINE fa_vec_f32 fa_lane_sums_f32(const fa_vec_f32 *x)
+{
+    const fa_lanes_f32 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    const fa_lanes_f32 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const fa_lanes_f32 lo1 = {0, 8, 2, 10, 4, 12, 6, 14}, hi1 = {1, 9, 3, 11, 5, 13, 7, 15};
+    fa_vec_f32 x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3],
+               x4 = x[4], x5 = x[5], x6 = x[6], x7 = x[7];
+    FA_FOLD(0, 4, lo4, hi4); FA_FOLD(1, 5, lo4, hi4); FA_FOLD(2, 6, lo4, hi4);
+    FA_FOLD(3, 7, lo4, hi4);
+    FA_FOLD(0, 2, lo2, hi2); FA_FOLD(1, 3, lo2, hi2);
+    FA_FOLD(0, 1, lo1, hi1);
+    return x0;
+}
+FA_INLINE fa_vec_f64 fa_lane_sums_f64(const fa_vec_f64 *x)
+{
+    const fa_lanes_f64 lo2 = {0, 1, 4, 5}, hi2 = {2, 3, 6, 7};
+    const fa_lanes_f64 lo1 = {0, 4, 2, 6}, hi1 = {1, 5, 3, 7};
+    fa_vec_f64 x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+    FA_FOLD(0, 2, lo2, hi2); FA_FOLD(1, 3, lo2, hi2);
+    FA_FOLD(0, 1, lo1, hi1);
+    return x0;
+}
+#undef FA_FOLD
+
 #define FA_DEFINE_SMALL_GEMMS(T, SFX)                                                       \
-                                                                                           \
-typedef T fa_vec_##SFX __attribute__((vector_size(32)));                                   \
-enum { FA_VL_##SFX = 32 / sizeof(T) };                                                     \
                                                                                            \
 FA_INLINE fa_vec_##SFX fa_load_##SFX(const T *p)                                       \
 {                                                                                          \
@@ -357,32 +518,59 @@ FA_INLINE void fa_dot4_##SFX(const T *x, const T *y0, const T *y1, const T *y2, 
     }                                                                                      \
 }                                                                                          \
                                                                                            \
-/* two rows x0, x1 against 4 rows y0..y3: r[4 * a + i] = xa . yi (8 chains, and each     \
- * y vector loaded once for both x rows) */                                                \
-FA_INLINE void fa_dot4x2_##SFX(const T *x0, const T *x1, const T *y0, const T *y1,         \
-                               const T *y2, const T *y3, ptrdiff_t k, T *r)                \
+/* 4 rows x0..x3 against 4 rows y0..y3 (row strides ldx, ldy) of length k:             \
+ * r[4 * i + j] = xi . yj, as 16 chains; 2 lines of the prefetch range per step (with     \
+ * 32-byte vectors that covers 4 rows of y by the end) */                                  \
+FA_INLINE void fa_dot4x4_##SFX(const T *x, ptrdiff_t ldx, const T *y, ptrdiff_t ldy,       \
+                               ptrdiff_t k, T *r, const char **pf, const char *pf_end)     \
 {                                                                                          \
     enum { VL = FA_VL_##SFX };                                                             \
-    fa_vec_##SFX a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                   \
-    fa_vec_##SFX b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};                                   \
+    const T *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;                  \
+    const T *y0 = y, *y1 = y + ldy, *y2 = y + 2 * ldy, *y3 = y + 3 * ldy;                  \
+    fa_vec_##SFX acc[16] = {{0}};                                                          \
     ptrdiff_t p = 0;                                                                       \
     for (; p + VL <= k; p += VL) {                                                         \
-        fa_vec_##SFX u = fa_load_##SFX(x0 + p), w = fa_load_##SFX(x1 + p);                 \
+        fa_prefetch_some(pf, pf_end, 2);                                                   \
         fa_vec_##SFX z0 = fa_load_##SFX(y0 + p), z1 = fa_load_##SFX(y1 + p);               \
         fa_vec_##SFX z2 = fa_load_##SFX(y2 + p), z3 = fa_load_##SFX(y3 + p);               \
-        a0 += z0 * u; a1 += z1 * u; a2 += z2 * u; a3 += z3 * u;                            \
-        b0 += z0 * w; b1 += z1 * w; b2 += z2 * w; b3 += z3 * w;                            \
+        fa_vec_##SFX u;                                                                    \
+        u = fa_load_##SFX(x0 + p);                                                         \
+        acc[0] += u * z0; acc[1] += u * z1; acc[2] += u * z2; acc[3] += u * z3;            \
+        u = fa_load_##SFX(x1 + p);                                                         \
+        acc[4] += u * z0; acc[5] += u * z1; acc[6] += u * z2; acc[7] += u * z3;            \
+        u = fa_load_##SFX(x2 + p);                                                         \
+        acc[8] += u * z0; acc[9] += u * z1; acc[10] += u * z2; acc[11] += u * z3;          \
+        u = fa_load_##SFX(x3 + p);                                                         \
+        acc[12] += u * z0; acc[13] += u * z1; acc[14] += u * z2; acc[15] += u * z3;        \
     }                                                                                      \
-    r[0] = fa_hsum_##SFX(a0); r[1] = fa_hsum_##SFX(a1);                                    \
-    r[2] = fa_hsum_##SFX(a2); r[3] = fa_hsum_##SFX(a3);                                    \
-    r[4] = fa_hsum_##SFX(b0); r[5] = fa_hsum_##SFX(b1);                                    \
-    r[6] = fa_hsum_##SFX(b2); r[7] = fa_hsum_##SFX(b3);                                    \
-    for (; p < k; p++) {                                                                   \
-        r[0] += x0[p] * y0[p]; r[1] += x0[p] * y1[p];                                      \
-        r[2] += x0[p] * y2[p]; r[3] += x0[p] * y3[p];                                      \
-        r[4] += x1[p] * y0[p]; r[5] += x1[p] * y1[p];                                      \
-        r[6] += x1[p] * y2[p]; r[7] += x1[p] * y3[p];                                      \
+    for (int g = 0; g < 16; g += VL) {                                                     \
+        fa_vec_##SFX s = fa_lane_sums_##SFX(acc + g);                                      \
+        memcpy(r + g, &s, sizeof s);                                                       \
     }                                                                                      \
+    for (; p < k; p++)                                                                     \
+        for (int i = 0; i < 4; i++)                                                        \
+            for (int j = 0; j < 4; j++) r[4 * i + j] += x[i * ldx + p] * y[j * ldy + p];   \
+}                                                                                          \
+                                                                                           \
+/* one row x against 8 rows y0..y7 (row stride ldy): r[j] = x . yj, as 8 chains;        \
+ * 4 lines of the prefetch range per step (8 rows of y by the end) */                      \
+FA_INLINE void fa_dot1x8_##SFX(const T *x, const T *y, ptrdiff_t ldy, ptrdiff_t k, T *r,   \
+                               const char **pf, const char *pf_end)                        \
+{                                                                                          \
+    enum { VL = FA_VL_##SFX };                                                             \
+    fa_vec_##SFX acc[8] = {{0}};                                                           \
+    ptrdiff_t p = 0;                                                                       \
+    for (; p + VL <= k; p += VL) {                                                         \
+        fa_prefetch_some(pf, pf_end, 4);                                                   \
+        fa_vec_##SFX u = fa_load_##SFX(x + p);                                             \
+        for (int j = 0; j < 8; j++) acc[j] += u * fa_load_##SFX(y + j * ldy + p);          \
+    }                                                                                      \
+    for (int g = 0; g < 8; g += VL) {                                                      \
+        fa_vec_##SFX s = fa_lane_sums_##SFX(acc + g);                                      \
+        memcpy(r + g, &s, sizeof s);                                                       \
+    }                                                                                      \
+    for (; p < k; p++)                                                                     \
+        for (int j = 0; j < 8; j++) r[j] += x[p] * y[j * ldy + p];                         \
 }                                                                                          \
                                                                                            \
 FA_INLINE T fa_dot1_##SFX(const T *x, const T *y, ptrdiff_t k)                         \
@@ -400,31 +588,35 @@ FA_INLINE T fa_dot1_##SFX(const T *x, const T *y, ptrdiff_t k)                  
     return r;                                                                              \
 }                                                                                          \
                                                                                            \
-/* c[i*ldc + j] = alpha * sum_p a[i*lda + p] * b[j*ldb + p]   (i < m, j < n: c = a b^T) */ \
+/* c[i*ldc + j] = alpha * sum_p a[i*lda + p] * b[j*ldb + p]   (i < m, j < n: c = a b^T); \
+ * prefetches [pf, pf + pf_bytes) on the way */                                            \
 FA_VECTOR static void fa_gemm_abt_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,       \
-        T alpha, const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc) \
+        T alpha, const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc, \
+        const void *pf, ptrdiff_t pf_bytes)                                                \
 {                                                                                          \
-    T r[8];                                                                                \
+    const char *pf_at = (const char *)pf, *pf_end = pf ? pf_at + pf_bytes : pf_at;         \
+    T r[16];                                                                               \
     ptrdiff_t i = 0;                                                                       \
-    for (; i + 4 <= m; i += 4) {            /* 4 rows of a against 2 rows of b, then 1 */  \
+    for (; i + 4 <= m; i += 4) {            /* 4 rows of a against 4 rows of b, then 1 */  \
         const T *ai = a + i * lda;                                                         \
         ptrdiff_t j = 0;                                                                   \
-        for (; j + 2 <= n; j += 2) {                                                       \
-            fa_dot4x2_##SFX(b + j * ldb, b + (j + 1) * ldb,                                \
-                            ai, ai + lda, ai + 2 * lda, ai + 3 * lda, k, r);               \
-            for (int t = 0; t < 4; t++) {                                                  \
-                c[(i + t) * ldc + j] = alpha * r[t];                                       \
-                c[(i + t) * ldc + j + 1] = alpha * r[4 + t];                               \
-            }                                                                              \
+        for (; j + 4 <= n; j += 4) {                                                       \
+            fa_dot4x4_##SFX(ai, lda, b + j * ldb, ldb, k, r, &pf_at, pf_end);              \
+            for (int t = 0; t < 4; t++)                                                    \
+                for (int u = 0; u < 4; u++) c[(i + t) * ldc + j + u] = alpha * r[4 * t + u]; \
         }                                                                                  \
         for (; j < n; j++) {                                                               \
             fa_dot4_##SFX(b + j * ldb, ai, ai + lda, ai + 2 * lda, ai + 3 * lda, k, r);    \
             for (int t = 0; t < 4; t++) c[(i + t) * ldc + j] = alpha * r[t];               \
         }                                                                                  \
     }                                                                                      \
-    for (; i < m; i++) {                    /* one row of a against 4 rows of b, then 1 */ \
+    for (; i < m; i++) {                    /* one row of a against 8, 4, 1 rows of b */   \
         const T *ai = a + i * lda;                                                         \
         ptrdiff_t j = 0;                                                                   \
+        for (; j + 8 <= n; j += 8) {                                                       \
+            fa_dot1x8_##SFX(ai, b + j * ldb, ldb, k, r, &pf_at, pf_end);                   \
+            for (int t = 0; t < 8; t++) c[i * ldc + j + t] = alpha * r[t];                 \
+        }                                                                                  \
         for (; j + 4 <= n; j += 4) {                                                       \
             const T *bj = b + j * ldb;                                                     \
             fa_dot4_##SFX(ai, bj, bj + ldb, bj + 2 * ldb, bj + 3 * ldb, k, r);             \
@@ -432,13 +624,17 @@ FA_VECTOR static void fa_gemm_abt_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_
         }                                                                                  \
         for (; j < n; j++) c[i * ldc + j] = alpha * fa_dot1_##SFX(ai, b + j * ldb, k);     \
     }                                                                                      \
+    fa_prefetch(pf_at, pf_end - pf_at);                                                    \
 }                                                                                          \
                                                                                            \
-/* c[i*ldc + j] += sum_p a[i*lda + p] * b[p*ldb + j]   (i < m, j < n: c += a b) */         \
+/* c[i*ldc + j] += sum_p a[i*lda + p] * b[p*ldb + j]   (i < m, j < n: c += a b);         \
+ * prefetches [pf, pf + pf_bytes) on the way, a line per step (k rows of b by the end) */  \
 FA_VECTOR static void fa_gemm_ab_acc_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,    \
-        const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc)         \
+        const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc,         \
+        const void *pf, ptrdiff_t pf_bytes)                                                \
 {                                                                                          \
     enum { VL = FA_VL_##SFX };                                                             \
+    const char *pf_at = (const char *)pf, *pf_end = pf ? pf_at + pf_bytes : pf_at;         \
     ptrdiff_t i = 0;                                                                       \
     /* 4 rows of c, 2 vectors of columns at a time, accumulated in registers over k */     \
     for (; i + 4 <= m; i += 4) {                                                           \
@@ -451,6 +647,7 @@ FA_VECTOR static void fa_gemm_ab_acc_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdi
             fa_vec_##SFX t2 = fa_load_##SFX(c2 + j), u2 = fa_load_##SFX(c2 + j + VL);      \
             fa_vec_##SFX t3 = fa_load_##SFX(c3 + j), u3 = fa_load_##SFX(c3 + j + VL);      \
             for (ptrdiff_t p = 0; p < k; p++) {                                            \
+                fa_prefetch_some(&pf_at, pf_end, 1);                                       \
                 fa_vec_##SFX x = fa_load_##SFX(b + p * ldb + j);                           \
                 fa_vec_##SFX y = fa_load_##SFX(b + p * ldb + j + VL);                      \
                 t0 += a0[p] * x; u0 += a0[p] * y; t1 += a1[p] * x; u1 += a1[p] * y;        \
@@ -478,6 +675,7 @@ FA_VECTOR static void fa_gemm_ab_acc_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdi
             fa_vec_##SFX t2 = fa_load_##SFX(ci + j + 2 * VL);                              \
             fa_vec_##SFX t3 = fa_load_##SFX(ci + j + 3 * VL);                              \
             for (ptrdiff_t p = 0; p < k; p++) {                                            \
+                fa_prefetch_some(&pf_at, pf_end, 2);                                       \
                 const T *bp = b + p * ldb + j;                                             \
                 t0 += ai[p] * fa_load_##SFX(bp); t1 += ai[p] * fa_load_##SFX(bp + VL);     \
                 t2 += ai[p] * fa_load_##SFX(bp + 2 * VL);                                  \
@@ -494,21 +692,26 @@ FA_VECTOR static void fa_gemm_ab_acc_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdi
         for (; j < n; j++)                                                                 \
             for (ptrdiff_t p = 0; p < k; p++) ci[j] += ai[p] * b[p * ldb + j];             \
     }                                                                                      \
+    fa_prefetch(pf_at, pf_end - pf_at);                                                    \
 }
 
 #else   /* no vector types: plain loops */
 
 #define FA_DEFINE_SMALL_GEMMS(T, SFX)                                                       \
 static void fa_gemm_abt_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, T alpha,        \
-        const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc)         \
+        const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc,         \
+        const void *pf, ptrdiff_t pf_bytes)                                                \
 {                                                                                          \
+    if (pf) fa_prefetch(pf, pf_bytes);                                                     \
     for (ptrdiff_t i = 0; i < m; i++)                                                      \
         for (ptrdiff_t j = 0; j < n; j++)                                                  \
             c[i * ldc + j] = alpha * fa_dot_##SFX(a + i * lda, b + j * ldb, k);            \
 }                                                                                          \
 static void fa_gemm_ab_acc_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,              \
-        const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc)         \
+        const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc,         \
+        const void *pf, ptrdiff_t pf_bytes)                                                \
 {                                                                                          \
+    if (pf) fa_prefetch(pf, pf_bytes);                                                     \
     for (ptrdiff_t i = 0; i < m; i++)                                                      \
         for (ptrdiff_t p = 0; p < k; p++)                                                  \
             fa_axpy_##SFX(c + i * ldc, b + p * ldb, n, a[i * lda + p]);                    \
@@ -518,18 +721,5 @@ static void fa_gemm_ab_acc_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,   
 
 FA_DEFINE_SMALL_GEMMS(float, f32)
 FA_DEFINE_SMALL_GEMMS(double, f64)
-
-/* Hint the caches to load [p, p + nbytes): paged blocks sit at scattered addresses, where
- * the hardware prefetchers start late. Never faults, whatever the address. Locality 2
- * (x86: prefetcht1, into L2) measured faster than 3: L1's few miss buffers fill up and
- * stall the loop. */
-static inline void fa_prefetch(const void *p, ptrdiff_t nbytes)
-{
-#if defined(__GNUC__)
-    for (ptrdiff_t o = 0; o < nbytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
-#else
-    (void)p; (void)nbytes;
-#endif
-}
 
 #endif /* FASTATTN_VECMATH_H */
