@@ -7,7 +7,7 @@ Architecture::
                  v
     DescriptorScope (aclTensor, aclIntArray,      _meta.py    libnnopbase.so
                      aclTensorList)
-    DeviceArray, to_device                        _array.py   resident data, dtype table
+    DeviceArray, to_device, zeros                 _array.py   resident data, dtype table
                  |
                  v
     Runtime (init, devices, streams, pool)        _runtime.py libascendcl.so
@@ -19,15 +19,16 @@ initialised on first use, so ``import ascend`` works on any machine and
 :func:`is_available` simply returns False without CANN.
 """
 
-from ._array import DeviceArray, to_device
+from ._array import DeviceArray, to_device, zeros
 from ._errors import AscendError, AscendRuntimeNotFound
-from ._ops import flash_attention, paged_attention
+from ._ops import check_paged_cache, flash_attention, paged_attention
 from ._runtime import device_count, devices, empty_cache, is_available, parse_device
 
 __all__ = [
     "AscendError",
     "AscendRuntimeNotFound",
     "DeviceArray",
+    "check_paged_cache",
     "device_count",
     "devices",
     "empty_cache",
@@ -36,4 +37,5 @@ __all__ = [
     "paged_attention",
     "parse_device",
     "to_device",
+    "zeros",
 ]

@@ -1,11 +1,14 @@
 """DeviceArray: an n-d array resident in NPU memory, and the dtype table."""
 
+import functools
+import operator
+
 import numpy as np
 
 from ._meta import contiguous_strides
 from ._runtime import device_index, get_runtime
 
-__all__ = ["DeviceArray", "to_device", "DTYPES", "dtype_name", "host_storage"]
+__all__ = ["DeviceArray", "to_device", "zeros", "DTYPES", "dtype_name", "host_storage"]
 
 try:  # optional: gives NumPy a real bfloat16 dtype
     import ml_dtypes as _ml_dtypes
@@ -27,6 +30,15 @@ DTYPES = {
 
 def dtype_name(dtype):
     """Canonical name of a NumPy dtype or dtype string ('bfloat16' included)."""
+    try:
+        return _dtype_name(dtype)
+    except TypeError:  # unhashable: not cached (or not a dtype: raises again below)
+        return np.dtype(dtype).name
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype):
+    # cached: numpy's dtype.name costs microseconds, on every operand of every call
     if isinstance(dtype, str) and dtype == "bfloat16":
         return dtype
     return np.dtype(dtype).name
@@ -59,10 +71,15 @@ def _from_storage(bits, name):
 class DeviceArray:
     """An array in NPU memory.
 
-    Create one with :func:`to_device`; the ascend operators return them when
-    given them. Release it with :meth:`free` or a ``with`` block; garbage
-    collection frees it too, as a safety net. Any use after :meth:`free`
-    raises ``ValueError``.
+    Create one with :func:`to_device` or :func:`zeros`; the ascend operators
+    return them when given them. Release it with :meth:`free` or a ``with``
+    block; garbage collection frees it too, as a safety net. Any use after
+    :meth:`free` raises ``ValueError``.
+
+    Write host data into a region with basic indexing (``x[i, :, a:b] = values``),
+    copy regions on the device with :meth:`copy_region`, and read with
+    :meth:`to_numpy`. There is no implicit conversion: ``np.asarray(x)`` raises
+    ``TypeError``.
 
     Attributes
     ----------
@@ -71,6 +88,8 @@ class DeviceArray:
         ``'bfloat16'`` (a string) unless ``ml_dtypes`` is installed.
     device : int
         The device index (``npu:<device>``).
+    readonly : bool
+        True for read-only views (:meth:`view`): writes raise ``ValueError``.
 
     Examples
     --------
@@ -83,14 +102,17 @@ class DeviceArray:
     (2, 3) 6.0
     """
 
-    __slots__ = ("_buffer", "_runtime", "shape", "_dtype_name", "device", "__weakref__")
+    __slots__ = ("_buffer", "_runtime", "shape", "_dtype_name", "device", "_base", "_readonly",
+                 "__weakref__")
 
-    def __init__(self, buffer, shape, name, runtime):
+    def __init__(self, buffer, shape, name, runtime, base=None, readonly=False):
         self._buffer = buffer
         self._runtime = runtime
         self.shape = tuple(int(n) for n in shape)
         self._dtype_name = name
         self.device = buffer.device
+        self._base = base          # the owner of the memory, for views; None if we own it
+        self._readonly = readonly
 
     @property
     def dtype(self):
@@ -115,14 +137,31 @@ class DeviceArray:
         return self.size * self.itemsize
 
     @property
+    def readonly(self):
+        return self._readonly
+
+    @property
     def freed(self):
-        return self._buffer is None or self._buffer.ptr is None
+        """True after :meth:`free` (of this array, or of the owner of a view)."""
+        buffer = self._buffer
+        return (buffer is None or buffer.ptr is None
+                or (self._base is not None and self._base._buffer is not buffer))
 
     def _live_buffer(self):
-        buffer = self._buffer
-        if buffer is None or buffer.ptr is None:
+        if self.freed:
             raise ValueError(f"{self!r} has been freed")
+        return self._buffer
+
+    def _writable_buffer(self):
+        buffer = self._live_buffer()
+        if self.readonly:
+            raise ValueError(f"assignment destination is read-only: {self!r}")
         return buffer
+
+    def __array__(self, dtype=None, copy=None):
+        # NumPy would otherwise wrap the object in a 0-d object array and fail later
+        raise TypeError(f"{self!r} is in NPU memory and is not converted implicitly; copy it "
+                        f"to the host with .to_numpy()")
 
     def to_numpy(self):
         """Copy to the host.
@@ -136,12 +175,36 @@ class DeviceArray:
             self._live_buffer()
         return _from_storage(bits, self._dtype_name)
 
-    def __setitem__(self, key, value):
-        """Write host values into a basic-indexed region (ints, slices; no fancy indexing).
+    def view(self, *, readonly=False):
+        """A DeviceArray on the same memory that does not own it.
 
-        Used to update resident KV caches in place, e.g. ``cache[block, :, slot] = kv``.
+        Freeing the view frees nothing; freeing the owner (this array, or the
+        owner of this view) makes the view unusable. A view keeps its owner
+        alive as long as it exists. Views of read-only views are read-only.
+
+        Examples
+        --------
+        >>> import numpy as np, ascend
+        >>> if ascend.is_available():
+        ...     x = ascend.zeros((2, 2), np.float32)
+        ...     v = x.view(readonly=True)
+        ...     try:
+        ...         v[0] = 1.0
+        ...     except ValueError as e:
+        ...         print(str(e).split(":")[0])
+        ...     v.free(); x[0] = 1.0; print(x.to_numpy()[0]); x.free()
+        ... else:
+        ...     print("assignment destination is read-only"); print(np.ones(2, np.float32))
+        assignment destination is read-only
+        [1. 1.]
         """
         buffer = self._live_buffer()
+        owner = self if self._base is None else self._base
+        return DeviceArray(buffer, self.shape, self._dtype_name, self._runtime, base=owner,
+                           readonly=readonly or self.readonly)
+
+    def _region(self, key):
+        """(shape, byte offset, byte strides) of the basic-indexed region ``self[key]``."""
         keys = key if isinstance(key, tuple) else (key,)
         if not all(k is Ellipsis or (isinstance(k, (int, np.integer, slice))
                                      and not isinstance(k, (bool, np.bool_))) for k in keys):
@@ -155,26 +218,94 @@ class DeviceArray:
         byte_strides = tuple(s * storage.itemsize for s in contiguous_strides(self.shape))
         probe = np.lib.stride_tricks.as_strided(base, self.shape, byte_strides, writeable=False)
         region = probe[keys]
-        values = host_storage(np.broadcast_to(np.asarray(value), region.shape), self._dtype_name)
-        if region.size == 0:
-            return
         offset = region.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-        # Copy the largest C-contiguous trailing block at a time.
-        inner, block_bytes = region.ndim, storage.itemsize
-        while inner > 0 and (region.shape[inner - 1] == 1
-                             or region.strides[inner - 1] == block_bytes):
-            block_bytes *= region.shape[inner - 1]
-            inner -= 1
-        outer_shape, outer_strides = region.shape[:inner], region.strides[:inner]
-        blocks = values.reshape(-1, block_bytes // storage.itemsize)
-        for position, index in enumerate(np.ndindex(*outer_shape)):
-            start = offset + sum(i * s for i, s in zip(index, outer_strides))
-            self._runtime.write(buffer, start, blocks[position])
+        return region.shape, offset, region.strides
+
+    def __setitem__(self, key, value):
+        """Write into a basic-indexed region (ints, slices; no fancy indexing).
+
+        ``value``: host values broadcast to the region (one host-to-device copy per
+        2-D slab of the region, e.g. ``cache[block, :, a:b] = kv`` is one copy), or a
+        DeviceArray of the region's shape (see :meth:`copy_region`).
+        """
+        if isinstance(value, DeviceArray):
+            self.copy_region(key, value)
+            return
+        buffer = self._writable_buffer()
+        shape, offset, strides = self._region(key)
+        values = host_storage(np.broadcast_to(np.asarray(value), shape), self._dtype_name)
+        if values.size == 0:
+            return
+        itemsize = values.itemsize
+        axis, run = _contiguous_tail(shape, strides, itemsize)
+        if axis == 0:
+            self._runtime.write(buffer, offset, values)
+            return
+        rows, pitch = shape[axis - 1], strides[axis - 1]
+        if pitch >= run:  # rows along one axis are one 2-D copy
+            slabs = values.reshape(-1, rows * run // itemsize)
+            for position, index in enumerate(np.ndindex(*shape[:axis - 1])):
+                start = offset + sum(i * s for i, s in zip(index, strides))
+                self._runtime.write_rows(buffer, start, pitch, slabs[position], rows, run)
+            return
+        runs = values.reshape(-1, run // itemsize)  # negative steps: one copy per run
+        for position, index in enumerate(np.ndindex(*shape[:axis])):
+            start = offset + sum(i * s for i, s in zip(index, strides))
+            self._runtime.write(buffer, start, runs[position])
+
+    def copy_region(self, key, source, source_key=Ellipsis):
+        """``self[key] = source[source_key]``, copied device to device.
+
+        Both are basic-indexed regions of the same shape (no broadcasting), on the
+        same device with the same dtype; ``source`` may be ``self`` if the regions
+        do not overlap. One ``aclrtMemcpy`` per contiguous run.
+
+        Examples
+        --------
+        >>> import numpy as np, ascend
+        >>> if ascend.is_available():
+        ...     with ascend.to_device(np.arange(6.0, dtype=np.float32).reshape(3, 2)) as x:
+        ...         x.copy_region(2, x, 0)
+        ...         print(x.to_numpy().tolist())
+        ... else:
+        ...     print([[0.0, 1.0], [2.0, 3.0], [0.0, 1.0]])
+        [[0.0, 1.0], [2.0, 3.0], [0.0, 1.0]]
+        """
+        if not isinstance(source, DeviceArray):
+            raise TypeError(f"source must be a DeviceArray, got {type(source).__name__}")
+        buffer = self._writable_buffer()
+        source_buffer = source._live_buffer()
+        if source.device != self.device:
+            raise ValueError(f"{source!r} is on npu:{source.device}, not npu:{self.device}; "
+                             "copy it through the host")
+        if source._dtype_name != self._dtype_name:
+            raise TypeError(f"cannot copy {source._dtype_name} into {self._dtype_name} on the "
+                            "device; convert on the host")
+        shape, offset, strides = self._region(key)
+        source_shape, source_offset, source_strides = source._region(source_key)
+        if source_shape != shape:
+            raise ValueError(f"source region {source_shape} and destination region {shape} "
+                             "differ in shape")
+        if 0 in shape:
+            return
+        itemsize = DTYPES[self._dtype_name][1].itemsize
+        if source_buffer is buffer and _overlap((offset, shape, strides),
+                                                (source_offset, shape, source_strides),
+                                                itemsize):
+            raise ValueError("source and destination regions overlap")
+        axis = max(_contiguous_tail(shape, strides, itemsize)[0],
+                   _contiguous_tail(shape, source_strides, itemsize)[0])
+        run = itemsize * int(np.prod(shape[axis:], dtype=np.int64))
+        for index in np.ndindex(*shape[:axis]):
+            self._runtime.copy(buffer, offset + sum(i * s for i, s in zip(index, strides)),
+                               source_buffer,
+                               source_offset + sum(i * s for i, s in zip(index, source_strides)),
+                               run)
 
     def free(self):
-        """Return the memory (to the pool); idempotent."""
+        """Return the memory (to the pool); idempotent. A view only lets go of it."""
         buffer, self._buffer = self._buffer, None
-        if buffer is not None and buffer.ptr is not None:
+        if self._base is None and buffer is not None and buffer.ptr is not None:
             self._runtime.release(buffer)
 
     def __enter__(self):
@@ -190,8 +321,27 @@ class DeviceArray:
             pass
 
     def __repr__(self):
-        state = ", freed" if self.freed else ""
+        state = ", freed" if self.freed else (", read-only view" if self.readonly else "")
         return f"DeviceArray(shape={self.shape}, dtype={self._dtype_name}, device='npu:{self.device}'{state})"
+
+
+def _contiguous_tail(shape, strides, itemsize):
+    """``(axis, run_bytes)``: axes ``axis:`` of the region are one C-contiguous run."""
+    axis, run = len(shape), itemsize
+    while axis > 0 and (shape[axis - 1] == 1 or strides[axis - 1] == run):
+        run *= shape[axis - 1]
+        axis -= 1
+    return axis, run
+
+
+def _overlap(first, second, itemsize):
+    """Whether the byte extents of two (offset, shape, strides) regions intersect."""
+    def extent(offset, shape, strides):
+        low = offset + sum(min(0, (n - 1) * s) for n, s in zip(shape, strides))
+        high = offset + sum(max(0, (n - 1) * s) for n, s in zip(shape, strides)) + itemsize
+        return low, high
+    (low1, high1), (low2, high2) = extent(*first), extent(*second)
+    return low1 < high2 and low2 < high1
 
 
 def to_device(x, device=0, dtype=None):
@@ -242,4 +392,51 @@ def to_device(x, device=0, dtype=None):
     except BaseException:
         runtime.release(buffer)
         raise
-    return DeviceArray(buffer, host.shape, name, runtime)
+    return DeviceArray(buffer, array.shape, name, runtime)  # host_storage makes 0-d 1-d
+
+
+def zeros(shape, dtype=np.float32, device=0):
+    """A new DeviceArray of zeros (``aclrtMemset``; device memory is not zeroed otherwise).
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+    dtype : dtype or str, default float32
+        Any dtype :func:`to_device` stores, ``"bfloat16"`` included.
+    device : int or str, default 0
+
+    Returns
+    -------
+    DeviceArray
+
+    Examples
+    --------
+    >>> import numpy as np, ascend
+    >>> if ascend.is_available():
+    ...     with ascend.zeros((2, 3), "float16") as x:
+    ...         print(x.shape, x.dtype, x.to_numpy().sum())
+    ... else:
+    ...     print((2, 3), "float16", 0.0)
+    (2, 3) float16 0.0
+    """
+    index = device_index(device)
+    name = dtype_name(dtype)
+    if name not in DTYPES:
+        raise TypeError(f"dtype {name} cannot be stored on the NPU; supported: {sorted(DTYPES)}")
+    try:
+        shape = tuple(operator.index(n) for n in (shape if isinstance(shape, tuple)
+                                                  else (shape,)))
+    except TypeError:
+        raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}") from None
+    if any(n < 0 for n in shape):
+        raise ValueError(f"negative dimensions are not allowed, got shape {shape}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[name][1].itemsize
+    runtime = get_runtime()
+    buffer = runtime.allocate(index, nbytes)
+    try:
+        if nbytes:
+            runtime.memset(buffer, 0)
+    except BaseException:
+        runtime.release(buffer)
+        raise
+    return DeviceArray(buffer, shape, name, runtime)

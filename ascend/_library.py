@@ -83,6 +83,10 @@ _RUNTIME_FUNCTIONS = {
     "aclrtMalloc": (c_int, [POINTER(c_void_p), c_size_t, c_int]),
     "aclrtFree": (c_int, [c_void_p]),
     "aclrtMemcpy": (c_int, [c_void_p, c_size_t, c_void_p, c_size_t, c_int]),
+    # (dst, dpitch, src, spitch, width, height, kind): host<->device only
+    "aclrtMemcpy2d": (c_int, [c_void_p, c_size_t, c_void_p, c_size_t, c_size_t, c_size_t,
+                              c_int]),
+    "aclrtMemset": (c_int, [c_void_p, c_size_t, c_int32, c_size_t]),
 }
 
 _META_FUNCTIONS = {

@@ -25,7 +25,7 @@ from ._library import ExecutorRef
 from ._meta import DescriptorScope
 from ._runtime import device_index, get_runtime
 
-__all__ = ["flash_attention", "paged_attention"]
+__all__ = ["flash_attention", "paged_attention", "check_paged_cache"]
 
 FLASH_ATTENTION_DTYPES = ("float32", "float16", "bfloat16")
 INCRE_FLASH_ATTENTION_DTYPES = ("float16", "bfloat16")
@@ -399,6 +399,54 @@ def _log_sum_exp(runtime, max_buffer, sum_buffer, stats_shape):
 # paged decoding
 # ---------------------------------------------------------------------------
 
+def check_paged_cache(key_shape, value_shape, dtype):
+    """Raise unless block pools of these shapes and dtype suit :func:`paged_attention`.
+
+    The cache checks of :func:`paged_attention`, for code that allocates a
+    resident cache: checked before allocating, a cache the operator cannot
+    use is an error at construction rather than at the first call.
+
+    Parameters
+    ----------
+    key_shape, value_shape : tuple of int
+        ``(num_blocks, Hkv, block_size, D)``, equal.
+    dtype : dtype or str
+        float16 or bfloat16.
+
+    Raises
+    ------
+    TypeError
+        For another dtype.
+    ValueError
+        For shapes that differ or are not 4-D, ``Hkv`` outside [1, 256], ``D``
+        outside [1, 512], or ``block_size`` not a multiple of 16 in [16, 512].
+
+    Examples
+    --------
+    >>> check_paged_cache((64, 8, 128, 128), (64, 8, 128, 128), "float16")
+    >>> check_paged_cache((64, 8, 100, 128), (64, 8, 100, 128), "float16")
+    Traceback (most recent call last):
+        ...
+    ValueError: aclnnIncreFlashAttentionV4 needs block_size a multiple of 16 in [16, 512], got 100
+    """
+    operator = "aclnnIncreFlashAttentionV4"
+    name = dtype_name(dtype)
+    if name not in INCRE_FLASH_ATTENTION_DTYPES:
+        raise TypeError(f"{operator} supports dtypes {', '.join(INCRE_FLASH_ATTENTION_DTYPES)}; "
+                        f"got {name}")
+    key_shape, value_shape = tuple(key_shape), tuple(value_shape)
+    if len(key_shape) != 4 or value_shape != key_shape:
+        raise ValueError(f"key_blocks {key_shape} and value_blocks {value_shape} must have one "
+                         f"shape (num_blocks, Hkv, block_size, D)")
+    _, kv_heads, block_size, head_dim = key_shape
+    if not (1 <= kv_heads <= INCRE_MAX_HEADS and 1 <= head_dim <= INCRE_MAX_HEAD_DIM):
+        raise ValueError(f"{operator} limits: 1 <= Hkv <= {INCRE_MAX_HEADS}, 1 <= D <= "
+                         f"{INCRE_MAX_HEAD_DIM}; got Hkv={kv_heads}, D={head_dim}")
+    if block_size % INCRE_BLOCK_ALIGN or not 0 < block_size <= INCRE_MAX_BLOCK_SIZE:
+        raise ValueError(f"{operator} needs block_size a multiple of {INCRE_BLOCK_ALIGN} in "
+                         f"[{INCRE_BLOCK_ALIGN}, {INCRE_MAX_BLOCK_SIZE}], got {block_size}")
+
+
 def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, scale=None,
                     causal=True, return_lse=False, device=0):
     """Attention over a paged KV cache with ``aclnnIncreFlashAttentionV4``.
@@ -470,17 +518,13 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
                          f"(num_blocks, Hkv, block_size, D) with D = {head_dim}")
     if min(q.shape + k.shape) < 1:
         raise ValueError("empty query or cache")
+    check_paged_cache(k.shape, v.shape, name)
     if heads % kv_heads or heads // kv_heads > INCRE_MAX_GROUP:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
                          f"({kv_heads}) with ratio <= {INCRE_MAX_GROUP}")
-    if batch * tokens > INCRE_MAX_BATCH or heads > INCRE_MAX_HEADS \
-            or head_dim > INCRE_MAX_HEAD_DIM:
+    if batch * tokens > INCRE_MAX_BATCH or heads > INCRE_MAX_HEADS:
         raise ValueError(f"{operator} limits: B*T <= {INCRE_MAX_BATCH}, H <= "
-                         f"{INCRE_MAX_HEADS}, D <= {INCRE_MAX_HEAD_DIM}; got B*T="
-                         f"{batch * tokens}, H={heads}, D={head_dim}")
-    if block_size % INCRE_BLOCK_ALIGN or block_size > INCRE_MAX_BLOCK_SIZE:
-        raise ValueError(f"{operator} needs block_size a multiple of {INCRE_BLOCK_ALIGN} in "
-                         f"[{INCRE_BLOCK_ALIGN}, {INCRE_MAX_BLOCK_SIZE}], got {block_size}")
+                         f"{INCRE_MAX_HEADS}; got B*T={batch * tokens}, H={heads}")
     if table.name != "int32" and not (table.device_array is None
                                       and np.issubdtype(table.value.dtype, np.integer)):
         raise TypeError(f"block_table must be int32, got {table.name}")

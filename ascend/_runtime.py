@@ -25,6 +25,7 @@ __all__ = ["Buffer", "Runtime", "get_runtime", "is_available", "device_count", "
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_HOST_TO_DEVICE = 1
 ACL_MEMCPY_DEVICE_TO_HOST = 2
+ACL_MEMCPY_DEVICE_TO_DEVICE = 3
 ACL_ERROR_REPEAT_INITIALIZE = 100002
 ACL_ERROR_RT_MEMORY_ALLOCATION = 207001
 ACL_ERROR_RT_DEVICE_OOM = 207018
@@ -195,6 +196,27 @@ class Runtime:
             buffer.ptr + offset_bytes, buffer.capacity - offset_bytes,
             host.__array_interface__["data"][0], host.nbytes, ACL_MEMCPY_HOST_TO_DEVICE),
             "aclrtMemcpy")
+
+    def write_rows(self, buffer, offset_bytes, pitch, host, rows, width):
+        """Copy ``rows`` rows of ``width`` bytes from the contiguous ``host`` array into
+        ``buffer`` at ``offset_bytes``, ``pitch`` bytes apart: one ``aclrtMemcpy2d``."""
+        self.activate(buffer.device)
+        self.lib.check(self.lib.acl.aclrtMemcpy2d(
+            buffer.ptr + offset_bytes, pitch, host.__array_interface__["data"][0], width,
+            width, rows, ACL_MEMCPY_HOST_TO_DEVICE), "aclrtMemcpy2d")
+
+    def copy(self, destination, destination_offset, source, source_offset, nbytes):
+        """Copy ``nbytes`` between two buffers of one device (device to device)."""
+        self.activate(destination.device)
+        self.lib.check(self.lib.acl.aclrtMemcpy(
+            destination.ptr + destination_offset, destination.capacity - destination_offset,
+            source.ptr + source_offset, nbytes, ACL_MEMCPY_DEVICE_TO_DEVICE), "aclrtMemcpy")
+
+    def memset(self, buffer, value=0):
+        """Set the first ``buffer.nbytes`` bytes of ``buffer`` to the byte ``value``."""
+        self.activate(buffer.device)
+        self.lib.check(self.lib.acl.aclrtMemset(buffer.ptr, buffer.capacity, value,
+                                                buffer.nbytes), "aclrtMemset")
 
     # -- teardown -------------------------------------------------------------
 

@@ -71,7 +71,14 @@ class NpuSdpa:
 
 
 class NpuPagedDecode:
-    """Paged decode on the device: B=4 H=32 H_kv=8 head_dim 128 float16, T=1."""
+    """Paged decode on the device: B=4 H=32 H_kv=8 head_dim 128 float16, T=1.
+
+    The cache is a ``PagedKVCache(..., device="npu")``: its pools stay on the device.
+    ``time_paged_decode`` is the step with a resident query (no transfer at all
+    but the int32 block table), ``time_upload_query`` the query's transfer,
+    ``time_append_one_token`` one token's keys and values written into the pools,
+    and ``time_host_round_trip`` the step with a NumPy query and result.
+    """
     params = [[512, 4096]]
     param_names = ["seq_len"]
 
@@ -84,17 +91,40 @@ class NpuPagedDecode:
         from .bench_paged import BLOCK_SIZE, HEAD_DIM, HEADS, KV_HEADS
         batch = 4
         blocks_per_seq = -(-seq_len // BLOCK_SIZE)
-        self.cache = paged_kv_cache(batch * blocks_per_seq, BLOCK_SIZE, KV_HEADS, HEAD_DIM,
+        # one spare block so time_append_one_token can start a new sequence
+        self.cache = paged_kv_cache(batch * blocks_per_seq + 1, BLOCK_SIZE, KV_HEADS, HEAD_DIM,
                                     dtype=np.float16, device=DEVICE)
         seq_ids = [self.cache.add_sequence() for _ in range(batch)]
         for i, seq_id in enumerate(seq_ids):
             keys = common.random_array((KV_HEADS, seq_len, HEAD_DIM), 70 + i, np.float16)
             self.cache.append(seq_id, keys, keys)
         self.table, self.lengths = self.cache.block_table(seq_ids)
-        self.query = self.ascend.to_device(
-            common.random_array((batch, HEADS, 1, HEAD_DIM), 80, np.float16))
+        self.host_query = common.random_array((batch, HEADS, 1, HEAD_DIM), 80, np.float16)
+        self.query = self.ascend.to_device(self.host_query)
+        self.token = self.host_query[0, :KV_HEADS]
+
+    def teardown(self, seq_len):
+        # asv calls teardown even when setup raised NotImplementedError (skipped)
+        if getattr(self, "query", None) is not None:
+            self.query.free()
+        if getattr(self, "cache", None) is not None:
+            self.cache.close()
 
     def time_paged_decode(self, seq_len):
         out = self.paged_attention(self.query, self.cache.key_blocks, self.cache.value_blocks,
                                    self.table, self.lengths, device=DEVICE)
         out.free()
+
+    def time_upload_query(self, seq_len):
+        self.ascend.to_device(self.host_query).free()
+
+    def time_append_one_token(self, seq_len):
+        # a new sequence's first token, then freed, so the cache is unchanged
+        seq_id = self.cache.add_sequence()
+        self.cache.append(seq_id, self.token, self.token)
+        self.cache.free(seq_id)
+
+    def time_host_round_trip(self, seq_len):
+        # NumPy query in, NumPy result out: query upload + compute + download
+        self.paged_attention(self.host_query, self.cache.key_blocks, self.cache.value_blocks,
+                             self.table, self.lengths, device=DEVICE)

@@ -7,7 +7,7 @@ give DeviceArray results.
 """
 import numpy as np
 
-__all__ = ["npu_devices", "is_device_array", "any_device_array"]
+__all__ = ["npu_devices", "is_device_array", "any_device_array", "DevicePools"]
 
 
 def npu_devices():
@@ -26,6 +26,15 @@ def is_device_array(x):
 
 def any_device_array(*arrays):
     return any(a is not None and is_device_array(a) for a in arrays)
+
+
+def reject_device_arrays(**named):
+    """Raise ``TypeError`` naming the first DeviceArray among ``named`` (a CPU call)."""
+    for name, value in named.items():
+        if value is not None and is_device_array(value):
+            raise TypeError(f"{name} is an ascend.DeviceArray on npu:{value.device}: pass "
+                            f"device='npu:{value.device}' to compute there, or copy it to the "
+                            f"host with .to_numpy()")
 
 
 def to_bnsd(a, batch_shape, heads=None):
@@ -94,3 +103,52 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     return ascend.paged_attention(query, key_blocks, value_blocks, block_table, seq_lens,
                                   scale=scale, causal=causal, return_lse=return_lse,
                                   device=ascend.parse_device(device))
+
+
+class DevicePools:
+    """The key and value block pools of a ``PagedKVCache`` in NPU memory.
+
+    Only the data lives here; the cache's bookkeeping (tables, lengths, free list,
+    refcounts) stays on the host. Writes upload just the written slots; a
+    copy-on-write block copy stays on the device.
+    """
+
+    def __init__(self, key_shape, value_shape, dtype, device):
+        import ascend
+        index = ascend.parse_device(device)
+        # the operator's limits, before anything is allocated
+        ascend.check_paged_cache(key_shape, value_shape, dtype)
+        self.device = f"npu:{index}"
+        # zeroed: slots past a sequence's length are read by no one, but must not be NaN
+        # garbage either (a kernel multiplying whole tiles by zero weights would spread it)
+        self._keys = ascend.zeros(key_shape, dtype, index)
+        try:
+            self._values = ascend.zeros(value_shape, dtype, index)
+        except BaseException:
+            self._keys.free()
+            raise
+
+    # A new view per access: freeing one (or leaving its ``with`` block) cannot
+    # invalidate the next.
+    @property
+    def key_view(self):
+        return self._keys.view(readonly=True)
+
+    @property
+    def value_view(self):
+        return self._values.view(readonly=True)
+
+    def write(self, block, slot, key, value):
+        """Tokens ``slot, slot + 1, ...`` of ``block`` = ``key``/``value`` (H_kv, n, E):
+        one 2-D host-to-device copy per pool."""
+        n = key.shape[1]
+        self._keys[block, :, slot:slot + n] = key
+        self._values[block, :, slot:slot + n] = value
+
+    def copy_block(self, destination, source):
+        self._keys.copy_region(destination, self._keys, source)
+        self._values.copy_region(destination, self._values, source)
+
+    def close(self):
+        self._keys.free()
+        self._values.free()

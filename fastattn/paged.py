@@ -51,14 +51,17 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
 
     Parameters
     ----------
-    query : array_like, shape (B, H, T, E)
+    query : array_like or ascend.DeviceArray, shape (B, H, T, E)
         ``T >= 1`` new tokens per sequence: 1 when decoding, more for chunked
-        prefill or speculative decoding.
-    key_blocks : array_like, shape (num_blocks, H_kv, block_size, E)
-    value_blocks : array_like, shape (num_blocks, H_kv, block_size, Ev)
+        prefill or speculative decoding. A DeviceArray (``device="npu"`` only)
+        gives a DeviceArray result.
+    key_blocks : array_like or ascend.DeviceArray, shape (num_blocks, H_kv, block_size, E)
+    value_blocks : array_like or ascend.DeviceArray, shape (num_blocks, H_kv, block_size, Ev)
         The block pools, e.g. :attr:`PagedKVCache.key_blocks`. ``H`` must be a
         multiple of ``H_kv``: query head ``h`` reads kv-head ``h // (H // H_kv)``
-        (grouped-query / multi-query attention).
+        (grouped-query / multi-query attention). DeviceArrays (the pools of
+        ``PagedKVCache(..., device="npu")``) are used in place with ``device="npu"``;
+        NumPy pools are uploaded on every NPU call.
     block_table : array_like of int, shape (B, max_blocks)
         Block ids of each sequence, in order. Only the first
         ``ceil(seq_lens[b] / block_size)`` entries of row ``b`` are read (and
@@ -79,20 +82,24 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     num_threads : int, optional
         Threads for this call; default :func:`fastattn.get_num_threads`.
     device : {"cpu", "npu", "npu:N"}, default="cpu"
-        Where to compute.
+        Where to compute. ``"npu"`` runs ``aclnnIncreFlashAttentionV4`` through the
+        ``ascend`` package: float16/bfloat16 only, ``Ev == E``, ``block_size`` a
+        multiple of 16, no ``return_lse`` (see ``docs/ascend.md``).
 
     Returns
     -------
-    out : ndarray, shape (B, H, T, Ev)
+    out : ndarray or ascend.DeviceArray, shape (B, H, T, Ev)
         NumPy dtype promotion of the inputs, as for
-        :func:`fastattn.scaled_dot_product_attention`.
+        :func:`fastattn.scaled_dot_product_attention`; on the NPU the inputs'
+        dtype, and a DeviceArray when the query is one.
     lse : ndarray, shape (B, H, T)
         Only with ``return_lse=True``, in the compute dtype.
 
     Raises
     ------
     TypeError
-        For non-real inputs, or a block table or lengths that are not integers.
+        For non-real inputs, a block table or lengths that are not integers, or
+        DeviceArray inputs with ``device="cpu"``.
     ValueError
         For shapes that do not match, ``T == 0``, block ids out of range, lengths
         beyond the table's capacity or negative, or an unknown ``device``.
@@ -133,8 +140,21 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     True
     """
     kind = check_device(device, CPU_AND_NPU)
-    q, k, v = (np.asarray(a) for a in (query, key_blocks, value_blocks))
-    compute, result = result_dtypes(q, k, v, names=("query", "key_blocks", "value_blocks"))
+    names = ("query", "key_blocks", "value_blocks")
+    if kind == "npu":
+        # DeviceArrays (a resident cache or query) stay on the device; the operator
+        # checks their dtypes
+        q, k, v = (a if _npu.is_device_array(a) else np.asarray(a)
+                   for a in (query, key_blocks, value_blocks))
+        if not _npu.any_device_array(q, k, v):
+            result_dtypes(q, k, v, names=names)
+    else:
+        try:
+            q, k, v = (np.asarray(a) for a in (query, key_blocks, value_blocks))
+        except TypeError:   # a DeviceArray refuses conversion; say what to do instead
+            _npu.reject_device_arrays(**dict(zip(names, (query, key_blocks, value_blocks))))
+            raise
+        compute, result = result_dtypes(q, k, v, names=names)
     B, H, T, E, Hkv, bs, Ev = _check_shapes(q, k, v)
     table, lens = _check_table(block_table, seq_lens, B, k.shape[0], bs)
     scale = check_scale(scale, E)
@@ -235,16 +255,28 @@ class PagedKVCache:
     num_kv_heads : int
     head_dim : int
         Size E of a key.
-    dtype : dtype, default=np.float32
-        float32 or float64.
+    dtype : dtype or str, optional
+        float32 (the default) or float64 on the CPU; float16 (the default) or
+        ``"bfloat16"`` on an NPU.
     value_dim : int, optional
-        Size Ev of a value; default ``head_dim``.
+        Size Ev of a value; default ``head_dim`` (on an NPU it must equal ``head_dim``).
+    device : {"cpu", "npu", "npu:N"}, default="cpu"
+        Where the pools live. On an NPU they are allocated (zeroed) once as
+        ``ascend.DeviceArray`` objects; ``append`` uploads only the new tokens,
+        copy-on-write copies a block on the device, and :meth:`attention` runs
+        there without moving the pools. ``block_size`` must be a multiple of 16
+        in [16, 512] and ``head_dim`` at most 512 (the limits of Ascend's paged
+        attention operator, checked before anything is allocated).
 
     Attributes
     ----------
-    key_blocks : ndarray, shape (num_blocks, num_kv_heads, block_size, head_dim)
-    value_blocks : ndarray, shape (num_blocks, num_kv_heads, block_size, value_dim)
-        The pools, as read-only views.
+    key_blocks : ndarray or ascend.DeviceArray, shape (num_blocks, num_kv_heads, block_size, head_dim)
+    value_blocks : ndarray or ascend.DeviceArray, shape (num_blocks, num_kv_heads, block_size, value_dim)
+        The pools, as read-only views. On an NPU they are read-only
+        ``ascend.DeviceArray`` views, still in device memory: ``.to_numpy()``
+        copies one to the host; freeing a view frees nothing.
+    device : str
+        ``"cpu"`` or ``"npu:N"``.
     num_free_blocks : int
         Blocks not used by any sequence.
 
@@ -258,7 +290,14 @@ class PagedKVCache:
     again; a shared, partly filled last block is copied when either sequence
     appends to it (copy-on-write). ``append`` of one token is O(1) and never
     reallocates. When the free blocks do not suffice, ``append`` raises
-    ``MemoryError`` and leaves the cache unchanged.
+    ``MemoryError`` and leaves the cache unchanged (as it does when a device
+    copy fails).
+
+    The bookkeeping (block tables, lengths, free list, reference counts) is on
+    the host for every device. The pools are allocated once: ``free`` only
+    returns blocks to the cache. :meth:`close` (or leaving a ``with`` block, or
+    garbage collection of the cache and its views) gives the memory back; after
+    it ``append``, ``attention`` and the pools raise ``ValueError``.
 
     Examples
     --------
@@ -280,24 +319,48 @@ class PagedKVCache:
     >>> out = cache.attention(rng.standard_normal((2, 4, 1, 8), dtype=np.float32), [seq, beam])
     >>> out.shape
     (2, 4, 1, 8)
+
+    With an Ascend NPU (``fastattn.devices()`` lists ``"npu:0"``), the same
+    calls keep the pools in device memory:
+
+    >>> if fastattn.devices()[1:]:
+    ...     with fastattn.PagedKVCache(8, 16, 2, 8, device="npu") as npu_cache:
+    ...         s = npu_cache.add_sequence()
+    ...         npu_cache.append(s, np.ones((2, 3, 8)), np.ones((2, 3, 8)))
+    ...         q = np.ones((1, 4, 1, 8), np.float16)
+    ...         print(npu_cache.attention(q, [s]).shape, npu_cache.key_blocks.dtype)
+    ... else:
+    ...     print((1, 4, 1, 8), "float16")
+    (1, 4, 1, 8) float16
     """
 
-    def __init__(self, num_blocks, block_size, num_kv_heads, head_dim, *, dtype=np.float32,
-                 value_dim=None):
+    def __init__(self, num_blocks, block_size, num_kv_heads, head_dim, *, dtype=None,
+                 value_dim=None, device="cpu"):
         num_blocks = check_int("num_blocks", num_blocks, 0)
         block_size = check_int("block_size", block_size, 1)
         num_kv_heads = check_int("num_kv_heads", num_kv_heads, 1)
         head_dim = check_int("head_dim", head_dim, 1)
         value_dim = head_dim if value_dim is None else check_int("value_dim", value_dim, 1)
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        self._keys = np.zeros((num_blocks, num_kv_heads, block_size, head_dim), dtype)
-        self._values = np.zeros((num_blocks, num_kv_heads, block_size, value_dim), dtype)
-        self._key_view, self._value_view = self._keys.view(), self._values.view()
-        self._key_view.flags.writeable = False
-        self._value_view.flags.writeable = False
+        key_shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        value_shape = (num_blocks, num_kv_heads, block_size, value_dim)
+        if check_device(device, CPU_AND_NPU) == "npu":
+            name = dtype if dtype in (None, "bfloat16") else np.dtype(dtype).name
+            if name not in (None, "float16", "bfloat16"):
+                raise TypeError(f"dtype must be float16 or bfloat16 for a cache on the NPU (its "
+                                f"paged attention operator takes no other), got {name}")
+            if value_dim != head_dim:
+                raise ValueError(f"value_dim must equal head_dim for a cache on the NPU (its "
+                                 f"operator takes one shape for keys and values), got "
+                                 f"value_dim={value_dim}, head_dim={head_dim}")
+            self._pools = _npu.DevicePools(key_shape, value_shape, name or "float16", device)
+        else:
+            dtype = np.dtype(np.float32 if dtype is None else dtype)
+            if dtype not in (np.float32, np.float64):
+                raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+            self._pools = _HostPools(key_shape, value_shape, dtype)
+        self.device = self._pools.device
         self.block_size = block_size
+        self._key_shape, self._value_dim = key_shape, value_dim
         # blocks handed out from the end of the free list; refs[i] = sequences using block i
         self._free = list(range(num_blocks - 1, -1, -1))
         self._refs = [0] * num_blocks
@@ -306,15 +369,37 @@ class PagedKVCache:
 
     @property
     def key_blocks(self):
-        return self._key_view
+        return self._live_pools().key_view
 
     @property
     def value_blocks(self):
-        return self._value_view
+        return self._live_pools().value_view
 
     @property
     def num_free_blocks(self):
         return len(self._free)
+
+    def close(self):
+        """Give the pools' memory back (device memory at once); idempotent.
+
+        Examples
+        --------
+        >>> with PagedKVCache(4, 16, 1, 8) as cache:
+        ...     s = cache.add_sequence()
+        >>> cache.key_blocks
+        Traceback (most recent call last):
+            ...
+        ValueError: this PagedKVCache has been closed
+        """
+        pools, self._pools = self._pools, None
+        if pools is not None:
+            pools.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     def add_sequence(self):
         """Start an empty sequence and return its id (no block is taken yet).
@@ -349,7 +434,8 @@ class PagedKVCache:
         seq_id : int
         key : array_like, shape (num_kv_heads, T, head_dim)
         value : array_like, shape (num_kv_heads, T, value_dim)
-            Converted to the cache's dtype.
+            Host arrays, converted to the cache's dtype. On an NPU each block the
+            tokens fall into gets one host-to-device copy per pool.
 
         Raises
         ------
@@ -365,8 +451,9 @@ class PagedKVCache:
         (3, 2)
         """
         blocks, length = self._seq(seq_id)
-        N, Hkv, bs, E = self._keys.shape
-        Ev = self._values.shape[3]
+        pools = self._live_pools()
+        N, Hkv, bs, E = self._key_shape
+        Ev = self._value_dim
         key, value = np.asarray(key), np.asarray(value)
         result_dtypes(key, value, names=("key", "value"))
         if key.ndim != 3 or key.shape[0] != Hkv or key.shape[2] != E or key.shape[1] == 0 \
@@ -374,8 +461,6 @@ class PagedKVCache:
             raise ValueError(f"expected key (num_kv_heads={Hkv}, T >= 1, head_dim={E}) and "
                              f"value ({Hkv}, T, value_dim={Ev}), got key {key.shape} and "
                              f"value {value.shape}")
-        key = key.astype(self._keys.dtype, copy=False)
-        value = value.astype(self._values.dtype, copy=False)
         T = key.shape[1]
 
         # Count before touching anything, so a MemoryError leaves the cache as it was.
@@ -384,25 +469,25 @@ class PagedKVCache:
         if needed > len(self._free):
             raise MemoryError(f"PagedKVCache: appending {T} tokens to sequence {seq_id} needs "
                               f"{needed} free blocks, {len(self._free)} of {N} are free")
+        # The blocks _take() will hand out, in order. They are taken only once the data
+        # is in place, so a failing device copy leaves the cache as it was, too.
+        fresh = self._free[len(self._free) - needed:][::-1]
+        grown = blocks[:len(blocks) - copy_last] + fresh
         if copy_last:
             # copy-on-write: the partly filled last block is shared with a fork
-            old = blocks[-1]
-            new = self._take()
-            self._keys[new] = self._keys[old]
-            self._values[new] = self._values[old]
-            self._refs[old] -= 1
-            blocks[-1] = new
-        while len(blocks) * bs < length + T:
-            blocks.append(self._take())
-
+            pools.copy_block(fresh[0], blocks[-1])
         t = 0
         while t < T:
             pos = length + t
-            blk, slot = blocks[pos // bs], pos % bs
+            blk, slot = grown[pos // bs], pos % bs
             n = min(bs - slot, T - t)
-            self._keys[blk, :, slot:slot + n] = key[:, t:t + n]
-            self._values[blk, :, slot:slot + n] = value[:, t:t + n]
+            pools.write(blk, slot, key[:, t:t + n], value[:, t:t + n])
             t += n
+        for _ in fresh:
+            self._take()
+        if copy_last:
+            self._refs[blocks[-1]] -= 1
+        blocks[:] = grown
         self._seqs[seq_id][1] = length + T
 
     def fork(self, seq_id):
@@ -477,11 +562,16 @@ class PagedKVCache:
         return table, lengths
 
     def attention(self, query, seq_ids, *, scale=None, causal=True, return_lse=False,
-                  num_threads=None, device="cpu"):
+                  num_threads=None, device=None):
         """:func:`paged_attention` of ``query`` (B, H, T, E) over the sequences ``seq_ids``.
 
         Append the new tokens' keys and values first: with ``causal=True`` the
         last query row of each sequence then sees all its tokens, itself included.
+        ``device`` defaults to the cache's. A cache on the NPU computes only there:
+        ``device="cpu"`` raises ``TypeError`` (copy the pools to the host with
+        ``.to_numpy()`` for that). A CPU cache cannot run on the NPU either: its
+        float32/float64 pools are dtypes the NPU operator does not take, so
+        ``device="npu"`` raises ``TypeError``; create the cache with ``device="npu"``.
 
         Examples
         --------
@@ -491,10 +581,21 @@ class PagedKVCache:
         >>> cache.attention(np.ones((1, 1, 1, 3)), [s])   # equal scores: the mean value
         array([[[[3., 4., 5.]]]])
         """
+        device = self.device if device is None else device
+        if self.device == "cpu" and check_device(device, CPU_AND_NPU) == "npu":
+            raise TypeError(f"this PagedKVCache holds {self.key_blocks.dtype} pools on the "
+                            f"CPU, which the NPU's paged attention does not take (float16 or "
+                            f"bfloat16 only); create the cache with device={device!r}")
+        key_blocks, value_blocks = self.key_blocks, self.value_blocks
         table, lengths = self.block_table(seq_ids)
-        return paged_attention(query, self.key_blocks, self.value_blocks, table, lengths,
-                               scale=scale, causal=causal, return_lse=return_lse,
-                               num_threads=num_threads, device=device)
+        return paged_attention(query, key_blocks, value_blocks, table, lengths, scale=scale,
+                               causal=causal, return_lse=return_lse, num_threads=num_threads,
+                               device=device)
+
+    def _live_pools(self):
+        if self._pools is None:
+            raise ValueError("this PagedKVCache has been closed")
+        return self._pools
 
     def _seq(self, seq_id):
         try:
@@ -508,3 +609,28 @@ class PagedKVCache:
         return blk
 
 
+class _HostPools:
+    """The key and value block pools of a CPU ``PagedKVCache`` (see ``_npu.DevicePools``)."""
+
+    device = "cpu"
+
+    def __init__(self, key_shape, value_shape, dtype):
+        self._keys = np.zeros(key_shape, dtype)
+        self._values = np.zeros(value_shape, dtype)
+        self.key_view, self.value_view = self._keys.view(), self._values.view()
+        self.key_view.flags.writeable = False
+        self.value_view.flags.writeable = False
+
+    def write(self, block, slot, key, value):
+        """Tokens ``slot, slot + 1, ...`` of ``block`` = ``key``/``value`` (H_kv, n, E)."""
+        n = key.shape[1]
+        self._keys[block, :, slot:slot + n] = key
+        self._values[block, :, slot:slot + n] = value
+
+    def copy_block(self, destination, source):
+        self._keys[destination] = self._keys[source]
+        self._values[destination] = self._values[source]
+
+    def close(self):
+        # the arrays go with their last reference (views handed out included)
+        self._keys = self._values = self.key_view = self.value_view = None

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import load_ascend_harness
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ascend
 from ascend import _library
@@ -21,6 +22,7 @@ from ascend import _library
 
 harness = load_ascend_harness()
 sim_root, runtime = harness.sim_root, harness.runtime
+FIXTURES = [HealthCheck.function_scoped_fixture]
 
 
 def run_python(code, env_updates=(), clear_ascend_env=True):
@@ -309,6 +311,145 @@ def test_setitem_writes_regions(runtime):
         with pytest.raises(ValueError):
             x[0] = np.ones(7)
     harness.assert_no_leak(runtime)
+
+
+def _basic_key(data, shape):
+    """A random basic index for ``shape``: ints, slices (negative steps too), maybe ``...``."""
+    key = []
+    for n in shape:
+        if data.draw(st.booleans()):
+            key.append(data.draw(st.integers(-n, n - 1)))
+        else:
+            start = data.draw(st.none() | st.integers(-n, n))
+            stop = data.draw(st.none() | st.integers(-n, n))
+            key.append(slice(start, stop, data.draw(st.sampled_from([None, 1, 2, -1, -2]))))
+    if key and data.draw(st.booleans()):
+        cut = data.draw(st.integers(0, len(key) - 1))
+        key = key[:cut] + [Ellipsis]      # the remaining axes: whole
+    return tuple(key)
+
+
+SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=FIXTURES)
+@given(shape=SHAPES, data=st.data())
+def test_setitem_and_copy_region_match_numpy(runtime, shape, data):
+    rng = np.random.default_rng(0)
+    host = rng.standard_normal(shape).astype(np.float32)
+    key = _basic_key(data, shape)
+    region = host[key].shape
+    values = rng.standard_normal(region).astype(np.float32)
+    expected = host.copy()
+    expected[key] = values
+    with ascend.to_device(host) as x, ascend.to_device(values) as v, \
+            ascend.zeros(region, np.float32) as w:
+        x[key] = values                      # host to device
+        np.testing.assert_array_equal(x.to_numpy(), expected)
+        w.copy_region(Ellipsis, x, key)      # device to device, strided source
+        np.testing.assert_array_equal(w.to_numpy(), expected[key])
+        x[key] = 0.0
+        x[key] = v                           # device to device, strided destination
+        np.testing.assert_array_equal(x.to_numpy(), expected)
+
+
+def test_strided_writes_are_one_2d_copy_per_slab(runtime):
+    host = np.zeros((3, 4, 16, 8), np.float16)      # a cache: (blocks, heads, slots, dim)
+    with ascend.to_device(host) as x:
+        before = harness.copy_stats(runtime)
+        x[1, :, 5:7] = np.ones((4, 2, 8))           # 4 heads x 2 slots: one 2-D copy
+        x[:, :, 3] = 2.0                            # 3 x 4 rows of one slot: one per block
+        copied = harness.copies_since(runtime, before)
+        assert copied["h2d"] == (1 + 3, (4 * 2 * 8 + 3 * 4 * 8) * 2)
+        host[1, :, 5:7], host[:, :, 3] = 1.0, 2.0
+        np.testing.assert_array_equal(x.to_numpy(), host)
+        harness.fail_next(runtime, "aclrtMemcpy2d", 107000)
+        with pytest.raises(ascend.AscendError, match="aclrtMemcpy2d"):
+            x[0, :, 0:2] = 5.0
+    harness.assert_no_leak(runtime)
+
+
+def test_copy_region_refuses_what_it_cannot_copy(runtime):
+    x = ascend.to_device(np.arange(12, dtype=np.float32).reshape(3, 4))
+    other_device = ascend.to_device(np.zeros(4, np.float32), device=1)
+    half = ascend.to_device(np.zeros(4, np.float16))
+    for source, source_key, error, match in (
+            (np.zeros(4, np.float32), Ellipsis, TypeError, "must be a DeviceArray"),
+            (other_device, Ellipsis, ValueError, "npu:1"),
+            (half, Ellipsis, TypeError, "float16 into float32"),
+            (x, (slice(0, 2), 0), ValueError, "differ in shape"),
+            (x, 0, ValueError, "overlap"),
+            (x.view(), 0, ValueError, "overlap")):   # a view shares the memory
+        with pytest.raises(error, match=match):
+            x.copy_region(0, source, source_key)
+    x.copy_region(0, x, 2)                            # disjoint rows of one array
+    np.testing.assert_array_equal(x.to_numpy()[0], [8, 9, 10, 11])
+    half.free()
+    with pytest.raises(ValueError, match="freed"):
+        x.copy_region(0, half, Ellipsis)
+    for array in (x, other_device):
+        array.free()
+    harness.assert_no_leak(runtime)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "int32", "bool"])
+def test_zeros(runtime, dtype):
+    with ascend.to_device(np.ones(40, np.float32)):  # leaves a used buffer in the pool
+        pass
+    with ascend.zeros((2, 5), dtype) as x:           # ... which zeros may get: still zeros
+        assert x.shape == (2, 5) and x.to_numpy().astype(np.float32).sum() == 0
+    with ascend.zeros(3, dtype, device="npu:1") as x, ascend.zeros((0, 4), dtype) as empty:
+        assert x.shape == (3,) and x.device == 1 and empty.to_numpy().shape == (0, 4)
+    harness.assert_no_leak(runtime)
+
+
+def test_zeros_bad_arguments_and_failure(runtime):
+    for shape, dtype, error, match in (((2, -1), "float32", ValueError, "negative"),
+                                       ((2.5,), "float32", TypeError, "shape"),
+                                       ((2,), np.complex64, TypeError, "cannot be stored")):
+        with pytest.raises(error, match=match):
+            ascend.zeros(shape, dtype)
+    harness.fail_next(runtime, "aclrtMemset", 107000)
+    with pytest.raises(ascend.AscendError, match="aclrtMemset"):
+        ascend.zeros((4,), np.float32)
+    harness.assert_no_leak(runtime)
+
+
+def test_views_share_memory_without_owning_it(runtime):
+    x = ascend.to_device(np.zeros((2, 3), np.float32))
+    writable, readonly = x.view(), x.view(readonly=True)
+    assert not writable.readonly and readonly.readonly and readonly.view().readonly
+    assert "read-only view" in repr(readonly)
+    writable[0] = 1.0
+    np.testing.assert_array_equal(readonly.to_numpy()[0], 1.0)
+    with pytest.raises(ValueError, match="read-only"):
+        readonly[0] = 2.0
+    with pytest.raises(ValueError, match="read-only"):
+        readonly.copy_region(0, x, 1)
+    with pytest.raises(AttributeError):
+        readonly.readonly = False
+    writable.free()                                  # lets go, frees nothing
+    assert writable.freed and not x.freed
+    np.testing.assert_array_equal(x.to_numpy()[0], 1.0)
+    kept = x.view()
+    del x
+    gc.collect()                                     # the view keeps its owner alive
+    np.testing.assert_array_equal(kept.to_numpy()[0], 1.0)
+    owner = kept._base
+    owner.free()                                     # freeing the owner ends every view
+    for view in (kept, readonly):
+        assert view.freed
+        with pytest.raises(ValueError, match="freed"):
+            view.to_numpy()
+    del kept, readonly, owner
+    gc.collect()
+    harness.assert_no_leak(runtime)
+
+
+def test_no_implicit_conversion_to_numpy(runtime):
+    with ascend.to_device(np.ones(3, np.float32)) as x:
+        with pytest.raises(TypeError, match="to_numpy"):
+            np.asarray(x)
 
 
 def test_devices_are_kept_apart(runtime):

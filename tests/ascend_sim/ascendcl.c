@@ -2,8 +2,9 @@
  * libascendcl.so test double: runtime, devices, streams, "device" memory.
  *
  * Device memory lives on the host heap. Every allocation is recorded so that
- * memcpy and the operators can refuse any access outside a live allocation,
- * and so that tests can check allocs == frees (ascendsim_mem_stats).
+ * memcpy, memset and the operators can refuse any access outside a live
+ * allocation, and so that tests can check allocs == frees (ascendsim_mem_stats)
+ * and count the bytes each kind of copy moved (ascendsim_copy_stats).
  *
  * Environment (read by aclInit):
  *   ASCEND_SIM_DEVICE_COUNT  number of devices (default 2)
@@ -327,6 +328,14 @@ SIM_EXPORT aclError aclrtFree(void *devPtr) {
     return ACL_ERROR_RT_PARAM_INVALID;
 }
 
+/* Per aclrtMemcpyKind 0..3: [calls, bytes]; a 2-D copy counts as one call. */
+static int64_t g_copy_stats[4][2];
+
+static void count_copy(int kind, uint64_t nbytes) {
+    __atomic_add_fetch(&g_copy_stats[kind][0], 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&g_copy_stats[kind][1], (int64_t)nbytes, __ATOMIC_SEQ_CST);
+}
+
 SIM_EXPORT aclError aclrtMemcpy(void *dst, size_t destMax, const void *src, size_t count,
                                 int kind) {
     INJECTED("aclrtMemcpy");
@@ -348,6 +357,51 @@ SIM_EXPORT aclError aclrtMemcpy(void *dst, size_t destMax, const void *src, size
         return ACL_ERROR_INVALID_PARAM;
     }
     memmove(dst, src, count);
+    count_copy(kind, count);
+    return ACL_SUCCESS;
+}
+
+/* Documented for Atlas A2: synchronous, HOST_TO_DEVICE and DEVICE_TO_HOST only;
+ * height rows of width bytes, rows pitch bytes apart on each side. */
+SIM_EXPORT aclError aclrtMemcpy2d(void *dst, size_t dpitch, const void *src, size_t spitch,
+                                  size_t width, size_t height, int kind) {
+    INJECTED("aclrtMemcpy2d");
+    if (dst == NULL || src == NULL || width > dpitch || width > spitch) {
+        ascendsim_set_error("EE1001: aclrtMemcpy2d: invalid argument (width %zu, dpitch %zu, "
+                            "spitch %zu)", width, dpitch, spitch);
+        return ACL_ERROR_INVALID_PARAM;
+    }
+    if (kind != ACL_MEMCPY_HOST_TO_DEVICE && kind != ACL_MEMCPY_DEVICE_TO_HOST) {
+        ascendsim_set_error("EE1001: aclrtMemcpy2d: kind %d is not supported", kind);
+        return ACL_ERROR_RT_FEATURE_NOT_SUPPORT;
+    }
+    if (width == 0 || height == 0) return ACL_SUCCESS;
+    const void *device = kind == ACL_MEMCPY_HOST_TO_DEVICE ? (const void *)dst : src;
+    size_t pitch = kind == ACL_MEMCPY_HOST_TO_DEVICE ? dpitch : spitch;
+    if (!ascendsim_check_range(device, (uint64_t)pitch * (height - 1) + width)) {
+        ascendsim_set_error("EE1001: aclrtMemcpy2d: %zu rows of %zu bytes (pitch %zu) outside "
+                            "device allocation", height, width, pitch);
+        return ACL_ERROR_INVALID_PARAM;
+    }
+    for (size_t row = 0; row < height; ++row)
+        memmove((char *)dst + row * dpitch, (const char *)src + row * spitch, width);
+    count_copy(kind, (uint64_t)width * height);
+    return ACL_SUCCESS;
+}
+
+SIM_EXPORT aclError aclrtMemset(void *devPtr, size_t maxCount, int32_t value, size_t count) {
+    INJECTED("aclrtMemset");
+    if (devPtr == NULL || count > maxCount) {
+        ascendsim_set_error("EE1001: aclrtMemset: invalid argument (count %zu, maxCount %zu)",
+                            count, maxCount);
+        return ACL_ERROR_INVALID_PARAM;
+    }
+    if (count == 0) return ACL_SUCCESS;
+    if (!ascendsim_check_range(devPtr, count)) {
+        ascendsim_set_error("EE1001: aclrtMemset: %zu bytes outside device allocation", count);
+        return ACL_ERROR_INVALID_PARAM;
+    }
+    memset(devPtr, value, count);
     return ACL_SUCCESS;
 }
 
@@ -372,4 +426,12 @@ SIM_EXPORT void ascendsim_mem_stats(int64_t out[5]) {
     out[3] = live_bytes;
     out[4] = g_live_streams;
     pthread_mutex_unlock(&g_lock);
+}
+
+/* out: [calls, bytes] for HOST_TO_HOST, HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE */
+SIM_EXPORT void ascendsim_copy_stats(int64_t out[8]) {
+    for (int kind = 0; kind < 4; ++kind) {
+        out[2 * kind] = __atomic_load_n(&g_copy_stats[kind][0], __ATOMIC_SEQ_CST);
+        out[2 * kind + 1] = __atomic_load_n(&g_copy_stats[kind][1], __ATOMIC_SEQ_CST);
+    }
 }

@@ -79,6 +79,31 @@ def object_stats(runtime):
     return dict(zip(("tensors", "int_arrays", "tensor_lists", "executors"), out))
 
 
+def copy_stats(runtime):
+    """dict: kind -> (calls, bytes) of the simulator's copies, for kinds h2h, h2d, d2h, d2d.
+
+    A 2-D copy (``aclrtMemcpy2d``) counts as one call.
+    """
+    out = (ctypes.c_int64 * 8)()
+    runtime.lib.acl.ascendsim_copy_stats(out)
+    return {kind: (out[2 * i], out[2 * i + 1]) for i, kind in enumerate(("h2h", "h2d", "d2h",
+                                                                          "d2d"))}
+
+
+def copies_since(runtime, before):
+    """``copy_stats`` minus an earlier snapshot: what was copied in between."""
+    now = copy_stats(runtime)
+    return {kind: (now[kind][0] - before[kind][0], now[kind][1] - before[kind][1])
+            for kind in now}
+
+
+def launch_count(runtime):
+    """Operator launches so far (``ascendsim_launch_stats``)."""
+    out = (ctypes.c_int64 * 2)()
+    runtime.lib.operator_libraries[0].ascendsim_launch_stats(out)
+    return out[0]
+
+
 def fail_next(runtime, function_name, code):
     """Make the next call of ``function_name`` in the simulator return ``code``."""
     runtime.lib.acl.ascendsim_fail_next(function_name.encode(), code)
