@@ -1,4 +1,7 @@
 """Linear attention, Performer, Linformer and Synthesizer against their float64 references."""
+import contextlib
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -92,6 +95,182 @@ def test_performer_float32(rng):
     assert_close(out, reference.performer_attention(q, k, v, w), np.float32)
 
 
+# ---- the chunked kernels (fastattn/_kernels/lowrank.pyx) --------------------------------
+
+@contextlib.contextmanager
+def chunk_sizes(chunk, scan_chunk):
+    """Smaller chunks than the defaults, so short inputs cross many chunk edges."""
+    old = lowrank.CHUNK, lowrank.SCAN_CHUNK
+    lowrank.CHUNK, lowrank.SCAN_CHUNK = chunk, scan_chunk
+    try:
+        yield
+    finally:
+        lowrank.CHUNK, lowrank.SCAN_CHUNK = old
+
+
+# (query, key, value) batch dimensions: none, equal, broadcast (heads sharing keys and
+# values, like multi-query attention), broadcast the other way
+BATCHES = [((), (), ()), ((2,), (2,), (2,)), ((3, 2), (1, 2), (3, 1)), ((2, 1), (1,), (2, 3)),
+           ((3,), (1,), (1,))]
+
+
+def ramp_keys(rng, shape, dtype, rising):
+    """Keys whose size grows (or shrinks) along the sequence: with FAVOR the running key
+    maximum then rises chunk after chunk (or is set by the first chunk)."""
+    k = make(rng, shape)
+    ramp = np.linspace(0.2, 1.5, shape[-2])
+    return (k * (ramp if rising else ramp[::-1])[:, None]).astype(dtype)
+
+
+lowrank_cases = dict(
+    L=st.integers(1, 200), S=st.integers(1, 200), causal=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]), batch=st.sampled_from(BATCHES),
+    chunk=st.sampled_from([1, 7, 16, 64, 256]), scan_chunk=st.sampled_from([1, 5, 16, 128]),
+    threads=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+
+
+@given(m=st.sampled_from([1, 5, 32, 64]), amplitude=st.sampled_from([0.3, 1.0, 2.5]),
+       rising=st.booleans(), **lowrank_cases)
+def test_performer_chunked_matches_reference(L, S, causal, dtype, batch, chunk, scan_chunk,
+                                             threads, seed, m, amplitude, rising):
+    rng = np.random.default_rng(seed)
+    if causal:
+        S = L
+    bq, bk, bv = batch
+    q = (amplitude * make(rng, bq + (L, 8))).astype(dtype)
+    k = (amplitude * ramp_keys(rng, bk + (S, 8), np.float64, rising)).astype(dtype)
+    v = make(rng, bv + (S, 5), dtype)
+    w = fastattn.performer_features(8, m, rng=seed)
+    with chunk_sizes(chunk, scan_chunk):
+        out = fastattn.performer_attention(q, k, v, features=w, causal=causal,
+                                           num_threads=threads)
+    assert out.dtype == dtype
+    assert_close(out, reference.performer_attention(q, k, v, w, causal=causal), dtype)
+
+
+@given(**lowrank_cases)
+def test_linear_chunked_matches_reference(L, S, causal, dtype, batch, chunk, scan_chunk,
+                                          threads, seed):
+    rng = np.random.default_rng(seed)
+    if causal:
+        S = L
+    bq, bk, bv = batch
+    q, k, v = make(rng, bq + (L, 8), dtype), make(rng, bk + (S, 8), dtype), \
+        make(rng, bv + (S, 5), dtype)
+    with chunk_sizes(chunk, scan_chunk):
+        out = fastattn.linear_attention(q, k, v, causal=causal, num_threads=threads)
+    assert out.dtype == dtype
+    assert_close(out, reference.linear_attention(q, k, v, causal=causal), dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("variant", ["linear", "performer"])
+def test_lowrank_independent_of_threads_and_chunks(rng, variant, causal):
+    # the same sums in another grouping: key splits (non-causal) or segments (causal,
+    # one batch entry and several threads), and other chunk edges
+    q, k, v = make(rng, (1, 333, 16)), make(rng, (1, 333, 16)), make(rng, (1, 333, 16))
+    w = fastattn.performer_features(16, 48, rng=3)
+    run = {"linear": lambda t: fastattn.linear_attention(q, k, v, causal=causal, num_threads=t),
+           "performer": lambda t: fastattn.performer_attention(q, k, v, features=w,
+                                                               causal=causal, num_threads=t)}
+    one = run[variant](1)
+    for threads, chunk, scan_chunk in [(2, 256, 128), (4, 32, 16), (3, 1, 1)]:
+        with chunk_sizes(chunk, scan_chunk):
+            np.testing.assert_allclose(run[variant](threads), one, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowrank_non_contiguous_inputs(rng, causal):
+    # row strides, transposed matrices, swapped batch axes, Fortran order: copied or
+    # read in place, the result is the same
+    big = make(rng, (3, 2, 80, 16))
+    q = big[:, :, ::2, :8]                                   # strided rows and columns
+    k = np.swapaxes(make(rng, (2, 3, 8, 40)), -1, -2)         # transposed matrices
+    k = np.swapaxes(k, 0, 1)                                 # batch axes swapped
+    v = np.asfortranarray(make(rng, (3, 2, 40, 6)))
+    w = fastattn.performer_features(8, 24, rng=0)
+    contiguous = [np.ascontiguousarray(a) for a in (q, k, v)]
+    assert_close(fastattn.performer_attention(q, k, v, features=w, causal=causal),
+                 reference.performer_attention(*contiguous, w, causal=causal), np.float64)
+    assert_close(fastattn.linear_attention(q, k, v, causal=causal),
+                 reference.linear_attention(*contiguous, causal=causal), np.float64)
+    q32, k32, v32 = (a.astype(np.float32)[..., ::-1, :] for a in (q, k, v))   # negative strides
+    assert_close(fastattn.performer_attention(q32, k32, v32, features=w, causal=causal),
+                 reference.performer_attention(q32, k32, v32, w, causal=causal), np.float32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowrank_length_one_and_empty(rng, causal):
+    q, k, v = make(rng, (2, 1, 4)), make(rng, (2, 1, 4)), make(rng, (2, 1, 3))
+    w = fastattn.performer_features(4, 8, rng=0)
+    # one key: the output is that key's value
+    np.testing.assert_allclose(fastattn.performer_attention(q, k, v, features=w, causal=causal),
+                               v, rtol=1e-12)
+    np.testing.assert_allclose(fastattn.linear_attention(q, k, v, causal=causal), v, rtol=1e-5)
+    empty = make(rng, (2, 0, 4))
+    assert fastattn.performer_attention(empty, empty, empty[..., :3], features=w,
+                                        causal=causal).shape == (2, 0, 3)
+    assert fastattn.linear_attention(empty, empty, empty, causal=causal).shape == (2, 0, 4)
+    if not causal:   # no keys: empty sums over the keys, output 0 (the guard keeps 0 / 0 away)
+        for fn in (lambda *a: fastattn.performer_attention(*a, features=w),
+                   fastattn.linear_attention):
+            out = fn(q, empty, empty[..., :3])
+            np.testing.assert_array_equal(out, np.zeros((2, 1, 3)))
+        np.testing.assert_array_equal(reference.linear_attention(q, empty, empty[..., :3]),
+                                      np.zeros((2, 1, 3)))
+
+
+def test_performer_key_max_set_late(rng):
+    # One key far larger than the rest, in the last chunk: every earlier chunk was
+    # summed relative to a smaller running max and must be rescaled (non-causal), or
+    # its rows corrected at the end (causal: the stabiliser is over ALL keys).
+    q, k, v = make(rng, (2, 300, 8)), 0.3 * make(rng, (2, 300, 8)), make(rng, (2, 300, 4))
+    k[:, -1] *= 40
+    w = fastattn.performer_features(8, 32, rng=5)
+    for causal in (False, True):
+        with chunk_sizes(16, 16):
+            out = fastattn.performer_attention(q, k, v, features=w, causal=causal)
+        assert_close(out, reference.performer_attention(q, k, v, w, causal=causal), np.float64)
+
+
+def test_linear_callable_features_of_another_size(rng):
+    q, k, v = make(rng, (2, 40, 8)), make(rng, (2, 30, 8)), make(rng, (2, 30, 3))
+    both = lambda x: np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], axis=-1) + 0.1
+    for causal in (False, True):
+        kk, vv = (k, v) if not causal else (make(rng, (2, 40, 8)), make(rng, (2, 40, 3)))
+        assert_close(fastattn.linear_attention(q, kk, vv, feature_map=both, causal=causal),
+                     reference.linear_attention(q, kk, vv, feature_map=both, causal=causal),
+                     np.float64)
+
+
+def test_lowrank_float16(rng):
+    q, k, v = (make(rng, (2, 50, 8), np.float16) for _ in range(3))
+    w = fastattn.performer_features(8, 16, rng=0)
+    out = fastattn.performer_attention(q, k, v, features=w, causal=True)
+    assert out.dtype == np.float16
+    assert_close(out, reference.performer_attention(q, k, v, w, causal=True), np.float16)
+    assert fastattn.linear_attention(q, k, v).dtype == np.float16
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowrank_memory_has_no_feature_matrices(causal):
+    # O(N) memory: the output plus states and per-row numbers, no (N, m) feature matrix
+    # (here 4 MiB per head; the output is 1 MiB per head)
+    rng = np.random.default_rng(0)
+    N, m = 4096, 256
+    q, k, v = (rng.standard_normal((2, N, 64), dtype=np.float32) for _ in range(3))
+    w = fastattn.performer_features(64, m, rng=0)
+    out_bytes = 2 * N * 64 * 4
+    for fn in (lambda: fastattn.performer_attention(q, k, v, features=w, causal=causal),
+               lambda: fastattn.linear_attention(q, k, v, causal=causal)):
+        fn()
+        tracemalloc.start()
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < out_bytes + (1 << 20), peak / out_bytes
+
+
 # ---- Linformer and Synthesizer: degenerate limits == full attention --------------------------
 
 def test_linformer(rng):
@@ -149,3 +328,13 @@ def test_bad_inputs(rng):
                                        mode="dense")
     with pytest.raises(TypeError):
         fastattn.linear_attention(q.astype(complex), q, q)
+    with pytest.raises(ValueError, match="batch dimensions"):
+        fastattn.performer_attention(make(rng, (2, 10, 4)), make(rng, (3, 10, 4)), q)
+    with pytest.raises(ValueError, match="batch dimensions"):
+        fastattn.linear_attention(make(rng, (2, 10, 4)), q, make(rng, (3, 10, 4)))
+    with pytest.raises(ValueError, match="feature_map"):
+        fastattn.linear_attention(q, q, q, feature_map=lambda x: x[..., :1, :])
+    with pytest.raises(ValueError, match="num_threads"):
+        fastattn.performer_attention(q, q, q, num_threads=0)
+    with pytest.raises(ValueError, match="num_threads"):
+        fastattn.linear_attention(q, q, q, num_threads=0)
