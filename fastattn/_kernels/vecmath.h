@@ -1,13 +1,19 @@
 /*
  * vecmath.h -- the vector loops of the tile/softmax core, shared by every kernel family.
  *
- * Each routine works on one row of a score tile. They are written as plain C loops that
- * gcc auto-vectorises; on x86-64 gcc builds every routine is compiled three times
- * (AVX-512, AVX2+FMA, baseline SSE2) and the best one is picked at load time through an
- * ifunc, so wheels need no -march=native.
+ * Each routine works on one row of a score tile. On x86-64 gcc builds every routine exists
+ * for AVX-512, AVX2+FMA and baseline SSE2, and the one for the running CPU is picked at
+ * run time, so wheels need no -march=native:
+ *   - routines written with GCC vector types (the maxima, exp + sum, tanh scores) are
+ *     instantiated once per ISA at that ISA's register width (FA_WIDTHS below);
+ *   - plain C loops that gcc auto-vectorises (scale, axpy, dot, ...) are target_clones
+ *     (FA_VECTOR): the vectoriser already picks each clone's own width.
  *
- * Reductions (max, sum) keep FA_LANES independent partial results, which lets the
- * compiler vectorise them without -ffast-math (no reassociation of one accumulator).
+ * Reductions (max, sum) keep FA_VEC_BYTES of independent partial results (lanes), which
+ * lets them vectorise without -ffast-math (no reassociation of one accumulator). Every ISA
+ * uses the same lanes and the same order of operations, so AVX-512 and AVX2 give the same
+ * bits; baseline SSE2 has no FMA, so where gcc contracts a * b + c into one (exp, axpy,
+ * dot, the small GEMMs) its results can differ in the last bit.
  * The build never uses -ffast-math: masked scores are -inf and must stay -inf.
  *
  * exp is only ever needed for x - rowmax <= 0, so fa_exp_* handle (-inf, 0] (and NaN,
@@ -20,6 +26,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <stddef.h>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>           /* FA_VMAX */
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
     && !defined(FASTATTN_NO_CLONES)
@@ -29,7 +38,63 @@
 #endif
 
 #define FA_LANES 16
-#define FA_VEC_BYTES 64      /* one AVX-512 register; narrower ISAs split it */
+#define FA_VEC_BYTES 64      /* lanes of the vector-type reductions, on every ISA */
+
+/* ---- one vector width per ISA -------------------------------------------------------- */
+/* Routines written with GCC vector types are compiled once per ISA, at its register
+ * width: 64 bytes with AVX-512, 32 with AVX2 + FMA, 16 with baseline SSE2 (FA_VEC_BYTES
+ * of lanes are then 1, 2 or 4 registers). One width for all, as target_clones gives,
+ * does not work: gcc turns a comparison or select of vectors wider than the registers into
+ * scalar code (64-byte fa_max was 20x, fa_exp_sum 7.6x slower with AVX2 than with
+ * AVX-512 on a Zen 4 core), and keeps a wider vector carried across iterations in memory.
+ * fa_isa_level() picks the version at run time. Without it (FASTATTN_NO_CLONES, other
+ * compilers or CPUs) there is one version, at the width of the build's own flags. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+    && !defined(FASTATTN_NO_CLONES)
+#define FA_WIDTHS 1
+#define FA_TARGET_ZMM __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
+#define FA_TARGET_YMM __attribute__((target("avx2,fma")))
+#define FA_TARGET_XMM
+
+enum { FA_ISA_XMM = 0, FA_ISA_YMM = 1, FA_ISA_ZMM = 2 };
+
+/* The best of FA_ISA_* this CPU (and OS) supports. Looked up once: the row routines are
+ * called once per row. Threads racing on the first call store the same value. */
+static inline int fa_isa_level(void)
+{
+    static int level = -1;
+    int l = __atomic_load_n(&level, __ATOMIC_RELAXED);
+    if (l < 0) {
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("fma"))
+            l = FA_ISA_ZMM;
+        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+            l = FA_ISA_YMM;
+        else
+            l = FA_ISA_XMM;
+        __atomic_store_n(&level, l, __ATOMIC_RELAXED);
+    }
+    return l;
+}
+
+/* F##_zmm_##SFX ARGS, or the _ymm_ / _xmm_ version, whichever this CPU runs best */
+#define FA_CALL_BY_ISA(F, SFX, ARGS) ({                                                    \
+    int isa_ = fa_isa_level();                                                             \
+    isa_ == FA_ISA_ZMM ? F##_zmm_##SFX ARGS                                                \
+        : isa_ == FA_ISA_YMM ? F##_ymm_##SFX ARGS : F##_xmm_##SFX ARGS;                    \
+})
+#else
+#define FA_WIDTHS 0
+#if defined(__AVX512F__)
+#define FA_NATIVE_BYTES 64
+#elif defined(__AVX2__)
+#define FA_NATIVE_BYTES 32
+#else
+#define FA_NATIVE_BYTES 16
+#endif
+#endif
 
 /* ---- exp of a non-positive argument, element-wise, branch-free -------------------- */
 
@@ -101,9 +166,6 @@ static inline double fa_expneg_f64(double x)
 #define FA_LN2LO_f32 (-2.12194440e-4f)
 #define FA_BIAS_f32 127
 #define FA_MANT_f32 23
-#define FA_EXP_POLY_f32(r) \
-    ((((((((1.9875691500E-4f * (r) + 1.3981999507E-3f) * (r) + 8.3334519073E-3f) * (r) \
-    + 4.1665795894E-2f) * (r) + 1.6666665459E-1f) * (r) + 5.0000001201E-1f) * (r) * (r)) + (r)) + 1.0f)
 #define FA_EXP_LO_f64 (-708.3964185322641)
 #define FA_LOG2E_f64 1.4426950408889634
 #define FA_ROUND_f64 6755399441055744.0
@@ -112,88 +174,284 @@ static inline double fa_expneg_f64(double x)
 #define FA_LN2LO_f64 1.90821492927058770002e-10
 #define FA_BIAS_f64 1023
 #define FA_MANT_f64 52
-#define FA_EXP_POLY_f64(r) \
-    (((((((((((((1.0 / 6227020800.0 * (r) + 1.0 / 479001600.0) * (r) + 1.0 / 39916800.0) * (r) \
-    + 1.0 / 3628800.0) * (r) + 1.0 / 362880.0) * (r) + 1.0 / 40320.0) * (r) + 1.0 / 5040.0) * (r) \
-    + 1.0 / 720.0) * (r) + 1.0 / 120.0) * (r) + 1.0 / 24.0) * (r) + 1.0 / 6.0) * (r) + 0.5) \
-    * (r) * (r) + (r)) + 1.0)
 
 /* ---- row routines, instantiated for float and double ------------------------------- */
 /* Every routine accepts n == 0. Max of nothing (or of all -inf) is -inf. */
 
-#define FA_DEFINE_ROW_ROUTINES(T, IT, SFX, EXPNEG)                                              \
-                                                                                           \
-/* max_j x[j]; NaN if any x[j] is NaN (a NaN score must give a NaN row, not a masked one). */ \
-/* Written with GCC vector types: gcc does not vectorise a scalar `a > b ? a : b` max        */ \
-/* reduction without -ffast-math, but lowers this compare-and-blend to each clone's ISA.    */ \
-FA_VECTOR static T fa_max_##SFX(const T *x, ptrdiff_t n)                                   \
-{                                                                                          \
-    enum { W = FA_VEC_BYTES / sizeof(T) };                                                 \
-    typedef T vec __attribute__((vector_size(FA_VEC_BYTES)));                              \
-    typedef IT ivec __attribute__((vector_size(FA_VEC_BYTES)));                            \
-    vec acc = (vec){0} - (T)INFINITY;                                                      \
-    ivec nan = (ivec){0};                                                                  \
-    ptrdiff_t j = 0;                                                                       \
-    for (; j + W <= n; j += W) {                                                           \
-        vec v;                                                                             \
-        memcpy(&v, x + j, sizeof v);                                                       \
-        ivec greater = (ivec)(v > acc);                                                    \
-        acc = (vec)(((ivec)v & greater) | ((ivec)acc & ~greater));                         \
-        nan |= (ivec)(v != v);                                                             \
+/* The routines written with vector types are defined once, by FA_DEFINE_ROW_VECTOR_ROUTINES
+ * below, and instantiated per ISA. In their bodies vec / ivec are vectors of VB bytes of T
+ * / of its integer twin, W lanes each, and a step of their main loops covers FA_VEC_BYTES,
+ * R registers. gcc lowers the comparisons and selects of vectors of the registers' width
+ * to each ISA's own instructions. */
+#define FA_VEC_TYPES(T, IT, VB)                                                            \
+    typedef T vec __attribute__((vector_size(VB)));                                        \
+    typedef IT ivec __attribute__((vector_size(VB)));                                      \
+    enum { W = (VB) / sizeof(T), R = FA_VEC_BYTES / (VB) }
+
+/* stmt for each of the R registers u_ of a step */
+#define FA_ALL(stmt) for (int u_ = 0; u_ < R; u_++) { stmt; }
+
+#define FA_CAT(a, b) FA_CAT_(a, b)
+#define FA_CAT_(a, b) a##b
+
+/* a > b ? a : b lane by lane (vectors of type vec). x86's max instructions compute exactly
+ * that (b when a is NaN, b of +0 and -0) with half the latency of a compare and a blend:
+ * a row's running max is a chain of them. */
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FA_VMAX(a, b) ((vec)_Generic((a), __m512: _mm512_max_ps, __m512d: _mm512_max_pd,   \
+    __m256: _mm256_max_ps, __m256d: _mm256_max_pd, __m128: _mm_max_ps,                     \
+    __m128d: _mm_max_pd)((a), (b)))
+#else
+#define FA_VMAX(a, b) ({                                                                   \
+    vec a_ = (a), b_ = (b);                                                                \
+    ivec gt_ = (ivec)(a_ > b_);                                                            \
+    (vec)(((ivec)a_ & gt_) | ((ivec)b_ & ~gt_));                                           \
+})
+#endif
+
+/* The exp polynomials (those of fa_expneg_*, step by step), each Horner step applied to
+ * the R registers p[], r[] in turn. */
+#define FA_EXP_POLY_STEPS_f32(p, r)                                                        \
+    FA_ALL(p[u_] = 1.9875691500E-4f * r[u_] + 1.3981999507E-3f)                            \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 8.3334519073E-3f)                                       \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 4.1665795894E-2f)                                       \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.6666665459E-1f)                                       \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 5.0000001201E-1f)                                       \
+    FA_ALL(p[u_] = p[u_] * r[u_] * r[u_] + r[u_] + 1.0f)
+#define FA_EXP_POLY_STEPS_f64(p, r)                                                        \
+    FA_ALL(p[u_] = 1.0 / 6227020800.0 * r[u_] + 1.0 / 479001600.0)                         \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 39916800.0)                                       \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 3628800.0)                                        \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 362880.0)                                         \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 40320.0)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 5040.0)                                           \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 720.0)                                            \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 120.0)                                            \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 24.0)                                             \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 6.0)                                              \
+    FA_ALL(p[u_] = p[u_] * r[u_] + 0.5)                                                    \
+    FA_ALL(p[u_] = p[u_] * r[u_] * r[u_] + r[u_] + 1.0)
+
+/* e[u] = exp(v[u]) for the R registers v[] <= 0 of a step: fa_expneg_* lane by lane, the
+ * same operations in the same order (so the same bits on the same ISA). Each stage runs
+ * over the R registers before the next, so that their R chains of dependent steps
+ * interleave in the instruction stream; one chain after the other left AVX2 and SSE2
+ * waiting on latency (1.2x to 1.3x slower). */
+#define FA_EXPNEG_VECS(SFX, v, e) do {                                                     \
+    const vec lo_ = (vec){0} + FA_EXP_LO_##SFX;                                            \
+    ivec below_[R];                                                                        \
+    vec kf_[R], n_[R], r_[R], p_[R];                                                       \
+    FA_ALL(below_[u_] = (ivec)(v[u_] < lo_))          /* result 0 (and -inf -> 0) */       \
+    FA_ALL(r_[u_] = FA_VMAX(lo_, v[u_]))              /* v < lo ? lo : v; NaN stays */     \
+    FA_ALL(kf_[u_] = r_[u_] * FA_LOG2E_##SFX + FA_ROUND_##SFX)                             \
+    FA_ALL(n_[u_] = kf_[u_] - FA_ROUND_##SFX)                                              \
+    FA_ALL(r_[u_] = r_[u_] - n_[u_] * FA_LN2HI_##SFX)                                      \
+    FA_ALL(r_[u_] = r_[u_] - n_[u_] * FA_LN2LO_##SFX)                                      \
+    FA_EXP_POLY_STEPS_##SFX(p_, r_)                                                        \
+    FA_ALL(e[u_] = (vec)((ivec)(p_[u_] * (vec)((((ivec)kf_[u_] - FA_ROUND_BITS_##SFX)      \
+                                              + FA_BIAS_##SFX) << FA_MANT_##SFX))          \
+                         & ~below_[u_]))                                                   \
+} while (0)
+
+/* Partial max: acc = v > acc ? v : acc (strict: of equal values the first stays, as in
+ * the scalar loop, which decides between -0 and +0); nan collects the lanes where v is
+ * NaN (NaN never enters acc). */
+#define FA_MAX_STEP(acc, nan, v) do {                                                      \
+    (acc) = FA_VMAX(v, acc);                                                               \
+    (nan) |= (ivec)((v) != (v));                                                           \
+} while (0)
+
+/* The max of x[j:n] and of the R partial maxima acc[] (lanes in order): NaN if any element
+ * was NaN (a NaN score must give a NaN row, not a masked one). The same result as one
+ * scalar pass over x[j:n] and then over the lanes, on every ISA: "the first of the
+ * largest" is associative, so the lanes are combined as a tree of neighbours, lane k with
+ * lane k + b for b = 1, 2, 4, ... (later > earlier ? later : earlier), log2(W) steps
+ * instead of a chain of R * W. IOTA: the lane numbers {0, 1, ..., W - 1}. */
+#define FA_IOTA_f32_64 {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+#define FA_IOTA_f32_32 {0, 1, 2, 3, 4, 5, 6, 7}
+#define FA_IOTA_f32_16 {0, 1, 2, 3}
+#define FA_IOTA_f64_64 {0, 1, 2, 3, 4, 5, 6, 7}
+#define FA_IOTA_f64_32 {0, 1, 2, 3}
+#define FA_IOTA_f64_16 {0, 1}
+#define FA_MAX_FINISH(T, IOTA, acc, nan, x, j, n) ({                                       \
+    const ivec lane_ = IOTA;                                                               \
+    T m_ = -INFINITY;                                                                      \
+    int any_nan_ = 0;                                                                      \
+    for (; j < n; j++) { m_ = x[j] > m_ ? x[j] : m_; any_nan_ |= x[j] != x[j]; }           \
+    ivec nans_ = nan[0];                                                                   \
+    for (int u_ = 1; u_ < R; u_++) nans_ |= nan[u_];                                       \
+    vec top_[R];                                                                           \
+    FA_ALL(top_[u_] = acc[u_])                                                             \
+    for (int b_ = 1; b_ < W; b_ *= 2) {                                                    \
+        ivec down_ = (lane_ + b_) & (W - 1);          /* lane k <- lane k + b */           \
+        FA_ALL(top_[u_] = FA_VMAX(__builtin_shuffle(top_[u_], down_), top_[u_]))           \
+        nans_ |= __builtin_shuffle(nans_, down_);                                          \
     }                                                                                      \
-    T m = -INFINITY;                                                                       \
-    int any_nan = 0;                                                                       \
-    for (; j < n; j++) { m = x[j] > m ? x[j] : m; any_nan |= x[j] != x[j]; }               \
-    for (int k = 0; k < W; k++) { m = acc[k] > m ? acc[k] : m; any_nan |= nan[k] != 0; }   \
-    return any_nan ? (T)NAN : m;                                                           \
-}                                                                                          \
+    T lanes_ = top_[0][0];                                                                 \
+    for (int u_ = 1; u_ < R; u_++) lanes_ = top_[u_][0] > lanes_ ? top_[u_][0] : lanes_;   \
+    m_ = lanes_ > m_ ? lanes_ : m_;                                                        \
+    any_nan_ || nans_[0] != 0 ? (T)NAN : m_;                                               \
+})
+
+/* drop[u] = all ones in the lanes of register u whose keep byte is 0, for the R registers
+ * of a step (R * W bytes of keep). AVX2 and AVX-512 widen the bytes' test by sign
+ * extension (vpmovsxb*). SSE2 has no such instruction (gcc widens lane by lane in scalar
+ * code, 3x to 6x slower), so there the test is spread over the lanes by interleaving it with
+ * itself (punpckl/h*): twice for float, three times for double. */
+#define FA_DROP_MASKS_WIDE(keep, drop) do {                                                \
+    typedef uint8_t bytes_ __attribute__((vector_size(W)));                                \
+    for (int u_ = 0; u_ < R; u_++) {                                                       \
+        bytes_ kb_;                                                                        \
+        memcpy(&kb_, (keep) + u_ * W, sizeof kb_);                                         \
+        drop[u_] = __builtin_convertvector(kb_ == 0, ivec);                                \
+    }                                                                                      \
+} while (0)
+#define FA_DROP_MASKS_64 FA_DROP_MASKS_WIDE
+#define FA_DROP_MASKS_32 FA_DROP_MASKS_WIDE
+#define FA_DROP_MASKS_16(keep, drop) do {                                                  \
+    typedef int8_t b_ __attribute__((vector_size(16)));                                    \
+    typedef int16_t h_ __attribute__((vector_size(16)));                                   \
+    typedef int32_t w_ __attribute__((vector_size(16)));                                   \
+    typedef int64_t q_ __attribute__((vector_size(16)));                                   \
+    _Static_assert(R == 4, "a step is 4 SSE2 registers");                                  \
+    b_ kb_;                                                                                \
+    if (W == 4) {                                 /* float: 16 bytes */                    \
+        memcpy(&kb_, (keep), 16);                                                          \
+    } else {                                      /* double: 8 bytes, one movq */          \
+        int64_t k8_;                                                                       \
+        memcpy(&k8_, (keep), 8);                                                           \
+        kb_ = (b_)(q_){k8_, 0};                                                            \
+    }                                                                                      \
+    b_ t_ = kb_ == 0;                                                                      \
+    h_ lo_ = (h_)__builtin_shuffle(t_, t_, (b_){0, 16, 1, 17, 2, 18, 3, 19,                \
+                                                4, 20, 5, 21, 6, 22, 7, 23});              \
+    h_ hi_ = (h_)__builtin_shuffle(t_, t_, (b_){8, 24, 9, 25, 10, 26, 11, 27,              \
+                                                12, 28, 13, 29, 14, 30, 15, 31});          \
+    w_ q0_ = (w_)__builtin_shuffle(lo_, lo_, (h_){0, 8, 1, 9, 2, 10, 3, 11});              \
+    w_ q1_ = (w_)__builtin_shuffle(lo_, lo_, (h_){4, 12, 5, 13, 6, 14, 7, 15});            \
+    w_ q2_ = (w_)__builtin_shuffle(hi_, hi_, (h_){0, 8, 1, 9, 2, 10, 3, 11});              \
+    w_ q3_ = (w_)__builtin_shuffle(hi_, hi_, (h_){4, 12, 5, 13, 6, 14, 7, 15});            \
+    if (W == 4) {                                                                          \
+        drop[0] = (ivec)q0_; drop[1] = (ivec)q1_; drop[2] = (ivec)q2_; drop[3] = (ivec)q3_; \
+    } else {                                                                               \
+        drop[0] = (ivec)__builtin_shuffle(q0_, q0_, (w_){0, 4, 1, 5});                     \
+        drop[1] = (ivec)__builtin_shuffle(q0_, q0_, (w_){2, 6, 3, 7});                     \
+        drop[2] = (ivec)__builtin_shuffle(q1_, q1_, (w_){0, 4, 1, 5});                     \
+        drop[3] = (ivec)__builtin_shuffle(q1_, q1_, (w_){2, 6, 3, 7});                     \
+    }                                                                                      \
+} while (0)
+
+/* The routines for one ISA: named F##ISA##_##SFX (ISA: _zmm, _ymm, _xmm, or nothing), with
+ * function attribute ATTR and vectors of VB bytes. */
+#define FA_DEFINE_ROW_VECTOR_ROUTINES(T, IT, SFX, EXPNEG, ISA, ATTR, VB)                   \
                                                                                            \
-/* x[j] += add[j]; return max_j x[j]   (float mask) */                                     \
-FA_VECTOR static T fa_add_max_##SFX(T *x, const T *add, ptrdiff_t n)                       \
+/* max_j x[j]; NaN if any x[j] is NaN. gcc does not vectorise a scalar `a > b ? a : b` */  \
+/* max reduction without -ffast-math, hence vector types. */                               \
+ATTR static T fa_max##ISA##_##SFX(const T *x, ptrdiff_t n)                                 \
 {                                                                                          \
-    for (ptrdiff_t j = 0; j < n; j++) x[j] += add[j];                                      \
-    return fa_max_##SFX(x, n);                                                             \
-}                                                                                          \
-                                                                                           \
-/* x[j] = keep[j] ? x[j] : -inf; return max_j x[j]   (bool mask, True = keep) */           \
-FA_VECTOR static T fa_keep_max_##SFX(T *x, const uint8_t *keep, ptrdiff_t n)               \
-{                                                                                          \
-    for (ptrdiff_t j = 0; j < n; j++) x[j] = keep[j] ? x[j] : (T)-INFINITY;                \
-    return fa_max_##SFX(x, n);                                                             \
-}                                                                                          \
-                                                                                           \
-/* x[j] = exp(x[j] - m); return sum_j x[j].  m must be finite.                            */ \
-/* The exp of fa_expneg_* on whole vectors (GCC vector types, as for the max).              */ \
-FA_VECTOR static T fa_exp_sum_##SFX(T *x, ptrdiff_t n, T m)                                \
-{                                                                                          \
-    enum { W = FA_VEC_BYTES / sizeof(T) };                                                 \
-    typedef T vec __attribute__((vector_size(FA_VEC_BYTES)));                              \
-    typedef IT ivec __attribute__((vector_size(FA_VEC_BYTES)));                            \
-    const vec zero = (vec){0};                                                             \
-    vec acc = zero;                                                                        \
+    FA_VEC_TYPES(T, IT, VB);                                                               \
+    vec acc[R];                                                                            \
+    ivec nan[R];                                                                           \
+    FA_ALL(acc[u_] = (vec){0} - (T)INFINITY; nan[u_] = (ivec){0})                          \
     ptrdiff_t j = 0;                                                                       \
-    for (; j + W <= n; j += W) {                                                           \
-        vec v;                                                                             \
-        memcpy(&v, x + j, sizeof v);                                                       \
-        v = v - m;                                                                         \
-        ivec below = (ivec)(v < zero + FA_EXP_LO_##SFX);   /* result 0 (and -inf -> 0) */  \
-        vec vc = (vec)(((ivec)(zero + FA_EXP_LO_##SFX) & below) | ((ivec)v & ~below));     \
-        vec kf = vc * FA_LOG2E_##SFX + FA_ROUND_##SFX;                                     \
-        vec nf = kf - FA_ROUND_##SFX;                                                      \
-        vec r = vc - nf * FA_LN2HI_##SFX;                                                  \
-        r = r - nf * FA_LN2LO_##SFX;                                                       \
-        vec p = FA_EXP_POLY_##SFX(r);                                                      \
-        ivec ebits = (((ivec)kf - FA_ROUND_BITS_##SFX) + FA_BIAS_##SFX) << FA_MANT_##SFX;  \
-        vec e = p * (vec)ebits;                                                            \
-        e = (vec)((ivec)e & ~below);                                                       \
-        memcpy(x + j, &e, sizeof e);                                                       \
-        acc += e;                                                                          \
+    for (; j + R * W <= n; j += R * W)                                                     \
+        for (int u = 0; u < R; u++) {                                                      \
+            vec v;                                                                         \
+            memcpy(&v, x + j + u * W, sizeof v);                                           \
+            FA_MAX_STEP(acc[u], nan[u], v);                                                \
+        }                                                                                  \
+    return FA_MAX_FINISH(T, FA_CAT(FA_IOTA_##SFX##_, VB), acc, nan, x, j, n);              \
+}                                                                                          \
+                                                                                           \
+/* x[j] += add[j]; return max_j x[j]   (float mask; one pass) */                           \
+ATTR static T fa_add_max##ISA##_##SFX(T *x, const T *add, ptrdiff_t n)                     \
+{                                                                                          \
+    FA_VEC_TYPES(T, IT, VB);                                                               \
+    vec acc[R];                                                                            \
+    ivec nan[R];                                                                           \
+    FA_ALL(acc[u_] = (vec){0} - (T)INFINITY; nan[u_] = (ivec){0})                          \
+    ptrdiff_t j = 0;                                                                       \
+    for (; j + R * W <= n; j += R * W)                                                     \
+        for (int u = 0; u < R; u++) {                                                      \
+            vec v, a;                                                                      \
+            memcpy(&v, x + j + u * W, sizeof v);                                           \
+            memcpy(&a, add + j + u * W, sizeof a);                                         \
+            v += a;                                                                        \
+            memcpy(x + j + u * W, &v, sizeof v);                                           \
+            FA_MAX_STEP(acc[u], nan[u], v);                                                \
+        }                                                                                  \
+    for (ptrdiff_t t = j; t < n; t++) x[t] += add[t];                                      \
+    return FA_MAX_FINISH(T, FA_CAT(FA_IOTA_##SFX##_, VB), acc, nan, x, j, n);              \
+}                                                                                          \
+                                                                                           \
+/* x[j] = keep[j] ? x[j] : -inf; return max_j x[j]   (bool mask, True = keep; one pass) */ \
+ATTR static T fa_keep_max##ISA##_##SFX(T *x, const uint8_t *keep, ptrdiff_t n)             \
+{                                                                                          \
+    FA_VEC_TYPES(T, IT, VB);                                                               \
+    const ivec ninf = (ivec)((vec){0} - (T)INFINITY);                                      \
+    vec acc[R];                                                                            \
+    ivec nan[R], drop[R];                                                                  \
+    FA_ALL(acc[u_] = (vec){0} - (T)INFINITY; nan[u_] = (ivec){0})                          \
+    ptrdiff_t j = 0;                                                                       \
+    for (; j + R * W <= n; j += R * W) {                                                   \
+        FA_CAT(FA_DROP_MASKS_, VB)(keep + j, drop);                                        \
+        for (int u = 0; u < R; u++) {                                                      \
+            vec v;                                                                         \
+            memcpy(&v, x + j + u * W, sizeof v);                                           \
+            v = (vec)(((ivec)v & ~drop[u]) | (ninf & drop[u]));                            \
+            memcpy(x + j + u * W, &v, sizeof v);                                           \
+            FA_MAX_STEP(acc[u], nan[u], v);                                                \
+        }                                                                                  \
+    }                                                                                      \
+    for (ptrdiff_t t = j; t < n; t++) x[t] = keep[t] ? x[t] : (T)-INFINITY;                \
+    return FA_MAX_FINISH(T, FA_CAT(FA_IOTA_##SFX##_, VB), acc, nan, x, j, n);              \
+}                                                                                          \
+                                                                                           \
+/* x[j] = exp(x[j] - m); return sum_j x[j].  m must be finite. The sum: lanes over the */  \
+/* steps, then the tail in order, then the lanes in order (the same on every ISA). */      \
+ATTR static T fa_exp_sum##ISA##_##SFX(T *x, ptrdiff_t n, T m)                              \
+{                                                                                          \
+    FA_VEC_TYPES(T, IT, VB);                                                               \
+    vec acc[R];                                                                            \
+    FA_ALL(acc[u_] = (vec){0})                                                             \
+    ptrdiff_t j = 0;                                                                       \
+    for (; j + R * W <= n; j += R * W) {                                                   \
+        vec v[R], e[R];                                                                    \
+        FA_ALL(memcpy(&v[u_], x + j + u_ * W, sizeof v[u_]); v[u_] = v[u_] - m)            \
+        FA_EXPNEG_VECS(SFX, v, e);                                                         \
+        FA_ALL(memcpy(x + j + u_ * W, &e[u_], sizeof e[u_]); acc[u_] += e[u_])             \
     }                                                                                      \
     T s = 0;                                                                               \
     for (; j < n; j++) { T e = EXPNEG(x[j] - m); x[j] = e; s += e; }                       \
-    for (int k = 0; k < W; k++) s += acc[k];                                               \
+    for (int u = 0; u < R; u++)                                                            \
+        for (int k = 0; k < W; k++) s += acc[u][k];                                        \
     return s;                                                                              \
-}                                                                                          \
+}
+
+/* The vector-type routines per ISA, and fa_max_f32 & co. picking one at run time. */
+#if FA_WIDTHS
+#define FA_DEFINE_ROW_VECTOR_ALL(T, IT, SFX, EXPNEG)                                       \
+FA_DEFINE_ROW_VECTOR_ROUTINES(T, IT, SFX, EXPNEG, _zmm, FA_TARGET_ZMM, 64)                 \
+FA_DEFINE_ROW_VECTOR_ROUTINES(T, IT, SFX, EXPNEG, _ymm, FA_TARGET_YMM, 32)                 \
+FA_DEFINE_ROW_VECTOR_ROUTINES(T, IT, SFX, EXPNEG, _xmm, FA_TARGET_XMM, 16)                 \
+static T fa_max_##SFX(const T *x, ptrdiff_t n)                                             \
+{ return FA_CALL_BY_ISA(fa_max, SFX, (x, n)); }                                            \
+static T fa_add_max_##SFX(T *x, const T *add, ptrdiff_t n)                                 \
+{ return FA_CALL_BY_ISA(fa_add_max, SFX, (x, add, n)); }                                   \
+static T fa_keep_max_##SFX(T *x, const uint8_t *keep, ptrdiff_t n)                         \
+{ return FA_CALL_BY_ISA(fa_keep_max, SFX, (x, keep, n)); }                                 \
+static T fa_exp_sum_##SFX(T *x, ptrdiff_t n, T m)                                          \
+{ return FA_CALL_BY_ISA(fa_exp_sum, SFX, (x, n, m)); }
+#else
+#define FA_DEFINE_ROW_VECTOR_ALL(T, IT, SFX, EXPNEG)                                       \
+FA_DEFINE_ROW_VECTOR_ROUTINES(T, IT, SFX, EXPNEG, , , FA_NATIVE_BYTES)
+#endif
+
+FA_DEFINE_ROW_VECTOR_ALL(float, int32_t, f32, fa_expneg_f32)
+FA_DEFINE_ROW_VECTOR_ALL(double, int64_t, f64, fa_expneg_f64)
+
+/* The plain loops (auto-vectorised in each target_clones clone). */
+#define FA_DEFINE_ROW_ROUTINES(T, SFX)                                                      \
                                                                                            \
 /* x[j] *= a */                                                                            \
 FA_VECTOR static void fa_scale_##SFX(T *x, ptrdiff_t n, T a)                               \
@@ -221,8 +479,8 @@ FA_VECTOR static T fa_dot_##SFX(const T *x, const T *y, ptrdiff_t n)            
     return s;                                                                              \
 }
 
-FA_DEFINE_ROW_ROUTINES(float, int32_t, f32, fa_expneg_f32)
-FA_DEFINE_ROW_ROUTINES(double, int64_t, f64, fa_expneg_f64)
+FA_DEFINE_ROW_ROUTINES(float, f32)
+FA_DEFINE_ROW_ROUTINES(double, f64)
 
 /* ---- softmax helpers (softmax.pyx) ------------------------------------------------- */
 
@@ -345,46 +603,31 @@ FA_DEFINE_SOFTMAX_ROUTINES(double, f64)
     }                                                                                      \
 }
 
-/* Unlike FA_VECTOR's clones (one vector width for all), each ISA gets its own register
- * width: a vector wider than the registers that is carried across loop iterations (the
- * accumulators) lives in memory, which made 64-byte vectors half as fast as 32-byte ones
- * with AVX2, while AVX-512 runs 64-byte ones 1.5x faster (both measured on a Zen 4 core).
- * The AVX-512 and AVX2 versions are picked at run time from the CPU's features. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
-    && !defined(FASTATTN_NO_CLONES)
-#define FA_TANH_WIDTHS 1
-#else
-#define FA_TANH_WIDTHS 0
-#endif
-
+/* One version per ISA at its register width (FA_WIDTHS above): a vector wider than the
+ * registers that is carried across loop iterations (the accumulators) lives in memory,
+ * which made 64-byte vectors half as fast as 32-byte ones with AVX2, while AVX-512 runs
+ * 64-byte ones 1.5x faster, and SSE2 runs 16-byte ones 1.8x (float) and 1.5x (double)
+ * faster than 32-byte ones (all measured on a Zen 4 core). The width does not change the
+ * results: each key has its own lane and its own sums. */
 #define FA_TANH_SCORES_ARGS(T) \
     (const T *a, const T *bt, ptrdiff_t ldb, const T *w, ptrdiff_t h, ptrdiff_t n, T *s)
 
-#if FA_TANH_WIDTHS
+#if FA_WIDTHS
 #define FA_DEFINE_TANH_SCORES(T, IT, SFX)                                                   \
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))                          \
-static void fa_tanh_scores_zmm_##SFX FA_TANH_SCORES_ARGS(T)                                \
+FA_TARGET_ZMM static void fa_tanh_scores_zmm_##SFX FA_TANH_SCORES_ARGS(T)                  \
 FA_TANH_SCORES_BODY(T, IT, SFX, 64)                                                        \
-__attribute__((target("avx2,fma")))                                                        \
-static void fa_tanh_scores_ymm_##SFX FA_TANH_SCORES_ARGS(T)                                \
+FA_TARGET_YMM static void fa_tanh_scores_ymm_##SFX FA_TANH_SCORES_ARGS(T)                  \
 FA_TANH_SCORES_BODY(T, IT, SFX, 32)                                                        \
-static void fa_tanh_scores_any_##SFX FA_TANH_SCORES_ARGS(T)                                \
-FA_TANH_SCORES_BODY(T, IT, SFX, 32)                                                        \
+FA_TARGET_XMM static void fa_tanh_scores_xmm_##SFX FA_TANH_SCORES_ARGS(T)                  \
+FA_TANH_SCORES_BODY(T, IT, SFX, 16)                                                        \
 static void fa_tanh_scores_##SFX FA_TANH_SCORES_ARGS(T)                                    \
 {                                                                                          \
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")            \
-        && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")        \
-        && __builtin_cpu_supports("fma"))                                                  \
-        fa_tanh_scores_zmm_##SFX(a, bt, ldb, w, h, n, s);                                  \
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))              \
-        fa_tanh_scores_ymm_##SFX(a, bt, ldb, w, h, n, s);                                  \
-    else                                                                                   \
-        fa_tanh_scores_any_##SFX(a, bt, ldb, w, h, n, s);                                  \
+    FA_CALL_BY_ISA(fa_tanh_scores, SFX, (a, bt, ldb, w, h, n, s));                         \
 }
 #else
 #define FA_DEFINE_TANH_SCORES(T, IT, SFX)                                                   \
 static void fa_tanh_scores_##SFX FA_TANH_SCORES_ARGS(T)                                    \
-FA_TANH_SCORES_BODY(T, IT, SFX, 32)
+FA_TANH_SCORES_BODY(T, IT, SFX, FA_NATIVE_BYTES)
 #endif
 
 FA_DEFINE_TANH_SCORES(float, int32_t, f32)
@@ -423,15 +666,16 @@ static inline void fa_prefetch_some(const char **pf, const char *pf_end, int lin
 /* For a few query rows a BLAS call on a (rows x 16 keys) tile costs more than its
  * arithmetic; paged.py picks these loops there. They use GCC/clang vector types
  * (32 bytes: one AVX register, two SSE2 ones), since the plain loops did not vectorise
- * across rows. Scores: 4 rows x 4 keys accumulate as 16 independent FMA chains (8 would
- * leave the FMA units waiting on their latency; each key and query vector is loaded once
- * per 4 uses), the 16 dot products finished by a shuffle tree (fa_lane_sums_*) instead
- * of one lane sum each. p @ v: 4 rows x 2 vectors, 8 chains, each value row read once
- * per 4 rows. Other compilers get plain loops. Every routine accepts m, n or k == 0. */
+ * across rows. Scores: 4 rows x 4 keys accumulate as 16 independent FMA chains with
+ * AVX-512 (8 would leave the FMA units waiting on their latency; each key and query vector
+ * is loaded once per 4 uses), 4 x 2 with fewer registers (FA_GEMM_ABT_SMALL_BODY), the dot
+ * products finished by a shuffle tree (fa_lane_sums_*) instead of one lane sum each.
+ * p @ v: 4 rows x 2 vectors, 8 chains, each value row read once per 4 rows. Other
+ * compilers get plain loops. Every routine accepts m, n or k == 0. */
 
 #if defined(__GNUC__)
 
-/* helpers inlined into each target clone of their caller (else built for the baseline) */
+/* helpers inlined into each ISA's version of their caller (else built for the baseline) */
 #define FA_INLINE static inline __attribute__((always_inline))
 
 typedef float fa_vec_f32 __attribute__((vector_size(32)));
@@ -469,6 +713,162 @@ FA_INLINE fa_vec_f64 fa_lane_sums_f64(const fa_vec_f64 *x)
     return x0;
 }
 #undef FA_FOLD
+
+/* The scores' loop, 4 rows of a against 4 rows of b at a time, as NB = 4 or 2 keys per
+ * fa_dot4xn: 4 x 4 takes 21 vector registers, fine with AVX-512's 32 but spilled with
+ * AVX2's 16, where two 4 x 2 ran 1.3x faster; with AVX-512 4 x 4 ran 1.4x faster than
+ * 4 x 2, and with SSE2 (two registers a vector, spilled either way) 1.25x faster (Zen 4,
+ * one core, 4-8 rows, k = 64..128, cached). Hence one version per ISA. */
+#define FA_GEMM_ABT_SMALL_ARGS(T)                                                           \
+    (ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, T alpha, const T *a, ptrdiff_t lda, const T *b, \
+     ptrdiff_t ldb, T *c, ptrdiff_t ldc, const void *pf, ptrdiff_t pf_bytes)
+#define FA_GEMM_ABT_SMALL_BODY(T, SFX, NB)                                                  \
+{                                                                                          \
+    const char *pf_at = (const char *)pf, *pf_end = pf ? pf_at + pf_bytes : pf_at;         \
+    T r[16];                                                                               \
+    ptrdiff_t i = 0;                                                                       \
+    for (; i + 4 <= m; i += 4) {            /* 4 rows of a against 4 rows of b, then 1 */  \
+        const T *ai = a + i * lda;                                                         \
+        ptrdiff_t j = 0;                                                                   \
+        for (; j + 4 <= n; j += 4) {                                                       \
+            for (int h = 0; h < 4; h += NB)                                                \
+                fa_dot4xn_##SFX(ai, lda, b + (j + h) * ldb, ldb, k, r + h, &pf_at, pf_end, \
+                                NB);                                                       \
+            for (int t = 0; t < 4; t++)                                                    \
+                for (int u = 0; u < 4; u++) c[(i + t) * ldc + j + u] = alpha * r[4 * t + u]; \
+        }                                                                                  \
+        for (; j < n; j++) {                                                               \
+            fa_dot4_##SFX(b + j * ldb, ai, ai + lda, ai + 2 * lda, ai + 3 * lda, k, r);    \
+            for (int t = 0; t < 4; t++) c[(i + t) * ldc + j] = alpha * r[t];               \
+        }                                                                                  \
+    }                                                                                      \
+    for (; i < m; i++) {                    /* one row of a against 8, 4, 1 rows of b */   \
+        const T *ai = a + i * lda;                                                         \
+        ptrdiff_t j = 0;                                                                   \
+        for (; j + 8 <= n; j += 8) {                                                       \
+            fa_dot1x8_##SFX(ai, b + j * ldb, ldb, k, r, &pf_at, pf_end);                   \
+            for (int t = 0; t < 8; t++) c[i * ldc + j + t] = alpha * r[t];                 \
+        }                                                                                  \
+        for (; j + 4 <= n; j += 4) {                                                       \
+            const T *bj = b + j * ldb;                                                     \
+            fa_dot4_##SFX(ai, bj, bj + ldb, bj + 2 * ldb, bj + 3 * ldb, k, r);             \
+            for (int t = 0; t < 4; t++) c[i * ldc + j + t] = alpha * r[t];                 \
+        }                                                                                  \
+        for (; j < n; j++) c[i * ldc + j] = alpha * fa_dot1_##SFX(ai, b + j * ldb, k);     \
+    }                                                                                      \
+    fa_prefetch(pf_at, pf_end - pf_at);                                                    \
+}
+#if FA_WIDTHS
+#define FA_DEFINE_GEMM_ABT_SMALL(T, SFX)                                                    \
+FA_TARGET_ZMM static void fa_gemm_abt_small_zmm_##SFX FA_GEMM_ABT_SMALL_ARGS(T)            \
+FA_GEMM_ABT_SMALL_BODY(T, SFX, 4)                                                          \
+FA_TARGET_YMM static void fa_gemm_abt_small_ymm_##SFX FA_GEMM_ABT_SMALL_ARGS(T)            \
+FA_GEMM_ABT_SMALL_BODY(T, SFX, 2)                                                          \
+FA_TARGET_XMM static void fa_gemm_abt_small_xmm_##SFX FA_GEMM_ABT_SMALL_ARGS(T)            \
+FA_GEMM_ABT_SMALL_BODY(T, SFX, 4)                                                          \
+static void fa_gemm_abt_small_##SFX FA_GEMM_ABT_SMALL_ARGS(T)                              \
+{                                                                                          \
+    FA_CALL_BY_ISA(fa_gemm_abt_small, SFX,                                                 \
+                   (m, n, k, alpha, a, lda, b, ldb, c, ldc, pf, pf_bytes));                \
+}
+#else
+#define FA_DEFINE_GEMM_ABT_SMALL(T, SFX)                                                    \
+static void fa_gemm_abt_small_##SFX FA_GEMM_ABT_SMALL_ARGS(T)                              \
+FA_GEMM_ABT_SMALL_BODY(T, SFX, (FA_NATIVE_BYTES == 32 ? 2 : 4))
+#endif
+
+/* p @ v, the values' loop: c[i*ldc + j] += sum_p a[i*lda + p] * b[p*ldb + j] (c += a b);
+ * prefetches [pf, pf + pf_bytes) on the way, a line per step. Vectors of VB bytes: 32, or
+ * 16 for SSE2, where gcc kept the 32-byte accumulators in memory (47x slower than AVX2 at
+ * 4 x 128 x 16). Each element of c is one chain over p whatever VB: the same bits. */
+#define FA_LOADV(V, p) ({ V v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define FA_STOREV(p, v) do { __typeof__(v) v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
+#define FA_GEMM_AB_ACC_SMALL_ARGS(T)                                                       \
+    (ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *a, ptrdiff_t lda, const T *b,         \
+     ptrdiff_t ldb, T *c, ptrdiff_t ldc, const void *pf, ptrdiff_t pf_bytes)
+#define FA_GEMM_AB_ACC_SMALL_BODY(T, VB)                                                   \
+{                                                                                          \
+    typedef T vec_ __attribute__((vector_size(VB)));                                       \
+    enum { VL = (VB) / sizeof(T) };                                                        \
+    const char *pf_at = (const char *)pf, *pf_end = pf ? pf_at + pf_bytes : pf_at;         \
+    ptrdiff_t i = 0;                                                                       \
+    /* 4 rows of c, 2 vectors of columns at a time, accumulated in registers over k */     \
+    for (; i + 4 <= m; i += 4) {                                                           \
+        const T *a0 = a + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;         \
+        T *c0 = c + i * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;               \
+        ptrdiff_t j = 0;                                                                   \
+        for (; j + 2 * VL <= n; j += 2 * VL) {                                             \
+            vec_ t0 = FA_LOADV(vec_, c0 + j), u0 = FA_LOADV(vec_, c0 + j + VL);            \
+            vec_ t1 = FA_LOADV(vec_, c1 + j), u1 = FA_LOADV(vec_, c1 + j + VL);            \
+            vec_ t2 = FA_LOADV(vec_, c2 + j), u2 = FA_LOADV(vec_, c2 + j + VL);            \
+            vec_ t3 = FA_LOADV(vec_, c3 + j), u3 = FA_LOADV(vec_, c3 + j + VL);            \
+            for (ptrdiff_t p = 0; p < k; p++) {                                            \
+                fa_prefetch_some(&pf_at, pf_end, 1);                                       \
+                vec_ x = FA_LOADV(vec_, b + p * ldb + j);                                  \
+                vec_ y = FA_LOADV(vec_, b + p * ldb + j + VL);                             \
+                t0 += a0[p] * x; u0 += a0[p] * y; t1 += a1[p] * x; u1 += a1[p] * y;        \
+                t2 += a2[p] * x; u2 += a2[p] * y; t3 += a3[p] * x; u3 += a3[p] * y;        \
+            }                                                                              \
+            FA_STOREV(c0 + j, t0); FA_STOREV(c0 + j + VL, u0);                             \
+            FA_STOREV(c1 + j, t1); FA_STOREV(c1 + j + VL, u1);                             \
+            FA_STOREV(c2 + j, t2); FA_STOREV(c2 + j + VL, u2);                             \
+            FA_STOREV(c3 + j, t3); FA_STOREV(c3 + j + VL, u3);                             \
+        }                                                                                  \
+        for (; j < n; j++)                                                                 \
+            for (ptrdiff_t p = 0; p < k; p++) {                                            \
+                T x = b[p * ldb + j];                                                      \
+                c0[j] += a0[p] * x; c1[j] += a1[p] * x;                                    \
+                c2[j] += a2[p] * x; c3[j] += a3[p] * x;                                    \
+            }                                                                              \
+    }                                                                                      \
+    /* each remaining row, 4 vectors of columns at a time, then one, then scalars */       \
+    for (; i < m; i++) {                                                                   \
+        const T *ai = a + i * lda;                                                         \
+        T *ci = c + i * ldc;                                                               \
+        ptrdiff_t j = 0;                                                                   \
+        for (; j + 4 * VL <= n; j += 4 * VL) {                                             \
+            vec_ t0 = FA_LOADV(vec_, ci + j), t1 = FA_LOADV(vec_, ci + j + VL);            \
+            vec_ t2 = FA_LOADV(vec_, ci + j + 2 * VL);                                     \
+            vec_ t3 = FA_LOADV(vec_, ci + j + 3 * VL);                                     \
+            for (ptrdiff_t p = 0; p < k; p++) {                                            \
+                fa_prefetch_some(&pf_at, pf_end, 2);                                       \
+                const T *bp = b + p * ldb + j;                                             \
+                t0 += ai[p] * FA_LOADV(vec_, bp); t1 += ai[p] * FA_LOADV(vec_, bp + VL);   \
+                t2 += ai[p] * FA_LOADV(vec_, bp + 2 * VL);                                 \
+                t3 += ai[p] * FA_LOADV(vec_, bp + 3 * VL);                                 \
+            }                                                                              \
+            FA_STOREV(ci + j, t0); FA_STOREV(ci + j + VL, t1);                             \
+            FA_STOREV(ci + j + 2 * VL, t2); FA_STOREV(ci + j + 3 * VL, t3);                \
+        }                                                                                  \
+        for (; j + VL <= n; j += VL) {                                                     \
+            vec_ t0 = FA_LOADV(vec_, ci + j);                                              \
+            for (ptrdiff_t p = 0; p < k; p++)                                              \
+                t0 += ai[p] * FA_LOADV(vec_, b + p * ldb + j);                             \
+            FA_STOREV(ci + j, t0);                                                         \
+        }                                                                                  \
+        for (; j < n; j++)                                                                 \
+            for (ptrdiff_t p = 0; p < k; p++) ci[j] += ai[p] * b[p * ldb + j];             \
+    }                                                                                      \
+    fa_prefetch(pf_at, pf_end - pf_at);                                                    \
+}
+#if FA_WIDTHS
+#define FA_DEFINE_GEMM_AB_ACC_SMALL(T, SFX)                                                \
+FA_TARGET_ZMM static void fa_gemm_ab_acc_small_zmm_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)      \
+FA_GEMM_AB_ACC_SMALL_BODY(T, 32)                                                           \
+FA_TARGET_YMM static void fa_gemm_ab_acc_small_ymm_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)      \
+FA_GEMM_AB_ACC_SMALL_BODY(T, 32)                                                           \
+FA_TARGET_XMM static void fa_gemm_ab_acc_small_xmm_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)      \
+FA_GEMM_AB_ACC_SMALL_BODY(T, 16)                                                           \
+static void fa_gemm_ab_acc_small_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)                        \
+{                                                                                          \
+    FA_CALL_BY_ISA(fa_gemm_ab_acc_small, SFX,                                              \
+                   (m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes));                       \
+}
+#else
+#define FA_DEFINE_GEMM_AB_ACC_SMALL(T, SFX)                                                \
+static void fa_gemm_ab_acc_small_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)                        \
+FA_GEMM_AB_ACC_SMALL_BODY(T, (FA_NATIVE_BYTES < 32 ? FA_NATIVE_BYTES : 32))
+#endif
 
 #define FA_DEFINE_SMALL_GEMMS(T, SFX)                                                       \
                                                                                            \
@@ -518,38 +918,37 @@ FA_INLINE void fa_dot4_##SFX(const T *x, const T *y0, const T *y1, const T *y2, 
     }                                                                                      \
 }                                                                                          \
                                                                                            \
-/* 4 rows x0..x3 against 4 rows y0..y3 (row strides ldx, ldy) of length k:             \
- * r[4 * i + j] = xi . yj, as 16 chains; 2 lines of the prefetch range per step (with     \
- * 32-byte vectors that covers 4 rows of y by the end) */                                  \
-FA_INLINE void fa_dot4x4_##SFX(const T *x, ptrdiff_t ldx, const T *y, ptrdiff_t ldy,       \
-                               ptrdiff_t k, T *r, const char **pf, const char *pf_end)     \
+/* 4 rows x0..x3 against NB = 4 or 2 rows y0.. (row strides ldx, ldy) of length k:     \
+ * r[4 * i + j] = xi . yj, as 4 NB chains; NB / 2 lines of the prefetch range per step    \
+ * (with 32-byte vectors that covers NB rows of y by the end). Both shapes give the same  \
+ * bits (one chain per product, lanes summed by the same tree). */                         \
+FA_INLINE void fa_dot4xn_##SFX(const T *x, ptrdiff_t ldx, const T *y, ptrdiff_t ldy,       \
+                               ptrdiff_t k, T *r, const char **pf, const char *pf_end,     \
+                               int nb)                                                     \
 {                                                                                          \
     enum { VL = FA_VL_##SFX };                                                             \
-    const T *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;                  \
-    const T *y0 = y, *y1 = y + ldy, *y2 = y + 2 * ldy, *y3 = y + 3 * ldy;                  \
+    const T *xi[4] = {x, x + ldx, x + 2 * ldx, x + 3 * ldx};                               \
     fa_vec_##SFX acc[16] = {{0}};                                                          \
     ptrdiff_t p = 0;                                                                       \
     for (; p + VL <= k; p += VL) {                                                         \
-        fa_prefetch_some(pf, pf_end, 2);                                                   \
-        fa_vec_##SFX z0 = fa_load_##SFX(y0 + p), z1 = fa_load_##SFX(y1 + p);               \
-        fa_vec_##SFX z2 = fa_load_##SFX(y2 + p), z3 = fa_load_##SFX(y3 + p);               \
-        fa_vec_##SFX u;                                                                    \
-        u = fa_load_##SFX(x0 + p);                                                         \
-        acc[0] += u * z0; acc[1] += u * z1; acc[2] += u * z2; acc[3] += u * z3;            \
-        u = fa_load_##SFX(x1 + p);                                                         \
-        acc[4] += u * z0; acc[5] += u * z1; acc[6] += u * z2; acc[7] += u * z3;            \
-        u = fa_load_##SFX(x2 + p);                                                         \
-        acc[8] += u * z0; acc[9] += u * z1; acc[10] += u * z2; acc[11] += u * z3;          \
-        u = fa_load_##SFX(x3 + p);                                                         \
-        acc[12] += u * z0; acc[13] += u * z1; acc[14] += u * z2; acc[15] += u * z3;        \
+        fa_prefetch_some(pf, pf_end, nb / 2);                                              \
+        fa_vec_##SFX z[4];                                                                 \
+        for (int j = 0; j < nb; j++) z[j] = fa_load_##SFX(y + j * ldy + p);                \
+        for (int i = 0; i < 4; i++) {                                                      \
+            fa_vec_##SFX u = fa_load_##SFX(xi[i] + p);                                     \
+            for (int j = 0; j < nb; j++) acc[nb * i + j] += u * z[j];                      \
+        }                                                                                  \
     }                                                                                      \
-    for (int g = 0; g < 16; g += VL) {                                                     \
+    T t[16];                                                                               \
+    for (int g = 0; g < 4 * nb; g += VL) {                                                 \
         fa_vec_##SFX s = fa_lane_sums_##SFX(acc + g);                                      \
-        memcpy(r + g, &s, sizeof s);                                                       \
+        memcpy(t + g, &s, sizeof s);                                                       \
     }                                                                                      \
     for (; p < k; p++)                                                                     \
         for (int i = 0; i < 4; i++)                                                        \
-            for (int j = 0; j < 4; j++) r[4 * i + j] += x[i * ldx + p] * y[j * ldy + p];   \
+            for (int j = 0; j < nb; j++) t[nb * i + j] += xi[i][p] * y[j * ldy + p];       \
+    for (int i = 0; i < 4; i++)                                                            \
+        for (int j = 0; j < nb; j++) r[4 * i + j] = t[nb * i + j];                         \
 }                                                                                          \
                                                                                            \
 /* one row x against 8 rows y0..y7 (row stride ldy): r[j] = x . yj, as 8 chains;        \
@@ -590,110 +989,11 @@ FA_INLINE T fa_dot1_##SFX(const T *x, const T *y, ptrdiff_t k)                  
                                                                                            \
 /* c[i*ldc + j] = alpha * sum_p a[i*lda + p] * b[j*ldb + p]   (i < m, j < n: c = a b^T); \
  * prefetches [pf, pf + pf_bytes) on the way */                                            \
-FA_VECTOR static void fa_gemm_abt_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,       \
-        T alpha, const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc, \
-        const void *pf, ptrdiff_t pf_bytes)                                                \
-{                                                                                          \
-    const char *pf_at = (const char *)pf, *pf_end = pf ? pf_at + pf_bytes : pf_at;         \
-    T r[16];                                                                               \
-    ptrdiff_t i = 0;                                                                       \
-    for (; i + 4 <= m; i += 4) {            /* 4 rows of a against 4 rows of b, then 1 */  \
-        const T *ai = a + i * lda;                                                         \
-        ptrdiff_t j = 0;                                                                   \
-        for (; j + 4 <= n; j += 4) {                                                       \
-            fa_dot4x4_##SFX(ai, lda, b + j * ldb, ldb, k, r, &pf_at, pf_end);              \
-            for (int t = 0; t < 4; t++)                                                    \
-                for (int u = 0; u < 4; u++) c[(i + t) * ldc + j + u] = alpha * r[4 * t + u]; \
-        }                                                                                  \
-        for (; j < n; j++) {                                                               \
-            fa_dot4_##SFX(b + j * ldb, ai, ai + lda, ai + 2 * lda, ai + 3 * lda, k, r);    \
-            for (int t = 0; t < 4; t++) c[(i + t) * ldc + j] = alpha * r[t];               \
-        }                                                                                  \
-    }                                                                                      \
-    for (; i < m; i++) {                    /* one row of a against 8, 4, 1 rows of b */   \
-        const T *ai = a + i * lda;                                                         \
-        ptrdiff_t j = 0;                                                                   \
-        for (; j + 8 <= n; j += 8) {                                                       \
-            fa_dot1x8_##SFX(ai, b + j * ldb, ldb, k, r, &pf_at, pf_end);                   \
-            for (int t = 0; t < 8; t++) c[i * ldc + j + t] = alpha * r[t];                 \
-        }                                                                                  \
-        for (; j + 4 <= n; j += 4) {                                                       \
-            const T *bj = b + j * ldb;                                                     \
-            fa_dot4_##SFX(ai, bj, bj + ldb, bj + 2 * ldb, bj + 3 * ldb, k, r);             \
-            for (int t = 0; t < 4; t++) c[i * ldc + j + t] = alpha * r[t];                 \
-        }                                                                                  \
-        for (; j < n; j++) c[i * ldc + j] = alpha * fa_dot1_##SFX(ai, b + j * ldb, k);     \
-    }                                                                                      \
-    fa_prefetch(pf_at, pf_end - pf_at);                                                    \
-}                                                                                          \
+FA_DEFINE_GEMM_ABT_SMALL(T, SFX)                                                           \
                                                                                            \
 /* c[i*ldc + j] += sum_p a[i*lda + p] * b[p*ldb + j]   (i < m, j < n: c += a b);         \
- * prefetches [pf, pf + pf_bytes) on the way, a line per step (k rows of b by the end) */  \
-FA_VECTOR static void fa_gemm_ab_acc_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,    \
-        const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc,         \
-        const void *pf, ptrdiff_t pf_bytes)                                                \
-{                                                                                          \
-    enum { VL = FA_VL_##SFX };                                                             \
-    const char *pf_at = (const char *)pf, *pf_end = pf ? pf_at + pf_bytes : pf_at;         \
-    ptrdiff_t i = 0;                                                                       \
-    /* 4 rows of c, 2 vectors of columns at a time, accumulated in registers over k */     \
-    for (; i + 4 <= m; i += 4) {                                                           \
-        const T *a0 = a + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;        \
-        T *c0 = c + i * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;              \
-        ptrdiff_t j = 0;                                                                   \
-        for (; j + 2 * VL <= n; j += 2 * VL) {                                             \
-            fa_vec_##SFX t0 = fa_load_##SFX(c0 + j), u0 = fa_load_##SFX(c0 + j + VL);      \
-            fa_vec_##SFX t1 = fa_load_##SFX(c1 + j), u1 = fa_load_##SFX(c1 + j + VL);      \
-            fa_vec_##SFX t2 = fa_load_##SFX(c2 + j), u2 = fa_load_##SFX(c2 + j + VL);      \
-            fa_vec_##SFX t3 = fa_load_##SFX(c3 + j), u3 = fa_load_##SFX(c3 + j + VL);      \
-            for (ptrdiff_t p = 0; p < k; p++) {                                            \
-                fa_prefetch_some(&pf_at, pf_end, 1);                                       \
-                fa_vec_##SFX x = fa_load_##SFX(b + p * ldb + j);                           \
-                fa_vec_##SFX y = fa_load_##SFX(b + p * ldb + j + VL);                      \
-                t0 += a0[p] * x; u0 += a0[p] * y; t1 += a1[p] * x; u1 += a1[p] * y;        \
-                t2 += a2[p] * x; u2 += a2[p] * y; t3 += a3[p] * x; u3 += a3[p] * y;        \
-            }                                                                              \
-            fa_store_##SFX(c0 + j, t0); fa_store_##SFX(c0 + j + VL, u0);                   \
-            fa_store_##SFX(c1 + j, t1); fa_store_##SFX(c1 + j + VL, u1);                   \
-            fa_store_##SFX(c2 + j, t2); fa_store_##SFX(c2 + j + VL, u2);                   \
-            fa_store_##SFX(c3 + j, t3); fa_store_##SFX(c3 + j + VL, u3);                   \
-        }                                                                                  \
-        for (; j < n; j++)                                                                 \
-            for (ptrdiff_t p = 0; p < k; p++) {                                            \
-                T x = b[p * ldb + j];                                                      \
-                c0[j] += a0[p] * x; c1[j] += a1[p] * x;                                    \
-                c2[j] += a2[p] * x; c3[j] += a3[p] * x;                                    \
-            }                                                                              \
-    }                                                                                      \
-    /* each remaining row, 4 vectors of columns at a time, then one, then scalars */       \
-    for (; i < m; i++) {                                                                   \
-        const T *ai = a + i * lda;                                                         \
-        T *ci = c + i * ldc;                                                               \
-        ptrdiff_t j = 0;                                                                   \
-        for (; j + 4 * VL <= n; j += 4 * VL) {                                             \
-            fa_vec_##SFX t0 = fa_load_##SFX(ci + j), t1 = fa_load_##SFX(ci + j + VL);      \
-            fa_vec_##SFX t2 = fa_load_##SFX(ci + j + 2 * VL);                              \
-            fa_vec_##SFX t3 = fa_load_##SFX(ci + j + 3 * VL);                              \
-            for (ptrdiff_t p = 0; p < k; p++) {                                            \
-                fa_prefetch_some(&pf_at, pf_end, 2);                                       \
-                const T *bp = b + p * ldb + j;                                             \
-                t0 += ai[p] * fa_load_##SFX(bp); t1 += ai[p] * fa_load_##SFX(bp + VL);     \
-                t2 += ai[p] * fa_load_##SFX(bp + 2 * VL);                                  \
-                t3 += ai[p] * fa_load_##SFX(bp + 3 * VL);                                  \
-            }                                                                              \
-            fa_store_##SFX(ci + j, t0); fa_store_##SFX(ci + j + VL, t1);                   \
-            fa_store_##SFX(ci + j + 2 * VL, t2); fa_store_##SFX(ci + j + 3 * VL, t3);      \
-        }                                                                                  \
-        for (; j + VL <= n; j += VL) {                                                     \
-            fa_vec_##SFX t0 = fa_load_##SFX(ci + j);                                       \
-            for (ptrdiff_t p = 0; p < k; p++) t0 += ai[p] * fa_load_##SFX(b + p * ldb + j); \
-            fa_store_##SFX(ci + j, t0);                                                    \
-        }                                                                                  \
-        for (; j < n; j++)                                                                 \
-            for (ptrdiff_t p = 0; p < k; p++) ci[j] += ai[p] * b[p * ldb + j];             \
-    }                                                                                      \
-    fa_prefetch(pf_at, pf_end - pf_at);                                                    \
-}
+ * prefetches [pf, pf + pf_bytes) on the way */                                            \
+FA_DEFINE_GEMM_AB_ACC_SMALL(T, SFX)
 
 #else   /* no vector types: plain loops */
 
