@@ -344,6 +344,27 @@ def _overlap(first, second, itemsize):
     return low1 < high2 and low2 < high1
 
 
+def _storable_name(dtype):
+    """:func:`dtype_name` of ``dtype``; ``TypeError`` if the NPU cannot store it."""
+    name = dtype_name(dtype)
+    if name not in DTYPES:
+        raise TypeError(f"dtype {name} cannot be stored on the NPU; supported: {sorted(DTYPES)}")
+    return name
+
+
+def _filled_buffer(runtime, index, nbytes, fill):
+    """A new buffer of ``nbytes`` on device ``index``, written by ``fill(buffer)`` unless
+    empty; released again if that fails, so that a failed call leaks no device memory."""
+    buffer = runtime.allocate(index, nbytes)
+    try:
+        if nbytes:
+            fill(buffer)
+    except BaseException:
+        runtime.release(buffer)
+        raise
+    return buffer
+
+
 def to_device(x, device=0, dtype=None):
     """Copy a host array to NPU memory.
 
@@ -380,18 +401,10 @@ def to_device(x, device=0, dtype=None):
             raise TypeError(f"{x!r} has dtype {x._dtype_name}; convert on the host")
         return x
     array = np.asarray(x)
-    name = dtype_name(array.dtype if dtype is None else dtype)
-    if name not in DTYPES:
-        raise TypeError(f"dtype {name} cannot be stored on the NPU; supported: {sorted(DTYPES)}")
+    name = _storable_name(array.dtype if dtype is None else dtype)
     host = host_storage(array, name)
     runtime = get_runtime()
-    buffer = runtime.allocate(index, host.nbytes)
-    try:
-        if host.nbytes:
-            runtime.upload(buffer, host)
-    except BaseException:
-        runtime.release(buffer)
-        raise
+    buffer = _filled_buffer(runtime, index, host.nbytes, lambda b: runtime.upload(b, host))
     return DeviceArray(buffer, array.shape, name, runtime)  # host_storage makes 0-d 1-d
 
 
@@ -420,9 +433,7 @@ def zeros(shape, dtype=np.float32, device=0):
     (2, 3) float16 0.0
     """
     index = device_index(device)
-    name = dtype_name(dtype)
-    if name not in DTYPES:
-        raise TypeError(f"dtype {name} cannot be stored on the NPU; supported: {sorted(DTYPES)}")
+    name = _storable_name(dtype)
     try:
         shape = tuple(operator.index(n) for n in (shape if isinstance(shape, tuple)
                                                   else (shape,)))
@@ -432,11 +443,5 @@ def zeros(shape, dtype=np.float32, device=0):
         raise ValueError(f"negative dimensions are not allowed, got shape {shape}")
     nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[name][1].itemsize
     runtime = get_runtime()
-    buffer = runtime.allocate(index, nbytes)
-    try:
-        if nbytes:
-            runtime.memset(buffer, 0)
-    except BaseException:
-        runtime.release(buffer)
-        raise
+    buffer = _filled_buffer(runtime, index, nbytes, lambda b: runtime.memset(b, 0))
     return DeviceArray(buffer, shape, name, runtime)

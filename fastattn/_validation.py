@@ -81,18 +81,27 @@ def check_scale(scale, e):
     return scale
 
 
+def check_matrix_stacks(names, *operands):
+    """``(arrays, compute_dtype, result_dtype)`` for operands that are stacks of matrices
+    ``(..., rows, features)``: real dtypes (:func:`result_dtypes`) and at least 2
+    dimensions; ``names`` name them in the errors."""
+    arrays = [np.asarray(a) for a in operands]
+    compute, result = result_dtypes(*arrays, names=names)
+    for name, a in zip(names, arrays):
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., rows, features), "
+                             f"got shape {a.shape}")
+    return arrays, compute, result
+
+
 def check_qkv(query, key, value):
     """``(q, k, v, compute_dtype, result_dtype)`` for (..., L, E), (..., S, E), (..., S, Ev).
 
     The operand checks of :func:`fastattn.scaled_dot_product_attention`, shared by
     every variant: real dtypes, at least 2 dimensions, matching E and S, E >= 1.
     """
-    q, k, v = (np.asarray(a) for a in (query, key, value))
-    compute, result = result_dtypes(q, k, v, names=("query", "key", "value"))
-    for name, a in (("query", q), ("key", k), ("value", v)):
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have at least 2 dimensions (..., rows, features), "
-                             f"got shape {a.shape}")
+    (q, k, v), compute, result = check_matrix_stacks(("query", "key", "value"),
+                                                     query, key, value)
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"query and key must have the same feature size E: query {q.shape}, "
                          f"key {k.shape}")

@@ -24,8 +24,8 @@ import scipy.sparse
 
 from fastattn import _threads
 from fastattn._kernels import content_sparse as _kernel
-from fastattn._validation import (check_batch_shape, check_int, check_qkv, check_scale,
-                                  result_dtypes)
+from fastattn._validation import (check_batch_shape, check_int, check_matrix_stacks,
+                                  check_qkv, check_scale, result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
 
 __all__ = ["lsh_attention", "clustered_attention", "sinkhorn", "sinkhorn_attention"]
@@ -246,12 +246,7 @@ def lsh_attention(query, value, *, n_hashes=1, bucket_size=64, chunks_before=1, 
     >>> bool(np.allclose(one, full))
     True
     """
-    q, v = np.asarray(query), np.asarray(value)
-    compute, result = result_dtypes(q, v, names=("query", "value"))
-    for name, a in (("query", q), ("value", v)):
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have at least 2 dimensions (..., L, features), "
-                             f"got shape {a.shape}")
+    (q, v), compute, result = check_matrix_stacks(("query", "value"), query, value)
     if v.shape[-2] != q.shape[-2]:
         raise ValueError(f"value must have as many rows as query (self-attention): query "
                          f"{q.shape}, value {v.shape}")

@@ -4,7 +4,7 @@ import numpy as np
 from fastattn import _threads
 from fastattn._kernels import softmax as _softmax
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
-from fastattn._validation import check_choice, check_scale, result_dtypes
+from fastattn._validation import check_choice, check_matrix_stacks, check_scale, result_dtypes
 from fastattn.attention import CAUSAL_ALIGNMENTS, _check_out, _overlaps
 
 __all__ = ["masked_softmax", "log_softmax", "attention_weights"]
@@ -183,12 +183,7 @@ def attention_weights(query, key, attn_mask=None, *, is_causal=False, scale=None
            [0.33, 0.67, 0.  ]])
     """
     check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
-    q, k = np.asarray(query), np.asarray(key)
-    compute, result = result_dtypes(q, k, names=("query", "key"))
-    for name, a in (("query", q), ("key", k)):
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have at least 2 dimensions (..., rows, features), "
-                             f"got shape {a.shape}")
+    (q, k), compute, result = check_matrix_stacks(("query", "key"), query, key)
     (L, E), S = q.shape[-2:], k.shape[-2]
     if k.shape[-1] != E:
         raise ValueError(f"query and key must have the same feature size E: query {q.shape}, "

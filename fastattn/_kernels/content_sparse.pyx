@@ -28,8 +28,8 @@ cimport numpy as cnp
 import numpy as np
 
 from fastattn._kernels.tile cimport (
-    intp_data, real, gemm_abt, gemm_ab, attend_tile, finish_row, merge_partial_row, row_fill,
-    row_add_max, row_copy_scale,
+    intp_data, real, gemm_abt, gemm_ab, attend_tile, finish_row, merge_partial_row,
+    row_add_max, row_copy_scale, block_len, start_rows, Operands, operands,
     MASK_NONE, MASK_FLOAT, BAND_ALL,
 )
 
@@ -80,8 +80,12 @@ cdef inline void fill_bias(const Gathered *p, const Py_ssize_t *qr, int rows,
                 brow[c] = -INFINITY if kr[c] > row else brow[c]
 
 
-cdef void gathered_kernel(Gathered *p, real scale, const real *q, const real *k,
-                          const real *v, real *out, real *lse) noexcept nogil:
+cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept nogil:
+    cdef const real *q = <const real *>ops.q
+    cdef const real *k = <const real *>ops.k
+    cdef const real *v = <const real *>ops.v
+    cdef real *out = <real *>ops.out
+    cdef real *lse = <real *>ops.lse
     cdef Py_ssize_t item, r, q_lo, k_lo, k_hi, kt
     cdef int rows, cols, kind
     cdef bint masked = p.causal or p.self_penalty != 0
@@ -117,14 +121,11 @@ cdef void gathered_kernel(Gathered *p, real scale, const real *q, const real *k,
                 k_lo = p.items[4 * item + 2]
                 k_hi = p.items[4 * item + 3]
                 gather_rows(qg, q, p.ldq, p.q_rows + q_lo, rows, p.e, NULL)
-                for r in range(rows):
-                    row_fill(acc + r * p.ev, p.ev, 0)
-                    m[r] = -INFINITY
-                    l[r] = 0
+                start_rows(rows, acc, p.ev, p.ev, m, l)
 
                 kt = k_lo
                 while kt < k_hi:
-                    cols = <int>(k_hi - kt if k_hi - kt < p.block_k else p.block_k)
+                    cols = block_len(k_hi, kt, p.block_k)
                     gather_rows(kg, k, p.ldk, p.k_rows + kt, cols, p.e,
                                 <const real *>p.k_scale)
                     gather_rows(vg, v, p.ldv, p.k_rows + kt, cols, p.ev, NULL)
@@ -205,12 +206,7 @@ def gathered_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray 
     if out_rows.shape[0] != q_rows.shape[0] or (lse is not None and lse.shape[0] < out.shape[0]):
         raise ValueError("out_rows must parallel q_rows, lse must have a row per out row")
     cdef Gathered p
-    cdef void *qd = cnp.PyArray_DATA(q)
-    cdef void *kd = cnp.PyArray_DATA(k)
-    cdef void *vd = cnp.PyArray_DATA(v)
-    cdef void *od = cnp.PyArray_DATA(out)
-    cdef void *ld = NULL
-    cdef bint is_f32 = q.dtype.num == cnp.NPY_FLOAT32
+    cdef Operands ops = operands(q, k, v, out, lse)
     cdef Py_ssize_t item_size = q.dtype.itemsize
 
     p.nitems = items.shape[0]
@@ -230,15 +226,11 @@ def gathered_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray 
     p.nthreads = nthreads
     p.alloc_failed = 0
     p.k_scale = NULL if k_scale is None else cnp.PyArray_DATA(k_scale)
-    if lse is not None:
-        ld = cnp.PyArray_DATA(lse)
     with nogil:
-        if is_f32:
-            gathered_kernel[float](&p, <float>scale, <const float *>qd, <const float *>kd,
-                                   <const float *>vd, <float *>od, <float *>ld)
+        if ops.is_f32:
+            gathered_kernel[float](&p, &ops, <float>scale)
         else:
-            gathered_kernel[double](&p, scale, <const double *>qd, <const double *>kd,
-                                    <const double *>vd, <double *>od, <double *>ld)
+            gathered_kernel[double](&p, &ops, scale)
     if p.alloc_failed:
         raise MemoryError("fastattn: a kernel thread could not allocate its tile buffers")
 
@@ -277,17 +269,57 @@ def merge_parts(cnp.ndarray parts, cnp.ndarray part_lse, cnp.ndarray out, object
 
 
 # ---- Lloyd k-means -----------------------------------------------------------------------
+# A step is assign_nearest over every row, then add_to_clusters and the member means: split
+# over row blocks (nearest_centroid, cluster_sums) or a whole batch entry per thread (kmeans).
+
+cdef inline bint assign_nearest(const real *x, int rows, int e, const real *c,
+                                const real *neg_c_sq, int C, real *d,
+                                Py_ssize_t *assign) noexcept nogil:
+    # assign[r] <- argmax_j 2 x_r . c_j - |c_j|^2 (= argmin_j |x_r - c_j|^2; first on ties)
+    # for the rows of x (rows x e), with neg_c_sq[j] = -|c_j|^2 and d (rows x C) scratch.
+    # Returns whether any entry changed.
+    cdef int r
+    cdef Py_ssize_t j
+    cdef real best
+    cdef real *drow
+    cdef bint changed = False
+    gemm_abt(rows, C, e, 2, x, e, c, e, 0, d, C)
+    for r in range(rows):
+        drow = d + r * C
+        # drow - |c|^2 and its maximum (vectorised), then its first place
+        best = row_add_max(drow, neg_c_sq, C)
+        j = 0
+        while j < C - 1 and not (drow[j] == best):
+            j = j + 1
+        if assign[r] != j:
+            assign[r] = j
+            changed = True
+    return changed
+
+
+cdef inline void add_to_clusters(const real *x, const Py_ssize_t *assign, Py_ssize_t L,
+                                 Py_ssize_t e, double *sums, Py_ssize_t *counts) noexcept nogil:
+    # sums[a] += x[i] and counts[a] += 1 for a = assign[i], over the L rows of x (L x e); in
+    # float64 so that a centroid is the same mean whatever the input precision
+    cdef Py_ssize_t i, j, a
+    cdef double *srow
+    cdef const real *xrow
+    for i in range(L):
+        a = assign[i]
+        counts[a] += 1
+        srow = sums + a * e
+        xrow = x + i * e
+        for j in range(e):
+            srow[j] += xrow[j]
+
 
 cdef void nearest_kernel(const real *x, const real *c, const real *neg_c_sq, Py_ssize_t nbatch,
                          Py_ssize_t L, int C, int e, int block, Py_ssize_t *assign,
                          int nthreads, int *failed) noexcept nogil:
-    # assign[b, i] <- argmax_j 2 x_i . c_j - |c_j|^2  (= argmin_j |x_i - c_j|^2; first on ties)
+    # assign_nearest on each row block of each x[b]
     cdef Py_ssize_t nblk = (L + block - 1) // block
-    cdef Py_ssize_t item, b, r0, r, j
-    cdef int rows
-    cdef real best
+    cdef Py_ssize_t item, b, r0
     cdef real *d
-    cdef real *drow
     with nogil, parallel(num_threads=nthreads):
         d = <real *>malloc(block * C * sizeof(real))
         for item in prange(nbatch * nblk, schedule='static'):
@@ -296,17 +328,8 @@ cdef void nearest_kernel(const real *x, const real *c, const real *neg_c_sq, Py_
             else:
                 b = item // nblk
                 r0 = (item % nblk) * block
-                rows = <int>(L - r0 if L - r0 < block else block)
-                # d <- 2 x[b, r0:r0 + rows] @ c[b].T
-                gemm_abt(rows, C, e, 2, x + (b * L + r0) * e, e, c + b * C * e, e, 0, d, C)
-                for r in range(rows):
-                    drow = d + r * C
-                    # drow <- drow - |c|^2 and its maximum (vectorised), then its first place
-                    best = row_add_max(drow, neg_c_sq + b * C, C)
-                    j = 0
-                    while j < C - 1 and not (drow[j] == best):
-                        j = j + 1
-                    assign[b * L + r0 + r] = j
+                assign_nearest(x + (b * L + r0) * e, block_len(L, r0, block), e, c + b * C * e,
+                               neg_c_sq + b * C, C, d, assign + b * L + r0)
         free(d)
     # end: with nogil, parallel
 
@@ -347,19 +370,10 @@ def nearest_centroid(cnp.ndarray x, cnp.ndarray c, cnp.ndarray assign, int nthre
 cdef void sums_kernel(const real *x, const Py_ssize_t *assign, Py_ssize_t nbatch,
                       Py_ssize_t L, Py_ssize_t C, Py_ssize_t e, double *sums,
                       Py_ssize_t *counts, int nthreads) noexcept nogil:
-    # sums[b, a] += x[b, i] and counts[b, a] += 1 for a = assign[b, i]; in float64 so a
-    # centroid is the same mean whatever the input precision. One batch entry per thread.
-    cdef Py_ssize_t b, i, j, a
-    cdef double *srow
-    cdef const real *xrow
+    # add_to_clusters on each x[b], one batch entry per thread
+    cdef Py_ssize_t b
     for b in prange(nbatch, schedule='static', num_threads=nthreads):
-        for i in range(L):
-            a = b * C + assign[b * L + i]
-            counts[a] += 1
-            srow = sums + a * e
-            xrow = x + (b * L + i) * e
-            for j in range(e):
-                srow[j] += xrow[j]
+        add_to_clusters(x + b * L * e, assign + b * L, L, e, sums + b * C * e, counts + b * C)
 
 
 def cluster_sums(cnp.ndarray x, cnp.ndarray assign, cnp.ndarray sums, cnp.ndarray counts,
@@ -409,7 +423,7 @@ cdef void hash_kernel(const real *x, const real *rot, const Py_ssize_t *rot_inde
             else:
                 b = item // nblk
                 r0 = (item % nblk) * block
-                rows = <int>(L - r0 if L - r0 < block else block)
+                rows = block_len(L, r0, block)
                 # d <- x[b, r0:r0 + rows] @ R   (R: e x width, row-major)
                 gemm_ab(rows, width, e, 1, x + (b * L + r0) * e, e,
                         rot + rot_index[b] * e * width, width, 0, d, width)
@@ -554,12 +568,12 @@ cdef void topk_kernel(const real *c, const double *c64, const real *k,
             else:
                 b = item // nblk
                 i0 = (item % nblk) * block_c
-                rows = <int>(C - i0 if C - i0 < block_c else block_c)
+                rows = block_len(C, i0, block_c)
                 for r in range(rows):
                     sizes[r] = 0
                 k0 = 0
                 while k0 < S:
-                    cols = <int>(S - k0 if S - k0 < block_k else block_k)
+                    cols = block_len(S, k0, block_k)
                     # s <- scale * c[b, i0:i0 + rows] @ k[b, k0:k0 + cols].T
                     gemm_abt(rows, cols, e, scale, c + (b * C + i0) * e, e,
                              k + (b * S + k0) * e, e, 0, s, cols)
@@ -645,19 +659,16 @@ cdef void kmeans_kernel(const real *x, double *c64, Py_ssize_t *assign, Py_ssize
     #     c64[b, j] <- mean of its members (float64); an empty cluster keeps its centroid
     #   counts[b, j] <- members of cluster j under the final assignment
     # x[b] (L x e) stays in this thread's cache across the iterations.
-    cdef Py_ssize_t b, r0, r, j, a, it
+    cdef Py_ssize_t b, r0, j, it
     cdef int rows, t
     cdef bint changed
-    cdef real best
     cdef real *c
     cdef real *neg_sq
     cdef real *d
-    cdef real *drow
     cdef double *sums
     cdef double *crow
     cdef double *srow
     cdef const real *xb
-    cdef const real *xrow
     cdef Py_ssize_t *ab
     cdef Py_ssize_t *cb
     with nogil, parallel(num_threads=nthreads):
@@ -682,34 +693,18 @@ cdef void kmeans_kernel(const real *x, double *c64, Py_ssize_t *assign, Py_ssize
                     changed = it == 0
                     r0 = 0
                     while r0 < L:
-                        rows = <int>(L - r0 if L - r0 < block else block)
-                        # d <- 2 x[b, r0:r0 + rows] @ c.T
-                        gemm_abt(rows, C, e, 2, xb + r0 * e, e, c, e, 0, d, C)
-                        for r in range(rows):
-                            drow = d + r * C
-                            # drow - |c|^2 and its maximum (vectorised), then its first place
-                            best = row_add_max(drow, neg_sq, C)
-                            j = 0
-                            while j < C - 1 and not (drow[j] == best):
-                                j = j + 1
-                            if ab[r0 + r] != j:
-                                ab[r0 + r] = j
-                                changed = True
+                        rows = block_len(L, r0, block)
+                        if assign_nearest(xb + r0 * e, rows, e, c, neg_sq, C, d, ab + r0):
+                            changed = True
                         r0 = r0 + rows
                     if not changed:
                         break           # a fixed point: c64 already holds these means
-                    # c64 <- member means (float64 sums, as for any input precision)
+                    # c64 <- member means
                     for j in range(C * e):
                         sums[j] = 0
                     for j in range(C):
                         cb[j] = 0
-                    for r in range(L):
-                        a = ab[r]
-                        cb[a] += 1
-                        srow = sums + a * e
-                        xrow = xb + r * e
-                        for t in range(e):
-                            srow[t] += xrow[t]
+                    add_to_clusters(xb, ab, L, e, sums, cb)
                     for j in range(C):
                         if cb[j] > 0:
                             crow = c64 + (b * C + j) * e
@@ -772,7 +767,7 @@ cdef void mix_kernel(const real *P, const real *xb, real *out, Py_ssize_t nbatch
         b = item // split
         w0 = (item % split) * piece
         if w0 < width:
-            cols = <int>(width - w0 if width - w0 < piece else piece)
+            cols = block_len(width, w0, piece)
             gemm_ab(n, cols, n, 1, P + b * n * n, n, xb + b * n * width + w0, width, 0,
                     out + b * bstride + w0, <int>ldo)
 

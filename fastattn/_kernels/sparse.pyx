@@ -20,12 +20,11 @@ from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.stdint cimport uint8_t, int64_t
-from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
-    intp_data,
-    real, attend_tile, finish_row, row_fill, MASK_NONE, MASK_BOOL, BAND_ALL,
+    intp_data, block_len, start_rows, Operands, operands,
+    real, attend_tile, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
 )
 
 cnp.import_array()
@@ -156,8 +155,12 @@ cdef int tile_rule(const Rule *rule, Py_ssize_t b, int64_t q0, int rows, int64_t
     return TILE_MASK
 
 
-cdef void sparse_kernel(SparseProblem *p, real scale, const real *q, const real *k,
-                        const real *v, real *out, real *lse) noexcept nogil:
+cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexcept nogil:
+    cdef const real *q = <const real *>ops.q
+    cdef const real *k = <const real *>ops.k
+    cdef const real *v = <const real *>ops.v
+    cdef real *out = <real *>ops.out
+    cdef real *lse = <real *>ops.lse
     cdef Py_ssize_t nqb = (p.L + p.block_q - 1) // p.block_q
     cdef Py_ssize_t nitems = p.nbatch * nqb
     cdef Py_ssize_t item, b, qb, r, idx, row_start, row_end, kb
@@ -185,19 +188,16 @@ cdef void sparse_kernel(SparseProblem *p, real scale, const real *q, const real 
                 qb = item % nqb
                 b = item // nqb
                 q0 = qb * p.block_q
-                rows = <int>(p.L - q0 if p.L - q0 < p.block_q else p.block_q)
+                rows = block_len(p.L, q0, p.block_q)
                 acc = out + (b * p.L + q0) * p.ev
-                for r in range(rows):
-                    row_fill(acc + r * p.ev, p.ev, 0)
-                    m[r] = -INFINITY
-                    l[r] = 0
+                start_rows(rows, acc, p.ev, p.ev, m, l)
 
                 row_start = p.indptr[p.layout_off[b] + qb]
                 row_end = p.indptr[p.layout_off[b] + qb + 1]
                 for idx in range(row_start, row_end):
                     kb = p.indices[idx]
                     k0 = kb * p.block_k
-                    cols = <int>(p.S - k0 if p.S - k0 < p.block_k else p.block_k)
+                    cols = block_len(p.S, k0, p.block_k)
                     kind = TILE_BAND
                     band_lo = -BAND_ALL
                     band_hi = BAND_ALL
@@ -237,12 +237,7 @@ def block_sparse(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, o
     (see `fastattn.sparse._prepare_rule`).
     """
     cdef SparseProblem p
-    cdef void *qd = cnp.PyArray_DATA(q)
-    cdef void *kd = cnp.PyArray_DATA(k)
-    cdef void *vd = cnp.PyArray_DATA(v)
-    cdef void *od = cnp.PyArray_DATA(out)
-    cdef void *ld = NULL
-    cdef bint is_f32 = q.dtype.num == cnp.NPY_FLOAT32
+    cdef Operands ops = operands(q, k, v, out, lse)
 
     p.nbatch = q_off.shape[0]
     p.L = L
@@ -282,15 +277,11 @@ def block_sparse(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, o
             p.rule.mask_off = intp_data(rule["mask_off"])
             p.rule.mask_rs = rule["mask_rs"]
             p.rule.mask_cs = rule["mask_cs"]
-    if lse is not None:
-        ld = cnp.PyArray_DATA(lse)
 
     with nogil:
-        if is_f32:
-            sparse_kernel[float](&p, <float>scale, <const float *>qd, <const float *>kd,
-                                 <const float *>vd, <float *>od, <float *>ld)
+        if ops.is_f32:
+            sparse_kernel[float](&p, &ops, <float>scale)
         else:
-            sparse_kernel[double](&p, scale, <const double *>qd, <const double *>kd,
-                                  <const double *>vd, <double *>od, <double *>ld)
+            sparse_kernel[double](&p, &ops, scale)
     if p.alloc_failed:
         raise MemoryError("fastattn: a kernel thread could not allocate its tile buffers")

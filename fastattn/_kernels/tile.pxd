@@ -478,3 +478,42 @@ cdef extern from "vecmath.h" nogil:
 cdef inline void prefetch_rows(const real *x, Py_ssize_t rows, Py_ssize_t ld) noexcept nogil:
     # cache hint for rows x ld elements from x (e.g. the next key/value block)
     fa_prefetch(x, rows * ld * sizeof(real))
+
+
+# ---- plumbing shared by the kernel families' drivers ---------------------------------
+
+cdef inline int block_len(Py_ssize_t n, Py_ssize_t start, Py_ssize_t block) noexcept nogil:
+    # length of the block starting at `start` of a range of n (the last may be shorter)
+    return <int>(n - start if n - start < block else block)
+
+
+cdef inline void start_rows(int rows, real *acc, Py_ssize_t ldacc, Py_ssize_t ev,
+                            real *m, real *l) noexcept nogil:
+    # an empty online softmax for `rows` rows: acc = 0, running max -inf, sum 0
+    cdef int r
+    for r in range(rows):
+        row_fill(acc + r * ldacc, ev, 0)
+        m[r] = -INFINITY
+        l[r] = 0
+
+
+# The data pointers of a kernel call's arrays (one dtype, float32 or float64).
+cdef struct Operands:
+    const void *q
+    const void *k
+    const void *v
+    void *out
+    void *lse                   # NULL without return_lse
+    bint is_f32
+
+
+cdef inline Operands operands(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out,
+                              object lse):
+    cdef Operands ops
+    ops.q = cnp.PyArray_DATA(q)
+    ops.k = cnp.PyArray_DATA(k)
+    ops.v = cnp.PyArray_DATA(v)
+    ops.out = cnp.PyArray_DATA(out)
+    ops.lse = NULL if lse is None else cnp.PyArray_DATA(<cnp.ndarray>lse)
+    ops.is_f32 = q.dtype.num == cnp.NPY_FLOAT32
+    return ops
