@@ -55,3 +55,32 @@ class MultiHeadAttention:
     def track_sgemm_fraction(self, variant):
         return common.gflops(self._run, self.flops) / common.sgemm_gflops()
     track_sgemm_fraction.unit = "fraction of SGEMM rate"
+
+
+class MultiHeadAttentionLayers:
+    """Layer shapes whose time is mostly the projections (``fastattn._linear``), float32.
+
+    ``self_512``: B=8 L=S=512 E=512 H=8; ``bert_base``: B=32 L=S=128 E=768 H=12;
+    ``decoder_cross``: B=8, 128 decoder queries over 512 encoder states, E=512 H=8;
+    ``self_512_weights``: ``self_512`` with ``need_weights=True``.
+    """
+    params = [["self_512", "bert_base", "decoder_cross", "self_512_weights"]]
+    param_names = ["layer"]
+    shapes = {"self_512": (8, 512, 512, 512, 8), "bert_base": (32, 128, 128, 768, 12),
+              "decoder_cross": (8, 128, 512, 512, 8), "self_512_weights": (8, 512, 512, 512, 8)}
+
+    def setup(self, layer):
+        self.mha = common.require("multi_head_attention")
+        B, L, S, E, H = self.shapes[layer]
+        self.query = common.random_array((B, L, E), seed=30)
+        self.memory = self.query if S == L else common.random_array((B, S, E), seed=31)
+        scale = E ** -0.5
+        self.kwargs = {name: common.random_array((E, E), seed) * scale for seed, name in
+                       enumerate(("q_weight", "k_weight", "v_weight", "out_weight"), 32)}
+        self.kwargs.update({name: common.random_array((E,), seed) for seed, name in
+                            enumerate(("q_bias", "k_bias", "v_bias", "out_bias"), 36)})
+        self.kwargs["need_weights"] = layer.endswith("_weights")
+        self.heads = H
+
+    def time_multi_head_attention(self, layer):
+        self.mha(self.query, self.memory, self.memory, self.heads, **self.kwargs)

@@ -1,13 +1,19 @@
-"""Multi-head attention: projections by BLAS, heads as strided views, the fused kernel."""
+"""Multi-head attention: projections and the fused kernel in fastattn's threads, heads as views."""
 
 import numpy as np
 
-from fastattn._validation import CPU_AND_NPU, check_device, check_int, result_dtypes
+from fastattn import _linear, _threads
+from fastattn._validation import (CPU_AND_NPU, check_device, check_int, check_scale,
+                                  result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.masks import combine_masks
-from fastattn.softmax import attention_weights
+from fastattn.softmax import softmax_rows
 
 __all__ = ["split_heads", "merge_heads", "multi_head_attention", "MultiHeadAttention"]
+
+# (input, weight, bias) names of the three input projections
+_QKV = (("query", "q_weight", "q_bias"), ("key", "k_weight", "k_bias"),
+        ("value", "v_weight", "v_bias"))
 
 
 def split_heads(x, num_heads):
@@ -124,8 +130,10 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
         Also return the attention weights averaged over heads, ``(..., L, S)``
         (this materialises the per-head weights: O(H·L·S) memory).
     num_threads : int, optional
-        Threads for the attention kernel; the projections use BLAS's threads.
+        Threads for the projections and the attention kernel; default
+        :func:`fastattn.get_num_threads`.
     device : {"cpu", "npu", "npu:N"}, default="cpu"
+        Where the attention runs (the projections run on the CPU).
 
     Returns
     -------
@@ -148,9 +156,13 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
 
     Notes
     -----
-    Each projection is one BLAS matrix product over all ``batch·seq`` rows; the
-    heads are strided views of the projected arrays handed to the fused
-    attention kernel, with no per-head Python loop.
+    The projections run in the attention kernel's threads, over blocks of the
+    ``batch·seq`` rows, one single-threaded BLAS product per block; Q, K and V
+    share one parallel region. (NumPy's matmul would run in NumPy's own BLAS
+    threads, which keep spinning for a while after each product, on the cores
+    the attention kernel then needs.) The heads are strided views of the
+    projected arrays handed to the fused attention kernel, with no per-head
+    Python loop.
 
     Examples
     --------
@@ -226,23 +238,28 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
         # (..., S) -> (..., 1 head, 1 query, S)
         mask = combine_masks(attn_mask, kpm[..., np.newaxis, np.newaxis, :])
 
-    # projections: one BLAS product each over all (batch * seq) rows; heads are views
-    qh = _split(_project(q, arr["q_weight"], arr.get("q_bias")), H)
-    kh = _split(_project(k, arr["k_weight"], arr.get("k_bias")), Hkv)
-    vh = _split(_project(v, arr["v_weight"], arr.get("v_bias")), Hkv)
-    heads = scaled_dot_product_attention(qh, kh, vh, mask, is_causal=is_causal, scale=scale,
-                                         enable_gqa=Hkv != H, num_threads=num_threads,
-                                         device=device)
-    out = _project(merge_heads(heads), w_out, arr.get("out_bias"))
+    nthreads = _threads.resolve_num_threads(num_threads)
+    # Every product below runs in fastattn's threads on single-threaded BLAS; the limit
+    # is set once for all of them.
+    with _threads.single_threaded_blas():
+        # Q, K and V in one parallel region, blocks of (batch * seq) rows per BLAS call;
+        # the heads are strided views of the projections
+        qp, kp, vp = _linear.linear(*((arr[x], arr[w], arr.get(b)) for x, w, b in _QKV),
+                                    nthreads=nthreads)
+        qh, kh, vh = _split(qp, H), _split(kp, Hkv), _split(vp, Hkv)
+        heads = scaled_dot_product_attention(qh, kh, vh, mask, is_causal=is_causal,
+                                             scale=scale, enable_gqa=Hkv != H,
+                                             num_threads=nthreads, device=device)
+        out, = _linear.linear((merge_heads(heads), w_out, arr.get("out_bias")),
+                              nthreads=nthreads)
+        weights = None
+        if need_weights:
+            weights = _head_weights(qh, kh, mask, is_causal, scale, H // Hkv, nthreads)
     if result != compute:
         out = out.astype(result)
     if not need_weights:
         return out
-    if Hkv != H:
-        kh = np.repeat(kh, H // Hkv, axis=-3)
-    weights = attention_weights(qh, kh, mask, is_causal=is_causal, scale=scale,
-                                num_threads=num_threads).mean(axis=-3)
-    return out, weights.astype(result, copy=False)
+    return out, weights.mean(axis=-3).astype(result, copy=False)
 
 
 class MultiHeadAttention:
@@ -405,12 +422,22 @@ class MultiHeadAttention:
         return self
 
 
-def _project(x, w, b):
-    # y = x @ w.T + b over all rows at once: (..., n, in) -> (..., n, out)
-    y = x.reshape(-1, x.shape[-1]) @ w.T
-    if b is not None:
-        y += b
-    return y.reshape(x.shape[:-1] + (w.shape[0],))
+def _head_weights(qh, kh, mask, is_causal, scale, group, nthreads):
+    # softmax(q_h @ k_h.T * scale + mask) of every head, (..., H, L, S): what
+    # attention_weights computes, with the scores from the shared projection kernel rather
+    # than NumPy's matmul (whose BLAS threads would then spin over ours) and the grouped
+    # key heads read in place. The inputs were validated by the attention call.
+    leads = [qh.shape[:-2], kh.shape[:-3] + qh.shape[-3:-2]]
+    if mask is not None:
+        mask = np.asarray(mask)
+        leads.append(mask.shape[:-2])
+    batch_shape = np.broadcast_shapes(*leads)
+    scores = _linear.stacked_abt(qh, kh, batch_shape, nthreads,
+                                 group_axis=len(batch_shape) - 1, group=group)
+    if mask is not None:
+        mask = mask.reshape((1,) * (scores.ndim - mask.ndim) + mask.shape)
+    return softmax_rows(scores, mask, check_scale(scale, qh.shape[-1]), nthreads,
+                        causal_offset=0 if is_causal else None, out=scores)
 
 
 def _split(x, num_heads):

@@ -6,7 +6,7 @@ never materialises an ``(L, S, hidden)`` tensor. Weights follow the
 """
 import numpy as np
 
-from fastattn import _threads
+from fastattn import _linear, _threads
 from fastattn._kernels import additive as _additive
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._validation import result_dtypes
@@ -308,8 +308,6 @@ def _run_additive(w_q, w_k, w, c, return_weights, num_threads):
     qs, ldq = as_matrix_stack(c.q, dtype)
     ks, ldk = as_matrix_stack(c.k, dtype)
     vs, ldv = as_matrix_stack(c.v, dtype)
-    wq, ldwq = as_matrix_stack(w_q, dtype)
-    wk, ldwk = as_matrix_stack(w_k, dtype)
     # Each distinct query / key matrix is projected once, however often it is broadcast.
     q_mats, q_of = np.unique(batch_offsets(qs, c.batch_shape), return_inverse=True)
     k_mats, k_of = np.unique(batch_offsets(ks, c.batch_shape), return_inverse=True)
@@ -326,8 +324,9 @@ def _run_additive(w_q, w_k, w, c, return_weights, num_threads):
     if c.mask is not None:
         prepared = PreparedMask(c.mask, dtype, L, S, c.batch_shape, block_r, S)
     with _threads.single_threaded_blas():
-        _additive.project(qs, q_mats, ldq, L, wq, ldwq, qp, False, nthreads)
-        _additive.project(ks, k_mats, ldk, S, wk, ldwk, kpt, True, nthreads)
+        _linear.run([_linear.stack_job(qs, q_mats, ldq, L, w_q, None, qp, nthreads),
+                     _linear.stack_job(ks, k_mats, ldk, S, w_k, None, kpt, nthreads,
+                                       transpose=True)], nthreads)
         _additive.additive(qp, kpt, np.ascontiguousarray(w), vs, out, weights,
                            q_off, k_off, v_off, ldv, L, S, Ev, prepared, block_r,
                            min(nthreads, nbatch * -(-L // block_r)))

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import fastattn
-from fastattn import reference
+from fastattn import _linear, _threads, reference
 from helpers import assert_close
 
 
@@ -65,6 +65,17 @@ def test_attn_mask_per_head_and_unbatched(rng):
     fm = rng.standard_normal((L, L))
     assert_close(fastattn.multi_head_attention(x, x, x, H, **w, attn_mask=fm),
                  reference.multi_head_attention(x, x, x, H, **w, attn_mask=fm), np.float64)
+    # head weights: a mask that adds a batch axis, float and bool, with a grouped key head
+    wg = weights(rng, H * D, H * D, H * D, H * D, H, 1, H * D, np.float64)
+    masks = (rng.random((2, H, L, L)) > 0.3, rng.standard_normal((2, 1, 1, L)).astype(np.float32))
+    for m in masks:
+        got = fastattn.multi_head_attention(x, x, x, H, **wg, num_kv_heads=1, attn_mask=m,
+                                            need_weights=True, is_causal=m.dtype == bool)
+        want = reference.multi_head_attention(x, x, x, H, **wg, num_kv_heads=1, attn_mask=m,
+                                              need_weights=True, is_causal=m.dtype == bool)
+        for g, r in zip(got, want):
+            assert g.shape == r.shape and g.shape[0] == 2
+            assert_close(g, r, np.float64)
 
 
 def test_no_bias_and_dtype_promotion(rng):
@@ -75,7 +86,7 @@ def test_no_bias_and_dtype_promotion(rng):
     assert_close(out, reference.multi_head_attention(x, x, x, 2, **w), np.float64)
 
 
-def test_projections_are_one_matmul_and_heads_are_views(monkeypatch, rng):
+def test_heads_are_views_of_the_projections(monkeypatch, rng):
     # the attention kernel must receive strided views of the projections, no copies
     import fastattn.multihead as mh
     seen = {}
@@ -178,3 +189,109 @@ def test_bad_inputs(rng):
                                                           2)
     with pytest.raises(ValueError, match="must divide"):
         fastattn.MultiHeadAttention(10, 3)
+
+
+def test_strided_inputs_transposed_weights_and_broadcast(rng):
+    # inputs sliced along rows and features, a query broadcast against batched keys,
+    # weights given transposed (a C-ordered (in, out) array's .T), strided and reversed,
+    # an int64 bias
+    H, D, B, L, S = 4, 3, 2, 5, 7
+    E = H * D
+    w = weights(rng, E, E, 6, 6, H, 2, 9, np.float64)
+    w["q_weight"] = np.ascontiguousarray(w["q_weight"].T).T
+    w["k_weight"] = np.repeat(w["k_weight"], 2, axis=0)[::2]
+    w["v_weight"] = np.ascontiguousarray(w["v_weight"][:, ::-1])[:, ::-1]
+    w["out_bias"] = np.arange(9)
+    q = rng.standard_normal((L, 2 * E))[:, ::2]
+    mem = rng.standard_normal((B, 2 * S, 6))[:, ::2]
+    for kw in ({}, dict(is_causal=True, need_weights=True)):
+        got = fastattn.multi_head_attention(q, mem, mem, H, **w, num_kv_heads=2, **kw)
+        want = reference.multi_head_attention(q, mem, mem, H, **w, num_kv_heads=2, **kw)
+        got, want = (got, want) if kw else ((got,), (want,))
+        for g, r in zip(got, want):
+            assert g.shape == r.shape
+            assert_close(g, r, np.float64)
+
+
+# ---- the shared projection (fastattn._linear, also behind additive attention) -----
+
+def _linear_call(function, *args, **kwargs):
+    # as the library calls it: BLAS single-threaded inside fastattn's threads
+    with _threads.single_threaded_blas():
+        return function(*args, **kwargs)
+
+
+def _layout(a, how):
+    # the same values as `a`, laid out as named
+    if how == "sliced_rows" and a.ndim >= 2:
+        big = np.repeat(a, 2, axis=-2)
+        return big[..., ::2, :]
+    if how == "sliced_cols":
+        return np.repeat(a, 2, axis=-1)[..., ::2]
+    if how == "swapped" and a.ndim >= 3:
+        return np.ascontiguousarray(a.swapaxes(0, 1)).swapaxes(0, 1)
+    if how == "reversed" and a.ndim >= 2:
+        return np.ascontiguousarray(a[::-1])[::-1]
+    if how == "fortran":
+        return np.asfortranarray(a)
+    return a
+
+
+@given(lead=st.lists(st.integers(0, 4), max_size=3), e=st.integers(0, 9),
+       h=st.sampled_from([0, 1, 5, 16, 70, 130]), bias=st.booleans(),
+       x_layout=st.sampled_from(["c", "sliced_rows", "sliced_cols", "swapped", "reversed"]),
+       w_layout=st.sampled_from(["c", "fortran", "sliced_rows", "sliced_cols", "reversed"]),
+       dtype=st.sampled_from([np.float32, np.float64]), nthreads=st.integers(1, 3),
+       seed=st.integers(0, 2**32 - 1))
+def test_linear_matches_matmul(lead, e, h, bias, x_layout, w_layout, dtype, nthreads, seed):
+    rng = np.random.default_rng(seed)
+    x0 = rng.standard_normal(tuple(lead) + (e,)).astype(dtype)
+    w0 = rng.standard_normal((h, e)).astype(dtype)
+    b0 = rng.standard_normal(h).astype(dtype) if bias else None
+    x, w = _layout(x0, x_layout), _layout(w0, w_layout)
+    out, = _linear_call(_linear.linear, (x, w, b0), nthreads=nthreads)
+    want = x0.astype(np.float64) @ w0.astype(np.float64).T
+    if bias:
+        want += b0
+    assert out.dtype == dtype and out.flags.c_contiguous
+    assert_close(out, want, dtype)
+
+
+def test_linear_blocks_and_threads(monkeypatch, rng):
+    # many small row blocks with ragged ends, and few rows split over output columns
+    # (decoding); the result does not depend on how the work is cut
+    monkeypatch.setattr(_linear, "WORK_PER_THREAD", 1)       # threads even for tiny work
+    x = rng.standard_normal((3, 37, 20))
+    w, b = rng.standard_normal((150, 20)), rng.standard_normal(150)
+    want = x @ w.T + b
+    for rows_min, rows_max, threads in ((1, 4, 3), (8, 8, 2), (32, 256, 1), (32, 256, 4)):
+        monkeypatch.setattr(_linear, "BLOCK_ROWS_MIN", rows_min)
+        monkeypatch.setattr(_linear, "BLOCK_ROWS_MAX", rows_max)
+        out, = _linear_call(_linear.linear, (x, w, b), nthreads=threads)
+        np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    assert _linear._blocks(1, 2, 150, 4) == (2, 64)         # 2 rows: columns split
+    assert _linear._blocks(1, 4096, 512, 2) == (256, 512)
+    few = x[:, -1]                                           # (3, 20), row stride 37*20
+    out, = _linear_call(_linear.linear, (few, w, None), nthreads=4)
+    np.testing.assert_allclose(out, few @ w.T, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_weight_layouts_are_not_copied(rng):
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    for view, transposed in ((w, False), (np.asfortranarray(w), True),
+                             (np.repeat(w, 2, axis=0)[::2], False)):
+        a, _, t = _linear._weight(view, np.float32, allow_transposed=True)
+        assert t == transposed and np.shares_memory(a, view)
+    # kp.T = W @ x.T (additive's key projection) takes only the (out, in) layout
+    a, ld, t = _linear._weight(np.asfortranarray(w), np.float32, allow_transposed=False)
+    assert not t and a.flags.c_contiguous and ld == 5
+
+
+def test_stacked_abt_broadcast_and_grouped(rng):
+    # per-head scores q_h @ k_h.T: a broadcast query stack, grouped key heads read in place
+    a = rng.standard_normal((3, 1, 4, 5)).astype(np.float32)
+    b = rng.standard_normal((2, 6, 5)).astype(np.float32)[:, ::2]      # 2 heads, 3 rows
+    out = _linear_call(_linear.stacked_abt, a, b, (3, 4), 2, group_axis=1, group=2)
+    want = a.astype(np.float64) @ np.repeat(b, 2, axis=0).swapaxes(-1, -2)
+    assert out.shape == (3, 4, 4, 3) and out.dtype == np.float32
+    assert_close(out, np.broadcast_to(want, (3, 4, 4, 3)), np.float32)

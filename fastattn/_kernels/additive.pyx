@@ -2,12 +2,11 @@
 #   score[i, j] = w . tanh(qp[i] + kp[j])      (qp = W_q q, kp = W_k k)
 #
 # Two parallel passes; the caller keeps BLAS single-threaded around both:
-#   project   qp = q @ W_q.T for each distinct query matrix and kp.T = W_k @ k.T for each
-#             distinct key matrix, a block of rows per work item (BLAS gemm). The key
+#   project   (fastattn._kernels.linear, shared with multi-head attention)
+#             qp = q @ W_q.T for each distinct query matrix and kp.T = W_k @ k.T for each
+#             distinct key matrix, in the same threads (no NumPy BLAS threads). The key
 #             projections are stored transposed, one column per key, with the key axis
-#             padded to FA_TANH_KEY_PAD columns. Projecting here rather than with NumPy's
-#             matmul keeps NumPy's BLAS threads out of it: after a product they spin for
-#             a while, on the cores the scoring pass then needs.
+#             padded to FA_TANH_KEY_PAD columns.
 #   additive  one flat index over (batch, query row block), handed out dynamically. For
 #             each row, `row_tanh_scores` scores a span of keys vectorised over the keys
 #             (no lane sums); the spans are cut into pieces of ~128 KiB of kp.T so that
@@ -28,7 +27,7 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data,
     MaskView, mask_view,
-    real, gemm_ab, gemm_abt, softmax_row, row_fill, row_tanh_scores, FA_TANH_KEY_PAD,
+    real, gemm_ab, softmax_row, row_fill, row_tanh_scores, FA_TANH_KEY_PAD,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_FULL,
 )
 
@@ -38,80 +37,7 @@ cnp.import_array()
 KEY_PAD = FA_TANH_KEY_PAD
 
 cdef enum:
-    PROJECT_ROWS = 64             # query or key rows per projection work item
     KEY_PIECE_BYTES = 128 * 1024  # kp.T columns scored per pass over a row block
-
-
-# ---- projections -----------------------------------------------------------------------
-
-cdef void project_kernel(const real *x, const Py_ssize_t *x_off, Py_ssize_t nmat,
-                         Py_ssize_t ldx, Py_ssize_t n, Py_ssize_t e,
-                         const real *wm, Py_ssize_t ldw, Py_ssize_t h,
-                         real *out, Py_ssize_t ldo, bint transpose,
-                         int nthreads) noexcept nogil:
-    # For each matrix u (n x e at x + x_off[u], row stride ldx):
-    #   out[u] = x_u @ wm.T         n x h, row stride h          (transpose False)
-    #   out[u] = wm @ x_u.T         h x n, row stride ldo        (transpose True)
-    # wm is h x e with row stride ldw.
-    cdef Py_ssize_t nblk = (n + PROJECT_ROWS - 1) // PROJECT_ROWS
-    cdef Py_ssize_t item, u, r0, rows, i
-    cdef const real *xb
-    cdef real *ob
-    if h == 0 or nmat * nblk == 0:
-        return
-    for item in prange(nmat * nblk, nogil=True, schedule='dynamic', num_threads=nthreads):
-        u = item // nblk
-        r0 = (item % nblk) * PROJECT_ROWS
-        rows = n - r0
-        if rows > PROJECT_ROWS:
-            rows = PROJECT_ROWS
-        xb = x + x_off[u] + r0 * ldx
-        if transpose:
-            ob = out + u * h * ldo + r0
-            if e == 0:
-                for i in range(h):
-                    row_fill(ob + i * ldo, rows, 0)
-            else:
-                # ob[h, rows] (row stride ldo) <- wm[h, e] @ xb[rows, e].T
-                gemm_abt(<int>h, <int>rows, <int>e, 1, wm, <int>ldw, xb, <int>ldx,
-                         0, ob, <int>ldo)
-        else:
-            ob = out + (u * n + r0) * h
-            if e == 0:
-                row_fill(ob, rows * h, 0)
-            else:
-                # ob[rows, h] <- xb[rows, e] @ wm[h, e].T
-                gemm_abt(<int>rows, <int>h, <int>e, 1, xb, <int>ldx, wm, <int>ldw,
-                         0, ob, <int>h)
-
-
-def project(cnp.ndarray x, cnp.ndarray x_off, Py_ssize_t ldx, Py_ssize_t n,
-            cnp.ndarray wm, Py_ssize_t ldw, cnp.ndarray out, bint transpose, int nthreads):
-    """Project query or key matrices for the kernel. Private: `fastattn.scoring` validates.
-
-    x is a base array holding matrices (n, e) at the element offsets x_off (intp), row
-    stride ldx; wm (h, e) has row stride ldw; all share one dtype (float32 or float64).
-    out is C-contiguous: (len(x_off), n, h), or with transpose (len(x_off), h, ldo) with
-    ldo >= n, columns n and up left as they are. BLAS must be single-threaded.
-    """
-    cdef Py_ssize_t e = wm.shape[1]
-    cdef Py_ssize_t h = wm.shape[0]
-    cdef Py_ssize_t ldo = out.shape[2] if transpose else h
-    cdef Py_ssize_t nmat = x_off.shape[0]
-    cdef const Py_ssize_t *off = intp_data(x_off)
-    cdef void *xd = cnp.PyArray_DATA(x)
-    cdef void *wd = cnp.PyArray_DATA(wm)
-    cdef void *od = cnp.PyArray_DATA(out)
-    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
-    with nogil:
-        if is_f32:
-            project_kernel[float](<const float *>xd, off, nmat, ldx, n, e,
-                                  <const float *>wd, ldw, h, <float *>od, ldo, transpose,
-                                  nthreads)
-        else:
-            project_kernel[double](<const double *>xd, off, nmat, ldx, n, e,
-                                   <const double *>wd, ldw, h, <double *>od, ldo,
-                                   transpose, nthreads)
 
 
 # ---- scores, softmax, p @ value ----------------------------------------------------------

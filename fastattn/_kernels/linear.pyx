@@ -1,0 +1,185 @@
+# Linear projections  out = x @ W.T + b  (W in torch.nn.Linear's (out, in) layout), in
+# fastattn's own OpenMP threads: the Q/K/V/output projections of multi-head attention
+# and the query/key projections of additive attention.
+#
+# Why not NumPy's matmul: it runs in NumPy's own BLAS threads, which keep spinning for a
+# while after each product, on the cores the attention kernel's threads then need.
+# Here each projection is cut into blocks of rows (and, when the rows are too few to keep
+# every thread busy, of output columns); a block is one single-threaded BLAS gemm. The
+# caller keeps BLAS single-threaded around the call.
+#
+# A call runs a list of jobs (several projections, e.g. Q, K and V, share one parallel
+# region). A job:
+#   x     a stack of nmat matrices (n x e), matrix u at element offset x_off[u] from the
+#         base pointer, row stride ldx, unit column stride
+#   W     (h x e), row stride ldw; or, with w_t, its transpose Wt (e x h, row stride ldw)
+#         as it lies in memory (a weight given as `w.T` of a C-ordered array). One W for
+#         every matrix, or with w_off a stack of them: W_u at element offset w_off[u]
+#         (the per-head scores q_h @ k_h.T are such a job)
+#   b     (h,) or NULL
+#   out   matrix u at element offset u * out_step, row stride ldo:
+#           out[u] = x_u @ W_u.T + b      (n x h)                   transpose False
+#           out[u] = W_u @ x_u.T + b[:, None]   (h x n)             transpose True (no w_t)
+# The work items of all jobs form one flat index handed out dynamically; item ->
+# (job, matrix, row block, column block). With a bias, the block is first filled with
+# the bias rows and the gemm accumulates onto it (beta = 1): OpenBLAS otherwise clears
+# the block before a beta = 0 product, so the bias costs no extra pass.
+
+from cython.parallel cimport prange
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+cimport numpy as cnp
+
+from fastattn._kernels.tile cimport intp_data, real, gemm_ab, gemm_abt, row_fill
+
+cnp.import_array()
+
+
+cdef struct LinearJob:
+    const void *x
+    const Py_ssize_t *x_off
+    Py_ssize_t nmat, n, e, ldx
+    const void *w
+    const Py_ssize_t *w_off     # NULL: one W for all matrices
+    Py_ssize_t ldw
+    bint w_t
+    const void *b
+    Py_ssize_t h
+    void *out
+    Py_ssize_t out_step, ldo
+    bint transpose, is_f32
+    Py_ssize_t block_rows, block_cols
+    Py_ssize_t nrb, ncb         # row / column blocks per matrix
+    Py_ssize_t first_item       # flat index of the job's first work item
+
+
+cdef void project_block(const LinearJob *job, Py_ssize_t u, Py_ssize_t r0, Py_ssize_t rows,
+                        Py_ssize_t c0, Py_ssize_t cols, const real *x, const real *w,
+                        const real *b, real *out) noexcept nogil:
+    # Rows r0 : r0 + rows of matrix u, output features c0 : c0 + cols.
+    cdef const real *xb = x + job.x_off[u] + r0 * job.ldx
+    cdef real *ob
+    cdef real beta = 0 if b == NULL else 1
+    cdef Py_ssize_t i
+    if job.w_off != NULL:
+        w = w + job.w_off[u]        # this matrix's own W_u
+    if not job.transpose:
+        ob = out + u * job.out_step + r0 * job.ldo + c0
+        # ob[rows, cols] <- b[c0 : c0 + cols] in every row (or 0)
+        for i in range(rows):
+            if b != NULL:
+                memcpy(ob + i * job.ldo, b + c0, cols * sizeof(real))
+            elif job.e == 0:
+                row_fill(ob + i * job.ldo, cols, 0)
+        if job.e == 0:
+            return
+        if job.w_t:
+            # ob[rows, cols] += xb[rows, e] @ Wt[e, c0 : c0 + cols]
+            gemm_ab(<int>rows, <int>cols, <int>job.e, 1, xb, <int>job.ldx, w + c0,
+                    <int>job.ldw, beta, ob, <int>job.ldo)
+        else:
+            # ob[rows, cols] += xb[rows, e] @ W[c0 : c0 + cols, e].T
+            gemm_abt(<int>rows, <int>cols, <int>job.e, 1, xb, <int>job.ldx,
+                     w + c0 * job.ldw, <int>job.ldw, beta, ob, <int>job.ldo)
+    else:
+        ob = out + u * job.out_step + c0 * job.ldo + r0
+        # ob[cols, rows] <- b[c0 + i] along row i (or 0)
+        for i in range(cols):
+            if b != NULL:
+                row_fill(ob + i * job.ldo, rows, b[c0 + i])
+            elif job.e == 0:
+                row_fill(ob + i * job.ldo, rows, 0)
+        if job.e == 0:
+            return
+        # ob[cols, rows] += W[c0 : c0 + cols, e] @ xb[rows, e].T
+        gemm_abt(<int>cols, <int>rows, <int>job.e, 1, w + c0 * job.ldw, <int>job.ldw,
+                 xb, <int>job.ldx, beta, ob, <int>job.ldo)
+
+
+cdef void project_item(const LinearJob *job, Py_ssize_t item) noexcept nogil:
+    # item (counted from the job's first) -> (matrix, row block, column block)
+    cdef Py_ssize_t per_mat = job.nrb * job.ncb
+    cdef Py_ssize_t u = item // per_mat
+    cdef Py_ssize_t rb = (item % per_mat) // job.ncb
+    cdef Py_ssize_t cb = item % job.ncb
+    cdef Py_ssize_t r0 = rb * job.block_rows
+    cdef Py_ssize_t c0 = cb * job.block_cols
+    cdef Py_ssize_t rows = min(job.block_rows, job.n - r0)
+    cdef Py_ssize_t cols = min(job.block_cols, job.h - c0)
+    if job.is_f32:
+        project_block[float](job, u, r0, rows, c0, cols, <const float *>job.x,
+                             <const float *>job.w, <const float *>job.b, <float *>job.out)
+    else:
+        project_block[double](job, u, r0, rows, c0, cols, <const double *>job.x,
+                              <const double *>job.w, <const double *>job.b, <double *>job.out)
+
+
+cdef void linear_kernel(const LinearJob *jobs, Py_ssize_t njobs, Py_ssize_t nitems,
+                        int nthreads) noexcept nogil:
+    cdef Py_ssize_t item, j
+    for item in prange(nitems, nogil=True, schedule='dynamic', num_threads=nthreads):
+        j = njobs - 1
+        while jobs[j].first_item > item:
+            j = j - 1
+        project_item(&jobs[j], item - jobs[j].first_item)
+
+
+def project(list jobs, int nthreads):
+    """Run projection jobs. Private: `fastattn._linear` builds and checks them.
+
+    Each job is a tuple (x, x_off, ldx, n, w, w_off, ldw, w_t, b, out, out_step, ldo,
+    transpose, block_rows, block_cols): see the comment at the top of this file. x, w, out
+    and b (an ndarray or None) share one dtype, float32 or float64; x_off and w_off (or
+    None) are intp vectors of one length; block_rows and block_cols are at least 1. BLAS
+    must be single-threaded.
+    """
+    cdef Py_ssize_t njobs = len(jobs)
+    cdef Py_ssize_t nitems = 0
+    cdef Py_ssize_t i
+    cdef LinearJob *js
+    cdef LinearJob *job
+    cdef cnp.ndarray x, x_off, w, out
+    if njobs == 0:
+        return
+    js = <LinearJob *>malloc(njobs * sizeof(LinearJob))
+    if js == NULL:
+        raise MemoryError()
+    try:
+        for i in range(njobs):
+            (x, x_off, ldx, n, w, w_off, ldw, w_t, b, out, out_step, ldo, transpose,
+             block_rows, block_cols) = jobs[i]
+            if not (x.dtype == w.dtype == out.dtype and (b is None or b.dtype == x.dtype)
+                    and x.dtype.num in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)):
+                raise TypeError("fastattn: projection operands must all be float32 or all "
+                                "float64")
+            job = &js[i]
+            job.x = cnp.PyArray_DATA(x)
+            job.x_off = intp_data(x_off)
+            job.nmat = x_off.shape[0]
+            job.n = n
+            job.e = w.shape[w.ndim - 2] if w_t else w.shape[w.ndim - 1]
+            job.ldx = ldx
+            job.w = cnp.PyArray_DATA(w)
+            job.w_off = NULL
+            if w_off is not None:
+                job.w_off = intp_data(w_off)
+            job.ldw = ldw
+            job.w_t = w_t
+            job.b = NULL if b is None else cnp.PyArray_DATA(b)
+            job.h = w.shape[w.ndim - 1] if w_t else w.shape[w.ndim - 2]
+            job.out = cnp.PyArray_DATA(out)
+            job.out_step = out_step
+            job.ldo = ldo
+            job.transpose = transpose
+            job.is_f32 = x.dtype.num == cnp.NPY_FLOAT32
+            job.block_rows = block_rows
+            job.block_cols = block_cols
+            job.nrb = (job.n + block_rows - 1) // block_rows
+            job.ncb = (job.h + block_cols - 1) // block_cols
+            job.first_item = nitems
+            nitems += job.nmat * job.nrb * job.ncb
+        if nitems:
+            with nogil:
+                linear_kernel(js, njobs, nitems, <int>min(<Py_ssize_t>nthreads, nitems))
+    finally:
+        free(js)
