@@ -40,7 +40,7 @@ def additive_attention(query, key, value, *, w_q, w_k, v, mask=None, return_weig
     return_weights : bool, default=False
         Also return the attention weights ``(..., L, S)``.
     num_threads : int, optional
-        Threads for the kernel; the projections use BLAS's threads.
+        Threads for the kernel and the projections (default: all cores).
 
     Returns
     -------

@@ -1,8 +1,16 @@
 """The compiled kernels: one Cython module per family over one shared core.
 
-- ``tile.pxd`` + ``vecmath.h``: the tile/softmax core (BLAS tile products, vector
-  exp/max/sum, online softmax, partial-result merging), inlined into each family.
+- ``tile.pxd`` + ``vecmath.h`` + ``tilegemm.h``: the tile/softmax core (the tile
+  products on AVX-512 micro-kernels or BLAS, vector exp/max/sum built per ISA, online
+  softmax, partial-result merging), inlined into each family.
 - ``dense.pyx``: scaled dot-product attention (FlashAttention-2 style driver).
+- ``sparse.pyx``: block-sparse attention over a ``BlockLayout``.
+- ``content_sparse.pyx``: LSH, clustered and Sinkhorn attention (rows read through a
+  sort or an assignment).
+- ``lowrank.pyx``: linear attention and Performer as chunked reductions.
+- ``paged.pyx``: attention over a paged key/value cache (decoding).
+- ``softmax.pyx``, ``additive.pyx``: masked softmax; Bahdanau scores.
+- ``linear.pyx``: ``x @ W.T + b`` projections in fastattn's own threads.
 
 Each family's Python wrapper in ``fastattn/`` validates inputs; the kernels assume
 valid arguments and never touch memory outside what they are given.
