@@ -20,6 +20,7 @@ from fastattn._kernels.tile cimport (
     intp_data,
     MaskView, mask_view,
     real, attend_tile, finish_row, merge_partial_row, row_fill, tile_products_native,
+    Operands, operands,
     MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
 
@@ -87,8 +88,13 @@ cdef enum:
     DIAGONAL_ROWS = 64
 
 
-cdef void dense_kernel(DenseProblem *p, real scale, const real *q, const real *k, const real *v,
-                       real *out, real *lse, real *part_out, real *part_lse) noexcept nogil:
+cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *part_out,
+                       real *part_lse) noexcept nogil:
+    cdef const real *q = <const real *>ops.q
+    cdef const real *k = <const real *>ops.k
+    cdef const real *v = <const real *>ops.v
+    cdef real *out = <real *>ops.out
+    cdef real *lse = <real *>ops.lse
     cdef Py_ssize_t nqb = (p.L + p.block_q - 1) // p.block_q
     cdef Py_ssize_t nkb = (p.S + p.block_k - 1) // p.block_k
     cdef Py_ssize_t kb_per_split = (nkb + p.nsplit - 1) // p.nsplit
@@ -242,15 +248,10 @@ def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object ls
     or None. mask is a `fastattn._layout.PreparedMask` or None.
     """
     cdef DenseProblem p
+    cdef Operands ops = operands(q, k, v, out, lse)
     cdef cnp.ndarray part_out = None, part_lse = None
-    cdef void *qd = cnp.PyArray_DATA(q)
-    cdef void *kd = cnp.PyArray_DATA(k)
-    cdef void *vd = cnp.PyArray_DATA(v)
-    cdef void *od = cnp.PyArray_DATA(out)
-    cdef void *ld = NULL
     cdef void *pod = NULL
     cdef void *pld = NULL
-    cdef bint is_f32 = q.dtype.num == cnp.NPY_FLOAT32
 
     p.nbatch = q_off.shape[0]
     p.L = L
@@ -271,8 +272,6 @@ def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object ls
     p.block_k = block_k
     p.nsplit = nsplit
     p.nthreads = nthreads
-    if lse is not None:
-        ld = cnp.PyArray_DATA(lse)
     if nsplit > 1:
         part_out = cnp.PyArray_EMPTY(1, [p.nbatch * L * nsplit * ev], q.dtype.num, 0)
         part_lse = cnp.PyArray_EMPTY(1, [p.nbatch * L * nsplit], q.dtype.num, 0)
@@ -280,13 +279,9 @@ def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object ls
         pld = cnp.PyArray_DATA(part_lse)
 
     with nogil:
-        if is_f32:
-            dense_kernel[float](&p, <float>scale, <const float *>qd, <const float *>kd,
-                                <const float *>vd, <float *>od, <float *>ld,
-                                <float *>pod, <float *>pld)
+        if ops.is_f32:
+            dense_kernel[float](&p, &ops, <float>scale, <float *>pod, <float *>pld)
         else:
-            dense_kernel[double](&p, scale, <const double *>qd, <const double *>kd,
-                                 <const double *>vd, <double *>od, <double *>ld,
-                                 <double *>pod, <double *>pld)
+            dense_kernel[double](&p, &ops, scale, <double *>pod, <double *>pld)
     if p.alloc_failed:
         raise MemoryError("fastattn: a kernel thread could not allocate its tile buffers")
