@@ -17,7 +17,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
-    intp_data,
+    intp_data, QkvLayout, qkv_layout,
     MaskView, mask_view,
     real, attend_tile, finish_row, merge_partial_row, row_fill, tile_products_native,
     Operands, operands,
@@ -61,14 +61,7 @@ def tile_products_run_natively(bint is_float32, int ev):
 
 
 cdef struct DenseProblem:
-    # sizes
-    Py_ssize_t nbatch, L, S
-    int e, ev
-    # element offsets of each batch's (L, E) / (S, E) / (S, Ev) matrix, and row strides
-    const Py_ssize_t *q_off
-    const Py_ssize_t *k_off
-    const Py_ssize_t *v_off
-    Py_ssize_t ldq, ldk, ldv
+    QkvLayout qkv               # sizes, per-batch offsets and row strides (tile.pxd)
     MaskView mask               # the mask and its block map (tile.pxd)
     # causal band: query i sees key j <= i + causal_offset
     bint causal
@@ -95,10 +88,10 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
     cdef const real *v = <const real *>ops.v
     cdef real *out = <real *>ops.out
     cdef real *lse = <real *>ops.lse
-    cdef Py_ssize_t nqb = (p.L + p.block_q - 1) // p.block_q
-    cdef Py_ssize_t nkb = (p.S + p.block_k - 1) // p.block_k
+    cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
+    cdef Py_ssize_t nkb = (p.qkv.S + p.block_k - 1) // p.block_k
     cdef Py_ssize_t kb_per_split = (nkb + p.nsplit - 1) // p.nsplit
-    cdef Py_ssize_t nitems = p.nbatch * nqb * p.nsplit
+    cdef Py_ssize_t nitems = p.qkv.nbatch * nqb * p.nsplit
     cdef Py_ssize_t item, t, b, qb, split, kb, kb_lo, kb_hi, last_key, r
     cdef Py_ssize_t r0, sub_rows, sub_cols
     cdef const void *mslice
@@ -130,7 +123,7 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                 qb = nqb - 1 - (t % nqb)
                 b = t // nqb
                 q0 = qb * p.block_q
-                rows = p.L - q0
+                rows = p.qkv.L - q0
                 if rows > p.block_q:
                     rows = p.block_q
 
@@ -147,13 +140,13 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                         kb_hi = last_key // p.block_k + 1
 
                 if p.nsplit == 1:
-                    acc = out + (b * p.L + q0) * p.ev
-                    ldacc = p.ev
+                    acc = out + (b * p.qkv.L + q0) * p.qkv.ev
+                    ldacc = p.qkv.ev
                 else:
-                    acc = part_out + ((b * p.L + q0) * p.nsplit + split) * p.ev
-                    ldacc = p.nsplit * p.ev
+                    acc = part_out + ((b * p.qkv.L + q0) * p.nsplit + split) * p.qkv.ev
+                    ldacc = p.nsplit * p.qkv.ev
                 for r in range(rows):
-                    row_fill(acc + r * ldacc, p.ev, 0)
+                    row_fill(acc + r * ldacc, p.qkv.ev, 0)
                     m[r] = -INFINITY
                     l[r] = 0
 
@@ -164,7 +157,7 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                         if state == BLOCK_SKIP:
                             continue
                     k0 = kb * p.block_k
-                    cols = p.S - k0
+                    cols = p.qkv.S - k0
                     if cols > p.block_k:
                         cols = p.block_k
                     if p.causal and cols > last_key - k0 + 1:
@@ -197,10 +190,12 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                                 mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask.rs)
                             elif mtile != NULL:
                                 mslice = <const void *>((<const real *>mtile) + r0 * p.mask.rs)
-                            attend_tile(q + p.q_off[b] + (q0 + r0) * p.ldq, p.ldq, <int>sub_rows,
-                                        k + p.k_off[b] + k0 * p.ldk, p.ldk,
-                                        v + p.v_off[b] + k0 * p.ldv, p.ldv, <int>sub_cols,
-                                        p.e, p.ev, scale,
+                            attend_tile(q + p.qkv.q_off[b] + (q0 + r0) * p.qkv.ldq, p.qkv.ldq,
+                                        <int>sub_rows,
+                                        k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
+                                        v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
+                                        <int>sub_cols,
+                                        p.qkv.e, p.qkv.ev, scale,
                                         mslice,
                                         p.mask.kind if mtile != NULL else MASK_NONE,
                                         p.mask.rs, p.mask.cs,
@@ -208,10 +203,10 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                                         s, acc + r0 * ldacc, ldacc, m + r0, l + r0)
                             r0 = r0 + DIAGONAL_ROWS
                     else:
-                        attend_tile(q + p.q_off[b] + q0 * p.ldq, p.ldq, <int>rows,
-                                    k + p.k_off[b] + k0 * p.ldk, p.ldk,
-                                    v + p.v_off[b] + k0 * p.ldv, p.ldv, <int>cols,
-                                    p.e, p.ev, scale,
+                        attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, <int>rows,
+                                    k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
+                                    v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv, <int>cols,
+                                    p.qkv.e, p.qkv.ev, scale,
                                     mtile, p.mask.kind if mtile != NULL else MASK_NONE,
                                     p.mask.rs, p.mask.cs,
                                     -BAND_ALL, band_hi,
@@ -219,18 +214,18 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
 
                 for r in range(rows):
                     if p.nsplit == 1:
-                        lse_row = (lse + b * p.L + q0 + r) if lse != NULL else NULL
+                        lse_row = (lse + b * p.qkv.L + q0 + r) if lse != NULL else NULL
                     else:
-                        lse_row = part_lse + (b * p.L + q0 + r) * p.nsplit + split
-                    finish_row(acc + r * ldacc, p.ev, m[r], l[r], lse_row)
+                        lse_row = part_lse + (b * p.qkv.L + q0 + r) * p.nsplit + split
+                    finish_row(acc + r * ldacc, p.qkv.ev, m[r], l[r], lse_row)
         free(s)
         free(m)
         free(l)
 
     if p.nsplit > 1 and not p.alloc_failed:
-        for item in prange(p.nbatch * p.L, schedule='static', num_threads=nt):
-            merge_partial_row(part_out + item * p.nsplit * p.ev, part_lse + item * p.nsplit,
-                              p.nsplit, p.ev, p.ev, out + item * p.ev,
+        for item in prange(p.qkv.nbatch * p.qkv.L, schedule='static', num_threads=nt):
+            merge_partial_row(part_out + item * p.nsplit * p.qkv.ev, part_lse + item * p.nsplit,
+                              p.nsplit, p.qkv.ev, p.qkv.ev, out + item * p.qkv.ev,
                               (lse + item) if lse != NULL else NULL)
 
 
@@ -253,17 +248,7 @@ def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object ls
     cdef void *pod = NULL
     cdef void *pld = NULL
 
-    p.nbatch = q_off.shape[0]
-    p.L = L
-    p.S = S
-    p.e = e
-    p.ev = ev
-    p.q_off = intp_data(q_off)
-    p.k_off = intp_data(k_off)
-    p.v_off = intp_data(v_off)
-    p.ldq = ldq
-    p.ldk = ldk
-    p.ldv = ldv
+    p.qkv = qkv_layout(q_off, k_off, v_off, ldq, ldk, ldv, L, S, e, ev)
     p.mask = mask_view(mask)
     p.alloc_failed = 0
     p.causal = causal
@@ -273,8 +258,8 @@ def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object ls
     p.nsplit = nsplit
     p.nthreads = nthreads
     if nsplit > 1:
-        part_out = cnp.PyArray_EMPTY(1, [p.nbatch * L * nsplit * ev], q.dtype.num, 0)
-        part_lse = cnp.PyArray_EMPTY(1, [p.nbatch * L * nsplit], q.dtype.num, 0)
+        part_out = cnp.PyArray_EMPTY(1, [p.qkv.nbatch * L * nsplit * ev], q.dtype.num, 0)
+        part_lse = cnp.PyArray_EMPTY(1, [p.qkv.nbatch * L * nsplit], q.dtype.num, 0)
         pod = cnp.PyArray_DATA(part_out)
         pld = cnp.PyArray_DATA(part_lse)
 

@@ -23,7 +23,7 @@ from libc.stdint cimport uint8_t, int64_t
 cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
-    intp_data, block_len, start_rows, Operands, operands,
+    intp_data, QkvLayout, qkv_layout, block_len, start_rows, Operands, operands,
     real, attend_tile, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
 )
 
@@ -47,12 +47,7 @@ cdef struct Rule:
 
 
 cdef struct SparseProblem:
-    Py_ssize_t nbatch, L, S
-    int e, ev
-    const Py_ssize_t *q_off
-    const Py_ssize_t *k_off
-    const Py_ssize_t *v_off
-    Py_ssize_t ldq, ldk, ldv
+    QkvLayout qkv               # sizes, per-batch offsets and row strides (tile.pxd)
     # layout: batch b walks indptr[layout_off[b] + qb] .. indptr[layout_off[b] + qb + 1]
     const int64_t *indptr
     const int64_t *indices
@@ -161,8 +156,8 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
     cdef const real *v = <const real *>ops.v
     cdef real *out = <real *>ops.out
     cdef real *lse = <real *>ops.lse
-    cdef Py_ssize_t nqb = (p.L + p.block_q - 1) // p.block_q
-    cdef Py_ssize_t nitems = p.nbatch * nqb
+    cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
+    cdef Py_ssize_t nitems = p.qkv.nbatch * nqb
     cdef Py_ssize_t item, b, qb, r, idx, row_start, row_end, kb
     cdef Py_ssize_t q0, k0, band_lo, band_hi
     cdef int rows, cols, kind
@@ -188,16 +183,16 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
                 qb = item % nqb
                 b = item // nqb
                 q0 = qb * p.block_q
-                rows = block_len(p.L, q0, p.block_q)
-                acc = out + (b * p.L + q0) * p.ev
-                start_rows(rows, acc, p.ev, p.ev, m, l)
+                rows = block_len(p.qkv.L, q0, p.block_q)
+                acc = out + (b * p.qkv.L + q0) * p.qkv.ev
+                start_rows(rows, acc, p.qkv.ev, p.qkv.ev, m, l)
 
                 row_start = p.indptr[p.layout_off[b] + qb]
                 row_end = p.indptr[p.layout_off[b] + qb + 1]
                 for idx in range(row_start, row_end):
                     kb = p.indices[idx]
                     k0 = kb * p.block_k
-                    cols = block_len(p.S, k0, p.block_k)
+                    cols = block_len(p.qkv.S, k0, p.block_k)
                     kind = TILE_BAND
                     band_lo = -BAND_ALL
                     band_hi = BAND_ALL
@@ -206,17 +201,17 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
                                          &band_lo, &band_hi)
                         if kind == TILE_SKIP:
                             continue
-                    attend_tile(q + p.q_off[b] + q0 * p.ldq, p.ldq, rows,
-                                k + p.k_off[b] + k0 * p.ldk, p.ldk,
-                                v + p.v_off[b] + k0 * p.ldv, p.ldv, cols,
-                                p.e, p.ev, scale,
+                    attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, rows,
+                                k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
+                                v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv, cols,
+                                p.qkv.e, p.qkv.ev, scale,
                                 <const void *>keep, MASK_BOOL if kind == TILE_MASK else MASK_NONE,
                                 cols, 1, band_lo, band_hi,
-                                s, acc, p.ev, m, l)
+                                s, acc, p.qkv.ev, m, l)
 
                 for r in range(rows):
-                    finish_row(acc + r * p.ev, p.ev, m[r], l[r],
-                               (lse + b * p.L + q0 + r) if lse != NULL else NULL)
+                    finish_row(acc + r * p.qkv.ev, p.qkv.ev, m[r], l[r],
+                               (lse + b * p.qkv.L + q0 + r) if lse != NULL else NULL)
         free(s)
         free(m)
         free(l)
@@ -239,17 +234,7 @@ def block_sparse(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, o
     cdef SparseProblem p
     cdef Operands ops = operands(q, k, v, out, lse)
 
-    p.nbatch = q_off.shape[0]
-    p.L = L
-    p.S = S
-    p.e = e
-    p.ev = ev
-    p.q_off = intp_data(q_off)
-    p.k_off = intp_data(k_off)
-    p.v_off = intp_data(v_off)
-    p.ldq = ldq
-    p.ldk = ldk
-    p.ldv = ldv
+    p.qkv = qkv_layout(q_off, k_off, v_off, ldq, ldk, ldv, L, S, e, ev)
     p.indptr = <const int64_t *>cnp.PyArray_DATA(indptr)
     p.indices = <const int64_t *>cnp.PyArray_DATA(indices)
     p.layout_off = intp_data(layout_off)

@@ -517,3 +517,33 @@ cdef inline Operands operands(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.n
     ops.lse = NULL if lse is None else cnp.PyArray_DATA(<cnp.ndarray>lse)
     ops.is_f32 = q.dtype.num == cnp.NPY_FLOAT32
     return ops
+
+
+# Where a kernel call's matrices are: per batch entry one (L, e) query, (S, e) key and
+# (S, ev) value matrix at element offsets q_off[b], k_off[b], v_off[b] of their arrays,
+# with row strides ldq, ldk, ldv (built by fastattn._layout.batch_offsets).
+cdef struct QkvLayout:
+    Py_ssize_t nbatch, L, S
+    int e, ev
+    const Py_ssize_t *q_off
+    const Py_ssize_t *k_off
+    const Py_ssize_t *v_off
+    Py_ssize_t ldq, ldk, ldv
+
+
+cdef inline QkvLayout qkv_layout(cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off,
+                                 Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv,
+                                 Py_ssize_t L, Py_ssize_t S, int e, int ev):
+    cdef QkvLayout x
+    x.nbatch = q_off.shape[0]
+    x.L = L
+    x.S = S
+    x.e = e
+    x.ev = ev
+    x.q_off = intp_data(q_off)
+    x.k_off = intp_data(k_off)
+    x.v_off = intp_data(v_off)
+    x.ldq = ldq
+    x.ldk = ldk
+    x.ldv = ldv
+    return x
