@@ -48,7 +48,7 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 from fastattn._kernels.tile cimport (
     intp_data, real, gemm_ab, tile_scores, fa_tile_products_ok, fa_tile_pv_f32,
     row_max, row_add_max, row_exp_sum, row_scale, row_axpy, row_dot, row_fill, row_add_const,
-    exp_nonpositive,
+    exp_nonpositive, Operands, operands,
 )
 
 cnp.import_array()
@@ -640,23 +640,19 @@ def noncausal(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray w, cnp.nd
     cdef const Py_ssize_t *so = intp_data(state_of)
     cdef const Py_ssize_t *ko = intp_data(k_off)
     cdef const Py_ssize_t *vo = intp_data(v_off)
-    cdef void *qd = cnp.PyArray_DATA(q)
-    cdef void *kd = cnp.PyArray_DATA(k)
-    cdef void *vd = cnp.PyArray_DATA(v)
+    cdef Operands ops = operands(q, k, v, out, None)
     cdef void *wd = cnp.PyArray_DATA(w)
-    cdef void *od = cnp.PyArray_DATA(out)
     cdef void *pd = cnp.PyArray_DATA(parts)
     cdef void *sd = cnp.PyArray_DATA(states)
-    cdef bint is_f32 = q.dtype.num == cnp.NPY_FLOAT32
     with nogil:
-        if is_f32:
-            noncausal_kernel[float](&p, <float>root, <float>eps, <const float *>qd,
-                                    <const float *>kd, <const float *>vd, <const float *>wd,
-                                    <float *>od, <float *>pd, <float *>sd, nbatch, qo, so,
+        if ops.is_f32:
+            noncausal_kernel[float](&p, <float>root, <float>eps, <const float *>ops.q,
+                                    <const float *>ops.k, <const float *>ops.v, <const float *>wd,
+                                    <float *>ops.out, <float *>pd, <float *>sd, nbatch, qo, so,
                                     nstate, ko, vo, nsplit, nthreads)
         else:
-            noncausal_kernel[double](&p, root, eps, <const double *>qd, <const double *>kd,
-                                     <const double *>vd, <const double *>wd, <double *>od,
+            noncausal_kernel[double](&p, root, eps, <const double *>ops.q, <const double *>ops.k,
+                                     <const double *>ops.v, <const double *>wd, <double *>ops.out,
                                      <double *>pd, <double *>sd, nbatch, qo, so, nstate, ko,
                                      vo, nsplit, nthreads)
     if p.alloc_failed:
@@ -680,24 +676,20 @@ def causal(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray w, cnp.ndarr
     cdef const Py_ssize_t *qo = intp_data(q_off)
     cdef const Py_ssize_t *ko = intp_data(k_off)
     cdef const Py_ssize_t *vo = intp_data(v_off)
-    cdef void *qd = cnp.PyArray_DATA(q)
-    cdef void *kd = cnp.PyArray_DATA(k)
-    cdef void *vd = cnp.PyArray_DATA(v)
+    cdef Operands ops = operands(q, k, v, out, None)
     cdef void *wd = cnp.PyArray_DATA(w)
-    cdef void *od = cnp.PyArray_DATA(out)
     cdef void *pd = cnp.PyArray_DATA(parts)
     cdef void *rd = cnp.PyArray_DATA(rowinfo)
     cdef void *cd = cnp.PyArray_DATA(chunk_max)
-    cdef bint is_f32 = q.dtype.num == cnp.NPY_FLOAT32
     with nogil:
-        if is_f32:
-            causal_kernel[float](&p, <float>root, <float>eps, <const float *>qd,
-                                 <const float *>kd, <const float *>vd, <const float *>wd,
-                                 <float *>od, <float *>pd, <float *>rd, <float *>cd, nbatch,
+        if ops.is_f32:
+            causal_kernel[float](&p, <float>root, <float>eps, <const float *>ops.q,
+                                 <const float *>ops.k, <const float *>ops.v, <const float *>wd,
+                                 <float *>ops.out, <float *>pd, <float *>rd, <float *>cd, nbatch,
                                  qo, ko, vo, nseg, nthreads)
         else:
-            causal_kernel[double](&p, root, eps, <const double *>qd, <const double *>kd,
-                                  <const double *>vd, <const double *>wd, <double *>od,
+            causal_kernel[double](&p, root, eps, <const double *>ops.q, <const double *>ops.k,
+                                  <const double *>ops.v, <const double *>wd, <double *>ops.out,
                                   <double *>pd, <double *>rd, <double *>cd, nbatch, qo, ko,
                                   vo, nseg, nthreads)
     if p.alloc_failed:
