@@ -182,6 +182,20 @@ static int64_t now_ns(void) {
 }
 
 /* Shared phase 2: executor, workspace and memory checks, then run. */
+/* End of a GetWorkspaceSize call: the executor takes the checked arguments (freed with
+ * it, or here when it cannot be created) and the workspace the launch will need. */
+static aclnnStatus hand_over(int kind, void *args, ascendsim_payload_free free_fn,
+                             uint64_t required, aclOpExecutor **executor,
+                             uint64_t *workspaceSize) {
+    *executor = ascendsim_executor_new(kind, args, free_fn, required);
+    if (*executor == NULL) {
+        free_fn(args);
+        FAIL(561101, "EZ9999: could not create executor");
+    }
+    *workspaceSize = required;
+    return ACLNN_SUCCESS;
+}
+
 typedef aclnnStatus (*RunFn)(void *payload, double *scratch);
 
 static aclnnStatus launch(const char *name, int kind, void *workspace, uint64_t workspaceSize,
@@ -464,13 +478,7 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGetWorkspaceSize(
     a->sparse_mode = sparseMode;
     /* the launch keeps one row of double scores in the workspace */
     uint64_t required = 4096 + (uint64_t)Skv * sizeof(double);
-    *executor = ascendsim_executor_new(KIND_FLASH_ATTENTION_SCORE, a, free, required);
-    if (*executor == NULL) {
-        free(a);
-        FAIL(561101, "EZ9999: could not create executor");
-    }
-    *workspaceSize = required;
-    return ACLNN_SUCCESS;
+    return hand_over(KIND_FLASH_ATTENTION_SCORE, a, free, required, executor, workspaceSize);
 }
 
 SIM_EXPORT aclnnStatus aclnnFlashAttentionScore(void *workspace, uint64_t workspaceSize,
@@ -674,13 +682,8 @@ SIM_EXPORT aclnnStatus aclnnIncreFlashAttentionV4GetWorkspaceSize(
     a->num_kv_heads = kv_heads;
     a->scale = scaleValue;
     uint64_t required = 1024 + (uint64_t)capacity * sizeof(double);
-    *executor = ascendsim_executor_new(KIND_INCRE_FLASH_ATTENTION_V4, a, incre_free, required);
-    if (*executor == NULL) {
-        incre_free(a);
-        FAIL(561101, "EZ9999: could not create executor");
-    }
-    *workspaceSize = required;
-    return ACLNN_SUCCESS;
+    return hand_over(KIND_INCRE_FLASH_ATTENTION_V4, a, incre_free, required, executor,
+                     workspaceSize);
 }
 
 SIM_EXPORT aclnnStatus aclnnIncreFlashAttentionV4(void *workspace, uint64_t workspaceSize,
