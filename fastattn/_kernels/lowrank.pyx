@@ -43,10 +43,9 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.math cimport INFINITY, fabs
 cimport numpy as cnp
-from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 from fastattn._kernels.tile cimport (
-    intp_data, real, gemm_ab, tile_scores, fa_tile_products_ok, fa_tile_pv_f32,
+    intp_data, real, gemm_ab, gemm_atb, tile_scores, fa_tile_products_ok, fa_tile_pv_f32,
     row_max, row_add_max, row_exp_sum, row_scale, row_axpy, row_dot, row_fill, row_add_const,
     exp_nonpositive, Operands, operands,
 )
@@ -165,17 +164,6 @@ cdef void finish_state(const LowRank *p, real *st, Py_ssize_t nkeys) noexcept no
 
 
 # ---- products on row-major blocks ----------------------------------------------------
-
-cdef inline void gemm_atb(int m, int n, int k, real alpha, const real *a, int lda,
-                          const real *b, int ldb, real beta, real *c, int ldc) noexcept nogil:
-    # c[m, n] = alpha * a[k, m].T @ b[k, n] + beta * c   (column-major: c^T = b^T a)
-    cdef char tn = b'N'
-    cdef char tt = b'T'
-    if real is float:
-        sgemm(&tn, &tt, &n, &m, &k, &alpha, <float *>b, &ldb, <float *>a, &lda, &beta, c, &ldc)
-    else:
-        dgemm(&tn, &tt, &n, &m, &k, &alpha, <double *>b, &ldb, <double *>a, &lda, &beta, c, &ldc)
-
 
 cdef inline void prod_ab(int rows, int n, int k, const real *a, int lda, const real *b,
                          int ldb, real *c, int ldc, bint accumulate) noexcept nogil:

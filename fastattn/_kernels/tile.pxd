@@ -120,6 +120,17 @@ cdef inline void gemm_ab(int m, int n, int k, real alpha, const real *a, int lda
         dgemm(&t, &t, &n, &m, &k, &alpha, <double *>b, &ldb, <double *>a, &lda, &beta, c, &ldc)
 
 
+cdef inline void gemm_atb(int m, int n, int k, real alpha, const real *a, int lda,
+                          const real *b, int ldb, real beta, real *c, int ldc) noexcept nogil:
+    # c[m, n] = alpha * a[k, m].T @ b[k, n] + beta * c   (column-major: c^T = b^T a)
+    cdef char tn = b'N'
+    cdef char tt = b'T'
+    if real is float:
+        sgemm(&tn, &tt, &n, &m, &k, &alpha, <float *>b, &ldb, <float *>a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&tn, &tt, &n, &m, &k, &alpha, <double *>b, &ldb, <double *>a, &lda, &beta, c, &ldc)
+
+
 # ---- the two tile products: own micro-kernels (tilegemm.h) or BLAS -------------------
 
 cdef extern from "tilegemm.h" nogil:
