@@ -109,6 +109,51 @@ def test_empty_rows_give_zero(rng):
     assert (out == 0).all() and np.isneginf(lse).all()
 
 
+# ---- key-major tiles: float32 blocks of >= 16 rows, value widths a multiple of 16 ------
+
+@pytest.mark.parametrize("block", [16, 40, 64, 128])
+@pytest.mark.parametrize("E,Ev", [(8, 16), (24, 48), (64, 64), (72, 80), (64, 128)])
+def test_key_major_tiles(rng, block, E, Ev):
+    # L, S not multiples of the block: partial query blocks (rows % 16 != 0) and partial
+    # key blocks; the window makes some tiles partial (row-major) next to whole ones
+    L, S = 3 * block + 21, 2 * block + 37
+    q = make(rng, (2, 2, L, E), np.float32) * 2
+    k = make(rng, (2, 2, S, E), np.float32)
+    v = make(rng, (2, 2, S, Ev), np.float32)
+    for rule in ({}, {"window": (block + 5, 7)}, {"global_query": np.arange(L) % 29 == 0}):
+        layout = BlockLayout.from_rule((L, S), block, **rule)
+        got = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+        check_against_mask(got, q, k, v, layout.to_mask(), np.float32)
+    # a strided (B, L, H, E) view and a row-major-only twin (float64) agree too
+    qs = make(rng, (2, L, 2, E), np.float32).swapaxes(1, 2)
+    blocks = rng.random((2, -(-L // block), -(-S // block))) < 0.5
+    layout = BlockLayout.from_blocks(blocks, (L, S), block)
+    got = fastattn.block_sparse_attention(qs, k, v, layout)
+    want = fastattn.block_sparse_attention(qs.astype(np.float64), k.astype(np.float64),
+                                           v.astype(np.float64), layout)
+    assert_close(got, want, np.float32)
+
+
+def test_key_major_tiles_non_finite(rng):
+    # an inf or NaN score sends its tile back to the row-major path, which defines them:
+    # the float32 result has NaN exactly where the float64 (row-major only) one has
+    L, E = 200, 64
+    q, k, v = (make(rng, (1, L, E), np.float32) for _ in range(3))
+    q[0, 5, 3] = np.inf
+    q[0, 70, 0] = np.nan
+    k[0, 150, 1] = -np.inf
+    # every score of query 100 is -inf: like a fully masked row, it gives 0
+    k[..., 0] = np.abs(k[..., 0]) + 0.5
+    q[0, 100, 0] = -np.inf
+    layout = BlockLayout.from_rule((L, L), 64, window=(64, 64))
+    got = fastattn.block_sparse_attention(q, k, v, layout)
+    want = fastattn.block_sparse_attention(*(a.astype(np.float64) for a in (q, k, v)), layout)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert (got[0, 100] == 0).all()
+    fin = ~np.isnan(want)
+    assert_close(got[fin], want[fin], np.float32)
+
+
 def test_zero_sizes(rng):
     layout = BlockLayout((0, 5), 4, [0], [])
     out = fastattn.block_sparse_attention(np.zeros((0, 3)), np.ones((5, 3)), np.ones((5, 2)), layout)

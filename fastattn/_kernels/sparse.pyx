@@ -14,7 +14,11 @@
 # Per tile the rule reduces to one of: nothing (tile skipped), everything (no mask), a
 # column band per row (attend_tile's band), or an element mask built in per-thread
 # scratch and handed to attend_tile as a bool mask.
-# Extra memory is per thread: one score tile, one keep tile (bytes), m and l.
+# Unmasked tiles of a query block of at least FA_PACK_MIN_ROWS float32 rows go the
+# key-major way (tile.pxd's attend_tile_kmajor): the block is packed once, not every
+# tile's keys, which pays with the layouts' small tiles.
+# Extra memory is per thread: one score tile, one keep tile (bytes), m and l, and for
+# float32 the packed query block and a key-major score tile.
 
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
@@ -25,6 +29,7 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data, QkvLayout, qkv_layout, block_len, start_rows, Operands, operands,
     real, attend_tile, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
+    kmajor_ld, pack_queries, attend_tile_kmajor, FA_PACK_MIN_ROWS,
 )
 
 cnp.import_array()
@@ -166,7 +171,12 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
     cdef real *l
     cdef uint8_t *keep
     cdef real *acc
+    cdef real *qt
+    cdef real *st
+    cdef bint packed
     cdef int nt = p.nthreads
+    # row stride of the packed query block; 0: no key-major tiles
+    cdef Py_ssize_t ldqt = kmajor_ld(real is float, p.qkv.ev, p.block_q)
 
     if nitems == 0:
         return
@@ -175,6 +185,11 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
         m = <real *>malloc(p.block_q * sizeof(real))
         l = <real *>malloc(p.block_q * sizeof(real))
         keep = <uint8_t *>malloc(p.block_q * p.block_k)
+        qt = NULL
+        st = NULL
+        if ldqt:
+            qt = <real *>malloc(p.qkv.e * ldqt * sizeof(real))
+            st = <real *>malloc((p.block_k + 1) * ldqt * sizeof(real))
         # Every thread must reach the prange; one without scratch only flags the failure.
         for item in prange(nitems, schedule='dynamic'):
             if s == NULL or m == NULL or l == NULL or keep == NULL:
@@ -189,6 +204,7 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
 
                 row_start = p.indptr[p.layout_off[b] + qb]
                 row_end = p.indptr[p.layout_off[b] + qb + 1]
+                packed = False
                 for idx in range(row_start, row_end):
                     kb = p.indices[idx]
                     k0 = kb * p.block_k
@@ -200,6 +216,18 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
                         kind = tile_rule(&p.rule, b, q0, rows, k0, cols, keep,
                                          &band_lo, &band_hi)
                         if kind == TILE_SKIP:
+                            continue
+                    if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
+                            and qt != NULL and st != NULL and rows >= FA_PACK_MIN_ROWS):
+                        # every pair of the tile takes part
+                        if not packed:
+                            pack_queries(rows, p.qkv.e, q + p.qkv.q_off[b] + q0 * p.qkv.ldq,
+                                         p.qkv.ldq, qt, ldqt)
+                            packed = True
+                        if attend_tile_kmajor(rows, cols, p.qkv.e, p.qkv.ev, scale, qt, ldqt,
+                                              k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
+                                              v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
+                                              st, acc, p.qkv.ev, m, l):
                             continue
                     attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, rows,
                                 k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
@@ -216,6 +244,8 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
         free(m)
         free(l)
         free(keep)
+        free(qt)
+        free(st)
 
 
 def block_sparse(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object lse,

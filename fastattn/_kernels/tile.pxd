@@ -140,6 +140,15 @@ cdef extern from "tilegemm.h" nogil:
     void fa_tile_pv_f32(int rows, int ev, int cols, const float *p, Py_ssize_t ldp,
                         const float *v, Py_ssize_t ldv, float *acc, Py_ssize_t ldacc)
 
+    Py_ssize_t fa_kmajor_ld(int rows)
+    void fa_pack_transposed(int cols, int e, const float *k, Py_ssize_t ldk, float *kt,
+                            Py_ssize_t ldkt)
+    int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
+                                  const float *qt, Py_ssize_t ldqt, const float *k,
+                                  Py_ssize_t ldk, const float *v, Py_ssize_t ldv, float *st,
+                                  float *acc, Py_ssize_t ldacc, float *m, float *l)
+    enum: FA_PACK_MIN_ROWS
+
 
 cdef inline bint tile_products_native(bint is_float32, int ev) noexcept nogil:
     # True when attend_tile's products never call BLAS for this dtype and value width,
@@ -166,6 +175,41 @@ cdef inline void tile_accumulate(int rows, int ev, int cols, const real *p, cons
             fa_tile_pv_f32(rows, ev, cols, p, cols, v, ldv, acc, ldacc)
             return
     gemm_ab(rows, ev, cols, 1, p, cols, v, <int>ldv, 1, acc, <int>ldacc)
+
+
+# ---- key-major tiles (tilegemm.h) ------------------------------------------------------
+# A driver whose query block meets many unmasked tiles packs the block once
+# (pack_queries) and hands those tiles to attend_tile_kmajor, which computes the same
+# online-softmax step as attend_tile with the keys along the rows: no per-tile transpose
+# of the keys, a softmax vectorised across queries.
+
+cdef inline Py_ssize_t kmajor_ld(bint is_float32, int ev, int rows) noexcept nogil:
+    # Row stride of the packed queries for blocks of up to `rows` rows, or 0 when the
+    # key-major path does not apply (not float32, no AVX-512 kernels, too few rows).
+    if not is_float32 or rows < FA_PACK_MIN_ROWS or not fa_tile_products_ok(ev):
+        return 0
+    return fa_kmajor_ld(rows)
+
+
+cdef inline void pack_queries(int rows, int e, const real *q, Py_ssize_t ldq, real *qt,
+                              Py_ssize_t ldqt) noexcept nogil:
+    # qt[t, r] = q[r, t], zero-padded to ldqt columns (float32 only)
+    if real is float:
+        fa_pack_transposed(rows, e, q, ldq, qt, ldqt)
+
+
+cdef inline bint attend_tile_kmajor(
+        int rows, int cols, int e, int ev, real scale, const real *qt, Py_ssize_t ldqt,
+        const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv,
+        real *st, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # attend_tile for an unmasked tile, q packed by pack_queries; st holds
+    # (cols + 1) * ldqt elements. False (state untouched) when a score is not finite:
+    # the caller then calls attend_tile.
+    if real is float:
+        return fa_attend_tile_kmajor_f32(rows, cols, e, ev, scale, qt, ldqt, k, ldk, v, ldv,
+                                         st, acc, ldacc, m, l) != 0
+    else:
+        return False
 
 
 # ---- vector row routines (vecmath.h), dispatched on the element type ---------------

@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vecmath.h"      /* the vector exp (FA_EXPNEG_VECS) */
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
     && !defined(FASTATTN_NO_CLONES)
 #define FA_TILE_KERNELS 1
@@ -109,8 +111,9 @@ FA_V4 static inline fa_v16 fa_lane_sums16(const fa_v16 *r)
     return x0;
 }
 
-/* kt[t * ldkt + j] = k[j * ldk + t] for t < e, j < cols; zero for cols <= j < ldkt. */
-FA_V4 static void fa_pack_keys_t(int cols, int e, const float *k, ptrdiff_t ldk,
+/* kt[t * ldkt + j] = k[j * ldk + t] for t < e, j < cols; zero for cols <= j < ldkt.
+ * (Packs keys for the row-major scores, queries for the key-major ones.) */
+FA_V4 static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t ldk,
                                  float *kt, ptrdiff_t ldkt)
 {
     fa_v16 r[16];
@@ -189,11 +192,13 @@ FA_V4 static void fa_scores_from_panel(int rows, int cols, int e, float scale,
                              lds, cols - j0 < FA_PANEL ? cols - j0 : FA_PANEL);
 }
 
-/* acc[rows, W*16 columns] += p[rows, cols] @ v[cols, W*16 columns] */
+/* acc[rows, W*16 columns] += p[rows, cols] @ v[cols, W*16 columns]; element (r, j) of p
+ * at p[r * prs + j * pcs]. Always inlined so that each caller's strides are constants
+ * where they are known (row-major p: pcs = 1; key-major: prs = 1). */
 #define FA_DEFINE_PV_BLOCK(R, W)                                                           \
-FA_V4 static inline void fa_pv_block_##R##_##W(int cols, const float *p, ptrdiff_t ldp,   \
-                                               const float *v, ptrdiff_t ldv,              \
-                                               float *acc, ptrdiff_t ldacc)                \
+FA_V4 static inline __attribute__((always_inline))                                         \
+void fa_pv_block_##R##_##W(int cols, const float *p, ptrdiff_t prs, ptrdiff_t pcs,         \
+                           const float *v, ptrdiff_t ldv, float *acc, ptrdiff_t ldacc)     \
 {                                                                                          \
     fa_v16 c[R][W];                                                                        \
     for (int r = 0; r < R; r++)                                                            \
@@ -207,7 +212,7 @@ FA_V4 static inline void fa_pv_block_##R##_##W(int cols, const float *p, ptrdiff
         for (int w = 0; w < W; w++)                                                        \
             b[w] = FA_LOAD(v + j * ldv + 16 * w);                                          \
         for (int r = 0; r < R; r++) {                                                      \
-            float a = p[r * ldp + j];                                                      \
+            float a = p[r * prs + j * pcs];                                                \
             for (int w = 0; w < W; w++)                                                    \
                 c[r][w] += a * b[w];                                                       \
         }                                                                                  \
@@ -228,24 +233,41 @@ FA_DEFINE_PV_BLOCK(1, 1)
     do {                                                                                   \
         int r0 = 0;                                                                        \
         for (; r0 + R <= rows; r0 += R)                                                    \
-            fa_pv_block_##R##_##W(cols, p + r0 * ldp, ldp, v + c0, ldv,                    \
+            fa_pv_block_##R##_##W(cols, p + r0 * prs, prs, pcs, v + c0, ldv,               \
                                   acc + r0 * ldacc + c0, ldacc);                           \
         for (; r0 < rows; r0++)                                                            \
-            fa_pv_block_1_##W(cols, p + r0 * ldp, ldp, v + c0, ldv,                        \
+            fa_pv_block_1_##W(cols, p + r0 * prs, prs, pcs, v + c0, ldv,                   \
                               acc + r0 * ldacc + c0, ldacc);                               \
+    } while (0)
+
+/* The column blocks of acc: 64, then 32, then 16 values wide. */
+#define FA_PV_ALL_COLUMNS()                                                                \
+    do {                                                                                   \
+        int c0 = 0;                                                                        \
+        for (; c0 + 64 <= ev; c0 += 64)                                                    \
+            FA_PV_ROWS_LOOP(4, 4);                                                         \
+        for (; c0 + 32 <= ev; c0 += 32)                                                    \
+            FA_PV_ROWS_LOOP(8, 2);                                                         \
+        for (; c0 + 16 <= ev; c0 += 16)                                                    \
+            FA_PV_ROWS_LOOP(8, 1);                                                         \
     } while (0)
 
 /* acc[rows, ev] += p[rows, cols] @ v[cols, ev], ev a multiple of 16. */
 FA_V4 static void fa_tile_pv_f32(int rows, int ev, int cols, const float *p, ptrdiff_t ldp,
                                  const float *v, ptrdiff_t ldv, float *acc, ptrdiff_t ldacc)
 {
-    int c0 = 0;
-    for (; c0 + 64 <= ev; c0 += 64)
-        FA_PV_ROWS_LOOP(4, 4);
-    for (; c0 + 32 <= ev; c0 += 32)
-        FA_PV_ROWS_LOOP(8, 2);
-    for (; c0 + 16 <= ev; c0 += 16)
-        FA_PV_ROWS_LOOP(8, 1);
+    const ptrdiff_t prs = ldp, pcs = 1;
+    FA_PV_ALL_COLUMNS();
+}
+
+/* The same with p stored key-major: element (r, j) at pt[j * ldpt + r]. */
+FA_V4 static void fa_tile_pv_t_f32(int rows, int ev, int cols, const float *pt,
+                                   ptrdiff_t ldpt, const float *v, ptrdiff_t ldv, float *acc,
+                                   ptrdiff_t ldacc)
+{
+    const float *p = pt;
+    const ptrdiff_t prs = 1, pcs = ldpt;
+    FA_PV_ALL_COLUMNS();
 }
 
 /* out[i] = the lane-wise partial products of q[0:e] and key i (of 16), e a multiple of
@@ -330,9 +352,106 @@ FA_V4 static int fa_tile_scores_f32(int rows, int cols, int e, float scale,
     float *kt = (float *)malloc((size_t)(e > 0 ? e : 1) * ldkt * sizeof(float));
     if (kt == NULL)
         return 0;
-    fa_pack_keys_t(cols, e, k, ldk, kt, ldkt);
+    fa_pack_transposed(cols, e, k, ldk, kt, ldkt);
     fa_scores_from_panel(rows, cols, e, scale, q, ldq, kt, ldkt, s, cols);
     free(kt);
+    return 1;
+}
+
+/* ---- key-major tiles -----------------------------------------------------------------
+ * A tile with no mask can be computed with the keys along the rows instead: st = k @ q.T
+ * (cols x rows). The packed, transposed operand is then the query block, packed once per
+ * query block (fa_pack_transposed) and reused by all its tiles, where the row-major
+ * scores transpose every tile's keys; and the online softmax runs down the columns, one
+ * vector of 16 queries at a time, with no per-row calls or horizontal reductions. With
+ * small tiles (the block-sparse layouts' 64 x 64) both costs are a large share of a tile.
+ */
+
+/* Row stride of a packed block of `rows` queries and of its key-major scores: whole
+ * score panels, so that the score kernel stores whole vectors. */
+static inline ptrdiff_t fa_kmajor_ld(int rows)
+{
+    return (rows + FA_PANEL - 1) / FA_PANEL * FA_PANEL;
+}
+
+/* Load / store the first n (0..16) lanes; missing lanes read as `fill`. */
+FA_V4 static inline fa_v16 fa_load_part(const float *p, int n, float fill)
+{
+    if (n == 16)
+        return FA_LOAD(p);
+    fa_v16 x = (fa_v16){0} + fill;
+    memcpy(&x, p, n * sizeof(float));
+    return x;
+}
+
+/* One unmasked tile of the online softmax, key-major:
+ *   qt: the query block packed by fa_pack_transposed(rows, e, q, ldq, qt, ldqt),
+ *       ldqt = fa_kmajor_ld(rows);
+ *   k: cols x e, v: cols x ev (row strides ldk, ldv), ev a multiple of 16;
+ *   st: scratch of (cols + 1) * ldqt floats;
+ *   acc (rows x ev, row stride ldacc), m and l (rows): the running state, as in
+ *   attend_tile (tile.pxd).
+ * Returns 0, with the state untouched, when a score is not finite (inf or NaN inputs):
+ * the caller then takes the tile the row-major way, which defines those cases. */
+FA_V4 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
+                                           const float *qt, ptrdiff_t ldqt,
+                                           const float *k, ptrdiff_t ldk,
+                                           const float *v, ptrdiff_t ldv, float *st,
+                                           float *acc, ptrdiff_t ldacc, float *m, float *l)
+{
+    typedef float vec __attribute__((vector_size(64)));
+    typedef int32_t ivec __attribute__((vector_size(64)));
+    enum { R = 1 };
+    float *tile_max = st + (ptrdiff_t)cols * ldqt;
+
+    /* st[c, :] = scale * k[c] . q[:] for all ldqt (zero-padded) queries */
+    fa_scores_from_panel(cols, (int)ldqt, e, scale, k, ldk, qt, ldqt, st, ldqt);
+
+    /* Each query's maximum over the tile; any non-finite score makes `bad` NaN. */
+    for (int g = 0; g < rows; g += 16) {
+        fa_v16 mx = (fa_v16){0} - __builtin_inff(), bad = (fa_v16){0};
+        for (int c = 0; c < cols; c++) {
+            fa_v16 x = FA_LOAD(st + (ptrdiff_t)c * ldqt + g);
+            mx = (fa_v16)_mm512_max_ps((__m512)x, (__m512)mx);
+            bad += x * 0.0f;
+        }
+        for (int i = 0; i < 16; i++)
+            if (bad[i] != bad[i])
+                return 0;
+        FA_STORE(tile_max + g, mx);
+    }
+
+    for (int g = 0; g < rows; g += 16) {
+        int n = rows - g < 16 ? rows - g : 16;
+        vec m_old = fa_load_part(m + g, n, 0.0f), l_old = fa_load_part(l + g, n, 0.0f);
+        vec m_new = (vec)_mm512_max_ps((__m512)FA_LOAD(tile_max + g), (__m512)m_old);
+        vec d[1], alpha[1], sum = (vec){0};
+        /* alpha = exp(m_old - m_new): 0 for a row's first keys (m_old = -inf) */
+        d[0] = m_old - m_new;
+        FA_EXPNEG_VECS(f32, d, alpha);
+        for (int c = 0; c < cols; c++) {
+            float *x = st + (ptrdiff_t)c * ldqt + g;
+            vec z[1], p[1];
+            z[0] = FA_LOAD(x) - m_new;
+            FA_EXPNEG_VECS(f32, z, p);
+            FA_STORE(x, p[0]);
+            sum += p[0];
+        }
+        vec l_new = l_old * alpha[0] + sum;
+        memcpy(m + g, &m_new, n * sizeof(float));
+        memcpy(l + g, &l_new, n * sizeof(float));
+        /* acc was accumulated relative to the old maxima: rescale the rows whose grew
+         * (a row with l_old == 0 has acc == 0 already) */
+        for (int i = 0; i < n; i++) {
+            if (alpha[0][i] != 1.0f && l_old[i] != 0.0f) {
+                float *a = acc + (ptrdiff_t)(g + i) * ldacc;
+                for (int j = 0; j < ev; j += 16)
+                    FA_STORE(a + j, FA_LOAD(a + j) * alpha[0][i]);
+            }
+        }
+    }
+
+    fa_tile_pv_t_f32(rows, ev, cols, st, ldqt, v, ldv, acc, ldacc);
     return 1;
 }
 
@@ -358,6 +477,17 @@ static void fa_tile_pv_f32(int rows, int ev, int cols, const float *p, ptrdiff_t
                            const float *v, ptrdiff_t ldv, float *acc, ptrdiff_t ldacc)
 { (void)rows; (void)ev; (void)cols; (void)p; (void)ldp; (void)v; (void)ldv; (void)acc;
   (void)ldacc; }
+static inline ptrdiff_t fa_kmajor_ld(int rows) { return rows; }
+static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t ldk, float *kt,
+                               ptrdiff_t ldkt)
+{ (void)cols; (void)e; (void)k; (void)ldk; (void)kt; (void)ldkt; }
+static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
+                                     const float *qt, ptrdiff_t ldqt, const float *k,
+                                     ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float *st,
+                                     float *acc, ptrdiff_t ldacc, float *m, float *l)
+{ (void)rows; (void)cols; (void)e; (void)ev; (void)scale; (void)qt; (void)ldqt; (void)k;
+  (void)ldk; (void)v; (void)ldv; (void)st; (void)acc; (void)ldacc; (void)m; (void)l;
+  return 0; }
 
 #endif
 #endif  /* FASTATTN_TILEGEMM_H */
