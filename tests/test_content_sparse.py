@@ -395,3 +395,22 @@ def test_bad_inputs():
         sk(q, q, v, block_size=4, temperature="hot")
     with pytest.raises(TypeError, match="clusters"):
         cl(q, q, v, clusters=2.5)
+
+
+@pytest.mark.parametrize("E,Ev", [(24, 16), (64, 64)])
+def test_unmasked_float32_tiles_key_major(E, Ev):
+    # float32 with Ev % 16 == 0 and blocks of >= 16 queries: the unmasked tiles (no
+    # causal band, no self mask) take the key-major path of the tile core
+    rng = np.random.default_rng(21)
+    N = 300
+    q, k = make(rng, (2, N, E), np.float32), make(rng, (2, N, E), np.float32)
+    v = make(rng, (2, N, Ev), np.float32)
+    full = reference.scaled_dot_product_attention(q, k, v)
+    out = fastattn.clustered_attention(q, k, v, clusters=5, topk=N, rng=0)
+    assert_close(out, full, np.float32)
+    out = fastattn.lsh_attention(q, v, bucket_size=N, self_mask=False,
+                                 buckets=np.zeros((1, N), dtype=int))
+    assert_close(out, reference.scaled_dot_product_attention(q, shared_keys(q), v, scale=1.0),
+                 np.float32)
+    out = fastattn.sinkhorn_attention(q, k, v, block_size=64)
+    assert_close(out, reference.sinkhorn_attention(q, k, v, block_size=64), np.float32)

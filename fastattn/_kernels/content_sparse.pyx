@@ -29,6 +29,7 @@ import numpy as np
 
 from fastattn._kernels.tile cimport (
     intp_data, real, gemm_abt, gemm_ab, attend_tile, finish_row, merge_partial_row,
+    kmajor_ld, pack_queries, attend_tile_kmajor,
     row_add_max, row_copy_scale, block_len, start_rows, Operands, operands,
     MASK_NONE, MASK_FLOAT, BAND_ALL,
 )
@@ -97,11 +98,23 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
     cdef real *acc
     cdef real *m
     cdef real *l
+    cdef real *qt
+    cdef real *st
     cdef int nt = p.nthreads
+    # Unmasked float32 tiles go key-major (tile.pxd): the gathered query block is packed
+    # once for all its key tiles. ld_max: the largest block's row stride there, 0 when
+    # that path does not apply; ldqt: the stride for this item's rows (0: not this one).
+    cdef Py_ssize_t ld_max = 0 if masked else kmajor_ld(real is float, p.ev, p.block_q)
+    cdef Py_ssize_t ldqt
 
     if p.nitems == 0:
         return
     with nogil, parallel(num_threads=nt):
+        qt = NULL
+        st = NULL
+        if ld_max:
+            qt = <real *>malloc(p.e * ld_max * sizeof(real))
+            st = <real *>malloc((p.block_k + 1) * ld_max * sizeof(real))
         qg = <real *>malloc(p.block_q * p.e * sizeof(real))
         kg = <real *>malloc(p.block_k * p.e * sizeof(real))
         vg = <real *>malloc(p.block_k * p.ev * sizeof(real))
@@ -122,6 +135,9 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
                 k_hi = p.items[4 * item + 3]
                 gather_rows(qg, q, p.ldq, p.q_rows + q_lo, rows, p.e, NULL)
                 start_rows(rows, acc, p.ev, p.ev, m, l)
+                ldqt = kmajor_ld(real is float, p.ev, rows) if qt != NULL and st != NULL else 0
+                if ldqt:
+                    pack_queries(rows, p.e, qg, p.e, qt, ldqt)
 
                 kt = k_lo
                 while kt < k_hi:
@@ -129,6 +145,10 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
                     gather_rows(kg, k, p.ldk, p.k_rows + kt, cols, p.e,
                                 <const real *>p.k_scale)
                     gather_rows(vg, v, p.ldv, p.k_rows + kt, cols, p.ev, NULL)
+                    if (ldqt and attend_tile_kmajor(rows, cols, p.e, p.ev, scale, qt, ldqt,
+                                                   kg, p.e, vg, p.ev, st, acc, p.ev, m, l)):
+                        kt = kt + cols
+                        continue
                     kind = MASK_NONE
                     if masked:
                         fill_bias(p, p.q_rows + q_lo, rows, p.k_rows + kt, cols, bias)
@@ -152,6 +172,8 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
         free(acc)
         free(m)
         free(l)
+        free(qt)
+        free(st)
     # end: with nogil, parallel
 
 

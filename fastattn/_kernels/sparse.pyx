@@ -29,7 +29,7 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data, QkvLayout, qkv_layout, block_len, start_rows, Operands, operands,
     real, attend_tile, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
-    kmajor_ld, pack_queries, attend_tile_kmajor, FA_PACK_MIN_ROWS,
+    kmajor_ld, pack_queries, attend_tile_kmajor,
 )
 
 cnp.import_array()
@@ -173,10 +173,11 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
     cdef real *acc
     cdef real *qt
     cdef real *st
-    cdef bint packed
     cdef int nt = p.nthreads
-    # row stride of the packed query block; 0: no key-major tiles
-    cdef Py_ssize_t ldqt = kmajor_ld(real is float, p.qkv.ev, p.block_q)
+    # Row stride of a packed query block: of the largest (ld_max, 0 when no tile goes
+    # key-major) and of this item's (ldqt, 0 when its tiles do not; -1: not packed yet).
+    cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
+    cdef Py_ssize_t ldqt
 
     if nitems == 0:
         return
@@ -187,9 +188,9 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
         keep = <uint8_t *>malloc(p.block_q * p.block_k)
         qt = NULL
         st = NULL
-        if ldqt:
-            qt = <real *>malloc(p.qkv.e * ldqt * sizeof(real))
-            st = <real *>malloc((p.block_k + 1) * ldqt * sizeof(real))
+        if ld_max:
+            qt = <real *>malloc(p.qkv.e * ld_max * sizeof(real))
+            st = <real *>malloc((p.block_k + 1) * ld_max * sizeof(real))
         # Every thread must reach the prange; one without scratch only flags the failure.
         for item in prange(nitems, schedule='dynamic'):
             if s == NULL or m == NULL or l == NULL or keep == NULL:
@@ -204,7 +205,7 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
 
                 row_start = p.indptr[p.layout_off[b] + qb]
                 row_end = p.indptr[p.layout_off[b] + qb + 1]
-                packed = False
+                ldqt = -1 if qt != NULL and st != NULL else 0
                 for idx in range(row_start, row_end):
                     kb = p.indices[idx]
                     k0 = kb * p.block_k
@@ -218,13 +219,15 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
                         if kind == TILE_SKIP:
                             continue
                     if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
-                            and qt != NULL and st != NULL and rows >= FA_PACK_MIN_ROWS):
-                        # every pair of the tile takes part
-                        if not packed:
-                            pack_queries(rows, p.qkv.e, q + p.qkv.q_off[b] + q0 * p.qkv.ldq,
-                                         p.qkv.ldq, qt, ldqt)
-                            packed = True
-                        if attend_tile_kmajor(rows, cols, p.qkv.e, p.qkv.ev, scale, qt, ldqt,
+                            and ldqt):
+                        # every pair of the tile takes part: key-major, packing the query
+                        # block at its first such tile
+                        if ldqt < 0:
+                            ldqt = kmajor_ld(real is float, p.qkv.ev, rows)
+                            if ldqt:
+                                pack_queries(rows, p.qkv.e, q + p.qkv.q_off[b] + q0 * p.qkv.ldq,
+                                             p.qkv.ldq, qt, ldqt)
+                        if ldqt and attend_tile_kmajor(rows, cols, p.qkv.e, p.qkv.ev, scale, qt, ldqt,
                                               k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
                                               v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
                                               st, acc, p.qkv.ev, m, l):
