@@ -7,6 +7,8 @@ reading one key/value head) are therefore just offsets: nothing is copied or
 expanded. The matrix itself must have unit column stride and a row stride BLAS
 accepts; anything else is copied once to C order.
 """
+import math
+
 import numpy as np
 
 from fastattn._kernels.tile_constants import BLOCK_FULL, BLOCK_MASKED, BLOCK_SKIP
@@ -46,19 +48,26 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
     attention, where ``group`` query heads share one key/value head.
     """
     nb = len(batch_shape)
-    lead = (1,) * (nb - (a.ndim - 2)) + a.shape[:-2]
-    strides = (0,) * (nb - (a.ndim - 2)) + a.strides[:-2]
+    pad = nb - (a.ndim - 2)            # batch axes a lacks (broadcast), in front
     item = a.dtype.itemsize
-    off = np.zeros(batch_shape, dtype=np.intp)
-    for axis, (n, stride) in enumerate(zip(lead, strides)):
+    off = None
+    for axis in range(max(pad, 0), nb):
+        n, stride = a.shape[axis - pad], a.strides[axis - pad] // item
         if n == 1 or stride == 0:
             continue
-        idx = np.arange(batch_shape[axis], dtype=np.intp)
+        size = batch_shape[axis]
         if axis == group_axis and group > 1:
-            idx //= group
-        shape = [1] * nb
-        shape[axis] = batch_shape[axis]
-        off += (idx * (stride // item)).reshape(shape)
+            term = np.arange(size, dtype=np.intp) // group * stride
+        else:
+            term = np.arange(0, size * stride, stride, dtype=np.intp)
+        term = term.reshape((size,) + (1,) * (nb - 1 - axis))
+        off = term if off is None else off + term
+    if off is None:
+        return np.zeros(math.prod(batch_shape), dtype=np.intp)
+    if off.shape != tuple(batch_shape):
+        full = np.empty(batch_shape, dtype=np.intp)
+        full[...] = off
+        off = full
     return off.reshape(-1)
 
 

@@ -35,7 +35,7 @@ BLOCK_COLS_MIN = 64
 WORK_PER_THREAD = 1 << 20
 
 
-def linear(*projections, nthreads):
+def linear(*projections, nthreads, out=None, whole_blocks=False):
     """``x @ weight.T + bias`` for each ``(x, weight, bias)``, all in one parallel region.
 
     BLAS must be single-threaded, as for :func:`run`.
@@ -46,26 +46,42 @@ def linear(*projections, nthreads):
         ``x`` of shape ``(..., in)`` with any strides, ``weight`` ``(out, in)`` with any
         strides, ``bias`` ``(out,)`` or None; one float dtype throughout.
     nthreads : int
+    out : sequence of ndarray or None, optional
+        Per projection, a C-contiguous ``(..., out)`` array of the dtype to write the
+        result into (a work buffer reused across calls), or None for a new array.
+    whole_blocks : bool, default=False
+        Cut each projection into a multiple of ``nthreads`` equal row blocks of at
+        most BLOCK_ROWS_MAX rows and every output feature, rather than about
+        ITEMS_PER_THREAD blocks per thread: for a few hundred rows per thread (a chunk
+        of a batch), larger blocks keep single-threaded sgemm near its best.
 
     Returns
     -------
     list of ndarray
-        One C-contiguous ``(..., out)`` array per projection.
+        One C-contiguous ``(..., out)`` array per projection (``out``'s where given).
     """
     jobs, outs = [], []
-    for x, weight, bias in projections:
+    given = out if out is not None else (None,) * len(projections)
+    for (x, weight, bias), dest in zip(projections, given, strict=True):
         h = weight.shape[0]
-        out = np.empty(x.shape[:-1] + (h,), dtype=x.dtype)
+        shape = x.shape[:-1] + (h,)
+        if dest is None:
+            dest = np.empty(shape, dtype=x.dtype)
+        elif (dest.shape != shape or dest.dtype != x.dtype or not dest.flags.c_contiguous
+              or not dest.flags.writeable):
+            raise ValueError(f"projection output must be a writable C-contiguous {shape} "
+                             f"{x.dtype} array, got {dest.shape} {dest.dtype}")
         xs, offsets, ldx, n = _row_stack(x if x.ndim > 1 else x[np.newaxis])
         jobs.append(stack_job(xs, offsets, ldx, n, weight, bias,
-                              out.reshape(offsets.shape[0], n, h), nthreads))
-        outs.append(out)
+                              dest.reshape(offsets.shape[0], n, h), nthreads,
+                              whole_blocks=whole_blocks))
+        outs.append(dest)
     run(jobs, nthreads)
     return outs
 
 
 def stack_job(x, offsets, ldx, n, weight, bias, out, nthreads, *, transpose=False,
-              weight_offsets=None):
+              weight_offsets=None, whole_blocks=False):
     """One projection job for :func:`run` over a stack of matrices.
 
     Matrix ``u`` of the stack is ``n`` rows of ``x`` (row stride ``ldx``, unit column
@@ -83,7 +99,7 @@ def stack_job(x, offsets, ldx, n, weight, bias, out, nthreads, *, transpose=Fals
         (w, ldw), w_t = as_matrix_stack(weight, dtype), False
     h = weight.shape[-2]
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    block_rows, block_cols = _blocks(offsets.shape[0], n, h, nthreads)
+    block_rows, block_cols = _blocks(offsets.shape[0], n, h, nthreads, whole_blocks)
     ldo = out.shape[-1] if transpose else h
     out_step = (h * ldo) if transpose else (n * h)
     return (x, offsets, ldx, n, w, weight_offsets, ldw, w_t, b, out, out_step, ldo,
@@ -163,8 +179,14 @@ def _work(job):
     return offsets.shape[0] * n * h * x.shape[-1]
 
 
-def _blocks(nmat, n, h, nthreads):
+def _blocks(nmat, n, h, nthreads, whole=False):
     # (rows, columns) per work item of a job
+    if whole and nmat == 1:
+        # one matrix of n rows: parts equal row blocks, parts a multiple of nthreads
+        parts = nthreads * -(-n // (nthreads * BLOCK_ROWS_MAX))
+        rows = -(-n // parts)
+        if rows >= BLOCK_ROWS_MIN:
+            return int(rows), max(h, 1)
     target = ITEMS_PER_THREAD * nthreads
     rows = -(-nmat * n // target)
     rows = max(1, min(n, BLOCK_ROWS_MAX, max(BLOCK_ROWS_MIN, rows)))

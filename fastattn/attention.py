@@ -21,6 +21,8 @@ CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 BLOCK_Q = 256
 BLOCK_K = 256
 
+_INT32_MAX = 2**31 - 1
+
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal=False,
                                  scale=None, enable_gqa=False, causal_alignment="top_left",
@@ -60,8 +62,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         Also return the log-sum-exp of each row's scaled, masked scores,
         shape ``(..., L)``: what is needed to merge results over key blocks.
     out : ndarray, optional
-        C-contiguous, writable, of the exact result shape and dtype; filled and
-        returned.
+        Writable, of the exact result shape and dtype; filled and returned. Any
+        strides are accepted: when the last axis is contiguous (e.g. a
+        ``split_heads`` view ``(B, H, L, Ev)`` of a merged ``(B, L, H·Ev)`` array)
+        the kernel writes into it directly, otherwise the result is copied in.
     num_threads : int, optional
         Threads for this call; default :func:`fastattn.get_num_threads`.
     device : {"cpu", "npu", "npu:N"}, default="cpu"
@@ -131,15 +135,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     ops = _Operands(query, key, value, attn_mask, enable_gqa)
     scale = check_scale(scale, ops.E)
     if out is not None:
-        _check_out(out, ops.out_shape, ops.result)
+        _check_out(out, ops.out_shape, ops.result, contiguous=False)
     if kind == "npu":
         return _npu.sdpa(ops, is_causal=is_causal, causal_alignment=causal_alignment,
                          scale=scale, return_lse=return_lse, out=out, device=device)
     nthreads = _threads.resolve_num_threads(num_threads)
 
     compute, result = ops.compute, ops.result
-    direct = out is not None and compute == result and not _overlaps(out, ops.q, ops.k, ops.v,
-                                                                       ops.mask)
+    direct = (out is not None and compute == result and _kernel_writable(out)
+              and not _overlaps(out, ops.q, ops.k, ops.v, ops.mask))
     res = out if direct else np.empty(ops.out_shape, dtype=compute)
     lse = np.empty(ops.batch_shape + (ops.L,), dtype=compute) if return_lse else None
     if ops.nbatch and ops.L and ops.Ev:
@@ -227,6 +231,13 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
     q_off = batch_offsets(q, batch_shape)
     k_off = batch_offsets(k, batch_shape, group_axis, group)
     v_off = batch_offsets(v, batch_shape, group_axis, group)
+    # res is either fresh (C order) or an `out` that passed _kernel_writable; laid out
+    # like the query (as multi-head attention's heads are), it has the query's offsets
+    if res.strides[:-1] == q.strides[:-1] and res.shape[:-1] == q.shape[:-1]:
+        out_off = q_off
+    else:
+        out_off = batch_offsets(res, batch_shape)
+    ldo = res.strides[-2] // res.itemsize if L > 1 else max(Ev, 1)
     nbatch = q_off.shape[0]
 
     block_q = min(BLOCK_Q, L)
@@ -240,19 +251,45 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
         prepared = PreparedMask(ops.mask, compute, L, S, batch_shape, block_q, block_k)
     causal_offset = 0 if causal_alignment == "top_left" else S - L
     with _threads.tile_blas_limit(compute, Ev):
-        _dense.sdpa(q, k, v, res, lse, q_off, k_off, v_off, ldq, ldk, ldv, L, S, E, Ev, scale,
-                    prepared, bool(is_causal), causal_offset, block_q, block_k, nsplit, nthreads)
+        _dense.sdpa(q, k, v, res, lse, q_off, k_off, v_off, out_off, ldq, ldk, ldv, ldo,
+                    L, S, E, Ev, scale, prepared, bool(is_causal), causal_offset,
+                    block_q, block_k, nsplit, nthreads)
 
 
-def _check_out(out, shape, dtype):
+def _check_out(out, shape, dtype, contiguous=True):
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.shape != shape:
         raise ValueError(f"out has shape {out.shape}, the result has shape {shape}")
     if out.dtype != dtype:
         raise TypeError(f"out has dtype {out.dtype}, the result has dtype {dtype}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
+    if contiguous and not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous and writable")
+    if not out.flags.writeable:
+        raise ValueError("out must be writable")
+
+
+def _kernel_writable(out):
+    # Whether the dense kernel can write into `out` (..., L, Ev) in place: element-aligned
+    # strides, unit-stride rows whose stride (at least Ev) fits a BLAS int, and no two
+    # elements at one address (threads would race on it). Non-overlap is checked the
+    # sufficient way: taken by increasing stride, each axis steps past everything the
+    # smaller ones span.
+    flags = out.flags
+    if flags.c_contiguous or not flags.aligned:
+        return flags.aligned
+    item, shape, strides = out.itemsize, out.shape, out.strides
+    if shape[-1] > 1 and strides[-1] != item:
+        return False
+    if shape[-2] > 1 and not max(shape[-1], 1) * item <= strides[-2] <= _INT32_MAX * item:
+        return False
+    span = item
+    for s, n in sorted(zip(map(abs, strides), shape)):
+        if n > 1:
+            if s < span or s % item:
+                return False
+            span += (n - 1) * s
+    return True
 
 
 def _overlaps(out, *arrays):

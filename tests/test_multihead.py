@@ -213,6 +213,122 @@ def test_strided_inputs_transposed_weights_and_broadcast(rng):
             assert_close(g, r, np.float64)
 
 
+# ---- heads written in place, the batch in chunks ---------------------------------------
+
+@pytest.fixture
+def chunks_of_two(monkeypatch):
+    """Chunks of 2 sequences of L = 6 rows (3 rows per thread, 2 threads), with a record
+    of the chunks each call went through."""
+    import fastattn.multihead as mh
+    monkeypatch.setattr(mh, "CHUNK_ROWS_PER_THREAD", 6)
+    seen = []
+    real = mh._Layer.attend
+
+    def spy(self, q, k, v, mask, work=None, out=None, weights=None):
+        seen.append((q.shape[0], None if work is None else work[3]))
+        return real(self, q, k, v, mask, work, out, weights)
+    monkeypatch.setattr(mh._Layer, "attend", spy)
+    return seen
+
+
+def _mha_both(x, mem, H, w, **kw):
+    got = fastattn.multi_head_attention(x, mem, mem, H, **w, num_threads=2, **kw)
+    kw.pop("device", None)
+    want = reference.multi_head_attention(x, mem, mem, H, **w, **kw)
+    got, want = (got, want) if kw.get("need_weights") else ((got,), (want,))
+    for g, r in zip(got, want):
+        assert g.shape == r.shape
+        assert_close(g, r, np.float64)
+
+
+@pytest.mark.parametrize("B", [4, 5])
+def test_chunked_batch_matches_reference(rng, chunks_of_two, B):
+    # B a multiple of the chunk and not; masks per sequence and shared, padding, causal,
+    # grouped KV heads, cross-attention (L != S), head weights
+    H, D, L, S = 4, 3, 6, 7
+    E = H * D
+    x = rng.standard_normal((B, L, E))
+    mem = rng.standard_normal((B, S, 5))
+    w = weights(rng, E, E, 5, 5, H, 2, 9, np.float64)
+    keep = fastattn.padding_mask(rng.integers(1, S + 1, B), S)[:, 0, 0]
+    cases = [dict(attn_mask=rng.random((L, S)) > 0.3),
+             dict(attn_mask=rng.standard_normal((B, 1, L, S))),
+             dict(attn_mask=rng.random((B, H, L, S)) > 0.2, need_weights=True),
+             dict(key_padding_mask=keep, attn_mask=rng.random((1, H, L, S)) > 0.2),
+             dict(key_padding_mask=keep, need_weights=True),
+             dict(is_causal=True, need_weights=True)]
+    for kw in cases:
+        chunks_of_two.clear()
+        _mha_both(x, mem, H, dict(w), num_kv_heads=2, **kw)
+        assert [n for n, _ in chunks_of_two] == [2, 2] + [B - 4] * (B > 4)
+        # one set of work buffers for every chunk
+        assert all(np.shares_memory(m, chunks_of_two[0][1]) for _, m in chunks_of_two)
+
+
+def test_chunked_batch_shapes_and_fallbacks(rng, chunks_of_two):
+    H, D, L = 2, 4, 6
+    E = H * D
+    w = weights(rng, E, E, E, E, H, H, E, np.float64)
+    # two batch axes, flattened for chunking; a mask with both of them
+    x = rng.standard_normal((2, 3, L, E))
+    _mha_both(x, x, H, w, attn_mask=rng.random((2, 3, 1, L, L)) > 0.2, need_weights=True)
+    assert [n for n, _ in chunks_of_two] == [2, 2, 2]
+    # a batch axis that does not flatten without a copy (sliced): one shot; so do
+    # inputs whose batch axes broadcast, masks adding or broadcasting within the batch
+    # axes, and a batch of one chunk
+    one_shot = [(x[:, ::2], x[:, ::2], {}),
+                (x[:1], x, {}),
+                (x, x, dict(attn_mask=np.ones((4, 1, 1, 1, L, L), bool))),
+                (x, x, dict(attn_mask=rng.random((1, 3, 1, L, L)) > 0.2)),
+                (x[0, :2], x[0, :2], {})]
+    for q, kv, kw in one_shot:
+        chunks_of_two.clear()
+        _mha_both(q, kv, H, w, **kw)
+        assert [work for _, work in chunks_of_two] == [None]
+
+
+def test_chunked_float32_and_decode(rng, chunks_of_two):
+    # float32 end to end; one query row per sequence (all of it one chunk)
+    H, D = 4, 8
+    E = H * D
+    w = weights(rng, E, E, E, E, H, H, E, np.float32)
+    x = rng.standard_normal((7, 6, E)).astype(np.float32)
+    out = fastattn.multi_head_attention(x, x, x, H, **w, is_causal=True, num_threads=2)
+    assert out.dtype == np.float32 and len(chunks_of_two) == 4
+    assert_close(out, reference.multi_head_attention(x, x, x, H, **w, is_causal=True),
+                 np.float32)
+    chunks_of_two.clear()
+    q, mem = x[:, :1], rng.standard_normal((7, 40, E)).astype(np.float32)
+    assert_close(fastattn.multi_head_attention(q, mem, mem, H, **w, num_threads=2),
+                 reference.multi_head_attention(q, mem, mem, H, **w), np.float32)
+    assert len(chunks_of_two) == 1
+
+
+def test_heads_are_written_into_the_merged_array(monkeypatch, rng):
+    # the attention kernel fills a split_heads view of the array the output projection
+    # reads: no merge copy
+    import fastattn.multihead as mh
+    seen = {}
+    real_sdpa, real_linear = mh.scaled_dot_product_attention, _linear.linear
+
+    def sdpa_spy(*args, out=None, **kw):
+        seen["out"] = out
+        return real_sdpa(*args, out=out, **kw)
+
+    def linear_spy(*projections, **kw):
+        seen.setdefault("x", []).append(projections[0][0])
+        return real_linear(*projections, **kw)
+    monkeypatch.setattr(mh, "scaled_dot_product_attention", sdpa_spy)
+    monkeypatch.setattr(_linear, "linear", linear_spy)
+    x = rng.standard_normal((2, 5, 12)).astype(np.float32)
+    w = weights(rng, 12, 12, 12, 12, 3, 3, 12, np.float32)
+    fastattn.multi_head_attention(x, x, x, 3, **w)
+    merged = seen["x"][-1]
+    assert merged.shape == (2, 5, 12) and merged.flags.c_contiguous
+    assert seen["out"].shape == (2, 3, 5, 4) and seen["out"].base is not None
+    assert np.shares_memory(seen["out"], merged)
+
+
 # ---- the shared projection (fastattn._linear, also behind additive attention) -----
 
 def _linear_call(function, *args, **kwargs):
@@ -285,6 +401,26 @@ def test_linear_weight_layouts_are_not_copied(rng):
     # kp.T = W @ x.T (additive's key projection) takes only the (out, in) layout
     a, ld, t = _linear._weight(np.asfortranarray(w), np.float32, allow_transposed=False)
     assert not t and a.flags.c_contiguous and ld == 5
+
+
+def test_linear_into_given_arrays_and_whole_blocks(rng):
+    x = rng.standard_normal((3, 40, 20))
+    w, b = rng.standard_normal((50, 20)), rng.standard_normal(50)
+    dest = np.full((3, 40, 50), np.nan)
+    for whole in (False, True):
+        out, fresh = _linear_call(_linear.linear, (x, w, b), (x[0], w, None), nthreads=2,
+                                  out=[dest, None], whole_blocks=whole)
+        assert out is dest and fresh.shape == (40, 50)
+        np.testing.assert_allclose(dest, x @ w.T + b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(fresh, x[0] @ w.T, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _linear_call(_linear.linear, (x, w, b), nthreads=2, out=[dest[:, ::2]])
+    # whole blocks: a multiple of the threads, equal, at most BLOCK_ROWS_MAX rows, every
+    # output feature; too few rows fall back to the usual cut
+    assert _linear._blocks(1, 512, 768, 2, whole=True) == (256, 768)
+    assert _linear._blocks(1, 300, 768, 2, whole=True) == (150, 768)
+    assert _linear._blocks(1, 2048, 768, 2, whole=True) == (256, 768)
+    assert _linear._blocks(1, 40, 768, 2, whole=True) == _linear._blocks(1, 40, 768, 2)
 
 
 def test_stacked_abt_broadcast_and_grouped(rng):

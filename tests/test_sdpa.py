@@ -266,12 +266,67 @@ def test_out_argument(rng):
         sdpa(q, k, v, out=np.empty((2, 5, 4), np.float32))
     with pytest.raises(TypeError, match="dtype"):
         sdpa(q, k, v, out=np.empty((2, 5, 3), np.float64))
-    with pytest.raises(ValueError, match="C-contiguous"):
-        sdpa(q, k, v, out=np.empty((2, 3, 5), np.float32).transpose(0, 2, 1))
+    read_only = np.empty((2, 5, 3), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        sdpa(q, k, v, out=read_only)
     # out aliasing an input: computed as if the input were copied first
     vq = make(rng, (4, 8))
     expected = sdpa(vq, vq, vq)
     np.testing.assert_allclose(sdpa(vq, vq, vq, out=vq), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_strided_out_is_written_in_place(rng, dtype):
+    # out with a contiguous last axis and any other strides: the kernel writes straight
+    # into it (no temporary); everything around the view is left alone
+    B, H, L, S, D = 2, 3, 37, 45, 16
+    q, k, v = make(rng, (B, H, L, D), dtype), make(rng, (B, H, S, D), dtype), \
+        make(rng, (B, H, S, D), dtype)
+    want = sdpa(q, k, v)
+    merged = np.full((B, L, H * D + 5), np.nan, dtype)           # padded rows
+    heads = fastattn.split_heads(merged[..., :H * D], H)         # (B, H, L, D) view
+    from fastattn import attention
+    kernel = mock.Mock(wraps=attention._dense.sdpa)
+    with mock.patch.object(attention._dense, "sdpa", kernel):
+        assert sdpa(q, k, v, out=heads) is heads
+    assert kernel.call_args.args[3] is heads
+    np.testing.assert_allclose(heads, want, rtol=1e-6)
+    assert np.isnan(merged[..., H * D:]).all()
+    # batch axes swapped, batch axis reversed (negative offsets); split keys (decoding)
+    # and causal with lse
+    for view in (np.empty((H, B, L, D), dtype).swapaxes(0, 1),
+                 np.empty((B, H, L, D), dtype)[::-1]):
+        with mock.patch.object(attention._dense, "sdpa", kernel):
+            sdpa(q, k, v, out=view)
+        assert kernel.call_args.args[3] is view
+        np.testing.assert_allclose(view, want, rtol=1e-6)
+    dq, dk, dv = make(rng, (2, 1, D), dtype), make(rng, (2, 4096, D), dtype), \
+        make(rng, (2, 4096, D), dtype)
+    dec = np.zeros((1, 2, 2 * D), dtype)[0].reshape(2, 1, 2 * D)[..., D:]
+    sdpa(dq, dk, dv, out=dec, num_threads=2)
+    np.testing.assert_allclose(dec, sdpa(dq, dk, dv), rtol=1e-6)
+    res, lse = sdpa(q, k, v, is_causal=True, return_lse=True, out=heads)
+    want_c, want_lse = sdpa(q, k, v, is_causal=True, return_lse=True)
+    np.testing.assert_allclose(heads, want_c, rtol=1e-6)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-6)
+
+
+def test_out_without_unit_last_stride_is_filled_by_copy(rng):
+    q, k, v = make(rng, (2, 5, 8)), make(rng, (2, 6, 8)), make(rng, (2, 6, 3))
+    want = sdpa(q, k, v)
+    for out in (np.empty((2, 3, 5), np.float32).transpose(0, 2, 1),     # columns strided
+                np.empty((2, 5, 6), np.float32)[..., ::2],
+                np.empty((2, 5, 3), np.float32)[:, ::-1],                # rows reversed
+                np.lib.stride_tricks.as_strided(np.empty(40, np.float32), (2, 5, 3),
+                                                (4, 4, 4))):           # rows overlap
+        assert sdpa(q, k, v, out=out) is out
+        if not np.shares_memory(out[0, 0], out[0, 1]):
+            np.testing.assert_allclose(out, want, rtol=1e-6)
+    from fastattn.attention import _kernel_writable
+    assert not _kernel_writable(np.lib.stride_tricks.as_strided(
+        np.empty(40, np.float32), (2, 5, 3), (4, 12, 4)))
+    assert _kernel_writable(fastattn.split_heads(np.empty((2, 5, 12), np.float32), 4))
 
 
 def test_scale(rng):

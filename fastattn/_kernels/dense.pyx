@@ -70,9 +70,12 @@ cdef struct DenseProblem:
     int block_q, block_k, nsplit, nthreads
     # set by a thread that could not allocate its scratch (its items are not computed)
     int alloc_failed
-    # outputs: out (nbatch, L, ev); lse (nbatch, L) or NULL
+    # outputs: batch b's (L, ev) output matrix at element offset out_off[b] of out, row
+    # stride ldo, unit column stride (a view such as split_heads of a merged (L, H*ev)
+    # array is written in place); lse (nbatch, L) C-contiguous, or NULL
+    const Py_ssize_t *out_off
+    Py_ssize_t ldo
     # partials (nsplit > 1): part_out (nbatch, L, nsplit, ev), part_lse (nbatch, L, nsplit)
-
 
 
 
@@ -140,8 +143,8 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                         kb_hi = last_key // p.block_k + 1
 
                 if p.nsplit == 1:
-                    acc = out + (b * p.qkv.L + q0) * p.qkv.ev
-                    ldacc = p.qkv.ev
+                    acc = out + p.out_off[b] + q0 * p.ldo
+                    ldacc = p.ldo
                 else:
                     acc = part_out + ((b * p.qkv.L + q0) * p.nsplit + split) * p.qkv.ev
                     ldacc = p.nsplit * p.qkv.ev
@@ -223,15 +226,17 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
         free(l)
 
     if p.nsplit > 1 and not p.alloc_failed:
+        # item = (batch, row) of the output
         for item in prange(p.qkv.nbatch * p.qkv.L, schedule='static', num_threads=nt):
             merge_partial_row(part_out + item * p.nsplit * p.qkv.ev, part_lse + item * p.nsplit,
-                              p.nsplit, p.qkv.ev, p.qkv.ev, out + item * p.qkv.ev,
+                              p.nsplit, p.qkv.ev, p.qkv.ev,
+                              out + p.out_off[item // p.qkv.L] + (item % p.qkv.L) * p.ldo,
                               (lse + item) if lse != NULL else NULL)
 
 
 def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object lse,
-         cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off,
-         Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv,
+         cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off, cnp.ndarray out_off,
+         Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv, Py_ssize_t ldo,
          Py_ssize_t L, Py_ssize_t S, int e, int ev, double scale, object mask,
          bint causal, Py_ssize_t causal_offset,
          int block_q, int block_k, int nsplit, int nthreads):
@@ -239,8 +244,9 @@ def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object ls
 
     q, k, v, out, lse and mask are the base arrays (float32 or float64, one dtype);
     the *_off arrays (intp, one entry per batch) give each batch's element offset from
-    the array's data pointer. out is C-contiguous (nbatch, L, ev); lse is (nbatch, L)
-    or None. mask is a `fastattn._layout.PreparedMask` or None.
+    the array's data pointer. out's (L, ev) matrices have row stride ldo >= ev and unit
+    column stride and do not overlap; lse is C-contiguous (nbatch, L) or None. mask is a
+    `fastattn._layout.PreparedMask` or None.
     """
     cdef DenseProblem p
     cdef Operands ops = operands(q, k, v, out, lse)
@@ -250,6 +256,8 @@ def sdpa(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object ls
 
     p.qkv = qkv_layout(q_off, k_off, v_off, ldq, ldk, ldv, L, S, e, ev)
     p.mask = mask_view(mask)
+    p.out_off = intp_data(out_off)
+    p.ldo = ldo
     p.alloc_failed = 0
     p.causal = causal
     p.causal_offset = causal_offset
