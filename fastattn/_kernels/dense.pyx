@@ -7,7 +7,11 @@
 #   nsplit > 1 : into the partial buffers, merged afterwards by `merge_partial_row`
 #                (used when batch x query blocks alone cannot keep every thread busy,
 #                e.g. decoding one query against a long cache).
-# Extra memory is per thread: one rows x cols score tile plus m and l.
+# Tiles with no mask and no diagonal go key-major (tile.pxd's attend_tile_kmajor) when
+# the operands are float32 and the query block has at least 16 rows: the block is
+# packed once for all its tiles instead of transposing every tile's keys.
+# Extra memory is per thread: one rows x cols score tile plus m and l, and for float32
+# the packed query block and a key-major score tile.
 
 cimport cython
 from cython.parallel cimport prange, parallel
@@ -19,7 +23,7 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data, QkvLayout, qkv_layout,
     MaskView, mask_view,
-    real, attend_tile, finish_row, merge_partial_row, row_fill, tile_products_native,
+    real, attend_tile, finish_row, kmajor_ld, pack_queries, attend_tile_kmajor, merge_partial_row, row_fill, tile_products_native,
     Operands, operands,
     MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
@@ -107,6 +111,13 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
     cdef real *lse_row
     cdef const void *mtile
     cdef int nt = p.nthreads
+    cdef real *qt
+    cdef real *st
+    # Row stride of a packed query block for key-major tiles (tile.pxd): of the largest
+    # (ld_max, 0 when no tile goes key-major) and of this item's (ldqt, 0 when its tiles
+    # do not; -1: not packed yet).
+    cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
+    cdef Py_ssize_t ldqt
 
     if nitems == 0:
         return
@@ -114,6 +125,11 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
         s = <real *>malloc(p.block_q * p.block_k * sizeof(real))
         m = <real *>malloc(p.block_q * sizeof(real))
         l = <real *>malloc(p.block_q * sizeof(real))
+        qt = NULL
+        st = NULL
+        if ld_max:
+            qt = <real *>malloc(p.qkv.e * ld_max * sizeof(real))
+            st = <real *>malloc((p.block_k + 1) * ld_max * sizeof(real))
         # Every thread must reach the prange (a worksharing loop); one without scratch
         # only flags the failure.
         for item in prange(nitems, schedule='dynamic'):
@@ -153,6 +169,7 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                     m[r] = -INFINITY
                     l[r] = 0
 
+                ldqt = -1 if qt != NULL and st != NULL else 0
                 for kb in range(kb_lo, kb_hi):
                     state = BLOCK_FULL if p.mask.kind == MASK_NONE else BLOCK_MASKED
                     if p.mask.bmap != NULL:
@@ -206,6 +223,21 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                                         s, acc + r0 * ldacc, ldacc, m + r0, l + r0)
                             r0 = r0 + DIAGONAL_ROWS
                     else:
+                        if mtile == NULL and band_hi >= cols - 1 and ldqt:
+                            # no mask, no diagonal: key-major, packing the query block at
+                            # its first such tile
+                            if ldqt < 0:
+                                ldqt = kmajor_ld(real is float, p.qkv.ev, <int>rows)
+                                if ldqt:
+                                    pack_queries(<int>rows, p.qkv.e,
+                                                 q + p.qkv.q_off[b] + q0 * p.qkv.ldq,
+                                                 p.qkv.ldq, qt, ldqt)
+                            if ldqt and attend_tile_kmajor(
+                                    <int>rows, <int>cols, p.qkv.e, p.qkv.ev, scale, qt, ldqt,
+                                    k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
+                                    v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
+                                    st, acc, ldacc, m, l):
+                                continue
                         attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, <int>rows,
                                     k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
                                     v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv, <int>cols,
@@ -224,6 +256,8 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
         free(s)
         free(m)
         free(l)
+        free(qt)
+        free(st)
 
     if p.nsplit > 1 and not p.alloc_failed:
         # item = (batch, row) of the output
