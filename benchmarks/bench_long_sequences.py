@@ -74,7 +74,7 @@ def measure(fn, args, repeat):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", default="docs/guide/long-sequences-efficiency")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
