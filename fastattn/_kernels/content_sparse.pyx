@@ -29,7 +29,7 @@ import numpy as np
 
 from fastattn._kernels.tile cimport (
     intp_data, real, gemm_abt, gemm_ab, attend_tile, finish_row, merge_partial_row,
-    kmajor_ld, pack_queries, attend_tile_kmajor,
+    kmajor_ld, attend_tile_kmajor,
     row_add_max, row_copy_scale, block_len, start_rows, Operands, operands,
     MASK_NONE, MASK_FLOAT, BAND_ALL,
 )
@@ -103,7 +103,7 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
     cdef int nt = p.nthreads
     # Unmasked float32 tiles go key-major (tile.pxd): the gathered query block is packed
     # once for all its key tiles. ld_max: the largest block's row stride there, 0 when
-    # that path does not apply; ldqt: the stride for this item's rows (0: not this one).
+    # that path does not apply; ldqt: this item's packing state for attend_tile_kmajor.
     cdef Py_ssize_t ld_max = 0 if masked else kmajor_ld(real is float, p.ev, p.block_q)
     cdef Py_ssize_t ldqt
 
@@ -135,9 +135,7 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
                 k_hi = p.items[4 * item + 3]
                 gather_rows(qg, q, p.ldq, p.q_rows + q_lo, rows, p.e, NULL)
                 start_rows(rows, acc, p.ev, p.ev, m, l)
-                ldqt = kmajor_ld(real is float, p.ev, rows) if qt != NULL and st != NULL else 0
-                if ldqt:
-                    pack_queries(rows, p.e, qg, p.e, qt, ldqt)
+                ldqt = -1 if qt != NULL and st != NULL else 0
 
                 kt = k_lo
                 while kt < k_hi:
@@ -145,8 +143,8 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
                     gather_rows(kg, k, p.ldk, p.k_rows + kt, cols, p.e,
                                 <const real *>p.k_scale)
                     gather_rows(vg, v, p.ldv, p.k_rows + kt, cols, p.ev, NULL)
-                    if (ldqt and attend_tile_kmajor(rows, cols, p.e, p.ev, scale, qt, ldqt,
-                                                   kg, p.e, vg, p.ev, st, acc, p.ev, m, l)):
+                    if attend_tile_kmajor(rows, cols, p.e, p.ev, scale, qg, p.e, qt, &ldqt,
+                                          kg, p.e, vg, p.ev, st, acc, p.ev, m, l):
                         kt = kt + cols
                         continue
                     kind = MASK_NONE

@@ -23,7 +23,8 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data, QkvLayout, qkv_layout,
     MaskView, mask_view,
-    real, attend_tile, finish_row, kmajor_ld, pack_queries, attend_tile_kmajor, merge_partial_row, row_fill, tile_products_native,
+    real, attend_tile, finish_row, merge_partial_row, row_fill, tile_products_native,
+    kmajor_ld, attend_tile_kmajor,
     Operands, operands,
     MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
@@ -113,9 +114,8 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
     cdef int nt = p.nthreads
     cdef real *qt
     cdef real *st
-    # Row stride of a packed query block for key-major tiles (tile.pxd): of the largest
-    # (ld_max, 0 when no tile goes key-major) and of this item's (ldqt, 0 when its tiles
-    # do not; -1: not packed yet).
+    # Row stride of the largest packed query block for key-major tiles (tile.pxd; 0: no
+    # tile goes key-major), and this item's packing state for attend_tile_kmajor.
     cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
     cdef Py_ssize_t ldqt
 
@@ -223,21 +223,14 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                                         s, acc + r0 * ldacc, ldacc, m + r0, l + r0)
                             r0 = r0 + DIAGONAL_ROWS
                     else:
-                        if mtile == NULL and band_hi >= cols - 1 and ldqt:
-                            # no mask, no diagonal: key-major, packing the query block at
-                            # its first such tile
-                            if ldqt < 0:
-                                ldqt = kmajor_ld(real is float, p.qkv.ev, <int>rows)
-                                if ldqt:
-                                    pack_queries(<int>rows, p.qkv.e,
-                                                 q + p.qkv.q_off[b] + q0 * p.qkv.ldq,
-                                                 p.qkv.ldq, qt, ldqt)
-                            if ldqt and attend_tile_kmajor(
-                                    <int>rows, <int>cols, p.qkv.e, p.qkv.ev, scale, qt, ldqt,
-                                    k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
-                                    v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
-                                    st, acc, ldacc, m, l):
-                                continue
+                        # no mask, no diagonal: key-major
+                        if mtile == NULL and band_hi >= cols - 1 and attend_tile_kmajor(
+                                <int>rows, <int>cols, p.qkv.e, p.qkv.ev, scale,
+                                q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, qt, &ldqt,
+                                k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
+                                v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
+                                st, acc, ldacc, m, l):
+                            continue
                         attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, <int>rows,
                                     k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
                                     v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv, <int>cols,

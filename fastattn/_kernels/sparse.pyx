@@ -29,7 +29,7 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data, QkvLayout, qkv_layout, block_len, start_rows, Operands, operands,
     real, attend_tile, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
-    kmajor_ld, pack_queries, attend_tile_kmajor,
+    kmajor_ld, attend_tile_kmajor,
 )
 
 cnp.import_array()
@@ -174,8 +174,8 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
     cdef real *qt
     cdef real *st
     cdef int nt = p.nthreads
-    # Row stride of a packed query block: of the largest (ld_max, 0 when no tile goes
-    # key-major) and of this item's (ldqt, 0 when its tiles do not; -1: not packed yet).
+    # Row stride of the largest packed query block (0: no tile goes key-major), and this
+    # item's packing state for attend_tile_kmajor.
     cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
     cdef Py_ssize_t ldqt
 
@@ -218,20 +218,15 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
                                          &band_lo, &band_hi)
                         if kind == TILE_SKIP:
                             continue
+                    # every pair of the tile takes part: key-major
                     if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
-                            and ldqt):
-                        # every pair of the tile takes part: key-major, packing the query
-                        # block at its first such tile
-                        if ldqt < 0:
-                            ldqt = kmajor_ld(real is float, p.qkv.ev, rows)
-                            if ldqt:
-                                pack_queries(rows, p.qkv.e, q + p.qkv.q_off[b] + q0 * p.qkv.ldq,
-                                             p.qkv.ldq, qt, ldqt)
-                        if ldqt and attend_tile_kmajor(rows, cols, p.qkv.e, p.qkv.ev, scale, qt, ldqt,
-                                              k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
-                                              v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
-                                              st, acc, p.qkv.ev, m, l):
-                            continue
+                            and attend_tile_kmajor(
+                                rows, cols, p.qkv.e, p.qkv.ev, scale,
+                                q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, qt, &ldqt,
+                                k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
+                                v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
+                                st, acc, p.qkv.ev, m, l)):
+                        continue
                     attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, rows,
                                 k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
                                 v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv, cols,

@@ -178,36 +178,37 @@ cdef inline void tile_accumulate(int rows, int ev, int cols, const real *p, cons
 
 
 # ---- key-major tiles (tilegemm.h) ------------------------------------------------------
-# A driver whose query block meets many unmasked tiles packs the block once
-# (pack_queries) and hands those tiles to attend_tile_kmajor, which computes the same
-# online-softmax step as attend_tile with the keys along the rows: no per-tile transpose
-# of the keys, a softmax vectorised across queries.
+# A driver whose query block meets unmasked tiles hands them to attend_tile_kmajor, which
+# computes the same online-softmax step as attend_tile with the keys along the rows: the
+# query block is packed once, at its first such tile, instead of transposing every
+# tile's keys, and the softmax is vectorised across queries.
 
 cdef inline Py_ssize_t kmajor_ld(bint is_float32, int ev, int rows) noexcept nogil:
-    # Row stride of the packed queries for blocks of up to `rows` rows, or 0 when the
-    # key-major path does not apply (not float32, no AVX-512 kernels, too few rows).
+    # Row stride of a packed block of `rows` queries (scratch: qt of e * ld and st of
+    # (cols + 1) * ld elements), or 0 when the key-major path does not apply (not
+    # float32, no AVX-512 kernels, too few rows).
     if not is_float32 or rows < FA_PACK_MIN_ROWS or not fa_tile_products_ok(ev):
         return 0
     return fa_kmajor_ld(rows)
 
 
-cdef inline void pack_queries(int rows, int e, const real *q, Py_ssize_t ldq, real *qt,
-                              Py_ssize_t ldqt) noexcept nogil:
-    # qt[t, r] = q[r, t], zero-padded to ldqt columns (float32 only)
-    if real is float:
-        fa_pack_transposed(rows, e, q, ldq, qt, ldqt)
-
-
 cdef inline bint attend_tile_kmajor(
-        int rows, int cols, int e, int ev, real scale, const real *qt, Py_ssize_t ldqt,
-        const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv,
-        real *st, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
-    # attend_tile for an unmasked tile, q packed by pack_queries; st holds
-    # (cols + 1) * ldqt elements. False (state untouched) when a score is not finite:
-    # the caller then calls attend_tile.
+        int rows, int cols, int e, int ev, real scale, const real *q, Py_ssize_t ldq,
+        real *qt, Py_ssize_t *ldqt, const real *k, Py_ssize_t ldk, const real *v,
+        Py_ssize_t ldv, real *st, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # attend_tile for an unmasked tile, key-major. ldqt is the query block's packing
+    # state: the caller sets it to -1 for each new block (0 without scratch); the first
+    # call packs q into qt and keeps the stride there (0 when the path does not apply).
+    # Returns False, the state untouched, when the path does not apply or a score is not
+    # finite: the caller then calls attend_tile, which defines those cases.
     if real is float:
-        return fa_attend_tile_kmajor_f32(rows, cols, e, ev, scale, qt, ldqt, k, ldk, v, ldv,
-                                         st, acc, ldacc, m, l) != 0
+        if ldqt[0] < 0:
+            ldqt[0] = kmajor_ld(True, ev, rows)
+            if ldqt[0]:
+                fa_pack_transposed(rows, e, q, ldq, qt, ldqt[0])
+        return ldqt[0] > 0 and fa_attend_tile_kmajor_f32(rows, cols, e, ev, scale, qt, ldqt[0],
+                                                         k, ldk, v, ldv, st, acc, ldacc, m,
+                                                         l) != 0
     else:
         return False
 
