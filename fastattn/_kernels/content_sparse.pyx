@@ -29,7 +29,7 @@ import numpy as np
 
 from fastattn._kernels.tile cimport (
     intp_data, real, gemm_abt, gemm_ab, attend_tile, finish_row, merge_partial_row,
-    kmajor_ld, attend_tile_kmajor,
+    kmajor_ld, kmajor_scratch, attend_tile_kmajor,
     row_add_max, row_copy_scale, block_len, start_rows, Operands, operands,
     MASK_NONE, MASK_FLOAT, BAND_ALL,
 )
@@ -98,8 +98,7 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
     cdef real *acc
     cdef real *m
     cdef real *l
-    cdef real *qt
-    cdef real *st
+    cdef real *kscratch
     cdef int nt = p.nthreads
     # Unmasked float32 tiles go key-major (tile.pxd): the gathered query block is packed
     # once for all its key tiles. ld_max: the largest block's row stride there, 0 when
@@ -110,11 +109,7 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
     if p.nitems == 0:
         return
     with nogil, parallel(num_threads=nt):
-        qt = NULL
-        st = NULL
-        if ld_max:
-            qt = <real *>malloc(p.e * ld_max * sizeof(real))
-            st = <real *>malloc((p.block_k + 1) * ld_max * sizeof(real))
+        kscratch = <real *>kmajor_scratch(ld_max, p.e, p.block_k, sizeof(real))
         qg = <real *>malloc(p.block_q * p.e * sizeof(real))
         kg = <real *>malloc(p.block_k * p.e * sizeof(real))
         vg = <real *>malloc(p.block_k * p.ev * sizeof(real))
@@ -135,7 +130,7 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
                 k_hi = p.items[4 * item + 3]
                 gather_rows(qg, q, p.ldq, p.q_rows + q_lo, rows, p.e, NULL)
                 start_rows(rows, acc, p.ev, p.ev, m, l)
-                ldqt = -1 if qt != NULL and st != NULL else 0
+                ldqt = -1 if kscratch != NULL else 0
 
                 kt = k_lo
                 while kt < k_hi:
@@ -143,8 +138,9 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
                     gather_rows(kg, k, p.ldk, p.k_rows + kt, cols, p.e,
                                 <const real *>p.k_scale)
                     gather_rows(vg, v, p.ldv, p.k_rows + kt, cols, p.ev, NULL)
-                    if attend_tile_kmajor(rows, cols, p.e, p.ev, scale, qg, p.e, qt, &ldqt,
-                                          kg, p.e, vg, p.ev, st, acc, p.ev, m, l):
+                    if attend_tile_kmajor(rows, cols, p.e, p.ev, scale, qg, p.e, kscratch,
+                                          &ldqt,
+                                          kg, p.e, vg, p.ev, acc, p.ev, m, l):
                         kt = kt + cols
                         continue
                     kind = MASK_NONE
@@ -170,8 +166,7 @@ cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept
         free(acc)
         free(m)
         free(l)
-        free(qt)
-        free(st)
+        free(kscratch)
     # end: with nogil, parallel
 
 

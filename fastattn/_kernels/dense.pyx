@@ -24,7 +24,7 @@ from fastattn._kernels.tile cimport (
     intp_data, QkvLayout, qkv_layout,
     MaskView, mask_view,
     real, attend_tile, finish_row, merge_partial_row, row_fill, tile_products_native,
-    kmajor_ld, attend_tile_kmajor,
+    kmajor_ld, kmajor_scratch, attend_tile_kmajor,
     Operands, operands,
     MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
@@ -112,8 +112,7 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
     cdef real *lse_row
     cdef const void *mtile
     cdef int nt = p.nthreads
-    cdef real *qt
-    cdef real *st
+    cdef real *kscratch
     # Row stride of the largest packed query block for key-major tiles (tile.pxd; 0: no
     # tile goes key-major), and this item's packing state for attend_tile_kmajor.
     cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
@@ -125,11 +124,7 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
         s = <real *>malloc(p.block_q * p.block_k * sizeof(real))
         m = <real *>malloc(p.block_q * sizeof(real))
         l = <real *>malloc(p.block_q * sizeof(real))
-        qt = NULL
-        st = NULL
-        if ld_max:
-            qt = <real *>malloc(p.qkv.e * ld_max * sizeof(real))
-            st = <real *>malloc((p.block_k + 1) * ld_max * sizeof(real))
+        kscratch = <real *>kmajor_scratch(ld_max, p.qkv.e, p.block_k, sizeof(real))
         # Every thread must reach the prange (a worksharing loop); one without scratch
         # only flags the failure.
         for item in prange(nitems, schedule='dynamic'):
@@ -169,7 +164,7 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                     m[r] = -INFINITY
                     l[r] = 0
 
-                ldqt = -1 if qt != NULL and st != NULL else 0
+                ldqt = -1 if kscratch != NULL else 0
                 for kb in range(kb_lo, kb_hi):
                     state = BLOCK_FULL if p.mask.kind == MASK_NONE else BLOCK_MASKED
                     if p.mask.bmap != NULL:
@@ -226,10 +221,11 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
                         # no mask, no diagonal: key-major
                         if mtile == NULL and band_hi >= cols - 1 and attend_tile_kmajor(
                                 <int>rows, <int>cols, p.qkv.e, p.qkv.ev, scale,
-                                q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, qt, &ldqt,
+                                q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, kscratch,
+                                &ldqt,
                                 k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
                                 v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
-                                st, acc, ldacc, m, l):
+                                acc, ldacc, m, l):
                             continue
                         attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, <int>rows,
                                     k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
@@ -249,8 +245,7 @@ cdef void dense_kernel(DenseProblem *p, const Operands *ops, real scale, real *p
         free(s)
         free(m)
         free(l)
-        free(qt)
-        free(st)
+        free(kscratch)
 
     if p.nsplit > 1 and not p.alloc_failed:
         # item = (batch, row) of the output

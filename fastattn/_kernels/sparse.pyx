@@ -29,7 +29,7 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data, QkvLayout, qkv_layout, block_len, start_rows, Operands, operands,
     real, attend_tile, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
-    kmajor_ld, attend_tile_kmajor,
+    kmajor_ld, kmajor_scratch, attend_tile_kmajor,
 )
 
 cnp.import_array()
@@ -171,8 +171,7 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
     cdef real *l
     cdef uint8_t *keep
     cdef real *acc
-    cdef real *qt
-    cdef real *st
+    cdef real *kscratch
     cdef int nt = p.nthreads
     # Row stride of the largest packed query block (0: no tile goes key-major), and this
     # item's packing state for attend_tile_kmajor.
@@ -186,11 +185,7 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
         m = <real *>malloc(p.block_q * sizeof(real))
         l = <real *>malloc(p.block_q * sizeof(real))
         keep = <uint8_t *>malloc(p.block_q * p.block_k)
-        qt = NULL
-        st = NULL
-        if ld_max:
-            qt = <real *>malloc(p.qkv.e * ld_max * sizeof(real))
-            st = <real *>malloc((p.block_k + 1) * ld_max * sizeof(real))
+        kscratch = <real *>kmajor_scratch(ld_max, p.qkv.e, p.block_k, sizeof(real))
         # Every thread must reach the prange; one without scratch only flags the failure.
         for item in prange(nitems, schedule='dynamic'):
             if s == NULL or m == NULL or l == NULL or keep == NULL:
@@ -205,7 +200,7 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
 
                 row_start = p.indptr[p.layout_off[b] + qb]
                 row_end = p.indptr[p.layout_off[b] + qb + 1]
-                ldqt = -1 if qt != NULL and st != NULL else 0
+                ldqt = -1 if kscratch != NULL else 0
                 for idx in range(row_start, row_end):
                     kb = p.indices[idx]
                     k0 = kb * p.block_k
@@ -222,10 +217,11 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
                     if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
                             and attend_tile_kmajor(
                                 rows, cols, p.qkv.e, p.qkv.ev, scale,
-                                q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, qt, &ldqt,
+                                q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, kscratch,
+                                &ldqt,
                                 k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
                                 v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
-                                st, acc, p.qkv.ev, m, l)):
+                                acc, p.qkv.ev, m, l)):
                         continue
                     attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, rows,
                                 k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
@@ -242,8 +238,7 @@ cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexc
         free(m)
         free(l)
         free(keep)
-        free(qt)
-        free(st)
+        free(kscratch)
 
 
 def block_sparse(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object lse,

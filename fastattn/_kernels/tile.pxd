@@ -11,6 +11,7 @@
 # All routines are `noexcept nogil` and touch only the memory they are given.
 
 from libc.stdint cimport uint8_t
+from libc.stdlib cimport malloc
 cimport numpy as cnp
 from libc.math cimport INFINITY, log
 from scipy.linalg.cython_blas cimport sgemm, dgemm
@@ -192,23 +193,34 @@ cdef inline Py_ssize_t kmajor_ld(bint is_float32, int ev, int rows) noexcept nog
     return fa_kmajor_ld(rows)
 
 
+cdef inline void *kmajor_scratch(Py_ssize_t ld_max, int e, int block_k,
+                                 size_t itemsize) noexcept nogil:
+    # One thread's scratch for attend_tile_kmajor with query blocks of stride up to
+    # ld_max (kmajor_ld) and key blocks of up to block_k rows: the packed queries, then
+    # the key-major score tile. NULL when ld_max is 0 (or on failure: no key-major tiles).
+    if ld_max == 0:
+        return NULL
+    return malloc((e + block_k + 1) * ld_max * itemsize)
+
+
 cdef inline bint attend_tile_kmajor(
         int rows, int cols, int e, int ev, real scale, const real *q, Py_ssize_t ldq,
-        real *qt, Py_ssize_t *ldqt, const real *k, Py_ssize_t ldk, const real *v,
-        Py_ssize_t ldv, real *st, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
-    # attend_tile for an unmasked tile, key-major. ldqt is the query block's packing
-    # state: the caller sets it to -1 for each new block (0 without scratch); the first
-    # call packs q into qt and keeps the stride there (0 when the path does not apply).
+        real *scratch, Py_ssize_t *ldqt, const real *k, Py_ssize_t ldk, const real *v,
+        Py_ssize_t ldv, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # attend_tile for an unmasked tile, key-major; scratch from kmajor_scratch. ldqt is
+    # the query block's packing state: the caller sets it to -1 for each new block (0
+    # without scratch); the first call packs q at the start of scratch and keeps the
+    # stride there (0 when the path does not apply).
     # Returns False, the state untouched, when the path does not apply or a score is not
     # finite: the caller then calls attend_tile, which defines those cases.
     if real is float:
         if ldqt[0] < 0:
             ldqt[0] = kmajor_ld(True, ev, rows)
             if ldqt[0]:
-                fa_pack_transposed(rows, e, q, ldq, qt, ldqt[0])
-        return ldqt[0] > 0 and fa_attend_tile_kmajor_f32(rows, cols, e, ev, scale, qt, ldqt[0],
-                                                         k, ldk, v, ldv, st, acc, ldacc, m,
-                                                         l) != 0
+                fa_pack_transposed(rows, e, q, ldq, scratch, ldqt[0])
+        return ldqt[0] > 0 and fa_attend_tile_kmajor_f32(
+            rows, cols, e, ev, scale, scratch, ldqt[0], k, ldk, v, ldv,
+            scratch + e * ldqt[0], acc, ldacc, m, l) != 0
     else:
         return False
 
