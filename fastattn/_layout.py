@@ -11,7 +11,10 @@ import math
 
 import numpy as np
 
-from fastattn._kernels.tile_constants import BLOCK_FULL, BLOCK_MASKED, BLOCK_SKIP
+from fastattn._kernels.plan import CONSTANTS as _TILE
+
+BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL = (_TILE[n] for n in ("BLOCK_SKIP", "BLOCK_MASKED", "BLOCK_FULL"))
+MASK_BOOL, MASK_FLOAT = _TILE["MASK_BOOL"], _TILE["MASK_FLOAT"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -75,8 +78,8 @@ class PreparedMask:
     """A mask as the kernels take it, plus its per-tile block map.
 
     The mask keeps its own (broadcast) shape: a mask shared by all heads is stored
-    once. ``kind`` is 1 for bool (nonzero = keep) and 2 for additive float, as in
-    ``tile.pxd``.
+    once. ``kind`` is ``MASK_BOOL`` (nonzero = keep) or ``MASK_FLOAT`` (added), the
+    values of the tile core's enum in ``tile.pxd``.
     """
 
     __slots__ = ("array", "kind", "offsets", "row_stride", "col_stride",
@@ -84,9 +87,9 @@ class PreparedMask:
 
     def __init__(self, mask, dtype, L, S, batch_shape, block_q, block_k):
         if mask.dtype == np.bool_:
-            arr, kind = mask.view(np.uint8), 1
+            arr, kind = mask.view(np.uint8), MASK_BOOL
         else:
-            arr, kind = np.asarray(mask, dtype=dtype), 2
+            arr, kind = np.asarray(mask, dtype=dtype), MASK_FLOAT
         while arr.ndim < 2:
             arr = arr[np.newaxis]
         if not arr.flags.aligned or any(s % arr.dtype.itemsize for s in arr.strides):
@@ -99,7 +102,7 @@ class PreparedMask:
         self.col_stride = arr.strides[-1] // item if Sm > 1 else 0
 
         # Block map at the mask's own shape: one state per (query block, key block).
-        if kind == 1:
+        if kind == MASK_BOOL:
             visible, untouched = arr.view(np.bool_), None
         else:
             visible, untouched = arr != -np.inf, arr == 0
@@ -111,7 +114,7 @@ class PreparedMask:
             return reduce.reduceat(x, q_starts, axis=-2)
 
         any_visible = blocks(np.logical_or, visible)
-        all_plain = blocks(np.logical_and, visible if kind == 1 else untouched)
+        all_plain = blocks(np.logical_and, visible if kind == MASK_BOOL else untouched)
         bmap = np.where(any_visible, np.where(all_plain, BLOCK_FULL, BLOCK_MASKED), BLOCK_SKIP)
         bmap = np.ascontiguousarray(bmap, dtype=np.uint8)
         self.block_map = bmap

@@ -3,6 +3,7 @@ import numpy as np
 
 from fastattn import _npu, _threads
 from fastattn._kernels import dense as _dense
+from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._validation import (
     CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
@@ -244,16 +245,20 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
     block_k = min(BLOCK_K, S)
     nqb = -(-L // block_q)
     nkb = -(-S // block_k)
+    flops = 2.0 * nbatch * L * S * (E + Ev) * (0.5 if is_causal else 1.0)
+    nthreads = _threads.call_threads(nthreads, nbatch * nqb * nkb, flops)
     nsplit, nthreads = _threads.split_keys(nbatch * nqb, nkb, nthreads)
 
     prepared = None
     if ops.mask is not None:
         prepared = PreparedMask(ops.mask, compute, L, S, batch_shape, block_q, block_k)
     causal_offset = 0 if causal_alignment == "top_left" else S - L
-    with _threads.tile_blas_limit(compute, Ev):
-        _dense.sdpa(q, k, v, res, lse, q_off, k_off, v_off, out_off, ldq, ldk, ldv, ldo,
-                    L, S, E, Ev, scale, prepared, bool(is_causal), causal_offset,
-                    block_q, block_k, nsplit, nthreads)
+    plan = AttentionPlan(q, k, v, res, lse, (q_off, k_off, v_off, out_off), (ldq, ldk, ldv, ldo),
+                         L, S, E, Ev, prepared, scale=scale, causal=bool(is_causal),
+                         causal_offset=causal_offset, block_q=block_q, block_k=block_k,
+                         nsplit=nsplit, nthreads=nthreads)
+    with _threads.tile_blas(compute, Ev):
+        _dense.sdpa(plan)
 
 
 def _check_out(out, shape, dtype, contiguous=True):

@@ -60,7 +60,7 @@ def _chunked_terms(kind, q, k, v, w, root, eps, causal, num_threads, compute):
     size = _kernel.state_length(m, Ev)
     # Non-causal FAVOR in float32 runs on the tile micro-kernels alone; the rest calls
     # BLAS from our threads, which must then be single-threaded.
-    blas = (_threads.tile_blas_limit(compute, Ev) if favor and not causal
+    blas = (_threads.tile_blas(compute, Ev) if favor and not causal
             else _threads.single_threaded_blas())
     unused = np.empty(1, dtype=compute)
 

@@ -525,7 +525,7 @@ def block_sparse_attention(query, key, value, layout, *, scale=None, return_lse=
             layout_off = np.zeros(nbatch, dtype=np.intp)
         bq, bk = layout.block_size
         nthreads = max(1, min(nthreads, nbatch * -(-L // bq)))
-        with _threads.tile_blas_limit(compute, Ev):
+        with _threads.tile_blas(compute, Ev):
             _sparse.block_sparse(q, k, v, res, lse, q_off, k_off, v_off, ldq, ldk, ldv,
                                  L, S, E, Ev, scale, layout.indptr, layout.indices,
                                  layout_off, bq, bk, layout._kernel_rule(batch_shape), nthreads)

@@ -290,7 +290,7 @@ def test_strided_out_is_written_in_place(rng, dtype):
     kernel = mock.Mock(wraps=attention._dense.sdpa)
     with mock.patch.object(attention._dense, "sdpa", kernel):
         assert sdpa(q, k, v, out=heads) is heads
-    assert kernel.call_args.args[3] is heads
+    assert kernel.call_args.args[0].arrays[3] is heads
     np.testing.assert_allclose(heads, want, rtol=1e-6)
     assert np.isnan(merged[..., H * D:]).all()
     # batch axes swapped, batch axis reversed (negative offsets); split keys (decoding)
@@ -299,7 +299,7 @@ def test_strided_out_is_written_in_place(rng, dtype):
                  np.empty((B, H, L, D), dtype)[::-1]):
         with mock.patch.object(attention._dense, "sdpa", kernel):
             sdpa(q, k, v, out=view)
-        assert kernel.call_args.args[3] is view
+        assert kernel.call_args.args[0].arrays[3] is view
         np.testing.assert_allclose(view, want, rtol=1e-6)
     dq, dk, dv = make(rng, (2, 1, D), dtype), make(rng, (2, 4096, D), dtype), \
         make(rng, (2, 4096, D), dtype)
@@ -417,10 +417,13 @@ def test_gil_is_released(rng):
     assert ticks > 10   # the main thread kept running while the kernel worked
 
 
-def test_python_constants_match_the_compiled_core():
-    from fastattn._kernels import dense, tile_constants
-    for name, value in dense.TILE_CONSTANTS.items():
-        assert getattr(tile_constants, name) == value, name
+def test_python_constants_come_from_the_compiled_core():
+    from fastattn import _layout
+    from fastattn._kernels import plan
+    assert set(plan.CONSTANTS) == {"MASK_NONE", "MASK_BOOL", "MASK_FLOAT",
+                                   "BLOCK_SKIP", "BLOCK_MASKED", "BLOCK_FULL"}
+    for name in ("MASK_BOOL", "MASK_FLOAT", "BLOCK_SKIP", "BLOCK_MASKED", "BLOCK_FULL"):
+        assert getattr(_layout, name) == plan.CONSTANTS[name], name
 
 
 def test_num_threads_setting():

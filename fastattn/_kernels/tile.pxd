@@ -193,6 +193,13 @@ cdef inline Py_ssize_t kmajor_ld(bint is_float32, int ev, int rows) noexcept nog
     return fa_kmajor_ld(rows)
 
 
+cdef inline size_t kmajor_scratch_bytes(Py_ssize_t ld_max, int e, int block_k,
+                                        size_t itemsize) noexcept nogil:
+    # Bytes of one thread's scratch for attend_tile_kmajor (see kmajor_scratch); 0 when
+    # ld_max is 0.
+    return (e + block_k + 1) * ld_max * itemsize
+
+
 cdef inline void *kmajor_scratch(Py_ssize_t ld_max, int e, int block_k,
                                  size_t itemsize) noexcept nogil:
     # One thread's scratch for attend_tile_kmajor with query blocks of stride up to

@@ -1,0 +1,52 @@
+# AttentionPlan (see plan.pxd) and the tile core's enums as compiled, for Python.
+cimport numpy as cnp
+from fastattn._kernels.tile cimport (
+    intp_data, mask_view, qkv_layout, operands,
+    MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL,
+)
+from fastattn._kernels.parallel import DTYPE_CODES
+
+cnp.import_array()
+
+# The enums of tile.pxd, declared there once and mirrored here from the compiled values.
+CONSTANTS = dict(MASK_NONE=MASK_NONE, MASK_BOOL=MASK_BOOL, MASK_FLOAT=MASK_FLOAT,
+                 BLOCK_SKIP=BLOCK_SKIP, BLOCK_MASKED=BLOCK_MASKED, BLOCK_FULL=BLOCK_FULL)
+
+
+cdef class AttentionPlan:
+    """The plan of one attention call over (query, key, value) matrix stacks.
+
+    Private: built by ``fastattn._layout.attention_plan`` from validated operands.
+    ``q``, ``k``, ``v``, ``out`` (and ``lse``, C-contiguous ``(nbatch, L)`` or None)
+    are the base arrays, one dtype; ``offsets`` maps each of them to its per-batch
+    element offsets (intp vectors); ``strides`` their row strides; ``mask`` a
+    ``fastattn._layout.PreparedMask`` or None.
+    """
+
+    def __init__(self, q, k, v, out, lse, offsets, strides, Py_ssize_t L, Py_ssize_t S,
+                 int e, int ev, mask, *, double scale, bint causal, Py_ssize_t causal_offset,
+                 int block_q, int block_k, int nsplit, int nthreads):
+        q_off, k_off, v_off, out_off = offsets
+        ldq, ldk, ldv, ldo = strides
+        self.c.qkv = qkv_layout(q_off, k_off, v_off, ldq, ldk, ldv, L, S, e, ev)
+        self.c.ops = operands(q, k, v, out, lse)
+        self.c.mask = mask_view(mask)
+        self.c.out_off = intp_data(out_off)
+        self.c.ldo = ldo
+        self.c.dtype = DTYPE_CODES[q.dtype.name]
+        self.c.scale = scale
+        self.c.causal = causal
+        self.c.causal_offset = causal_offset
+        self.c.block_q = block_q
+        self.c.block_k = block_k
+        self.c.nsplit = nsplit
+        self.c.nthreads = nthreads
+        self.arrays = (q, k, v, out, lse, offsets, mask)
+
+    @property
+    def nbatch(self):
+        return self.c.qkv.nbatch
+
+    @property
+    def nthreads(self):
+        return self.c.nthreads
