@@ -7,8 +7,8 @@ the bottom-right convention when ``L != S``: query ``i`` sits at key position
 """
 import numpy as np
 
-from fastattn.sparse import BlockLayout, _token_flags, _window, \
-    block_sparse_attention
+from fastattn.block_layout import BlockLayout, _token_flags, _window
+from fastattn.sparse import block_sparse_attention
 from fastattn._validation import check_choice, check_int, check_qkv
 
 __all__ = ["local_attention", "strided_attention", "global_attention",
