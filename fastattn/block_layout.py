@@ -8,52 +8,12 @@ import operator
 import numpy as np
 
 from fastattn._layout import batch_offsets
-from fastattn._validation import check_int
+from fastattn._validation import check_int, check_pair, check_token_flags, check_window
 
 __all__ = ["BlockLayout"]
 
 # BAND_ALL of tile.pxd: a band edge this far from the diagonal means "no limit".
 _NO_LIMIT = 1 << 30
-
-
-def _pair(name, value, check=check_int):
-    if np.ndim(value) == 0:
-        value = (value, value)
-    if len(value) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return tuple(check(name, x) for x in value)
-
-
-def _window(window):
-    """``(left, right)``, both ``>= 0``, from an int (both sides) or a pair."""
-    def non_negative(name, x):
-        try:
-            x = operator.index(x)
-        except TypeError:
-            raise TypeError(f"{name} sizes must be ints, got {type(x).__name__}") from None
-        if x < 0:
-            raise ValueError(f"{name} sizes must be >= 0, got {window!r}")
-        return x
-    return _pair("window", window, non_negative)
-
-
-def _token_flags(name, tokens, n):
-    """A bool vector of length ``n`` from a bool mask or a sequence of positions."""
-    if tokens is None:
-        return None
-    t = np.asarray(tokens)
-    if t.dtype == np.bool_:
-        if t.shape != (n,):
-            raise ValueError(f"{name} as a bool mask must have shape ({n},), got {t.shape}")
-        return t.copy()
-    if t.size and t.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be bool flags or integer positions, got dtype {t.dtype}")
-    t = t.reshape(-1).astype(np.intp)
-    if t.size and (t.min() < -n or t.max() >= n):
-        raise ValueError(f"{name} positions must lie in [-{n}, {n}), got {tokens!r}")
-    flags = np.zeros(n, dtype=bool)
-    flags[t] = True
-    return flags
 
 
 class BlockLayout:
@@ -140,7 +100,7 @@ class BlockLayout:
         L, S = (operator.index(x) for x in shape)
         if not (0 <= L < _NO_LIMIT and 0 <= S < _NO_LIMIT):
             raise ValueError(f"shape must be two lengths in [0, 2**30), got {shape!r}")
-        bq, bk = _pair("block_size", block_size)
+        bq, bk = check_pair("block_size", block_size)
         self.shape, self.block_size = (L, S), (bq, bk)
         nqb, nkb = -(-L // bq), -(-S // bk)
 
@@ -173,12 +133,12 @@ class BlockLayout:
             raise ValueError("indices must be strictly increasing within each query block")
         self.indptr, self.indices = indptr, indices
 
-        self.window = None if window is None else _window(window)
+        self.window = None if window is None else check_window(window)
         self.dilation = check_int("dilation", dilation)
         self.segment = None if segment is None else check_int("segment", segment)
         self.causal = bool(causal)
-        self.global_query = _token_flags("global_query", global_query, L)
-        self.global_key = _token_flags("global_key", global_key, S)
+        self.global_query = check_token_flags("global_query", global_query, L)
+        self.global_key = check_token_flags("global_key", global_key, S)
         self.mask = None
         if mask is not None:
             mask = np.asarray(mask)
@@ -218,7 +178,7 @@ class BlockLayout:
         # one pointer row per head; heads share the flat indices array
         rows = np.stack([indptr[h * nqb: (h + 1) * nqb + 1] for h in range(blocks.shape[0])])
         indices = np.nonzero(blocks)[-1]
-        bq, bk = _pair("block_size", block_size)
+        bq, bk = check_pair("block_size", block_size)
         L, S = shape
         if blocks.shape[1:] != (-(-L // bq), -(-S // bk)):
             raise ValueError(f"block_mask of shape {blocks.shape[1:]} does not fit shape "
@@ -242,7 +202,7 @@ class BlockLayout:
         if mask.dtype != np.bool_ or mask.ndim not in (2, 3):
             raise ValueError(f"mask must be a bool array (L, S) or (H, L, S), got "
                              f"{mask.dtype} {mask.shape}")
-        bq, bk = _pair("block_size", block_size)
+        bq, bk = check_pair("block_size", block_size)
         L, S = mask.shape[-2:]
         if L and S:
             blocks = np.logical_or.reduceat(mask, np.arange(0, S, bk), axis=-1)
@@ -272,8 +232,8 @@ class BlockLayout:
         >>> layout.num_blocks       # of 16 blocks
         7
         """
-        probe = cls(shape, block_size, np.zeros(-(-shape[0] // _pair("block_size",
-                    block_size)[0]) + 1, np.int64), [], **rule)
+        probe = cls(shape, block_size, np.zeros(-(-shape[0] // check_pair(
+                    "block_size", block_size)[0]) + 1, np.int64), [], **rule)
         blocks = probe._rule_blocks()
         return cls.from_blocks(blocks, probe.shape, probe.block_size, **rule)
 
