@@ -1,4 +1,4 @@
-"""asv benchmark suite of fastattn (see docs/benchmarks-readme-section.md).
+"""asv benchmark suite of fastattn (see the Benchmarks section of README.md).
 
 One module per area: ``bench_sdpa`` (dense, causal, masked, long sequences),
 ``bench_gqa``, ``bench_masked_softmax``, ``bench_multi_head_attention``,

@@ -11,7 +11,7 @@ import numpy as np
 
 import fastattn
 from fastattn import reference
-from fastattn.bench import _progress, attention_flops, numpy_attention
+from fastattn.bench import attention_flops, numpy_attention, show_progress
 
 
 def _best_time(fn, repeat):
@@ -43,11 +43,11 @@ def main(argv=None):
     print(f"fastattn {fastattn.__version__}: B={B} H={H} L=S={L} E={E} {dtype} "
           f"{'causal' if causal else 'dense'}, {fastattn.get_num_threads() if args.threads is None else args.threads} threads")
 
-    _progress(step, steps, "making inputs")
+    show_progress(step, steps, "making inputs")
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((B, H, L, E), dtype=np.float64).astype(dtype) for _ in range(3))
     step += 1
-    _progress(step, steps, "checking against the float64 reference")
+    show_progress(step, steps, "checking against the float64 reference")
     out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, num_threads=args.threads)
     expected = reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
     err = float(np.abs(out - expected).max() / max(np.abs(expected).max(), 1e-300))
@@ -60,13 +60,13 @@ def main(argv=None):
     t_fused = []
     t_numpy = []
     for _ in range(args.repeat):           # interleaved so both see the same machine state
-        _progress(step, steps, "timing fastattn")
+        show_progress(step, steps, "timing fastattn")
         t_fused.append(_best_time(fused, 1))
         step += 1
-        _progress(step, steps, "timing plain NumPy")
+        show_progress(step, steps, "timing plain NumPy")
         t_numpy.append(_best_time(lambda: numpy_attention(q, k, v, causal), 1))
         step += 1
-    _progress(steps, steps, "done")
+    show_progress(steps, steps, "done")
 
     flops = attention_flops(B, H, L, L, E, E, causal)
     best_fused, best_numpy = min(t_fused), min(t_numpy)

@@ -74,6 +74,20 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
     return off.reshape(-1)
 
 
+def as_mask(mask, name):
+    """``mask`` as an array: bool (True = keep) or floating (added), else ``TypeError``."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+        raise TypeError(f"{name} must be bool (True = keep) or floating (added to the "
+                        f"scores), got dtype {mask.dtype}")
+    return mask
+
+
+def overlaps(out, *arrays):
+    """Whether ``out`` may share memory with one of ``arrays`` (None ones skipped)."""
+    return any(a is not None and np.may_share_memory(out, a) for a in arrays)
+
+
 class PreparedMask:
     """A mask as the kernels take it, plus its per-tile block map.
 

@@ -121,3 +121,61 @@ def check_batch_shape(leads, **named):
     except ValueError:
         desc = ", ".join(f"{name} {shape}" for name, shape in named.items())
         raise ValueError(f"batch dimensions do not broadcast: {desc}") from None
+
+
+def check_out(out, shape, dtype, contiguous=True):
+    """Raise unless ``out`` is a writable ndarray of ``shape`` and ``dtype``.
+
+    With ``contiguous`` it must be C-contiguous, too.
+    """
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, the result has shape {shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, the result has dtype {dtype}")
+    if contiguous and not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous and writable")
+    if not out.flags.writeable:
+        raise ValueError("out must be writable")
+
+
+def check_pair(name, value, check=check_int):
+    """``(a, b)`` from one value (both) or a pair, each checked by ``check(name, x)``."""
+    if np.ndim(value) == 0:
+        value = (value, value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return tuple(check(name, x) for x in value)
+
+
+def check_window(window):
+    """``(left, right)``, both ``>= 0``, from an int (both sides) or a pair."""
+    def non_negative(name, x):
+        try:
+            x = operator.index(x)
+        except TypeError:
+            raise TypeError(f"{name} sizes must be ints, got {type(x).__name__}") from None
+        if x < 0:
+            raise ValueError(f"{name} sizes must be >= 0, got {window!r}")
+        return x
+    return check_pair("window", window, non_negative)
+
+
+def check_token_flags(name, tokens, n):
+    """A bool vector of length ``n`` from a bool mask or a sequence of positions."""
+    if tokens is None:
+        return None
+    t = np.asarray(tokens)
+    if t.dtype == np.bool_:
+        if t.shape != (n,):
+            raise ValueError(f"{name} as a bool mask must have shape ({n},), got {t.shape}")
+        return t.copy()
+    if t.size and t.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be bool flags or integer positions, got dtype {t.dtype}")
+    t = t.reshape(-1).astype(np.intp)
+    if t.size and (t.min() < -n or t.max() >= n):
+        raise ValueError(f"{name} positions must lie in [-{n}, {n}), got {tokens!r}")
+    flags = np.zeros(n, dtype=bool)
+    flags[t] = True
+    return flags

@@ -5,9 +5,11 @@ from fastattn import _npu, _threads
 from fastattn._kernels import dense as _dense
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
+from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
     CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
 )
+from fastattn._validation import check_out as _check_out
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -261,19 +263,6 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
         _dense.sdpa(plan)
 
 
-def _check_out(out, shape, dtype, contiguous=True):
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, the result has shape {shape}")
-    if out.dtype != dtype:
-        raise TypeError(f"out has dtype {out.dtype}, the result has dtype {dtype}")
-    if contiguous and not out.flags.c_contiguous:
-        raise ValueError("out must be C-contiguous and writable")
-    if not out.flags.writeable:
-        raise ValueError("out must be writable")
-
-
 def _kernel_writable(out):
     # Whether the dense kernel can write into `out` (..., L, Ev) in place: element-aligned
     # strides, unit-stride rows whose stride (at least Ev) fits a BLAS int, and no two
@@ -295,7 +284,3 @@ def _kernel_writable(out):
                 return False
             span += (n - 1) * s
     return True
-
-
-def _overlaps(out, *arrays):
-    return any(a is not None and np.may_share_memory(out, a) for a in arrays)

@@ -16,8 +16,8 @@ SGEMM rate and fastattn's speed-up over each system. Writes ``bench.json`` and,
 when matplotlib is importable, ``bench.png`` (GFLOP/s against sequence length).
 
 This module also holds the pieces shared by ``python -m fastattn`` and the asv
-suite in ``benchmarks/``: the FLOP convention, the NumPy formula and the machine
-baselines (SGEMM rate, memory bandwidth).
+suite in ``benchmarks/``: the FLOP convention, the NumPy formula, the machine
+baselines (SGEMM rate, memory bandwidth) and the progress line.
 """
 import argparse
 import contextlib
@@ -36,7 +36,7 @@ import numpy as np
 import fastattn
 
 __all__ = ["attention_flops", "numpy_attention", "sgemm_gflops", "memory_bandwidth_gbs",
-           "run_comparison", "main"]
+           "run_comparison", "show_progress", "main"]
 
 SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math")
 KINDS = ("dense", "causal", "mask")
@@ -499,14 +499,15 @@ class _ProgressBar:
     def show(self, label):
         self.label = label
         if self.enabled:
-            _progress(self.step, self.total, label, self.width)
+            show_progress(self.step, self.total, label, self.width)
 
     def advance(self):
         self.step = min(self.step + 1, self.total)
         self.show(self.label)
 
 
-def _progress(step, total, label, width=28):
+def show_progress(step, total, label, width=28):
+    """Draw ``[####....] step/total label`` over the current line of stderr."""
     filled = int(width * step / total)
     sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} {label:<40}")
     sys.stderr.flush()

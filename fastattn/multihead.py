@@ -1,10 +1,9 @@
 """Multi-head attention: projections and the fused kernel in fastattn's threads, heads as views."""
 
-import math
-
 import numpy as np
 
 from fastattn import _linear, _threads
+from fastattn._mha_plan import CHUNK_ROWS_PER_THREAD, batch_chunks
 from fastattn._validation import (CPU_AND_NPU, check_device, check_int, check_scale,
                                   result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
@@ -12,16 +11,6 @@ from fastattn.masks import combine_masks
 from fastattn.softmax import softmax_rows
 
 __all__ = ["split_heads", "merge_heads", "multi_head_attention", "MultiHeadAttention"]
-
-# Query rows (sequences x L) per thread in a chunk, when a batch of sequences is taken a
-# chunk at a time. Each projection of a chunk is then cut into one block of up to 256 rows
-# per thread (about where single-threaded sgemm reaches its best; smaller blocks cost up
-# to 15%). Measured on a 2-core AVX-512 machine, B=8, S=256, E=768, H=12, float32,
-# interleaved runs, time relative to the whole batch at once: 128 rows per thread 1.01,
-# 256 0.92, 384 1.00, 512 0.99. Most of the gain is page faults not taken: at 256 the
-# four 1.5 MB work buffers are reused from the heap, while from about 3 MB on glibc hands
-# out fresh mmap'ed (zeroed) pages on each call.
-CHUNK_ROWS_PER_THREAD = 256
 
 # (input, weight, bias) names of the three input projections
 _QKV = (("query", "q_weight", "q_bias"), ("key", "k_weight", "k_bias"),
@@ -266,7 +255,7 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
                    _threads.resolve_num_threads(num_threads), device)
     chunks = None
     if kind == "cpu":
-        chunks = _batch_chunks(q, k, v, mask, CHUNK_ROWS_PER_THREAD * layer.nthreads)
+        chunks = batch_chunks(q, k, v, mask, CHUNK_ROWS_PER_THREAD * layer.nthreads)
     # Every product below runs in fastattn's threads on single-threaded BLAS; the limit
     # is set once for all of them.
     with _threads.single_threaded_blas():
@@ -515,49 +504,6 @@ class _Layer:
         if weights is not None:
             weights = weights.reshape(batch_shape + weights.shape[1:])
         return out, weights
-
-
-def _batch_chunks(q, k, v, mask, chunk_rows):
-    # Arguments of _Layer.attend_chunked when the batch is worth chunking, else None:
-    # query, key and value share their batch shape (no broadcasting between them), its
-    # entries are more than one chunk of about chunk_rows query rows, the batch axes
-    # flatten into one without copying, and the mask is per sequence (flattening the
-    # same way) or shared by all. Anything else takes the one-shot path.
-    batch_shape = q.shape[:-2]
-    if not batch_shape or k.shape[:-2] != batch_shape or v.shape[:-2] != batch_shape:
-        return None
-    chunk = max(1, chunk_rows // max(q.shape[-2], 1))
-    if math.prod(batch_shape) <= chunk:
-        return None
-    flat = [_flatten_batch(a, len(batch_shape)) for a in (q, k, v)]
-    per_sequence = False
-    if mask is not None:
-        # (..., heads, L, S), batch axes first; they must not add to the query's
-        mask = np.asarray(mask)
-        lead = mask.shape[:-3]
-        if len(lead) > len(batch_shape):
-            return None
-        if any(size != 1 for size in lead):
-            try:
-                full = np.broadcast_to(mask, batch_shape + mask.shape[-3:])
-            except ValueError:
-                return None             # the one-shot path names the bad shapes
-            mask, per_sequence = _flatten_batch(full, len(batch_shape)), True
-            flat.append(mask)
-        elif lead:
-            mask = mask.reshape(mask.shape[-3:])
-    if any(a is None for a in flat):
-        return None
-    return (*flat[:3], mask, per_sequence, batch_shape, chunk)
-
-
-def _flatten_batch(a, nbatch):
-    # a (*batch, ...) as (prod(batch), ...) without copying, or None when the batch axes
-    # do not step through memory evenly
-    axes = [(n, s) for n, s in zip(a.shape[:nbatch], a.strides[:nbatch]) if n != 1]
-    if any(s0 != s1 * n1 for (_, s0), (n1, s1) in zip(axes, axes[1:])):
-        return None
-    return a.reshape((-1,) + a.shape[nbatch:])
 
 
 def _head_weights(qh, kh, mask, is_causal, scale, group, nthreads):

@@ -8,10 +8,10 @@ import numpy as np
 
 from fastattn import _linear, _threads
 from fastattn._kernels import additive as _additive
-from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
+from fastattn._layout import PreparedMask, as_mask, as_matrix_stack, batch_offsets
 from fastattn._validation import result_dtypes
 from fastattn.attention import scaled_dot_product_attention
-from fastattn.softmax import _as_mask, attention_weights
+from fastattn.softmax import attention_weights
 
 __all__ = ["additive_attention", "concat_attention", "general_attention", "dot_attention"]
 
@@ -258,7 +258,7 @@ class _Checked:
         leads = [self.q.shape[:-2], self.k.shape[:-2], self.v.shape[:-2]]
         self.mask = None
         if mask is not None:
-            self.mask = _as_mask(mask, "mask")
+            self.mask = as_mask(mask, "mask")
             m_rows, m_cols = ((1, 1) + self.mask.shape)[-2:]
             if m_rows not in (1, self.L) or m_cols not in (1, self.S):
                 raise ValueError(f"mask of shape {self.mask.shape} does not broadcast to the "

@@ -3,9 +3,10 @@ import numpy as np
 
 from fastattn import _threads
 from fastattn._kernels import softmax as _softmax
-from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
-from fastattn._validation import check_choice, check_matrix_stacks, check_scale, result_dtypes
-from fastattn.attention import CAUSAL_ALIGNMENTS, _check_out, _overlaps
+from fastattn._layout import PreparedMask, as_mask, as_matrix_stack, batch_offsets, overlaps
+from fastattn._validation import (check_choice, check_matrix_stacks, check_out, check_scale,
+                                  result_dtypes)
+from fastattn.attention import CAUSAL_ALIGNMENTS
 
 __all__ = ["masked_softmax", "log_softmax", "attention_weights"]
 
@@ -189,7 +190,7 @@ def attention_weights(query, key, attn_mask=None, *, is_causal=False, scale=None
         raise ValueError(f"query and key must have the same feature size E: query {q.shape}, "
                          f"key {k.shape}")
     scale = check_scale(scale, max(E, 1))
-    mask = None if attn_mask is None else _as_mask(attn_mask, "attn_mask")
+    mask = None if attn_mask is None else as_mask(attn_mask, "attn_mask")
     leads = [q.shape[:-2], k.shape[:-2]]
     if mask is not None:
         m_rows, m_cols = ((1, 1) + mask.shape)[-2:]
@@ -261,7 +262,7 @@ def _softmax_along(x, mask, axis, scale, out, num_threads, log_out):
     axis %= x.ndim
     scale = 1.0 if scale is None else check_scale(scale, 1)
     if mask is not None:
-        mask = _as_mask(mask, "mask")
+        mask = as_mask(mask, "mask")
         try:
             shape = np.broadcast_shapes(mask.shape, x.shape)
         except ValueError:
@@ -271,7 +272,7 @@ def _softmax_along(x, mask, axis, scale, out, num_threads, log_out):
                              f"{x.shape}")
         mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
     if out is not None:
-        _check_out(out, x.shape, result)
+        check_out(out, x.shape, result)
     nthreads = _threads.resolve_num_threads(num_threads)
 
     # the kernel normalises the last axis of a stack of matrices
@@ -284,7 +285,7 @@ def _softmax_along(x, mask, axis, scale, out, num_threads, log_out):
     in_place = (out is x_in and last and compute == result and xm.flags.c_contiguous
                 and (mask is None or not np.may_share_memory(out, mask)))
     direct = (out is not None and last and compute == result and not in_place
-              and not _overlaps(out, x, mask))
+              and not overlaps(out, x, mask))
     target = xm if in_place else out.reshape(xm.shape) if direct else None
     res = softmax_rows(xm, mm, scale, nthreads, log_out=log_out, out=target)
     res = np.moveaxis(res.reshape(np.moveaxis(x, axis, -1).shape), -1, axis)
@@ -293,11 +294,3 @@ def _softmax_along(x, mask, axis, scale, out, num_threads, log_out):
             out[...] = res
         return out
     return res if result == compute else res.astype(result)
-
-
-def _as_mask(mask, name):
-    mask = np.asarray(mask)
-    if mask.dtype != np.bool_ and mask.dtype.kind != "f":
-        raise TypeError(f"{name} must be bool (True = keep) or floating (added to the "
-                        f"scores), got dtype {mask.dtype}")
-    return mask

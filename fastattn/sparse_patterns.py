@@ -7,9 +7,10 @@ the bottom-right convention when ``L != S``: query ``i`` sits at key position
 """
 import numpy as np
 
-from fastattn.sparse import BlockLayout, _token_flags, _window, \
-    block_sparse_attention
-from fastattn._validation import check_choice, check_int, check_qkv
+from fastattn.block_layout import BlockLayout
+from fastattn.sparse import block_sparse_attention
+from fastattn._validation import (check_choice, check_int, check_qkv, check_token_flags,
+                                  check_window)
 
 __all__ = ["local_attention", "strided_attention", "global_attention",
            "longformer_attention", "bigbird_attention", "bigbird_layout"]
@@ -26,7 +27,7 @@ def _lengths(query, key, value):
 
 def _global_flags(global_tokens, L, S):
     # key positions -> (query flags, key flags); query i sits at position i + S - L
-    gk = _token_flags("global_tokens", global_tokens, S)
+    gk = check_token_flags("global_tokens", global_tokens, S)
     pos = np.arange(L) + (S - L)
     gq = np.zeros(L, dtype=bool)
     inside = (pos >= 0) & (pos < S)
@@ -82,7 +83,7 @@ def local_attention(query, key, value, window, *, dilation=1, global_tokens=None
     """
     q, k, v, L, S = _lengths(query, key, value)
     gq, gk = _global_flags(global_tokens, L, S) if global_tokens is not None else (None, None)
-    layout = BlockLayout.from_rule((L, S), BLOCK_SIZE, window=_window(window),
+    layout = BlockLayout.from_rule((L, S), BLOCK_SIZE, window=check_window(window),
                                    dilation=dilation, global_query=gq, global_key=gk)
     return block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse,
                                   num_threads=num_threads)
