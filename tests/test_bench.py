@@ -8,6 +8,7 @@ import inspect
 import itertools
 import json
 import pkgutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,3 +131,30 @@ def test_benchmark_runs_at_smallest_params(case):
         if hasattr(instance, "teardown"):        # asv calls it after a skip, too
             instance.teardown(*params)
 
+
+
+def test_busy_machine_script_runs_and_stops_its_load(tmp_path):
+    # benchmarks/busy_machine.py at a tiny setting: the table and JSON are complete and
+    # no load process outlives it. Timings are not checked.
+    script = _benchmark_package().__path__[0] + "/busy_machine.py"
+    out = tmp_path / "busy.json"
+    done = subprocess.run([sys.executable, script, "--quick", "--seconds", "0.05",
+                           "--slice", "0.005", "--max-load-seconds", "30", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "2t/1t attn" in done.stdout
+    result = json.loads(out.read_text())
+    assert [level["busy_processes"] for level in result["results"]] == [0, 1, 2]
+    for level in result["results"]:
+        assert set(level["cases"]) == {"attn t1", "attn t2", "matmul", "loop t1", "loop t2"}
+        assert all(case["calls"] >= 2 for case in level["cases"].values())
+        assert level["thread_ratio"]["ratio"] > 0
+
+
+def test_busy_load_stops_its_processes():
+    busy_machine = importlib.import_module("benchmarks.busy_machine")
+    load = busy_machine.BusyLoad(2, seconds=30).start()
+    processes = list(load.processes)
+    assert all(p.poll() is None for p in processes)
+    load.stop()
+    assert all(p.poll() is not None for p in processes) and not load.processes
