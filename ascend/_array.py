@@ -162,7 +162,7 @@ class DeviceArray(Owner):
     def closed(self):
         """True after :meth:`close` of this array, or of the owner of a view, or
         after the runtime's teardown at interpreter exit."""
-        return (getattr(self, "_closed", True) or self._buffer.ptr is None  # runtime teardown
+        return (not getattr(self, "_open", None) or self._buffer.ptr is None  # runtime teardown
                 or (self._base is not None and self._base.closed))
 
     @property
@@ -174,7 +174,8 @@ class DeviceArray(Owner):
         return f"{self!r} is closed (freed)"
 
     def _live_buffer(self):
-        self._check_open()
+        if self.closed:         # inlined check: this runs for every operand of every call
+            self._check_open()  # raises
         return self._buffer
 
     def _writable_buffer(self):

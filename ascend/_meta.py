@@ -149,7 +149,8 @@ class DescriptorScope(Owner):
 
     def tensor(self, pointer, shape, acl_dtype, strides=None, offset=0, cacheable=True):
         """An ND ``aclTensor`` viewing device memory at ``pointer`` (element strides/offset)."""
-        self._check_open()
+        if not self._open:
+            self._check_open()
         shape = tuple(shape)
         strides = strides if strides is None else tuple(strides)
         key = (pointer, shape, strides, offset, acl_dtype)
@@ -170,7 +171,8 @@ class DescriptorScope(Owner):
         return handle
 
     def int_array(self, values):
-        self._check_open()
+        if not self._open:
+            self._check_open()
         values = [int(v) for v in values]
         array = (c_int64 * max(len(values), 1))(*values)
         handle = self._checked(self._meta.aclCreateIntArray(array, len(values)),
@@ -183,7 +185,8 @@ class DescriptorScope(Owner):
 
         They must come from ``tensor(..., cacheable=False)`` of this scope.
         """
-        self._check_open()
+        if not self._open:
+            self._check_open()
         array = (TensorRef * len(tensors))(*tensors)
         handle = self._checked(self._meta.aclCreateTensorList(array, len(tensors)),
                                "aclCreateTensorList")

@@ -107,14 +107,16 @@ class _CallResources(Owner):
             self.runtime.release(buffer)
 
     def scratch(self, nbytes):
-        self._check_open()
+        if not self._open:
+            self._check_open()
         buffer = self.runtime.allocate(self.device, nbytes)
         self._temporary.append(buffer)
         return buffer
 
     def place(self, operand):
         """Device pointer of ``operand``, uploading host data into a temporary buffer."""
-        self._check_open()
+        if not self._open:
+            self._check_open()
         if operand.device_array is not None:
             return operand.device_array._live_buffer().ptr
         return self.upload(host_storage(operand.value, operand.name)).ptr
@@ -128,7 +130,8 @@ class _CallResources(Owner):
     def deliver(self, buffer, shape, name, on_device):
         """The result in ``buffer``: a DeviceArray (which then owns it) or a NumPy copy
         (the buffer stays a temporary)."""
-        self._check_open()
+        if not self._open:
+            self._check_open()
         if not on_device:
             return download(self.runtime, buffer, shape, name)
         self._temporary.remove(buffer)
@@ -155,7 +158,8 @@ class _Executor(Owner):
 
     def launch(self, operator, workspace, workspace_size, stream):
         """Phase 2 of ``operator``; returns its status."""
-        self._check_open()
+        if not self._open:
+            self._check_open()
         handle, self.handle = self.handle, None  # phase 2 consumes it, whatever its status
         self.close()
         return operator.launch(workspace, workspace_size, handle, stream)

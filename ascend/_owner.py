@@ -44,7 +44,6 @@ ValueError: Handle() is closed
 """
 
 import sys
-import threading
 
 __all__ = ["Owner"]
 
@@ -57,15 +56,15 @@ class Owner:
     ``__init__`` failed before that point counts as closed and releases nothing.
     """
 
-    __slots__ = ("_closed",)
+    # ``_open`` holds one token while open. ``list.pop`` is atomic, so of several
+    # threads closing at once exactly one gets the token and releases, without a lock.
+    __slots__ = ("_open",)
 
     #: exception type raised on use after close (subclasses may keep an older type)
     _closed_error = ValueError
-    # one lock for every owner: held only to flip the flag, never while releasing
-    _flag_lock = threading.RLock()
 
     def __init__(self):
-        self._closed = False
+        self._open = [True]
 
     def _release(self):
         """Give the resource back. Called exactly once, by the first :meth:`close`."""
@@ -74,14 +73,15 @@ class Owner:
     @property
     def closed(self):
         """True once :meth:`close` ran (subclasses may add other reasons)."""
-        return getattr(self, "_closed", True)
+        return not getattr(self, "_open", None)
 
     def close(self):
-        """Release the resource; idempotent. Errors of the release propagate."""
-        with self._flag_lock:
-            if getattr(self, "_closed", True):
-                return
-            self._closed = True
+        """Release the resource; idempotent. Errors of the release propagate (once:
+        the object counts as closed all the same)."""
+        try:
+            self._open.pop()
+        except (IndexError, AttributeError):  # already closed, or never opened
+            return
         self._release()
 
     def _closed_message(self):
@@ -93,7 +93,8 @@ class Owner:
             raise self._closed_error(self._closed_message())
 
     def __enter__(self):
-        self._check_open()
+        if self.closed:
+            self._check_open()  # raises
         return self
 
     def __exit__(self, *exc_info):
@@ -102,7 +103,7 @@ class Owner:
     def __del__(self, _finalizing=sys.is_finalizing):
         # bound at definition: at shutdown the module global ``sys`` may be None
         try:
-            if getattr(self, "_closed", True) or _finalizing():
+            if not getattr(self, "_open", None) or _finalizing():
                 return
             self.close()
         except Exception:  # a finaliser must not raise; the runtime's atexit cleans up

@@ -90,7 +90,7 @@ class Runtime(Owner):
 
     def activate(self, device):
         """Make ``device`` current on this thread; return its stream."""
-        if self._closed:
+        if not self._open:
             self._check_open()
         if getattr(self._local, "device", None) != device:
             self.check_device(device)
@@ -135,7 +135,7 @@ class Runtime(Owner):
 
     def release(self, buffer):
         """Return ``buffer`` to the pool (or free it if the pool is full)."""
-        if buffer.ptr is None or self._closed:
+        if buffer.ptr is None or not self._open:
             return
         with self._lock:
             held = self._idle_bytes.get(buffer.device, 0)
