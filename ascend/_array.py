@@ -6,9 +6,11 @@ import operator
 import numpy as np
 
 from ._meta import contiguous_strides
+from ._owner import Owner
 from ._runtime import device_index, get_runtime
 
-__all__ = ["DeviceArray", "to_device", "zeros", "DTYPES", "dtype_name", "host_storage"]
+__all__ = ["DeviceArray", "to_device", "zeros", "DTYPES", "dtype_name", "host_storage",
+           "download"]
 
 try:  # optional: gives NumPy a real bfloat16 dtype
     import ml_dtypes as _ml_dtypes
@@ -68,13 +70,25 @@ def _from_storage(bits, name):
     return widened.astype(_ml_dtypes.bfloat16) if _ml_dtypes is not None else widened
 
 
-class DeviceArray:
+def download(runtime, buffer, shape, name):
+    """A host copy of the ``shape`` array of dtype ``name`` at the start of ``buffer``.
+
+    bfloat16 comes back as float32 (exactly) unless ``ml_dtypes`` is installed.
+    """
+    bits = np.empty(shape, dtype=DTYPES[name][1])
+    if bits.nbytes:
+        runtime.download(buffer, bits)
+    return _from_storage(bits, name)
+
+
+class DeviceArray(Owner):
     """An array in NPU memory.
 
     Create one with :func:`to_device` or :func:`zeros`; the ascend operators
-    return them when given them. Release it with :meth:`free` or a ``with``
-    block; garbage collection frees it too, as a safety net. Any use after
-    :meth:`free` raises ``ValueError``.
+    return them when given them. Release it with :meth:`close` (alias
+    :meth:`free`) or a ``with`` block; garbage collection frees it too, as a
+    safety net. Any use after that raises ``ValueError``. DeviceArray follows
+    the owner protocol of ``ascend._owner.Owner``.
 
     Write host data into a region with basic indexing (``x[i, :, a:b] = values``),
     copy regions on the device with :meth:`copy_region`, and read with
@@ -94,12 +108,15 @@ class DeviceArray:
     Examples
     --------
     >>> import numpy as np, ascend
-    >>> if ascend.is_available():
-    ...     with ascend.to_device(np.ones((2, 3), np.float32)) as x:
-    ...         print(x.shape, x.to_numpy().sum())
-    ... else:
-    ...     print((2, 3), 6.0)
+    >>> with ascend.to_device(np.ones((2, 3), np.float32)) as x:
+    ...     print(x.shape, x.to_numpy().sum())
     (2, 3) 6.0
+    >>> x.closed
+    True
+    >>> x.to_numpy()
+    Traceback (most recent call last):
+        ...
+    ValueError: DeviceArray(shape=(2, 3), dtype=float32, device='npu:0', closed) is closed (freed)
     """
 
     __slots__ = ("_buffer", "_runtime", "shape", "_dtype_name", "device", "_base", "_readonly",
@@ -108,10 +125,11 @@ class DeviceArray:
     def __init__(self, buffer, shape, name, runtime, base=None, readonly=False):
         self._buffer = buffer
         self._runtime = runtime
+        self._base = base          # the owner of the memory, for views; None if we own it
+        Owner.__init__(self)       # from here on, close() (or collection) releases buffer
         self.shape = tuple(int(n) for n in shape)
         self._dtype_name = name
         self.device = buffer.device
-        self._base = base          # the owner of the memory, for views; None if we own it
         self._readonly = readonly
 
     @property
@@ -141,15 +159,23 @@ class DeviceArray:
         return self._readonly
 
     @property
+    def closed(self):
+        """True after :meth:`close` of this array, or of the owner of a view, or
+        after the runtime's teardown at interpreter exit."""
+        return (not getattr(self, "_open", None) or self._buffer.ptr is None  # runtime teardown
+                or (self._base is not None and self._base.closed))
+
+    @property
     def freed(self):
-        """True after :meth:`free` (of this array, or of the owner of a view)."""
-        buffer = self._buffer
-        return (buffer is None or buffer.ptr is None
-                or (self._base is not None and self._base._buffer is not buffer))
+        """Alias of :attr:`closed`."""
+        return self.closed
+
+    def _closed_message(self):
+        return f"{self!r} is closed (freed)"
 
     def _live_buffer(self):
-        if self.freed:
-            raise ValueError(f"{self!r} has been freed")
+        if self.closed:         # inlined check: this runs for every operand of every call
+            self._check_open()  # raises
         return self._buffer
 
     def _writable_buffer(self):
@@ -168,35 +194,32 @@ class DeviceArray:
 
         bfloat16 arrays come back as float32 (exactly) unless ``ml_dtypes`` is installed.
         """
-        bits = np.empty(self.shape, dtype=DTYPES[self._dtype_name][1])
-        if bits.nbytes:
-            self._runtime.download(self._live_buffer(), bits)
-        else:
-            self._live_buffer()
-        return _from_storage(bits, self._dtype_name)
+        return download(self._runtime, self._live_buffer(), self.shape, self._dtype_name)
 
     def view(self, *, readonly=False):
         """A DeviceArray on the same memory that does not own it.
 
-        Freeing the view frees nothing; freeing the owner (this array, or the
-        owner of this view) makes the view unusable. A view keeps its owner
+        Closing the view frees nothing; closing the owner (this array, or the
+        owner of this view) closes the view too. A view keeps its owner
         alive as long as it exists. Views of read-only views are read-only.
 
         Examples
         --------
         >>> import numpy as np, ascend
-        >>> if ascend.is_available():
-        ...     x = ascend.zeros((2, 2), np.float32)
-        ...     v = x.view(readonly=True)
-        ...     try:
-        ...         v[0] = 1.0
-        ...     except ValueError as e:
-        ...         print(str(e).split(":")[0])
-        ...     v.free(); x[0] = 1.0; print(x.to_numpy()[0]); x.free()
-        ... else:
-        ...     print("assignment destination is read-only"); print(np.ones(2, np.float32))
-        assignment destination is read-only
-        [1. 1.]
+        >>> x = ascend.zeros((2, 2), np.float32)
+        >>> v = x.view(readonly=True)
+        >>> v[0] = 1.0
+        Traceback (most recent call last):
+            ...
+        ValueError: assignment destination is read-only: DeviceArray(shape=(2, 2), ...)
+        >>> v.close()                  # lets go of the memory, frees nothing
+        >>> x[0] = 1.0
+        >>> x.to_numpy()[0]
+        array([1., 1.], dtype=float32)
+        >>> w = x.view()
+        >>> x.close()                  # frees the memory: every view is closed too
+        >>> w.closed
+        True
         """
         buffer = self._live_buffer()
         owner = self if self._base is None else self._base
@@ -263,12 +286,9 @@ class DeviceArray:
         Examples
         --------
         >>> import numpy as np, ascend
-        >>> if ascend.is_available():
-        ...     with ascend.to_device(np.arange(6.0, dtype=np.float32).reshape(3, 2)) as x:
-        ...         x.copy_region(2, x, 0)
-        ...         print(x.to_numpy().tolist())
-        ... else:
-        ...     print([[0.0, 1.0], [2.0, 3.0], [0.0, 1.0]])
+        >>> with ascend.to_device(np.arange(6.0, dtype=np.float32).reshape(3, 2)) as x:
+        ...     x.copy_region(2, x, 0)
+        ...     print(x.to_numpy().tolist())
         [[0.0, 1.0], [2.0, 3.0], [0.0, 1.0]]
         """
         if not isinstance(source, DeviceArray):
@@ -302,26 +322,19 @@ class DeviceArray:
                                source_offset + sum(i * s for i, s in zip(index, source_strides)),
                                run)
 
-    def free(self):
-        """Return the memory (to the pool); idempotent. A view only lets go of it."""
+    def _release(self):
+        # the Owner hook: an owner returns its memory to the pool; a view only lets go
         buffer, self._buffer = self._buffer, None
-        if self._base is None and buffer is not None and buffer.ptr is not None:
+        if self._base is None:
             self._runtime.release(buffer)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.free()
-
-    def __del__(self):
-        try:
-            self.free()
-        except Exception:  # interpreter shutdown or runtime already finalised
-            pass
+    def free(self):
+        """Alias of :meth:`close`: return the memory (to the pool); idempotent.
+        A view only lets go of it."""
+        self.close()
 
     def __repr__(self):
-        state = ", freed" if self.freed else (", read-only view" if self.readonly else "")
+        state = ", closed" if self.closed else (", read-only view" if self.readonly else "")
         return f"DeviceArray(shape={self.shape}, dtype={self._dtype_name}, device='npu:{self.device}'{state})"
 
 
@@ -384,12 +397,12 @@ def to_device(x, device=0, dtype=None):
     Examples
     --------
     >>> import numpy as np, ascend
-    >>> if ascend.is_available():
-    ...     x = ascend.to_device(np.arange(4.0), dtype=np.float32)
-    ...     print(x.to_numpy()); x.free()
-    ... else:
-    ...     print(np.arange(4.0, dtype=np.float32))
-    [0. 1. 2. 3.]
+    >>> x = ascend.to_device(np.arange(4.0), dtype=np.float32)
+    >>> x
+    DeviceArray(shape=(4,), dtype=float32, device='npu:0')
+    >>> x.to_numpy()
+    array([0., 1., 2., 3.], dtype=float32)
+    >>> x.close()
     """
     index = device_index(device)
     if isinstance(x, DeviceArray):
@@ -425,12 +438,9 @@ def zeros(shape, dtype=np.float32, device=0):
     Examples
     --------
     >>> import numpy as np, ascend
-    >>> if ascend.is_available():
-    ...     with ascend.zeros((2, 3), "float16") as x:
-    ...         print(x.shape, x.dtype, x.to_numpy().sum())
-    ... else:
-    ...     print((2, 3), "float16", 0.0)
-    (2, 3) float16 0.0
+    >>> with ascend.zeros((2, 3), "float16", device="npu:1") as x:
+    ...     print(x.shape, x.dtype, x.device, x.to_numpy().sum())
+    (2, 3) float16 1 0.0
     """
     index = device_index(device)
     name = _storable_name(dtype)

@@ -18,6 +18,7 @@ from ctypes import c_int64
 
 from ._errors import AscendError
 from ._library import TensorRef
+from ._owner import Owner
 
 __all__ = ["DescriptorCache", "DescriptorScope", "contiguous_strides"]
 
@@ -96,12 +97,26 @@ class DescriptorCache:
             self._meta.aclDestroyTensor(handle)
 
 
-class DescriptorScope:
-    """Creates aclnn descriptors and destroys them on exit.
+class DescriptorScope(Owner):
+    """Creates aclnn descriptors for one call and destroys them on :meth:`close`.
+
+    An :class:`~ascend._owner.Owner`: close it (or leave its ``with`` block)
+    once the call is over; creating descriptors in a closed scope raises
+    ``ValueError``. Descriptors that went to the ``cache`` are the cache's.
 
     Examples
     --------
-    ``with DescriptorScope(libraries) as scope: t = scope.tensor(ptr, (2, 3), 0)``
+    >>> from ascend._runtime import get_runtime
+    >>> libraries = get_runtime().lib
+    >>> with DescriptorScope(libraries) as scope:
+    ...     t = scope.tensor(None, (0,), 0)
+    ...     lengths = scope.int_array([3, 5])
+    >>> scope.closed                          # both descriptors are destroyed
+    True
+    >>> scope.tensor(None, (0,), 0)
+    Traceback (most recent call last):
+        ...
+    ValueError: <ascend._meta.DescriptorScope object at 0x...> is closed
     """
 
     def __init__(self, libraries, cache=None):
@@ -111,19 +126,19 @@ class DescriptorScope:
         self._tensors = []
         self._int_arrays = []
         self._tensor_lists = []
+        Owner.__init__(self)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
+    def _release(self):
         meta = self._meta
-        for handle in self._tensor_lists:  # also destroys the tensors inside
+        tensor_lists, self._tensor_lists = self._tensor_lists, []
+        tensors, self._tensors = self._tensors, []
+        int_arrays, self._int_arrays = self._int_arrays, []
+        for handle in tensor_lists:  # also destroys the tensors inside
             meta.aclDestroyTensorList(handle)
-        for handle in self._tensors:
+        for handle in tensors:
             meta.aclDestroyTensor(handle)
-        for handle in self._int_arrays:
+        for handle in int_arrays:
             meta.aclDestroyIntArray(handle)
-        self._tensors, self._int_arrays, self._tensor_lists = [], [], []
 
     def _checked(self, handle, name):
         if not handle:
@@ -134,6 +149,8 @@ class DescriptorScope:
 
     def tensor(self, pointer, shape, acl_dtype, strides=None, offset=0, cacheable=True):
         """An ND ``aclTensor`` viewing device memory at ``pointer`` (element strides/offset)."""
+        if not self._open:
+            self._check_open()
         shape = tuple(shape)
         strides = strides if strides is None else tuple(strides)
         key = (pointer, shape, strides, offset, acl_dtype)
@@ -154,6 +171,8 @@ class DescriptorScope:
         return handle
 
     def int_array(self, values):
+        if not self._open:
+            self._check_open()
         values = [int(v) for v in values]
         array = (c_int64 * max(len(values), 1))(*values)
         handle = self._checked(self._meta.aclCreateIntArray(array, len(values)),
@@ -166,6 +185,8 @@ class DescriptorScope:
 
         They must come from ``tensor(..., cacheable=False)`` of this scope.
         """
+        if not self._open:
+            self._check_open()
         array = (TensorRef * len(tensors))(*tensors)
         handle = self._checked(self._meta.aclCreateTensorList(array, len(tensors)),
                                "aclCreateTensorList")

@@ -20,9 +20,10 @@ from ctypes import byref, c_uint64, create_string_buffer
 
 import numpy as np
 
-from ._array import DTYPES, DeviceArray, dtype_name, host_storage
+from ._array import DTYPES, DeviceArray, download, dtype_name, host_storage
 from ._library import ExecutorRef
 from ._meta import DescriptorScope
+from ._owner import Owner
 from ._runtime import device_index, get_runtime
 
 __all__ = ["flash_attention", "paged_attention", "check_paged_cache"]
@@ -91,28 +92,31 @@ def _check_rank(operand, expected, layout):
         raise ValueError(f"{operand.what} must be {expected}-D {layout}, got shape {operand.shape}")
 
 
-class _CallResources:
-    """Device buffers of one call: temporaries always go back to the pool."""
+class _CallResources(Owner):
+    """Device buffers of one call (an :class:`~ascend._owner.Owner`): on close, every
+    temporary goes back to the pool; buffers delivered as DeviceArrays are theirs."""
 
     def __init__(self, runtime, device):
         self.runtime, self.device = runtime, device
         self._temporary = []
+        Owner.__init__(self)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        for buffer in self._temporary:
+    def _release(self):
+        temporary, self._temporary = self._temporary, []
+        for buffer in temporary:
             self.runtime.release(buffer)
-        self._temporary = []
 
     def scratch(self, nbytes):
+        if not self._open:
+            self._check_open()
         buffer = self.runtime.allocate(self.device, nbytes)
         self._temporary.append(buffer)
         return buffer
 
     def place(self, operand):
         """Device pointer of ``operand``, uploading host data into a temporary buffer."""
+        if not self._open:
+            self._check_open()
         if operand.device_array is not None:
             return operand.device_array._live_buffer().ptr
         return self.upload(host_storage(operand.value, operand.name)).ptr
@@ -124,30 +128,55 @@ class _CallResources:
         return buffer
 
     def deliver(self, buffer, shape, name, on_device):
-        """The result in ``buffer``: a DeviceArray (kept) or a NumPy copy."""
-        array = DeviceArray(buffer, shape, name, self.runtime)
-        if on_device:
-            self._temporary.remove(buffer)
-            return array
-        host = array.to_numpy()
-        array._buffer = None  # the buffer is still a temporary; released on exit
-        return host
+        """The result in ``buffer``: a DeviceArray (which then owns it) or a NumPy copy
+        (the buffer stays a temporary)."""
+        if not self._open:
+            self._check_open()
+        if not on_device:
+            return download(self.runtime, buffer, shape, name)
+        self._temporary.remove(buffer)
+        return DeviceArray(buffer, shape, name, self.runtime)
+
+
+class _Executor(Owner):
+    """The ``aclOpExecutor`` of one two-phase call (an :class:`~ascend._owner.Owner`).
+
+    Phase 1 writes it into :attr:`handle`. :meth:`launch` hands it to phase 2,
+    which consumes it (success or failure) and closes this object; closed
+    before a launch (e.g. the workspace allocation failed), it is destroyed.
+    """
+
+    def __init__(self, meta):
+        self._meta = meta
+        self.handle = ExecutorRef()  # NULL until phase 1 succeeds
+        Owner.__init__(self)
+
+    def _release(self):
+        handle, self.handle = self.handle, None
+        if handle:  # set by phase 1 and never launched
+            self._meta.aclDestroyAclOpExecutor(handle)
+
+    def launch(self, operator, workspace, workspace_size, stream):
+        """Phase 2 of ``operator``; returns its status."""
+        if not self._open:
+            self._check_open()
+        handle, self.handle = self.handle, None  # phase 2 consumes it, whatever its status
+        self.close()
+        return operator.launch(workspace, workspace_size, handle, stream)
 
 
 def _run_operator(runtime, device, operator_name, phase1_arguments, resources):
     """Two-phase aclnn call: workspace size + executor, workspace, launch, synchronise."""
     operator = runtime.lib.operator(operator_name)
     stream = runtime.activate(device)
-    workspace_size, executor = c_uint64(0), ExecutorRef()
-    runtime.lib.check(operator.get_workspace_size(*phase1_arguments, byref(workspace_size),
-                                                  byref(executor)), operator.phase1_name)
-    try:
+    workspace_size = c_uint64(0)
+    with _Executor(runtime.lib.meta) as executor:
+        runtime.lib.check(operator.get_workspace_size(*phase1_arguments, byref(workspace_size),
+                                                      byref(executor.handle)),
+                          operator.phase1_name)
         workspace = resources.scratch(workspace_size.value).ptr if workspace_size.value else None
-    except BaseException:
-        runtime.lib.meta.aclDestroyAclOpExecutor(executor)  # phase 2 will never consume it
-        raise
-    runtime.lib.check(operator.launch(workspace, workspace_size.value, executor, stream),
-                      operator.name)
+        runtime.lib.check(executor.launch(operator, workspace, workspace_size.value, stream),
+                          operator.name)
     runtime.lib.check(runtime.lib.acl.aclrtSynchronizeStream(stream), "aclrtSynchronizeStream")
 
 
@@ -304,12 +333,19 @@ def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
     --------
     >>> import numpy as np, ascend
     >>> q = np.random.default_rng(0).standard_normal((1, 2, 4, 8)).astype(np.float32)
-    >>> if ascend.is_available():
-    ...     out = ascend.flash_attention(q, q, q, is_causal=True)
-    ...     print(out.shape, out.dtype)
-    ... else:
-    ...     print((1, 2, 4, 8), "float32")
-    (1, 2, 4, 8) float32
+    >>> out = ascend.flash_attention(q, q, q, is_causal=True)
+    >>> type(out).__name__, out.shape, out.dtype
+    ('ndarray', (1, 2, 4, 8), dtype('float32'))
+    >>> out[0, 0, 0].tolist() == q[0, 0, 0].tolist()   # causal: query 0 sees only key 0
+    True
+
+    With DeviceArray inputs the result stays on the device:
+
+    >>> with ascend.to_device(q) as q_dev:
+    ...     out_dev, lse = ascend.flash_attention(q_dev, q_dev, q_dev, return_lse=True)
+    >>> out_dev, lse.shape
+    (DeviceArray(shape=(1, 2, 4, 8), dtype=float32, device='npu:0'), (1, 2, 4))
+    >>> out_dev.close(); lse.close()
     """
     device = device_index(device)
     runtime = get_runtime()
@@ -490,11 +526,13 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     >>> cache = rng.standard_normal((4, 1, 16, 8)).astype(np.float16)
     >>> q = rng.standard_normal((2, 2, 1, 8)).astype(np.float16)
     >>> table = np.array([[0, 1], [2, 3]], np.int32)
-    >>> if ascend.is_available():
-    ...     print(ascend.paged_attention(q, cache, cache, table, [20, 5]).shape)
-    ... else:
-    ...     print((2, 2, 1, 8))
-    (2, 2, 1, 8)
+    >>> out = ascend.paged_attention(q, cache, cache, table, [20, 5])
+    >>> out.shape, out.dtype
+    ((2, 2, 1, 8), dtype('float16'))
+    >>> ascend.paged_attention(q, cache, cache, table, [20, 40])
+    Traceback (most recent call last):
+        ...
+    ValueError: seq_lens must lie in [1, 32] (max_blocks * block_size), got [20, 40]
     """
     device = device_index(device)
     runtime = get_runtime()

@@ -18,6 +18,7 @@ from ctypes import byref, c_uint32, c_void_p
 
 from . import _library
 from ._meta import DescriptorCache
+from ._owner import Owner
 
 __all__ = ["Buffer", "Runtime", "get_runtime", "is_available", "device_count", "devices",
            "parse_device", "device_index", "empty_cache"]
@@ -43,8 +44,14 @@ class Buffer:
         self.ptr, self.nbytes, self.capacity, self.device = ptr, nbytes, capacity, device
 
 
-class Runtime:
-    """AscendCL state of this process. Use :func:`get_runtime`."""
+class Runtime(Owner):
+    """AscendCL state of this process. Use :func:`get_runtime`.
+
+    An :class:`~ascend._owner.Owner` closed by :meth:`finalize` (registered
+    with ``atexit``); use after that raises ``RuntimeError``.
+    """
+
+    _closed_error = RuntimeError
 
     def __init__(self, libraries):
         self.lib = libraries
@@ -59,7 +66,6 @@ class Runtime:
             acl.aclFinalize()  # no half-initialised runtime left behind
         libraries.check(status, "aclrtGetDeviceCount")
         self.device_count = count.value
-        self.closed = False
         self._local = threading.local()    # .device: the device current on this thread
         self._lock = threading.Lock()      # guards the dicts below, never a device call
         self._streams = {}                 # device -> stream handle
@@ -69,7 +75,11 @@ class Runtime:
         self._idle_bytes = {}              # device -> bytes held in _idle
         self._constants = {}               # (device, key) -> Buffer
         self.descriptors = DescriptorCache(libraries)
+        Owner.__init__(self)
         atexit.register(self.finalize)
+
+    def _closed_message(self):
+        return "the ascend runtime has been finalised (interpreter exit)"
 
     # -- devices and streams ------------------------------------------------
 
@@ -80,8 +90,8 @@ class Runtime:
 
     def activate(self, device):
         """Make ``device`` current on this thread; return its stream."""
-        if self.closed:
-            raise RuntimeError("the ascend runtime has been finalised (interpreter exit)")
+        if not self._open:
+            self._check_open()
         if getattr(self._local, "device", None) != device:
             self.check_device(device)
             self.lib.check(self.lib.acl.aclrtSetDevice(device), "aclrtSetDevice")
@@ -125,7 +135,7 @@ class Runtime:
 
     def release(self, buffer):
         """Return ``buffer`` to the pool (or free it if the pool is full)."""
-        if buffer.ptr is None or self.closed:
+        if buffer.ptr is None or not self._open:
             return
         with self._lock:
             held = self._idle_bytes.get(buffer.device, 0)
@@ -221,9 +231,11 @@ class Runtime:
     # -- teardown -------------------------------------------------------------
 
     def finalize(self):
-        """Release everything in the documented order; idempotent, quiet at exit."""
-        if self.closed:
-            return
+        """Alias of :meth:`close`: release everything in the documented order;
+        idempotent, quiet at exit."""
+        self.close()
+
+    def _release(self):
         acl = self.lib.acl
         with self._lock:
             streams, self._streams = dict(self._streams), {}
@@ -244,7 +256,6 @@ class Runtime:
             acl.aclrtResetDevice(device)
         if self._owns_init:
             acl.aclFinalize()
-        self.closed = True
         self._local = threading.local()
 
 
@@ -281,8 +292,8 @@ def device_count():
     Examples
     --------
     >>> import ascend
-    >>> ascend.device_count() >= 0
-    True
+    >>> ascend.device_count()
+    2
     """
     try:
         return get_runtime().device_count
@@ -291,12 +302,26 @@ def device_count():
 
 
 def is_available():
-    """True if CANN is installed and at least one NPU is visible."""
+    """True if CANN is installed and at least one NPU is visible.
+
+    Examples
+    --------
+    >>> import ascend
+    >>> ascend.is_available()       # the test double of CANN shows two NPUs
+    True
+    """
     return device_count() > 0
 
 
 def devices():
-    """Usable devices as strings, e.g. ``['npu:0', 'npu:1']`` (empty without CANN)."""
+    """Usable devices as strings, e.g. ``['npu:0', 'npu:1']`` (empty without CANN).
+
+    Examples
+    --------
+    >>> import ascend
+    >>> ascend.devices()
+    ['npu:0', 'npu:1']
+    """
     return [f"npu:{i}" for i in range(device_count())]
 
 
@@ -322,6 +347,12 @@ def parse_device(device):
     Examples
     --------
     >>> import ascend
+    >>> ascend.parse_device("npu:1")
+    1
+    >>> ascend.parse_device("npu:7")
+    Traceback (most recent call last):
+        ...
+    ValueError: device npu:7 does not exist; 2 NPU(s) visible: ['npu:0', 'npu:1']
     >>> ascend.parse_device("cuda:0")
     Traceback (most recent call last):
         ...
@@ -357,6 +388,12 @@ def empty_cache():
 
     Memory of live :class:`~ascend.DeviceArray` objects is not touched.
     Does nothing if the runtime was never started.
+
+    Examples
+    --------
+    >>> import numpy as np, ascend
+    >>> ascend.to_device(np.ones(4, np.float32)).close()   # the memory goes to the pool
+    >>> ascend.empty_cache()                                # and from there to the device
     """
     if _runtime is not None and not _runtime.closed:
         _runtime.empty_cache()

@@ -356,7 +356,7 @@ class DirectCall:
         return status, size.value, executor
 
     def close(self):
-        self.scope.__exit__(None, None, None)
+        self.scope.close()
         for buffer in self.buffers:
             self.runtime._free(buffer)
 

@@ -266,7 +266,7 @@ def test_free_is_idempotent_and_use_after_free_raises(runtime):
     x = ascend.to_device(np.ones((2, 2), np.float32))
     x.free()
     x.free()
-    assert x.freed and "freed" in repr(x)
+    assert x.closed and x.freed and "closed" in repr(x)
     with pytest.raises(ValueError, match="freed"):
         x.to_numpy()
     with pytest.raises(ValueError, match="freed"):

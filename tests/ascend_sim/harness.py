@@ -28,6 +28,11 @@ def _load_build_module():
 build_sim = _load_build_module().build
 
 
+def sim_build_dir(tmp_path_factory):
+    """Where this session builds the test double (``sim_root`` points ascend at it)."""
+    return tmp_path_factory.getbasetemp() / "ascend_sim"
+
+
 @pytest.fixture(scope="session")
 def sim_root(tmp_path_factory):
     """Build the test double once and point this process's ascend at it.
@@ -37,7 +42,7 @@ def sim_root(tmp_path_factory):
     """
     import ascend._runtime as runtime_module
 
-    root = tmp_path_factory.getbasetemp() / "ascend_sim"
+    root = sim_build_dir(tmp_path_factory)
     build_sim(root)
     loaded = runtime_module._runtime
     if loaded is not None and not is_simulator(loaded):
