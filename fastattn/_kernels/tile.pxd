@@ -483,7 +483,7 @@ cdef inline void softmax_row(const real *x, real *y, real *scratch, Py_ssize_t n
 
 # ---- additive (Bahdanau) scores (additive.pyx) ---------------------------------------
 
-cdef extern from "vecmath.h" nogil:
+cdef extern from "tanhscores.h" nogil:
     enum: FA_TANH_KEY_PAD
     void fa_tanh_scores_f32(const float *a, const float *bt, Py_ssize_t ldb, const float *w,
                             Py_ssize_t h, Py_ssize_t n, float *s)
@@ -503,9 +503,9 @@ cdef inline void row_tanh_scores(const real *a, const real *bt, Py_ssize_t ldb, 
 # ---- small GEMMs for decoding: a few query rows against one key/value block (paged.pyx) ----
 # Same row-major meaning as gemm_abt / gemm_ab, as vector loops: for a handful of rows
 # a BLAS call costs more than its arithmetic. Each also prefetches pf[0:pf_bytes] (the
-# piece the caller reads next but one, or NULL), spread over its loop (see vecmath.h).
+# piece the caller reads next but one, or NULL), spread over its loop (see smallgemm.h).
 
-cdef extern from "vecmath.h" nogil:
+cdef extern from "smallgemm.h" nogil:
     void fa_gemm_abt_small_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float alpha,
                                const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
                                float *c, Py_ssize_t ldc, const void *pf, Py_ssize_t pf_bytes)
@@ -540,7 +540,7 @@ cdef inline void gemm_ab_acc_small(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
     else:
         fa_gemm_ab_acc_small_f64(m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes)
 
-cdef extern from "vecmath.h" nogil:
+cdef extern from "smallgemm.h" nogil:
     void fa_prefetch(const void *p, Py_ssize_t nbytes)
 
 cdef inline void prefetch_rows(const real *x, Py_ssize_t rows, Py_ssize_t ld) noexcept nogil:
