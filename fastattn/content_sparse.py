@@ -14,7 +14,7 @@ soft sort pairs up (Sinkhorn). Each costs far less than the ``(L, S)`` product:
   one soft-sorted block: ``O(N * block_size * E + N * (N / block_size) * E)``.
 
 LSH and the improved clustered variant run the gathering kernel of
-``fastattn/_kernels/content_sparse.pyx`` (query runs against gathered key runs, read
+``fastattn/_kernels/gathered.pyx`` (query runs against gathered key runs, read
 through row indices, so no sorted copy of the data is made); clustered and Sinkhorn
 attention run the fused dense kernel on centroids and on blocks.
 ``fastattn.reference`` has each variant as a dense masked ``O(N^2)`` formula.
@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse
 
 from fastattn import _threads
-from fastattn._kernels import content_sparse as _kernel
+from fastattn._kernels import clustering as _clustering, gathered as _gathering
 from fastattn._validation import (check_batch_shape, check_int, check_matrix_stacks,
                                   check_qkv, check_scale, result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
@@ -92,7 +92,7 @@ def _gathered(q, k, v, q_rows, out_rows, k_rows, items, n_out, *, scale, causal=
     items = _split_runs(items)
     if len(items) and v.shape[1]:
         with _threads.single_threaded_blas():
-            _kernel.gathered_attention(
+            _gathering.gathered_attention(
                 q, k, v, out, lse, np.ascontiguousarray(q_rows, dtype=np.intp),
                 np.ascontiguousarray(out_rows, dtype=np.intp),
                 np.ascontiguousarray(k_rows, dtype=np.intp), items, scale, causal,
@@ -130,8 +130,8 @@ def _lsh_hash(q, rotations, nthreads):
     rot_index = np.arange(nbatch, dtype=np.intp) % rot.shape[0]
     buckets = np.empty((nbatch, n_hashes, L), dtype=np.intp)
     with _threads.single_threaded_blas():
-        _kernel.lsh_hash(q, rot, rot_index, buckets, n_hashes,
-                         max(1, min(nthreads, nbatch * -(-L // 256))))
+        _clustering.lsh_hash(q, rot, rot_index, buckets, n_hashes,
+                             max(1, min(nthreads, nbatch * -(-L // 256))))
     return buckets
 
 
@@ -308,8 +308,8 @@ def lsh_attention(query, value, *, n_hashes=1, bucket_size=64, chunks_before=1, 
     else:
         out = np.empty((nbatch * L, Ev), dtype=compute)
         lse = np.empty(nbatch * L, dtype=compute) if return_lse else None
-        _kernel.merge_parts(parts.reshape(nbatch * L, n_hashes, Ev),
-                            part_lse.reshape(nbatch * L, n_hashes), out, lse, nthreads)
+        _gathering.merge_parts(parts.reshape(nbatch * L, n_hashes, Ev),
+                               part_lse.reshape(nbatch * L, n_hashes), out, lse, nthreads)
     out = out.reshape(batch_shape + (L, Ev)).astype(result, copy=False)
     if return_lse:
         return out, lse.reshape(batch_shape + (L,))
@@ -324,7 +324,7 @@ def _cluster_means(qs, assign, clusters, nthreads, previous=None):
     nbatch, _, E = qs.shape
     sums = np.zeros((nbatch, clusters, E))
     counts = np.zeros((nbatch, clusters), dtype=np.intp)
-    _kernel.cluster_sums(qs, assign, sums, counts, max(1, min(nthreads, nbatch)))
+    _clustering.cluster_sums(qs, assign, sums, counts, max(1, min(nthreads, nbatch)))
     means = sums / np.maximum(counts, 1)[..., None]
     if previous is not None:
         means = np.where(counts[..., None] > 0, means, previous)
@@ -344,13 +344,13 @@ def _kmeans(qs, clusters, iterations, rng, nthreads):
         assign = np.empty((nbatch, L), dtype=np.intp)
         counts = np.empty((nbatch, clusters), dtype=np.intp)
         with _threads.single_threaded_blas():
-            _kernel.kmeans(qs, centroids, assign, counts, iterations, nthreads)
+            _clustering.kmeans(qs, centroids, assign, counts, iterations, nthreads)
         return assign, centroids, counts
     # fewer entries than threads: each step splits the rows of every entry over threads
     assign, previous = np.empty((nbatch, L), dtype=np.intp), None
     with _threads.single_threaded_blas():
         for _ in range(iterations):
-            _kernel.nearest_centroid(qs, centroids.astype(qs.dtype), assign, nthreads)
+            _clustering.nearest_centroid(qs, centroids.astype(qs.dtype), assign, nthreads)
             if previous is not None and np.array_equal(assign, previous):
                 break           # a fixed point: the centroids are already these means
             centroids, counts = _cluster_means(qs, assign, clusters, nthreads, centroids)
@@ -366,8 +366,8 @@ def _centroid_topk(c_low, c64, ks, scale, topk, nthreads):
     top = np.empty((nbatch, C, topk), dtype=np.intp)
     top_scores = np.empty((nbatch, C, topk))
     with _threads.single_threaded_blas():
-        _kernel.centroid_topk(c_low, np.ascontiguousarray(c64), ks, scale, topk, cap, top,
-                              top_scores, max(1, min(nthreads, nbatch * -(-C // 32))))
+        _clustering.centroid_topk(c_low, np.ascontiguousarray(c64), ks, scale, topk, cap,
+                                  top, top_scores, max(1, min(nthreads, nbatch * -(-C // 32))))
     return top, top_scores
 
 
@@ -729,9 +729,10 @@ def sinkhorn_attention(query, key, value, *, block_size, n_iters=7, temperature=
         cols = xb.shape[-1]
         both = np.empty((nbatch, n, 2 * block_size, cols), dtype=compute)
         both[:, :, :block_size] = xb
-        _kernel.mix_blocks(P, np.ascontiguousarray(xb).reshape(nbatch, n, block_size * cols),
-                           both[:, :, block_size:].reshape(nbatch, n, block_size * cols),
-                           nthreads)
+        _clustering.mix_blocks(P,
+                               np.ascontiguousarray(xb).reshape(nbatch, n, block_size * cols),
+                               both[:, :, block_size:].reshape(nbatch, n, block_size * cols),
+                               nthreads)
         return both
 
     with _threads.single_threaded_blas():

@@ -91,7 +91,7 @@ def tanh_scores(x, dtype):
 
 
 def test_tanh_ulp_error_float32():
-    # vecmath.h: at most 5 ulp over every float with FMA, 6.3 without (checked exhaustively
+    # tanhscores.h: at most 5 ulp over every float with FMA, 6.3 without (checked exhaustively
     # in C); here a dense sweep of [-10, 10], where all the error is, tiny and huge values
     x = np.concatenate([np.linspace(-10, 10, 400_001), np.geomspace(1e-38, 1, 2001),
                         -np.geomspace(1e-38, 1, 2001), [8.0, 8.000001, 7.999999, 1e30, -3e38]])

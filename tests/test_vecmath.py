@@ -1,4 +1,4 @@
-"""The row routines of vecmath.h (max, masked max, exp + sum, small GEMMs).
+"""The row routines of vecmath.h (max, masked max, exp + sum) and smallgemm.h (small GEMMs).
 
 Each ISA has its own version of the routines: its main loop covers 64 bytes per step (16
 floats / 8 doubles, in 1, 2 or 4 registers) and a scalar loop the rest, and the partial

@@ -1,8 +1,8 @@
 /*
  * vecmath_check.c -- checks, and times, the row routines of fastattn/_kernels/vecmath.h
- * (fa_max, fa_add_max, fa_keep_max, fa_exp_sum and the small GEMMs) in every ISA version
- * this CPU can run, against scalar references. tests/test_vecmath.py compiles and runs it;
- * by hand, from the repository root:
+ * (fa_max, fa_add_max, fa_keep_max, fa_exp_sum) and the small GEMMs of smallgemm.h in
+ * every ISA version this CPU can run, against scalar references. tests/test_vecmath.py
+ * compiles and runs it; by hand, from the repository root:
  *
  *   cc -O3 -fno-math-errno [-march=x86-64-v3 -DFASTATTN_NO_CLONES] -Ifastattn/_kernels \
  *      tests/vecmath_check.c -lm -o vecmath_check
@@ -17,6 +17,7 @@
  */
 #define _GNU_SOURCE
 #include "vecmath.h"
+#include "smallgemm.h"
 #include <float.h>
 #include <stdio.h>
 #include <stdlib.h>

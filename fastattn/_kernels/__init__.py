@@ -3,10 +3,17 @@
 - ``tile.pxd`` + ``vecmath.h`` + ``tilegemm.h``: the tile/softmax core (the tile
   products on AVX-512 micro-kernels or BLAS, vector exp/max/sum built per ISA, online
   softmax, partial-result merging), inlined into each family.
+- ``rowsoftmax.pxd``, ``tanhscores.pxd`` + ``tanhscores.h``, ``smallgemm.pxd`` +
+  ``smallgemm.h``: pieces over that core used by a few families: one whole row of a
+  masked softmax (softmax, additive), the tanh scores of additive attention, the small
+  GEMMs and prefetching of paged decoding.
 - ``dense.pyx``: scaled dot-product attention (FlashAttention-2 style driver).
 - ``sparse.pyx``: block-sparse attention over a ``BlockLayout``.
-- ``content_sparse.pyx``: LSH, clustered and Sinkhorn attention (rows read through a
-  sort or an assignment).
+- ``gathered.pyx``: attention of query runs over key runs read through row indices (a
+  sort or an assignment), and the merging of partial results: LSH and improved
+  clustered attention.
+- ``clustering.pyx``: what content-based attention groups rows by: k-means, LSH
+  hashing, each centroid's top-k keys, Sinkhorn's block mixing.
 - ``lowrank.pyx``: linear attention and Performer as chunked reductions.
 - ``paged.pyx``: attention over a paged key/value cache (decoding).
 - ``softmax.pyx``, ``additive.pyx``: masked softmax; Bahdanau scores.

@@ -27,9 +27,11 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data,
     MaskView, mask_view,
-    real, gemm_ab, softmax_row, row_fill, row_tanh_scores, FA_TANH_KEY_PAD,
+    real, gemm_ab, row_fill,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_FULL,
 )
+from fastattn._kernels.rowsoftmax cimport softmax_row
+from fastattn._kernels.tanhscores cimport row_tanh_scores, FA_TANH_KEY_PAD
 
 cnp.import_array()
 

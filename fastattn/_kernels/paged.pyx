@@ -29,9 +29,10 @@ cimport numpy as cnp
 
 from fastattn._kernels.tile cimport (
     intp_data,
-    real, gemm_abt, gemm_ab, gemm_abt_small, gemm_ab_acc_small,
-    row_max, row_fill, prefetch_rows, online_softmax_row, finish_row, merge_partial_row,
+    real, gemm_abt, gemm_ab,
+    row_max, row_fill, online_softmax_row, finish_row, merge_partial_row,
 )
+from fastattn._kernels.smallgemm cimport gemm_abt_small, gemm_ab_acc_small, prefetch_rows
 
 cnp.import_array()
 

@@ -17,8 +17,9 @@ cimport numpy as cnp
 from fastattn._kernels.tile cimport (
     intp_data,
     MaskView, mask_view,
-    real, softmax_row, row_fill, MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_FULL,
+    real, row_fill, MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_FULL,
 )
+from fastattn._kernels.rowsoftmax cimport softmax_row
 
 cnp.import_array()
 

@@ -7,8 +7,11 @@
 #   4. accumulates          acc <- acc + p @ v_blk                 (tile_accumulate)
 # The two products run on the AVX-512 micro-kernels of tilegemm.h for float32 (when the
 # CPU has AVX-512 and ev is a multiple of 16, see `tile_products_native`), else on BLAS.
-# and `finish_rows` turns (m, l, acc) into the output rows and their log-sum-exp.
+# After the last tile, `finish_row` turns a row's (m, l, acc) into its output row and
+# log-sum-exp.
 # All routines are `noexcept nogil` and touch only the memory they are given.
+# Beside this core: rowsoftmax.pxd (one whole row of a masked softmax), tanhscores.pxd
+# (additive scores) and smallgemm.pxd (small GEMMs for decoding).
 
 from libc.stdint cimport uint8_t
 from libc.stdlib cimport malloc
@@ -436,7 +439,8 @@ cdef inline void merge_partial_row(const real *part_out, const real *part_lse, P
         lse[0] = mx + log(total)
 
 
-# ---- one whole row of a masked softmax (softmax.pyx, additive.pyx) --------------------
+# ---- row helpers: copy with a scale, add a constant (vecmath.h) -----------------------
+# (softmax_row in rowsoftmax.pxd, and other families' drivers)
 
 cdef extern from "vecmath.h" nogil:
     void fa_copy_scale_f32(float *y, const float *x, Py_ssize_t n, float a)
@@ -455,104 +459,6 @@ cdef inline void row_add_const(real *x, Py_ssize_t n, real c) noexcept nogil:
         fa_add_const_f32(x, n, c)
     else:
         fa_add_const_f64(x, n, c)
-
-
-cdef inline void softmax_row(const real *x, real *y, real *scratch, Py_ssize_t n,
-                             Py_ssize_t visible, real scale, const void *mask,
-                             int mask_kind, Py_ssize_t mask_col_stride,
-                             bint log_out) noexcept nogil:
-    # y[:n] <- softmax (or log_softmax) of  scale * x[:visible] + mask,  one pass per
-    # stage: scale, mask + max, exp + sum, normalise. Columns >= visible (a causal band)
-    # and a row with nothing visible give probability 0 (log: -inf), never NaN.
-    # y may be x. scratch (n elements) is only used, and only needed, for log_out.
-    cdef real empty = -INFINITY if log_out else 0
-    cdef real mx, total
-    cdef Py_ssize_t j
-    if y != x or scale != 1:
-        row_copy_scale(y, x, visible, scale)
-    row_fill(y + visible, n - visible, empty)
-    # y <- y + mask; mx <- max(y)
-    mx = mask_row_max(y, visible, mask, mask_kind, mask_col_stride)
-    if mx == -INFINITY:
-        row_fill(y, visible, empty)
-        return
-    if log_out:
-        # y <- y - (mx + log(sum exp(y - mx)))
-        for j in range(visible):
-            scratch[j] = y[j]
-        total = row_exp_sum(scratch, visible, mx)
-        row_add_const(y, visible, -(mx + log(total)))
-    else:
-        # y <- exp(y - mx) / sum
-        total = row_exp_sum(y, visible, mx)
-        row_scale(y, visible, 1 / total)
-
-
-# ---- additive (Bahdanau) scores (additive.pyx) ---------------------------------------
-
-cdef extern from "vecmath.h" nogil:
-    enum: FA_TANH_KEY_PAD
-    void fa_tanh_scores_f32(const float *a, const float *bt, Py_ssize_t ldb, const float *w,
-                            Py_ssize_t h, Py_ssize_t n, float *s)
-    void fa_tanh_scores_f64(const double *a, const double *bt, Py_ssize_t ldb,
-                            const double *w, Py_ssize_t h, Py_ssize_t n, double *s)
-
-cdef inline void row_tanh_scores(const real *a, const real *bt, Py_ssize_t ldb, const real *w,
-                                 Py_ssize_t h, Py_ssize_t n, real *s) noexcept nogil:
-    # s[j] <- sum_c w[c] * tanh(a[c] + bt[c * ldb + j]) for j < n, a multiple of
-    # FA_TANH_KEY_PAD (one query against the key columns of bt: h x n, row stride ldb)
-    if real is float:
-        fa_tanh_scores_f32(a, bt, ldb, w, h, n, s)
-    else:
-        fa_tanh_scores_f64(a, bt, ldb, w, h, n, s)
-
-
-# ---- small GEMMs for decoding: a few query rows against one key/value block (paged.pyx) ----
-# Same row-major meaning as gemm_abt / gemm_ab, as vector loops: for a handful of rows
-# a BLAS call costs more than its arithmetic. Each also prefetches pf[0:pf_bytes] (the
-# piece the caller reads next but one, or NULL), spread over its loop (see vecmath.h).
-
-cdef extern from "vecmath.h" nogil:
-    void fa_gemm_abt_small_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float alpha,
-                               const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
-                               float *c, Py_ssize_t ldc, const void *pf, Py_ssize_t pf_bytes)
-    void fa_gemm_abt_small_f64(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, double alpha,
-                               const double *a, Py_ssize_t lda, const double *b, Py_ssize_t ldb,
-                               double *c, Py_ssize_t ldc, const void *pf, Py_ssize_t pf_bytes)
-    void fa_gemm_ab_acc_small_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                                  const float *a, Py_ssize_t lda, const float *b, Py_ssize_t ldb,
-                                  float *c, Py_ssize_t ldc, const void *pf, Py_ssize_t pf_bytes)
-    void fa_gemm_ab_acc_small_f64(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                                  const double *a, Py_ssize_t lda, const double *b,
-                                  Py_ssize_t ldb, double *c, Py_ssize_t ldc, const void *pf,
-                                  Py_ssize_t pf_bytes)
-
-cdef inline void gemm_abt_small(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, real alpha,
-                                const real *a, Py_ssize_t lda, const real *b, Py_ssize_t ldb,
-                                real *c, Py_ssize_t ldc, const void *pf,
-                                Py_ssize_t pf_bytes) noexcept nogil:
-    # c[m, n] = alpha * a[m, k] @ b[n, k].T
-    if real is float:
-        fa_gemm_abt_small_f32(m, n, k, alpha, a, lda, b, ldb, c, ldc, pf, pf_bytes)
-    else:
-        fa_gemm_abt_small_f64(m, n, k, alpha, a, lda, b, ldb, c, ldc, pf, pf_bytes)
-
-cdef inline void gemm_ab_acc_small(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                                   const real *a, Py_ssize_t lda, const real *b, Py_ssize_t ldb,
-                                   real *c, Py_ssize_t ldc, const void *pf,
-                                   Py_ssize_t pf_bytes) noexcept nogil:
-    # c[m, n] += a[m, k] @ b[k, n]
-    if real is float:
-        fa_gemm_ab_acc_small_f32(m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes)
-    else:
-        fa_gemm_ab_acc_small_f64(m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes)
-
-cdef extern from "vecmath.h" nogil:
-    void fa_prefetch(const void *p, Py_ssize_t nbytes)
-
-cdef inline void prefetch_rows(const real *x, Py_ssize_t rows, Py_ssize_t ld) noexcept nogil:
-    # cache hint for rows x ld elements from x (e.g. the next key/value block)
-    fa_prefetch(x, rows * ld * sizeof(real))
 
 
 # ---- plumbing shared by the kernel families' drivers ---------------------------------

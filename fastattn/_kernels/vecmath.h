@@ -1,11 +1,15 @@
 /*
- * vecmath.h -- the vector loops of the tile/softmax core, shared by every kernel family.
+ * vecmath.h -- the vector loops of the tile/softmax core, shared by every kernel family:
+ * the ISA dispatch machinery (FA_VECTOR, FA_WIDTHS, FA_CALL_BY_ISA) and the exp, max and
+ * sum row routines of the softmax. tanhscores.h (additive scores) and smallgemm.h (the
+ * decode small GEMMs) build on it.
  *
  * Each routine works on one row of a score tile. On x86-64 gcc builds every routine exists
  * for AVX-512, AVX2+FMA and baseline SSE2, and the one for the running CPU is picked at
  * run time, so wheels need no -march=native:
- *   - routines written with GCC vector types (the maxima, exp + sum, tanh scores) are
- *     instantiated once per ISA at that ISA's register width (FA_WIDTHS below);
+ *   - routines written with GCC vector types (the maxima, exp + sum here; the tanh scores
+ *     and the small GEMMs in the other two headers) are instantiated once per ISA at that
+ *     ISA's register width (FA_WIDTHS below);
  *   - plain C loops that gcc auto-vectorises (scale, axpy, dot, ...) are target_clones
  *     (FA_VECTOR): the vectoriser already picks each clone's own width.
  *
@@ -13,7 +17,7 @@
  * lets them vectorise without -ffast-math (no reassociation of one accumulator). Every ISA
  * uses the same lanes and the same order of operations, so AVX-512 and AVX2 give the same
  * bits; baseline SSE2 has no FMA, so where gcc contracts a * b + c into one (exp, axpy,
- * dot, the small GEMMs) its results can differ in the last bit.
+ * dot, and the small GEMMs of smallgemm.h) its results can differ in the last bit.
  * The build never uses -ffast-math: masked scores are -inf and must stay -inf.
  *
  * exp is only ever needed for x - rowmax <= 0, so fa_exp_* handle (-inf, 0] (and NaN,
@@ -98,66 +102,13 @@ static inline int fa_isa_level(void)
 
 /* ---- exp of a non-positive argument, element-wise, branch-free -------------------- */
 
-/* float: n = round(x*log2 e); r = x - n ln2 (two-part Cody-Waite); degree-6 minimax
- * polynomial (Cephes expf); 2^n built in the exponent bits.  n is read off the
- * rounding constant's mantissa so no float->int conversion is needed. */
-static inline float fa_expneg_f32(float x)
-{
-    const float lo = -87.33654f;                 /* ln(FLT_MIN): below it the result is 0 */
-    float xc = x < lo ? lo : x;                  /* NaN compares false and passes through */
-    float kf = xc * 1.44269504088896341f + 12582912.0f;   /* 0x1.8p23: round to integer */
-    int32_t kbits;
-    memcpy(&kbits, &kf, 4);
-    float n = kf - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500E-4f;
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t ebits = (kbits - 0x4B400000 + 127) << 23;      /* 2^n, n in [-126, 0] */
-    float scale;
-    memcpy(&scale, &ebits, 4);
-    float y = p * scale;
-    return x < lo ? 0.0f : y;
-}
-
-/* double: same scheme, degree-13 Taylor polynomial on |r| <= ln2/2 (error < 1e-17). */
-static inline double fa_expneg_f64(double x)
-{
-    const double lo = -708.3964185322641;        /* ln(DBL_MIN) */
-    double xc = x < lo ? lo : x;
-    double kf = xc * 1.4426950408889634 + 6755399441055744.0;   /* 0x1.8p52 */
-    int64_t kbits;
-    memcpy(&kbits, &kf, 8);
-    double n = kf - 6755399441055744.0;
-    double r = xc - n * 6.93147180369123816490e-01;
-    r = r - n * 1.90821492927058770002e-10;
-    double p = 1.0 / 6227020800.0;
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r * r + r + 1.0;
-    int64_t ebits = (kbits - 0x4338000000000000LL + 1023) << 52;
-    double scale;
-    memcpy(&scale, &ebits, 8);
-    double y = p * scale;
-    return x < lo ? 0.0 : y;
-}
-
-
-/* Constants of the exp above, shared by the scalar and the vector (fa_exp_sum_*) forms. */
+/* The constants of the exp, shared by the scalar fa_expneg_* below and the vector
+ * FA_EXPNEG_VECS (fa_exp_sum_*, tilegemm.h): one definition, so both compute the same
+ * operations on the same numbers. EXP_LO: ln of the smallest normal, below it the result
+ * is 0; ROUND: 1.5 * 2^MANT, whose addition rounds to an integer, read back from the
+ * mantissa (ROUND_BITS: its bit pattern) with no float->int conversion; LN2HI + LN2LO:
+ * ln 2 in two parts (Cody-Waite); EXP_P<k>: the coefficient of r^k in P, where
+ * exp(r) = 1 + r + r^2 P(r). */
 #define FA_EXP_LO_f32 (-87.33654f)
 #define FA_LOG2E_f32 1.44269504088896341f
 #define FA_ROUND_f32 12582912.0f
@@ -174,6 +125,83 @@ static inline double fa_expneg_f64(double x)
 #define FA_LN2LO_f64 1.90821492927058770002e-10
 #define FA_BIAS_f64 1023
 #define FA_MANT_f64 52
+#define FA_EXP_P0_f32 5.0000001201E-1f
+#define FA_EXP_P1_f32 1.6666665459E-1f
+#define FA_EXP_P2_f32 4.1665795894E-2f
+#define FA_EXP_P3_f32 8.3334519073E-3f
+#define FA_EXP_P4_f32 1.3981999507E-3f
+#define FA_EXP_P5_f32 1.9875691500E-4f
+#define FA_EXP_P0_f64 0.5
+#define FA_EXP_P1_f64 (1.0 / 6.0)
+#define FA_EXP_P2_f64 (1.0 / 24.0)
+#define FA_EXP_P3_f64 (1.0 / 120.0)
+#define FA_EXP_P4_f64 (1.0 / 720.0)
+#define FA_EXP_P5_f64 (1.0 / 5040.0)
+#define FA_EXP_P6_f64 (1.0 / 40320.0)
+#define FA_EXP_P7_f64 (1.0 / 362880.0)
+#define FA_EXP_P8_f64 (1.0 / 3628800.0)
+#define FA_EXP_P9_f64 (1.0 / 39916800.0)
+#define FA_EXP_P10_f64 (1.0 / 479001600.0)
+#define FA_EXP_P11_f64 (1.0 / 6227020800.0)
+
+/* float: n = round(x*log2 e); r = x - n ln2 (two-part Cody-Waite); degree-6 minimax
+ * polynomial (Cephes expf); 2^n built in the exponent bits.  n is read off the
+ * rounding constant's mantissa so no float->int conversion is needed. */
+static inline float fa_expneg_f32(float x)
+{
+    const float lo = FA_EXP_LO_f32;              /* ln(FLT_MIN): below it the result is 0 */
+    float xc = x < lo ? lo : x;                  /* NaN compares false and passes through */
+    float kf = xc * FA_LOG2E_f32 + FA_ROUND_f32; /* 0x1.8p23: round to integer */
+    int32_t kbits;
+    memcpy(&kbits, &kf, 4);
+    float n = kf - FA_ROUND_f32;
+    float r = xc - n * FA_LN2HI_f32;
+    r = r - n * FA_LN2LO_f32;
+    float p = FA_EXP_P5_f32;
+    p = p * r + FA_EXP_P4_f32;
+    p = p * r + FA_EXP_P3_f32;
+    p = p * r + FA_EXP_P2_f32;
+    p = p * r + FA_EXP_P1_f32;
+    p = p * r + FA_EXP_P0_f32;
+    p = p * r * r + r + 1.0f;
+    /* 2^n, n in [-126, 0] */
+    int32_t ebits = (kbits - FA_ROUND_BITS_f32 + FA_BIAS_f32) << FA_MANT_f32;
+    float scale;
+    memcpy(&scale, &ebits, 4);
+    float y = p * scale;
+    return x < lo ? 0.0f : y;
+}
+
+/* double: same scheme, degree-13 Taylor polynomial on |r| <= ln2/2 (error < 1e-17). */
+static inline double fa_expneg_f64(double x)
+{
+    const double lo = FA_EXP_LO_f64;             /* ln(DBL_MIN) */
+    double xc = x < lo ? lo : x;
+    double kf = xc * FA_LOG2E_f64 + FA_ROUND_f64; /* 0x1.8p52 */
+    int64_t kbits;
+    memcpy(&kbits, &kf, 8);
+    double n = kf - FA_ROUND_f64;
+    double r = xc - n * FA_LN2HI_f64;
+    r = r - n * FA_LN2LO_f64;
+    double p = FA_EXP_P11_f64;
+    p = p * r + FA_EXP_P10_f64;
+    p = p * r + FA_EXP_P9_f64;
+    p = p * r + FA_EXP_P8_f64;
+    p = p * r + FA_EXP_P7_f64;
+    p = p * r + FA_EXP_P6_f64;
+    p = p * r + FA_EXP_P5_f64;
+    p = p * r + FA_EXP_P4_f64;
+    p = p * r + FA_EXP_P3_f64;
+    p = p * r + FA_EXP_P2_f64;
+    p = p * r + FA_EXP_P1_f64;
+    p = p * r + FA_EXP_P0_f64;
+    p = p * r * r + r + 1.0;
+    int64_t ebits = (kbits - FA_ROUND_BITS_f64 + FA_BIAS_f64) << FA_MANT_f64;
+    double scale;
+    memcpy(&scale, &ebits, 8);
+    double y = p * scale;
+    return x < lo ? 0.0 : y;
+}
 
 /* ---- row routines, instantiated for float and double ------------------------------- */
 /* Every routine accepts n == 0. Max of nothing (or of all -inf) is -inf. */
@@ -209,27 +237,27 @@ static inline double fa_expneg_f64(double x)
 })
 #endif
 
-/* The exp polynomials (those of fa_expneg_*, step by step), each Horner step applied to
- * the R registers p[], r[] in turn. */
+/* The exp polynomials (those of fa_expneg_*, step by step, on the same FA_EXP_P*),
+ * each Horner step applied to the R registers p[], r[] in turn. */
 #define FA_EXP_POLY_STEPS_f32(p, r)                                                        \
-    FA_ALL(p[u_] = 1.9875691500E-4f * r[u_] + 1.3981999507E-3f)                            \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 8.3334519073E-3f)                                       \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 4.1665795894E-2f)                                       \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.6666665459E-1f)                                       \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 5.0000001201E-1f)                                       \
+    FA_ALL(p[u_] = FA_EXP_P5_f32 * r[u_] + FA_EXP_P4_f32)                                  \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P3_f32)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P2_f32)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P1_f32)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P0_f32)                                          \
     FA_ALL(p[u_] = p[u_] * r[u_] * r[u_] + r[u_] + 1.0f)
 #define FA_EXP_POLY_STEPS_f64(p, r)                                                        \
-    FA_ALL(p[u_] = 1.0 / 6227020800.0 * r[u_] + 1.0 / 479001600.0)                         \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 39916800.0)                                       \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 3628800.0)                                        \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 362880.0)                                         \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 40320.0)                                          \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 5040.0)                                           \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 720.0)                                            \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 120.0)                                            \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 24.0)                                             \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 1.0 / 6.0)                                              \
-    FA_ALL(p[u_] = p[u_] * r[u_] + 0.5)                                                    \
+    FA_ALL(p[u_] = FA_EXP_P11_f64 * r[u_] + FA_EXP_P10_f64)                                \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P9_f64)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P8_f64)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P7_f64)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P6_f64)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P5_f64)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P4_f64)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P3_f64)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P2_f64)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P1_f64)                                          \
+    FA_ALL(p[u_] = p[u_] * r[u_] + FA_EXP_P0_f64)                                          \
     FA_ALL(p[u_] = p[u_] * r[u_] * r[u_] + r[u_] + 1.0)
 
 /* e[u] = exp(v[u]) for the R registers v[] <= 0 of a step: fa_expneg_* lane by lane, the
@@ -482,7 +510,7 @@ FA_VECTOR static T fa_dot_##SFX(const T *x, const T *y, ptrdiff_t n)            
 FA_DEFINE_ROW_ROUTINES(float, f32)
 FA_DEFINE_ROW_ROUTINES(double, f64)
 
-/* ---- softmax helpers (softmax.pyx) ------------------------------------------------- */
+/* ---- softmax helpers (softmax_row; also gathered attention, lowrank) ---------------- */
 
 #define FA_DEFINE_SOFTMAX_ROUTINES(T, SFX)                                                  \
                                                                                            \
@@ -500,526 +528,5 @@ FA_VECTOR static void fa_add_const_##SFX(T *x, ptrdiff_t n, T c)                
 
 FA_DEFINE_SOFTMAX_ROUTINES(float, f32)
 FA_DEFINE_SOFTMAX_ROUTINES(double, f64)
-
-/* ---- additive (Bahdanau) scores (additive.pyx) ------------------------------------- */
-
-/* tanh(x) = x P(x^2) / Q(x^2) for |x| <= c, exactly +-1 beyond c and at +-inf; NaN stays
- * NaN, -0 stays -0. P/Q is the minimax rational approximation of tanh(x)/x in relative
- * error on [0, r] (a rational Remez exchange in 50-digit arithmetic); all coefficients are
- * positive, so the Horner sums never cancel; P(0) = Q(0) = 1, so tanh(x) = x for tiny x.
- * c < r where the rounded quotient would pass 1 (with FMA; without, a double can still
- * come out 1 ulp above 1 between 17.6 and 17.9).
- * One division and no exp: the exp-based formula costs an exp and two divisions.
- *   float  [4/4], r = 9, c = 8 (1 - tanh 8 = 2.3e-7 = 3.8 ulp): approximation error
- *          2.1e-8; over every float at most 5 ulp with FMA, 6.3 without (the rounding of
- *          the Horner steps and the division, not the approximation).
- *   double [9/9], r = 19.1, c = 17.9 (1 - tanh 17.9 = 5.7e-16 = 5 ulp): approximation
- *          error 7.1e-17; against tanhl at 4e7 points at most 8 ulp with FMA, 9 without
- *          (absolute error at most 1e-15). */
-#define FA_TANH_C_f32 8.0f
-#define FA_TANH_P_f32(z) ((((1.335465427e-08f * (z) + 2.060907536e-05f) * (z) \
-    + 3.495587735e-03f) * (z) + 1.338102520e-01f) * (z) + 1.0f)
-#define FA_TANH_Q_f32(z) ((((7.776554867e-07f * (z) + 3.285634157e-04f) * (z) \
-    + 2.587698027e-02f) * (z) + 4.671434164e-01f) * (z) + 1.0f)
-#define FA_TANH_C_f64 17.9
-#define FA_TANH_P_f64(z) (((((((((2.49253667590070978e-23 * (z) + 7.39533910468194157e-19) \
-    * (z) + 3.05867963710775499e-15) * (z) + 4.16683250094880823e-12) * (z) \
-    + 2.43914065999291102e-09) * (z) + 6.82846669615807607e-07) * (z) \
-    + 9.35896501016260840e-05) * (z) + 5.97436168427638303e-03) * (z) \
-    + 1.51803012210423777e-01) * (z) + 1.0)
-#define FA_TANH_Q_f64(z) (((((((((6.20466978273676082e-21 * (z) + 5.62020757302280071e-17) \
-    * (z) + 1.26877890550281447e-13) * (z) + 1.11031007882528970e-10) * (z) \
-    + 4.46139313586382029e-08) * (z) + 8.75180839807571201e-06) * (z) \
-    + 8.28045389918737940e-04) * (z) + 3.43531435321969975e-02) * (z) \
-    + 4.85136345543756231e-01) * (z) + 1.0)
-
-/* tanh of a vector x of the enclosing scope's types vec / ivec (IT lanes). Selects are bit
- * masks made by a shift, not comparisons: gcc turns a vector comparison wider than the
- * ISA's registers into scalar code. big = all ones where c - |x| < 0 (|x| > c or inf); for
- * NaN, c - |x| is a NaN with the sign of |x|, i.e. clear, and the NaN goes through. */
-#define FA_TANH_VEC(IT, SFX, x) ({                                                         \
-    const ivec sign_ = (ivec){0} + ((IT)1 << (8 * sizeof(IT) - 1));                        \
-    vec ax_ = (vec)((ivec)(x) & ~sign_);                                                   \
-    ivec big_ = (ivec)(FA_TANH_C_##SFX - ax_) >> (8 * sizeof(IT) - 1);                     \
-    vec xc_ = (vec)((ivec)ax_ & ~big_);                                                    \
-    vec z_ = xc_ * xc_;                                                                    \
-    vec t_ = xc_ * FA_TANH_P_##SFX(z_) / FA_TANH_Q_##SFX(z_);                              \
-    (vec)((ivec)t_ | ((ivec)((vec){0} + 1) & big_) | ((ivec)(x) & sign_));                 \
-})
-
-/* Callers pad the key axis to a multiple of this many elements (64 bytes of float). */
-#define FA_TANH_KEY_PAD 16
-
-/* s[j] = sum_{c < h} w[c] * tanh(a[c] + bt[c * ldb + j])   for j < n, n a multiple of
- * FA_TANH_KEY_PAD: the scores of one projected query a (h) against n keys whose
- * projections are the columns of bt (h x n, row stride ldb). Vectorised over keys, so no
- * lane sums: each step over the hidden axis broadcasts a[c] and w[c] and updates two
- * vectors of keys (then one), as independent FMA chains. The sum over c is blocked (16
- * terms per partial sum): one running sum of all h terms had 3x the float32 rounding
- * error of the pairwise-summed NumPy formula. VB is the vector width in bytes. */
-#define FA_TANH_SUM_BLOCK 16
-#define FA_TANH_SCORES_BODY(T, IT, SFX, VB)                                                 \
-{                                                                                          \
-    typedef T vec __attribute__((vector_size(VB)));                                        \
-    typedef IT ivec __attribute__((vector_size(VB)));                                      \
-    enum { W = VB / sizeof(T) };                                                           \
-    ptrdiff_t j = 0;                                                                       \
-    for (; j + 2 * W <= n; j += 2 * W) {                                                   \
-        vec acc0 = {0}, acc1 = {0};                                                        \
-        for (ptrdiff_t c0 = 0; c0 < h; c0 += FA_TANH_SUM_BLOCK) {                          \
-            ptrdiff_t c1 = c0 + FA_TANH_SUM_BLOCK < h ? c0 + FA_TANH_SUM_BLOCK : h;        \
-            const T *col = bt + c0 * ldb + j;                                              \
-            vec part0 = {0}, part1 = {0};                                                  \
-            for (ptrdiff_t c = c0; c < c1; c++, col += ldb) {                              \
-                vec x0, x1;                                                                \
-                memcpy(&x0, col, sizeof x0);                                               \
-                memcpy(&x1, col + W, sizeof x1);                                           \
-                x0 += a[c];                                                                \
-                x1 += a[c];                                                                \
-                part0 += w[c] * FA_TANH_VEC(IT, SFX, x0);                                  \
-                part1 += w[c] * FA_TANH_VEC(IT, SFX, x1);                                  \
-            }                                                                              \
-            acc0 += part0;                                                                 \
-            acc1 += part1;                                                                 \
-        }                                                                                  \
-        memcpy(s + j, &acc0, sizeof acc0);                                                 \
-        memcpy(s + j + W, &acc1, sizeof acc1);                                             \
-    }                                                                                      \
-    for (; j < n; j += W) {                                                                \
-        vec acc0 = {0};                                                                    \
-        for (ptrdiff_t c0 = 0; c0 < h; c0 += FA_TANH_SUM_BLOCK) {                          \
-            ptrdiff_t c1 = c0 + FA_TANH_SUM_BLOCK < h ? c0 + FA_TANH_SUM_BLOCK : h;        \
-            const T *col = bt + c0 * ldb + j;                                              \
-            vec part0 = {0};                                                               \
-            for (ptrdiff_t c = c0; c < c1; c++, col += ldb) {                              \
-                vec x0;                                                                    \
-                memcpy(&x0, col, sizeof x0);                                               \
-                x0 += a[c];                                                                \
-                part0 += w[c] * FA_TANH_VEC(IT, SFX, x0);                                  \
-            }                                                                              \
-            acc0 += part0;                                                                 \
-        }                                                                                  \
-        memcpy(s + j, &acc0, sizeof acc0);                                                 \
-    }                                                                                      \
-}
-
-/* One version per ISA at its register width (FA_WIDTHS above): a vector wider than the
- * registers that is carried across loop iterations (the accumulators) lives in memory,
- * which made 64-byte vectors half as fast as 32-byte ones with AVX2, while AVX-512 runs
- * 64-byte ones 1.5x faster, and SSE2 runs 16-byte ones 1.8x (float) and 1.5x (double)
- * faster than 32-byte ones (all measured on a Zen 4 core). The width does not change the
- * results: each key has its own lane and its own sums. */
-#define FA_TANH_SCORES_ARGS(T) \
-    (const T *a, const T *bt, ptrdiff_t ldb, const T *w, ptrdiff_t h, ptrdiff_t n, T *s)
-
-#if FA_WIDTHS
-#define FA_DEFINE_TANH_SCORES(T, IT, SFX)                                                   \
-FA_TARGET_ZMM static void fa_tanh_scores_zmm_##SFX FA_TANH_SCORES_ARGS(T)                  \
-FA_TANH_SCORES_BODY(T, IT, SFX, 64)                                                        \
-FA_TARGET_YMM static void fa_tanh_scores_ymm_##SFX FA_TANH_SCORES_ARGS(T)                  \
-FA_TANH_SCORES_BODY(T, IT, SFX, 32)                                                        \
-FA_TARGET_XMM static void fa_tanh_scores_xmm_##SFX FA_TANH_SCORES_ARGS(T)                  \
-FA_TANH_SCORES_BODY(T, IT, SFX, 16)                                                        \
-static void fa_tanh_scores_##SFX FA_TANH_SCORES_ARGS(T)                                    \
-{                                                                                          \
-    FA_CALL_BY_ISA(fa_tanh_scores, SFX, (a, bt, ldb, w, h, n, s));                         \
-}
-#else
-#define FA_DEFINE_TANH_SCORES(T, IT, SFX)                                                   \
-static void fa_tanh_scores_##SFX FA_TANH_SCORES_ARGS(T)                                    \
-FA_TANH_SCORES_BODY(T, IT, SFX, FA_NATIVE_BYTES)
-#endif
-
-FA_DEFINE_TANH_SCORES(float, int32_t, f32)
-FA_DEFINE_TANH_SCORES(double, int64_t, f64)
-
-/* ---- small GEMMs for decoding: a few query rows against one key/value block (paged.pyx) */
-
-/* Hint the caches to load [p, p + nbytes): paged blocks sit at scattered addresses, where
- * the hardware prefetchers start late. Never faults, whatever the address. Locality 2
- * (x86: prefetcht1, into L2) measured faster than 3: L1's few miss buffers fill up and
- * stall the loop. */
-static inline void fa_prefetch(const void *p, ptrdiff_t nbytes)
-{
-#if defined(__GNUC__)
-    for (ptrdiff_t o = 0; o < nbytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
-#else
-    (void)p; (void)nbytes;
-#endif
-}
-
-/* The small GEMMs below also take a range [pf, pf_end) to prefetch (the key/value piece
- * the caller reads a little later, or NULL) and spread its cache lines over their inner
- * loops, a line or two per iteration: issued in one burst before each call, the hints
- * fill the load queue and stall it. In a C model of the paged decode loop on one Zen 4
- * core: 9 GB/s with bursts, 18 spread (as fast as a plain streaming read), 7 with none.
- * Whatever is left (shapes whose loops are shorter) is issued when the call returns. */
-static inline void fa_prefetch_some(const char **pf, const char *pf_end, int lines)
-{
-#if defined(__GNUC__)
-    for (int z = 0; z < lines && *pf < pf_end; z++, *pf += 64) __builtin_prefetch(*pf, 0, 2);
-#else
-    (void)pf; (void)pf_end; (void)lines;
-#endif
-}
-
-/* For a few query rows a BLAS call on a (rows x 16 keys) tile costs more than its
- * arithmetic; paged.py picks these loops there. They use GCC/clang vector types
- * (32 bytes: one AVX register, two SSE2 ones), since the plain loops did not vectorise
- * across rows. Scores: 4 rows x 4 keys accumulate as 16 independent FMA chains with
- * AVX-512 (8 would leave the FMA units waiting on their latency; each key and query vector
- * is loaded once per 4 uses), 4 x 2 with fewer registers (FA_GEMM_ABT_SMALL_BODY), the dot
- * products finished by a shuffle tree (fa_lane_sums_*) instead of one lane sum each.
- * p @ v: 4 rows x 2 vectors, 8 chains, each value row read once per 4 rows. Other
- * compilers get plain loops. Every routine accepts m, n or k == 0. */
-
-#if defined(__GNUC__)
-
-/* helpers inlined into each ISA's version of their caller (else built for the baseline) */
-#define FA_INLINE static inline __attribute__((always_inline))
-
-typedef float fa_vec_f32 __attribute__((vector_size(32)));
-typedef double fa_vec_f64 __attribute__((vector_size(32)));
-typedef int32_t fa_lanes_f32 __attribute__((vector_size(32)));
-typedef int64_t fa_lanes_f64 __attribute__((vector_size(32)));
-enum { FA_VL_f32 = 8, FA_VL_f64 = 4 };
-
-/* Lane j of the result = the sum of the lanes of x[j], for j < 8 (float) or 4 (double):
- * a transpose that adds its two halves at each step, so the VL sums cost VL - 1 shuffle
- * pairs in all. At step b, lanes with bit b clear hold partial sums of x[i], lanes with
- * it set those of x[i + b]. The additions are a fixed pairwise tree (no -ffast-math). */
-#define FA_FOLD(i, j, lo, hi) \
-    x##i = __builtin_shuffle(x##i, x##j, lo) + __builtin_shuffle(x##i, x##j, hi)
-FA_INLINE fa_vec_f32 fa_lane_sums_f32(const fa_vec_f32 *x)
-{
-    const fa_lanes_f32 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
-    const fa_lanes_f32 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-    const fa_lanes_f32 lo1 = {0, 8, 2, 10, 4, 12, 6, 14}, hi1 = {1, 9, 3, 11, 5, 13, 7, 15};
-    fa_vec_f32 x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3],
-               x4 = x[4], x5 = x[5], x6 = x[6], x7 = x[7];
-    FA_FOLD(0, 4, lo4, hi4); FA_FOLD(1, 5, lo4, hi4); FA_FOLD(2, 6, lo4, hi4);
-    FA_FOLD(3, 7, lo4, hi4);
-    FA_FOLD(0, 2, lo2, hi2); FA_FOLD(1, 3, lo2, hi2);
-    FA_FOLD(0, 1, lo1, hi1);
-    return x0;
-}
-FA_INLINE fa_vec_f64 fa_lane_sums_f64(const fa_vec_f64 *x)
-{
-    const fa_lanes_f64 lo2 = {0, 1, 4, 5}, hi2 = {2, 3, 6, 7};
-    const fa_lanes_f64 lo1 = {0, 4, 2, 6}, hi1 = {1, 5, 3, 7};
-    fa_vec_f64 x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
-    FA_FOLD(0, 2, lo2, hi2); FA_FOLD(1, 3, lo2, hi2);
-    FA_FOLD(0, 1, lo1, hi1);
-    return x0;
-}
-#undef FA_FOLD
-
-/* The scores' loop, 4 rows of a against 4 rows of b at a time, as NB = 4 or 2 keys per
- * fa_dot4xn: 4 x 4 takes 21 vector registers, fine with AVX-512's 32 but spilled with
- * AVX2's 16, where two 4 x 2 ran 1.3x faster; with AVX-512 4 x 4 ran 1.4x faster than
- * 4 x 2, and with SSE2 (two registers a vector, spilled either way) 1.25x faster (Zen 4,
- * one core, 4-8 rows, k = 64..128, cached). Hence one version per ISA. */
-#define FA_GEMM_ABT_SMALL_ARGS(T)                                                           \
-    (ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, T alpha, const T *a, ptrdiff_t lda, const T *b, \
-     ptrdiff_t ldb, T *c, ptrdiff_t ldc, const void *pf, ptrdiff_t pf_bytes)
-#define FA_GEMM_ABT_SMALL_BODY(T, SFX, NB)                                                  \
-{                                                                                          \
-    const char *pf_at = (const char *)pf, *pf_end = pf ? pf_at + pf_bytes : pf_at;         \
-    T r[16];                                                                               \
-    ptrdiff_t i = 0;                                                                       \
-    for (; i + 4 <= m; i += 4) {            /* 4 rows of a against 4 rows of b, then 1 */  \
-        const T *ai = a + i * lda;                                                         \
-        ptrdiff_t j = 0;                                                                   \
-        for (; j + 4 <= n; j += 4) {                                                       \
-            for (int h = 0; h < 4; h += NB)                                                \
-                fa_dot4xn_##SFX(ai, lda, b + (j + h) * ldb, ldb, k, r + h, &pf_at, pf_end, \
-                                NB);                                                       \
-            for (int t = 0; t < 4; t++)                                                    \
-                for (int u = 0; u < 4; u++) c[(i + t) * ldc + j + u] = alpha * r[4 * t + u]; \
-        }                                                                                  \
-        for (; j < n; j++) {                                                               \
-            fa_dot4_##SFX(b + j * ldb, ai, ai + lda, ai + 2 * lda, ai + 3 * lda, k, r);    \
-            for (int t = 0; t < 4; t++) c[(i + t) * ldc + j] = alpha * r[t];               \
-        }                                                                                  \
-    }                                                                                      \
-    for (; i < m; i++) {                    /* one row of a against 8, 4, 1 rows of b */   \
-        const T *ai = a + i * lda;                                                         \
-        ptrdiff_t j = 0;                                                                   \
-        for (; j + 8 <= n; j += 8) {                                                       \
-            fa_dot1x8_##SFX(ai, b + j * ldb, ldb, k, r, &pf_at, pf_end);                   \
-            for (int t = 0; t < 8; t++) c[i * ldc + j + t] = alpha * r[t];                 \
-        }                                                                                  \
-        for (; j + 4 <= n; j += 4) {                                                       \
-            const T *bj = b + j * ldb;                                                     \
-            fa_dot4_##SFX(ai, bj, bj + ldb, bj + 2 * ldb, bj + 3 * ldb, k, r);             \
-            for (int t = 0; t < 4; t++) c[i * ldc + j + t] = alpha * r[t];                 \
-        }                                                                                  \
-        for (; j < n; j++) c[i * ldc + j] = alpha * fa_dot1_##SFX(ai, b + j * ldb, k);     \
-    }                                                                                      \
-    fa_prefetch(pf_at, pf_end - pf_at);                                                    \
-}
-#if FA_WIDTHS
-#define FA_DEFINE_GEMM_ABT_SMALL(T, SFX)                                                    \
-FA_TARGET_ZMM static void fa_gemm_abt_small_zmm_##SFX FA_GEMM_ABT_SMALL_ARGS(T)            \
-FA_GEMM_ABT_SMALL_BODY(T, SFX, 4)                                                          \
-FA_TARGET_YMM static void fa_gemm_abt_small_ymm_##SFX FA_GEMM_ABT_SMALL_ARGS(T)            \
-FA_GEMM_ABT_SMALL_BODY(T, SFX, 2)                                                          \
-FA_TARGET_XMM static void fa_gemm_abt_small_xmm_##SFX FA_GEMM_ABT_SMALL_ARGS(T)            \
-FA_GEMM_ABT_SMALL_BODY(T, SFX, 4)                                                          \
-static void fa_gemm_abt_small_##SFX FA_GEMM_ABT_SMALL_ARGS(T)                              \
-{                                                                                          \
-    FA_CALL_BY_ISA(fa_gemm_abt_small, SFX,                                                 \
-                   (m, n, k, alpha, a, lda, b, ldb, c, ldc, pf, pf_bytes));                \
-}
-#else
-#define FA_DEFINE_GEMM_ABT_SMALL(T, SFX)                                                    \
-static void fa_gemm_abt_small_##SFX FA_GEMM_ABT_SMALL_ARGS(T)                              \
-FA_GEMM_ABT_SMALL_BODY(T, SFX, (FA_NATIVE_BYTES == 32 ? 2 : 4))
-#endif
-
-/* p @ v, the values' loop: c[i*ldc + j] += sum_p a[i*lda + p] * b[p*ldb + j] (c += a b);
- * prefetches [pf, pf + pf_bytes) on the way, a line per step. Vectors of VB bytes: 32, or
- * 16 for SSE2, where gcc kept the 32-byte accumulators in memory (47x slower than AVX2 at
- * 4 x 128 x 16). Each element of c is one chain over p whatever VB: the same bits. */
-#define FA_LOADV(V, p) ({ V v_; memcpy(&v_, (p), sizeof v_); v_; })
-#define FA_STOREV(p, v) do { __typeof__(v) v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
-#define FA_GEMM_AB_ACC_SMALL_ARGS(T)                                                       \
-    (ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *a, ptrdiff_t lda, const T *b,         \
-     ptrdiff_t ldb, T *c, ptrdiff_t ldc, const void *pf, ptrdiff_t pf_bytes)
-#define FA_GEMM_AB_ACC_SMALL_BODY(T, VB)                                                   \
-{                                                                                          \
-    typedef T vec_ __attribute__((vector_size(VB)));                                       \
-    enum { VL = (VB) / sizeof(T) };                                                        \
-    const char *pf_at = (const char *)pf, *pf_end = pf ? pf_at + pf_bytes : pf_at;         \
-    ptrdiff_t i = 0;                                                                       \
-    /* 4 rows of c, 2 vectors of columns at a time, accumulated in registers over k */     \
-    for (; i + 4 <= m; i += 4) {                                                           \
-        const T *a0 = a + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;         \
-        T *c0 = c + i * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;               \
-        ptrdiff_t j = 0;                                                                   \
-        for (; j + 2 * VL <= n; j += 2 * VL) {                                             \
-            vec_ t0 = FA_LOADV(vec_, c0 + j), u0 = FA_LOADV(vec_, c0 + j + VL);            \
-            vec_ t1 = FA_LOADV(vec_, c1 + j), u1 = FA_LOADV(vec_, c1 + j + VL);            \
-            vec_ t2 = FA_LOADV(vec_, c2 + j), u2 = FA_LOADV(vec_, c2 + j + VL);            \
-            vec_ t3 = FA_LOADV(vec_, c3 + j), u3 = FA_LOADV(vec_, c3 + j + VL);            \
-            for (ptrdiff_t p = 0; p < k; p++) {                                            \
-                fa_prefetch_some(&pf_at, pf_end, 1);                                       \
-                vec_ x = FA_LOADV(vec_, b + p * ldb + j);                                  \
-                vec_ y = FA_LOADV(vec_, b + p * ldb + j + VL);                             \
-                t0 += a0[p] * x; u0 += a0[p] * y; t1 += a1[p] * x; u1 += a1[p] * y;        \
-                t2 += a2[p] * x; u2 += a2[p] * y; t3 += a3[p] * x; u3 += a3[p] * y;        \
-            }                                                                              \
-            FA_STOREV(c0 + j, t0); FA_STOREV(c0 + j + VL, u0);                             \
-            FA_STOREV(c1 + j, t1); FA_STOREV(c1 + j + VL, u1);                             \
-            FA_STOREV(c2 + j, t2); FA_STOREV(c2 + j + VL, u2);                             \
-            FA_STOREV(c3 + j, t3); FA_STOREV(c3 + j + VL, u3);                             \
-        }                                                                                  \
-        for (; j < n; j++)                                                                 \
-            for (ptrdiff_t p = 0; p < k; p++) {                                            \
-                T x = b[p * ldb + j];                                                      \
-                c0[j] += a0[p] * x; c1[j] += a1[p] * x;                                    \
-                c2[j] += a2[p] * x; c3[j] += a3[p] * x;                                    \
-            }                                                                              \
-    }                                                                                      \
-    /* each remaining row, 4 vectors of columns at a time, then one, then scalars */       \
-    for (; i < m; i++) {                                                                   \
-        const T *ai = a + i * lda;                                                         \
-        T *ci = c + i * ldc;                                                               \
-        ptrdiff_t j = 0;                                                                   \
-        for (; j + 4 * VL <= n; j += 4 * VL) {                                             \
-            vec_ t0 = FA_LOADV(vec_, ci + j), t1 = FA_LOADV(vec_, ci + j + VL);            \
-            vec_ t2 = FA_LOADV(vec_, ci + j + 2 * VL);                                     \
-            vec_ t3 = FA_LOADV(vec_, ci + j + 3 * VL);                                     \
-            for (ptrdiff_t p = 0; p < k; p++) {                                            \
-                fa_prefetch_some(&pf_at, pf_end, 2);                                       \
-                const T *bp = b + p * ldb + j;                                             \
-                t0 += ai[p] * FA_LOADV(vec_, bp); t1 += ai[p] * FA_LOADV(vec_, bp + VL);   \
-                t2 += ai[p] * FA_LOADV(vec_, bp + 2 * VL);                                 \
-                t3 += ai[p] * FA_LOADV(vec_, bp + 3 * VL);                                 \
-            }                                                                              \
-            FA_STOREV(ci + j, t0); FA_STOREV(ci + j + VL, t1);                             \
-            FA_STOREV(ci + j + 2 * VL, t2); FA_STOREV(ci + j + 3 * VL, t3);                \
-        }                                                                                  \
-        for (; j + VL <= n; j += VL) {                                                     \
-            vec_ t0 = FA_LOADV(vec_, ci + j);                                              \
-            for (ptrdiff_t p = 0; p < k; p++)                                              \
-                t0 += ai[p] * FA_LOADV(vec_, b + p * ldb + j);                             \
-            FA_STOREV(ci + j, t0);                                                         \
-        }                                                                                  \
-        for (; j < n; j++)                                                                 \
-            for (ptrdiff_t p = 0; p < k; p++) ci[j] += ai[p] * b[p * ldb + j];             \
-    }                                                                                      \
-    fa_prefetch(pf_at, pf_end - pf_at);                                                    \
-}
-#if FA_WIDTHS
-#define FA_DEFINE_GEMM_AB_ACC_SMALL(T, SFX)                                                \
-FA_TARGET_ZMM static void fa_gemm_ab_acc_small_zmm_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)      \
-FA_GEMM_AB_ACC_SMALL_BODY(T, 32)                                                           \
-FA_TARGET_YMM static void fa_gemm_ab_acc_small_ymm_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)      \
-FA_GEMM_AB_ACC_SMALL_BODY(T, 32)                                                           \
-FA_TARGET_XMM static void fa_gemm_ab_acc_small_xmm_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)      \
-FA_GEMM_AB_ACC_SMALL_BODY(T, 16)                                                           \
-static void fa_gemm_ab_acc_small_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)                        \
-{                                                                                          \
-    FA_CALL_BY_ISA(fa_gemm_ab_acc_small, SFX,                                              \
-                   (m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes));                       \
-}
-#else
-#define FA_DEFINE_GEMM_AB_ACC_SMALL(T, SFX)                                                \
-static void fa_gemm_ab_acc_small_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)                        \
-FA_GEMM_AB_ACC_SMALL_BODY(T, (FA_NATIVE_BYTES < 32 ? FA_NATIVE_BYTES : 32))
-#endif
-
-#define FA_DEFINE_SMALL_GEMMS(T, SFX)                                                       \
-                                                                                           \
-FA_INLINE fa_vec_##SFX fa_load_##SFX(const T *p)                                       \
-{                                                                                          \
-    fa_vec_##SFX v;                                                                        \
-    memcpy(&v, p, sizeof v);                                                               \
-    return v;                                                                              \
-}                                                                                          \
-                                                                                           \
-FA_INLINE void fa_store_##SFX(T *p, fa_vec_##SFX v) { memcpy(p, &v, sizeof v); }       \
-                                                                                           \
-FA_INLINE T fa_hsum_##SFX(fa_vec_##SFX v)                                              \
-{                                                                                          \
-    T s[FA_VL_##SFX];                                                                      \
-    memcpy(s, &v, sizeof v);                                                               \
-    for (int h = FA_VL_##SFX / 2; h > 0; h /= 2)                                           \
-        for (int k = 0; k < h; k++) s[k] += s[k + h];                                      \
-    return s[0];                                                                           \
-}                                                                                          \
-                                                                                           \
-/* dot products of x with 4 rows y0..y3 of length k: r[i] = x . yi */                      \
-FA_INLINE void fa_dot4_##SFX(const T *x, const T *y0, const T *y1, const T *y2,        \
-                                 const T *y3, ptrdiff_t k, T *r)                           \
-{                                                                                          \
-    enum { VL = FA_VL_##SFX };                                                             \
-    fa_vec_##SFX a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                   \
-    fa_vec_##SFX b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};                                   \
-    ptrdiff_t p = 0;                                                                       \
-    for (; p + 2 * VL <= k; p += 2 * VL) {                                                 \
-        fa_vec_##SFX x0 = fa_load_##SFX(x + p), x1 = fa_load_##SFX(x + p + VL);            \
-        a0 += fa_load_##SFX(y0 + p) * x0; b0 += fa_load_##SFX(y0 + p + VL) * x1;           \
-        a1 += fa_load_##SFX(y1 + p) * x0; b1 += fa_load_##SFX(y1 + p + VL) * x1;           \
-        a2 += fa_load_##SFX(y2 + p) * x0; b2 += fa_load_##SFX(y2 + p + VL) * x1;           \
-        a3 += fa_load_##SFX(y3 + p) * x0; b3 += fa_load_##SFX(y3 + p + VL) * x1;           \
-    }                                                                                      \
-    for (; p + VL <= k; p += VL) {                                                         \
-        fa_vec_##SFX x0 = fa_load_##SFX(x + p);                                            \
-        a0 += fa_load_##SFX(y0 + p) * x0; a1 += fa_load_##SFX(y1 + p) * x0;                \
-        a2 += fa_load_##SFX(y2 + p) * x0; a3 += fa_load_##SFX(y3 + p) * x0;                \
-    }                                                                                      \
-    r[0] = fa_hsum_##SFX(a0 + b0); r[1] = fa_hsum_##SFX(a1 + b1);                          \
-    r[2] = fa_hsum_##SFX(a2 + b2); r[3] = fa_hsum_##SFX(a3 + b3);                          \
-    for (; p < k; p++) {                                                                   \
-        r[0] += x[p] * y0[p]; r[1] += x[p] * y1[p];                                        \
-        r[2] += x[p] * y2[p]; r[3] += x[p] * y3[p];                                        \
-    }                                                                                      \
-}                                                                                          \
-                                                                                           \
-/* 4 rows x0..x3 against NB = 4 or 2 rows y0.. (row strides ldx, ldy) of length k:     \
- * r[4 * i + j] = xi . yj, as 4 NB chains; NB / 2 lines of the prefetch range per step    \
- * (with 32-byte vectors that covers NB rows of y by the end). Both shapes give the same  \
- * bits (one chain per product, lanes summed by the same tree). */                         \
-FA_INLINE void fa_dot4xn_##SFX(const T *x, ptrdiff_t ldx, const T *y, ptrdiff_t ldy,       \
-                               ptrdiff_t k, T *r, const char **pf, const char *pf_end,     \
-                               int nb)                                                     \
-{                                                                                          \
-    enum { VL = FA_VL_##SFX };                                                             \
-    const T *xi[4] = {x, x + ldx, x + 2 * ldx, x + 3 * ldx};                               \
-    fa_vec_##SFX acc[16] = {{0}};                                                          \
-    ptrdiff_t p = 0;                                                                       \
-    for (; p + VL <= k; p += VL) {                                                         \
-        fa_prefetch_some(pf, pf_end, nb / 2);                                              \
-        fa_vec_##SFX z[4];                                                                 \
-        for (int j = 0; j < nb; j++) z[j] = fa_load_##SFX(y + j * ldy + p);                \
-        for (int i = 0; i < 4; i++) {                                                      \
-            fa_vec_##SFX u = fa_load_##SFX(xi[i] + p);                                     \
-            for (int j = 0; j < nb; j++) acc[nb * i + j] += u * z[j];                      \
-        }                                                                                  \
-    }                                                                                      \
-    T t[16];                                                                               \
-    for (int g = 0; g < 4 * nb; g += VL) {                                                 \
-        fa_vec_##SFX s = fa_lane_sums_##SFX(acc + g);                                      \
-        memcpy(t + g, &s, sizeof s);                                                       \
-    }                                                                                      \
-    for (; p < k; p++)                                                                     \
-        for (int i = 0; i < 4; i++)                                                        \
-            for (int j = 0; j < nb; j++) t[nb * i + j] += xi[i][p] * y[j * ldy + p];       \
-    for (int i = 0; i < 4; i++)                                                            \
-        for (int j = 0; j < nb; j++) r[4 * i + j] = t[nb * i + j];                         \
-}                                                                                          \
-                                                                                           \
-/* one row x against 8 rows y0..y7 (row stride ldy): r[j] = x . yj, as 8 chains;        \
- * 4 lines of the prefetch range per step (8 rows of y by the end) */                      \
-FA_INLINE void fa_dot1x8_##SFX(const T *x, const T *y, ptrdiff_t ldy, ptrdiff_t k, T *r,   \
-                               const char **pf, const char *pf_end)                        \
-{                                                                                          \
-    enum { VL = FA_VL_##SFX };                                                             \
-    fa_vec_##SFX acc[8] = {{0}};                                                           \
-    ptrdiff_t p = 0;                                                                       \
-    for (; p + VL <= k; p += VL) {                                                         \
-        fa_prefetch_some(pf, pf_end, 4);                                                   \
-        fa_vec_##SFX u = fa_load_##SFX(x + p);                                             \
-        for (int j = 0; j < 8; j++) acc[j] += u * fa_load_##SFX(y + j * ldy + p);          \
-    }                                                                                      \
-    for (int g = 0; g < 8; g += VL) {                                                      \
-        fa_vec_##SFX s = fa_lane_sums_##SFX(acc + g);                                      \
-        memcpy(r + g, &s, sizeof s);                                                       \
-    }                                                                                      \
-    for (; p < k; p++)                                                                     \
-        for (int j = 0; j < 8; j++) r[j] += x[p] * y[j * ldy + p];                         \
-}                                                                                          \
-                                                                                           \
-FA_INLINE T fa_dot1_##SFX(const T *x, const T *y, ptrdiff_t k)                         \
-{                                                                                          \
-    enum { VL = FA_VL_##SFX };                                                             \
-    fa_vec_##SFX a = {0}, b = {0};                                                         \
-    ptrdiff_t p = 0;                                                                       \
-    for (; p + 2 * VL <= k; p += 2 * VL) {                                                 \
-        a += fa_load_##SFX(x + p) * fa_load_##SFX(y + p);                                  \
-        b += fa_load_##SFX(x + p + VL) * fa_load_##SFX(y + p + VL);                        \
-    }                                                                                      \
-    for (; p + VL <= k; p += VL) a += fa_load_##SFX(x + p) * fa_load_##SFX(y + p);         \
-    T r = fa_hsum_##SFX(a + b);                                                            \
-    for (; p < k; p++) r += x[p] * y[p];                                                   \
-    return r;                                                                              \
-}                                                                                          \
-                                                                                           \
-/* c[i*ldc + j] = alpha * sum_p a[i*lda + p] * b[j*ldb + p]   (i < m, j < n: c = a b^T); \
- * prefetches [pf, pf + pf_bytes) on the way */                                            \
-FA_DEFINE_GEMM_ABT_SMALL(T, SFX)                                                           \
-                                                                                           \
-/* c[i*ldc + j] += sum_p a[i*lda + p] * b[p*ldb + j]   (i < m, j < n: c += a b);         \
- * prefetches [pf, pf + pf_bytes) on the way */                                            \
-FA_DEFINE_GEMM_AB_ACC_SMALL(T, SFX)
-
-#else   /* no vector types: plain loops */
-
-#define FA_DEFINE_SMALL_GEMMS(T, SFX)                                                       \
-static void fa_gemm_abt_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, T alpha,        \
-        const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc,         \
-        const void *pf, ptrdiff_t pf_bytes)                                                \
-{                                                                                          \
-    if (pf) fa_prefetch(pf, pf_bytes);                                                     \
-    for (ptrdiff_t i = 0; i < m; i++)                                                      \
-        for (ptrdiff_t j = 0; j < n; j++)                                                  \
-            c[i * ldc + j] = alpha * fa_dot_##SFX(a + i * lda, b + j * ldb, k);            \
-}                                                                                          \
-static void fa_gemm_ab_acc_small_##SFX(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k,              \
-        const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc,         \
-        const void *pf, ptrdiff_t pf_bytes)                                                \
-{                                                                                          \
-    if (pf) fa_prefetch(pf, pf_bytes);                                                     \
-    for (ptrdiff_t i = 0; i < m; i++)                                                      \
-        for (ptrdiff_t p = 0; p < k; p++)                                                  \
-            fa_axpy_##SFX(c + i * ldc, b + p * ldb, n, a[i * lda + p]);                    \
-}
-
-#endif
-
-FA_DEFINE_SMALL_GEMMS(float, f32)
-FA_DEFINE_SMALL_GEMMS(double, f64)
 
 #endif /* FASTATTN_VECMATH_H */
