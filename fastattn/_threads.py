@@ -196,7 +196,8 @@ def kernel_blas(uses_blas=True):
 
 def tile_blas(dtype, ev):
     """:func:`kernel_blas` for a kernel over ``attend_tile`` (dense, block-sparse)."""
-    return kernel_blas(not _dense.tile_products_run_natively(dtype == np.float32, ev))
+    # half operands are multiplied in float32 (or as bfloat16 pairs), like float32
+    return kernel_blas(not _dense.tile_products_run_natively(np.dtype(dtype) != np.float64, ev))
 
 
 def single_threaded_blas():

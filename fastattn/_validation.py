@@ -5,12 +5,17 @@ data, ``ValueError`` for wrong shapes or values, with the offending shapes named
 """
 import operator
 
+import ml_dtypes
 import numpy as np
 
 __all__ = ["result_dtypes", "check_device", "check_choice"]
 
-# dtypes computed natively; float16 is computed in float32 and converted back.
+# dtypes computed natively; the half types (float16, bfloat16) are computed in float32
+# and returned in their own type.
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+HALF = (np.dtype(np.float16), BFLOAT16)
+SUPPORTED = "float16, bfloat16, float32, float64 or integers"
 CPU_DEVICES = ("cpu",)
 CPU_AND_NPU = ("cpu", "npu")      # functions that can also run on an Ascend NPU
 
@@ -18,23 +23,25 @@ CPU_AND_NPU = ("cpu", "npu")      # functions that can also run on an Ascend NPU
 def result_dtypes(*arrays, names=None):
     """Return ``(compute_dtype, result_dtype)`` for floating inputs, NumPy-style.
 
-    float32 stays float32, float64 stays float64, mixed float32/float64 gives float64,
-    float16 is computed in float32 and returned as float16, and integers promote to
-    float64 (the ``np.mean`` rule). bool, complex, object and string data raise
-    ``TypeError``.
+    float32 stays float32, float64 stays float64, mixed dtypes promote as NumPy and
+    ml_dtypes promote them (float16 with float32 gives float32, float16 with bfloat16
+    gives float32); float16 and bfloat16 are computed in float32 and returned in their
+    own type; integers promote to float64 (the ``np.mean`` rule). bool, complex,
+    object and string data raise ``TypeError``.
     """
     names = names or [f"argument {i}" for i in range(len(arrays))]
     for name, a in zip(names, arrays):
+        if a.dtype == BFLOAT16:
+            continue
         kind = a.dtype.kind
         if kind not in "fiu":
-            raise TypeError(
-                f"{name} must hold real numbers (float16/32/64 or integers), "
-                f"got dtype {a.dtype}")
+            raise TypeError(f"{name} must hold real numbers ({SUPPORTED}), got dtype "
+                            f"{a.dtype}")
         if a.dtype == np.longdouble and a.dtype not in _NATIVE:
             raise TypeError(f"{name} has dtype {a.dtype}, which is not supported; "
                             f"convert it to float64")
     result = np.result_type(*arrays, 1.0)
-    if result == np.float16:
+    if result in HALF:
         return np.dtype(np.float32), result
     if result not in _NATIVE:
         raise TypeError(f"unsupported dtype combination {[str(a.dtype) for a in arrays]}")

@@ -7,7 +7,7 @@ from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
-    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
+    CPU_AND_NPU, HALF, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
 )
 from fastattn._validation import check_out as _check_out
 
@@ -144,10 +144,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
                          scale=scale, return_lse=return_lse, out=out, device=device)
     nthreads = _threads.resolve_num_threads(num_threads)
 
-    compute, result = ops.compute, ops.result
-    direct = (out is not None and compute == result and _kernel_writable(out)
+    compute, storage, result = ops.compute, ops.storage, ops.result
+    direct = (out is not None and storage == result and _kernel_writable(out)
               and not _overlaps(out, ops.q, ops.k, ops.v, ops.mask))
-    res = out if direct else np.empty(ops.out_shape, dtype=compute)
+    res = out if direct else np.empty(ops.out_shape, dtype=storage)
     lse = np.empty(ops.batch_shape + (ops.L,), dtype=compute) if return_lse else None
     if ops.nbatch and ops.L and ops.Ev:
         _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads)
@@ -158,7 +158,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         if not direct:
             out[...] = res
         res = out
-    elif result != compute:
+    elif result != storage:
         res = res.astype(result)
     return (res, lse) if return_lse else res
 
@@ -211,6 +211,10 @@ class _Operands:
         batch_shape = check_batch_shape(leads, **named)
 
         self.q, self.k, self.v, self.mask = q, k, v, mask
+        # The kernel reads half-precision operands as they are when all three share the
+        # result's half type; anything else is converted to the compute type first.
+        self.storage = (self.result if self.result in HALF
+                        and q.dtype == k.dtype == v.dtype == self.result else self.compute)
         self.L, self.S, self.E, self.Ev = L, S, E, Ev
         self.group = group
         self.batch_shape = batch_shape
@@ -220,7 +224,7 @@ class _Operands:
 
 def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
     L, S, E, Ev = ops.L, ops.S, ops.E, ops.Ev
-    batch_shape, group, compute = ops.batch_shape, ops.group, ops.compute
+    batch_shape, group, compute, storage = ops.batch_shape, ops.group, ops.compute, ops.storage
     if S == 0:
         res.fill(0)
         if lse is not None:
@@ -228,9 +232,9 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
         return
     nb = len(batch_shape)
     group_axis = nb - 1 if group > 1 else None
-    q, ldq = as_matrix_stack(ops.q, compute)
-    k, ldk = as_matrix_stack(ops.k, compute)
-    v, ldv = as_matrix_stack(ops.v, compute)
+    q, ldq = as_matrix_stack(ops.q, storage)
+    k, ldk = as_matrix_stack(ops.k, storage)
+    v, ldv = as_matrix_stack(ops.v, storage)
     q_off = batch_offsets(q, batch_shape)
     k_off = batch_offsets(k, batch_shape, group_axis, group)
     v_off = batch_offsets(v, batch_shape, group_axis, group)
@@ -259,7 +263,7 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
                          L, S, E, Ev, prepared, scale=scale, causal=bool(is_causal),
                          causal_offset=causal_offset, block_q=block_q, block_k=block_k,
                          nsplit=nsplit, nthreads=nthreads)
-    with _threads.tile_blas(compute, Ev):
+    with _threads.tile_blas(storage, Ev):
         _dense.sdpa(plan)
 
 

@@ -19,13 +19,15 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.parallel cimport (
-    ItemFn, run_items, scratch_room, scratch_take, DT_FLOAT32,
+    ItemFn, run_items, scratch_room, scratch_take, DT_FLOAT32, DT_FLOAT64,
 )
 from fastattn._kernels.plan cimport AttentionPlan, PlanData
 
 from fastattn._kernels.tile cimport (
-    real, attend_tile, finish_row, merge_partial_row, row_fill, tile_products_native,
-    kmajor_ld, kmajor_scratch_bytes, attend_tile_kmajor,
+    real, finish_row, merge_partial_row, row_fill, tile_products_native,
+    kmajor_ld, kmajor_scratch_bytes,
+    TileOperands, tile_operands_bytes, tile_operands_init, tile_begin_block, tile_attend,
+    tile_attend_kmajor, is_half, element, narrow_rows,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
 
@@ -53,12 +55,9 @@ cdef struct DenseRun:
 cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out,
                      real *part_lse) noexcept nogil:
     # One item: the rows of one query block against one split of its key blocks.
-    # s is the thread's scratch (dense_scratch): the score tile, then m, l and the
-    # key-major buffers.
-    cdef const real *q = <const real *>p.ops.q
-    cdef const real *k = <const real *>p.ops.k
-    cdef const real *v = <const real *>p.ops.v
-    cdef real *out = <real *>p.ops.out
+    # s is the thread's scratch (dense_scratch): the score tile, then m, l, the
+    # key-major buffers and the TileOperands buffers.
+    cdef Py_ssize_t isz = p.itemsize
     cdef real *lse = <real *>p.ops.lse
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
     cdef Py_ssize_t nkb = (p.qkv.S + p.block_k - 1) // p.block_k
@@ -75,6 +74,10 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     cdef real *kscratch
     cdef real *lse_row
     cdef const void *mtile
+    cdef const void *kt
+    cdef const void *vt
+    cdef TileOperands ops
+    cdef bint half = is_half(p.dtype)
     # Row stride of the largest packed query block for key-major tiles (tile.pxd; 0: no
     # tile goes key-major), and this item's packing state for attend_tile_kmajor.
     cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
@@ -83,7 +86,9 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     scratch_take(&cursor, p.block_q * p.block_k * sizeof(real))
     m = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
     l = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
-    kscratch = <real *>cursor if ld_max else NULL
+    kscratch = <real *>scratch_take(&cursor, kmajor_scratch_bytes(
+        ld_max, p.qkv.e, p.block_k, sizeof(real))) if ld_max else NULL
+    tile_operands_init(&ops, p.dtype, isz, p.qkv.e, p.qkv.ev, p.block_q, p.block_k, cursor)
 
     split = item % p.nsplit
     t = item // p.nsplit
@@ -94,6 +99,8 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     rows = p.qkv.L - q0
     if rows > p.block_q:
         rows = p.block_q
+    tile_begin_block(&ops, element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz), p.qkv.ldq,
+                     <int>rows)
 
     kb_lo = split * kb_per_split
     kb_hi = kb_lo + kb_per_split
@@ -107,12 +114,15 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
         elif last_key // p.block_k + 1 < kb_hi:
             kb_hi = last_key // p.block_k + 1
 
-    if p.nsplit == 1:
-        acc = out + p.out_off[b] + q0 * p.ldo
-        ldacc = p.ldo
-    else:
+    if p.nsplit > 1:
         acc = part_out + ((b * p.qkv.L + q0) * p.nsplit + split) * p.qkv.ev
         ldacc = p.nsplit * p.qkv.ev
+    elif half:
+        acc = <real *>ops.acc32     # float32 rows, narrowed into out at the end
+        ldacc = p.qkv.ev
+    else:
+        acc = <real *>p.ops.out + p.out_off[b] + q0 * p.ldo
+        ldacc = p.ldo
     for r in range(rows):
         row_fill(acc + r * ldacc, p.qkv.ev, 0)
         m[r] = -INFINITY
@@ -132,6 +142,8 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
         if p.causal and cols > last_key - k0 + 1:
             cols = last_key - k0 + 1    # keys past the diagonal: not computed
         band_hi = (q0 + p.causal_offset - k0) if p.causal else BAND_ALL
+        kt = element(p.ops.k, p.qkv.k_off[b] + k0 * p.qkv.ldk, isz)
+        vt = element(p.ops.v, p.qkv.v_off[b] + k0 * p.qkv.ldv, isz)
         mtile = NULL
         if state != BLOCK_FULL:
             if p.mask.kind == MASK_BOOL:
@@ -159,35 +171,21 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
                     mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask.rs)
                 elif mtile != NULL:
                     mslice = <const void *>((<const real *>mtile) + r0 * p.mask.rs)
-                attend_tile(q + p.qkv.q_off[b] + (q0 + r0) * p.qkv.ldq, p.qkv.ldq,
-                            <int>sub_rows,
-                            k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
-                            v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
-                            <int>sub_cols,
-                            p.qkv.e, p.qkv.ev, <real>p.scale,
-                            mslice,
-                            p.mask.kind if mtile != NULL else MASK_NONE,
-                            p.mask.rs, p.mask.cs,
-                            -BAND_ALL, band_hi + r0,
+                tile_attend(&ops, <int>r0, <int>sub_rows, kt, p.qkv.ldk, vt, p.qkv.ldv,
+                            <int>sub_cols, <real>p.scale,
+                            mslice, p.mask.kind if mtile != NULL else MASK_NONE,
+                            p.mask.rs, p.mask.cs, -BAND_ALL, band_hi + r0,
                             s, acc + r0 * ldacc, ldacc, m + r0, l + r0)
                 r0 = r0 + DIAGONAL_ROWS
         else:
             # no mask, no diagonal: key-major
-            if mtile == NULL and band_hi >= cols - 1 and attend_tile_kmajor(
-                    <int>rows, <int>cols, p.qkv.e, p.qkv.ev, <real>p.scale,
-                    q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, kscratch, &ldqt,
-                    k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
-                    v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
-                    acc, ldacc, m, l):
+            if mtile == NULL and band_hi >= cols - 1 and tile_attend_kmajor(
+                    &ops, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
+                    <real>p.scale, kscratch, &ldqt, acc, ldacc, m, l):
                 continue
-            attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, <int>rows,
-                        k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
-                        v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv, <int>cols,
-                        p.qkv.e, p.qkv.ev, <real>p.scale,
-                        mtile, p.mask.kind if mtile != NULL else MASK_NONE,
-                        p.mask.rs, p.mask.cs,
-                        -BAND_ALL, band_hi,
-                        s, acc, ldacc, m, l)
+            tile_attend(&ops, 0, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
+                        <real>p.scale, mtile, p.mask.kind if mtile != NULL else MASK_NONE,
+                        p.mask.rs, p.mask.cs, -BAND_ALL, band_hi, s, acc, ldacc, m, l)
 
     for r in range(rows):
         if p.nsplit == 1:
@@ -195,45 +193,56 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
         else:
             lse_row = part_lse + (b * p.qkv.L + q0 + r) * p.nsplit + split
         finish_row(acc + r * ldacc, p.qkv.ev, m[r], l[r], lse_row)
+    if half and p.nsplit == 1:
+        narrow_rows(p.dtype, <int>rows, p.qkv.ev, <float *>acc, ldacc,
+                    <void *>element(p.ops.out, p.out_off[b] + q0 * p.ldo, isz), p.ldo)
 
 
 cdef void dense_merge_row(const PlanData *p, Py_ssize_t item, real *part_out,
-                          real *part_lse) noexcept nogil:
-    # item = (batch, row) of the output: merge its nsplit partial results
+                          real *part_lse, real *row) noexcept nogil:
+    # item = (batch, row) of the output: merge its nsplit partial results (for half
+    # results through `row`, ev float32 of scratch, then narrowed)
     cdef real *lse = <real *>p.ops.lse
+    cdef void *out = <void *>element(p.ops.out, p.out_off[item // p.qkv.L]
+                                     + (item % p.qkv.L) * p.ldo, p.itemsize)
     merge_partial_row(part_out + item * p.nsplit * p.qkv.ev, part_lse + item * p.nsplit,
-                      p.nsplit, p.qkv.ev, p.qkv.ev,
-                      <real *>p.ops.out + p.out_off[item // p.qkv.L] + (item % p.qkv.L) * p.ldo,
+                      p.nsplit, p.qkv.ev, p.qkv.ev, row if row != NULL else <real *>out,
                       (lse + item) if lse != NULL else NULL)
+    if row != NULL:
+        narrow_rows(p.dtype, 1, p.qkv.ev, <float *>row, p.qkv.ev, out, p.qkv.ev)
 
 
 # The item hooks, and this family's one dtype dispatch: the plan's element type picks
-# the specialisation of the fused-type bodies above.
+# the specialisation of the fused-type bodies above (half operands compute in float32).
 
 cdef void dense_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
     cdef DenseRun *r = <DenseRun *>run
-    if r.plan.dtype == DT_FLOAT32:
-        dense_rows[float](r.plan, item, <float *>scratch, <float *>r.part_out,
-                          <float *>r.part_lse)
-    else:
+    if r.plan.dtype == DT_FLOAT64:
         dense_rows[double](r.plan, item, <double *>scratch, <double *>r.part_out,
                            <double *>r.part_lse)
+    else:
+        dense_rows[float](r.plan, item, <float *>scratch, <float *>r.part_out,
+                          <float *>r.part_lse)
 
 
 cdef void dense_merge_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
     cdef DenseRun *r = <DenseRun *>run
-    if r.plan.dtype == DT_FLOAT32:
-        dense_merge_row[float](r.plan, item, <float *>r.part_out, <float *>r.part_lse)
+    if r.plan.dtype == DT_FLOAT64:
+        dense_merge_row[double](r.plan, item, <double *>r.part_out, <double *>r.part_lse,
+                                NULL)
     else:
-        dense_merge_row[double](r.plan, item, <double *>r.part_out, <double *>r.part_lse)
+        dense_merge_row[float](r.plan, item, <float *>r.part_out, <float *>r.part_lse,
+                               <float *>scratch)
 
 
-cdef size_t dense_scratch(const PlanData *p, size_t itemsize) noexcept nogil:
-    # One thread's scratch: the score tile, m, l, then the key-major buffers (if any).
-    cdef Py_ssize_t ld_max = kmajor_ld(p.dtype == DT_FLOAT32, p.qkv.ev, p.block_q)
-    return (scratch_room(p.block_q * p.block_k * itemsize)
-            + 2 * scratch_room(p.block_q * itemsize)
-            + kmajor_scratch_bytes(ld_max, p.qkv.e, p.block_k, itemsize))
+cdef size_t dense_scratch(const PlanData *p, size_t realsize) noexcept nogil:
+    # One thread's scratch: the score tile, m, l, the key-major buffers (if any), then
+    # the buffers of half operands (if any).
+    cdef Py_ssize_t ld_max = kmajor_ld(realsize == 4, p.qkv.ev, p.block_q)
+    return (scratch_room(p.block_q * p.block_k * realsize)
+            + 2 * scratch_room(p.block_q * realsize)
+            + scratch_room(kmajor_scratch_bytes(ld_max, p.qkv.e, p.block_k, realsize))
+            + tile_operands_bytes(p.dtype, p.block_q, p.block_k, p.qkv.e, p.qkv.ev))
 
 
 def sdpa(AttentionPlan plan):
@@ -245,21 +254,25 @@ def sdpa(AttentionPlan plan):
     """
     cdef DenseRun run
     cdef const PlanData *p = &plan.c
-    cdef cnp.ndarray q = plan.arrays[0]
+    # compute type: float64 for float64 operands, float32 for the others
+    cdef int compute = cnp.NPY_FLOAT64 if p.dtype == DT_FLOAT64 else cnp.NPY_FLOAT32
+    cdef size_t realsize = 8 if p.dtype == DT_FLOAT64 else 4
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
     cdef Py_ssize_t nitems = p.qkv.nbatch * nqb * p.nsplit
     cdef Py_ssize_t nrows = p.qkv.nbatch * p.qkv.L
     cdef cnp.ndarray part_out = None, part_lse = None
-    cdef size_t scratch = dense_scratch(p, q.itemsize)
+    cdef size_t scratch = dense_scratch(p, realsize)
+    cdef size_t merge_scratch = p.qkv.ev * realsize if is_half(p.dtype) else 0
     run.plan = p
     run.part_out = run.part_lse = NULL
     if p.nsplit > 1:
-        part_out = cnp.PyArray_EMPTY(1, [nrows * p.nsplit * p.qkv.ev], q.dtype.num, 0)
-        part_lse = cnp.PyArray_EMPTY(1, [nrows * p.nsplit], q.dtype.num, 0)
+        part_out = cnp.PyArray_EMPTY(1, [nrows * p.nsplit * p.qkv.ev], compute, 0)
+        part_lse = cnp.PyArray_EMPTY(1, [nrows * p.nsplit], compute, 0)
         run.part_out = cnp.PyArray_DATA(part_out)
         run.part_lse = cnp.PyArray_DATA(part_lse)
     with nogil:
         run_items(dense_item, &run, nitems, 1, scratch, p.nthreads,
                   "dense attention tile buffers")
         if p.nsplit > 1:
-            run_items(dense_merge_item, &run, nrows, 64, 0, p.nthreads, "")
+            run_items(dense_merge_item, &run, nrows, 64, merge_scratch, p.nthreads,
+                      "dense attention merge row")

@@ -13,7 +13,8 @@ cdef extern from "threadpool.h" nogil:
     long fa_live_scratch
 
 
-DTYPE_CODES = {"float32": DT_FLOAT32, "float64": DT_FLOAT64}
+DTYPE_CODES = {"float32": DT_FLOAT32, "float64": DT_FLOAT64, "float16": DT_FLOAT16,
+               "bfloat16": DT_BFLOAT16}
 
 
 cdef int run_items(ItemFn item, void *plan, Py_ssize_t nitems, Py_ssize_t grain,

@@ -11,6 +11,7 @@ cdef struct PlanData:
     const Py_ssize_t *out_off   # batch b's output matrix at out + out_off[b] ...
     Py_ssize_t ldo              # ... with this row stride (unit column stride)
     int dtype                   # parallel.DType of every operand
+    Py_ssize_t itemsize         # bytes of one operand element
     double scale                # multiplies the scores
     # causal band: query i sees key j <= i + causal_offset
     bint causal

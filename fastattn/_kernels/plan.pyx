@@ -34,6 +34,7 @@ cdef class AttentionPlan:
         self.c.out_off = intp_data(out_off)
         self.c.ldo = ldo
         self.c.dtype = DTYPE_CODES[q.dtype.name]
+        self.c.itemsize = q.dtype.itemsize
         self.c.scale = scale
         self.c.causal = causal
         self.c.causal_offset = causal_offset

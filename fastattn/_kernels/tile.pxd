@@ -13,7 +13,7 @@
 # Beside this core: rowsoftmax.pxd (one whole row of a masked softmax), tanhscores.pxd
 # (additive scores) and smallgemm.pxd (small GEMMs for decoding).
 
-from libc.stdint cimport uint8_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport malloc
 cimport numpy as cnp
 from libc.math cimport INFINITY, log
@@ -361,30 +361,19 @@ cdef inline void finish_row(real *acc, Py_ssize_t ev, real m, real l, real *lse)
         lse[0] = m + log(l)
 
 
-cdef inline void attend_tile(
-        const real *q, Py_ssize_t ldq, int rows,
-        const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv, int cols,
-        int e, int ev, real scale,
+cdef inline bint softmax_tile(
+        int rows, int cols, int ev,
         const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
         Py_ssize_t band_lo, Py_ssize_t band_hi,
         real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
-    # One (query block, key block) tile of the online softmax.
-    #   q: rows x e, k: cols x e, v: cols x ev (row strides ldq, ldk, ldv)
-    #   mask: element (r, c) of the tile at r * mask_rs + c * mask_cs (MASK_NONE: unused)
-    #   band: row r sees tile columns c with r + band_lo <= c <= r + band_hi
-    #         (causal: band_lo = -BAND_ALL, band_hi = q0 + offset - k0)
-    #   s: rows x cols scratch;  acc: rows x ev with row stride ldacc;  m, l: rows
+    # The middle of attend_tile: s (rows x cols) holds the scaled scores; restrict each
+    # row to its band, apply the mask and fold it into (m, l, acc). On return s holds
+    # the unnormalised probabilities. False when no row contributes.
     cdef Py_ssize_t r, c0, c1
     cdef bint any_row = False
     cdef real s_max
-    cdef const uint8_t *mrow_b
-    cdef const real *mrow_f
     cdef const void *mrow
     cdef real *srow
-
-    # s <- scale * q @ k.T
-    tile_scores(rows, cols, e, scale, q, ldq, k, ldk, s, ev)
-
     for r in range(rows):
         srow = s + r * cols
         c0 = r + band_lo
@@ -404,9 +393,27 @@ cdef inline void attend_tile(
         s_max = mask_row_max(srow + c0, c1 - c0, mrow, mask_kind, mask_cs)
         if online_softmax_row(srow, c0, c1, cols, s_max, m + r, l + r, acc + r * ldacc, ev):
             any_row = True
+    return any_row
 
+
+cdef inline void attend_tile(
+        const real *q, Py_ssize_t ldq, int rows,
+        const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv, int cols,
+        int e, int ev, real scale,
+        const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
+        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # One (query block, key block) tile of the online softmax.
+    #   q: rows x e, k: cols x e, v: cols x ev (row strides ldq, ldk, ldv)
+    #   mask: element (r, c) of the tile at r * mask_rs + c * mask_cs (MASK_NONE: unused)
+    #   band: row r sees tile columns c with r + band_lo <= c <= r + band_hi
+    #         (causal: band_lo = -BAND_ALL, band_hi = q0 + offset - k0)
+    #   s: rows x cols scratch;  acc: rows x ev with row stride ldacc;  m, l: rows
+    # s <- scale * q @ k.T
+    tile_scores(rows, cols, e, scale, q, ldq, k, ldk, s, ev)
     # acc <- acc + p @ v
-    if any_row:
+    if softmax_tile(rows, cols, ev, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
+                    s, acc, ldacc, m, l):
         tile_accumulate(rows, ev, cols, s, v, ldv, acc, ldacc)
 
 
@@ -528,3 +535,203 @@ cdef inline QkvLayout qkv_layout(cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarr
     x.ldk = ldk
     x.ldv = ldv
     return x
+
+
+# ---- operands of any element type (tilehalf.h) ----------------------------------------
+# A family body is written once over the compute type `real` (float for float32 and both
+# half types, double for float64) and reads its query, key and value tiles through a
+# TileOperands: tile_begin_block at each query block, then tile_attend /
+# tile_attend_kmajor for its tiles. Native operands (float32, float64) go straight to
+# attend_tile; half operands (float16, bfloat16) are either widened to float32 into the
+# thread's scratch as they are read, or, for bfloat16 on CPUs with AVX512_BF16, multiplied
+# as bfloat16 pairs (see tilehalf.h). Results are float32 for half operands; the family
+# narrows its output rows with narrow_rows.
+
+cdef extern from "tilehalf.h" nogil:
+    enum: FA_DT_FLOAT32, FA_DT_FLOAT64, FA_DT_FLOAT16, FA_DT_BFLOAT16
+    void fa_widen(int dtype, int rows, int n, const uint16_t *x, Py_ssize_t ldx, float *y,
+                  Py_ssize_t ldy)
+    void fa_narrow(int dtype, int rows, int n, const float *x, Py_ssize_t ldx, uint16_t *y,
+                   Py_ssize_t ldy)
+    int fa_bf16_dot_ok()
+    void fa_pack_pairs(int n, int e, const uint16_t *x, Py_ssize_t ldx, uint32_t *xt,
+                       Py_ssize_t ldxt)
+    void fa_pack_value_pairs(int cols, int ev, const uint16_t *v, Py_ssize_t ldv,
+                             uint32_t *vp, Py_ssize_t ldvp)
+    void fa_bf16_scores_from_panel(int rows, int cols, int e, float scale, const uint16_t *a,
+                                   Py_ssize_t lda, const uint32_t *pt, Py_ssize_t ldpt,
+                                   float *s, Py_ssize_t lds)
+    void fa_bf16_pv(int rows, int ev, int npairs, const uint32_t *pw, Py_ssize_t prs,
+                    Py_ssize_t pcs, const uint32_t *vp, Py_ssize_t ldvp, float *acc,
+                    Py_ssize_t ldacc)
+    void fa_bf16_pairs_rows(int rows, int cols, const float *s, Py_ssize_t lds, uint32_t *pw,
+                            Py_ssize_t ldpw)
+    int fa_attend_tile_kmajor_bf16(int rows, int cols, int e, int ev, float scale,
+                                   const uint32_t *qp, Py_ssize_t ldqt, const uint16_t *k,
+                                   Py_ssize_t ldk, const uint16_t *v, Py_ssize_t ldv,
+                                   float *st, uint32_t *pw, uint32_t *vp, float *acc,
+                                   Py_ssize_t ldacc, float *m, float *l)
+
+
+cdef struct TileOperands:
+    int dtype               # FA_DT_* of q, k and v
+    Py_ssize_t itemsize
+    int e, ev
+    bint dot                # bfloat16 products on vdpbf16ps (else half operands widen)
+    # the current query block (tile_begin_block): rows of e elements, row stride ldq
+    const char *q
+    Py_ssize_t ldq
+    # half operands' buffers, carved from the thread's scratch (tile_operands_bytes)
+    float *q32              # widened query block          (block_q x e)
+    float *k32              # widened key tile             (block_k x e)
+    float *v32              # widened value tile           (block_k x ev)
+    uint32_t *kp            # key pair panel               ((e + 1) / 2 x block_k rounded to 32)
+    uint32_t *vp            # value pair rows              ((block_k + 1) / 2 x ev)
+    uint32_t *pw            # probability pairs            ((block_k + 1) / 2 x block_q rounded to 32)
+    # an output block of float32 for half results: acc32 (block_q x ev)
+    float *acc32
+
+
+cdef inline bint is_half(int dtype) noexcept nogil:
+    return dtype == FA_DT_FLOAT16 or dtype == FA_DT_BFLOAT16
+
+
+cdef inline bint bf16_dot_products(int dtype, int ev) noexcept nogil:
+    # Whether bfloat16 tiles multiply as bfloat16 pairs (vdpbf16ps) rather than widen.
+    return dtype == FA_DT_BFLOAT16 and ev % 16 == 0 and fa_bf16_dot_ok() != 0
+
+
+cdef inline Py_ssize_t round32(Py_ssize_t n) noexcept nogil:
+    return (n + 31) // 32 * 32
+
+
+cdef inline size_t tile_operands_bytes(int dtype, int block_q, int block_k, int e,
+                                       int ev) noexcept nogil:
+    # Scratch a TileOperands needs for one thread (0 for native operands).
+    cdef size_t n = 0
+    if not is_half(dtype):
+        return 0
+    n += (block_q * ev * 4 + 63) // 64 * 64
+    if bf16_dot_products(dtype, ev):
+        n += ((e + 1) // 2 * round32(block_k) * 4 + 63) // 64 * 64
+        n += ((block_k + 1) // 2 * ev * 4 + 63) // 64 * 64
+        n += ((block_k + 1) // 2 * round32(block_q) * 4 + 63) // 64 * 64
+    else:
+        n += ((block_q + 2 * block_k) * (e if e > ev else ev) * 4 + 63) // 64 * 64
+    return n
+
+
+cdef inline void tile_operands_init(TileOperands *t, int dtype, Py_ssize_t itemsize, int e,
+                                    int ev, int block_q, int block_k,
+                                    char *scratch) noexcept nogil:
+    # Set up t for operands of `dtype`; scratch: tile_operands_bytes of it.
+    cdef Py_ssize_t width = e if e > ev else ev
+    t.dtype = dtype
+    t.itemsize = itemsize
+    t.e = e
+    t.ev = ev
+    t.dot = bf16_dot_products(dtype, ev)
+    t.q = NULL
+    t.ldq = 0
+    t.q32 = t.k32 = t.v32 = t.acc32 = NULL
+    t.kp = t.vp = t.pw = NULL
+    if not is_half(dtype):
+        return
+    t.acc32 = <float *>scratch
+    scratch += (block_q * ev * 4 + 63) // 64 * 64
+    if t.dot:
+        t.kp = <uint32_t *>scratch
+        scratch += ((e + 1) // 2 * round32(block_k) * 4 + 63) // 64 * 64
+        t.vp = <uint32_t *>scratch
+        scratch += ((block_k + 1) // 2 * ev * 4 + 63) // 64 * 64
+        t.pw = <uint32_t *>scratch
+    else:
+        t.q32 = <float *>scratch
+        t.k32 = t.q32 + block_q * width
+        t.v32 = t.k32 + block_k * width
+
+
+cdef inline const void *element(const void *base, Py_ssize_t offset,
+                                Py_ssize_t itemsize) noexcept nogil:
+    # base + offset elements of itemsize bytes
+    return <const void *>((<const char *>base) + offset * itemsize)
+
+
+cdef inline void tile_begin_block(TileOperands *t, const void *q, Py_ssize_t ldq,
+                                  int rows) noexcept nogil:
+    # The next query block: rows x e at q, row stride ldq (elements).
+    t.q = <const char *>q
+    t.ldq = ldq
+    if is_half(t.dtype) and not t.dot:
+        fa_widen(t.dtype, rows, t.e, <const uint16_t *>q, ldq, t.q32, t.e)
+
+
+cdef inline void tile_attend(
+        TileOperands *t, int r0, int rows, const void *k, Py_ssize_t ldk, const void *v,
+        Py_ssize_t ldv, int cols, real scale,
+        const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
+        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # attend_tile for rows r0 .. r0 + rows of the current query block, against the key
+    # and value tile at k and v (cols rows each, row strides ldk and ldv in elements).
+    cdef Py_ssize_t npairs, ldpt
+    if not is_half(t.dtype):
+        attend_tile(<const real *>element(t.q, r0 * t.ldq, t.itemsize), t.ldq, rows,
+                    <const real *>k, ldk, <const real *>v, ldv, cols, t.e, t.ev, scale,
+                    mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi, s, acc, ldacc, m, l)
+        return
+    if real is float:
+        if t.dot:
+            ldpt = round32(cols)
+            fa_pack_pairs(cols, t.e, <const uint16_t *>k, ldk, t.kp, ldpt)
+            fa_bf16_scores_from_panel(rows, cols, t.e, scale,
+                                      <const uint16_t *>element(t.q, r0 * t.ldq, 2), t.ldq,
+                                      t.kp, ldpt, s, cols)
+            if softmax_tile(rows, cols, t.ev, mask, mask_kind, mask_rs, mask_cs, band_lo,
+                            band_hi, s, acc, ldacc, m, l):
+                npairs = (cols + 1) // 2
+                fa_bf16_pairs_rows(rows, cols, s, cols, t.pw, npairs)
+                fa_pack_value_pairs(cols, t.ev, <const uint16_t *>v, ldv, t.vp, t.ev)
+                fa_bf16_pv(rows, t.ev, <int>npairs, t.pw, npairs, 1, t.vp, t.ev, acc, ldacc)
+        else:
+            fa_widen(t.dtype, cols, t.e, <const uint16_t *>k, ldk, t.k32, t.e)
+            fa_widen(t.dtype, cols, t.ev, <const uint16_t *>v, ldv, t.v32, t.ev)
+            attend_tile(t.q32 + r0 * t.e, t.e, rows, t.k32, t.e, t.v32, t.ev, cols, t.e,
+                        t.ev, scale, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
+                        s, acc, ldacc, m, l)
+
+
+cdef inline bint tile_attend_kmajor(
+        TileOperands *t, int rows, const void *k, Py_ssize_t ldk, const void *v,
+        Py_ssize_t ldv, int cols, real scale, real *kscratch, Py_ssize_t *ldqt,
+        real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # attend_tile_kmajor for the current query block (all its rows), with the same
+    # packing state ldqt and scratch; False when the caller must use tile_attend.
+    if not is_half(t.dtype):
+        return attend_tile_kmajor(rows, cols, t.e, t.ev, scale, <const real *>t.q, t.ldq,
+                                  kscratch, ldqt, <const real *>k, ldk, <const real *>v, ldv,
+                                  acc, ldacc, m, l)
+    if real is float:
+        if t.dot:
+            if ldqt[0] < 0:
+                ldqt[0] = kmajor_ld(True, t.ev, rows)
+                if ldqt[0]:
+                    fa_pack_pairs(rows, t.e, <const uint16_t *>t.q, t.ldq,
+                                  <uint32_t *>kscratch, ldqt[0])
+            return ldqt[0] > 0 and fa_attend_tile_kmajor_bf16(
+                rows, cols, t.e, t.ev, scale, <const uint32_t *>kscratch, ldqt[0],
+                <const uint16_t *>k, ldk, <const uint16_t *>v, ldv,
+                kscratch + t.e * ldqt[0], t.pw, t.vp, acc, ldacc, m, l) != 0
+        if ldqt[0] == 0:
+            return False
+        fa_widen(t.dtype, cols, t.e, <const uint16_t *>k, ldk, t.k32, t.e)
+        fa_widen(t.dtype, cols, t.ev, <const uint16_t *>v, ldv, t.v32, t.ev)
+        return attend_tile_kmajor(rows, cols, t.e, t.ev, scale, t.q32, t.e, kscratch, ldqt,
+                                  t.k32, t.e, t.v32, t.ev, acc, ldacc, m, l)
+    return False
+
+
+cdef inline void narrow_rows(int dtype, int rows, int n, const float *x, Py_ssize_t ldx,
+                             void *y, Py_ssize_t ldy) noexcept nogil:
+    # y[r, :n] <- x[r, :n] rounded to the half type `dtype` (to nearest even)
+    fa_narrow(dtype, rows, n, x, ldx, <uint16_t *>y, ldy)

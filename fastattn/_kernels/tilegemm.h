@@ -384,28 +384,19 @@ FA_V4 static inline fa_v16 fa_load_part(const float *p, int n, float fill)
     return x;
 }
 
-/* One unmasked tile of the online softmax, key-major:
- *   qt: the query block packed by fa_pack_transposed(rows, e, q, ldq, qt, ldqt),
- *       ldqt = fa_kmajor_ld(rows);
- *   k: cols x e, v: cols x ev (row strides ldk, ldv), ev a multiple of 16;
- *   st: scratch of (cols + 1) * ldqt floats;
- *   acc (rows x ev, row stride ldacc), m and l (rows): the running state, as in
- *   attend_tile (tile.pxd).
- * Returns 0, with the state untouched, when a score is not finite (inf or NaN inputs):
- * the caller then takes the tile the row-major way, which defines those cases. */
-FA_V4 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
-                                           const float *qt, ptrdiff_t ldqt,
-                                           const float *k, ptrdiff_t ldk,
-                                           const float *v, ptrdiff_t ldv, float *st,
-                                           float *acc, ptrdiff_t ldacc, float *m, float *l)
+/* The online-softmax step of a key-major tile whose scores are in st (cols x ldqt,
+ * scaled): each query's maximum over the tile, then st <- exp(st - m_new), l and the
+ * rows of acc (rows x ev, row stride ldacc) rescaled. st needs (cols + 1) * ldqt floats
+ * (the last row holds the maxima). Returns 0, with the state untouched, when a score is
+ * not finite (inf or NaN inputs): the caller then takes the tile the row-major way,
+ * which defines those cases. */
+FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, ptrdiff_t ldqt,
+                                       float *acc, ptrdiff_t ldacc, float *m, float *l)
 {
     typedef float vec __attribute__((vector_size(64)));
     typedef int32_t ivec __attribute__((vector_size(64)));
-    enum { R = 1 };
+    enum { R = 1 };     /* vectors per FA_EXPNEG_VECS call */
     float *tile_max = st + (ptrdiff_t)cols * ldqt;
-
-    /* st[c, :] = scale * k[c] . q[:] for all ldqt (zero-padded) queries */
-    fa_scores_from_panel(cols, (int)ldqt, e, scale, k, ldk, qt, ldqt, st, ldqt);
 
     /* Each query's maximum over the tile; any non-finite score makes `bad` NaN. */
     for (int g = 0; g < rows; g += 16) {
@@ -450,7 +441,27 @@ FA_V4 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, fl
             }
         }
     }
+    return 1;
+}
 
+/* One unmasked tile of the online softmax, key-major:
+ *   qt: the query block packed by fa_pack_transposed(rows, e, q, ldq, qt, ldqt),
+ *       ldqt = fa_kmajor_ld(rows);
+ *   k: cols x e, v: cols x ev (row strides ldk, ldv), ev a multiple of 16;
+ *   st: scratch of (cols + 1) * ldqt floats;
+ *   acc (rows x ev, row stride ldacc), m and l (rows): the running state, as in
+ *   attend_tile (tile.pxd).
+ * Returns 0 as fa_kmajor_softmax_f32 does. */
+FA_V4 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
+                                           const float *qt, ptrdiff_t ldqt,
+                                           const float *k, ptrdiff_t ldk,
+                                           const float *v, ptrdiff_t ldv, float *st,
+                                           float *acc, ptrdiff_t ldacc, float *m, float *l)
+{
+    /* st[c, :] = scale * k[c] . q[:] for all ldqt (zero-padded) queries */
+    fa_scores_from_panel(cols, (int)ldqt, e, scale, k, ldk, qt, ldqt, st, ldqt);
+    if (!fa_kmajor_softmax_f32(rows, cols, ev, st, ldqt, acc, ldacc, m, l))
+        return 0;
     fa_tile_pv_t_f32(rows, ev, cols, st, ldqt, v, ldv, acc, ldacc);
     return 1;
 }
