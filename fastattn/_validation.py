@@ -20,6 +20,11 @@ CPU_DEVICES = ("cpu",)
 CPU_AND_NPU = ("cpu", "npu")      # functions that can also run on an Ascend NPU
 
 
+def is_floating(dtype):
+    """Whether ``dtype`` is a floating type fastattn takes (NumPy's, or bfloat16)."""
+    return dtype.kind == "f" or dtype == BFLOAT16
+
+
 def result_dtypes(*arrays, names=None):
     """Return ``(compute_dtype, result_dtype)`` for floating inputs, NumPy-style.
 

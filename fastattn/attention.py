@@ -8,6 +8,7 @@ from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
     CPU_AND_NPU, HALF, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
+    is_floating,
 )
 from fastattn._validation import check_out as _check_out
 
@@ -178,7 +179,7 @@ class _Operands:
         mask = None
         if attn_mask is not None:
             mask = np.asarray(attn_mask)
-            if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+            if mask.dtype != np.bool_ and not is_floating(mask.dtype):
                 raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to "
                                 f"the scores), got dtype {mask.dtype}")
             m_rows, m_cols = ((1, 1) + mask.shape)[-2:]

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from fastattn._validation import check_choice, check_int
+from fastattn._validation import check_choice, check_int, is_floating
 from fastattn.attention import CAUSAL_ALIGNMENTS
 
 __all__ = ["causal_mask", "padding_mask", "combine_masks"]
@@ -131,7 +131,7 @@ def combine_masks(*masks):
     if not arrays:
         return None
     for m in arrays:
-        if m.dtype != np.bool_ and m.dtype.kind != "f":
+        if m.dtype != np.bool_ and not is_floating(m.dtype):
             raise TypeError(f"masks must be bool (True = keep) or floating (additive), "
                             f"got dtype {m.dtype}")
     try:

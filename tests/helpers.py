@@ -1,8 +1,10 @@
 """Assertions shared by the tests."""
+import ml_dtypes
 import numpy as np
 
 # Tolerances against the float64 reference, relative to max |reference output|.
-RTOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-10, np.dtype(np.float16): 2e-3}
+RTOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-10, np.dtype(np.float16): 2e-3,
+        np.dtype(ml_dtypes.bfloat16): 1e-2}
 
 
 def assert_close(actual, expected, dtype):
