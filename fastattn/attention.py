@@ -8,6 +8,7 @@ from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
     CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
+    is_bfloat16, result_dtypes,
 )
 from fastattn._validation import check_out as _check_out
 
@@ -135,7 +136,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
                                   causal_alignment=causal_alignment, scale=scale,
                                   enable_gqa=enable_gqa, return_lse=return_lse, out=out,
                                   device=device)
-    ops = _Operands(query, key, value, attn_mask, enable_gqa)
+    ops = _Operands(query, key, value, attn_mask, enable_gqa, npu=kind == "npu")
     scale = check_scale(scale, ops.E)
     if out is not None:
         _check_out(out, ops.out_shape, ops.result, contiguous=False)
@@ -170,15 +171,18 @@ class _Operands:
     shapes before anything is computed.
     """
 
-    def __init__(self, query, key, value, attn_mask, enable_gqa):
-        q, k, v, self.compute, self.result = check_qkv(query, key, value)
+    def __init__(self, query, key, value, attn_mask, enable_gqa, npu=False):
+        # the NPU path takes float16/bfloat16/float32 (its own dtype rules, _npu.result_dtypes)
+        dtypes = _npu.result_dtypes if npu else result_dtypes
+        q, k, v, self.compute, self.result = check_qkv(query, key, value, dtypes=dtypes)
         L, E = q.shape[-2:]
         S, Ev = v.shape[-2:]
 
         mask = None
         if attn_mask is not None:
             mask = np.asarray(attn_mask)
-            if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+            if mask.dtype != np.bool_ and mask.dtype.kind != "f" \
+                    and not (npu and is_bfloat16(mask.dtype)):
                 raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to "
                                 f"the scores), got dtype {mask.dtype}")
             m_rows, m_cols = ((1, 1) + mask.shape)[-2:]
