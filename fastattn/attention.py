@@ -74,7 +74,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         Threads for this call; default :func:`fastattn.get_num_threads`.
     device : {"cpu", "npu", "npu:N"}, default="cpu"
         Where to compute. ``"npu"`` runs ``aclnnFlashAttentionScore`` on a Huawei
-        Ascend NPU through the ``ascend`` package (float32/float16 inputs; raises
+        Ascend NPU through the ``ascend`` package (float16, :data:`fastattn.bfloat16`
+        or float32 inputs, mixed ones promoted as NumPy promotes; raises
         ``ascend.AscendRuntimeNotFound`` without CANN). ``ascend.DeviceArray``
         inputs of shape (B, H, L, E) stay on the device and give a DeviceArray.
 
@@ -82,9 +83,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     -------
     out : ndarray, shape (..., L, Ev)
         float32 or float64 like the inputs (NumPy promotion); float16 inputs are
-        computed in float32 and returned as float16; integers give float64.
+        computed in float32 and returned as float16; integers give float64. On the
+        NPU: the promoted input dtype (float16, bfloat16 or float32).
     lse : ndarray, shape (..., L)
-        Only with ``return_lse=True``: float32 or float64 (the compute dtype).
+        Only with ``return_lse=True``: float32 or float64 (the compute dtype);
+        float32 on the NPU.
 
     Raises
     ------

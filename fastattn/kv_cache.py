@@ -28,7 +28,7 @@ class PagedKVCache:
         Size E of a key.
     dtype : dtype or str, optional
         float32 (the default) or float64 on the CPU; float16 (the default) or
-        ``"bfloat16"`` on an NPU.
+        bfloat16 (:data:`fastattn.bfloat16` or ``"bfloat16"``) on an NPU.
     value_dim : int, optional
         Size Ev of a value; default ``head_dim`` (on an NPU it must equal ``head_dim``).
     device : {"cpu", "npu", "npu:N"}, default="cpu"
