@@ -52,11 +52,6 @@ def is_bfloat16(dtype):
         return False
 
 
-def is_real_float(dtype):
-    """Whether ``dtype`` is a real floating dtype: NumPy's float16/32/64 or bfloat16."""
-    return dtype.kind == "f" or dtype == BFLOAT16
-
-
 def promoted_dtype(*arrays, names=None, supported=None, where=""):
     """The dtype NumPy (with ml_dtypes) promotes the arrays' dtypes to; bfloat16 accepted.
 
