@@ -66,8 +66,9 @@ def host_storage(array, name):
 def _from_storage(bits, name):
     if name != "bfloat16":
         return bits
-    widened = (bits.astype(np.uint32) << 16).view(np.float32)
-    return widened.astype(_ml_dtypes.bfloat16) if _ml_dtypes is not None else widened
+    if _ml_dtypes is not None:  # the device's bits as they are (NaN payloads included)
+        return bits.view(_ml_dtypes.bfloat16)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def download(runtime, buffer, shape, name):

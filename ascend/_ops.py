@@ -239,7 +239,9 @@ def _plan_mask(attn_mask, is_causal, alignment, full_shape, scale, storage_name)
     bias = None
     if mask.dtype == np.bool_:
         keep = mask
-    elif mask.dtype.kind == "f":
+    elif mask.dtype.kind == "f" or dtype_name(mask.dtype) == "bfloat16":
+        if mask.dtype.itemsize < 4:  # float16/bfloat16: the arithmetic below in float32
+            mask = mask.astype(np.float32)
         if np.isnan(mask).any() or np.isposinf(mask).any():
             raise ValueError("additive attn_mask must not contain NaN or +inf")
         keep = ~np.isneginf(mask)  # -inf entries become masked-out bits, not -inf biases

@@ -5,10 +5,13 @@ The public API is re-exported here; each function lives in a small module:
 - :mod:`fastattn.attention` -- ``scaled_dot_product_attention`` (the fused kernel)
 - :mod:`fastattn.reference` -- plain NumPy float64 definitions used as ground truth
 - ``set_num_threads`` / ``get_num_threads`` -- the default thread count
+- ``bfloat16`` -- the NumPy bfloat16 dtype of ``ml_dtypes``, re-exported
 
 Kernels live in ``fastattn._kernels``: one Cython module per family over one shared
 tile/softmax core (``tile.pxd`` + ``vecmath.h``).
 """
+from ml_dtypes import bfloat16
+
 from fastattn import reference
 from fastattn._threads import get_num_threads, set_num_threads
 from fastattn.attention import scaled_dot_product_attention
@@ -50,6 +53,7 @@ __all__ = [
     "get_num_threads",
     "reference",
     "devices",
+    "bfloat16",
 ]
 
 

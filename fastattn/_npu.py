@@ -4,10 +4,54 @@ fastattn validates and broadcasts as it does for the CPU, reshapes to the BNSD l
 the Ascend operators take, and hands over; ``ascend`` knows nothing of fastattn.
 DeviceArray inputs (already resident on the NPU) are passed through untouched and
 give DeviceArray results.
+
+dtypes: float16, bfloat16 (``ml_dtypes.bfloat16``) and float32, NumPy arrays or
+DeviceArrays. NumPy operands of different dtypes are promoted as NumPy/ml_dtypes
+promote (float16 with bfloat16 gives float32) and converted on the host; DeviceArrays
+are never converted, so they must already have the promoted dtype. Results have that
+dtype; the log-sum-exp is float32.
 """
 import numpy as np
 
-__all__ = ["npu_devices", "is_device_array", "any_device_array", "DevicePools"]
+from fastattn._validation import promoted_dtype
+
+__all__ = ["npu_devices", "is_device_array", "any_device_array", "DevicePools", "NPU_DTYPES",
+           "result_dtypes", "promote"]
+
+NPU_DTYPES = ("float16", "bfloat16", "float32")     # what the NPU path takes
+PAGED_DTYPES = ("float16", "bfloat16")              # aclnnIncreFlashAttentionV4 has no float32
+_WHERE = " with device='npu'"
+
+
+def result_dtypes(*arrays, names=None):
+    """``(dtype, dtype)``: the promoted dtype of NPU operands, computed and returned
+    as is (the ``result_dtypes`` protocol of ``fastattn._validation.check_qkv``)."""
+    dtype = promoted_dtype(*arrays, names=names, supported=NPU_DTYPES, where=_WHERE)
+    return dtype, dtype
+
+
+def promote(arrays, names, supported=NPU_DTYPES, what=""):
+    """``arrays`` (NumPy arrays or DeviceArrays) in their promoted dtype.
+
+    NumPy arrays are converted on the host (not copied when they have it already); an
+    input or a promoted dtype outside ``supported``, or a DeviceArray of another dtype,
+    raises ``TypeError`` (``what`` names the operation in the message).
+    """
+    where = f"{_WHERE}{what}"
+    if supported != NPU_DTYPES:
+        where += f" (one dtype for {', '.join(names)})"
+    dtype = promoted_dtype(*arrays, names=names, supported=supported, where=where)
+    listing = ", ".join(f"{n} {a.dtype}" for n, a in zip(names, arrays))
+    promoted = []
+    for name, a in zip(names, arrays):
+        if is_device_array(a):
+            if a.dtype != dtype:
+                raise TypeError(f"DeviceArray operands need one dtype (they are not converted "
+                                f"on the device); got {listing}")
+            promoted.append(a)
+        else:
+            promoted.append(np.asarray(a, dtype=dtype))
+    return promoted
 
 
 def npu_devices():
@@ -57,10 +101,12 @@ def sdpa(ops, *, is_causal, causal_alignment, scale, return_lse, out, device):
     """Run prepared SDPA operands (see ``attention._Operands``) on the NPU."""
     import ascend
     index = ascend.parse_device(device)
-    q = to_bnsd(ops.q, ops.batch_shape)
-    kv_heads = ops.k.shape[-3] if ops.group > 1 else None
-    k = to_bnsd(ops.k, ops.batch_shape, kv_heads)
-    v = to_bnsd(ops.v, ops.batch_shape, kv_heads)
+    # mixed dtypes: converted to the promoted one before broadcasting (views) and upload
+    q0, k0, v0 = (np.asarray(a, dtype=ops.result) for a in (ops.q, ops.k, ops.v))
+    q = to_bnsd(q0, ops.batch_shape)
+    kv_heads = k0.shape[-3] if ops.group > 1 else None
+    k = to_bnsd(k0, ops.batch_shape, kv_heads)
+    v = to_bnsd(v0, ops.batch_shape, kv_heads)
     mask = None
     if ops.mask is not None:
         mask = np.broadcast_to(ops.mask, ops.batch_shape + ops.mask.shape[-2:])
@@ -88,6 +134,7 @@ def sdpa_resident(query, key, value, attn_mask, *, is_causal, causal_alignment, 
     arrays = (query, key, value)
     if not all(is_device_array(a) for a in arrays):
         raise TypeError("query, key and value must be all NumPy arrays or all ascend.DeviceArray")
+    promote(arrays, ("query", "key", "value"))      # one supported dtype, or TypeError
     if not enable_gqa and key.shape[1] != query.shape[1]:
         raise ValueError(f"key/value heads differ from the query's: query {query.shape}, key "
                          f"{key.shape}; pass enable_gqa=True for grouped-query attention")

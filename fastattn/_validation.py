@@ -3,19 +3,19 @@
 Everything here raises before any kernel runs: ``TypeError`` for a wrong kind of
 data, ``ValueError`` for wrong shapes or values, with the offending shapes named.
 """
+import functools
 import operator
 
-import ml_dtypes
 import numpy as np
+from ml_dtypes import bfloat16 as _bfloat16
 
-__all__ = ["result_dtypes", "check_device", "check_choice"]
+__all__ = ["result_dtypes", "promoted_dtype", "is_bfloat16", "check_device", "check_choice"]
 
 # dtypes computed natively; the half types (float16, bfloat16) are computed in float32
 # and returned in their own type.
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+BFLOAT16 = np.dtype(_bfloat16)    # ml_dtypes' bfloat16; NumPy gives it dtype kind "V"
 HALF = (np.dtype(np.float16), BFLOAT16)
-SUPPORTED = "float16, bfloat16, float32, float64 or integers"
 CPU_DEVICES = ("cpu",)
 CPU_AND_NPU = ("cpu", "npu")      # functions that can also run on an Ascend NPU
 
@@ -34,23 +34,84 @@ def result_dtypes(*arrays, names=None):
     own type; integers promote to float64 (the ``np.mean`` rule). bool, complex,
     object and string data raise ``TypeError``.
     """
-    names = names or [f"argument {i}" for i in range(len(arrays))]
-    for name, a in zip(names, arrays):
-        if a.dtype == BFLOAT16:
-            continue
-        kind = a.dtype.kind
-        if kind not in "fiu":
-            raise TypeError(f"{name} must hold real numbers ({SUPPORTED}), got dtype "
-                            f"{a.dtype}")
-        if a.dtype == np.longdouble and a.dtype not in _NATIVE:
-            raise TypeError(f"{name} has dtype {a.dtype}, which is not supported; "
-                            f"convert it to float64")
-    result = np.result_type(*arrays, 1.0)
+    result = promoted_dtype(*arrays, names=names)
     if result in HALF:
         return np.dtype(np.float32), result
     if result not in _NATIVE:
         raise TypeError(f"unsupported dtype combination {[str(a.dtype) for a in arrays]}")
     return result, result
+
+
+def is_bfloat16(dtype):
+    """Whether ``dtype`` (a dtype, type or name) is ml_dtypes' bfloat16."""
+    try:
+        return np.dtype(dtype) == BFLOAT16
+    except TypeError:
+        return False
+
+
+def promoted_dtype(*arrays, names=None, supported=None, where=""):
+    """The dtype NumPy (with ml_dtypes) promotes the arrays' dtypes to; bfloat16 accepted.
+
+    Unlike :func:`result_dtypes` this recognises bfloat16: bfloat16 stays bfloat16, with
+    float32 it gives float32, with float16 float32 (the ml_dtypes rule); otherwise the
+    :func:`result_dtypes` rules (integers alone promote to float64). Only the dtype is
+    computed: where to compute (float32 for the half types on the CPU) is the caller's
+    choice. ``arrays`` may be anything with a ``dtype`` (``ascend.DeviceArray`` too).
+
+    ``supported``: names of the only dtypes accepted (each input's and the result's),
+    e.g. ``("float16", "bfloat16", "float32")``; ``where`` ends the messages, e.g.
+    ``" with device='npu'"``. bool, complex, object, string and unsupported dtypes
+    raise ``TypeError`` naming the supported ones.
+
+    Examples
+    --------
+    >>> import numpy as np, ml_dtypes
+    >>> bf = np.ones(2, ml_dtypes.bfloat16)
+    >>> promoted_dtype(bf, bf), promoted_dtype(bf, np.ones(2, np.float16))
+    (dtype(bfloat16), dtype('float32'))
+    >>> promoted_dtype(bf, np.ones(2, complex), names=["query", "key"])
+    Traceback (most recent call last):
+        ...
+    TypeError: key must hold real numbers (float16/32/64, bfloat16 or integers), got dtype complex128
+    """
+    names = names or [f"argument {i}" for i in range(len(arrays))]
+    allowed = None if supported is None else _dtype_set(tuple(supported))
+    dtypes = []
+    for name, a in zip(names, arrays):
+        dtype = np.dtype(a.dtype)
+        if allowed is not None:
+            if dtype not in allowed:
+                hint = " (convert with .astype(np.float32))" if dtype == np.float64 else ""
+                raise TypeError(f"{name} must be {_listing(supported)}{where}, got dtype "
+                                f"{dtype}{hint}")
+        elif dtype.kind not in "fiu" and dtype != BFLOAT16:
+            raise TypeError(f"{name} must hold real numbers (float16/32/64, bfloat16 or "
+                            f"integers){where}, got dtype {dtype}")
+        elif dtype == np.longdouble and dtype not in _NATIVE:
+            raise TypeError(f"{name} has dtype {dtype}, which is not supported{where}; "
+                            f"convert it to float64")
+        dtypes.append(dtype)
+    first = dtypes[0] if dtypes else None
+    if first is not None and (first.kind == "f" or first == BFLOAT16) \
+            and all(d == first for d in dtypes):
+        result = first          # the common case, without np.result_type's microseconds
+    else:
+        result = np.result_type(*dtypes, 1.0)
+    if allowed is not None and result not in allowed:
+        got = ", ".join(f"{name} {dtype}" for name, dtype in zip(names, dtypes))
+        raise TypeError(f"{got} promote to {result}, which is not supported{where}: use "
+                        f"{_listing(supported)}")
+    return result
+
+
+@functools.lru_cache(maxsize=16)
+def _dtype_set(names):
+    return frozenset(np.dtype(name) for name in names)
+
+
+def _listing(names):
+    return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def check_device(device, available=CPU_DEVICES):
@@ -93,12 +154,12 @@ def check_scale(scale, e):
     return scale
 
 
-def check_matrix_stacks(names, *operands):
+def check_matrix_stacks(names, *operands, dtypes=result_dtypes):
     """``(arrays, compute_dtype, result_dtype)`` for operands that are stacks of matrices
-    ``(..., rows, features)``: real dtypes (:func:`result_dtypes`) and at least 2
-    dimensions; ``names`` name them in the errors."""
+    ``(..., rows, features)``: real dtypes (``dtypes``, by default :func:`result_dtypes`)
+    and at least 2 dimensions; ``names`` name them in the errors."""
     arrays = [np.asarray(a) for a in operands]
-    compute, result = result_dtypes(*arrays, names=names)
+    compute, result = dtypes(*arrays, names=names)
     for name, a in zip(names, arrays):
         if a.ndim < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (..., rows, features), "
@@ -106,14 +167,15 @@ def check_matrix_stacks(names, *operands):
     return arrays, compute, result
 
 
-def check_qkv(query, key, value):
+def check_qkv(query, key, value, dtypes=result_dtypes):
     """``(q, k, v, compute_dtype, result_dtype)`` for (..., L, E), (..., S, E), (..., S, Ev).
 
     The operand checks of :func:`fastattn.scaled_dot_product_attention`, shared by
-    every variant: real dtypes, at least 2 dimensions, matching E and S, E >= 1.
+    every variant: real dtypes (``dtypes(*arrays, names=...)`` gives the compute and
+    result dtypes), at least 2 dimensions, matching E and S, E >= 1.
     """
     (q, k, v), compute, result = check_matrix_stacks(("query", "key", "value"),
-                                                     query, key, value)
+                                                     query, key, value, dtypes=dtypes)
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"query and key must have the same feature size E: query {q.shape}, "
                          f"key {k.shape}")

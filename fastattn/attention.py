@@ -8,7 +8,7 @@ from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
     CPU_AND_NPU, HALF, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
-    is_floating,
+    is_floating, result_dtypes,
 )
 from fastattn._validation import check_out as _check_out
 
@@ -74,7 +74,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         Threads for this call; default :func:`fastattn.get_num_threads`.
     device : {"cpu", "npu", "npu:N"}, default="cpu"
         Where to compute. ``"npu"`` runs ``aclnnFlashAttentionScore`` on a Huawei
-        Ascend NPU through the ``ascend`` package (float32/float16 inputs; raises
+        Ascend NPU through the ``ascend`` package (float16, :data:`fastattn.bfloat16`
+        or float32 inputs, mixed ones promoted as NumPy promotes; raises
         ``ascend.AscendRuntimeNotFound`` without CANN). ``ascend.DeviceArray``
         inputs of shape (B, H, L, E) stay on the device and give a DeviceArray.
 
@@ -82,9 +83,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     -------
     out : ndarray, shape (..., L, Ev)
         float32 or float64 like the inputs (NumPy promotion); float16 inputs are
-        computed in float32 and returned as float16; integers give float64.
+        computed in float32 and returned as float16; integers give float64. On the
+        NPU: the promoted input dtype (float16, bfloat16 or float32).
     lse : ndarray, shape (..., L)
-        Only with ``return_lse=True``: float32 or float64 (the compute dtype).
+        Only with ``return_lse=True``: float32 or float64 (the compute dtype);
+        float32 on the NPU.
 
     Raises
     ------
@@ -136,7 +139,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
                                   causal_alignment=causal_alignment, scale=scale,
                                   enable_gqa=enable_gqa, return_lse=return_lse, out=out,
                                   device=device)
-    ops = _Operands(query, key, value, attn_mask, enable_gqa)
+    ops = _Operands(query, key, value, attn_mask, enable_gqa, npu=kind == "npu")
     scale = check_scale(scale, ops.E)
     if out is not None:
         _check_out(out, ops.out_shape, ops.result, contiguous=False)
@@ -171,8 +174,10 @@ class _Operands:
     shapes before anything is computed.
     """
 
-    def __init__(self, query, key, value, attn_mask, enable_gqa):
-        q, k, v, self.compute, self.result = check_qkv(query, key, value)
+    def __init__(self, query, key, value, attn_mask, enable_gqa, npu=False):
+        # the NPU path takes float16/bfloat16/float32 (its own dtype rules, _npu.result_dtypes)
+        dtypes = _npu.result_dtypes if npu else result_dtypes
+        q, k, v, self.compute, self.result = check_qkv(query, key, value, dtypes=dtypes)
         L, E = q.shape[-2:]
         S, Ev = v.shape[-2:]
 

@@ -7,7 +7,8 @@
 import numpy as np
 
 from fastattn import _npu
-from fastattn._validation import CPU_AND_NPU, check_device, check_int, result_dtypes
+from fastattn._validation import (CPU_AND_NPU, check_device, check_int, promoted_dtype,
+                                  result_dtypes)
 from fastattn.paged import paged_attention
 
 __all__ = ["PagedKVCache"]
@@ -27,7 +28,7 @@ class PagedKVCache:
         Size E of a key.
     dtype : dtype or str, optional
         float32 (the default) or float64 on the CPU; float16 (the default) or
-        ``"bfloat16"`` on an NPU.
+        bfloat16 (:data:`fastattn.bfloat16` or ``"bfloat16"``) on an NPU.
     value_dim : int, optional
         Size Ev of a value; default ``head_dim`` (on an NPU it must equal ``head_dim``).
     device : {"cpu", "npu", "npu:N"}, default="cpu"
@@ -225,7 +226,10 @@ class PagedKVCache:
         N, Hkv, bs, E = self._key_shape
         Ev = self._value_dim
         key, value = np.asarray(key), np.asarray(value)
-        result_dtypes(key, value, names=("key", "value"))
+        if self.device == "cpu":
+            result_dtypes(key, value, names=("key", "value"))
+        else:   # converted to the NPU pools' float16/bfloat16, from bfloat16 too
+            promoted_dtype(key, value, names=("key", "value"))
         if key.ndim != 3 or key.shape[0] != Hkv or key.shape[2] != E or key.shape[1] == 0 \
                 or value.shape != (Hkv, key.shape[1], Ev):
             raise ValueError(f"expected key (num_kv_heads={Hkv}, T >= 1, head_dim={E}) and "

@@ -143,12 +143,11 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     kind = check_device(device, CPU_AND_NPU)
     names = ("query", "key_blocks", "value_blocks")
     if kind == "npu":
-        # DeviceArrays (a resident cache or query) stay on the device; the operator
-        # checks their dtypes
-        q, k, v = (a if _npu.is_device_array(a) else np.asarray(a)
-                   for a in (query, key_blocks, value_blocks))
-        if not _npu.any_device_array(q, k, v):
-            result_dtypes(q, k, v, names=names)
+        # DeviceArrays (a resident cache or query) stay on the device; NumPy operands
+        # are promoted to one dtype the operator takes (float16 or bfloat16)
+        q, k, v = _npu.promote([a if _npu.is_device_array(a) else np.asarray(a)
+                                for a in (query, key_blocks, value_blocks)], names,
+                               supported=_npu.PAGED_DTYPES, what=" for paged attention")
     else:
         try:
             q, k, v = (np.asarray(a) for a in (query, key_blocks, value_blocks))

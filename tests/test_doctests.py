@@ -46,7 +46,8 @@ def test_docstrings_have_examples():
     names = {t.name for t in MODULE_TESTS}
     for name in fastattn.__all__:
         obj = getattr(fastattn, name)
-        if callable(obj):
+        # re-exported third-party types (fastattn.bfloat16 is ml_dtypes') document themselves
+        if callable(obj) and getattr(obj, "__module__", "").startswith("fastattn"):
             assert any(n.endswith("." + name) for n in names), f"{name} has no doctest example"
 
 

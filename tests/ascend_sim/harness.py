@@ -109,6 +109,36 @@ def launch_count(runtime):
     return out[0]
 
 
+ACL_DTYPE_NAMES = {0: "float32", 1: "float16", 2: "int8", 3: "int32", 4: "uint8", 9: "int64",
+                   12: "bool", 27: "bfloat16"}
+LAUNCH_KINDS = {1: "aclnnFlashAttentionScore", 2: "aclnnIncreFlashAttentionV4"}
+
+
+def last_launch(runtime):
+    """What the last successful operator launch saw (``ascendsim_last_launch``), or None.
+
+    dict(operator, dtypes, out): ``dtypes`` maps query/key/value/out/pse/mask to the
+    aclDataType code the operator received (absent when not passed); ``out`` is the
+    output exactly as the operator stored it: a uint16 array for float16/bfloat16 (the
+    bits), float32 for float32, of the output tensor's shape.
+    """
+    info = (ctypes.c_int64 * 11)()
+    function = runtime.lib.operator_libraries[0].ascendsim_last_launch
+    function.restype = ctypes.c_int64
+    function.argtypes = (ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_int64)
+    nbytes = function(info, None, 0)
+    if info[0] == 0:
+        return None
+    assert nbytes >= 0, "the simulator could not record the output"
+    buffer = (ctypes.c_ubyte * nbytes)()
+    function(info, buffer, nbytes)
+    names = ("query", "key", "value", "out", "pse", "mask")
+    dtypes = {name: code for name, code in zip(names, info[1:7]) if code >= 0}
+    storage = np.float32 if dtypes["out"] == 0 else np.uint16
+    out = np.frombuffer(bytes(buffer), dtype=storage).reshape(tuple(info[7:11]))
+    return dict(operator=LAUNCH_KINDS[info[0]], dtypes=dtypes, out=out)
+
+
 def fail_next(runtime, function_name, code):
     """Make the next call of ``function_name`` in the simulator return ``code``."""
     runtime.lib.acl.ascendsim_fail_next(function_name.encode(), code)

@@ -175,6 +175,75 @@ SIM_EXPORT void ascendsim_launch_stats(int64_t out[2]) {
     out[1] = __atomic_load_n(&g_launch_ns, __ATOMIC_SEQ_CST);
 }
 
+/* What the last successful launch received and produced, for the tests: the operator
+ * kind, the aclDataType of its tensors and a copy of its output's bytes as the operator
+ * stored them (C order), so that a test can check the dtypes a binding passes and that
+ * results reach it bit-exact. Guarded by a spin lock (launches may run concurrently). */
+enum { LAST_QUERY, LAST_KEY, LAST_VALUE, LAST_OUT, LAST_PSE, LAST_MASK, LAST_TENSORS };
+static struct {
+    int64_t kind;
+    int64_t dtypes[LAST_TENSORS]; /* -1: not passed */
+    int64_t out_dims[4];
+    unsigned char *out_bytes;
+    int64_t out_nbytes, capacity;
+} g_last;
+static int g_last_lock = 0;
+
+static void last_lock(void) {
+    while (__atomic_exchange_n(&g_last_lock, 1, __ATOMIC_ACQUIRE)) {
+    }
+}
+
+static void last_unlock(void) { __atomic_store_n(&g_last_lock, 0, __ATOMIC_RELEASE); }
+
+static int64_t itemsize(int dtype);
+static int64_t at4(const aclTensor *t, int64_t a, int64_t b, int64_t c, int64_t d);
+
+static void record_launch(int kind, const aclTensor *const tensors[LAST_TENSORS]) {
+    const aclTensor *out = tensors[LAST_OUT];
+    const int64_t size = itemsize(out->dtype);
+    const int64_t nbytes = out->dims[0] * out->dims[1] * out->dims[2] * out->dims[3] * size;
+    last_lock();
+    if (nbytes > g_last.capacity) {
+        unsigned char *grown = realloc(g_last.out_bytes, (size_t)nbytes);
+        if (grown == NULL) { /* keep the old record, marked as having no output */
+            g_last.out_nbytes = -1;
+            last_unlock();
+            return;
+        }
+        g_last.out_bytes = grown;
+        g_last.capacity = nbytes;
+    }
+    g_last.kind = kind;
+    for (int k = 0; k < LAST_TENSORS; ++k)
+        g_last.dtypes[k] = tensors[k] != NULL ? tensors[k]->dtype : -1;
+    unsigned char *dst = g_last.out_bytes;
+    for (int k = 0; k < 4; ++k) g_last.out_dims[k] = out->dims[k];
+    for (int64_t a = 0; a < out->dims[0]; ++a)
+        for (int64_t b = 0; b < out->dims[1]; ++b)
+            for (int64_t c = 0; c < out->dims[2]; ++c)
+                for (int64_t d = 0; d < out->dims[3]; ++d, dst += size)
+                    memcpy(dst, (const char *)out->data + at4(out, a, b, c, d) * size,
+                           (size_t)size);
+    g_last.out_nbytes = nbytes;
+    last_unlock();
+}
+
+/* Test hook: info = [kind (0: none yet), aclDataType of query, key, value, out, pse,
+ * mask (-1 if not passed), out dims x 4]; copies min(capacity, nbytes) bytes of the last
+ * output into out and returns nbytes (-1 if it could not be recorded). */
+SIM_EXPORT int64_t ascendsim_last_launch(int64_t info[11], void *out, int64_t capacity) {
+    last_lock();
+    info[0] = g_last.kind;
+    for (int k = 0; k < LAST_TENSORS; ++k) info[1 + k] = g_last.dtypes[k];
+    for (int k = 0; k < 4; ++k) info[7 + k] = g_last.out_dims[k];
+    const int64_t nbytes = g_last.kind ? g_last.out_nbytes : 0;
+    if (out != NULL && nbytes > 0)
+        memcpy(out, g_last.out_bytes, (size_t)(capacity < nbytes ? capacity : nbytes));
+    last_unlock();
+    return nbytes;
+}
+
 static int64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -357,6 +426,10 @@ static aclnnStatus fa_run(void *payload, double *scores) {
                     store(&a->softmax_sum, at4(&a->softmax_sum, b, n, i, r), row_sum);
                 }
             }
+    const aclTensor *const seen[LAST_TENSORS] = {&a->query, &a->key, &a->value, &a->out,
+                                                 a->has_pse ? &a->pse : NULL,
+                                                 a->has_mask ? &a->mask : NULL};
+    record_launch(KIND_FLASH_ATTENTION_SCORE, seen);
     return ACLNN_SUCCESS;
 }
 
@@ -570,6 +643,9 @@ static aclnnStatus incre_run(void *payload, double *scores) {
             }
         }
     }
+    const aclTensor *const seen[LAST_TENSORS] = {&a->query, &a->key, &a->value, &a->out,
+                                                 NULL, NULL};
+    record_launch(KIND_INCRE_FLASH_ATTENTION_V4, seen);
     return ACLNN_SUCCESS;
 }
 
