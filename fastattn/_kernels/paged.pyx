@@ -145,6 +145,7 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
     s = <real *>scratch_take(&cursor, tile_rows * chunk * sizeof(real))
     m = <real *>scratch_take(&cursor, tile_rows * sizeof(real))
     l = <real *>scratch_take(&cursor, tile_rows * sizeof(real))
+    pf_bytes = 0
 
     split = item % p.nsplit
     t = item // p.nsplit
