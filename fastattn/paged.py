@@ -176,20 +176,26 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         chunk_blocks = max(1, KEYS_PER_CHUNK // bs)
         # work items: (sequence, group of tile_heads kv-heads, row tile); keys may be split too
         items = B * -(-Hkv // tile_heads) * -(-rows // row_tile)
+        max_blocks = -(-int(lens.max(initial=0)) // bs)
+        # threads the work pays for: flops, or for memory-bound decoding the bytes of the
+        # keys and values streamed, whichever is more
+        keys = int(lens.sum())
+        work = max(2.0 * H * T * keys * (E + Ev), float(Hkv * keys * (E + Ev) * q.itemsize))
+        nthreads = _threads.call_threads(nthreads, items * max(max_blocks, 1), work)
         # a few items that do not spread evenly over the threads (B=5 on 2): smaller groups
         # (fewer than 2 per thread: split_keys splits the keys instead)
         while tile_heads > 1 and items % nthreads and 2 * nthreads <= items < 4 * nthreads:
             tile_heads = -(-tile_heads // 2)
             items = B * -(-Hkv // tile_heads) * -(-rows // row_tile)
-        max_blocks = -(-int(lens.max(initial=0)) // bs)
         nsplit, nthreads = _threads.split_keys(items, max_blocks, nthreads)
         # in pieces: one kv-head of one block
         prefetch = -(-PREFETCH_BYTES // (bs * max(E, Ev) * q.itemsize))
-        blas = _threads.single_threaded_blas() if use_blas else contextlib.nullcontext()
-        with blas:
-            _paged.paged_attention(q, k, v, table, lens, out, lse, Hkv, T, scale, bool(causal),
-                                   tile_heads, row_tile, chunk_blocks, nsplit, use_blas,
-                                   prefetch, nthreads)
+        plan = _paged.PagedPlan(q, k, v, table, lens, out, lse, nkv=Hkv, T=T, scale=scale,
+                                causal=bool(causal), tile_heads=tile_heads, row_tile=row_tile,
+                                chunk_blocks=chunk_blocks, nsplit=nsplit, use_blas=use_blas,
+                                prefetch=prefetch, nthreads=nthreads)
+        with _threads.kernel_blas(use_blas):
+            _paged.paged_attention(plan)
     elif lse is not None:
         lse.fill(-np.inf)
     if result != compute:

@@ -12,6 +12,7 @@ import numpy as np
 
 from fastattn import _threads
 from fastattn._kernels import sparse as _sparse
+from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import as_matrix_stack, batch_offsets
 from fastattn._validation import check_batch_shape, check_qkv, check_scale
 from fastattn.block_layout import BlockLayout
@@ -101,11 +102,19 @@ def block_sparse_attention(query, key, value, layout, *, scale=None, return_lse=
         else:
             layout_off = np.zeros(nbatch, dtype=np.intp)
         bq, bk = layout.block_size
-        nthreads = max(1, min(nthreads, nbatch * -(-L // bq)))
+        # items: (batch, query block); work: the flops of the visited tiles
+        tiles = nbatch * layout.num_blocks / layout.indptr.shape[0]
+        flops = 2.0 * tiles * min(bq, L) * min(bk, S) * (E + Ev)
+        nthreads = _threads.call_threads(nthreads, nbatch * -(-L // bq), flops)
+        out_off = batch_offsets(res, batch_shape)
+        plan = AttentionPlan(q, k, v, res, lse, (q_off, k_off, v_off, out_off),
+                             (ldq, ldk, ldv, Ev), L, S, E, Ev, None, scale=scale,
+                             causal=False, causal_offset=0, block_q=bq, block_k=bk, nsplit=1,
+                             nthreads=nthreads)
+        sparse_plan = _sparse.SparsePlan(layout.indptr, layout.indices, layout_off,
+                                         layout._kernel_rule(batch_shape), offset=S - L)
         with _threads.tile_blas(compute, Ev):
-            _sparse.block_sparse(q, k, v, res, lse, q_off, k_off, v_off, ldq, ldk, ldv,
-                                 L, S, E, Ev, scale, layout.indptr, layout.indices,
-                                 layout_off, bq, bk, layout._kernel_rule(batch_shape), nthreads)
+            _sparse.block_sparse(plan, sparse_plan)
     if result != compute:
         res = res.astype(result)
     return (res, lse) if return_lse else res

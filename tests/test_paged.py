@@ -9,7 +9,8 @@ from hypothesis import given, strategies as st
 
 import fastattn
 import fastattn.paged as paged
-from fastattn import reference
+from fastattn import _threads, reference
+from fastattn._kernels import parallel
 from helpers import assert_close, assert_lse_close
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "toy_decoder.py"
@@ -90,8 +91,10 @@ def problems(draw):
 @pytest.mark.parametrize("vector_rows", [0, paged.VECTOR_ROWS, 10**9])
 @given(p=problems())
 def test_random_shapes_match_reference(vector_rows, p):
+    # WORK_PER_THREAD 1: the threads asked for, however small the problem
     with mock.patch.object(paged, "VECTOR_ROWS", vector_rows), \
-            mock.patch.object(paged, "ROW_TILE", p["row_tile"]):
+            mock.patch.object(paged, "ROW_TILE", p["row_tile"]), \
+            mock.patch.object(_threads, "WORK_PER_THREAD", 1):
         _check_problem(p)
 
 
@@ -107,8 +110,9 @@ def _check_problem(p):
 
 
 @pytest.mark.parametrize("threads", [2, 3, 8])
-def test_split_keys_across_threads(rng, threads):
+def test_split_keys_across_threads(rng, monkeypatch, threads):
     # one (sequence, kv-head) pair: flash-decoding splits its keys and merges by lse
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)    # threads even for tiny work
     kb, vb = pools(rng, 64, 1, 16, 64)
     table = rng.permutation(64)[None, :]
     q = make(rng, (1, 4, 2, 64))
@@ -126,6 +130,7 @@ def test_kv_head_groups_and_row_tiles(rng, monkeypatch, vector_rows, row_tile):
     # One sequence on 3 threads also splits its keys, merging per-group partial results.
     monkeypatch.setattr(paged, "VECTOR_ROWS", vector_rows)
     monkeypatch.setattr(paged, "ROW_TILE", row_tile)
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)    # threads even for tiny work
     kb, vb = pools(rng, 20, 5, 4, 24, 16)
     table = rng.permutation(20)[:18].reshape(2, 9)
     q = make(rng, (2, 10, 3, 24))
@@ -137,9 +142,10 @@ def test_kv_head_groups_and_row_tiles(rng, monkeypatch, vector_rows, row_tile):
         check(q[:1], kb, vb, table[:1], np.array([35]), num_threads=threads)
 
 
-def test_odd_batch_on_two_threads(rng):
+def test_odd_batch_on_two_threads(rng, monkeypatch):
     # 5 sequences of one group of 4 kv-heads on 2 threads: paged.py halves the groups so
     # that the 10 items spread evenly; same answer as with one thread
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)    # threads even for tiny work
     kb, vb = pools(rng, 40, 4, 4, 16)
     table = rng.permutation(40).reshape(5, 8)
     q = make(rng, (5, 8, 1, 16))
@@ -156,6 +162,7 @@ def test_prefetch_does_not_change_results(rng, monkeypatch, vector_rows, dtype):
     # gives the same bits, also past the end of an item's keys and across chunks
     monkeypatch.setattr(paged, "VECTOR_ROWS", vector_rows)
     monkeypatch.setattr(paged, "KEYS_PER_CHUNK", 15)
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)    # threads even for tiny work
     kb, vb = pools(rng, 30, 3, 5, 40, 24, dtype)
     table = rng.permutation(30)[:28].reshape(2, 14)
     q = make(rng, (2, 6, 2, 40), dtype)
@@ -167,6 +174,69 @@ def test_prefetch_does_not_change_results(rng, monkeypatch, vector_rows, dtype):
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
     check(q, kb, vb, table, lens, dtype, num_threads=2)
+
+
+def _record_plans(monkeypatch):
+    # the (threads, key splits) of every paged kernel call
+    plans = []
+    run = paged._paged.paged_attention
+
+    def recording(plan):
+        plans.append((plan.nthreads, plan.nsplit))
+        return run(plan)
+    monkeypatch.setattr(paged._paged, "paged_attention", recording)
+    return plans
+
+
+def _decode_problem(rng, dtype, B=16, H=4, Hkv=1, T=1, E=64, bs=16, S=1500):
+    # B sequences of one kv-head group each: B items, enough that split_keys never splits
+    # the keys for up to 8 threads, and enough work (~25M) that call_threads starts 8
+    nmax = -(-S // bs)
+    kb, vb = pools(rng, B * nmax, Hkv, bs, E, dtype=dtype)
+    table = rng.permutation(B * nmax).reshape(B, nmax)
+    lens = rng.integers(S - 200, S + 1, B)
+    return make(rng, (B, H, T, E), dtype), kb, vb, table, lens
+
+
+@pytest.mark.parametrize("vector_rows", [0, 10**9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("T", [1, 3])
+def test_same_bits_on_any_thread_count(rng, monkeypatch, vector_rows, dtype, T):
+    # items are computed the same way whichever thread takes them: with the key split
+    # fixed (nsplit == 1 here), 1..8 threads give identical results
+    monkeypatch.setattr(paged, "VECTOR_ROWS", vector_rows)
+    plans = _record_plans(monkeypatch)
+    q, kb, vb, table, lens = _decode_problem(rng, dtype, T=T)
+    one, one_lse = fastattn.paged_attention(q, kb, vb, table, lens, return_lse=True,
+                                            num_threads=1)
+    for threads in range(2, 9):
+        out, lse = fastattn.paged_attention(q, kb, vb, table, lens, return_lse=True,
+                                            num_threads=threads)
+        np.testing.assert_array_equal(out, one)
+        np.testing.assert_array_equal(lse, one_lse)
+    assert plans == [(n, 1) for n in range(1, 9)]
+    check(q, kb, vb, table, lens, dtype)
+
+
+@pytest.mark.parametrize("B,threads", [(16, 1), (16, 2), (1, 2)])
+def test_scratch_allocation_failure(rng, monkeypatch, B, threads):
+    # a thread without scratch: one MemoryError naming the buffers, every scratch block
+    # freed, and the next call computes normally (B=1 also splits the keys: the merge
+    # does not run on partial results)
+    plans = _record_plans(monkeypatch)
+    q, kb, vb, table, lens = _decode_problem(rng, np.float32, B=B, S=24000 // B)
+    expected = fastattn.paged_attention(q, kb, vb, table, lens, num_threads=threads)
+    assert plans[0][0] == threads and (plans[0][1] > 1) == (B == 1)
+    try:
+        parallel.fail_next_allocations(1)
+        with pytest.raises(MemoryError, match="paged attention tile buffers"):
+            fastattn.paged_attention(q, kb, vb, table, lens, num_threads=threads)
+    finally:
+        parallel.fail_next_allocations(0)
+    assert parallel.live_scratch_blocks() == 0
+    out = fastattn.paged_attention(q, kb, vb, table, lens, num_threads=threads)
+    np.testing.assert_array_equal(out, expected)
+    check(q, kb, vb, table, lens, num_threads=threads)
 
 
 def test_causal_rows_before_the_first_key_are_zero(rng):

@@ -1,10 +1,14 @@
 """Block-sparse engine and sparse patterns against full attention with the dense mask."""
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import fastattn
-from fastattn import reference
+import fastattn.sparse as sparse
+from fastattn import _threads, reference
+from fastattn._kernels import parallel
 from fastattn.sparse import BlockLayout
 from helpers import assert_close, assert_lse_close
 
@@ -64,7 +68,8 @@ def test_engine_matches_dense_mask(p):
     k = make(rng, (2, H, S, 8), dtype)
     v = make(rng, (2, H, S, p["Ev"]), dtype)
     keep = layout.to_mask()
-    got = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+    with mock.patch.object(_threads, "WORK_PER_THREAD", 1):     # threads however small
+        got = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
     assert got[0].dtype == dtype
     check_against_mask(got, q, k, v, keep, dtype)
 
@@ -163,13 +168,81 @@ def test_zero_sizes(rng):
     assert out.shape == (3, 2) and (out == 0).all()
 
 
-def test_threads_and_layouts_agree(rng):
+def test_threads_and_layouts_agree(rng, monkeypatch):
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)    # threads even for tiny work
     q, k, v = make(rng, (2, 4, 300, 16)), make(rng, (2, 4, 300, 16)), make(rng, (2, 4, 300, 8))
     layout = BlockLayout.from_rule((300, 300), (32, 48), window=(40, 5), dilation=2,
                                    global_key=[3])
     one = fastattn.block_sparse_attention(q, k, v, layout, num_threads=1)
     two = fastattn.block_sparse_attention(q, k, v, layout, num_threads=2)
     np.testing.assert_array_equal(one, two)
+
+
+def _record_threads(monkeypatch):
+    # the threads of every block-sparse kernel call
+    threads = []
+    run = sparse._sparse.block_sparse
+
+    def recording(plan, layout):
+        threads.append(plan.nthreads)
+        return run(plan, layout)
+    monkeypatch.setattr(sparse._sparse, "block_sparse", recording)
+    return threads
+
+
+def _big_problem(rng, dtype, rule, heads=False):
+    # 2 x 4 heads x 8 query blocks: 64 items, and enough flops that 8 threads start
+    q, k = make(rng, (2, 4, 512, 64), dtype), make(rng, (2, 4, 512, 64), dtype)
+    v = make(rng, (2, 4, 512, 32), dtype)
+    layout = BlockLayout.from_rule((512, 512), 64, **rule)
+    if heads:
+        blocks = np.broadcast_to(layout.block_mask(), (4,) + layout.block_mask().shape)
+        blocks = blocks & (rng.random(blocks.shape) < 0.7)
+        blocks[:, :, 0] = True
+        layout = BlockLayout.from_blocks(blocks, (512, 512), 64, **rule)
+    return q, k, v, layout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule,heads", [
+    (dict(), False),                                            # full tiles: key-major
+    (dict(window=(100, 0)), False),                             # bands
+    (dict(window=(150, 20), dilation=3, global_key=[5, 300], causal=True), True),  # masks
+])
+def test_same_bits_on_any_thread_count(rng, monkeypatch, dtype, rule, heads):
+    # items are computed the same way whichever thread takes them: 1..8 threads give
+    # identical results
+    threads = _record_threads(monkeypatch)
+    q, k, v, layout = _big_problem(rng, dtype, rule, heads)
+    one, one_lse = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True,
+                                                   num_threads=1)
+    for n in range(2, 9):
+        out, lse = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True,
+                                                   num_threads=n)
+        np.testing.assert_array_equal(out, one)
+        np.testing.assert_array_equal(lse, one_lse)
+    assert threads == list(range(1, 9))
+    check_against_mask((one, one_lse), q, k, v, layout.to_mask(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scratch_allocation_failure(rng, monkeypatch, dtype, threads):
+    # a thread without scratch: one MemoryError naming the buffers, every scratch block
+    # freed, and the next call computes normally
+    started = _record_threads(monkeypatch)
+    q, k, v, layout = _big_problem(rng, dtype, dict(window=(100, 0)))
+    expected = fastattn.block_sparse_attention(q, k, v, layout, num_threads=threads)
+    assert started == [threads]
+    try:
+        parallel.fail_next_allocations(1)
+        with pytest.raises(MemoryError, match="block-sparse attention tile buffers"):
+            fastattn.block_sparse_attention(q, k, v, layout, num_threads=threads)
+    finally:
+        parallel.fail_next_allocations(0)
+    assert parallel.live_scratch_blocks() == 0
+    out = fastattn.block_sparse_attention(q, k, v, layout, num_threads=threads)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_non_contiguous_and_broadcast(rng):

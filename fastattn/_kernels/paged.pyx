@@ -20,24 +20,35 @@
 #   nsplit == 1: straight into `out` (and `lse`), normalised;
 #   nsplit > 1 : into partial buffers merged by their log-sum-exp (flash-decoding), used
 #                when the items alone cannot keep every thread busy.
-# Extra memory is per thread: one rows x chunk score tile plus m and l.
+# The items are those of the parallel skeleton (parallel.pxd), handed out dynamically to
+# the pool's threads; the merge is a second run over the output rows. Extra memory is
+# one scratch block per thread (paged_scratch): one rows x chunk score tile plus m and l.
 
-from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
 cimport numpy as cnp
 
+from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
 from fastattn._kernels.tile cimport (
     intp_data,
     real, gemm_abt, gemm_ab,
     row_max, row_fill, online_softmax_row, finish_row, merge_partial_row,
 )
 from fastattn._kernels.smallgemm cimport gemm_abt_small, gemm_ab_acc_small, prefetch_rows
+from fastattn._kernels.parallel import DTYPE_CODES
 
 cnp.import_array()
 
 
 cdef struct PagedProblem:
+    # operands (one dtype, a parallel.DType): q (B, H, T, E) and out (B, H, T, Ev)
+    # C-contiguous, the two pools, lse (B, H, T) or NULL
+    const void *q
+    const void *kpool
+    const void *vpool
+    void *out
+    void *lse
+    int dtype
+    double scale
     # sizes: R = group * T query rows per (sequence, kv-head)
     Py_ssize_t nbatch, nkv, group, T, R
     int e, ev, block_size
@@ -55,8 +66,14 @@ cdef struct PagedProblem:
     bint use_blas
     # software prefetch distance in pieces (one kv-head of one block; 0: none)
     int prefetch
-    # set by a thread that could not allocate its scratch (its items are not computed)
-    int alloc_failed
+
+
+cdef struct PagedRun:
+    # One call: its problem, and the partial results of split items (nsplit > 1):
+    # part_out (nsplit, nrows, ev), part_lse (nrows, nsplit).
+    const PagedProblem *p
+    void *part_out
+    void *part_lse
 
 
 cdef inline Py_ssize_t visible_keys(const PagedProblem *p, Py_ssize_t length,
@@ -94,20 +111,27 @@ cdef inline const real *piece_at(const PagedProblem *p, const real *kpool, const
             + (h0 + within % nh) * p.v_hs)
 
 
-cdef void paged_kernel(PagedProblem *p, real scale, const real *q, const real *kpool,
-                       const real *vpool, real *out, real *lse,
-                       real *part_out, real *part_lse) noexcept nogil:
+cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real *part_out,
+                     real *part_lse) noexcept nogil:
+    # One item: the rows of one tile against one split of its sequence's key blocks.
+    # scratch is the thread's block (paged_scratch): the score tile, then m and l.
+    cdef const real *q = <const real *>p.q
+    cdef const real *kpool = <const real *>p.kpool
+    cdef const real *vpool = <const real *>p.vpool
+    cdef real *out = <real *>p.out
+    cdef real *lse = <real *>p.lse
+    cdef real scale = <real>p.scale
     cdef Py_ssize_t ntiles = (p.R + p.row_tile - 1) // p.row_tile
     cdef Py_ssize_t ngroups = (p.nkv + p.tile_heads - 1) // p.tile_heads
-    cdef Py_ssize_t nitems = p.nbatch * ngroups * ntiles * p.nsplit
     cdef Py_ssize_t chunk = <Py_ssize_t>p.chunk_blocks * p.block_size
     cdef Py_ssize_t bs = p.block_size
     cdef Py_ssize_t tile_rows = <Py_ssize_t>p.tile_heads * p.row_tile
     cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
-    cdef Py_ssize_t item, t, b, h0, nh, hh, tile, split, r, r0, rows, row0, ldacc, acc_step
+    cdef Py_ssize_t t, b, h0, nh, hh, tile, split, r, r0, rows, row0, ldacc, acc_step
     cdef Py_ssize_t length, hi, nblk, per, kb_lo, kb_hi, c_lo, c_hi, kb, k0, ncols, cols, vis
     cdef Py_ssize_t blk, off, piece, cn, cl, pf_bytes
     cdef bint any_row
+    cdef char *cursor = <char *>scratch
     cdef real *s
     cdef real *m
     cdef real *l
@@ -118,182 +142,200 @@ cdef void paged_kernel(PagedProblem *p, real scale, const real *q, const real *k
     cdef const real *kb_ptr
     cdef const real *vb_ptr
     cdef const real *pf
-    cdef int nt = p.nthreads
 
-    if nitems == 0:
-        return
-    with nogil, parallel(num_threads=nt):
-        s = <real *>malloc(tile_rows * chunk * sizeof(real))
-        m = <real *>malloc(tile_rows * sizeof(real))
-        l = <real *>malloc(tile_rows * sizeof(real))
-        # Every thread must reach the prange (a worksharing loop); one without scratch
-        # only flags the failure.
-        for item in prange(nitems, schedule='dynamic'):
-            if s == NULL or m == NULL or l == NULL:
-                p.alloc_failed = 1
+    s = <real *>scratch_take(&cursor, tile_rows * chunk * sizeof(real))
+    m = <real *>scratch_take(&cursor, tile_rows * sizeof(real))
+    l = <real *>scratch_take(&cursor, tile_rows * sizeof(real))
+    pf_bytes = 0
+
+    split = item % p.nsplit
+    t = item // p.nsplit
+    tile = t % ntiles
+    t = t // ntiles
+    h0 = (t % ngroups) * p.tile_heads
+    b = t // ngroups
+    nh = p.nkv - h0
+    if nh > p.tile_heads:
+        nh = p.tile_heads
+    r0 = tile * p.row_tile
+    rows = p.R - r0
+    if rows > p.row_tile:
+        rows = p.row_tile
+    # kv-head h0 + hh owns the rows (b * nkv + h0 + hh) * R + r0 + [0, rows) of
+    # out's (B, H, T) order: query head (h0 + hh) * G + g, token t
+    row0 = (b * p.nkv + h0) * p.R + r0
+    # split s accumulates into its own copy of out, part_out[s] (rows next to
+    # each other: rows nsplit * ev apart would share cache sets)
+    acc = out + row0 * p.ev
+    if p.nsplit > 1:
+        acc = part_out + (split * nrows + row0) * p.ev
+    ldacc = p.ev
+    acc_step = p.R * ldacc          # from one kv-head's rows to the next's
+
+    # keys any row of the tile sees: [0, hi); this split's blocks of them
+    length = p.lens[b]
+    hi = 0
+    for r in range(r0, r0 + rows):
+        vis = visible_keys(p, length, r)
+        if vis > hi:
+            hi = vis
+    nblk = (hi + bs - 1) // bs
+    per = (nblk + p.nsplit - 1) // p.nsplit
+    kb_lo = split * per
+    kb_hi = kb_lo + per
+    if kb_hi > nblk:
+        kb_hi = nblk
+
+    for hh in range(nh):
+        for r in range(rows):
+            row_fill(acc + hh * acc_step + r * ldacc, p.ev, 0)
+            m[hh * rows + r] = -INFINITY
+            l[hh * rows + r] = 0
+    # the first p.prefetch pieces; each product below prefetches the piece
+    # that far ahead of its own
+    for piece in range(p.prefetch):
+        pf = piece_at(p, kpool, vpool, b, h0, nh, piece, kb_lo, kb_hi, &pf_bytes)
+        if pf == NULL:
+            break
+        prefetch_rows(pf, 1, pf_bytes // sizeof(real))
+
+    c_lo = kb_lo
+    while c_lo < kb_hi:
+        c_hi = c_lo + p.chunk_blocks
+        if c_hi > kb_hi:
+            c_hi = kb_hi
+        k0 = c_lo * bs
+        ncols = c_hi * bs
+        if ncols > hi:
+            ncols = hi
+        ncols = ncols - k0
+        # pieces before this chunk's, and in its keys (see piece_at)
+        cn = (c_lo - kb_lo) // p.chunk_blocks * 2 * p.chunk_blocks * nh
+        cl = (c_hi - c_lo) * nh
+
+        # s[hh, :, chunk] <- scale * q_hh @ k_chunk.T, block by block, each
+        # block's kv-heads in memory order
+        for kb in range(c_lo, c_hi):
+            blk = p.table[b * p.table_ld + kb]
+            off = (kb - c_lo) * bs
+            cols = ncols - off
+            if cols > bs:
+                cols = bs
+            for hh in range(nh):
+                kb_ptr = kpool + blk * p.k_bs + (h0 + hh) * p.k_hs
+                qt = q + (row0 + hh * p.R) * p.e
+                srow = s + hh * rows * chunk + off
+                pf = NULL
+                if p.prefetch:
+                    pf = piece_at(p, kpool, vpool, b, h0, nh,
+                                  cn + (kb - c_lo) * nh + hh + p.prefetch,
+                                  kb_lo, kb_hi, &pf_bytes)
+                if p.use_blas:
+                    if pf != NULL:
+                        prefetch_rows(pf, 1, pf_bytes // sizeof(real))
+                    gemm_abt(<int>rows, <int>cols, p.e, scale, qt, p.e, kb_ptr,
+                             <int>p.ldk, 0, srow, <int>chunk)
+                else:
+                    gemm_abt_small(rows, cols, p.e, scale, qt, p.e, kb_ptr, p.ldk,
+                                   srow, chunk, pf, pf_bytes)
+
+        # fold each row's visible columns into its online softmax;
+        # s then holds the probabilities (0 where not visible)
+        any_row = False
+        for hh in range(nh):
+            for r in range(rows):
+                srow = s + (hh * rows + r) * chunk
+                vis = visible_keys(p, length, r0 + r) - k0
+                if vis > ncols:
+                    vis = ncols
+                if vis <= 0:
+                    row_fill(srow, ncols, 0)
+                    continue
+                if online_softmax_row(srow, 0, vis, ncols, row_max(srow, vis),
+                                      m + hh * rows + r, l + hh * rows + r,
+                                      acc + hh * acc_step + r * ldacc, p.ev):
+                    any_row = True
+
+        # acc_hh <- acc_hh + p_hh @ v_chunk, block by block
+        if any_row:
+            for kb in range(c_lo, c_hi):
+                blk = p.table[b * p.table_ld + kb]
+                off = (kb - c_lo) * bs
+                cols = ncols - off
+                if cols > bs:
+                    cols = bs
+                for hh in range(nh):
+                    vb_ptr = vpool + blk * p.v_bs + (h0 + hh) * p.v_hs
+                    srow = s + hh * rows * chunk + off
+                    pf = NULL
+                    if p.prefetch:
+                        pf = piece_at(p, kpool, vpool, b, h0, nh,
+                                      cn + cl + (kb - c_lo) * nh + hh + p.prefetch,
+                                      kb_lo, kb_hi, &pf_bytes)
+                    if p.use_blas:
+                        if pf != NULL:
+                            prefetch_rows(pf, 1, pf_bytes // sizeof(real))
+                        gemm_ab(<int>rows, p.ev, <int>cols, 1, srow, <int>chunk,
+                                vb_ptr, <int>p.ldv, 1, acc + hh * acc_step,
+                                <int>ldacc)
+                    else:
+                        gemm_ab_acc_small(rows, p.ev, cols, srow, chunk, vb_ptr,
+                                          p.ldv, acc + hh * acc_step, ldacc,
+                                          pf, pf_bytes)
+        c_lo = c_hi
+
+    for hh in range(nh):
+        for r in range(rows):
+            if p.nsplit == 1:
+                lse_row = (lse + row0 + hh * p.R + r) if lse != NULL else NULL
             else:
-                split = item % p.nsplit
-                t = item // p.nsplit
-                tile = t % ntiles
-                t = t // ntiles
-                h0 = (t % ngroups) * p.tile_heads
-                b = t // ngroups
-                nh = p.nkv - h0
-                if nh > p.tile_heads:
-                    nh = p.tile_heads
-                r0 = tile * p.row_tile
-                rows = p.R - r0
-                if rows > p.row_tile:
-                    rows = p.row_tile
-                # kv-head h0 + hh owns the rows (b * nkv + h0 + hh) * R + r0 + [0, rows) of
-                # out's (B, H, T) order: query head (h0 + hh) * G + g, token t
-                row0 = (b * p.nkv + h0) * p.R + r0
-                # split s accumulates into its own copy of out, part_out[s] (rows next to
-                # each other: rows nsplit * ev apart would share cache sets)
-                acc = out + row0 * p.ev
-                if p.nsplit > 1:
-                    acc = part_out + (split * nrows + row0) * p.ev
-                ldacc = p.ev
-                acc_step = p.R * ldacc          # from one kv-head's rows to the next's
-
-                # keys any row of the tile sees: [0, hi); this split's blocks of them
-                length = p.lens[b]
-                hi = 0
-                for r in range(r0, r0 + rows):
-                    vis = visible_keys(p, length, r)
-                    if vis > hi:
-                        hi = vis
-                nblk = (hi + bs - 1) // bs
-                per = (nblk + p.nsplit - 1) // p.nsplit
-                kb_lo = split * per
-                kb_hi = kb_lo + per
-                if kb_hi > nblk:
-                    kb_hi = nblk
-
-                for hh in range(nh):
-                    for r in range(rows):
-                        row_fill(acc + hh * acc_step + r * ldacc, p.ev, 0)
-                        m[hh * rows + r] = -INFINITY
-                        l[hh * rows + r] = 0
-                # the first p.prefetch pieces; each product below prefetches the piece
-                # that far ahead of its own
-                for piece in range(p.prefetch):
-                    pf = piece_at(p, kpool, vpool, b, h0, nh, piece, kb_lo, kb_hi, &pf_bytes)
-                    if pf == NULL:
-                        break
-                    prefetch_rows(pf, 1, pf_bytes // sizeof(real))
-
-                c_lo = kb_lo
-                while c_lo < kb_hi:
-                    c_hi = c_lo + p.chunk_blocks
-                    if c_hi > kb_hi:
-                        c_hi = kb_hi
-                    k0 = c_lo * bs
-                    ncols = c_hi * bs
-                    if ncols > hi:
-                        ncols = hi
-                    ncols = ncols - k0
-                    # pieces before this chunk's, and in its keys (see piece_at)
-                    cn = (c_lo - kb_lo) // p.chunk_blocks * 2 * p.chunk_blocks * nh
-                    cl = (c_hi - c_lo) * nh
-
-                    # s[hh, :, chunk] <- scale * q_hh @ k_chunk.T, block by block, each
-                    # block's kv-heads in memory order
-                    for kb in range(c_lo, c_hi):
-                        blk = p.table[b * p.table_ld + kb]
-                        off = (kb - c_lo) * bs
-                        cols = ncols - off
-                        if cols > bs:
-                            cols = bs
-                        for hh in range(nh):
-                            kb_ptr = kpool + blk * p.k_bs + (h0 + hh) * p.k_hs
-                            qt = q + (row0 + hh * p.R) * p.e
-                            srow = s + hh * rows * chunk + off
-                            pf = NULL
-                            if p.prefetch:
-                                pf = piece_at(p, kpool, vpool, b, h0, nh,
-                                              cn + (kb - c_lo) * nh + hh + p.prefetch,
-                                              kb_lo, kb_hi, &pf_bytes)
-                            if p.use_blas:
-                                if pf != NULL:
-                                    prefetch_rows(pf, 1, pf_bytes // sizeof(real))
-                                gemm_abt(<int>rows, <int>cols, p.e, scale, qt, p.e, kb_ptr,
-                                         <int>p.ldk, 0, srow, <int>chunk)
-                            else:
-                                gemm_abt_small(rows, cols, p.e, scale, qt, p.e, kb_ptr, p.ldk,
-                                               srow, chunk, pf, pf_bytes)
-
-                    # fold each row's visible columns into its online softmax;
-                    # s then holds the probabilities (0 where not visible)
-                    any_row = False
-                    for hh in range(nh):
-                        for r in range(rows):
-                            srow = s + (hh * rows + r) * chunk
-                            vis = visible_keys(p, length, r0 + r) - k0
-                            if vis > ncols:
-                                vis = ncols
-                            if vis <= 0:
-                                row_fill(srow, ncols, 0)
-                                continue
-                            if online_softmax_row(srow, 0, vis, ncols, row_max(srow, vis),
-                                                  m + hh * rows + r, l + hh * rows + r,
-                                                  acc + hh * acc_step + r * ldacc, p.ev):
-                                any_row = True
-
-                    # acc_hh <- acc_hh + p_hh @ v_chunk, block by block
-                    if any_row:
-                        for kb in range(c_lo, c_hi):
-                            blk = p.table[b * p.table_ld + kb]
-                            off = (kb - c_lo) * bs
-                            cols = ncols - off
-                            if cols > bs:
-                                cols = bs
-                            for hh in range(nh):
-                                vb_ptr = vpool + blk * p.v_bs + (h0 + hh) * p.v_hs
-                                srow = s + hh * rows * chunk + off
-                                pf = NULL
-                                if p.prefetch:
-                                    pf = piece_at(p, kpool, vpool, b, h0, nh,
-                                                  cn + cl + (kb - c_lo) * nh + hh + p.prefetch,
-                                                  kb_lo, kb_hi, &pf_bytes)
-                                if p.use_blas:
-                                    if pf != NULL:
-                                        prefetch_rows(pf, 1, pf_bytes // sizeof(real))
-                                    gemm_ab(<int>rows, p.ev, <int>cols, 1, srow, <int>chunk,
-                                            vb_ptr, <int>p.ldv, 1, acc + hh * acc_step,
-                                            <int>ldacc)
-                                else:
-                                    gemm_ab_acc_small(rows, p.ev, cols, srow, chunk, vb_ptr,
-                                                      p.ldv, acc + hh * acc_step, ldacc,
-                                                      pf, pf_bytes)
-                    c_lo = c_hi
-
-                for hh in range(nh):
-                    for r in range(rows):
-                        if p.nsplit == 1:
-                            lse_row = (lse + row0 + hh * p.R + r) if lse != NULL else NULL
-                        else:
-                            lse_row = part_lse + (row0 + hh * p.R + r) * p.nsplit + split
-                        finish_row(acc + hh * acc_step + r * ldacc, p.ev, m[hh * rows + r],
-                                   l[hh * rows + r], lse_row)
-        free(s)
-        free(m)
-        free(l)
-    # end: with nogil, parallel
-
-    if p.nsplit > 1 and not p.alloc_failed:
-        for item in prange(p.nbatch * p.nkv * p.R, schedule='static', num_threads=nt):
-            merge_partial_row(part_out + item * p.ev, part_lse + item * p.nsplit,
-                              p.nsplit, nrows * p.ev, p.ev, out + item * p.ev,
-                              (lse + item) if lse != NULL else NULL)
+                lse_row = part_lse + (row0 + hh * p.R + r) * p.nsplit + split
+            finish_row(acc + hh * acc_step + r * ldacc, p.ev, m[hh * rows + r],
+                       l[hh * rows + r], lse_row)
 
 
-def paged_attention(cnp.ndarray q, cnp.ndarray key_blocks, cnp.ndarray value_blocks,
-                    cnp.ndarray table, cnp.ndarray lens, cnp.ndarray out, object lse,
-                    Py_ssize_t nkv, Py_ssize_t T, double scale, bint causal,
-                    int tile_heads, int row_tile, int chunk_blocks, int nsplit, bint use_blas,
-                    int prefetch, int nthreads):
-    """Run the paged kernel. Private: `fastattn.paged_attention` validates every argument.
+cdef void paged_merge_row(const PagedProblem *p, Py_ssize_t item, real *part_out,
+                          real *part_lse) noexcept nogil:
+    # item: one row of out's (B, H, T) order; merge its nsplit partial results
+    cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
+    cdef real *lse = <real *>p.lse
+    merge_partial_row(part_out + item * p.ev, part_lse + item * p.nsplit,
+                      p.nsplit, nrows * p.ev, p.ev, <real *>p.out + item * p.ev,
+                      (lse + item) if lse != NULL else NULL)
+
+
+# The item hooks, and this family's one dtype dispatch: the problem's element type picks
+# the specialisation of the fused-type bodies above.
+
+cdef void paged_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef PagedRun *r = <PagedRun *>run
+    if r.p.dtype == DT_FLOAT32:
+        paged_rows[float](r.p, item, <float *>scratch, <float *>r.part_out,
+                          <float *>r.part_lse)
+    else:
+        paged_rows[double](r.p, item, <double *>scratch, <double *>r.part_out,
+                           <double *>r.part_lse)
+
+
+cdef void paged_merge_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef PagedRun *r = <PagedRun *>run
+    if r.p.dtype == DT_FLOAT32:
+        paged_merge_row[float](r.p, item, <float *>r.part_out, <float *>r.part_lse)
+    else:
+        paged_merge_row[double](r.p, item, <double *>r.part_out, <double *>r.part_lse)
+
+
+cdef size_t paged_scratch(const PagedProblem *p, size_t itemsize) noexcept nogil:
+    # One thread's scratch: the score tile of tile_heads * row_tile rows x one chunk of
+    # keys, then m and l.
+    cdef size_t tile_rows = <size_t>p.tile_heads * p.row_tile
+    return (scratch_room(tile_rows * p.chunk_blocks * p.block_size * itemsize)
+            + 2 * scratch_room(tile_rows * itemsize))
+
+
+cdef class PagedPlan:
+    """The plan of one paged_attention call. Private: built by `fastattn.paged_attention`
+    from validated arguments.
 
     q is C-contiguous (B, H, T, E); key_blocks / value_blocks are (N, H_kv, block_size,
     E / Ev) with unit last stride and element-multiple strides; all three share one dtype
@@ -302,60 +344,80 @@ def paged_attention(cnp.ndarray q, cnp.ndarray key_blocks, cnp.ndarray value_blo
     C-contiguous (B, H, T, Ev); lse is (B, H, T) or None. A tile is tile_heads kv-heads x
     row_tile rows of each (row_tile == G * T when tile_heads > 1).
     """
-    cdef PagedProblem p
+    cdef PagedProblem c
+    cdef readonly object arrays     # everything the pointers in c point into
+
+    def __init__(self, cnp.ndarray q, cnp.ndarray key_blocks, cnp.ndarray value_blocks,
+                 cnp.ndarray table, cnp.ndarray lens, cnp.ndarray out, object lse, *,
+                 Py_ssize_t nkv, Py_ssize_t T, double scale, bint causal, int tile_heads,
+                 int row_tile, int chunk_blocks, int nsplit, bint use_blas, int prefetch,
+                 int nthreads):
+        cdef PagedProblem *p = &self.c
+        cdef Py_ssize_t item = key_blocks.itemsize
+        p.q = cnp.PyArray_DATA(q)
+        p.kpool = cnp.PyArray_DATA(key_blocks)
+        p.vpool = cnp.PyArray_DATA(value_blocks)
+        p.out = cnp.PyArray_DATA(out)
+        p.lse = NULL if lse is None else cnp.PyArray_DATA(<cnp.ndarray>lse)
+        p.dtype = DTYPE_CODES[q.dtype.name]
+        p.scale = scale
+        p.nbatch = q.shape[0]
+        p.nkv = nkv
+        p.group = q.shape[1] // nkv
+        p.T = T
+        p.R = p.group * T
+        p.e = <int>q.shape[3]
+        p.ev = <int>value_blocks.shape[3]
+        p.block_size = <int>key_blocks.shape[2]
+        p.k_bs = key_blocks.strides[0] // item
+        p.k_hs = key_blocks.strides[1] // item
+        p.ldk = key_blocks.strides[2] // item
+        p.v_bs = value_blocks.strides[0] // item
+        p.v_hs = value_blocks.strides[1] // item
+        p.ldv = value_blocks.strides[2] // item
+        p.table = intp_data(table)
+        p.table_ld = table.shape[1]
+        p.lens = intp_data(lens)
+        p.causal = causal
+        p.tile_heads = tile_heads
+        p.row_tile = row_tile
+        p.chunk_blocks = chunk_blocks
+        p.nsplit = nsplit
+        p.use_blas = use_blas
+        p.prefetch = prefetch
+        p.nthreads = nthreads
+        self.arrays = (q, key_blocks, value_blocks, table, lens, out, lse)
+
+    @property
+    def nthreads(self):
+        return self.c.nthreads
+
+    @property
+    def nsplit(self):
+        return self.c.nsplit
+
+
+def paged_attention(PagedPlan plan):
+    """Run the paged kernel on a plan (PagedPlan). Private: `fastattn.paged_attention`
+    validates every argument."""
+    cdef PagedRun run
+    cdef const PagedProblem *p = &plan.c
+    cdef cnp.ndarray q = plan.arrays[0]
+    cdef Py_ssize_t ntiles = (p.R + p.row_tile - 1) // p.row_tile
+    cdef Py_ssize_t ngroups = (p.nkv + p.tile_heads - 1) // p.tile_heads
+    cdef Py_ssize_t nitems = p.nbatch * ngroups * ntiles * p.nsplit
+    cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
     cdef cnp.ndarray part_out = None, part_lse = None
-    cdef Py_ssize_t item = key_blocks.itemsize
-    cdef void *qd = cnp.PyArray_DATA(q)
-    cdef void *kd = cnp.PyArray_DATA(key_blocks)
-    cdef void *vd = cnp.PyArray_DATA(value_blocks)
-    cdef void *od = cnp.PyArray_DATA(out)
-    cdef void *ld = NULL
-    cdef void *pod = NULL
-    cdef void *pld = NULL
-    cdef bint is_f32 = q.dtype.num == cnp.NPY_FLOAT32
-
-    p.nbatch = q.shape[0]
-    p.nkv = nkv
-    p.group = q.shape[1] // nkv
-    p.T = T
-    p.R = p.group * T
-    p.e = <int>q.shape[3]
-    p.ev = <int>value_blocks.shape[3]
-    p.block_size = <int>key_blocks.shape[2]
-    p.k_bs = key_blocks.strides[0] // item
-    p.k_hs = key_blocks.strides[1] // item
-    p.ldk = key_blocks.strides[2] // item
-    p.v_bs = value_blocks.strides[0] // item
-    p.v_hs = value_blocks.strides[1] // item
-    p.ldv = value_blocks.strides[2] // item
-    p.table = intp_data(table)
-    p.table_ld = table.shape[1]
-    p.lens = intp_data(lens)
-    p.causal = causal
-    p.tile_heads = tile_heads
-    p.row_tile = row_tile
-    p.chunk_blocks = chunk_blocks
-    p.nsplit = nsplit
-    p.use_blas = use_blas
-    p.prefetch = prefetch
-    p.nthreads = nthreads
-    p.alloc_failed = 0
-    if lse is not None:
-        ld = cnp.PyArray_DATA(lse)
-    if nsplit > 1:
-        part_out = cnp.PyArray_EMPTY(1, [out.size * nsplit], q.dtype.num, 0)
-        part_lse = cnp.PyArray_EMPTY(1, [p.nbatch * nkv * p.R * nsplit], q.dtype.num, 0)
-        pod = cnp.PyArray_DATA(part_out)
-        pld = cnp.PyArray_DATA(part_lse)
-
+    cdef size_t scratch = paged_scratch(p, q.itemsize)
+    run.p = p
+    run.part_out = run.part_lse = NULL
+    if p.nsplit > 1:
+        part_out = cnp.PyArray_EMPTY(1, [nrows * p.nsplit * p.ev], q.dtype.num, 0)
+        part_lse = cnp.PyArray_EMPTY(1, [nrows * p.nsplit], q.dtype.num, 0)
+        run.part_out = cnp.PyArray_DATA(part_out)
+        run.part_lse = cnp.PyArray_DATA(part_lse)
     with nogil:
-        if is_f32:
-            paged_kernel[float](&p, <float>scale, <const float *>qd, <const float *>kd,
-                                <const float *>vd, <float *>od, <float *>ld,
-                                <float *>pod, <float *>pld)
-        else:
-            paged_kernel[double](&p, scale, <const double *>qd, <const double *>kd,
-                                 <const double *>vd, <double *>od, <double *>ld,
-                                 <double *>pod, <double *>pld)
-    if p.alloc_failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its tile buffers")
+        run_items(paged_item, &run, nitems, 1, scratch, p.nthreads,
+                  "paged attention tile buffers")
+        if p.nsplit > 1:
+            run_items(paged_merge_item, &run, nrows, 64, 0, p.nthreads, "")

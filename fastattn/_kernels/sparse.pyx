@@ -2,8 +2,8 @@
 #
 # The key blocks a query block visits come from a CSR layout (indptr, indices), one per
 # layout head; only those tiles are computed. Work is one flat index over (batch, query
-# block), handed out dynamically to OpenMP threads (rows with many blocks, e.g. global
-# tokens, take longer). Inside a listed tile an optional element rule decides which
+# block), the items of the parallel skeleton (parallel.pxd), handed out dynamically to the
+# pool's threads (rows with many blocks, e.g. global tokens, take longer). Inside a listed tile an optional element rule decides which
 # (query, key) pairs take part:
 #
 #   keep(i, j) = (local(i, j) or gq[i] or gk[j]) and j - i' <= clip and mask[i, j]
@@ -17,19 +17,22 @@
 # Unmasked tiles of a query block of at least FA_PACK_MIN_ROWS float32 rows go the
 # key-major way (tile.pxd's attend_tile_kmajor): the block is packed once, not every
 # tile's keys, which pays with the layouts' small tiles.
-# Extra memory is per thread: one score tile, one keep tile (bytes), m and l, and for
-# float32 the packed query block and a key-major score tile.
+# The call's plan is two objects built once in fastattn/sparse.py: the AttentionPlan of
+# every kernel family (plan.pxd: operands, offsets, strides, tiles, threads) and a
+# SparsePlan (the layout and the rule).
+# Extra memory is one scratch block per thread (sparse_scratch): one score tile, one keep
+# tile (bytes), m and l, and for float32 the packed query block and a key-major score tile.
 
-from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.stdint cimport uint8_t, int64_t
 cimport numpy as cnp
 
+from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
+from fastattn._kernels.plan cimport AttentionPlan, PlanData
 from fastattn._kernels.tile cimport (
-    intp_data, QkvLayout, qkv_layout, block_len, start_rows, Operands, operands,
+    intp_data, block_len, start_rows,
     real, attend_tile, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
-    kmajor_ld, kmajor_scratch, attend_tile_kmajor,
+    kmajor_ld, kmajor_scratch_bytes, attend_tile_kmajor,
 )
 
 cnp.import_array()
@@ -51,15 +54,18 @@ cdef struct Rule:
     Py_ssize_t mask_rs, mask_cs
 
 
-cdef struct SparseProblem:
-    QkvLayout qkv               # sizes, per-batch offsets and row strides (tile.pxd)
-    # layout: batch b walks indptr[layout_off[b] + qb] .. indptr[layout_off[b] + qb + 1]
+cdef struct SparseLayout:
+    # batch b walks indptr[layout_off[b] + qb] .. indptr[layout_off[b] + qb + 1]
     const int64_t *indptr
     const int64_t *indices
     const Py_ssize_t *layout_off
-    int block_q, block_k, nthreads
     Rule rule
-    int alloc_failed
+
+
+cdef struct SparseRun:
+    # One call: the plan every family shares, and the layout.
+    const PlanData *plan
+    const SparseLayout *layout
 
 
 cdef inline int64_t floordiv(int64_t a, int64_t b) noexcept nogil:
@@ -155,141 +161,163 @@ cdef int tile_rule(const Rule *rule, Py_ssize_t b, int64_t q0, int rows, int64_t
     return TILE_MASK
 
 
-cdef void sparse_kernel(SparseProblem *p, const Operands *ops, real scale) noexcept nogil:
-    cdef const real *q = <const real *>ops.q
-    cdef const real *k = <const real *>ops.k
-    cdef const real *v = <const real *>ops.v
-    cdef real *out = <real *>ops.out
-    cdef real *lse = <real *>ops.lse
+cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t item,
+                      real *scratch) noexcept nogil:
+    # One item: the rows of one query block against the key blocks its layout row lists.
+    # scratch is the thread's block (sparse_scratch): the score tile, m, l, the keep tile,
+    # then the key-major buffers.
+    cdef const real *q = <const real *>p.ops.q
+    cdef const real *k = <const real *>p.ops.k
+    cdef const real *v = <const real *>p.ops.v
+    cdef real *lse = <real *>p.ops.lse
+    cdef real scale = <real>p.scale
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
-    cdef Py_ssize_t nitems = p.qkv.nbatch * nqb
-    cdef Py_ssize_t item, b, qb, r, idx, row_start, row_end, kb
+    cdef Py_ssize_t b, qb, r, idx, row_start, row_end, kb
     cdef Py_ssize_t q0, k0, band_lo, band_hi
     cdef int rows, cols, kind
+    cdef char *cursor = <char *>scratch
     cdef real *s
     cdef real *m
     cdef real *l
     cdef uint8_t *keep
     cdef real *acc
     cdef real *kscratch
-    cdef int nt = p.nthreads
     # Row stride of the largest packed query block (0: no tile goes key-major), and this
     # item's packing state for attend_tile_kmajor.
     cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
     cdef Py_ssize_t ldqt
 
-    if nitems == 0:
-        return
-    with nogil, parallel(num_threads=nt):
-        s = <real *>malloc(p.block_q * p.block_k * sizeof(real))
-        m = <real *>malloc(p.block_q * sizeof(real))
-        l = <real *>malloc(p.block_q * sizeof(real))
-        keep = <uint8_t *>malloc(p.block_q * p.block_k)
-        kscratch = <real *>kmajor_scratch(ld_max, p.qkv.e, p.block_k, sizeof(real))
-        # Every thread must reach the prange; one without scratch only flags the failure.
-        for item in prange(nitems, schedule='dynamic'):
-            if s == NULL or m == NULL or l == NULL or keep == NULL:
-                p.alloc_failed = 1
-            else:
-                qb = item % nqb
-                b = item // nqb
-                q0 = qb * p.block_q
-                rows = block_len(p.qkv.L, q0, p.block_q)
-                acc = out + (b * p.qkv.L + q0) * p.qkv.ev
-                start_rows(rows, acc, p.qkv.ev, p.qkv.ev, m, l)
+    s = <real *>scratch_take(&cursor, p.block_q * p.block_k * sizeof(real))
+    m = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
+    l = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
+    keep = <uint8_t *>scratch_take(&cursor, p.block_q * p.block_k)
+    kscratch = <real *>cursor if ld_max else NULL
 
-                row_start = p.indptr[p.layout_off[b] + qb]
-                row_end = p.indptr[p.layout_off[b] + qb + 1]
-                ldqt = -1 if kscratch != NULL else 0
-                for idx in range(row_start, row_end):
-                    kb = p.indices[idx]
-                    k0 = kb * p.block_k
-                    cols = block_len(p.qkv.S, k0, p.block_k)
-                    kind = TILE_BAND
-                    band_lo = -BAND_ALL
-                    band_hi = BAND_ALL
-                    if p.rule.active:
-                        kind = tile_rule(&p.rule, b, q0, rows, k0, cols, keep,
-                                         &band_lo, &band_hi)
-                        if kind == TILE_SKIP:
-                            continue
-                    # every pair of the tile takes part: key-major
-                    if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
-                            and attend_tile_kmajor(
-                                rows, cols, p.qkv.e, p.qkv.ev, scale,
-                                q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, kscratch,
-                                &ldqt,
-                                k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
-                                v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
-                                acc, p.qkv.ev, m, l)):
-                        continue
-                    attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, rows,
-                                k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
-                                v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv, cols,
-                                p.qkv.e, p.qkv.ev, scale,
-                                <const void *>keep, MASK_BOOL if kind == TILE_MASK else MASK_NONE,
-                                cols, 1, band_lo, band_hi,
-                                s, acc, p.qkv.ev, m, l)
+    qb = item % nqb
+    b = item // nqb
+    q0 = qb * p.block_q
+    rows = block_len(p.qkv.L, q0, p.block_q)
+    acc = <real *>p.ops.out + p.out_off[b] + q0 * p.ldo
+    start_rows(rows, acc, p.ldo, p.qkv.ev, m, l)
 
-                for r in range(rows):
-                    finish_row(acc + r * p.qkv.ev, p.qkv.ev, m[r], l[r],
-                               (lse + b * p.qkv.L + q0 + r) if lse != NULL else NULL)
-        free(s)
-        free(m)
-        free(l)
-        free(keep)
-        free(kscratch)
+    row_start = lay.indptr[lay.layout_off[b] + qb]
+    row_end = lay.indptr[lay.layout_off[b] + qb + 1]
+    ldqt = -1 if kscratch != NULL else 0
+    for idx in range(row_start, row_end):
+        kb = lay.indices[idx]
+        k0 = kb * p.block_k
+        cols = block_len(p.qkv.S, k0, p.block_k)
+        kind = TILE_BAND
+        band_lo = -BAND_ALL
+        band_hi = BAND_ALL
+        if lay.rule.active:
+            kind = tile_rule(&lay.rule, b, q0, rows, k0, cols, keep, &band_lo, &band_hi)
+            if kind == TILE_SKIP:
+                continue
+        # every pair of the tile takes part: key-major
+        if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
+                and attend_tile_kmajor(
+                    rows, cols, p.qkv.e, p.qkv.ev, scale,
+                    q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, kscratch, &ldqt,
+                    k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
+                    v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
+                    acc, p.ldo, m, l)):
+            continue
+        attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, rows,
+                    k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
+                    v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv, cols,
+                    p.qkv.e, p.qkv.ev, scale,
+                    <const void *>keep, MASK_BOOL if kind == TILE_MASK else MASK_NONE,
+                    cols, 1, band_lo, band_hi,
+                    s, acc, p.ldo, m, l)
+
+    for r in range(rows):
+        finish_row(acc + r * p.ldo, p.qkv.ev, m[r], l[r],
+                   (lse + b * p.qkv.L + q0 + r) if lse != NULL else NULL)
 
 
-def block_sparse(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out, object lse,
-                 cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off,
-                 Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv,
-                 Py_ssize_t L, Py_ssize_t S, int e, int ev, double scale,
-                 cnp.ndarray indptr, cnp.ndarray indices, cnp.ndarray layout_off,
-                 int block_q, int block_k, object rule, int nthreads):
-    """Run the block-sparse kernel. Private: `fastattn.sparse` validates every argument.
+# The item hook, and this family's one dtype dispatch: the plan's element type picks the
+# specialisation of the fused-type body above.
+
+cdef void sparse_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef SparseRun *r = <SparseRun *>run
+    if r.plan.dtype == DT_FLOAT32:
+        sparse_rows[float](r.plan, r.layout, item, <float *>scratch)
+    else:
+        sparse_rows[double](r.plan, r.layout, item, <double *>scratch)
+
+
+cdef size_t sparse_scratch(const PlanData *p, size_t itemsize) noexcept nogil:
+    # One thread's scratch: the score tile, m, l, the keep tile, then the key-major
+    # buffers (if any).
+    cdef Py_ssize_t ld_max = kmajor_ld(p.dtype == DT_FLOAT32, p.qkv.ev, p.block_q)
+    return (scratch_room(p.block_q * p.block_k * itemsize)
+            + 2 * scratch_room(p.block_q * itemsize)
+            + scratch_room(p.block_q * p.block_k)
+            + kmajor_scratch_bytes(ld_max, p.qkv.e, p.block_k, itemsize))
+
+
+cdef class SparsePlan:
+    """The block-sparse part of a call's plan: the layout and its element rule. Private:
+    built by `fastattn.block_sparse_attention` from a validated BlockLayout.
 
     indptr/indices are int64 (indices within [0, ceil(S / block_k)), each row's
     indices distinct); layout_off (intp, one per batch) is the start of that batch's
     indptr row set. rule is None or a dict of the element rule's prepared fields
-    (see `fastattn.sparse._prepare_rule`).
+    (see `fastattn.sparse.BlockLayout._kernel_rule`); offset (S - L) aligns query
+    positions bottom-right for it.
     """
-    cdef SparseProblem p
-    cdef Operands ops = operands(q, k, v, out, lse)
+    cdef SparseLayout c
+    cdef readonly object arrays     # everything the pointers in c point into
 
-    p.qkv = qkv_layout(q_off, k_off, v_off, ldq, ldk, ldv, L, S, e, ev)
-    p.indptr = <const int64_t *>cnp.PyArray_DATA(indptr)
-    p.indices = <const int64_t *>cnp.PyArray_DATA(indices)
-    p.layout_off = intp_data(layout_off)
-    p.block_q = block_q
-    p.block_k = block_k
-    p.nthreads = nthreads
-    p.alloc_failed = 0
-    p.rule.active = rule is not None
-    p.rule.gq = NULL
-    p.rule.gk = NULL
-    p.rule.mask = NULL
-    if rule is not None:
-        p.rule.lo = rule["lo"]
-        p.rule.hi = rule["hi"]
-        p.rule.clip = rule["clip"]
-        p.rule.dilation = rule["dilation"]
-        p.rule.segment = rule["segment"]
-        p.rule.offset = S - L
-        if rule["gq"] is not None:
-            p.rule.gq = <const uint8_t *>cnp.PyArray_DATA(rule["gq"])
-        if rule["gk"] is not None:
-            p.rule.gk = <const uint8_t *>cnp.PyArray_DATA(rule["gk"])
-        if rule["mask"] is not None:
-            p.rule.mask = <const uint8_t *>cnp.PyArray_DATA(rule["mask"])
-            p.rule.mask_off = intp_data(rule["mask_off"])
-            p.rule.mask_rs = rule["mask_rs"]
-            p.rule.mask_cs = rule["mask_cs"]
+    def __init__(self, cnp.ndarray indptr, cnp.ndarray indices, cnp.ndarray layout_off,
+                 object rule, *, Py_ssize_t offset):
+        self.c.indptr = <const int64_t *>cnp.PyArray_DATA(indptr)
+        self.c.indices = <const int64_t *>cnp.PyArray_DATA(indices)
+        self.c.layout_off = intp_data(layout_off)
+        self.c.rule.active = rule is not None
+        self.c.rule.gq = NULL
+        self.c.rule.gk = NULL
+        self.c.rule.mask = NULL
+        self.c.rule.mask_off = NULL
+        self.c.rule.mask_rs = self.c.rule.mask_cs = 0
+        self.c.rule.lo = self.c.rule.hi = self.c.rule.clip = 0
+        self.c.rule.dilation = 1
+        self.c.rule.segment = 0
+        self.c.rule.offset = offset
+        if rule is not None:
+            self.c.rule.lo = rule["lo"]
+            self.c.rule.hi = rule["hi"]
+            self.c.rule.clip = rule["clip"]
+            self.c.rule.dilation = rule["dilation"]
+            self.c.rule.segment = rule["segment"]
+            if rule["gq"] is not None:
+                self.c.rule.gq = <const uint8_t *>cnp.PyArray_DATA(rule["gq"])
+            if rule["gk"] is not None:
+                self.c.rule.gk = <const uint8_t *>cnp.PyArray_DATA(rule["gk"])
+            if rule["mask"] is not None:
+                self.c.rule.mask = <const uint8_t *>cnp.PyArray_DATA(rule["mask"])
+                self.c.rule.mask_off = intp_data(rule["mask_off"])
+                self.c.rule.mask_rs = rule["mask_rs"]
+                self.c.rule.mask_cs = rule["mask_cs"]
+        self.arrays = (indptr, indices, layout_off, rule)
 
+
+def block_sparse(AttentionPlan plan, SparsePlan layout):
+    """Run the block-sparse kernel on a plan (AttentionPlan, no mask, one key split) and
+    a layout (SparsePlan). Private: `fastattn.block_sparse_attention` validates every
+    argument.
+
+    out's (L, ev) matrices have unit column stride and do not overlap; lse is
+    C-contiguous (nbatch, L) or None.
+    """
+    cdef SparseRun run
+    cdef const PlanData *p = &plan.c
+    cdef cnp.ndarray q = plan.arrays[0]
+    cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
+    cdef size_t scratch = sparse_scratch(p, q.itemsize)
+    run.plan = p
+    run.layout = &layout.c
     with nogil:
-        if ops.is_f32:
-            sparse_kernel[float](&p, &ops, <float>scale)
-        else:
-            sparse_kernel[double](&p, &ops, scale)
-    if p.alloc_failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its tile buffers")
+        run_items(sparse_item, &run, p.qkv.nbatch * nqb, 1, scratch, p.nthreads,
+                  "block-sparse attention tile buffers")
