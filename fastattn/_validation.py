@@ -42,6 +42,15 @@ def result_dtypes(*arrays, names=None):
     return result, result
 
 
+def storage_dtype(compute, result, *arrays):
+    """The dtype a tile kernel reads its operands in: the result's half type when every
+    one of ``arrays`` already has it (read as they are, computed in float32), else the
+    compute dtype (the operands are converted to it first)."""
+    if result in HALF and all(a.dtype == result for a in arrays):
+        return result
+    return compute
+
+
 def is_bfloat16(dtype):
     """Whether ``dtype`` (a dtype, type or name) is ml_dtypes' bfloat16."""
     try:

@@ -7,8 +7,8 @@ from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
-    CPU_AND_NPU, HALF, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
-    is_floating, result_dtypes,
+    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
+    is_floating, result_dtypes, storage_dtype,
 )
 from fastattn._validation import check_out as _check_out
 
@@ -217,10 +217,7 @@ class _Operands:
         batch_shape = check_batch_shape(leads, **named)
 
         self.q, self.k, self.v, self.mask = q, k, v, mask
-        # The kernel reads half-precision operands as they are when all three share the
-        # result's half type; anything else is converted to the compute type first.
-        self.storage = (self.result if self.result in HALF
-                        and q.dtype == k.dtype == v.dtype == self.result else self.compute)
+        self.storage = storage_dtype(self.compute, self.result, q, k, v)
         self.L, self.S, self.E, self.Ev = L, S, E, Ev
         self.group = group
         self.batch_shape = batch_shape

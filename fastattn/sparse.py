@@ -14,7 +14,7 @@ from fastattn import _threads
 from fastattn._kernels import sparse as _sparse
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import as_matrix_stack, batch_offsets
-from fastattn._validation import check_batch_shape, check_qkv, check_scale
+from fastattn._validation import check_batch_shape, check_qkv, check_scale, storage_dtype
 from fastattn.block_layout import BlockLayout
 
 __all__ = ["BlockLayout", "block_sparse_attention"]
@@ -87,12 +87,13 @@ def block_sparse_attention(query, key, value, layout, *, scale=None, return_lse=
         query=q.shape, key=k.shape, value=v.shape, layout_heads=layout._leads())
     nthreads = _threads.resolve_num_threads(num_threads)
 
-    res = np.zeros(batch_shape + (L, Ev), dtype=compute)
+    storage = storage_dtype(compute, result, q, k, v)
+    res = np.zeros(batch_shape + (L, Ev), dtype=storage)
     lse = np.full(batch_shape + (L,), -np.inf, dtype=compute) if return_lse else None
     if res.size and S and layout.num_blocks:
-        q, ldq = as_matrix_stack(q, compute)
-        k, ldk = as_matrix_stack(k, compute)
-        v, ldv = as_matrix_stack(v, compute)
+        q, ldq = as_matrix_stack(q, storage)
+        k, ldk = as_matrix_stack(k, storage)
+        v, ldv = as_matrix_stack(v, storage)
         q_off = batch_offsets(q, batch_shape)
         k_off = batch_offsets(k, batch_shape)
         v_off = batch_offsets(v, batch_shape)
@@ -113,8 +114,8 @@ def block_sparse_attention(query, key, value, layout, *, scale=None, return_lse=
                              nthreads=nthreads)
         sparse_plan = _sparse.SparsePlan(layout.indptr, layout.indices, layout_off,
                                          layout._kernel_rule(batch_shape), offset=S - L)
-        with _threads.tile_blas(compute, Ev):
+        with _threads.tile_blas(storage, Ev):
             _sparse.block_sparse(plan, sparse_plan)
-    if result != compute:
+    if result != storage:
         res = res.astype(result)
     return (res, lse) if return_lse else res

@@ -27,12 +27,14 @@ from libc.string cimport memset
 from libc.stdint cimport uint8_t, int64_t
 cimport numpy as cnp
 
-from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
+from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT64
 from fastattn._kernels.plan cimport AttentionPlan, PlanData
 from fastattn._kernels.tile cimport (
     intp_data, block_len, start_rows,
-    real, attend_tile, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
-    kmajor_ld, kmajor_scratch_bytes, attend_tile_kmajor,
+    real, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
+    kmajor_ld, kmajor_scratch_bytes,
+    TileOperands, tile_operands_bytes, tile_operands_init, tile_begin_block, tile_attend,
+    tile_attend_kmajor, is_half, element, narrow_rows,
 )
 
 cnp.import_array()
@@ -165,14 +167,12 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
                       real *scratch) noexcept nogil:
     # One item: the rows of one query block against the key blocks its layout row lists.
     # scratch is the thread's block (sparse_scratch): the score tile, m, l, the keep tile,
-    # then the key-major buffers.
-    cdef const real *q = <const real *>p.ops.q
-    cdef const real *k = <const real *>p.ops.k
-    cdef const real *v = <const real *>p.ops.v
+    # the key-major buffers, then the TileOperands buffers.
+    cdef Py_ssize_t isz = p.itemsize
     cdef real *lse = <real *>p.ops.lse
     cdef real scale = <real>p.scale
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
-    cdef Py_ssize_t b, qb, r, idx, row_start, row_end, kb
+    cdef Py_ssize_t b, qb, r, idx, row_start, row_end, kb, ldacc
     cdef Py_ssize_t q0, k0, band_lo, band_hi
     cdef int rows, cols, kind
     cdef char *cursor = <char *>scratch
@@ -182,6 +182,10 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
     cdef uint8_t *keep
     cdef real *acc
     cdef real *kscratch
+    cdef const void *kt
+    cdef const void *vt
+    cdef TileOperands ops
+    cdef bint half = is_half(p.dtype)
     # Row stride of the largest packed query block (0: no tile goes key-major), and this
     # item's packing state for attend_tile_kmajor.
     cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
@@ -191,14 +195,23 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
     m = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
     l = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
     keep = <uint8_t *>scratch_take(&cursor, p.block_q * p.block_k)
-    kscratch = <real *>cursor if ld_max else NULL
+    kscratch = <real *>scratch_take(&cursor, kmajor_scratch_bytes(
+        ld_max, p.qkv.e, p.block_k, sizeof(real))) if ld_max else NULL
+    tile_operands_init(&ops, p.dtype, isz, p.qkv.e, p.qkv.ev, p.block_q, p.block_k, cursor)
 
     qb = item % nqb
     b = item // nqb
     q0 = qb * p.block_q
     rows = block_len(p.qkv.L, q0, p.block_q)
-    acc = <real *>p.ops.out + p.out_off[b] + q0 * p.ldo
-    start_rows(rows, acc, p.ldo, p.qkv.ev, m, l)
+    tile_begin_block(&ops, element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz), p.qkv.ldq,
+                     rows)
+    if half:
+        acc = <real *>ops.acc32         # float32 rows, narrowed into out at the end
+        ldacc = p.qkv.ev
+    else:
+        acc = <real *>p.ops.out + p.out_off[b] + q0 * p.ldo
+        ldacc = p.ldo
+    start_rows(rows, acc, ldacc, p.qkv.ev, m, l)
 
     row_start = lay.indptr[lay.layout_off[b] + qb]
     row_end = lay.indptr[lay.layout_off[b] + qb + 1]
@@ -214,47 +227,45 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
             kind = tile_rule(&lay.rule, b, q0, rows, k0, cols, keep, &band_lo, &band_hi)
             if kind == TILE_SKIP:
                 continue
+        kt = element(p.ops.k, p.qkv.k_off[b] + k0 * p.qkv.ldk, isz)
+        vt = element(p.ops.v, p.qkv.v_off[b] + k0 * p.qkv.ldv, isz)
         # every pair of the tile takes part: key-major
         if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
-                and attend_tile_kmajor(
-                    rows, cols, p.qkv.e, p.qkv.ev, scale,
-                    q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, kscratch, &ldqt,
-                    k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
-                    v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv,
-                    acc, p.ldo, m, l)):
+                and tile_attend_kmajor(&ops, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
+                                       kscratch, &ldqt, acc, ldacc, m, l)):
             continue
-        attend_tile(q + p.qkv.q_off[b] + q0 * p.qkv.ldq, p.qkv.ldq, rows,
-                    k + p.qkv.k_off[b] + k0 * p.qkv.ldk, p.qkv.ldk,
-                    v + p.qkv.v_off[b] + k0 * p.qkv.ldv, p.qkv.ldv, cols,
-                    p.qkv.e, p.qkv.ev, scale,
+        tile_attend(&ops, 0, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
                     <const void *>keep, MASK_BOOL if kind == TILE_MASK else MASK_NONE,
-                    cols, 1, band_lo, band_hi,
-                    s, acc, p.ldo, m, l)
+                    cols, 1, band_lo, band_hi, s, acc, ldacc, m, l)
 
     for r in range(rows):
-        finish_row(acc + r * p.ldo, p.qkv.ev, m[r], l[r],
+        finish_row(acc + r * ldacc, p.qkv.ev, m[r], l[r],
                    (lse + b * p.qkv.L + q0 + r) if lse != NULL else NULL)
+    if half:
+        narrow_rows(p.dtype, rows, p.qkv.ev, <float *>acc, ldacc,
+                    <void *>element(p.ops.out, p.out_off[b] + q0 * p.ldo, isz), p.ldo)
 
 
 # The item hook, and this family's one dtype dispatch: the plan's element type picks the
-# specialisation of the fused-type body above.
+# specialisation of the fused-type body above (half operands compute in float32).
 
 cdef void sparse_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
     cdef SparseRun *r = <SparseRun *>run
-    if r.plan.dtype == DT_FLOAT32:
-        sparse_rows[float](r.plan, r.layout, item, <float *>scratch)
-    else:
+    if r.plan.dtype == DT_FLOAT64:
         sparse_rows[double](r.plan, r.layout, item, <double *>scratch)
+    else:
+        sparse_rows[float](r.plan, r.layout, item, <float *>scratch)
 
 
-cdef size_t sparse_scratch(const PlanData *p, size_t itemsize) noexcept nogil:
-    # One thread's scratch: the score tile, m, l, the keep tile, then the key-major
-    # buffers (if any).
-    cdef Py_ssize_t ld_max = kmajor_ld(p.dtype == DT_FLOAT32, p.qkv.ev, p.block_q)
-    return (scratch_room(p.block_q * p.block_k * itemsize)
-            + 2 * scratch_room(p.block_q * itemsize)
+cdef size_t sparse_scratch(const PlanData *p, size_t realsize) noexcept nogil:
+    # One thread's scratch: the score tile, m, l, the keep tile, the key-major buffers
+    # (if any), then the buffers of half operands (if any).
+    cdef Py_ssize_t ld_max = kmajor_ld(realsize == 4, p.qkv.ev, p.block_q)
+    return (scratch_room(p.block_q * p.block_k * realsize)
+            + 2 * scratch_room(p.block_q * realsize)
             + scratch_room(p.block_q * p.block_k)
-            + kmajor_scratch_bytes(ld_max, p.qkv.e, p.block_k, itemsize))
+            + scratch_room(kmajor_scratch_bytes(ld_max, p.qkv.e, p.block_k, realsize))
+            + tile_operands_bytes(p.dtype, p.block_q, p.block_k, p.qkv.e, p.qkv.ev))
 
 
 cdef class SparsePlan:
@@ -313,9 +324,9 @@ def block_sparse(AttentionPlan plan, SparsePlan layout):
     """
     cdef SparseRun run
     cdef const PlanData *p = &plan.c
-    cdef cnp.ndarray q = plan.arrays[0]
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
-    cdef size_t scratch = sparse_scratch(p, q.itemsize)
+    # compute type: float64 for float64 operands, float32 for the others
+    cdef size_t scratch = sparse_scratch(p, 8 if p.dtype == DT_FLOAT64 else 4)
     run.plan = p
     run.layout = &layout.c
     with nogil:
