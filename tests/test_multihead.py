@@ -376,7 +376,7 @@ def test_linear_matches_matmul(lead, e, h, bias, x_layout, w_layout, dtype, nthr
 def test_linear_blocks_and_threads(monkeypatch, rng):
     # many small row blocks with ragged ends, and few rows split over output columns
     # (decoding); the result does not depend on how the work is cut
-    monkeypatch.setattr(_linear, "WORK_PER_THREAD", 1)       # threads even for tiny work
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)      # threads even for tiny work
     x = rng.standard_normal((3, 37, 20))
     w, b = rng.standard_normal((150, 20)), rng.standard_normal(150)
     want = x @ w.T + b
