@@ -1,6 +1,7 @@
 # Linear projections  out = x @ W.T + b  (W in torch.nn.Linear's (out, in) layout), in
-# fastattn's own threads (the parallel skeleton, parallel.pxd): the Q/K/V/output projections of multi-head attention
-# and the query/key projections of additive attention.
+# fastattn's own threads (the parallel skeleton, parallel.pxd): the Q/K/V/output
+# projections of multi-head attention and the query/key projections of additive
+# attention.
 #
 # Why not NumPy's matmul: it runs in NumPy's own BLAS threads, which keep spinning for a
 # while after each product, on the cores the attention kernel's threads then need.
@@ -21,9 +22,10 @@
 #           out[u] = x_u @ W_u.T + b      (n x h)                   transpose False
 #           out[u] = W_u @ x_u.T + b[:, None]   (h x n)             transpose True (no w_t)
 # The work items of all jobs form one flat index handed out dynamically (one item per
-# claim, no scratch); item -> (job, matrix, row block, column block). With a bias, the block is first filled with
-# the bias rows and the gemm accumulates onto it (beta = 1): OpenBLAS otherwise clears
-# the block before a beta = 0 product, so the bias costs no extra pass.
+# claim, no scratch); item -> (job, matrix, row block, column block). With a bias, the
+# block is first filled with the bias rows and the gemm accumulates onto it (beta = 1):
+# OpenBLAS otherwise clears the block before a beta = 0 product, so the bias costs no
+# extra pass.
 
 from libc.string cimport memcpy
 cimport numpy as cnp

@@ -501,8 +501,9 @@ cdef void scan_segment(const LowRank *p, Py_ssize_t item, real *scratch) noexcep
     cdef const real *parts = <const real *>p.parts
     cdef const real *v = <const real *>p.v + p.v_off[b]
     cdef real *out = <real *>p.out + b * N * p.ev
-    cdef real *rowinfo = <real *>p.rowinfo + b * N * 2
-    cdef real *chunk_max = <real *>p.chunk_max + b * cm_stride + seg * per_seg
+    # FAVOR's per-row and per-chunk numbers (NULL for the other maps)
+    cdef real *rowinfo = NULL
+    cdef real *chunk_max = NULL
     cdef real m_final
     cdef char *cursor = <char *>scratch
     cdef real *st = <real *>scratch_take(&cursor, size * sizeof(real))
@@ -518,6 +519,9 @@ cdef void scan_segment(const LowRank *p, Py_ssize_t item, real *scratch) noexcep
         r1 = N
     if r0 >= r1:
         return
+    if p.kind == FEAT_FAVOR:
+        rowinfo = <real *>p.rowinfo + b * N * 2
+        chunk_max = <real *>p.chunk_max + b * cm_stride + seg * per_seg
     merge_states(p, parts + b * p.nsplit * size, seg, st)
     # sum of the values before r0, for the FAVOR fix-up
     memcpy(vp, st + mev + p.m, p.ev * sizeof(real))
