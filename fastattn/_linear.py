@@ -3,7 +3,7 @@
 The projections of the attention layers (Q, K, V and output in multi-head attention,
 query and key in additive attention) run here rather than through NumPy's matmul: the
 kernel (`fastattn._kernels.linear`) cuts each projection into blocks of rows, one
-single-threaded BLAS gemm per block, in the same OpenMP threads as the attention
+single-threaded BLAS gemm per block, in the same threads as the attention
 kernels. NumPy's BLAS threads, which keep spinning on the cores for a while after each
 product, then never run. Weights follow ``torch.nn.Linear``: shape ``(out, in)``.
 
@@ -12,6 +12,7 @@ float64) with matching sizes.
 """
 import numpy as np
 
+from fastattn import _threads
 from fastattn._kernels import linear as _linear
 from fastattn._layout import as_matrix_stack, batch_offsets
 
@@ -30,9 +31,6 @@ BLOCK_ROWS_MIN = 32
 # BLOCK_COLS_MIN.
 COLUMN_ALIGN = 16
 BLOCK_COLS_MIN = 64
-# Multiply-adds per thread below which fewer threads run (a thread is only woken for
-# some tens of microseconds of work).
-WORK_PER_THREAD = 1 << 20
 
 
 def linear(*projections, nthreads, out=None, whole_blocks=False):
@@ -134,8 +132,9 @@ def run(jobs, nthreads):
     that follow it, so that the limit is set and lifted once (lifting it can wake
     BLAS's idle threads).
     """
-    work = sum(_work(job) for job in jobs)
-    _linear.project(jobs, int(max(1, min(nthreads, work // WORK_PER_THREAD))))
+    items = sum(_items(job) for job in jobs)
+    work = sum(2 * _work(job) for job in jobs)                    # flops
+    _linear.project(jobs, _threads.call_threads(nthreads, items, work))
 
 
 def _row_stack(x):
@@ -177,6 +176,14 @@ def _work(job):
     x, offsets, _, n, w, _, _, w_t = job[:8]
     h = w.shape[-1] if w_t else w.shape[-2]
     return offsets.shape[0] * n * h * x.shape[-1]
+
+
+def _items(job):
+    # work items of a job from stack_job: matrices * row blocks * column blocks
+    _, offsets, _, n, w, _, _, w_t = job[:8]
+    h = w.shape[-1] if w_t else w.shape[-2]
+    block_rows, block_cols = job[13:15]
+    return offsets.shape[0] * -(-n // block_rows) * -(-h // block_cols)
 
 
 def _blocks(nmat, n, h, nthreads, whole=False):

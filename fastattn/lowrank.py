@@ -62,7 +62,9 @@ def _chunked_terms(kind, q, k, v, w, root, eps, causal, num_threads, compute):
     # BLAS from our threads, which must then be single-threaded.
     blas = (_threads.tile_blas(compute, Ev) if favor and not causal
             else _threads.single_threaded_blas())
-    unused = np.empty(1, dtype=compute)
+    # flops of one row's features (FAVOR: its projection on w and the exp; elu: the exp)
+    features = m * (2 * E + 20) if favor else 20 * m
+    plan = dict(causal=causal, root=root, eps=eps)
 
     if not causal:
         # one state per distinct (key, value) matrix pair: heads sharing keys and values
@@ -71,27 +73,39 @@ def _chunked_terms(kind, q, k, v, w, root, eps, causal, num_threads, compute):
                                     return_inverse=True)
         state_of = np.ascontiguousarray(state_of.reshape(-1), dtype=np.intp)
         nstate = pairs.shape[0]
-        nsplit, _ = _threads.split_keys(nstate, -(-S // CHUNK), nthreads)
+        nkc, nqc = -(-S // CHUNK), -(-L // CHUNK)
+        work = (nstate * S + nbatch * L) * (features + 2 * m * Ev)
+        nthreads = _threads.call_threads(nthreads, max(nstate * nkc, nbatch * nqc), work)
+        nsplit, _ = _threads.split_keys(nstate, nkc, nthreads)
         parts = np.empty((nstate * nsplit, size), dtype=compute)
         states = np.empty((nstate, size), dtype=compute)
+        plan = _kernel.LowRankPlan(
+            code, qa, ka, va, w, out,
+            (q_off, np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1])),
+            (ldq, ldk, ldv), L, S, E, m, Ev, **plan, chunk=CHUNK, nsplit=nsplit,
+            nthreads=nthreads, parts=parts, state_of=state_of, states=states)
         with blas:
-            _kernel.noncausal(qa, ka, va, w, out, parts, states, q_off, state_of,
-                              np.ascontiguousarray(pairs[:, 0]),
-                              np.ascontiguousarray(pairs[:, 1]), ldq, ldk, ldv, L, S, E, m,
-                              Ev, code, root, eps, CHUNK, nsplit, nthreads)
+            _kernel.noncausal(plan)
         return out
 
     # Causal: the scan is sequential along the sequence, so batch entries are the
     # parallel items; with fewer entries than threads each is cut into segments (at
     # the price of a second pass over the keys, see the kernel).
     nchunks = -(-L // SCAN_CHUNK)
+    # per row: key and query features, the state's product and update, the chunk's
+    # triangle (t = fq fk^T and t @ v)
+    work = nbatch * L * (2 * features + 4 * m * Ev + 2 * SCAN_CHUNK * (m + Ev))
+    nthreads = _threads.call_threads(nthreads, nbatch * nchunks, work)
     nseg = 1 if nbatch >= nthreads else min(nchunks, -(-nthreads // nbatch))
     parts = np.empty((nbatch * nseg, size), dtype=compute)
-    rowinfo = np.empty((nbatch, L, 2), dtype=compute) if favor else unused
-    chunk_max = np.empty((nbatch, nchunks + nseg), dtype=compute) if favor else unused
+    rowinfo = np.empty((nbatch, L, 2), dtype=compute) if favor else None
+    chunk_max = np.empty((nbatch, nchunks + nseg), dtype=compute) if favor else None
+    plan = _kernel.LowRankPlan(code, qa, ka, va, w, out, (q_off, k_off, v_off), (ldq, ldk, ldv),
+                               L, S, E, m, Ev, **plan, chunk=SCAN_CHUNK, nsplit=nseg,
+                               nthreads=nthreads, parts=parts, rowinfo=rowinfo,
+                               chunk_max=chunk_max)
     with blas:
-        _kernel.causal(qa, ka, va, w, out, parts, rowinfo, chunk_max, q_off, k_off, v_off,
-                       ldq, ldk, ldv, L, E, m, Ev, code, root, eps, SCAN_CHUNK, nseg, nthreads)
+        _kernel.causal(plan)
     return out
 
 

@@ -17,6 +17,9 @@ __all__ = ["additive_attention", "concat_attention", "general_attention", "dot_a
 
 # Query rows per work item of the additive kernel (a rows x S score block per thread).
 BLOCK_ROWS = 32
+# Work of one (query, key, hidden unit) score term for the thread count
+# (fastattn._threads.call_threads): a tanh and a multiply-add, about this many flops.
+TANH_WORK = 20
 
 
 def additive_attention(query, key, value, *, w_q, w_k, v, mask=None, return_weights=False,
@@ -319,7 +322,10 @@ def _run_additive(w_q, w_k, w, c, return_weights, num_threads):
     kpt = np.zeros((len(k_mats), hidden, s_pad), dtype=dtype)
     q_off = (q_of * (L * hidden)).astype(np.intp).reshape(-1)
     k_off = (k_of * (hidden * s_pad)).astype(np.intp).reshape(-1)
-    block_r = int(max(1, min(BLOCK_ROWS, L, -(-L * nbatch // (4 * nthreads)))))
+    # the additive kernel's threads: scores, their softmax and p @ value
+    threads = _threads.call_threads(nthreads, nbatch * L,
+                                    nbatch * L * S * (TANH_WORK * hidden + 2 * Ev + 20))
+    block_r = int(max(1, min(BLOCK_ROWS, L, -(-L * nbatch // (4 * threads)))))
     prepared = None
     if c.mask is not None:
         prepared = PreparedMask(c.mask, dtype, L, S, c.batch_shape, block_r, S)
@@ -328,6 +334,5 @@ def _run_additive(w_q, w_k, w, c, return_weights, num_threads):
                      _linear.stack_job(ks, k_mats, ldk, S, w_k, None, kpt, nthreads,
                                        transpose=True)], nthreads)
         _additive.additive(qp, kpt, np.ascontiguousarray(w), vs, out, weights,
-                           q_off, k_off, v_off, ldv, L, S, Ev, prepared, block_r,
-                           min(nthreads, nbatch * -(-L // block_r)))
+                           q_off, k_off, v_off, ldv, L, S, Ev, prepared, block_r, threads)
     return out, weights

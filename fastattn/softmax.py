@@ -14,6 +14,9 @@ _AxisError = getattr(np, "exceptions", np).AxisError
 
 # Rows per work item: small enough to share a few matrices between the threads.
 BLOCK_ROWS = 64
+# Work of one element for the thread count (fastattn._threads.call_threads): about
+# this many flops (scale, mask, max, exp, sum, normalise; float32 runs at ~0.6 ns).
+ELEMENT_WORK = 20
 
 
 def masked_softmax(x, mask=None, *, axis=-1, scale=None, out=None, num_threads=None):
@@ -241,13 +244,14 @@ def softmax_rows(x, mask, scale, nthreads, *, causal_offset=None, log_out=False,
     xs, ldx = as_matrix_stack(x, x.dtype)
     x_off = batch_offsets(xs, batch_shape)
     nbatch = x_off.shape[0]
+    nthreads = _threads.call_threads(nthreads, nbatch * R, ELEMENT_WORK * nbatch * R * N)
     # enough row blocks for about four per thread, at most BLOCK_ROWS rows each
     block_r = int(max(1, min(BLOCK_ROWS, R, -(-R * nbatch // (4 * nthreads)))))
     prepared = None
     if mask is not None:
         prepared = PreparedMask(mask, x.dtype, R, N, batch_shape, block_r, N)
     _softmax.softmax(xs, res, x_off, ldx, R, N, scale, prepared, causal_offset is not None,
-                     causal_offset or 0, log_out, block_r, min(nthreads, nbatch * -(-R // block_r)))
+                     causal_offset or 0, log_out, block_r, nthreads)
     return res
 
 

@@ -42,3 +42,38 @@ def load_ascend_harness():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def check_scratch_failure(call, nfail=1):
+    """``call()`` raises MemoryError when the next ``nfail`` scratch allocations of the
+    parallel skeleton fail, leaves no scratch block behind, and the call after it
+    gives the same result as before."""
+    import pytest
+
+    from fastattn._kernels import parallel
+
+    want = call()
+    try:
+        parallel.fail_next_allocations(nfail)
+        with pytest.raises(MemoryError):
+            call()
+    finally:
+        parallel.fail_next_allocations(0)
+    assert parallel.live_scratch_blocks() == 0
+    got = call()
+    for a, b in zip(got, want) if isinstance(want, tuple) else [(got, want)]:
+        np.testing.assert_array_equal(a, b)
+
+
+def threads_spy(monkeypatch):
+    """Record the thread counts `fastattn._threads.call_threads` picks (a list)."""
+    from fastattn import _threads
+
+    picked = []
+    real = _threads.call_threads
+
+    def spy(*args):
+        picked.append(real(*args))
+        return picked[-1]
+    monkeypatch.setattr(_threads, "call_threads", spy)
+    return picked

@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 import fastattn
 from fastattn import _linear, _threads, reference
-from helpers import assert_close
+from helpers import assert_close, threads_spy
 
 
 def weights(rng, E, Eq, Ek, Ev, H, Hkv, Eout, dtype, bias=True):
@@ -376,7 +376,7 @@ def test_linear_matches_matmul(lead, e, h, bias, x_layout, w_layout, dtype, nthr
 def test_linear_blocks_and_threads(monkeypatch, rng):
     # many small row blocks with ragged ends, and few rows split over output columns
     # (decoding); the result does not depend on how the work is cut
-    monkeypatch.setattr(_linear, "WORK_PER_THREAD", 1)       # threads even for tiny work
+    monkeypatch.setattr(_threads, "WORK_PER_THREAD", 1)      # threads even for tiny work
     x = rng.standard_normal((3, 37, 20))
     w, b = rng.standard_normal((150, 20)), rng.standard_normal(150)
     want = x @ w.T + b
@@ -390,6 +390,36 @@ def test_linear_blocks_and_threads(monkeypatch, rng):
     few = x[:, -1]                                           # (3, 20), row stride 37*20
     out, = _linear_call(_linear.linear, (few, w, None), nthreads=4)
     np.testing.assert_allclose(out, few @ w.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_bit_identical_for_any_thread_count(monkeypatch, rng, dtype):
+    # blocks of BLOCK_ROWS_MAX rows and every output feature for 1..8 threads (rows
+    # >= 4 * 8 * BLOCK_ROWS_MAX): the same gemms, so the same bits
+    picked = threads_spy(monkeypatch)
+    x = rng.standard_normal((2, 4096, 48)).astype(dtype)
+    w, b = rng.standard_normal((80, 48)).astype(dtype), rng.standard_normal(80).astype(dtype)
+    one, = _linear_call(_linear.linear, (x, w, b), nthreads=1)
+    for threads in range(2, 9):
+        out, = _linear_call(_linear.linear, (x, w, b), nthreads=threads)
+        np.testing.assert_array_equal(out, one)
+    assert max(picked) == 8
+
+
+def test_linear_needs_no_scratch(rng):
+    # the projections allocate no thread scratch: a pending allocation failure is not
+    # theirs to meet (it stays pending), and no block is left behind
+    from fastattn._kernels import parallel
+    x, w = rng.standard_normal((1024, 64)), rng.standard_normal((64, 64))
+    try:
+        parallel.fail_next_allocations(1)
+        out, = _linear_call(_linear.linear, (x, w, None), nthreads=4)
+        with pytest.raises(MemoryError):          # the next kernel with scratch meets it
+            fastattn.log_softmax(x, num_threads=1)
+    finally:
+        parallel.fail_next_allocations(0)
+    assert parallel.live_scratch_blocks() == 0
+    np.testing.assert_allclose(out, x @ w.T, rtol=1e-12, atol=1e-12)
 
 
 def test_linear_weight_layouts_are_not_copied(rng):

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import fastattn
 from fastattn import reference
 from fastattn._kernels import additive as additive_kernel
-from helpers import assert_close
+from helpers import assert_close, check_scratch_failure, threads_spy
 
 DTYPES = [np.float32, np.float64]
 
@@ -247,6 +247,35 @@ def test_independent_of_threads_and_non_contiguous(rng):
     np.testing.assert_allclose(one, fastattn.additive_attention(q, k, v, **w, num_threads=4),
                                rtol=1e-13, atol=1e-15)
     assert_close(one, reference.additive_attention(q, k, v, **w)[0], np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_additive_bit_identical_for_any_thread_count(monkeypatch, rng, dtype):
+    # row blocks of BLOCK_ROWS for every thread count (L * batch >= 4 * 8 * BLOCK_ROWS)
+    # and projections in blocks of BLOCK_ROWS_MAX rows: the same bits for 1..8 threads
+    picked = threads_spy(monkeypatch)
+    q = rng.standard_normal((2, 4096, 12)).astype(dtype)
+    k = rng.standard_normal((2, 4096, 12)).astype(dtype)[:, :150]
+    v = rng.standard_normal((2, 150, 7)).astype(dtype)
+    mask = rng.random((4096, 150)) > 0.2
+    w = dict(w_q=rng.standard_normal((16, 12)), w_k=rng.standard_normal((16, 12)),
+             v=rng.standard_normal(16))
+    one = fastattn.additive_attention(q, k, v, **w, mask=mask, num_threads=1)
+    for threads in range(2, 9):
+        np.testing.assert_array_equal(
+            fastattn.additive_attention(q, k, v, **w, mask=mask, num_threads=threads), one)
+    assert max(picked) == 8
+
+
+def test_additive_scratch_failure_raises_memory_error(monkeypatch, rng):
+    picked = threads_spy(monkeypatch)
+    q, k, v = (rng.standard_normal((2, 1000, 16)) for _ in range(3))
+    w = dict(w_q=rng.standard_normal((32, 16)), w_k=rng.standard_normal((32, 16)),
+             v=rng.standard_normal(32))
+    for threads in (1, 4):
+        check_scratch_failure(lambda: fastattn.additive_attention(
+            q, k, v, **w, return_weights=True, num_threads=threads))
+    assert max(picked) == 4
 
 
 def test_additive_memory_is_not_l_s_hidden(rng):

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 import fastattn
 from fastattn import reference
-from helpers import assert_close
+from helpers import assert_close, check_scratch_failure, threads_spy
 
 DTYPES = [np.float32, np.float64]
 
@@ -145,6 +145,32 @@ def test_independent_of_threads(rng):
     m = rng.random((37, 61)) > 0.4
     one = fastattn.masked_softmax(x, m, num_threads=1)
     np.testing.assert_array_equal(one, fastattn.masked_softmax(x, m, num_threads=3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bit_identical_for_any_thread_count(monkeypatch, rng, dtype):
+    # every row is one softmax_row whatever the threads: the same bits for 1..8
+    picked = threads_spy(monkeypatch)
+    x = rng.standard_normal((8, 256, 512)).astype(dtype)       # 1M elements: 8 threads
+    m = rng.random((256, 512)) > 0.3
+    q, k = x[:2, :, :16], rng.standard_normal((2, 512, 16)).astype(dtype)
+    runs = [lambda t: fastattn.masked_softmax(x, m, num_threads=t),
+            lambda t: fastattn.log_softmax(x, m, axis=1, num_threads=t),
+            lambda t: fastattn.attention_weights(q, k, is_causal=True, num_threads=t)]
+    for run in runs:
+        one = run(1)
+        for threads in range(2, 9):
+            np.testing.assert_array_equal(run(threads), one)
+    assert max(picked) == 8
+
+
+def test_scratch_failure_raises_memory_error(monkeypatch, rng):
+    # log-softmax's row buffer (softmax itself needs no scratch), on one and on 4 threads
+    picked = threads_spy(monkeypatch)
+    x = rng.standard_normal((4, 256, 512)).astype(np.float32)
+    for threads in (1, 4):
+        check_scratch_failure(lambda: fastattn.log_softmax(x, num_threads=threads))
+    assert max(picked) == 4
 
 
 def test_bad_inputs():

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 import fastattn
 from fastattn import lowrank, reference
-from helpers import assert_close
+from helpers import assert_close, check_scratch_failure, threads_spy
 
 
 def make(rng, shape, dtype=np.float64):
@@ -177,6 +177,42 @@ def test_lowrank_independent_of_threads_and_chunks(rng, variant, causal):
     for threads, chunk, scan_chunk in [(2, 256, 128), (4, 32, 16), (3, 1, 1)]:
         with chunk_sizes(chunk, scan_chunk):
             np.testing.assert_allclose(run[variant](threads), one, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("variant", ["linear", "performer"])
+def test_lowrank_bit_identical_for_any_thread_count(monkeypatch, rng, variant, causal, dtype):
+    # 16 batch entries: no key splits or segments for up to 8 threads, so each entry's
+    # sums run in one order whatever the threads: the same bits for 1..8
+    picked = threads_spy(monkeypatch)
+    q, k, v = (make(rng, (4, 4, 300, 32), dtype) for _ in range(3))
+    w = fastattn.performer_features(32, 64, rng=1)
+    run = {"linear": lambda t: fastattn.linear_attention(q, k, v, causal=causal, num_threads=t),
+           "performer": lambda t: fastattn.performer_attention(q, k, v, features=w,
+                                                               causal=causal, num_threads=t)}
+    one = run[variant](1)
+    for threads in range(2, 9):
+        np.testing.assert_array_equal(run[variant](threads), one)
+    assert max(picked) == 8
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("variant", ["linear", "performer"])
+def test_lowrank_scratch_failure_raises_memory_error(monkeypatch, rng, variant, causal):
+    # the first pass of each kind of call: key pass (non-causal; causal with segments,
+    # one batch entry on 4 threads) or scan (causal, one thread)
+    picked = threads_spy(monkeypatch)
+    q, k, v = (make(rng, (1, 2048, 32)) for _ in range(3))
+    w = fastattn.performer_features(32, 64, rng=1)
+    for threads in (1, 4):
+        if variant == "linear":
+            call = lambda: fastattn.linear_attention(q, k, v, causal=causal, num_threads=threads)
+        else:
+            call = lambda: fastattn.performer_attention(q, k, v, features=w, causal=causal,
+                                                        num_threads=threads)
+        check_scratch_failure(call)
+    assert max(picked) == 4
 
 
 @pytest.mark.parametrize("causal", [False, True])

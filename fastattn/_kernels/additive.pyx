@@ -7,7 +7,8 @@
 #             distinct key matrix, in the same threads (no NumPy BLAS threads). The key
 #             projections are stored transposed, one column per key, with the key axis
 #             padded to FA_TANH_KEY_PAD columns.
-#   additive  one flat index over (batch, query row block), handed out dynamically. For
+#   additive  one flat index over (batch, query row block): the items of the parallel
+#             skeleton (parallel.pxd), handed out dynamically one at a time. For
 #             each row, `row_tanh_scores` scores a span of keys vectorised over the keys
 #             (no lane sums); the spans are cut into pieces of ~128 KiB of kp.T so that
 #             the rows of a block reuse each piece from L2. A bool-masked row only scores
@@ -15,15 +16,15 @@
 #             through the tile core's `softmax_row`, and the block's output is one BLAS
 #             gemm  out[rows] = p @ value.
 # The (L, S, hidden) tensor of the NumPy formula never exists: extra memory is the two
-# projections and a rows x S score block per thread (or the caller's weights array).
+# projections and a rows x S score block per thread (additive_scratch).
 
-from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
 from libc.stdint cimport uint8_t
 from libc.math cimport INFINITY
 import numpy as np
 cimport numpy as cnp
 
+from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
+from fastattn._kernels.parallel import DTYPE_CODES
 from fastattn._kernels.tile cimport (
     intp_data,
     MaskView, mask_view,
@@ -48,14 +49,21 @@ cdef struct AdditiveProblem:
     # sizes: L queries, S keys, h hidden units, ev value features
     Py_ssize_t nbatch, L, S, h, ev
     Py_ssize_t ldk              # row stride of kp.T: S rounded up to FA_TANH_KEY_PAD
-    # per-batch element offsets of qp (L, h; row stride h), kp.T (h, ldk), value (S, ev)
+    # qp (L, h; row stride h), kp.T (h, ldk) and value (S, ev) of batch b at element
+    # offsets q_off[b], k_off[b], v_off[b] of their arrays
+    const void *qp
+    const void *kpt
+    const void *v
     const Py_ssize_t *q_off
     const Py_ssize_t *k_off
     const Py_ssize_t *v_off
     Py_ssize_t ldv
+    const void *w               # (h,)
+    void *out                   # C-contiguous (nbatch, L, ev)
+    void *weights               # C-contiguous (nbatch, L, S), or NULL
+    int dtype                   # parallel.DType of every array
     MaskView mask               # the mask and its block map (tile.pxd)
     int block_r, nthreads
-    int alloc_failed
 
 
 cdef inline void kept_span(const uint8_t *keep, Py_ssize_t cs, Py_ssize_t S,
@@ -75,7 +83,7 @@ cdef inline void kept_span(const uint8_t *keep, Py_ssize_t cs, Py_ssize_t S,
     span[1] = (j1 + FA_TANH_KEY_PAD - 1) // FA_TANH_KEY_PAD * FA_TANH_KEY_PAD
 
 
-cdef void score_rows(AdditiveProblem *p, Py_ssize_t b, Py_ssize_t r0, Py_ssize_t rows,
+cdef void score_rows(const AdditiveProblem *p, Py_ssize_t b, Py_ssize_t r0, Py_ssize_t rows,
                      int kind, const real *qp, const real *kpt, const real *w,
                      real *s, Py_ssize_t *span) noexcept nogil:
     # s[r, span_r] <- w . tanh(qp[r0 + r] + kp[j]) for the keys j of each row's span
@@ -109,76 +117,86 @@ cdef void score_rows(AdditiveProblem *p, Py_ssize_t b, Py_ssize_t r0, Py_ssize_t
         c0 = c1
 
 
-cdef void additive_kernel(AdditiveProblem *p, const real *qp, const real *kpt, const real *w,
-                          const real *v, real *out, real *weights) noexcept nogil:
+cdef void additive_block(const AdditiveProblem *p, Py_ssize_t item,
+                         real *scratch) noexcept nogil:
+    # One item: a block of query rows. scratch (additive_scratch): the block_r x ldk
+    # score block, then 2 span ends per row.
+    cdef const real *qp = <const real *>p.qp
+    cdef const real *kpt = <const real *>p.kpt
+    cdef const real *w = <const real *>p.w
+    cdef const real *v = <const real *>p.v
+    cdef real *out = <real *>p.out
+    cdef real *weights = <real *>p.weights
     cdef Py_ssize_t nrb = (p.L + p.block_r - 1) // p.block_r
-    cdef Py_ssize_t nitems = p.nbatch * nrb
-    cdef Py_ssize_t item, b, rb, r, r0, rows, lo, hi, ldp
+    cdef Py_ssize_t b, rb, r, r0, rows, lo, hi, ldp
     cdef int state, kind
-    cdef real *scratch
+    cdef char *cursor = <char *>scratch
     cdef Py_ssize_t *span
     cdef real *srow
     cdef real *dest
     cdef real *pb
     cdef const void *mrow
 
-    if nitems == 0:
-        return
-    scratch = NULL   # (both set per thread below)
-    span = NULL
-    with nogil, parallel(num_threads=p.nthreads):
-        # per thread: a block_r x ldk score block, then 2 span ends per row
-        scratch = <real *>malloc(p.block_r * p.ldk * sizeof(real)
-                                 + 2 * p.block_r * sizeof(Py_ssize_t))
-        span = <Py_ssize_t *>(scratch + p.block_r * p.ldk)
-        for item in prange(nitems, schedule='dynamic'):
-            if scratch == NULL:
-                p.alloc_failed = 1
-            else:
-                b = item // nrb
-                rb = item % nrb
-                r0 = rb * p.block_r
-                rows = p.L - r0
-                if rows > p.block_r:
-                    rows = p.block_r
-                state = BLOCK_FULL
-                if p.mask.bmap != NULL:
-                    state = p.mask.bmap[p.mask.bmap_off[b] + rb * p.mask.bmap_rs]
-                kind = MASK_NONE if state == BLOCK_FULL else p.mask.kind
-                if state != BLOCK_SKIP:
-                    score_rows(p, b, r0, rows, kind, qp, kpt, w, scratch, span)
-                for r in range(rows):
-                    srow = scratch + r * p.ldk
-                    dest = srow if weights == NULL else weights + (b * p.L + r0 + r) * p.S
-                    if state == BLOCK_SKIP:
-                        row_fill(dest, p.S, 0)
-                        continue
-                    mrow = NULL
-                    if kind == MASK_BOOL:
-                        mrow = <const void *>((<const uint8_t *>p.mask.data) + p.mask.off[b]
-                                              + (r0 + r) * p.mask.rs)
-                        # keys outside the scored span are all masked: give them -inf
-                        lo = min(span[2 * r], p.S)
-                        hi = min(span[2 * r + 1], p.S)
-                        row_fill(srow, lo, -INFINITY)
-                        row_fill(srow + hi, p.S - hi, -INFINITY)
-                    elif kind != MASK_NONE:
-                        mrow = <const void *>((<const real *>p.mask.data) + p.mask.off[b]
-                                              + (r0 + r) * p.mask.rs)
-                    # dest <- softmax(srow + mask)
-                    softmax_row(srow, dest, NULL, p.S, p.S, 1, mrow, kind, p.mask.cs, False)
-                # out[r0:r0+rows] <- p @ value
-                if p.ev > 0:
-                    pb = scratch
-                    ldp = p.ldk
-                    if weights != NULL:
-                        pb = weights + (b * p.L + r0) * p.S
-                        ldp = p.S
-                    gemm_ab(<int>rows, <int>p.ev, <int>p.S, 1, pb, <int>ldp,
-                            v + p.v_off[b], <int>p.ldv, 0, out + (b * p.L + r0) * p.ev,
-                            <int>p.ev)
-        free(scratch)
-    # end: with nogil, parallel
+    scratch_take(&cursor, p.block_r * p.ldk * sizeof(real))
+    span = <Py_ssize_t *>scratch_take(&cursor, 2 * p.block_r * sizeof(Py_ssize_t))
+    b = item // nrb
+    rb = item % nrb
+    r0 = rb * p.block_r
+    rows = p.L - r0
+    if rows > p.block_r:
+        rows = p.block_r
+    state = BLOCK_FULL
+    if p.mask.bmap != NULL:
+        state = p.mask.bmap[p.mask.bmap_off[b] + rb * p.mask.bmap_rs]
+    kind = MASK_NONE if state == BLOCK_FULL else p.mask.kind
+    if state != BLOCK_SKIP:
+        score_rows(p, b, r0, rows, kind, qp, kpt, w, scratch, span)
+    for r in range(rows):
+        srow = scratch + r * p.ldk
+        dest = srow if weights == NULL else weights + (b * p.L + r0 + r) * p.S
+        if state == BLOCK_SKIP:
+            row_fill(dest, p.S, 0)
+            continue
+        mrow = NULL
+        if kind == MASK_BOOL:
+            mrow = <const void *>((<const uint8_t *>p.mask.data) + p.mask.off[b]
+                                  + (r0 + r) * p.mask.rs)
+            # keys outside the scored span are all masked: give them -inf
+            lo = min(span[2 * r], p.S)
+            hi = min(span[2 * r + 1], p.S)
+            row_fill(srow, lo, -INFINITY)
+            row_fill(srow + hi, p.S - hi, -INFINITY)
+        elif kind != MASK_NONE:
+            mrow = <const void *>((<const real *>p.mask.data) + p.mask.off[b]
+                                  + (r0 + r) * p.mask.rs)
+        # dest <- softmax(srow + mask)
+        softmax_row(srow, dest, NULL, p.S, p.S, 1, mrow, kind, p.mask.cs, False)
+    # out[r0:r0+rows] <- p @ value
+    if p.ev > 0:
+        pb = scratch
+        ldp = p.ldk
+        if weights != NULL:
+            pb = weights + (b * p.L + r0) * p.S
+            ldp = p.S
+        gemm_ab(<int>rows, <int>p.ev, <int>p.S, 1, pb, <int>ldp,
+                v + p.v_off[b], <int>p.ldv, 0, out + (b * p.L + r0) * p.ev,
+                <int>p.ev)
+
+
+# The item hook, and this family's one dtype dispatch.
+
+cdef void additive_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const AdditiveProblem *p = <const AdditiveProblem *>run
+    if p.dtype == DT_FLOAT32:
+        additive_block[float](p, item, <float *>scratch)
+    else:
+        additive_block[double](p, item, <double *>scratch)
+
+
+cdef size_t additive_scratch(const AdditiveProblem *p, size_t itemsize) noexcept nogil:
+    # One thread's scratch: a block_r x ldk score block, then 2 span ends per row.
+    return (scratch_room(p.block_r * p.ldk * itemsize)
+            + scratch_room(2 * p.block_r * sizeof(Py_ssize_t)))
 
 
 def additive(cnp.ndarray qp, cnp.ndarray kpt, cnp.ndarray w, cnp.ndarray v,
@@ -194,42 +212,54 @@ def additive(cnp.ndarray qp, cnp.ndarray kpt, cnp.ndarray w, cnp.ndarray v,
     each batch's element offset into qp, kpt and v (value base array, row stride ldv);
     w is (h,); out is (nbatch, L, ev); weights is (nbatch, L, S) or None. mask is a
     `fastattn._layout.PreparedMask` built with block_q = block_r, block_k = S, or None.
-    S must be at least 1. BLAS must be single-threaded.
+    S must be at least 1. nthreads: the threads to run on (fastattn._threads.call_threads).
+    BLAS must be single-threaded.
     """
     cdef AdditiveProblem p
-    cdef void *qd = cnp.PyArray_DATA(qp)
-    cdef void *kd = cnp.PyArray_DATA(kpt)
-    cdef void *wd = cnp.PyArray_DATA(w)
-    cdef void *vd = cnp.PyArray_DATA(v)
-    cdef void *od = cnp.PyArray_DATA(out)
-    cdef void *pd = NULL
-    if weights is not None:
-        pd = cnp.PyArray_DATA(weights)
     p.nbatch = q_off.shape[0]
     p.L = L
     p.S = S
     p.h = w.shape[0]
     p.ev = ev
     p.ldk = kpt.shape[kpt.ndim - 1]
+    p.qp = cnp.PyArray_DATA(qp)
+    p.kpt = cnp.PyArray_DATA(kpt)
+    p.v = cnp.PyArray_DATA(v)
     p.q_off = intp_data(q_off)
     p.k_off = intp_data(k_off)
     p.v_off = intp_data(v_off)
     p.ldv = ldv
+    p.w = cnp.PyArray_DATA(w)
+    p.out = cnp.PyArray_DATA(out)
+    p.weights = NULL if weights is None else cnp.PyArray_DATA(<cnp.ndarray>weights)
+    p.dtype = DTYPE_CODES[qp.dtype.name]
     p.mask = mask_view(mask)
     p.block_r = block_r
     p.nthreads = nthreads
-    p.alloc_failed = 0
-    cdef bint is_f32 = qp.dtype.num == cnp.NPY_FLOAT32
+    cdef Py_ssize_t nitems = p.nbatch * ((L + block_r - 1) // block_r)
+    cdef size_t scratch = additive_scratch(&p, qp.itemsize)
     with nogil:
-        if is_f32:
-            additive_kernel[float](&p, <const float *>qd, <const float *>kd, <const float *>wd,
-                                   <const float *>vd, <float *>od, <float *>pd)
-        else:
-            additive_kernel[double](&p, <const double *>qd, <const double *>kd,
-                                    <const double *>wd, <const double *>vd, <double *>od,
-                                    <double *>pd)
-    if p.alloc_failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its score block")
+        run_items(additive_item, &p, nitems, 1, scratch, nthreads, "additive score block")
+
+
+cdef struct TanhScoresCall:
+    const void *a
+    const void *kpt
+    const void *w
+    void *s
+    Py_ssize_t h, n
+    int dtype
+
+
+cdef void tanh_scores_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    # tanh_scores' one item, on the calling thread
+    cdef const TanhScoresCall *c = <const TanhScoresCall *>run
+    if c.dtype == DT_FLOAT32:
+        row_tanh_scores[float](<const float *>c.a, <const float *>c.kpt, c.n,
+                               <const float *>c.w, c.h, c.n, <float *>c.s)
+    else:
+        row_tanh_scores[double](<const double *>c.a, <const double *>c.kpt, c.n,
+                                <const double *>c.w, c.h, c.n, <double *>c.s)
 
 
 def tanh_scores(cnp.ndarray a, cnp.ndarray kpt, cnp.ndarray w):
@@ -247,19 +277,15 @@ def tanh_scores(cnp.ndarray a, cnp.ndarray kpt, cnp.ndarray w):
                          f"{(<object>w).shape}")
     if not (a.flags.c_contiguous and kpt.flags.c_contiguous and w.flags.c_contiguous):
         raise ValueError("a, kpt and w must be C-contiguous")
-    cdef Py_ssize_t h = kpt.shape[0]
-    cdef Py_ssize_t n = kpt.shape[1]
-    cdef cnp.ndarray s = np.empty(n, dtype=a.dtype)
-    cdef void *ad = cnp.PyArray_DATA(a)
-    cdef void *kd = cnp.PyArray_DATA(kpt)
-    cdef void *wd = cnp.PyArray_DATA(w)
-    cdef void *sd = cnp.PyArray_DATA(s)
-    cdef bint is_f32 = a.dtype == np.float32
+    cdef TanhScoresCall c
+    cdef cnp.ndarray s = np.empty(kpt.shape[1], dtype=a.dtype)
+    c.a = cnp.PyArray_DATA(a)
+    c.kpt = cnp.PyArray_DATA(kpt)
+    c.w = cnp.PyArray_DATA(w)
+    c.s = cnp.PyArray_DATA(s)
+    c.h = kpt.shape[0]
+    c.n = kpt.shape[1]
+    c.dtype = DTYPE_CODES[a.dtype.name]
     with nogil:
-        if is_f32:
-            row_tanh_scores[float](<const float *>ad, <const float *>kd, n, <const float *>wd,
-                                   h, n, <float *>sd)
-        else:
-            row_tanh_scores[double](<const double *>ad, <const double *>kd, n,
-                                    <const double *>wd, h, n, <double *>sd)
+        run_items(tanh_scores_item, &c, 1, 1, 0, 1, "")
     return s

@@ -1,6 +1,7 @@
 # Linear projections  out = x @ W.T + b  (W in torch.nn.Linear's (out, in) layout), in
-# fastattn's own OpenMP threads: the Q/K/V/output projections of multi-head attention
-# and the query/key projections of additive attention.
+# fastattn's own threads (the parallel skeleton, parallel.pxd): the Q/K/V/output
+# projections of multi-head attention and the query/key projections of additive
+# attention.
 #
 # Why not NumPy's matmul: it runs in NumPy's own BLAS threads, which keep spinning for a
 # while after each product, on the cores the attention kernel's threads then need.
@@ -8,8 +9,8 @@
 # every thread busy, of output columns); a block is one single-threaded BLAS gemm. The
 # caller keeps BLAS single-threaded around the call.
 #
-# A call runs a list of jobs (several projections, e.g. Q, K and V, share one parallel
-# region). A job:
+# A call runs a list of jobs (several projections, e.g. Q, K and V, share one run of
+# the skeleton). A job:
 #   x     a stack of nmat matrices (n x e), matrix u at element offset x_off[u] from the
 #         base pointer, row stride ldx, unit column stride
 #   W     (h x e), row stride ldw; or, with w_t, its transpose Wt (e x h, row stride ldw)
@@ -20,16 +21,17 @@
 #   out   matrix u at element offset u * out_step, row stride ldo:
 #           out[u] = x_u @ W_u.T + b      (n x h)                   transpose False
 #           out[u] = W_u @ x_u.T + b[:, None]   (h x n)             transpose True (no w_t)
-# The work items of all jobs form one flat index handed out dynamically; item ->
-# (job, matrix, row block, column block). With a bias, the block is first filled with
-# the bias rows and the gemm accumulates onto it (beta = 1): OpenBLAS otherwise clears
-# the block before a beta = 0 product, so the bias costs no extra pass.
+# The work items of all jobs form one flat index handed out dynamically (one item per
+# claim, no scratch); item -> (job, matrix, row block, column block). With a bias, the
+# block is first filled with the bias rows and the gemm accumulates onto it (beta = 1):
+# OpenBLAS otherwise clears the block before a beta = 0 product, so the bias costs no
+# extra pass.
 
-from cython.parallel cimport prange
-from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 cimport numpy as cnp
 
+from fastattn._kernels.parallel cimport run_items, DT_FLOAT32
+from fastattn._kernels.parallel import DTYPE_CODES
 from fastattn._kernels.tile cimport intp_data, real, gemm_ab, gemm_abt, row_fill
 
 cnp.import_array()
@@ -47,7 +49,8 @@ cdef struct LinearJob:
     Py_ssize_t h
     void *out
     Py_ssize_t out_step, ldo
-    bint transpose, is_f32
+    bint transpose
+    int dtype                   # parallel.DType of x, W, b and out
     Py_ssize_t block_rows, block_cols
     Py_ssize_t nrb, ncb         # row / column blocks per matrix
     Py_ssize_t first_item       # flat index of the job's first work item
@@ -96,8 +99,21 @@ cdef void project_block(const LinearJob *job, Py_ssize_t u, Py_ssize_t r0, Py_ss
                  xb, <int>job.ldx, beta, ob, <int>job.ldo)
 
 
-cdef void project_item(const LinearJob *job, Py_ssize_t item) noexcept nogil:
-    # item (counted from the job's first) -> (matrix, row block, column block)
+cdef struct LinearRun:
+    const LinearJob *jobs
+    Py_ssize_t njobs
+
+
+# The item hook, and this family's one dtype dispatch.
+
+cdef void linear_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    # item -> (job, matrix, row block, column block)
+    cdef const LinearRun *lr = <const LinearRun *>run
+    cdef Py_ssize_t j = lr.njobs - 1
+    while lr.jobs[j].first_item > item:
+        j = j - 1
+    cdef const LinearJob *job = &lr.jobs[j]
+    item = item - job.first_item
     cdef Py_ssize_t per_mat = job.nrb * job.ncb
     cdef Py_ssize_t u = item // per_mat
     cdef Py_ssize_t rb = (item % per_mat) // job.ncb
@@ -106,22 +122,12 @@ cdef void project_item(const LinearJob *job, Py_ssize_t item) noexcept nogil:
     cdef Py_ssize_t c0 = cb * job.block_cols
     cdef Py_ssize_t rows = min(job.block_rows, job.n - r0)
     cdef Py_ssize_t cols = min(job.block_cols, job.h - c0)
-    if job.is_f32:
+    if job.dtype == DT_FLOAT32:
         project_block[float](job, u, r0, rows, c0, cols, <const float *>job.x,
                              <const float *>job.w, <const float *>job.b, <float *>job.out)
     else:
         project_block[double](job, u, r0, rows, c0, cols, <const double *>job.x,
                               <const double *>job.w, <const double *>job.b, <double *>job.out)
-
-
-cdef void linear_kernel(const LinearJob *jobs, Py_ssize_t njobs, Py_ssize_t nitems,
-                        int nthreads) noexcept nogil:
-    cdef Py_ssize_t item, j
-    for item in prange(nitems, nogil=True, schedule='dynamic', num_threads=nthreads):
-        j = njobs - 1
-        while jobs[j].first_item > item:
-            j = j - 1
-        project_item(&jobs[j], item - jobs[j].first_item)
 
 
 def project(list jobs, int nthreads):
@@ -130,56 +136,55 @@ def project(list jobs, int nthreads):
     Each job is a tuple (x, x_off, ldx, n, w, w_off, ldw, w_t, b, out, out_step, ldo,
     transpose, block_rows, block_cols): see the comment at the top of this file. x, w, out
     and b (an ndarray or None) share one dtype, float32 or float64; x_off and w_off (or
-    None) are intp vectors of one length; block_rows and block_cols are at least 1. BLAS
-    must be single-threaded.
+    None) are intp vectors of one length; block_rows and block_cols are at least 1.
+    nthreads: the threads to run on (fastattn._threads.call_threads). BLAS must be
+    single-threaded.
     """
     cdef Py_ssize_t njobs = len(jobs)
     cdef Py_ssize_t nitems = 0
     cdef Py_ssize_t i
-    cdef LinearJob *js
+    cdef LinearRun run
     cdef LinearJob *job
     cdef cnp.ndarray x, x_off, w, out
     if njobs == 0:
         return
-    js = <LinearJob *>malloc(njobs * sizeof(LinearJob))
-    if js == NULL:
-        raise MemoryError()
-    try:
-        for i in range(njobs):
-            (x, x_off, ldx, n, w, w_off, ldw, w_t, b, out, out_step, ldo, transpose,
-             block_rows, block_cols) = jobs[i]
-            if not (x.dtype == w.dtype == out.dtype and (b is None or b.dtype == x.dtype)
-                    and x.dtype.num in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)):
-                raise TypeError("fastattn: projection operands must all be float32 or all "
-                                "float64")
-            job = &js[i]
-            job.x = cnp.PyArray_DATA(x)
-            job.x_off = intp_data(x_off)
-            job.nmat = x_off.shape[0]
-            job.n = n
-            job.e = w.shape[w.ndim - 2] if w_t else w.shape[w.ndim - 1]
-            job.ldx = ldx
-            job.w = cnp.PyArray_DATA(w)
-            job.w_off = NULL
-            if w_off is not None:
-                job.w_off = intp_data(w_off)
-            job.ldw = ldw
-            job.w_t = w_t
-            job.b = NULL if b is None else cnp.PyArray_DATA(b)
-            job.h = w.shape[w.ndim - 1] if w_t else w.shape[w.ndim - 2]
-            job.out = cnp.PyArray_DATA(out)
-            job.out_step = out_step
-            job.ldo = ldo
-            job.transpose = transpose
-            job.is_f32 = x.dtype.num == cnp.NPY_FLOAT32
-            job.block_rows = block_rows
-            job.block_cols = block_cols
-            job.nrb = (job.n + block_rows - 1) // block_rows
-            job.ncb = (job.h + block_cols - 1) // block_cols
-            job.first_item = nitems
-            nitems += job.nmat * job.nrb * job.ncb
-        if nitems:
-            with nogil:
-                linear_kernel(js, njobs, nitems, <int>min(<Py_ssize_t>nthreads, nitems))
-    finally:
-        free(js)
+    # the job table, owned by a NumPy array (no allocation of our own to fail or free)
+    cdef cnp.ndarray table = cnp.PyArray_ZEROS(1, [njobs * <Py_ssize_t>sizeof(LinearJob)],
+                                               cnp.NPY_UINT8, 0)
+    run.jobs = <const LinearJob *>cnp.PyArray_DATA(table)
+    run.njobs = njobs
+    for i in range(njobs):
+        (x, x_off, ldx, n, w, w_off, ldw, w_t, b, out, out_step, ldo, transpose,
+         block_rows, block_cols) = jobs[i]
+        if not (x.dtype == w.dtype == out.dtype and (b is None or b.dtype == x.dtype)
+                and x.dtype.num in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)):
+            raise TypeError("fastattn: projection operands must all be float32 or all "
+                            "float64")
+        job = <LinearJob *>cnp.PyArray_DATA(table) + i
+        job.x = cnp.PyArray_DATA(x)
+        job.x_off = intp_data(x_off)
+        job.nmat = x_off.shape[0]
+        job.n = n
+        job.e = w.shape[w.ndim - 2] if w_t else w.shape[w.ndim - 1]
+        job.ldx = ldx
+        job.w = cnp.PyArray_DATA(w)
+        job.w_off = NULL
+        if w_off is not None:
+            job.w_off = intp_data(w_off)
+        job.ldw = ldw
+        job.w_t = w_t
+        job.b = NULL if b is None else cnp.PyArray_DATA(b)
+        job.h = w.shape[w.ndim - 1] if w_t else w.shape[w.ndim - 2]
+        job.out = cnp.PyArray_DATA(out)
+        job.out_step = out_step
+        job.ldo = ldo
+        job.transpose = transpose
+        job.dtype = DTYPE_CODES[x.dtype.name]
+        job.block_rows = block_rows
+        job.block_cols = block_cols
+        job.nrb = (job.n + block_rows - 1) // block_rows
+        job.ncb = (job.h + block_cols - 1) // block_cols
+        job.first_item = nitems
+        nitems += job.nmat * job.nrb * job.ncb
+    with nogil:
+        run_items(linear_item, &run, nitems, 1, 0, nthreads, "")

@@ -22,6 +22,8 @@
 #
 # which is why a state is  A (m x Ev), z (m), vs (Ev) = sum_j v_j, M  (layout below).
 #
+# Every pass is one run of the parallel skeleton (parallel.pxd) over its items, with one
+# item hook (and the family's one dtype dispatch) per kind of item:
 # Non-causal: (1) key pass, one item per (state, key split): each folds its keys into a
 #   partial state; (2) merge the partials of each state to the common M, add the EPS
 #   term, scale by 1/m (both m^{-1/2}); (3) query pass, one item per (batch, query
@@ -35,19 +37,20 @@
 #   With several segments per batch entry (fewer entries than threads), a first key pass
 #   gives every segment's partial state; a segment starts from the merge of those
 #   before it, and M is the max over all of them.
-# Extra memory: per thread a few chunk x m buffers; partial states; for causal FAVOR two
-# numbers per row and one per chunk.
+# Extra memory: per thread a few chunk x m buffers (one scratch block per pass, sized by
+# lowrank_scratch); partial states; for causal FAVOR two numbers per row and one per
+# chunk.
 
-from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.math cimport INFINITY, fabs
 cimport numpy as cnp
 
+from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
+from fastattn._kernels.parallel import DTYPE_CODES
 from fastattn._kernels.tile cimport (
     intp_data, real, gemm_ab, gemm_atb, tile_scores, fa_tile_products_ok, fa_tile_pv_f32,
     row_max, row_add_max, row_exp_sum, row_scale, row_axpy, row_dot, row_fill, row_add_const,
-    exp_nonpositive, Operands, operands,
+    exp_nonpositive,
 )
 
 cnp.import_array()
@@ -91,11 +94,35 @@ cdef double GUARD = 1e-6
 
 
 cdef struct LowRank:
+    # One call (LowRankPlan below): the feature map, sizes, chunk rows and parameters
     int kind
+    int dtype                   # parallel.DType of every array
+    bint causal
     Py_ssize_t L, S
     int e, m, ev, chunk
+    double root, eps            # FAVOR's sqrt(scale); the others' denominator offset
+    # q, k, v of batch entry b at element offsets q_off[b], k_off[s], v_off[s], row
+    # strides ldq, ldk, ldv; s = state_of[b] (non-causal: one state per distinct key and
+    # value pair) or b (causal: k_off, v_off per batch entry, state_of NULL)
+    const void *q
+    const void *k
+    const void *v
+    const void *w               # FAVOR's directions (m, e), C-contiguous
     Py_ssize_t ldq, ldk, ldv
-    int alloc_failed
+    Py_ssize_t nbatch, nstate
+    const Py_ssize_t *q_off
+    const Py_ssize_t *k_off
+    const Py_ssize_t *v_off
+    const Py_ssize_t *state_of
+    void *out                   # C-contiguous (nbatch, L, ev)
+    # key splits per state (non-causal) or segments per batch entry (causal), and the
+    # partial states, (nstate * nsplit, state_size)
+    int nsplit
+    void *parts
+    void *states                # non-causal: (nstate, state_size) final states
+    void *rowinfo               # causal FAVOR: (nbatch, L, 2) and
+    void *chunk_max             # (nbatch, L / chunk + 1 + nsplit); NULL otherwise
+    int nthreads
 
 
 # ---- a state: A (m x ev) | z (m) | vs (ev) | M ---------------------------------------
@@ -331,70 +358,49 @@ cdef void query_chunk(const LowRank *p, real root, const real *w, const real *x,
         row_scale(o, p.ev, 1 / den)
 
 
-cdef void noncausal_kernel(LowRank *p, real root, real eps, const real *q, const real *k,
-                           const real *v, const real *w, real *out, real *parts, real *states,
-                           Py_ssize_t nbatch, const Py_ssize_t *q_off,
-                           const Py_ssize_t *state_of, Py_ssize_t nstate,
-                           const Py_ssize_t *k_off, const Py_ssize_t *v_off,
-                           int nsplit, int nthreads) noexcept nogil:
-    # k_off, v_off: per state; q_off, state_of: per batch entry
+cdef void key_split(const LowRank *p, Py_ssize_t item, real *scratch) noexcept nogil:
+    # Key pass item (state s, split): parts[item] <- the keys of that split. Causal
+    # (splits are segments): the last segment's state is never a prefix, so FAVOR only
+    # needs its max. scratch (KEY_PASS): f, h, zc.
     cdef Py_ssize_t size = state_size(p.m, p.ev)
     cdef Py_ssize_t nkc = (p.S + p.chunk - 1) // p.chunk
-    cdef Py_ssize_t per_split = (nkc + nsplit - 1) // nsplit
+    cdef Py_ssize_t per_split = (nkc + p.nsplit - 1) // p.nsplit
+    cdef Py_ssize_t s = item // p.nsplit
+    cdef Py_ssize_t split = item % p.nsplit
+    cdef Py_ssize_t k0 = split * per_split * p.chunk
+    cdef Py_ssize_t k1 = k0 + per_split * p.chunk
+    cdef real *st = <real *>p.parts + item * size
+    cdef char *cursor = <char *>scratch
+    cdef real *f = <real *>scratch_take(&cursor, <Py_ssize_t>p.chunk * p.m * sizeof(real))
+    cdef real *h = <real *>scratch_take(&cursor, p.chunk * sizeof(real))
+    cdef real *zc = <real *>scratch_take(&cursor, p.m * sizeof(real))
+    if k1 > p.S:
+        k1 = p.S
+    start_state(p, st)
+    if k0 < k1:
+        fold_keys(p, <real>p.root, <const real *>p.w, <const real *>p.k + p.k_off[s],
+                  <const real *>p.v + p.v_off[s], k0, k1, st, f, h, zc,
+                  p.causal and p.kind == FEAT_FAVOR and split == p.nsplit - 1)
+
+
+cdef void merge_split(const LowRank *p, Py_ssize_t s, real *states) noexcept nogil:
+    # Merge item (non-causal): state s <- its partials, merged and finished
+    cdef Py_ssize_t size = state_size(p.m, p.ev)
+    cdef real *st = states + s * size
+    merge_states(p, <const real *>p.parts + s * p.nsplit * size, p.nsplit, st)
+    finish_state(p, st, p.S)
+
+
+cdef void query_item_rows(const LowRank *p, Py_ssize_t item, real *scratch) noexcept nogil:
+    # Query pass item (non-causal): one (batch entry, query chunk). scratch: f.
+    cdef Py_ssize_t size = state_size(p.m, p.ev)
     cdef Py_ssize_t nqc = (p.L + p.chunk - 1) // p.chunk
-    cdef Py_ssize_t item, s, split, k0, k1, b, c0
-    cdef int rows
-    cdef real *f = NULL
-    cdef real *h = NULL
-    cdef real *zc = NULL
-    cdef Py_ssize_t fsize = <Py_ssize_t>p.chunk * p.m
-
-    # (1) key pass: parts[s * nsplit + split] <- keys of that split
-    with nogil, parallel(num_threads=nthreads):
-        f = <real *>malloc(fsize * sizeof(real))
-        h = <real *>malloc(p.chunk * sizeof(real))
-        zc = <real *>malloc(p.m * sizeof(real))
-        # every thread must reach the prange; one without scratch only flags it
-        for item in prange(nstate * nsplit, schedule='dynamic'):
-            if f == NULL or h == NULL or zc == NULL:
-                p.alloc_failed = 1
-            else:
-                s = item // nsplit
-                split = item % nsplit
-                k0 = split * per_split * p.chunk
-                k1 = k0 + per_split * p.chunk
-                if k1 > p.S:
-                    k1 = p.S
-                start_state(p, parts + item * size)
-                if k0 < k1:
-                    fold_keys(p, root, w, k + k_off[s], v + v_off[s], k0, k1,
-                              parts + item * size, f, h, zc, False)
-        free(f)
-        free(h)
-        free(zc)
-    # end: with nogil, parallel
-    if p.alloc_failed:
-        return
-
-    # (2) merge each state's partials and finish it
-    for s in prange(nstate, schedule='static', num_threads=nthreads):
-        merge_states(p, parts + s * nsplit * size, nsplit, states + s * size)
-        finish_state(p, states + s * size, p.S)
-
-    # (3) query pass: one item per (batch entry, query chunk)
-    with nogil, parallel(num_threads=nthreads):
-        f = <real *>malloc(fsize * sizeof(real))
-        for item in prange(nbatch * nqc, schedule='dynamic'):
-            if f == NULL:
-                p.alloc_failed = 1
-            else:
-                b = item // nqc
-                c0 = (item % nqc) * p.chunk
-                rows = <int>(p.L - c0 if p.L - c0 < p.chunk else p.chunk)
-                query_chunk(p, root, w, q + q_off[b] + c0 * p.ldq, rows,
-                            states + state_of[b] * size, eps, f, out + (b * p.L + c0) * p.ev)
-        free(f)
-    # end: with nogil, parallel
+    cdef Py_ssize_t b = item // nqc
+    cdef Py_ssize_t c0 = (item % nqc) * p.chunk
+    cdef int rows = <int>(p.L - c0 if p.L - c0 < p.chunk else p.chunk)
+    query_chunk(p, <real>p.root, <const real *>p.w, <const real *>p.q + p.q_off[b] + c0 * p.ldq,
+                rows, <const real *>p.states + p.state_of[b] * size, <real>p.eps, scratch,
+                <real *>p.out + (b * p.L + c0) * p.ev)
 
 
 # ---- causal --------------------------------------------------------------------------
@@ -476,131 +482,178 @@ cdef void favor_fixup(const LowRank *p, const real *v, real *out, Py_ssize_t r0,
         row_scale(o, p.ev, inv_m / d)
 
 
-cdef void causal_kernel(LowRank *p, real root, real eps, const real *q, const real *k,
-                        const real *v, const real *w, real *out, real *parts, real *rowinfo,
-                        real *chunk_max, Py_ssize_t nbatch, const Py_ssize_t *q_off,
-                        const Py_ssize_t *k_off, const Py_ssize_t *v_off, int nseg,
-                        int nthreads) noexcept nogil:
-    # L == S == N; rowinfo (nbatch, N, 2) and chunk_max (nbatch, N / chunk + nseg) are
-    # used for FAVOR only.
+cdef void scan_segment(const LowRank *p, Py_ssize_t item, real *scratch) noexcept nogil:
+    # Scan item (causal): one (batch entry, segment), from the merge of the segments
+    # before it. L == S == N; scratch (SCAN): st, fk, fq, t, h, zc, den, qsum, vp.
     cdef Py_ssize_t N = p.L
     cdef Py_ssize_t size = state_size(p.m, p.ev)
     cdef Py_ssize_t mev = <Py_ssize_t>p.m * p.ev
     cdef Py_ssize_t nchunks = (N + p.chunk - 1) // p.chunk
-    cdef Py_ssize_t per_seg = (nchunks + nseg - 1) // nseg
-    cdef Py_ssize_t cm_stride = nchunks + nseg
-    cdef Py_ssize_t item, b, seg, r0, r1, i
+    cdef Py_ssize_t per_seg = (nchunks + p.nsplit - 1) // p.nsplit
+    cdef Py_ssize_t cm_stride = nchunks + p.nsplit
+    cdef Py_ssize_t b = item // p.nsplit
+    cdef Py_ssize_t seg = item % p.nsplit
+    cdef Py_ssize_t r0 = seg * per_seg * p.chunk
+    cdef Py_ssize_t r1 = r0 + per_seg * p.chunk
+    cdef Py_ssize_t i
+    cdef Py_ssize_t fbytes = <Py_ssize_t>p.chunk * p.m * sizeof(real)
+    cdef Py_ssize_t cbytes = p.chunk * sizeof(real)
+    cdef const real *parts = <const real *>p.parts
+    cdef const real *v = <const real *>p.v + p.v_off[b]
+    cdef real *out = <real *>p.out + b * N * p.ev
+    # FAVOR's per-row and per-chunk numbers (NULL for the other maps)
+    cdef real *rowinfo = NULL
+    cdef real *chunk_max = NULL
     cdef real m_final
-    cdef Py_ssize_t fsize = <Py_ssize_t>p.chunk * p.m
-    cdef real *st = NULL
-    cdef real *fk = NULL
-    cdef real *fq = NULL
-    cdef real *t = NULL
-    cdef real *h = NULL
-    cdef real *zc = NULL
-    cdef real *den = NULL
-    cdef real *qsum = NULL
-    cdef real *vp = NULL
-    cdef bint favor = p.kind == FEAT_FAVOR
+    cdef char *cursor = <char *>scratch
+    cdef real *st = <real *>scratch_take(&cursor, size * sizeof(real))
+    cdef real *fk = <real *>scratch_take(&cursor, fbytes)
+    cdef real *fq = <real *>scratch_take(&cursor, fbytes)
+    cdef real *t = <real *>scratch_take(&cursor, <Py_ssize_t>p.chunk * p.chunk * sizeof(real))
+    cdef real *h = <real *>scratch_take(&cursor, cbytes)
+    cdef real *zc = <real *>scratch_take(&cursor, p.m * sizeof(real))
+    cdef real *den = <real *>scratch_take(&cursor, cbytes)
+    cdef real *qsum = <real *>scratch_take(&cursor, cbytes)
+    cdef real *vp = <real *>scratch_take(&cursor, (p.ev + 1) * sizeof(real))
+    if r1 > N:
+        r1 = N
+    if r0 >= r1:
+        return
+    if p.kind == FEAT_FAVOR:
+        rowinfo = <real *>p.rowinfo + b * N * 2
+        chunk_max = <real *>p.chunk_max + b * cm_stride + seg * per_seg
+    merge_states(p, parts + b * p.nsplit * size, seg, st)
+    # sum of the values before r0, for the FAVOR fix-up
+    memcpy(vp, st + mev + p.m, p.ev * sizeof(real))
+    causal_scan(p, <real>p.root, <real>p.eps, <const real *>p.q + p.q_off[b],
+                <const real *>p.k + p.k_off[b], v, <const real *>p.w, out, r0, r1, st, fk, fq,
+                t, h, zc, den, qsum, rowinfo, chunk_max)
+    if p.kind == FEAT_FAVOR:
+        m_final = st[size - 1]
+        if p.nsplit > 1:
+            # the max over every key of this batch entry
+            m_final = -INFINITY
+            for i in range(p.nsplit):
+                if parts[(b * p.nsplit + i) * size + size - 1] > m_final:
+                    m_final = parts[(b * p.nsplit + i) * size + size - 1]
+        favor_fixup(p, v, out, r0, r1, rowinfo, chunk_max, m_final, vp)
 
-    if nseg > 1:
-        # (1) every segment's own keys: parts[b * nseg + seg]; the last segment's
-        # state is never a prefix, only its max is needed
-        with nogil, parallel(num_threads=nthreads):
-            fk = <real *>malloc(fsize * sizeof(real))
-            h = <real *>malloc(p.chunk * sizeof(real))
-            zc = <real *>malloc(p.m * sizeof(real))
-            for item in prange(nbatch * nseg, schedule='dynamic'):
-                if fk == NULL or h == NULL or zc == NULL:
-                    p.alloc_failed = 1
-                else:
-                    b = item // nseg
-                    seg = item % nseg
-                    r0 = seg * per_seg * p.chunk
-                    r1 = r0 + per_seg * p.chunk
-                    if r1 > N:
-                        r1 = N
-                    start_state(p, parts + item * size)
-                    if r0 < r1:
-                        fold_keys(p, root, w, k + k_off[b], v + v_off[b], r0, r1,
-                                  parts + item * size, fk, h, zc,
-                                  favor and seg == nseg - 1)
-            free(fk)
-            free(h)
-            free(zc)
-        # end: with nogil, parallel
-        if p.alloc_failed:
-            return
 
-    # (2) the scan of each (batch entry, segment) from the merge of the segments before it
-    with nogil, parallel(num_threads=nthreads):
-        st = <real *>malloc(size * sizeof(real))
-        fk = <real *>malloc(fsize * sizeof(real))
-        fq = <real *>malloc(fsize * sizeof(real))
-        t = <real *>malloc(<Py_ssize_t>p.chunk * p.chunk * sizeof(real))
-        h = <real *>malloc(p.chunk * sizeof(real))
-        zc = <real *>malloc(p.m * sizeof(real))
-        den = <real *>malloc(p.chunk * sizeof(real))
-        qsum = <real *>malloc(p.chunk * sizeof(real))
-        vp = <real *>malloc((p.ev + 1) * sizeof(real))
-        for item in prange(nbatch * nseg, schedule='dynamic'):
-            if (st == NULL or fk == NULL or fq == NULL or t == NULL or h == NULL
-                    or zc == NULL or den == NULL or qsum == NULL or vp == NULL):
-                p.alloc_failed = 1
-            else:
-                b = item // nseg
-                seg = item % nseg
-                r0 = seg * per_seg * p.chunk
-                r1 = r0 + per_seg * p.chunk
-                if r1 > N:
-                    r1 = N
-                if r0 < r1:
-                    merge_states(p, parts + b * nseg * size, seg, st)
-                    # sum of the values before r0, for the FAVOR fix-up
-                    memcpy(vp, st + mev + p.m, p.ev * sizeof(real))
-                    causal_scan(p, root, eps, q + q_off[b], k + k_off[b], v + v_off[b], w,
-                                out + b * N * p.ev, r0, r1, st, fk, fq, t, h, zc, den, qsum,
-                                rowinfo + b * N * 2, chunk_max + b * cm_stride + seg * per_seg)
-                    if favor:
-                        m_final = st[size - 1]
-                        if nseg > 1:
-                            # the max over every key of this batch entry
-                            m_final = -INFINITY
-                            for i in range(nseg):
-                                if parts[(b * nseg + i) * size + size - 1] > m_final:
-                                    m_final = parts[(b * nseg + i) * size + size - 1]
-                        favor_fixup(p, v + v_off[b], out + b * N * p.ev, r0, r1,
-                                    rowinfo + b * N * 2,
-                                    chunk_max + b * cm_stride + seg * per_seg, m_final, vp)
-        free(st)
-        free(fk)
-        free(fq)
-        free(t)
-        free(h)
-        free(zc)
-        free(den)
-        free(qsum)
-        free(vp)
-    # end: with nogil, parallel
+# ---- the item hooks, and this family's one dtype dispatch per hook ---------------------
+
+cdef void key_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const LowRank *p = <const LowRank *>run
+    if p.dtype == DT_FLOAT32:
+        key_split[float](p, item, <float *>scratch)
+    else:
+        key_split[double](p, item, <double *>scratch)
+
+
+cdef void merge_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const LowRank *p = <const LowRank *>run
+    if p.dtype == DT_FLOAT32:
+        merge_split[float](p, item, <float *>p.states)
+    else:
+        merge_split[double](p, item, <double *>p.states)
+
+
+cdef void query_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const LowRank *p = <const LowRank *>run
+    if p.dtype == DT_FLOAT32:
+        query_item_rows[float](p, item, <float *>scratch)
+    else:
+        query_item_rows[double](p, item, <double *>scratch)
+
+
+cdef void scan_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const LowRank *p = <const LowRank *>run
+    if p.dtype == DT_FLOAT32:
+        scan_segment[float](p, item, <float *>scratch)
+    else:
+        scan_segment[double](p, item, <double *>scratch)
+
+
+# Passes, for lowrank_scratch.
+cdef enum:
+    KEY_PASS = 0        # key_item: f (chunk x m), h (chunk), zc (m)
+    QUERY_PASS = 1      # query_item: f
+    SCAN = 2            # scan_item: a state, fk, fq, t (chunk x chunk), h, zc, den, qsum,
+                        # vp (ev + 1)
+    CLAIMS_PER_THREAD = 8   # merge pass: claims of `grain` states each thread makes, about
+
+
+cdef size_t lowrank_scratch(const LowRank *p, int phase, size_t itemsize) noexcept nogil:
+    # One thread's scratch in a pass
+    cdef size_t fbytes = scratch_room(<size_t>p.chunk * p.m * itemsize)
+    cdef size_t cbytes = scratch_room(<size_t>p.chunk * itemsize)
+    cdef size_t zbytes = scratch_room(<size_t>p.m * itemsize)
+    if phase == KEY_PASS:
+        return fbytes + cbytes + zbytes
+    if phase == QUERY_PASS:
+        return fbytes
+    return (scratch_room(<size_t>state_size(p.m, p.ev) * itemsize) + 2 * fbytes
+            + scratch_room(<size_t>p.chunk * p.chunk * itemsize) + 3 * cbytes + zbytes
+            + scratch_room(<size_t>(p.ev + 1) * itemsize))
 
 
 # ---- Python entry points (private: fastattn.lowrank validates everything) ----------------
 
-cdef LowRank problem(int kind, Py_ssize_t L, Py_ssize_t S, int e, int m, int ev, int chunk,
-                     Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv):
-    cdef LowRank p
-    p.kind = kind
-    p.L = L
-    p.S = S
-    p.e = e
-    p.m = m
-    p.ev = ev
-    p.chunk = chunk
-    p.ldq = ldq
-    p.ldk = ldk
-    p.ldv = ldv
-    p.alloc_failed = 0
-    return p
+cdef class LowRankPlan:
+    """One linear-attention / Performer call, as `noncausal` and `causal` take it.
+
+    Private: built by ``fastattn.lowrank`` from validated operands. q, k, v, out: base
+    arrays of one dtype (float32 or float64); offsets = (q_off, k_off, v_off) intp
+    element offsets, q_off per batch entry, k_off and v_off per state (non-causal, with
+    state_of mapping each batch entry to its state) or per batch entry (causal);
+    strides = (ldq, ldk, ldv); w (m, e) C-contiguous (FAVOR) or any array; out
+    C-contiguous (nbatch, L, ev); parts (nstate * nsplit, state_length) scratch;
+    non-causal: states (nstate, state_length); causal FAVOR: rowinfo (nbatch, L, 2) and
+    chunk_max (nbatch, L // chunk + 1 + nsplit) (None otherwise). nsplit: key splits per
+    state, or causal segments per batch entry; nthreads from
+    fastattn._threads.call_threads.
+    """
+    cdef LowRank c
+    cdef size_t itemsize
+    cdef readonly object arrays     # everything the pointers in c point into
+
+    def __init__(self, int kind, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
+                 cnp.ndarray w, cnp.ndarray out, offsets, strides, Py_ssize_t L,
+                 Py_ssize_t S, int e, int m, int ev, *, bint causal, double root,
+                 double eps, int chunk, int nsplit, int nthreads, cnp.ndarray parts,
+                 cnp.ndarray state_of=None, cnp.ndarray states=None,
+                 cnp.ndarray rowinfo=None, cnp.ndarray chunk_max=None):
+        q_off, k_off, v_off = offsets
+        self.c.kind = kind
+        self.c.dtype = DTYPE_CODES[q.dtype.name]
+        self.c.causal = causal
+        self.c.L = L
+        self.c.S = S
+        self.c.e = e
+        self.c.m = m
+        self.c.ev = ev
+        self.c.chunk = chunk
+        self.c.root = root
+        self.c.eps = eps
+        self.c.q = cnp.PyArray_DATA(q)
+        self.c.k = cnp.PyArray_DATA(k)
+        self.c.v = cnp.PyArray_DATA(v)
+        self.c.w = cnp.PyArray_DATA(w)
+        self.c.ldq, self.c.ldk, self.c.ldv = strides
+        self.c.q_off = intp_data(q_off)
+        self.c.k_off = intp_data(k_off)
+        self.c.v_off = intp_data(v_off)
+        self.c.nbatch = q_off.shape[0]
+        self.c.nstate = k_off.shape[0]
+        self.c.state_of = NULL if state_of is None else intp_data(state_of)
+        self.c.out = cnp.PyArray_DATA(out)
+        self.c.nsplit = nsplit
+        self.c.parts = cnp.PyArray_DATA(parts)
+        self.c.states = NULL if states is None else cnp.PyArray_DATA(states)
+        self.c.rowinfo = NULL if rowinfo is None else cnp.PyArray_DATA(rowinfo)
+        self.c.chunk_max = NULL if chunk_max is None else cnp.PyArray_DATA(chunk_max)
+        self.c.nthreads = nthreads
+        self.itemsize = q.itemsize
+        self.arrays = (q, k, v, w, out, offsets, parts, state_of, states, rowinfo, chunk_max)
 
 
 def state_length(int m, int ev):
@@ -608,77 +661,30 @@ def state_length(int m, int ev):
     return state_size(m, ev)
 
 
-def noncausal(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray w, cnp.ndarray out,
-              cnp.ndarray parts, cnp.ndarray states,
-              cnp.ndarray q_off, cnp.ndarray state_of, cnp.ndarray k_off, cnp.ndarray v_off,
-              Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv, Py_ssize_t L, Py_ssize_t S,
-              int e, int m, int ev, int kind, double root, double eps, int chunk, int nsplit,
-              int nthreads):
-    """Non-causal linear attention / Performer.
-
-    q, k, v, out: base arrays of one dtype (float32 or float64); q_off, state_of (per
-    batch entry) and k_off, v_off (per state) are intp element offsets / state indices;
-    w (m, e) C-contiguous (FAVOR) or any array; out C-contiguous (nbatch, L, ev);
-    parts (nstate * nsplit, state_length) and states (nstate, state_length) scratch.
-    """
-    cdef LowRank p = problem(kind, L, S, e, m, ev, chunk, ldq, ldk, ldv)
-    cdef Py_ssize_t nbatch = q_off.shape[0]
-    cdef Py_ssize_t nstate = k_off.shape[0]
-    cdef const Py_ssize_t *qo = intp_data(q_off)
-    cdef const Py_ssize_t *so = intp_data(state_of)
-    cdef const Py_ssize_t *ko = intp_data(k_off)
-    cdef const Py_ssize_t *vo = intp_data(v_off)
-    cdef Operands ops = operands(q, k, v, out, None)
-    cdef void *wd = cnp.PyArray_DATA(w)
-    cdef void *pd = cnp.PyArray_DATA(parts)
-    cdef void *sd = cnp.PyArray_DATA(states)
+def noncausal(LowRankPlan plan):
+    """Non-causal linear attention / Performer on a plan (see LowRankPlan)."""
+    cdef const LowRank *p = &plan.c
+    cdef Py_ssize_t nqc = (p.L + p.chunk - 1) // p.chunk
+    cdef size_t keys = lowrank_scratch(p, KEY_PASS, plan.itemsize)
+    cdef size_t queries = lowrank_scratch(p, QUERY_PASS, plan.itemsize)
+    cdef Py_ssize_t grain = max(1, p.nstate // (CLAIMS_PER_THREAD * <Py_ssize_t>p.nthreads))
     with nogil:
-        if ops.is_f32:
-            noncausal_kernel[float](&p, <float>root, <float>eps, <const float *>ops.q,
-                                    <const float *>ops.k, <const float *>ops.v, <const float *>wd,
-                                    <float *>ops.out, <float *>pd, <float *>sd, nbatch, qo, so,
-                                    nstate, ko, vo, nsplit, nthreads)
-        else:
-            noncausal_kernel[double](&p, root, eps, <const double *>ops.q, <const double *>ops.k,
-                                     <const double *>ops.v, <const double *>wd, <double *>ops.out,
-                                     <double *>pd, <double *>sd, nbatch, qo, so, nstate, ko,
-                                     vo, nsplit, nthreads)
-    if p.alloc_failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its chunk buffers")
+        run_items(key_item, <void *>p, p.nstate * p.nsplit, 1, keys, p.nthreads,
+                  "low-rank key chunk buffers")
+        run_items(merge_item, <void *>p, p.nstate, grain, 0, p.nthreads, "")
+        run_items(query_item, <void *>p, p.nbatch * nqc, 1, queries, p.nthreads,
+                  "low-rank query chunk buffer")
 
 
-def causal(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray w, cnp.ndarray out,
-           cnp.ndarray parts, cnp.ndarray rowinfo, cnp.ndarray chunk_max,
-           cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarray v_off,
-           Py_ssize_t ldq, Py_ssize_t ldk, Py_ssize_t ldv, Py_ssize_t N,
-           int e, int m, int ev, int kind, double root, double eps, int chunk, int nseg,
-           int nthreads):
-    """Causal (L == S == N) linear attention / Performer by a chunked prefix scan.
-
-    As `noncausal`, with all offsets per batch entry; parts (nbatch * nseg,
-    state_length); rowinfo (nbatch, N, 2) and chunk_max (nbatch, N // chunk + 1 + nseg)
-    scratch (FAVOR only; any array otherwise).
-    """
-    cdef LowRank p = problem(kind, N, N, e, m, ev, chunk, ldq, ldk, ldv)
-    cdef Py_ssize_t nbatch = q_off.shape[0]
-    cdef const Py_ssize_t *qo = intp_data(q_off)
-    cdef const Py_ssize_t *ko = intp_data(k_off)
-    cdef const Py_ssize_t *vo = intp_data(v_off)
-    cdef Operands ops = operands(q, k, v, out, None)
-    cdef void *wd = cnp.PyArray_DATA(w)
-    cdef void *pd = cnp.PyArray_DATA(parts)
-    cdef void *rd = cnp.PyArray_DATA(rowinfo)
-    cdef void *cd = cnp.PyArray_DATA(chunk_max)
+def causal(LowRankPlan plan):
+    """Causal (L == S) linear attention / Performer on a plan, by a chunked prefix scan."""
+    cdef const LowRank *p = &plan.c
+    cdef size_t keys = lowrank_scratch(p, KEY_PASS, plan.itemsize)
+    cdef size_t scan = lowrank_scratch(p, SCAN, plan.itemsize)
     with nogil:
-        if ops.is_f32:
-            causal_kernel[float](&p, <float>root, <float>eps, <const float *>ops.q,
-                                 <const float *>ops.k, <const float *>ops.v, <const float *>wd,
-                                 <float *>ops.out, <float *>pd, <float *>rd, <float *>cd, nbatch,
-                                 qo, ko, vo, nseg, nthreads)
-        else:
-            causal_kernel[double](&p, root, eps, <const double *>ops.q, <const double *>ops.k,
-                                  <const double *>ops.v, <const double *>wd, <double *>ops.out,
-                                  <double *>pd, <double *>rd, <double *>cd, nbatch, qo, ko,
-                                  vo, nseg, nthreads)
-    if p.alloc_failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its chunk buffers")
+        if p.nsplit > 1:
+            # every segment's own keys: parts[b * nsplit + seg]
+            run_items(key_item, <void *>p, p.nbatch * p.nsplit, 1, keys, p.nthreads,
+                      "low-rank key chunk buffers")
+        run_items(scan_item, <void *>p, p.nbatch * p.nsplit, 1, scan, p.nthreads,
+                  "low-rank scan buffers")
