@@ -13,7 +13,7 @@ float64) with matching sizes.
 import numpy as np
 
 from fastattn import _threads
-from fastattn._kernels import linear as _linear
+from fastattn._kernels import linear as _projection_kernels
 from fastattn._layout import as_matrix_stack, batch_offsets
 
 _INT32_MAX = 2**31 - 1
@@ -134,7 +134,7 @@ def run(jobs, nthreads):
     """
     items = sum(_items(job) for job in jobs)
     work = sum(2 * _work(job) for job in jobs)                    # flops
-    _linear.project(jobs, _threads.call_threads(nthreads, items, work))
+    _projection_kernels.project(jobs, _threads.call_threads(nthreads, items, work))
 
 
 def _row_stack(x):

@@ -6,7 +6,6 @@ layout). A sequence is a list of block ids, so it grows without copying and
 sequences can share blocks (``fork``, copy-on-write). :class:`PagedKVCache` lives in
 :mod:`fastattn.kv_cache` and is re-exported here.
 """
-import contextlib
 
 import numpy as np
 
