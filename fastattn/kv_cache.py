@@ -7,11 +7,13 @@
 import numpy as np
 
 from fastattn import _npu
-from fastattn._validation import (CPU_AND_NPU, check_device, check_int, promoted_dtype,
-                                  result_dtypes)
+from fastattn._validation import BFLOAT16, CPU_AND_NPU, check_device, check_int, promoted_dtype
 from fastattn.paged import paged_attention
 
 __all__ = ["PagedKVCache"]
+
+# dtypes of the pools of a cache on the CPU
+_HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
 
 
 class PagedKVCache:
@@ -27,8 +29,11 @@ class PagedKVCache:
     head_dim : int
         Size E of a key.
     dtype : dtype or str, optional
-        float32 (the default) or float64 on the CPU; float16 (the default) or
-        bfloat16 (:data:`fastattn.bfloat16` or ``"bfloat16"``) on an NPU.
+        float32 (the default), float64, float16 or bfloat16 (:data:`fastattn.bfloat16`
+        or ``"bfloat16"``) on the CPU; float16 (the default) or bfloat16 on an NPU.
+        Half pools take half the memory of float32 ones, and
+        :func:`paged_attention` reads them as they are (widened to float32 block by
+        block), so decoding over them reads half the bytes.
     value_dim : int, optional
         Size Ev of a value; default ``head_dim`` (on an NPU it must equal ``head_dim``).
     device : {"cpu", "npu", "npu:N"}, default="cpu"
@@ -126,8 +131,9 @@ class PagedKVCache:
             self._pools = _npu.DevicePools(key_shape, value_shape, name or "float16", device)
         else:
             dtype = np.dtype(np.float32 if dtype is None else dtype)
-            if dtype not in (np.float32, np.float64):
-                raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+            if dtype not in _HOST_DTYPES:
+                raise TypeError(f"dtype must be float32, float64, float16 or bfloat16 for a "
+                                f"cache on the CPU, got {dtype}")
             self._pools = _HostPools(key_shape, value_shape, dtype)
         self.device = self._pools.device
         self.block_size = block_size
@@ -205,13 +211,18 @@ class PagedKVCache:
         seq_id : int
         key : array_like, shape (num_kv_heads, T, head_dim)
         value : array_like, shape (num_kv_heads, T, value_dim)
-            Host arrays, converted to the cache's dtype. On an NPU each block the
+            Host arrays of real numbers (float16/32/64, bfloat16 or integers),
+            converted to the cache's dtype, which never changes: float64 keys are
+            rounded (to nearest) into a float16 or bfloat16 cache, and values beyond
+            float16's range (65504) become ``inf`` there. On an NPU each block the
             tokens fall into gets one host-to-device copy per pool.
 
         Raises
         ------
         MemoryError
             When the free blocks do not suffice; the cache is left unchanged.
+        TypeError
+            For keys or values that are not real numbers (complex, bool, ...).
 
         Examples
         --------
@@ -220,16 +231,22 @@ class PagedKVCache:
         >>> cache.append(s, np.ones((1, 3, 3)), np.ones((1, 3, 3)))
         >>> cache.length(s), cache.num_free_blocks
         (3, 2)
+
+        A float16 cache stores float64 keys rounded to float16:
+
+        >>> half = PagedKVCache(4, 2, 1, 3, dtype=np.float16)
+        >>> s = half.add_sequence()
+        >>> half.append(s, np.full((1, 1, 3), 0.1), np.ones((1, 1, 3)))
+        >>> half.key_blocks.dtype, float(half.key_blocks[0, 0, 0, 0])
+        (dtype('float16'), 0.0999755859375)
         """
         blocks, length = self._seq(seq_id)
         pools = self._live_pools()
         N, Hkv, bs, E = self._key_shape
         Ev = self._value_dim
         key, value = np.asarray(key), np.asarray(value)
-        if self.device == "cpu":
-            result_dtypes(key, value, names=("key", "value"))
-        else:   # converted to the NPU pools' float16/bfloat16, from bfloat16 too
-            promoted_dtype(key, value, names=("key", "value"))
+        # real numbers of any dtype, converted to the pools' (host or NPU) dtype on writing
+        promoted_dtype(key, value, names=("key", "value"))
         if key.ndim != 3 or key.shape[0] != Hkv or key.shape[2] != E or key.shape[1] == 0 \
                 or value.shape != (Hkv, key.shape[1], Ev):
             raise ValueError(f"expected key (num_kv_heads={Hkv}, T >= 1, head_dim={E}) and "
@@ -343,9 +360,10 @@ class PagedKVCache:
         last query row of each sequence then sees all its tokens, itself included.
         ``device`` defaults to the cache's. A cache on the NPU computes only there:
         ``device="cpu"`` raises ``TypeError`` (copy the pools to the host with
-        ``.to_numpy()`` for that). A CPU cache cannot run on the NPU either: its
-        float32/float64 pools are dtypes the NPU operator does not take, so
-        ``device="npu"`` raises ``TypeError``; create the cache with ``device="npu"``.
+        ``.to_numpy()`` for that). A CPU cache does not run on the NPU either:
+        ``device="npu"`` raises ``TypeError`` (float32/float64 pools are dtypes the
+        NPU operator does not take, half pools would be uploaded whole on every
+        call); create the cache with ``device="npu"``.
 
         Examples
         --------
@@ -357,9 +375,12 @@ class PagedKVCache:
         """
         device = self.device if device is None else device
         if self.device == "cpu" and check_device(device, CPU_AND_NPU) == "npu":
-            raise TypeError(f"this PagedKVCache holds {self.key_blocks.dtype} pools on the "
-                            f"CPU, which the NPU's paged attention does not take (float16 or "
-                            f"bfloat16 only); create the cache with device={device!r}")
+            dtype = self.key_blocks.dtype
+            why = ("would be uploaded whole on every call" if dtype in (np.float16, BFLOAT16)
+                   else "are a dtype the NPU's paged attention does not take (float16 or "
+                        "bfloat16 only)")
+            raise TypeError(f"this PagedKVCache holds {dtype} pools on the CPU, which "
+                            f"{why}; create the cache with device={device!r}")
         key_blocks, value_blocks = self.key_blocks, self.value_blocks
         table, lengths = self.block_table(seq_ids)
         return paged_attention(query, key_blocks, value_blocks, table, lengths, scale=scale,

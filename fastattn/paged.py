@@ -12,7 +12,7 @@ import numpy as np
 from fastattn import _npu, _threads
 from fastattn._kernels import paged as _paged
 from fastattn._layout import as_matrix_stack
-from fastattn._validation import CPU_AND_NPU, check_device, check_scale, result_dtypes
+from fastattn._validation import HALF, CPU_AND_NPU, check_device, check_scale, result_dtypes
 
 __all__ = ["PagedKVCache", "paged_attention"]
 
@@ -89,11 +89,14 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     Returns
     -------
     out : ndarray or ascend.DeviceArray, shape (B, H, T, Ev)
-        NumPy dtype promotion of the inputs, as for
-        :func:`fastattn.scaled_dot_product_attention`; on the NPU the inputs'
-        dtype, and a DeviceArray when the query is one.
+        NumPy (and ml_dtypes) dtype promotion of the inputs, as for
+        :func:`fastattn.scaled_dot_product_attention`: float16 or bfloat16 when
+        the query and both pools are, float32 for a float32 query over half
+        pools; on the NPU the inputs' dtype, and a DeviceArray when the query is
+        one.
     lse : ndarray, shape (B, H, T)
-        Only with ``return_lse=True``, in the compute dtype.
+        Only with ``return_lse=True``, in the compute dtype (float32 for half
+        results).
 
     Raises
     ------
@@ -111,8 +114,12 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     Notes
     -----
     A row that sees no key (``seq_lens[b] == 0``, or a causal row before the
-    first key) gives zeros and an lse of ``-inf``. Keep the pools in the query's
-    dtype: otherwise NumPy promotion converts the whole pools on every call.
+    first key) gives zeros and an lse of ``-inf``. float16 and bfloat16 pools are
+    read as they are, whatever the query's dtype: each block is widened to the
+    compute type (float32; float64 for a float64 query) as it is read, so a half
+    cache halves the bytes a call reads. Other pools are read in place when they
+    have the result's dtype; otherwise NumPy promotion converts the whole pools on
+    every call (e.g. float32 pools with a float64 query).
     When there are too few sequences to keep every thread busy, each sequence's
     keys are split across threads and the partial results merged by their
     log-sum-exp (flash-decoding). The GIL is released while the kernel runs.
@@ -162,12 +169,16 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
                                     return_lse=return_lse, device=device)
     nthreads = _threads.resolve_num_threads(num_threads)
 
-    out = np.empty((B, H, T, Ev), dtype=compute)
+    # half results are computed in float32 and narrowed by the kernel
+    out = np.empty((B, H, T, Ev), dtype=result if result in HALF else compute)
     lse = np.empty((B, H, T), dtype=compute) if return_lse else None
     if out.size:
         q = np.ascontiguousarray(q, dtype=compute)
-        # blocks are read in place; only a layout BLAS cannot take is copied
-        (k, _), (v, _) = as_matrix_stack(k, compute), as_matrix_stack(v, compute)
+        # blocks are read in place, half pools too (widened piece by piece in the kernel,
+        # whatever the query's dtype); only another dtype or a layout BLAS cannot take
+        # is converted
+        (k, _), (v, _) = (as_matrix_stack(a, a.dtype if a.dtype in HALF else compute)
+                          for a in (k, v))
         rows = (H // Hkv) * T
         use_blas = rows > VECTOR_ROWS
         row_tile = min(rows, ROW_TILE)
@@ -179,7 +190,8 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         # threads the work pays for: flops, or for memory-bound decoding the bytes of the
         # keys and values streamed, whichever is more
         keys = int(lens.sum())
-        work = max(2.0 * H * T * keys * (E + Ev), float(Hkv * keys * (E + Ev) * q.itemsize))
+        work = max(2.0 * H * T * keys * (E + Ev),
+                   float(Hkv * keys * (E * k.itemsize + Ev * v.itemsize)))
         nthreads = _threads.call_threads(nthreads, items * max(max_blocks, 1), work)
         # a few items that do not spread evenly over the threads (B=5 on 2): smaller groups
         # (fewer than 2 per thread: split_keys splits the keys instead)
@@ -187,8 +199,8 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
             tile_heads = -(-tile_heads // 2)
             items = B * -(-Hkv // tile_heads) * -(-rows // row_tile)
         nsplit, nthreads = _threads.split_keys(items, max_blocks, nthreads)
-        # in pieces: one kv-head of one block
-        prefetch = -(-PREFETCH_BYTES // (bs * max(E, Ev) * q.itemsize))
+        # in pieces: one kv-head of one block (of the pools' dtype: twice as many half ones)
+        prefetch = -(-PREFETCH_BYTES // (bs * max(E * k.itemsize, Ev * v.itemsize)))
         plan = _paged.PagedPlan(q, k, v, table, lens, out, lse, nkv=Hkv, T=T, scale=scale,
                                 causal=bool(causal), tile_heads=tile_heads, row_tile=row_tile,
                                 chunk_blocks=chunk_blocks, nsplit=nsplit, use_blas=use_blas,
@@ -197,8 +209,6 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
             _paged.paged_attention(plan)
     elif lse is not None:
         lse.fill(-np.inf)
-    if result != compute:
-        out = out.astype(result)
     return (out, lse) if return_lse else out
 
 

@@ -449,8 +449,9 @@ def test_append_one_token_does_not_reallocate(rng):
 
 
 def test_cache_bad_inputs():
-    with pytest.raises(TypeError, match="dtype"):
-        fastattn.PagedKVCache(2, 4, 1, 8, dtype=np.float16)
+    for dtype in (np.int32, complex, np.longdouble):
+        with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+            fastattn.PagedKVCache(2, 4, 1, 8, dtype=dtype)
     with pytest.raises(ValueError, match="block_size"):
         fastattn.PagedKVCache(2, 0, 1, 8)
     with pytest.raises(TypeError, match="num_blocks"):

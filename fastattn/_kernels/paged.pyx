@@ -23,36 +23,49 @@
 # The items are those of the parallel skeleton (parallel.pxd), handed out dynamically to
 # the pool's threads; the merge is a second run over the output rows. Extra memory is
 # one scratch block per thread (paged_scratch): one rows x chunk score tile plus m and l.
+#
+# Half-precision pools (float16, bfloat16) are read as they are: each piece the products
+# read is widened into the compute type in the thread's scratch (widen_rows) right before
+# its product, so a call reads half the bytes of a float32 cache (decoding is bound by
+# those reads) and never converts the pools. The query, scores, softmax, partial buffers
+# and lse are in the compute type (float32 unless the query makes it float64); a half
+# result is accumulated in float32 scratch and narrowed into `out` (narrow_rows).
 
 from libc.math cimport INFINITY
 cimport numpy as cnp
 
-from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
+from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT64
 from fastattn._kernels.tile cimport (
     intp_data,
     real, gemm_abt, gemm_ab,
     row_max, row_fill, online_softmax_row, finish_row, merge_partial_row,
+    is_half, element, widen_rows, narrow_rows,
 )
-from fastattn._kernels.smallgemm cimport gemm_abt_small, gemm_ab_acc_small, prefetch_rows
+from fastattn._kernels.smallgemm cimport gemm_abt_small, gemm_ab_acc_small, fa_prefetch
 from fastattn._kernels.parallel import DTYPE_CODES
 
 cnp.import_array()
 
 
 cdef struct PagedProblem:
-    # operands (one dtype, a parallel.DType): q (B, H, T, E) and out (B, H, T, Ev)
-    # C-contiguous, the two pools, lse (B, H, T) or NULL
+    # operands: q (B, H, T, E) and out (B, H, T, Ev) C-contiguous, the two pools,
+    # lse (B, H, T) or NULL
     const void *q
     const void *kpool
     const void *vpool
     void *out
     void *lse
-    int dtype
+    # element types (parallel.DType): dtype, the compute type (float32 or float64) of q,
+    # lse and the partial buffers; each pool's, the compute type or a half type (widened
+    # piece by piece); out's, the compute type or (with float32) a half type (narrowed)
+    int dtype, kdtype, vdtype, odtype
+    Py_ssize_t kisz, visz, oisz          # the pools' and out's itemsizes
     double scale
     # sizes: R = group * T query rows per (sequence, kv-head)
     Py_ssize_t nbatch, nkv, group, T, R
     int e, ev, block_size
-    # pools: element strides per block, per head and per row (unit column stride)
+    # pools: strides per block, per head and per row in their own elements (unit column
+    # stride)
     Py_ssize_t k_bs, k_hs, ldk, v_bs, v_hs, ldv
     # block table (nbatch rows of table_ld entries) and lengths, validated by the caller
     const Py_ssize_t *table
@@ -85,14 +98,13 @@ cdef inline Py_ssize_t visible_keys(const PagedProblem *p, Py_ssize_t length,
     return n if n > 0 else 0
 
 
-cdef inline const real *piece_at(const PagedProblem *p, const real *kpool, const real *vpool,
-                                 Py_ssize_t b, Py_ssize_t h0, Py_ssize_t nh, Py_ssize_t piece,
-                                 Py_ssize_t kb_lo, Py_ssize_t kb_hi,
-                                 Py_ssize_t *nbytes) noexcept nogil:
-    # Start and size of piece number `piece` of an item's reads, in the order it reads
-    # them: chunk by chunk, the keys of the chunk's blocks (block by block, each block's
-    # nh kv-heads in memory order), then their values. A piece is one kv-head of one
-    # block. NULL past the item's last block.
+cdef inline const void *piece_at(const PagedProblem *p, Py_ssize_t b, Py_ssize_t h0,
+                                 Py_ssize_t nh, Py_ssize_t piece, Py_ssize_t kb_lo,
+                                 Py_ssize_t kb_hi, Py_ssize_t *nbytes) noexcept nogil:
+    # Start and size in bytes (the pools' own elements) of piece number `piece` of an
+    # item's reads, in the order it reads them: chunk by chunk, the keys of the chunk's
+    # blocks (block by block, each block's nh kv-heads in memory order), then their
+    # values. A piece is one kv-head of one block. NULL past the item's last block.
     cdef Py_ssize_t per = 2 * p.chunk_blocks * nh
     cdef Py_ssize_t start = kb_lo + piece // per * p.chunk_blocks
     cdef Py_ssize_t within = piece % per
@@ -102,24 +114,25 @@ cdef inline const real *piece_at(const PagedProblem *p, const real *kpool, const
     if n <= 0 or within >= 2 * n * nh:
         return NULL
     if within < n * nh:
-        nbytes[0] = ((p.block_size - 1) * p.ldk + p.e) * sizeof(real)
-        return (kpool + p.table[b * p.table_ld + start + within // nh] * p.k_bs
-                + (h0 + within % nh) * p.k_hs)
+        nbytes[0] = ((p.block_size - 1) * p.ldk + p.e) * p.kisz
+        return element(p.kpool, p.table[b * p.table_ld + start + within // nh] * p.k_bs
+                       + (h0 + within % nh) * p.k_hs, p.kisz)
     within = within - n * nh
-    nbytes[0] = ((p.block_size - 1) * p.ldv + p.ev) * sizeof(real)
-    return (vpool + p.table[b * p.table_ld + start + within // nh] * p.v_bs
-            + (h0 + within % nh) * p.v_hs)
+    nbytes[0] = ((p.block_size - 1) * p.ldv + p.ev) * p.visz
+    return element(p.vpool, p.table[b * p.table_ld + start + within // nh] * p.v_bs
+                   + (h0 + within % nh) * p.v_hs, p.visz)
 
 
 cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real *part_out,
                      real *part_lse) noexcept nogil:
     # One item: the rows of one tile against one split of its sequence's key blocks.
-    # scratch is the thread's block (paged_scratch): the score tile, then m and l.
+    # scratch is the thread's block (paged_scratch): the score tile, m and l, then a
+    # piece widened from a half pool, then the float32 accumulator of a half result.
     cdef const real *q = <const real *>p.q
-    cdef const real *kpool = <const real *>p.kpool
-    cdef const real *vpool = <const real *>p.vpool
-    cdef real *out = <real *>p.out
     cdef real *lse = <real *>p.lse
+    cdef bint khalf = is_half(p.kdtype)
+    cdef bint vhalf = is_half(p.vdtype)
+    cdef bint ohalf = is_half(p.odtype)
     cdef real scale = <real>p.scale
     cdef Py_ssize_t ntiles = (p.R + p.row_tile - 1) // p.row_tile
     cdef Py_ssize_t ngroups = (p.nkv + p.tile_heads - 1) // p.tile_heads
@@ -129,23 +142,27 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
     cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
     cdef Py_ssize_t t, b, h0, nh, hh, tile, split, r, r0, rows, row0, ldacc, acc_step
     cdef Py_ssize_t length, hi, nblk, per, kb_lo, kb_hi, c_lo, c_hi, kb, k0, ncols, cols, vis
-    cdef Py_ssize_t blk, off, piece, cn, cl, pf_bytes
+    cdef Py_ssize_t blk, off, piece, cn, cl, pf_bytes, ldk, ldv
     cdef bint any_row
     cdef char *cursor = <char *>scratch
     cdef real *s
     cdef real *m
     cdef real *l
+    cdef real *wide = NULL
     cdef real *acc
     cdef real *srow
     cdef real *lse_row
     cdef const real *qt
+    cdef const void *piece_ptr
     cdef const real *kb_ptr
     cdef const real *vb_ptr
-    cdef const real *pf
+    cdef const void *pf
 
     s = <real *>scratch_take(&cursor, tile_rows * chunk * sizeof(real))
     m = <real *>scratch_take(&cursor, tile_rows * sizeof(real))
     l = <real *>scratch_take(&cursor, tile_rows * sizeof(real))
+    if khalf or vhalf:
+        wide = <real *>scratch_take(&cursor, bs * (p.e if p.e > p.ev else p.ev) * sizeof(real))
     pf_bytes = 0
 
     split = item % p.nsplit
@@ -165,12 +182,17 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
     # out's (B, H, T) order: query head (h0 + hh) * G + g, token t
     row0 = (b * p.nkv + h0) * p.R + r0
     # split s accumulates into its own copy of out, part_out[s] (rows next to
-    # each other: rows nsplit * ev apart would share cache sets)
-    acc = out + row0 * p.ev
-    if p.nsplit > 1:
-        acc = part_out + (split * nrows + row0) * p.ev
+    # each other: rows nsplit * ev apart would share cache sets); a half out into
+    # float32 scratch, narrowed at the end
     ldacc = p.ev
     acc_step = p.R * ldacc          # from one kv-head's rows to the next's
+    if p.nsplit > 1:
+        acc = part_out + (split * nrows + row0) * p.ev
+    elif ohalf:
+        acc = <real *>scratch_take(&cursor, tile_rows * p.ev * sizeof(real))
+        acc_step = rows * ldacc
+    else:
+        acc = <real *>p.out + row0 * p.ev
 
     # keys any row of the tile sees: [0, hi); this split's blocks of them
     length = p.lens[b]
@@ -194,10 +216,10 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
     # the first p.prefetch pieces; each product below prefetches the piece
     # that far ahead of its own
     for piece in range(p.prefetch):
-        pf = piece_at(p, kpool, vpool, b, h0, nh, piece, kb_lo, kb_hi, &pf_bytes)
+        pf = piece_at(p, b, h0, nh, piece, kb_lo, kb_hi, &pf_bytes)
         if pf == NULL:
             break
-        prefetch_rows(pf, 1, pf_bytes // sizeof(real))
+        fa_prefetch(pf, pf_bytes)
 
     c_lo = kb_lo
     while c_lo < kb_hi:
@@ -222,21 +244,26 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
             if cols > bs:
                 cols = bs
             for hh in range(nh):
-                kb_ptr = kpool + blk * p.k_bs + (h0 + hh) * p.k_hs
+                piece_ptr = element(p.kpool, blk * p.k_bs + (h0 + hh) * p.k_hs, p.kisz)
+                kb_ptr = <const real *>piece_ptr
+                ldk = p.ldk
+                if khalf:
+                    widen_rows(p.kdtype, <int>cols, p.e, piece_ptr, p.ldk, wide, p.e)
+                    kb_ptr = wide
+                    ldk = p.e
                 qt = q + (row0 + hh * p.R) * p.e
                 srow = s + hh * rows * chunk + off
                 pf = NULL
                 if p.prefetch:
-                    pf = piece_at(p, kpool, vpool, b, h0, nh,
-                                  cn + (kb - c_lo) * nh + hh + p.prefetch,
+                    pf = piece_at(p, b, h0, nh, cn + (kb - c_lo) * nh + hh + p.prefetch,
                                   kb_lo, kb_hi, &pf_bytes)
                 if p.use_blas:
                     if pf != NULL:
-                        prefetch_rows(pf, 1, pf_bytes // sizeof(real))
+                        fa_prefetch(pf, pf_bytes)
                     gemm_abt(<int>rows, <int>cols, p.e, scale, qt, p.e, kb_ptr,
-                             <int>p.ldk, 0, srow, <int>chunk)
+                             <int>ldk, 0, srow, <int>chunk)
                 else:
-                    gemm_abt_small(rows, cols, p.e, scale, qt, p.e, kb_ptr, p.ldk,
+                    gemm_abt_small(rows, cols, p.e, scale, qt, p.e, kb_ptr, ldk,
                                    srow, chunk, pf, pf_bytes)
 
         # fold each row's visible columns into its online softmax;
@@ -265,22 +292,29 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
                 if cols > bs:
                     cols = bs
                 for hh in range(nh):
-                    vb_ptr = vpool + blk * p.v_bs + (h0 + hh) * p.v_hs
+                    piece_ptr = element(p.vpool, blk * p.v_bs + (h0 + hh) * p.v_hs,
+                                        p.visz)
+                    vb_ptr = <const real *>piece_ptr
+                    ldv = p.ldv
+                    if vhalf:
+                        widen_rows(p.vdtype, <int>cols, p.ev, piece_ptr, p.ldv, wide, p.ev)
+                        vb_ptr = wide
+                        ldv = p.ev
                     srow = s + hh * rows * chunk + off
                     pf = NULL
                     if p.prefetch:
-                        pf = piece_at(p, kpool, vpool, b, h0, nh,
+                        pf = piece_at(p, b, h0, nh,
                                       cn + cl + (kb - c_lo) * nh + hh + p.prefetch,
                                       kb_lo, kb_hi, &pf_bytes)
                     if p.use_blas:
                         if pf != NULL:
-                            prefetch_rows(pf, 1, pf_bytes // sizeof(real))
+                            fa_prefetch(pf, pf_bytes)
                         gemm_ab(<int>rows, p.ev, <int>cols, 1, srow, <int>chunk,
-                                vb_ptr, <int>p.ldv, 1, acc + hh * acc_step,
+                                vb_ptr, <int>ldv, 1, acc + hh * acc_step,
                                 <int>ldacc)
                     else:
                         gemm_ab_acc_small(rows, p.ev, cols, srow, chunk, vb_ptr,
-                                          p.ldv, acc + hh * acc_step, ldacc,
+                                          ldv, acc + hh * acc_step, ldacc,
                                           pf, pf_bytes)
         c_lo = c_hi
 
@@ -292,57 +326,77 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
                 lse_row = part_lse + (row0 + hh * p.R + r) * p.nsplit + split
             finish_row(acc + hh * acc_step + r * ldacc, p.ev, m[hh * rows + r],
                        l[hh * rows + r], lse_row)
+    if real is float:
+        if ohalf and p.nsplit == 1:
+            for hh in range(nh):
+                narrow_rows(p.odtype, <int>rows, p.ev, acc + hh * acc_step, ldacc,
+                            <void *>element(p.out, (row0 + hh * p.R) * p.ev, p.oisz), p.ev)
 
 
 cdef void paged_merge_row(const PagedProblem *p, Py_ssize_t item, real *part_out,
-                          real *part_lse) noexcept nogil:
-    # item: one row of out's (B, H, T) order; merge its nsplit partial results
+                          real *part_lse, real *row) noexcept nogil:
+    # item: one row of out's (B, H, T) order; merge its nsplit partial results (for a
+    # half out through `row`, ev float32 of scratch, then narrowed)
     cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
     cdef real *lse = <real *>p.lse
+    cdef void *out = <void *>element(p.out, item * p.ev, p.oisz)
     merge_partial_row(part_out + item * p.ev, part_lse + item * p.nsplit,
-                      p.nsplit, nrows * p.ev, p.ev, <real *>p.out + item * p.ev,
+                      p.nsplit, nrows * p.ev, p.ev, row if row != NULL else <real *>out,
                       (lse + item) if lse != NULL else NULL)
+    if real is float:
+        if row != NULL:
+            narrow_rows(p.odtype, 1, p.ev, row, p.ev, out, p.ev)
 
 
-# The item hooks, and this family's one dtype dispatch: the problem's element type picks
-# the specialisation of the fused-type bodies above.
+# The item hooks, and this family's one dtype dispatch: the compute type picks the
+# specialisation of the fused-type bodies above (half pools and outputs: float).
 
 cdef void paged_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
     cdef PagedRun *r = <PagedRun *>run
-    if r.p.dtype == DT_FLOAT32:
-        paged_rows[float](r.p, item, <float *>scratch, <float *>r.part_out,
-                          <float *>r.part_lse)
-    else:
+    if r.p.dtype == DT_FLOAT64:
         paged_rows[double](r.p, item, <double *>scratch, <double *>r.part_out,
                            <double *>r.part_lse)
+    else:
+        paged_rows[float](r.p, item, <float *>scratch, <float *>r.part_out,
+                          <float *>r.part_lse)
 
 
 cdef void paged_merge_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
     cdef PagedRun *r = <PagedRun *>run
-    if r.p.dtype == DT_FLOAT32:
-        paged_merge_row[float](r.p, item, <float *>r.part_out, <float *>r.part_lse)
+    if r.p.dtype == DT_FLOAT64:
+        paged_merge_row[double](r.p, item, <double *>r.part_out, <double *>r.part_lse,
+                                NULL)
     else:
-        paged_merge_row[double](r.p, item, <double *>r.part_out, <double *>r.part_lse)
+        paged_merge_row[float](r.p, item, <float *>r.part_out, <float *>r.part_lse,
+                               <float *>scratch if is_half(r.p.odtype) else NULL)
 
 
 cdef size_t paged_scratch(const PagedProblem *p, size_t itemsize) noexcept nogil:
-    # One thread's scratch: the score tile of tile_heads * row_tile rows x one chunk of
-    # keys, then m and l.
+    # One thread's scratch (itemsize: the compute type's): the score tile of
+    # tile_heads * row_tile rows x one chunk of keys, m and l, then one piece (a
+    # kv-head of a block) widened from a half pool, then a half result's float32 rows.
     cdef size_t tile_rows = <size_t>p.tile_heads * p.row_tile
-    return (scratch_room(tile_rows * p.chunk_blocks * p.block_size * itemsize)
-            + 2 * scratch_room(tile_rows * itemsize))
+    cdef size_t n = (scratch_room(tile_rows * p.chunk_blocks * p.block_size * itemsize)
+                     + 2 * scratch_room(tile_rows * itemsize))
+    if is_half(p.kdtype) or is_half(p.vdtype):
+        n += scratch_room(<size_t>p.block_size * (p.e if p.e > p.ev else p.ev) * itemsize)
+    if is_half(p.odtype):
+        n += scratch_room(tile_rows * p.ev * itemsize)
+    return n
 
 
 cdef class PagedPlan:
     """The plan of one paged_attention call. Private: built by `fastattn.paged_attention`
     from validated arguments.
 
-    q is C-contiguous (B, H, T, E); key_blocks / value_blocks are (N, H_kv, block_size,
-    E / Ev) with unit last stride and element-multiple strides; all three share one dtype
-    (float32 or float64). table is C-contiguous intp (B, max_blocks) whose entries below
-    ceil(visible length / block_size) are valid block ids; lens is intp (B,). out is
-    C-contiguous (B, H, T, Ev); lse is (B, H, T) or None. A tile is tile_heads kv-heads x
-    row_tile rows of each (row_tile == G * T when tile_heads > 1).
+    q is C-contiguous (B, H, T, E) in the compute type (float32 or float64);
+    key_blocks / value_blocks are (N, H_kv, block_size, E / Ev) with unit last stride and
+    element-multiple strides, each in the compute type or float16 / bfloat16. table is
+    C-contiguous intp (B, max_blocks) whose entries below ceil(visible length /
+    block_size) are valid block ids; lens is intp (B,). out is C-contiguous (B, H, T, Ev)
+    in the compute type or, with float32, a half type; lse is (B, H, T) in the compute
+    type or None. A tile is tile_heads kv-heads x row_tile rows of each (row_tile == G * T
+    when tile_heads > 1).
     """
     cdef PagedProblem c
     cdef readonly object arrays     # everything the pointers in c point into
@@ -353,13 +407,20 @@ cdef class PagedPlan:
                  int row_tile, int chunk_blocks, int nsplit, bint use_blas, int prefetch,
                  int nthreads):
         cdef PagedProblem *p = &self.c
-        cdef Py_ssize_t item = key_blocks.itemsize
+        cdef Py_ssize_t kitem = key_blocks.itemsize
+        cdef Py_ssize_t vitem = value_blocks.itemsize
         p.q = cnp.PyArray_DATA(q)
         p.kpool = cnp.PyArray_DATA(key_blocks)
         p.vpool = cnp.PyArray_DATA(value_blocks)
         p.out = cnp.PyArray_DATA(out)
         p.lse = NULL if lse is None else cnp.PyArray_DATA(<cnp.ndarray>lse)
         p.dtype = DTYPE_CODES[q.dtype.name]
+        p.kdtype = DTYPE_CODES[key_blocks.dtype.name]
+        p.vdtype = DTYPE_CODES[value_blocks.dtype.name]
+        p.odtype = DTYPE_CODES[out.dtype.name]
+        p.kisz = kitem
+        p.visz = vitem
+        p.oisz = out.itemsize
         p.scale = scale
         p.nbatch = q.shape[0]
         p.nkv = nkv
@@ -369,12 +430,12 @@ cdef class PagedPlan:
         p.e = <int>q.shape[3]
         p.ev = <int>value_blocks.shape[3]
         p.block_size = <int>key_blocks.shape[2]
-        p.k_bs = key_blocks.strides[0] // item
-        p.k_hs = key_blocks.strides[1] // item
-        p.ldk = key_blocks.strides[2] // item
-        p.v_bs = value_blocks.strides[0] // item
-        p.v_hs = value_blocks.strides[1] // item
-        p.ldv = value_blocks.strides[2] // item
+        p.k_bs = key_blocks.strides[0] // kitem
+        p.k_hs = key_blocks.strides[1] // kitem
+        p.ldk = key_blocks.strides[2] // kitem
+        p.v_bs = value_blocks.strides[0] // vitem
+        p.v_hs = value_blocks.strides[1] // vitem
+        p.ldv = value_blocks.strides[2] // vitem
         p.table = intp_data(table)
         p.table_ld = table.shape[1]
         p.lens = intp_data(lens)
@@ -409,6 +470,7 @@ def paged_attention(PagedPlan plan):
     cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
     cdef cnp.ndarray part_out = None, part_lse = None
     cdef size_t scratch = paged_scratch(p, q.itemsize)
+    cdef size_t merge_scratch = p.ev * q.itemsize if is_half(p.odtype) else 0
     run.p = p
     run.part_out = run.part_lse = NULL
     if p.nsplit > 1:
@@ -420,4 +482,5 @@ def paged_attention(PagedPlan plan):
         run_items(paged_item, &run, nitems, 1, scratch, p.nthreads,
                   "paged attention tile buffers")
         if p.nsplit > 1:
-            run_items(paged_merge_item, &run, nrows, 64, 0, p.nthreads, "")
+            run_items(paged_merge_item, &run, nrows, 64, merge_scratch, p.nthreads,
+                      "paged attention merge row")

@@ -553,6 +553,8 @@ cdef extern from "tilehalf.h" nogil:
                   Py_ssize_t ldy)
     void fa_narrow(int dtype, int rows, int n, const float *x, Py_ssize_t ldx, uint16_t *y,
                    Py_ssize_t ldy)
+    void fa_widen_f64(int dtype, int rows, int n, const uint16_t *x, Py_ssize_t ldx, double *y,
+                      Py_ssize_t ldy)
     int fa_bf16_dot_ok()
     void fa_pack_pairs(int n, int e, const uint16_t *x, Py_ssize_t ldx, uint32_t *xt,
                        Py_ssize_t ldxt)
@@ -735,3 +737,13 @@ cdef inline void narrow_rows(int dtype, int rows, int n, const float *x, Py_ssiz
                              void *y, Py_ssize_t ldy) noexcept nogil:
     # y[r, :n] <- x[r, :n] rounded to the half type `dtype` (to nearest even)
     fa_narrow(dtype, rows, n, x, ldx, <uint16_t *>y, ldy)
+
+
+cdef inline void widen_rows(int dtype, int rows, int n, const void *x, Py_ssize_t ldx,
+                            real *y, Py_ssize_t ldy) noexcept nogil:
+    # y[r, :n] <- x[r, :n] (the half type `dtype`, row stride ldx elements) in the compute
+    # type, exactly: F16C / AVX-512 for float32 where the CPU has them, else scalar
+    if real is float:
+        fa_widen(dtype, rows, n, <const uint16_t *>x, ldx, y, ldy)
+    else:
+        fa_widen_f64(dtype, rows, n, <const uint16_t *>x, ldx, y, ldy)

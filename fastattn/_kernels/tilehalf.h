@@ -176,6 +176,17 @@ static void fa_widen(int dtype, int rows, int n, const uint16_t *x, ptrdiff_t ld
                                                     : fa_bf16_to_f32(x[r * ldx + j]);
 }
 
+/* y[r, :n] = float64(x[r, :n]) (exact): half operands of a float64 computation, e.g. a
+ * half paged cache read by a float64 query; scalar, as that is no hot path. */
+static void fa_widen_f64(int dtype, int rows, int n, const uint16_t *x, ptrdiff_t ldx,
+                         double *y, ptrdiff_t ldy)
+{
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < n; j++)
+            y[r * ldy + j] = dtype == FA_DT_FLOAT16 ? fa_f16_to_f32(x[r * ldx + j])
+                                                    : fa_bf16_to_f32(x[r * ldx + j]);
+}
+
 /* y[r, :n] = x[r, :n] rounded to the half type (to nearest even). */
 static void fa_narrow(int dtype, int rows, int n, const float *x, ptrdiff_t ldx,
                       uint16_t *y, ptrdiff_t ldy)
