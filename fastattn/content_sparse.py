@@ -91,12 +91,17 @@ def _gathered(q, k, v, q_rows, out_rows, k_rows, items, n_out, *, scale, causal=
     lse = np.full(n_out, -np.inf, dtype=q.dtype) if want_lse else None
     items = _split_runs(items)
     if len(items) and v.shape[1]:
-        with _threads.single_threaded_blas():
+        # flops: scores and weighted values over every (query, key) pair of the items
+        pairs = int(((items[:, 1] - items[:, 0]) * (items[:, 3] - items[:, 2])).sum())
+        nthreads = _threads.call_threads(nthreads, len(items),
+                                         2.0 * pairs * (q.shape[1] + v.shape[1]))
+        with _threads.tile_blas(q.dtype, v.shape[1]):
             _gathering.gathered_attention(
                 q, k, v, out, lse, np.ascontiguousarray(q_rows, dtype=np.intp),
                 np.ascontiguousarray(out_rows, dtype=np.intp),
-                np.ascontiguousarray(k_rows, dtype=np.intp), items, scale, causal,
-                self_penalty, BLOCK_Q, BLOCK_K, max(1, min(nthreads, len(items))), k_scale)
+                np.ascontiguousarray(k_rows, dtype=np.intp), items, scale=scale,
+                causal=causal, self_penalty=self_penalty, block_q=BLOCK_Q, block_k=BLOCK_K,
+                nthreads=nthreads, k_scale=k_scale)
     return out, lse
 
 
@@ -308,8 +313,10 @@ def lsh_attention(query, value, *, n_hashes=1, bucket_size=64, chunks_before=1, 
     else:
         out = np.empty((nbatch * L, Ev), dtype=compute)
         lse = np.empty(nbatch * L, dtype=compute) if return_lse else None
+        # memory-bound: work is the bytes of partial results streamed
         _gathering.merge_parts(parts.reshape(nbatch * L, n_hashes, Ev),
-                               part_lse.reshape(nbatch * L, n_hashes), out, lse, nthreads)
+                               part_lse.reshape(nbatch * L, n_hashes), out, lse,
+                               _threads.call_threads(nthreads, nbatch * L, parts.nbytes))
     out = out.reshape(batch_shape + (L, Ev)).astype(result, copy=False)
     if return_lse:
         return out, lse.reshape(batch_shape + (L,))
