@@ -218,9 +218,11 @@ cdef void hash_rows(const Hash *p, Py_ssize_t item, real *d) noexcept nogil:
     cdef Py_ssize_t b = item // nblk
     cdef Py_ssize_t r0 = (item % nblk) * p.block
     cdef int rows = block_len(p.L, r0, p.block)
+    cdef Py_ssize_t L = p.L
+    cdef Py_ssize_t *bucket = p.buckets + b * p.n_hashes * L + r0   # round h at h * L
     cdef Py_ssize_t r, j, hi_j, lo_j
     cdef int h
-    cdef real hi, lo
+    cdef real hi, lo, val
     cdef real *drow
     # d <- x[b, r0:r0 + rows] @ R   (R: e x width, row-major)
     gemm_ab(rows, width, p.e, 1, <const real *>p.x + (b * p.L + r0) * p.e, p.e,
@@ -233,14 +235,13 @@ cdef void hash_rows(const Hash *p, Py_ssize_t item, real *d) noexcept nogil:
             hi_j = 0
             lo_j = 0
             for j in range(1, half):
-                if drow[j] > hi:
-                    hi = drow[j]
-                    hi_j = j
-                if drow[j] < lo:
-                    lo = drow[j]
-                    lo_j = j
-            p.buckets[(b * p.n_hashes + h) * p.L + r0 + r] = hi_j if hi >= -lo \
-                else half + lo_j
+                # branch-free selects (cmov, maxss): the data's order is random
+                val = drow[j]
+                hi_j = j if val > hi else hi_j
+                hi = val if val > hi else hi
+                lo_j = j if val < lo else lo_j
+                lo = val if val < lo else lo
+            bucket[h * L + r] = hi_j if hi >= -lo else half + lo_j
 
 
 cdef void hash_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
