@@ -39,6 +39,9 @@ BLOCK_K = 256
 # -1e5 in float32): finite, so a query with no other key still attends to itself.
 SELF_PENALTY = 1e5
 
+# Rows per work item of the k-means assignment and LSH hashing kernels (clustering.pyx).
+_ROW_BLOCK = 256
+
 # Extra float32 candidates per centroid, rescored in float64 before the top-k is kept.
 TOPK_MARGIN = 8
 
@@ -91,12 +94,17 @@ def _gathered(q, k, v, q_rows, out_rows, k_rows, items, n_out, *, scale, causal=
     lse = np.full(n_out, -np.inf, dtype=q.dtype) if want_lse else None
     items = _split_runs(items)
     if len(items) and v.shape[1]:
-        with _threads.single_threaded_blas():
+        # flops: scores and weighted values over every (query, key) pair of the items
+        pairs = int(((items[:, 1] - items[:, 0]) * (items[:, 3] - items[:, 2])).sum())
+        nthreads = _threads.call_threads(nthreads, len(items),
+                                         2.0 * pairs * (q.shape[1] + v.shape[1]))
+        with _threads.tile_blas(q.dtype, v.shape[1]):
             _gathering.gathered_attention(
                 q, k, v, out, lse, np.ascontiguousarray(q_rows, dtype=np.intp),
                 np.ascontiguousarray(out_rows, dtype=np.intp),
-                np.ascontiguousarray(k_rows, dtype=np.intp), items, scale, causal,
-                self_penalty, BLOCK_Q, BLOCK_K, max(1, min(nthreads, len(items))), k_scale)
+                np.ascontiguousarray(k_rows, dtype=np.intp), items, scale=scale,
+                causal=causal, self_penalty=self_penalty, block_q=BLOCK_Q, block_k=BLOCK_K,
+                nthreads=nthreads, k_scale=k_scale)
     return out, lse
 
 
@@ -129,9 +137,10 @@ def _lsh_hash(q, rotations, nthreads):
     # batch entry b uses the rotations of its head, b % H (one set without a head axis)
     rot_index = np.arange(nbatch, dtype=np.intp) % rot.shape[0]
     buckets = np.empty((nbatch, n_hashes, L), dtype=np.intp)
+    nthreads = _threads.call_threads(nthreads, nbatch * -(-L // _ROW_BLOCK),
+                                     2.0 * nbatch * L * E * n_hashes * half)
     with _threads.single_threaded_blas():
-        _clustering.lsh_hash(q, rot, rot_index, buckets, n_hashes,
-                             max(1, min(nthreads, nbatch * -(-L // 256))))
+        _clustering.lsh_hash(q, rot, rot_index, buckets, n_hashes, nthreads)
     return buckets
 
 
@@ -308,8 +317,10 @@ def lsh_attention(query, value, *, n_hashes=1, bucket_size=64, chunks_before=1, 
     else:
         out = np.empty((nbatch * L, Ev), dtype=compute)
         lse = np.empty(nbatch * L, dtype=compute) if return_lse else None
+        # memory-bound: work is the bytes of partial results streamed
         _gathering.merge_parts(parts.reshape(nbatch * L, n_hashes, Ev),
-                               part_lse.reshape(nbatch * L, n_hashes), out, lse, nthreads)
+                               part_lse.reshape(nbatch * L, n_hashes), out, lse,
+                               _threads.call_threads(nthreads, nbatch * L, parts.nbytes))
     out = out.reshape(batch_shape + (L, Ev)).astype(result, copy=False)
     if return_lse:
         return out, lse.reshape(batch_shape + (L,))
@@ -324,7 +335,9 @@ def _cluster_means(qs, assign, clusters, nthreads, previous=None):
     nbatch, _, E = qs.shape
     sums = np.zeros((nbatch, clusters, E))
     counts = np.zeros((nbatch, clusters), dtype=np.intp)
-    _clustering.cluster_sums(qs, assign, sums, counts, max(1, min(nthreads, nbatch)))
+    # memory-bound: work is the bytes of queries streamed
+    _clustering.cluster_sums(qs, assign, sums, counts,
+                             _threads.call_threads(nthreads, nbatch, qs.nbytes))
     means = sums / np.maximum(counts, 1)[..., None]
     if previous is not None:
         means = np.where(counts[..., None] > 0, means, previous)
@@ -333,24 +346,27 @@ def _cluster_means(qs, assign, clusters, nthreads, previous=None):
 
 def _kmeans(qs, clusters, iterations, rng, nthreads):
     """Lloyd's k-means on the rows of each ``qs[b]``: ``(assign, centroids, counts)``."""
-    nbatch, L, _ = qs.shape
+    nbatch, L, E = qs.shape
     # Start: the `clusters` queries with the smallest uniform draws, in position order.
     draws = np.random.default_rng(rng).random((nbatch, L))
     start = np.sort(np.argpartition(draws, clusters - 1, axis=-1)[:, :clusters], axis=-1)
     centroids = _rows_of(qs, start).astype(np.float64)
-    if nbatch >= nthreads:
+    step_flops = 2.0 * nbatch * L * clusters * E       # one assignment step
+    step_threads = _threads.call_threads(nthreads, nbatch * -(-L // _ROW_BLOCK), step_flops)
+    if nbatch >= step_threads:
         # one batch entry per thread: no synchronisation between iterations, and each
         # entry's queries stay in its thread's cache
         assign = np.empty((nbatch, L), dtype=np.intp)
         counts = np.empty((nbatch, clusters), dtype=np.intp)
         with _threads.single_threaded_blas():
-            _clustering.kmeans(qs, centroids, assign, counts, iterations, nthreads)
+            _clustering.kmeans(qs, centroids, assign, counts, iterations,
+                               _threads.call_threads(nthreads, nbatch, iterations * step_flops))
         return assign, centroids, counts
     # fewer entries than threads: each step splits the rows of every entry over threads
     assign, previous = np.empty((nbatch, L), dtype=np.intp), None
     with _threads.single_threaded_blas():
         for _ in range(iterations):
-            _clustering.nearest_centroid(qs, centroids.astype(qs.dtype), assign, nthreads)
+            _clustering.nearest_centroid(qs, centroids.astype(qs.dtype), assign, step_threads)
             if previous is not None and np.array_equal(assign, previous):
                 break           # a fixed point: the centroids are already these means
             centroids, counts = _cluster_means(qs, assign, clusters, nthreads, centroids)
@@ -365,9 +381,11 @@ def _centroid_topk(c_low, c64, ks, scale, topk, nthreads):
     cap = topk if c_low.dtype == np.float64 else min(ks.shape[1], topk + TOPK_MARGIN)
     top = np.empty((nbatch, C, topk), dtype=np.intp)
     top_scores = np.empty((nbatch, C, topk))
+    nthreads = _threads.call_threads(nthreads, nbatch * -(-C // 32),
+                                     2.0 * nbatch * C * ks.shape[1] * ks.shape[2])
     with _threads.single_threaded_blas():
         _clustering.centroid_topk(c_low, np.ascontiguousarray(c64), ks, scale, topk, cap,
-                                  top, top_scores, max(1, min(nthreads, nbatch * -(-C // 32))))
+                                  top, top_scores, nthreads)
     return top, top_scores
 
 
@@ -722,6 +740,9 @@ def sinkhorn_attention(query, key, value, *, block_size, n_iters=7, temperature=
         noise = np.random.default_rng(rng).gumbel(size=batch_shape + (n, n))
         logits = logits + noise.reshape(nbatch, n, n).astype(compute)
     P = _sinkhorn(logits / compute.type(temperature), n_iters)
+    # P @ blocks for keys and values: items are (batch entry, column piece), <= 8 pieces
+    mix_threads = _threads.call_threads(nthreads, 8 * nbatch,
+                                        2.0 * nbatch * n * n * block_size * max(E, Ev))
 
     def own_and_sorted(xb):
         # (nbatch, n, 2 * block_size, cols): block i, then its sorted block sum_j P[i, j] X_j
@@ -732,7 +753,7 @@ def sinkhorn_attention(query, key, value, *, block_size, n_iters=7, temperature=
         _clustering.mix_blocks(P,
                                np.ascontiguousarray(xb).reshape(nbatch, n, block_size * cols),
                                both[:, :, block_size:].reshape(nbatch, n, block_size * cols),
-                               nthreads)
+                               mix_threads)
         return both
 
     with _threads.single_threaded_blas():

@@ -199,19 +199,21 @@ def test_clustered_kmeans_is_lloyd_from_the_documented_start(topk, batch):
     assert_close(out, reference.clustered_attention(q, k, v, assign, 9, topk=topk), np.float64)
 
 
-def test_kmeans_converges_to_a_fixed_point():
+def test_kmeans_converges_to_a_fixed_point(monkeypatch):
     rng = np.random.default_rng(7)
     centres = 20 * rng.standard_normal((5, 8))
-    x = centres[rng.integers(0, 5, (3, 200))] + rng.standard_normal((3, 200, 8))
+    x = centres[rng.integers(0, 5, (3, 1000))] + rng.standard_normal((3, 1000, 8))
     assign, centroids, counts = content_sparse._kmeans(x, 5, 50, np.random.default_rng(0), 2)
     # centroids are the members' means, and each point is nearest to its own centroid
     onehot = assign[..., None] == np.arange(5)
-    assert (counts == onehot.sum(axis=1)).all() and (counts.sum(axis=1) == 200).all()
+    assert (counts == onehot.sum(axis=1)).all() and (counts.sum(axis=1) == 1000).all()
     means = np.einsum("blc,ble->bce", onehot, x) / np.maximum(counts, 1)[..., None]
     np.testing.assert_allclose(centroids[counts > 0], means[counts > 0], rtol=1e-12)
     d = ((x[:, :, None] - centroids[:, None]) ** 2).sum(-1)
     np.testing.assert_array_equal(d.argmin(-1), assign)
     # an entry per thread, or each step's rows over more threads than entries: the same
+    # (every call pays for its threads here, so 8 threads split the 12 row blocks)
+    monkeypatch.setattr(fastattn._threads, "WORK_PER_THREAD", 1)
     for threads in (1, 8):
         again = content_sparse._kmeans(x, 5, 50, np.random.default_rng(0), threads)
         for a, b in zip(again, (assign, centroids, counts)):
@@ -414,3 +416,152 @@ def test_unmasked_float32_tiles_key_major(E, Ev):
                  np.float32)
     out = fastattn.sinkhorn_attention(q, k, v, block_size=64)
     assert_close(out, reference.sinkhorn_attention(q, k, v, block_size=64), np.float32)
+
+
+# ---- threads: the parallel skeleton (fastattn/_kernels/parallel.pxd) ------------------------
+
+@pytest.fixture
+def chosen_threads(monkeypatch):
+    """{calling function: threads call_threads chose there} for the calls of a test."""
+    from fastattn import _threads
+    import sys
+    chosen, real = {}, _threads.call_threads
+
+    def spy(bound, items, work):
+        n = real(bound, items, work)
+        caller = sys._getframe(1).f_code.co_name
+        chosen[caller] = max(chosen.get(caller, 0), n)
+        return n
+    monkeypatch.setattr(_threads, "call_threads", spy)
+    return chosen
+
+
+@pytest.mark.parametrize("dtype, causal, self_mask", [(np.float32, False, False),
+                                                      (np.float64, True, True)])
+def test_lsh_identical_for_every_thread_count(dtype, causal, self_mask, chosen_threads):
+    # Every item of the hash (a row block), of the gathered attention (a chunk's rows and
+    # their keys) and of the merge (an output row) is summed in one fixed order by
+    # whichever thread takes it: LSH attention is bit-identical for any thread count.
+    rng = np.random.default_rng(30)
+    q, v = make(rng, (2, 4, 1024, 64), dtype), make(rng, (2, 4, 1024, 64), dtype)
+    kw = dict(n_hashes=2, bucket_size=64, causal=causal, self_mask=self_mask, rng=3,
+              return_lse=True)
+    want = fastattn.lsh_attention(q, v, num_threads=1, **kw)
+    for n in range(2, 9):
+        got = fastattn.lsh_attention(q, v, num_threads=n, **kw)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w, err_msg=f"num_threads={n}")
+    assert all(chosen_threads[f] > 1 for f in ("_lsh_hash", "_gathered", "lsh_attention")), \
+        chosen_threads
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clustering_identical_for_every_thread_count(dtype, chosen_threads):
+    # k-means items are whole batch entries (kmeans) or row blocks (nearest_centroid),
+    # cluster sums whole entries, top-k items blocks of centroids: none depends on the
+    # thread count. (Eight entries: every bound 1..8 takes the entry-per-thread kernel;
+    # one long entry with bounds >= 2 splits each step's rows.)
+    rng = np.random.default_rng(31)
+    many, one = make(rng, (8, 1024, 32), dtype), make(rng, (1, 8192, 32), dtype)
+    ks = make(rng, (8, 2048, 32), dtype)
+    want_many = content_sparse._kmeans(many, 32, 6, np.random.default_rng(0), 1)
+    want_one = content_sparse._kmeans(one, 64, 6, np.random.default_rng(0), 2)
+    c64 = want_many[1]
+    want_top = content_sparse._centroid_topk(c64.astype(dtype), c64, ks, 0.2, 16, 1)
+    for n in range(2, 9):
+        for got, want in ((content_sparse._kmeans(many, 32, 6, np.random.default_rng(0), n),
+                           want_many),
+                          (content_sparse._kmeans(one, 64, 6, np.random.default_rng(0), n),
+                           want_one),
+                          (content_sparse._centroid_topk(c64.astype(dtype), c64, ks, 0.2, 16,
+                                                         n), want_top)):
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w, err_msg=f"num_threads={n}")
+    assert all(chosen_threads[f] > 1 for f in ("_kmeans", "_centroid_topk")), chosen_threads
+
+
+def test_sinkhorn_mixing_identical_for_every_thread_count(chosen_threads):
+    # 16 batch entries: mix_blocks cuts no entry's columns for up to 8 threads, and the
+    # dense kernel never splits keys, so every product is summed in one order
+    rng = np.random.default_rng(32)
+    q, k, v = (make(rng, (4, 4, 1024, 64), np.float32) for _ in range(3))
+    want = fastattn.sinkhorn_attention(q, k, v, block_size=64, num_threads=1)
+    for n in range(2, 9):
+        np.testing.assert_array_equal(
+            fastattn.sinkhorn_attention(q, k, v, block_size=64, num_threads=n), want,
+            err_msg=f"num_threads={n}")
+    assert chosen_threads["sinkhorn_attention"] > 1, chosen_threads
+
+
+def _failing_calls(dtype):
+    # One call per scratch-using kernel, each its first allocation, big enough for
+    # call_threads to start two threads: (label of the scratch, call).
+    rng = np.random.default_rng(33)
+    q, v = make(rng, (2, 4, 512, 64), dtype), make(rng, (2, 4, 512, 64), dtype)
+    buckets = rng.integers(0, 8, (2, 4, 1, 512))
+    many, one = make(rng, (8, 1024, 32), dtype), make(rng, (1, 8192, 32), dtype)
+    rot = np.random.default_rng(0).standard_normal((4, 64, 2, 8))
+    c64 = rng.standard_normal((8, 32, 32))
+    ks = make(rng, (8, 2048, 32), dtype)
+    return [
+        ("gathered attention tile buffers",
+         lambda: fastattn.lsh_attention(q, v, buckets=buckets, num_threads=2)),
+        ("LSH rotation tile", lambda: content_sparse._lsh_hash(many, rot, 2)),
+        ("k-means buffers",
+         lambda: content_sparse._kmeans(many, 32, 4, np.random.default_rng(0), 2)),
+        ("k-means distance tile",
+         lambda: content_sparse._kmeans(one, 64, 4, np.random.default_rng(0), 2)),
+        ("top-k candidate buffers",
+         lambda: content_sparse._centroid_topk(c64.astype(dtype), c64, ks, 0.2, 16, 2)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scratch_allocation_failure_raises_and_leaks_nothing(dtype):
+    from fastattn._kernels import parallel
+    for label, call in _failing_calls(dtype):
+        want = call()
+        try:
+            for fail in (1, 2):  # the calling thread's block; and a worker's
+                parallel.fail_next_allocations(fail)
+                with pytest.raises(MemoryError, match=label):
+                    call()
+                parallel.fail_next_allocations(0)
+                assert parallel.live_scratch_blocks() == 0, label
+        finally:
+            parallel.fail_next_allocations(0)
+        got = call()
+        for g, w in zip(got if isinstance(got, tuple) else (got,),
+                        want if isinstance(want, tuple) else (want,)):
+            np.testing.assert_array_equal(g, w, err_msg=label)
+
+
+def test_scratchless_kernels_allocate_nothing():
+    # merge_parts, cluster_sums and mix_blocks need no scratch: a pending allocation
+    # failure neither stops them nor is used up by them
+    from fastattn._kernels import parallel, clustering, gathered
+    rng = np.random.default_rng(34)
+    parts, part_lse = make(rng, (4096, 3, 32), np.float32), make(rng, (4096, 3), np.float32)
+    x, assign = make(rng, (4, 1000, 16)), rng.integers(0, 7, (4, 1000)).astype(np.intp)
+    P, xb = make(rng, (16, 8, 8)), make(rng, (16, 8, 256))
+
+    def run():
+        out, lse = np.empty((4096, 32), np.float32), np.empty(4096, np.float32)
+        gathered.merge_parts(parts, part_lse, out, lse, 2)
+        sums, counts = np.zeros((4, 7, 16)), np.zeros((4, 7), np.intp)
+        clustering.cluster_sums(x, assign, sums, counts, 2)
+        mixed = np.empty_like(xb)
+        clustering.mix_blocks(P, xb, mixed, 2)
+        return out, lse, sums, counts, mixed
+
+    want = run()
+    np.testing.assert_allclose(want[4], P @ xb, rtol=1e-12)
+    try:
+        parallel.fail_next_allocations(1)
+        for g, w in zip(run(), want):
+            np.testing.assert_array_equal(g, w)
+        with pytest.raises(MemoryError):        # still pending for the next scratch user
+            content_sparse._lsh_hash(x, np.ones((16, 1, 4)), 2)
+    finally:
+        parallel.fail_next_allocations(0)
+    assert parallel.live_scratch_blocks() == 0

@@ -5,16 +5,30 @@
 # `lsh_hash` is the Reformer hash; `centroid_topk` picks each centroid's best keys.
 # `kmeans` runs the whole of Lloyd's k-means, one batch entry per thread; `mix_blocks`
 # is Sinkhorn attention's block mixing (P @ blocks).
+#
+# Every kernel runs on the parallel skeleton (parallel.pxd): its call is one struct,
+# filled once from the validated arguments; its item hook holds its one dtype dispatch;
+# a `*_scratch` function sizes the per-thread scratch that the body carves with
+# scratch_take. Items are row blocks, batch entries or column pieces, each written by
+# one thread only, so results do not depend on the thread count (except mix_blocks,
+# whose column pieces follow it).
 
-from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
 cimport numpy as cnp
 import numpy as np
 
+from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
+from fastattn._kernels.parallel import DTYPE_CODES
 from fastattn._kernels.tile cimport intp_data, real, gemm_abt, gemm_ab, row_add_max, block_len
 from fastattn._kernels.gathered import _check_indices, _check_layout
 
 cnp.import_array()
+
+
+cdef inline Py_ssize_t even_grain(Py_ssize_t nitems, int nthreads) noexcept nogil:
+    # Items claimed at a time for many small items of even cost: about four claims per
+    # thread, so that a thread the OS does not schedule delays at most a quarter share.
+    cdef Py_ssize_t claims = 4 * (nthreads if nthreads > 0 else 1)
+    return (nitems + claims - 1) // claims if nitems > claims else 1
 
 
 # ---- Lloyd k-means -----------------------------------------------------------------------
@@ -62,25 +76,37 @@ cdef inline void add_to_clusters(const real *x, const Py_ssize_t *assign, Py_ssi
             srow[j] += xrow[j]
 
 
-cdef void nearest_kernel(const real *x, const real *c, const real *neg_c_sq, Py_ssize_t nbatch,
-                         Py_ssize_t L, int C, int e, int block, Py_ssize_t *assign,
-                         int nthreads, int *failed) noexcept nogil:
-    # assign_nearest on each row block of each x[b]
-    cdef Py_ssize_t nblk = (L + block - 1) // block
-    cdef Py_ssize_t item, b, r0
-    cdef real *d
-    with nogil, parallel(num_threads=nthreads):
-        d = <real *>malloc(block * C * sizeof(real))
-        for item in prange(nbatch * nblk, schedule='static'):
-            if d == NULL:
-                failed[0] = 1
-            else:
-                b = item // nblk
-                r0 = (item % nblk) * block
-                assign_nearest(x + (b * L + r0) * e, block_len(L, r0, block), e, c + b * C * e,
-                               neg_c_sq + b * C, C, d, assign + b * L + r0)
-        free(d)
-    # end: with nogil, parallel
+cdef struct Nearest:
+    # One call of nearest_centroid (or of its row blocks).
+    const void *x              # (nbatch, L, e)
+    const void *c              # (nbatch, C, e) centroids in x's dtype
+    const void *neg_c_sq       # (nbatch, C): -|c_j|^2
+    Py_ssize_t *assign         # (nbatch, L)
+    Py_ssize_t nbatch, L
+    int C, e, block, dtype, nthreads
+
+
+cdef size_t nearest_scratch(const Nearest *p, size_t itemsize) noexcept nogil:
+    # one thread's distance tile: block x C
+    return scratch_room(p.block * p.C * itemsize)
+
+
+cdef void nearest_rows(const Nearest *p, Py_ssize_t item, real *d) noexcept nogil:
+    # assign_nearest on row block item of some x[b]; d: the thread's distance tile
+    cdef Py_ssize_t nblk = (p.L + p.block - 1) // p.block
+    cdef Py_ssize_t b = item // nblk
+    cdef Py_ssize_t r0 = (item % nblk) * p.block
+    assign_nearest(<const real *>p.x + (b * p.L + r0) * p.e, block_len(p.L, r0, p.block), p.e,
+                   <const real *>p.c + b * p.C * p.e, <const real *>p.neg_c_sq + b * p.C,
+                   p.C, d, p.assign + b * p.L + r0)
+
+
+cdef void nearest_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const Nearest *p = <const Nearest *>run
+    if p.dtype == DT_FLOAT32:
+        nearest_rows[float](p, item, <float *>scratch)
+    else:
+        nearest_rows[double](p, item, <double *>scratch)
 
 
 def nearest_centroid(cnp.ndarray x, cnp.ndarray c, cnp.ndarray assign, int nthreads):
@@ -88,7 +114,6 @@ def nearest_centroid(cnp.ndarray x, cnp.ndarray c, cnp.ndarray assign, int nthre
     x (nbatch, L, E); x and c C-contiguous, one dtype."""
     cdef Py_ssize_t nbatch = x.shape[0], L = x.shape[1]
     cdef int e = <int>x.shape[2], C = <int>c.shape[1]
-    cdef int block = 256
     if c.shape[0] != nbatch or c.shape[2] != e or assign.shape[0] * assign.shape[1] != nbatch * L \
             or C < 1:
         raise ValueError("nearest_centroid: x (nbatch, L, E), c (nbatch, C >= 1, E), "
@@ -96,40 +121,53 @@ def nearest_centroid(cnp.ndarray x, cnp.ndarray c, cnp.ndarray assign, int nthre
     _check_layout(x.dtype, x, c)
     _check_layout(np.dtype(np.intp), assign)
     neg_c_sq = -np.einsum("bce,bce->bc", c, c)
-    cdef void *xd = cnp.PyArray_DATA(x)
-    cdef void *cd = cnp.PyArray_DATA(c)
-    cdef void *sd = cnp.PyArray_DATA(neg_c_sq)
-    cdef Py_ssize_t *ad = <Py_ssize_t *>cnp.PyArray_DATA(assign)
-    cdef int failed = 0
-    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
-    if nbatch * L == 0:
-        return
+    cdef Nearest p
+    p.x = cnp.PyArray_DATA(x)
+    p.c = cnp.PyArray_DATA(c)
+    p.neg_c_sq = cnp.PyArray_DATA(neg_c_sq)
+    p.assign = <Py_ssize_t *>cnp.PyArray_DATA(assign)
+    p.nbatch = nbatch
+    p.L = L
+    p.C = C
+    p.e = e
+    p.block = 256
+    p.dtype = DTYPE_CODES[x.dtype.name]
+    p.nthreads = nthreads
+    cdef size_t scratch = nearest_scratch(&p, x.dtype.itemsize)
     with nogil:
-        if is_f32:
-            nearest_kernel[float](<const float *>xd, <const float *>cd, <const float *>sd,
-                                  nbatch, L, C, e, block, ad, nthreads, &failed)
-        else:
-            nearest_kernel[double](<const double *>xd, <const double *>cd,
-                                   <const double *>sd, nbatch, L, C, e, block, ad, nthreads,
-                                   &failed)
-    if failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its distance tile")
+        run_items(nearest_item, &p, nbatch * ((L + p.block - 1) // p.block), 1, scratch,
+                  p.nthreads, "k-means distance tile")
 
 
-cdef void sums_kernel(const real *x, const Py_ssize_t *assign, Py_ssize_t nbatch,
-                      Py_ssize_t L, Py_ssize_t C, Py_ssize_t e, double *sums,
-                      Py_ssize_t *counts, int nthreads) noexcept nogil:
-    # add_to_clusters on each x[b], one batch entry per thread
-    cdef Py_ssize_t b
-    for b in prange(nbatch, schedule='static', num_threads=nthreads):
-        add_to_clusters(x + b * L * e, assign + b * L, L, e, sums + b * C * e, counts + b * C)
+cdef struct Sums:
+    # One call of cluster_sums.
+    const void *x              # (nbatch, L, e)
+    const Py_ssize_t *assign   # (nbatch, L)
+    double *sums               # (nbatch, C, e)
+    Py_ssize_t *counts         # (nbatch, C)
+    Py_ssize_t nbatch, L, C, e
+    int dtype, nthreads
+
+
+cdef void sums_entry(const Sums *p, Py_ssize_t b, const real *x) noexcept nogil:
+    # add_to_clusters on x[b] (x: p.x in its dtype)
+    add_to_clusters(x + b * p.L * p.e, p.assign + b * p.L, p.L, p.e,
+                    p.sums + b * p.C * p.e, p.counts + b * p.C)
+
+
+cdef void sums_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const Sums *p = <const Sums *>run
+    if p.dtype == DT_FLOAT32:
+        sums_entry[float](p, item, <const float *>p.x)
+    else:
+        sums_entry[double](p, item, <const double *>p.x)
 
 
 def cluster_sums(cnp.ndarray x, cnp.ndarray assign, cnp.ndarray sums, cnp.ndarray counts,
                  int nthreads):
     """sums (nbatch, C, E) float64 and counts (nbatch, C) intp, both zeroed by the caller,
     <- per-cluster sums and sizes of x (nbatch, L, E) under assign (nbatch, L), whose
-    entries must lie in [0, C)."""
+    entries must lie in [0, C). One batch entry per item."""
     cdef Py_ssize_t nbatch = x.shape[0], L = x.shape[1], e = x.shape[2], C = sums.shape[1]
     if (sums.shape[0] != nbatch or sums.shape[2] != e or counts.shape[0] != nbatch
             or counts.shape[1] != C or assign.shape[0] != nbatch or assign.shape[1] != L):
@@ -138,62 +176,80 @@ def cluster_sums(cnp.ndarray x, cnp.ndarray assign, cnp.ndarray sums, cnp.ndarra
     _check_layout(np.dtype(np.float64), sums)
     _check_layout(np.dtype(np.intp), assign, counts)
     _check_indices(assign.reshape(-1), C, "assign")
-    cdef void *xd = cnp.PyArray_DATA(x)
-    cdef const Py_ssize_t *ad = intp_data(assign)
-    cdef double *sd = <double *>cnp.PyArray_DATA(sums)
-    cdef Py_ssize_t *cd = <Py_ssize_t *>cnp.PyArray_DATA(counts)
-    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
+    cdef Sums p
+    p.x = cnp.PyArray_DATA(x)
+    p.assign = intp_data(assign)
+    p.sums = <double *>cnp.PyArray_DATA(sums)
+    p.counts = <Py_ssize_t *>cnp.PyArray_DATA(counts)
+    p.nbatch = nbatch
+    p.L = L
+    p.C = C
+    p.e = e
+    p.dtype = DTYPE_CODES[x.dtype.name]
+    p.nthreads = nthreads
     with nogil:
-        if is_f32:
-            sums_kernel[float](<const float *>xd, ad, nbatch, L, C, e, sd, cd, nthreads)
-        else:
-            sums_kernel[double](<const double *>xd, ad, nbatch, L, C, e, sd, cd, nthreads)
+        run_items(sums_item, &p, nbatch, even_grain(nbatch, nthreads), 0, p.nthreads, "")
 
 
 # ---- Reformer hashing ----------------------------------------------------------------------
 
-cdef void hash_kernel(const real *x, const real *rot, const Py_ssize_t *rot_index,
-                      Py_ssize_t nbatch, Py_ssize_t L, int e, int n_hashes, int half,
-                      int block, Py_ssize_t *buckets, int nthreads, int *failed) noexcept nogil:
-    # buckets[b, h, i] <- argmax([x_i R_h, -x_i R_h]): the first maximum, as np.argmax
-    # of the concatenation (ties between the halves go to the first).
-    cdef Py_ssize_t nblk = (L + block - 1) // block
-    cdef int width = n_hashes * half
-    cdef Py_ssize_t item, b, r0, r, j, hi_j, lo_j
-    cdef int rows, h
-    cdef real hi, lo
-    cdef real *d
+cdef struct Hash:
+    # One call of lsh_hash.
+    const void *x              # (nbatch, L, e)
+    const void *rot            # (nrot, e, n_hashes * half)
+    const Py_ssize_t *rot_index  # (nbatch,): batch b uses rot[rot_index[b]]
+    Py_ssize_t *buckets        # (nbatch, n_hashes, L)
+    Py_ssize_t nbatch, L
+    int e, n_hashes, half, block, dtype, nthreads
+
+
+cdef size_t hash_scratch(const Hash *p, size_t itemsize) noexcept nogil:
+    # one thread's rotated rows: block x (n_hashes * half)
+    return scratch_room(p.block * p.n_hashes * p.half * itemsize)
+
+
+cdef void hash_rows(const Hash *p, Py_ssize_t item, real *d) noexcept nogil:
+    # buckets[b, h, i] <- argmax([x_i R_h, -x_i R_h]) for the rows i of row block item
+    # of x[b]: the first maximum, as np.argmax of the concatenation (ties between the
+    # halves go to the first). d: the thread's scratch.
+    cdef Py_ssize_t nblk = (p.L + p.block - 1) // p.block
+    cdef int half = p.half
+    cdef int width = p.n_hashes * half
+    cdef Py_ssize_t b = item // nblk
+    cdef Py_ssize_t r0 = (item % nblk) * p.block
+    cdef int rows = block_len(p.L, r0, p.block)
+    cdef Py_ssize_t L = p.L
+    cdef Py_ssize_t *bucket = p.buckets + b * p.n_hashes * L + r0   # round h at h * L
+    cdef Py_ssize_t r, j, hi_j, lo_j
+    cdef int h
+    cdef real hi, lo, val
     cdef real *drow
-    with nogil, parallel(num_threads=nthreads):
-        d = <real *>malloc(block * width * sizeof(real))
-        for item in prange(nbatch * nblk, schedule='static'):
-            if d == NULL:
-                failed[0] = 1
-            else:
-                b = item // nblk
-                r0 = (item % nblk) * block
-                rows = block_len(L, r0, block)
-                # d <- x[b, r0:r0 + rows] @ R   (R: e x width, row-major)
-                gemm_ab(rows, width, e, 1, x + (b * L + r0) * e, e,
-                        rot + rot_index[b] * e * width, width, 0, d, width)
-                for r in range(rows):
-                    for h in range(n_hashes):
-                        drow = d + r * width + h * half
-                        hi = drow[0]
-                        lo = drow[0]
-                        hi_j = 0
-                        lo_j = 0
-                        for j in range(1, half):
-                            if drow[j] > hi:
-                                hi = drow[j]
-                                hi_j = j
-                            if drow[j] < lo:
-                                lo = drow[j]
-                                lo_j = j
-                        buckets[(b * n_hashes + h) * L + r0 + r] = hi_j if hi >= -lo \
-                            else half + lo_j
-        free(d)
-    # end: with nogil, parallel
+    # d <- x[b, r0:r0 + rows] @ R   (R: e x width, row-major)
+    gemm_ab(rows, width, p.e, 1, <const real *>p.x + (b * p.L + r0) * p.e, p.e,
+            <const real *>p.rot + p.rot_index[b] * p.e * width, width, 0, d, width)
+    for r in range(rows):
+        for h in range(p.n_hashes):
+            drow = d + r * width + h * half
+            hi = drow[0]
+            lo = drow[0]
+            hi_j = 0
+            lo_j = 0
+            for j in range(1, half):
+                # branch-free selects (cmov, maxss): the data's order is random
+                val = drow[j]
+                hi_j = j if val > hi else hi_j
+                hi = val if val > hi else hi
+                lo_j = j if val < lo else lo_j
+                lo = val if val < lo else lo
+            bucket[h * L + r] = hi_j if hi >= -lo else half + lo_j
+
+
+cdef void hash_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const Hash *p = <const Hash *>run
+    if p.dtype == DT_FLOAT32:
+        hash_rows[float](p, item, <float *>scratch)
+    else:
+        hash_rows[double](p, item, <double *>scratch)
 
 
 def lsh_hash(cnp.ndarray x, cnp.ndarray rot, cnp.ndarray rot_index, cnp.ndarray buckets,
@@ -202,7 +258,6 @@ def lsh_hash(cnp.ndarray x, cnp.ndarray rot, cnp.ndarray rot_index, cnp.ndarray 
     under rotations rot (nrot, E, n_hashes * half); batch b uses rot[rot_index[b]]. x and
     rot C-contiguous, one dtype."""
     cdef Py_ssize_t nbatch = x.shape[0], L = x.shape[1]
-    cdef int e = <int>x.shape[2]
     if (rot.shape[1] != x.shape[2] or n_hashes < 1 or rot.shape[2] % n_hashes
             or rot.shape[2] < n_hashes or buckets.shape[0] != nbatch
             or buckets.shape[1] != n_hashes or buckets.shape[2] != L
@@ -212,24 +267,23 @@ def lsh_hash(cnp.ndarray x, cnp.ndarray rot, cnp.ndarray rot_index, cnp.ndarray 
     _check_layout(x.dtype, x, rot)
     _check_layout(np.dtype(np.intp), rot_index, buckets)
     _check_indices(rot_index, rot.shape[0], "rot_index")
-    cdef int half = <int>(rot.shape[2] // n_hashes)
-    cdef void *xd = cnp.PyArray_DATA(x)
-    cdef void *rd = cnp.PyArray_DATA(rot)
-    cdef const Py_ssize_t *ri = intp_data(rot_index)
-    cdef Py_ssize_t *bd = <Py_ssize_t *>cnp.PyArray_DATA(buckets)
-    cdef int failed = 0
-    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
-    if nbatch * L == 0:
-        return
+    cdef Hash p
+    p.x = cnp.PyArray_DATA(x)
+    p.rot = cnp.PyArray_DATA(rot)
+    p.rot_index = intp_data(rot_index)
+    p.buckets = <Py_ssize_t *>cnp.PyArray_DATA(buckets)
+    p.nbatch = nbatch
+    p.L = L
+    p.e = <int>x.shape[2]
+    p.n_hashes = n_hashes
+    p.half = <int>(rot.shape[2] // n_hashes)
+    p.block = 256
+    p.dtype = DTYPE_CODES[x.dtype.name]
+    p.nthreads = nthreads
+    cdef size_t scratch = hash_scratch(&p, x.dtype.itemsize)
     with nogil:
-        if is_f32:
-            hash_kernel[float](<const float *>xd, <const float *>rd, ri, nbatch, L, e,
-                               n_hashes, half, 256, bd, nthreads, &failed)
-        else:
-            hash_kernel[double](<const double *>xd, <const double *>rd, ri, nbatch, L, e,
-                                n_hashes, half, 256, bd, nthreads, &failed)
-    if failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its rotation tile")
+        run_items(hash_item, &p, nbatch * ((L + p.block - 1) // p.block), 1, scratch,
+                  p.nthreads, "LSH rotation tile")
 
 
 # ---- the top-k keys of each centroid --------------------------------------------------------
@@ -287,79 +341,101 @@ cdef inline void heap_offer(Candidate *heap, Py_ssize_t *size, Py_ssize_t cap, d
         sift_down(heap, size[0], 0)
 
 
-cdef void topk_kernel(const real *c, const double *c64, const real *k,
-                      Py_ssize_t nbatch, Py_ssize_t C, Py_ssize_t S, int e, real scale,
-                      Py_ssize_t topk, Py_ssize_t cap, int block_c, int block_k,
-                      Py_ssize_t *top, double *top_score, int nthreads,
-                      int *failed) noexcept nogil:
-    # For each centroid row (b, i): the topk keys j with the largest float64 scores
-    # scale * c64[b, i] . k[b, j]. Candidates are first the cap >= topk best by the
-    # compute-dtype scores (tile gemms), then rescored in float64 and the best topk
-    # kept, so the choice agrees with float64 scores unless rounding reorders keys
-    # across the cap-th place.
-    cdef Py_ssize_t nblk = (C + block_c - 1) // block_c
-    cdef Py_ssize_t item, b, i0, r, k0, j, t
+cdef struct TopK:
+    # One call of centroid_topk.
+    const void *c              # (nbatch, C, e) centroids in the compute dtype
+    const double *c64          # (nbatch, C, e) the same in float64
+    const void *k              # (nbatch, S, e)
+    Py_ssize_t *top            # (nbatch, C, topk)
+    double *top_score          # (nbatch, C, topk)
+    Py_ssize_t nbatch, C, S, topk, cap
+    double scale
+    int e, block_c, block_k, dtype, nthreads
+
+
+cdef size_t topk_scratch(const TopK *p, size_t itemsize) noexcept nogil:
+    # One thread's scratch (carved in this order by topk_rows): the score tile, one heap
+    # of cap candidates per centroid row of a block, and the heaps' sizes.
+    return (scratch_room(p.block_c * p.block_k * itemsize)
+            + scratch_room(p.block_c * p.cap * sizeof(Candidate))
+            + scratch_room(p.block_c * sizeof(Py_ssize_t)))
+
+
+cdef void topk_rows(const TopK *p, Py_ssize_t item, real *s) noexcept nogil:
+    # For each centroid row (b, i) of block item: the topk keys j with the largest
+    # float64 scores scale * c64[b, i] . k[b, j]. Candidates are first the cap >= topk
+    # best by the compute-dtype scores (tile gemms), then rescored in float64 and the
+    # best topk kept, so the choice agrees with float64 scores unless rounding reorders
+    # keys across the cap-th place. s: the thread's scratch (topk_scratch).
+    cdef const real *c = <const real *>p.c
+    cdef const real *k = <const real *>p.k
+    cdef Py_ssize_t C = p.C, S = p.S, cap = p.cap, topk = p.topk
+    cdef int e = p.e
+    cdef real scale = <real>p.scale
+    cdef Py_ssize_t nblk = (C + p.block_c - 1) // p.block_c
+    cdef Py_ssize_t b, i0, r, k0, j, t
     cdef int rows, cols
     cdef double acc
-    cdef real *s
+    cdef char *cursor = <char *>s
     cdef Candidate *heaps
     cdef Py_ssize_t *sizes
     cdef Candidate *heap
     cdef const double *crow
     cdef const real *krow
-    with nogil, parallel(num_threads=nthreads):
-        s = <real *>malloc(block_c * block_k * sizeof(real))
-        heaps = <Candidate *>malloc(block_c * cap * sizeof(Candidate))
-        sizes = <Py_ssize_t *>malloc(block_c * sizeof(Py_ssize_t))
-        for item in prange(nbatch * nblk, schedule='dynamic'):
-            if s == NULL or heaps == NULL or sizes == NULL:
-                failed[0] = 1
-            else:
-                b = item // nblk
-                i0 = (item % nblk) * block_c
-                rows = block_len(C, i0, block_c)
-                for r in range(rows):
-                    sizes[r] = 0
-                k0 = 0
-                while k0 < S:
-                    cols = block_len(S, k0, block_k)
-                    # s <- scale * c[b, i0:i0 + rows] @ k[b, k0:k0 + cols].T
-                    gemm_abt(rows, cols, e, scale, c + (b * C + i0) * e, e,
-                             k + (b * S + k0) * e, e, 0, s, cols)
-                    for r in range(rows):
-                        heap = heaps + r * cap
-                        for j in range(cols):
-                            # most keys rank below a full heap's worst: reject them first
-                            if sizes[r] == cap and s[r * cols + j] < heap[0].score:
-                                continue
-                            heap_offer(heap, sizes + r, cap, s[r * cols + j], k0 + j)
-                    k0 = k0 + cols
-                for r in range(rows):
-                    # rescore the candidates in float64, then keep the best topk
-                    heap = heaps + r * cap
-                    crow = c64 + (b * C + i0 + r) * e
-                    for t in range(sizes[r]):
-                        krow = k + (b * S + heap[t].index) * e
-                        acc = 0
-                        for j in range(e):
-                            acc = acc + crow[j] * krow[j]
-                        heap[t].score = acc * scale
-                    # heapify, then pop the worst until topk remain
-                    t = sizes[r] // 2
-                    while t > 0:
-                        t = t - 1
-                        sift_down(heap, sizes[r], t)
-                    while sizes[r] > topk:
-                        sizes[r] -= 1
-                        heap[0] = heap[sizes[r]]
-                        sift_down(heap, sizes[r], 0)
-                    for t in range(topk):
-                        top[(b * C + i0 + r) * topk + t] = heap[t].index
-                        top_score[(b * C + i0 + r) * topk + t] = heap[t].score
-        free(s)
-        free(heaps)
-        free(sizes)
-    # end: with nogil, parallel
+
+    scratch_take(&cursor, p.block_c * p.block_k * sizeof(real))
+    heaps = <Candidate *>scratch_take(&cursor, p.block_c * cap * sizeof(Candidate))
+    sizes = <Py_ssize_t *>scratch_take(&cursor, p.block_c * sizeof(Py_ssize_t))
+
+    b = item // nblk
+    i0 = (item % nblk) * p.block_c
+    rows = block_len(C, i0, p.block_c)
+    for r in range(rows):
+        sizes[r] = 0
+    k0 = 0
+    while k0 < S:
+        cols = block_len(S, k0, p.block_k)
+        # s <- scale * c[b, i0:i0 + rows] @ k[b, k0:k0 + cols].T
+        gemm_abt(rows, cols, e, scale, c + (b * C + i0) * e, e,
+                 k + (b * S + k0) * e, e, 0, s, cols)
+        for r in range(rows):
+            heap = heaps + r * cap
+            for j in range(cols):
+                # most keys rank below a full heap's worst: reject them first
+                if sizes[r] == cap and s[r * cols + j] < heap[0].score:
+                    continue
+                heap_offer(heap, sizes + r, cap, s[r * cols + j], k0 + j)
+        k0 = k0 + cols
+    for r in range(rows):
+        # rescore the candidates in float64, then keep the best topk
+        heap = heaps + r * cap
+        crow = p.c64 + (b * C + i0 + r) * e
+        for t in range(sizes[r]):
+            krow = k + (b * S + heap[t].index) * e
+            acc = 0
+            for j in range(e):
+                acc = acc + crow[j] * krow[j]
+            heap[t].score = acc * p.scale
+        # heapify, then pop the worst until topk remain
+        t = sizes[r] // 2
+        while t > 0:
+            t = t - 1
+            sift_down(heap, sizes[r], t)
+        while sizes[r] > topk:
+            sizes[r] -= 1
+            heap[0] = heap[sizes[r]]
+            sift_down(heap, sizes[r], 0)
+        for t in range(topk):
+            p.top[(b * C + i0 + r) * topk + t] = heap[t].index
+            p.top_score[(b * C + i0 + r) * topk + t] = heap[t].score
+
+
+cdef void topk_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const TopK *p = <const TopK *>run
+    if p.dtype == DT_FLOAT32:
+        topk_rows[float](p, item, <float *>scratch)
+    else:
+        topk_rows[double](p, item, <double *>scratch)
 
 
 def centroid_topk(cnp.ndarray c, cnp.ndarray c64, cnp.ndarray k, double scale, Py_ssize_t topk,
@@ -377,101 +453,117 @@ def centroid_topk(cnp.ndarray c, cnp.ndarray c64, cnp.ndarray k, double scale, P
     _check_layout(c.dtype, c, k)
     _check_layout(np.dtype(np.float64), c64, top_score)
     _check_layout(np.dtype(np.intp), top)
-    cdef void *cd = cnp.PyArray_DATA(c)
-    cdef const double *c64d = <const double *>cnp.PyArray_DATA(c64)
-    cdef void *kd = cnp.PyArray_DATA(k)
-    cdef Py_ssize_t *td = <Py_ssize_t *>cnp.PyArray_DATA(top)
-    cdef double *sd = <double *>cnp.PyArray_DATA(top_score)
-    cdef int failed = 0
-    cdef bint is_f32 = c.dtype.num == cnp.NPY_FLOAT32
-    if nbatch * C == 0:
-        return
+    cdef TopK p
+    p.c = cnp.PyArray_DATA(c)
+    p.c64 = <const double *>cnp.PyArray_DATA(c64)
+    p.k = cnp.PyArray_DATA(k)
+    p.top = <Py_ssize_t *>cnp.PyArray_DATA(top)
+    p.top_score = <double *>cnp.PyArray_DATA(top_score)
+    p.nbatch = nbatch
+    p.C = C
+    p.S = S
+    p.topk = topk
+    p.cap = cap
+    p.scale = scale
+    p.e = e
+    p.block_c = 32
+    p.block_k = 512
+    p.dtype = DTYPE_CODES[c.dtype.name]
+    p.nthreads = nthreads
+    cdef size_t scratch = topk_scratch(&p, c.dtype.itemsize)
     with nogil:
-        if is_f32:
-            topk_kernel[float](<const float *>cd, c64d, <const float *>kd, nbatch, C, S,
-                               e, <float>scale, topk, cap, 32, 512, td, sd, nthreads, &failed)
-        else:
-            topk_kernel[double](<const double *>cd, c64d, <const double *>kd, nbatch, C,
-                                S, e, scale, topk, cap, 32, 512, td, sd, nthreads, &failed)
-    if failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its top-k buffers")
+        run_items(topk_item, &p, nbatch * ((C + p.block_c - 1) // p.block_c), 1, scratch,
+                  p.nthreads, "top-k candidate buffers")
 
 
 # ---- Lloyd k-means, one batch entry per thread ------------------------------------------------
 
-cdef void kmeans_kernel(const real *x, double *c64, Py_ssize_t *assign, Py_ssize_t *counts,
-                        Py_ssize_t nbatch, Py_ssize_t L, int C, int e, int iterations,
-                        int block, int nthreads, int *failed) noexcept nogil:
-    # For each batch entry b, independently (no synchronisation between iterations):
+cdef struct KMeans:
+    # One call of kmeans.
+    const void *x              # (nbatch, L, e)
+    double *c64                # (nbatch, C, e), updated in place
+    Py_ssize_t *assign         # (nbatch, L)
+    Py_ssize_t *counts         # (nbatch, C)
+    Py_ssize_t nbatch, L
+    int C, e, iterations, block, dtype, nthreads
+
+
+cdef size_t kmeans_scratch(const KMeans *p, size_t itemsize) noexcept nogil:
+    # One thread's scratch (carved in this order by kmeans_entry): the centroids in the
+    # compute dtype, their -|c_j|^2, a distance tile of block x C, and float64 sums.
+    return (scratch_room(p.C * p.e * itemsize) + scratch_room(p.C * itemsize)
+            + scratch_room(p.block * p.C * itemsize) + scratch_room(p.C * p.e * sizeof(double)))
+
+
+cdef void kmeans_entry(const KMeans *p, Py_ssize_t b, real *c) noexcept nogil:
+    # For batch entry b (no synchronisation with the others between iterations):
     #   repeat `iterations` times, or until the assignment stops changing:
     #     assign[b, i] <- argmax_j 2 x_i . c_j - |c_j|^2      (nearest centroid)
     #     c64[b, j] <- mean of its members (float64); an empty cluster keeps its centroid
     #   counts[b, j] <- members of cluster j under the final assignment
-    # x[b] (L x e) stays in this thread's cache across the iterations.
-    cdef Py_ssize_t b, r0, j, it
-    cdef int rows, t
+    # x[b] (L x e) stays in this thread's cache across the iterations. c: the thread's
+    # scratch (kmeans_scratch).
+    cdef Py_ssize_t L = p.L, j, it, r0
+    cdef int C = p.C, e = p.e, rows, t
     cdef bint changed
-    cdef real *c
+    cdef char *cursor = <char *>c
     cdef real *neg_sq
     cdef real *d
     cdef double *sums
     cdef double *crow
     cdef double *srow
-    cdef const real *xb
-    cdef Py_ssize_t *ab
-    cdef Py_ssize_t *cb
-    with nogil, parallel(num_threads=nthreads):
-        c = <real *>malloc(C * e * sizeof(real))
-        neg_sq = <real *>malloc(C * sizeof(real))
-        d = <real *>malloc(block * C * sizeof(real))
-        sums = <double *>malloc(C * e * sizeof(double))
-        for b in prange(nbatch, schedule='dynamic'):
-            if c == NULL or neg_sq == NULL or d == NULL or sums == NULL:
-                failed[0] = 1
-            else:
-                xb = x + b * L * e
-                ab = assign + b * L
-                cb = counts + b * C
-                for it in range(iterations):
-                    # c <- the centroids in the compute dtype; neg_sq <- -|c_j|^2
-                    for j in range(C):
-                        neg_sq[j] = 0
-                        for t in range(e):
-                            c[j * e + t] = <real>c64[(b * C + j) * e + t]
-                            neg_sq[j] -= c[j * e + t] * c[j * e + t]
-                    changed = it == 0
-                    r0 = 0
-                    while r0 < L:
-                        rows = block_len(L, r0, block)
-                        if assign_nearest(xb + r0 * e, rows, e, c, neg_sq, C, d, ab + r0):
-                            changed = True
-                        r0 = r0 + rows
-                    if not changed:
-                        break           # a fixed point: c64 already holds these means
-                    # c64 <- member means
-                    for j in range(C * e):
-                        sums[j] = 0
-                    for j in range(C):
-                        cb[j] = 0
-                    add_to_clusters(xb, ab, L, e, sums, cb)
-                    for j in range(C):
-                        if cb[j] > 0:
-                            crow = c64 + (b * C + j) * e
-                            srow = sums + j * e
-                            for t in range(e):
-                                crow[t] = srow[t] / cb[j]
-        free(c)
-        free(neg_sq)
-        free(d)
-        free(sums)
-    # end: with nogil, parallel
+    cdef double *c64 = p.c64
+    cdef const real *xb = <const real *>p.x + b * L * e
+    cdef Py_ssize_t *ab = p.assign + b * L
+    cdef Py_ssize_t *cb = p.counts + b * C
+
+    scratch_take(&cursor, C * e * sizeof(real))
+    neg_sq = <real *>scratch_take(&cursor, C * sizeof(real))
+    d = <real *>scratch_take(&cursor, p.block * C * sizeof(real))
+    sums = <double *>scratch_take(&cursor, C * e * sizeof(double))
+    for it in range(p.iterations):
+        # c <- the centroids in the compute dtype; neg_sq <- -|c_j|^2
+        for j in range(C):
+            neg_sq[j] = 0
+            for t in range(e):
+                c[j * e + t] = <real>c64[(b * C + j) * e + t]
+                neg_sq[j] -= c[j * e + t] * c[j * e + t]
+        changed = it == 0
+        r0 = 0
+        while r0 < L:
+            rows = block_len(L, r0, p.block)
+            if assign_nearest(xb + r0 * e, rows, e, c, neg_sq, C, d, ab + r0):
+                changed = True
+            r0 = r0 + rows
+        if not changed:
+            break           # a fixed point: c64 already holds these means
+        # c64 <- member means
+        for j in range(C * e):
+            sums[j] = 0
+        for j in range(C):
+            cb[j] = 0
+        add_to_clusters(xb, ab, L, e, sums, cb)
+        for j in range(C):
+            if cb[j] > 0:
+                crow = c64 + (b * C + j) * e
+                srow = sums + j * e
+                for t in range(e):
+                    crow[t] = srow[t] / cb[j]
+
+
+cdef void kmeans_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const KMeans *p = <const KMeans *>run
+    if p.dtype == DT_FLOAT32:
+        kmeans_entry[float](p, item, <float *>scratch)
+    else:
+        kmeans_entry[double](p, item, <double *>scratch)
 
 
 def kmeans(cnp.ndarray x, cnp.ndarray c64, cnp.ndarray assign, cnp.ndarray counts,
            int iterations, int nthreads):
     """Lloyd's k-means on each x[b] (nbatch, L, E) from the float64 centroids c64
     (nbatch, C, E), updated in place; assign (nbatch, L) and counts (nbatch, C) intp get
-    the final assignment and cluster sizes. iterations >= 1."""
+    the final assignment and cluster sizes. iterations >= 1. One batch entry per item."""
     cdef Py_ssize_t nbatch = x.shape[0], L = x.shape[1]
     cdef int e = <int>x.shape[2], C = <int>c64.shape[1]
     if (c64.shape[0] != nbatch or c64.shape[2] != e or C < 1 or iterations < 1
@@ -482,49 +574,63 @@ def kmeans(cnp.ndarray x, cnp.ndarray c64, cnp.ndarray assign, cnp.ndarray count
     _check_layout(x.dtype, x)
     _check_layout(np.dtype(np.float64), c64)
     _check_layout(np.dtype(np.intp), assign, counts)
-    cdef void *xd = cnp.PyArray_DATA(x)
-    cdef double *cd = <double *>cnp.PyArray_DATA(c64)
-    cdef Py_ssize_t *ad = <Py_ssize_t *>cnp.PyArray_DATA(assign)
-    cdef Py_ssize_t *nd = <Py_ssize_t *>cnp.PyArray_DATA(counts)
-    cdef int failed = 0
-    cdef bint is_f32 = x.dtype.num == cnp.NPY_FLOAT32
-    if nbatch * L == 0:
+    if L == 0:
         return
+    cdef KMeans p
+    p.x = cnp.PyArray_DATA(x)
+    p.c64 = <double *>cnp.PyArray_DATA(c64)
+    p.assign = <Py_ssize_t *>cnp.PyArray_DATA(assign)
+    p.counts = <Py_ssize_t *>cnp.PyArray_DATA(counts)
+    p.nbatch = nbatch
+    p.L = L
+    p.C = C
+    p.e = e
+    p.iterations = iterations
+    p.block = 256
+    p.dtype = DTYPE_CODES[x.dtype.name]
+    p.nthreads = nthreads
+    cdef size_t scratch = kmeans_scratch(&p, x.dtype.itemsize)
     with nogil:
-        if is_f32:
-            kmeans_kernel[float](<const float *>xd, cd, ad, nd, nbatch, L, C, e, iterations,
-                                 256, nthreads, &failed)
-        else:
-            kmeans_kernel[double](<const double *>xd, cd, ad, nd, nbatch, L, C, e, iterations,
-                                  256, nthreads, &failed)
-    if failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its k-means buffers")
+        run_items(kmeans_item, &p, nbatch, 1, scratch, p.nthreads, "k-means buffers")
 
 
 # ---- Sinkhorn: mixing blocks ------------------------------------------------------------------
 
-cdef void mix_kernel(const real *P, const real *xb, real *out, Py_ssize_t nbatch,
-                     int n, int width, Py_ssize_t ldo, Py_ssize_t bstride, int split,
-                     int nthreads) noexcept nogil:
-    # out[b, i, :width] <- sum_j P[b, i, j] xb[b, j, :width]  (out: batch stride bstride,
-    # row stride ldo), columns cut in `split` pieces so that few batch entries still
-    # use every thread.
-    cdef Py_ssize_t item, b, w0
-    cdef int piece = (width + split - 1) // split
-    cdef int cols
-    for item in prange(nbatch * split, schedule='static', num_threads=nthreads):
-        b = item // split
-        w0 = (item % split) * piece
-        if w0 < width:
-            cols = block_len(width, w0, piece)
-            gemm_ab(n, cols, n, 1, P + b * n * n, n, xb + b * n * width + w0, width, 0,
-                    out + b * bstride + w0, <int>ldo)
+cdef struct Mix:
+    # One call of mix_blocks: out[b] <- P[b] @ xb[b], columns cut in `split` pieces.
+    const void *P              # (nbatch, n, n)
+    const void *xb             # (nbatch, n, width)
+    void *out                  # batch stride bstride, row stride ldo
+    Py_ssize_t nbatch, ldo, bstride
+    int n, width, split, dtype, nthreads
+
+
+cdef void mix_piece(const Mix *p, Py_ssize_t item, real *out) noexcept nogil:
+    # out[b, i, w0:w0 + cols] <- sum_j P[b, i, j] xb[b, j, w0:w0 + cols] for column piece
+    # item of batch entry b (out: p.out in its dtype)
+    cdef Py_ssize_t b = item // p.split
+    cdef int piece = (p.width + p.split - 1) // p.split
+    cdef Py_ssize_t w0 = (item % p.split) * piece
+    cdef int n = p.n
+    if w0 < p.width:
+        gemm_ab(n, block_len(p.width, w0, piece), n, 1, <const real *>p.P + b * n * n, n,
+                <const real *>p.xb + b * n * p.width + w0, p.width, 0,
+                out + b * p.bstride + w0, <int>p.ldo)
+
+
+cdef void mix_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    cdef const Mix *p = <const Mix *>run
+    if p.dtype == DT_FLOAT32:
+        mix_piece[float](p, item, <float *>p.out)
+    else:
+        mix_piece[double](p, item, <double *>p.out)
 
 
 def mix_blocks(cnp.ndarray P, cnp.ndarray xb, cnp.ndarray out, int nthreads):
     """out[b, i, :W] <- P[b] @ xb[b] for P (nbatch, n, n), xb (nbatch, n, W) C-contiguous,
     out (nbatch, n, W) with unit column stride and rows of at least W elements apart
-    (e.g. the second half of an (nbatch, n, 2W) array)."""
+    (e.g. the second half of an (nbatch, n, 2W) array). The columns of each entry are
+    cut in pieces so that few batch entries still use every one of ``nthreads``."""
     cdef Py_ssize_t nbatch = P.shape[0]
     cdef int n = <int>P.shape[1], width = <int>xb.shape[2]
     cdef Py_ssize_t item_size = P.dtype.itemsize
@@ -543,15 +649,18 @@ def mix_blocks(cnp.ndarray P, cnp.ndarray xb, cnp.ndarray out, int nthreads):
             or (nbatch > 1 and bstride < n * ldo)):
         raise ValueError("mix_blocks: out must be rows of W contiguous elements that do not "
                          "overlap")
-    cdef int split = max(1, min(8, (2 * nthreads + nbatch - 1) // nbatch))
-    cdef void *pd = cnp.PyArray_DATA(P)
-    cdef void *xd = cnp.PyArray_DATA(xb)
-    cdef void *od = cnp.PyArray_DATA(out)
-    cdef bint is_f32 = P.dtype.num == cnp.NPY_FLOAT32
+    cdef Mix p
+    p.P = cnp.PyArray_DATA(P)
+    p.xb = cnp.PyArray_DATA(xb)
+    p.out = cnp.PyArray_DATA(out)
+    p.nbatch = nbatch
+    p.ldo = ldo
+    p.bstride = bstride
+    p.n = n
+    p.width = width
+    p.split = max(1, min(8, (2 * nthreads + nbatch - 1) // nbatch))
+    p.dtype = DTYPE_CODES[P.dtype.name]
+    p.nthreads = nthreads
     with nogil:
-        if is_f32:
-            mix_kernel[float](<const float *>pd, <const float *>xd, <float *>od, nbatch, n,
-                              width, ldo, bstride, split, nthreads)
-        else:
-            mix_kernel[double](<const double *>pd, <const double *>xd, <double *>od, nbatch,
-                               n, width, ldo, bstride, split, nthreads)
+        run_items(mix_item, &p, nbatch * p.split, even_grain(nbatch * p.split, nthreads), 0,
+                  p.nthreads, "")

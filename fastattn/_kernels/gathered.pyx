@@ -16,21 +16,24 @@
 # alike (batch * L + position), so "key row > query row" is "key in the future".
 #
 # `merge_parts` merges per-round results by their log-sum-exp (merge_partial_row).
-# Extra memory is per thread: gathered tiles, one score tile and one bias tile.
+# Both run on the parallel skeleton (parallel.pxd): gathered attention's items are the
+# work items, merge_parts' the output rows. Extra memory is one scratch block per thread
+# (gathered_scratch): gathered tiles, one score tile, one bias tile (causal or self rule
+# only), the running softmax state, and for unmasked float32 the key-major buffers.
 # The content-based grouping itself (k-means, LSH hashing, top-k keys, Sinkhorn's block
 # mixing) is in clustering.pyx.
 
-from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.math cimport INFINITY
 cimport numpy as cnp
 import numpy as np
 
+from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
+from fastattn._kernels.parallel import DTYPE_CODES
 from fastattn._kernels.tile cimport (
     intp_data, real, attend_tile, finish_row, merge_partial_row,
-    kmajor_ld, kmajor_scratch, attend_tile_kmajor,
-    row_copy_scale, block_len, start_rows, Operands, operands,
+    kmajor_ld, kmajor_scratch_bytes, attend_tile_kmajor,
+    row_copy_scale, block_len, start_rows,
     MASK_NONE, MASK_FLOAT, BAND_ALL,
 )
 
@@ -38,17 +41,24 @@ cnp.import_array()
 
 
 cdef struct Gathered:
+    # One call of gathered_attention, filled once from its validated arguments.
+    const void *q
+    const void *k
+    const void *v
+    void *out
+    void *lse                    # NULL: no log-sum-exp wanted
+    const void *k_scale          # per key row factor (real), or NULL: keys = k_scale * k
     Py_ssize_t nitems
     int e, ev, block_q, block_k, nthreads
+    int dtype                    # parallel.DType of every operand
     Py_ssize_t ldq, ldk, ldv
     const Py_ssize_t *q_rows     # query row of each slot
     const Py_ssize_t *out_rows   # output row of each slot (parallel to q_rows)
     const Py_ssize_t *k_rows     # key/value row of each slot
     const Py_ssize_t *items      # (nitems, 4): q_lo, q_hi, k_lo, k_hi (slices of the above)
-    const void *k_scale          # per key row factor (real), or NULL: keys = k_scale * k
+    double scale
     bint causal                  # key row > query row is masked out
     double self_penalty          # subtracted from a query's score with its own row (0: no rule)
-    int alloc_failed
 
 
 cdef inline void gather_rows(real *dst, const real *src, Py_ssize_t ld,
@@ -61,6 +71,10 @@ cdef inline void gather_rows(real *dst, const real *src, Py_ssize_t ld,
             memcpy(dst + r * width, src + rows[r] * ld, width * sizeof(real))
         else:
             row_copy_scale(dst + r * width, src + rows[r] * ld, width, row_scale[rows[r]])
+
+
+cdef inline bint has_bias(const Gathered *p) noexcept nogil:
+    return p.causal or p.self_penalty != 0
 
 
 cdef inline void fill_bias(const Gathered *p, const Py_ssize_t *qr, int rows,
@@ -81,93 +95,102 @@ cdef inline void fill_bias(const Gathered *p, const Py_ssize_t *qr, int rows,
                 brow[c] = -INFINITY if kr[c] > row else brow[c]
 
 
-cdef void gathered_kernel(Gathered *p, const Operands *ops, real scale) noexcept nogil:
-    cdef const real *q = <const real *>ops.q
-    cdef const real *k = <const real *>ops.k
-    cdef const real *v = <const real *>ops.v
-    cdef real *out = <real *>ops.out
-    cdef real *lse = <real *>ops.lse
-    cdef Py_ssize_t item, r, q_lo, k_lo, k_hi, kt
+cdef inline Py_ssize_t gathered_kmajor_ld(const Gathered *p) noexcept nogil:
+    # Unmasked float32 tiles go key-major (tile.pxd): the gathered query block is packed
+    # once for all its key tiles. The largest block's row stride there, 0 when that path
+    # does not apply.
+    return 0 if has_bias(p) else kmajor_ld(p.dtype == DT_FLOAT32, p.ev, p.block_q)
+
+
+cdef size_t gathered_scratch(const Gathered *p, size_t itemsize) noexcept nogil:
+    # One thread's scratch (carved in this order by gathered_run): the gathered query,
+    # key and value tiles, the score tile, the bias tile (masked calls only), the
+    # accumulator, m and l, then the key-major buffers (if any).
+    return (scratch_room(p.block_q * p.e * itemsize)
+            + scratch_room(p.block_k * p.e * itemsize)
+            + scratch_room(p.block_k * p.ev * itemsize)
+            + scratch_room(p.block_q * p.block_k * itemsize)
+            + (scratch_room(p.block_q * p.block_k * itemsize) if has_bias(p) else 0)
+            + scratch_room(p.block_q * p.ev * itemsize)
+            + 2 * scratch_room(p.block_q * itemsize)
+            + kmajor_scratch_bytes(gathered_kmajor_ld(p), p.e, p.block_k, itemsize))
+
+
+cdef void gathered_run(const Gathered *p, Py_ssize_t item, real *scratch) noexcept nogil:
+    # One item: a run of <= block_q query rows against its run of key rows.
+    cdef const real *q = <const real *>p.q
+    cdef const real *k = <const real *>p.k
+    cdef const real *v = <const real *>p.v
+    cdef real *out = <real *>p.out
+    cdef real *lse = <real *>p.lse
+    cdef real scale = <real>p.scale
+    cdef Py_ssize_t r, q_lo, k_lo, k_hi, kt
     cdef int rows, cols, kind
-    cdef bint masked = p.causal or p.self_penalty != 0
+    cdef bint masked = has_bias(p)
+    cdef char *cursor = <char *>scratch
     cdef real *qg
     cdef real *kg
     cdef real *vg
     cdef real *s
-    cdef real *bias
+    cdef real *bias = NULL
     cdef real *acc
     cdef real *m
     cdef real *l
     cdef real *kscratch
-    cdef int nt = p.nthreads
-    # Unmasked float32 tiles go key-major (tile.pxd): the gathered query block is packed
-    # once for all its key tiles. ld_max: the largest block's row stride there, 0 when
-    # that path does not apply; ldqt: this item's packing state for attend_tile_kmajor.
-    cdef Py_ssize_t ld_max = 0 if masked else kmajor_ld(real is float, p.ev, p.block_q)
+    # this item's packing state for attend_tile_kmajor
     cdef Py_ssize_t ldqt
 
-    if p.nitems == 0:
-        return
-    with nogil, parallel(num_threads=nt):
-        kscratch = <real *>kmajor_scratch(ld_max, p.e, p.block_k, sizeof(real))
-        qg = <real *>malloc(p.block_q * p.e * sizeof(real))
-        kg = <real *>malloc(p.block_k * p.e * sizeof(real))
-        vg = <real *>malloc(p.block_k * p.ev * sizeof(real))
-        s = <real *>malloc(p.block_q * p.block_k * sizeof(real))
-        bias = <real *>malloc(p.block_q * p.block_k * sizeof(real))
-        acc = <real *>malloc(p.block_q * p.ev * sizeof(real))
-        m = <real *>malloc(p.block_q * sizeof(real))
-        l = <real *>malloc(p.block_q * sizeof(real))
-        # Every thread must reach the prange; one without scratch only flags the failure.
-        for item in prange(p.nitems, schedule='dynamic'):
-            if (qg == NULL or kg == NULL or vg == NULL or s == NULL or bias == NULL
-                    or acc == NULL or m == NULL or l == NULL):
-                p.alloc_failed = 1
-            else:
-                q_lo = p.items[4 * item]
-                rows = <int>(p.items[4 * item + 1] - q_lo)
-                k_lo = p.items[4 * item + 2]
-                k_hi = p.items[4 * item + 3]
-                gather_rows(qg, q, p.ldq, p.q_rows + q_lo, rows, p.e, NULL)
-                start_rows(rows, acc, p.ev, p.ev, m, l)
-                ldqt = -1 if kscratch != NULL else 0
+    qg = <real *>scratch_take(&cursor, p.block_q * p.e * sizeof(real))
+    kg = <real *>scratch_take(&cursor, p.block_k * p.e * sizeof(real))
+    vg = <real *>scratch_take(&cursor, p.block_k * p.ev * sizeof(real))
+    s = <real *>scratch_take(&cursor, p.block_q * p.block_k * sizeof(real))
+    if masked:
+        bias = <real *>scratch_take(&cursor, p.block_q * p.block_k * sizeof(real))
+    acc = <real *>scratch_take(&cursor, p.block_q * p.ev * sizeof(real))
+    m = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
+    l = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
+    kscratch = <real *>cursor if gathered_kmajor_ld(p) else NULL
 
-                kt = k_lo
-                while kt < k_hi:
-                    cols = block_len(k_hi, kt, p.block_k)
-                    gather_rows(kg, k, p.ldk, p.k_rows + kt, cols, p.e,
-                                <const real *>p.k_scale)
-                    gather_rows(vg, v, p.ldv, p.k_rows + kt, cols, p.ev, NULL)
-                    if attend_tile_kmajor(rows, cols, p.e, p.ev, scale, qg, p.e, kscratch,
-                                          &ldqt,
-                                          kg, p.e, vg, p.ev, acc, p.ev, m, l):
-                        kt = kt + cols
-                        continue
-                    kind = MASK_NONE
-                    if masked:
-                        fill_bias(p, p.q_rows + q_lo, rows, p.k_rows + kt, cols, bias)
-                        kind = MASK_FLOAT
-                    attend_tile(qg, p.e, rows, kg, p.e, vg, p.ev, cols, p.e, p.ev, scale,
-                                <const void *>bias, kind, cols, 1, -BAND_ALL, BAND_ALL,
-                                s, acc, p.ev, m, l)
-                    kt = kt + cols
+    q_lo = p.items[4 * item]
+    rows = <int>(p.items[4 * item + 1] - q_lo)
+    k_lo = p.items[4 * item + 2]
+    k_hi = p.items[4 * item + 3]
+    gather_rows(qg, q, p.ldq, p.q_rows + q_lo, rows, p.e, NULL)
+    start_rows(rows, acc, p.ev, p.ev, m, l)
+    ldqt = -1 if kscratch != NULL else 0
 
-                # out[out_rows] <- acc / l;  lse[out_rows] <- m + log(l)
-                for r in range(rows):
-                    finish_row(acc + r * p.ev, p.ev, m[r], l[r],
-                               (lse + p.out_rows[q_lo + r]) if lse != NULL else NULL)
-                    memcpy(out + p.out_rows[q_lo + r] * p.ev, acc + r * p.ev,
-                           p.ev * sizeof(real))
-        free(qg)
-        free(kg)
-        free(vg)
-        free(s)
-        free(bias)
-        free(acc)
-        free(m)
-        free(l)
-        free(kscratch)
-    # end: with nogil, parallel
+    kt = k_lo
+    while kt < k_hi:
+        cols = block_len(k_hi, kt, p.block_k)
+        gather_rows(kg, k, p.ldk, p.k_rows + kt, cols, p.e, <const real *>p.k_scale)
+        gather_rows(vg, v, p.ldv, p.k_rows + kt, cols, p.ev, NULL)
+        if attend_tile_kmajor(rows, cols, p.e, p.ev, scale, qg, p.e, kscratch, &ldqt,
+                              kg, p.e, vg, p.ev, acc, p.ev, m, l):
+            kt = kt + cols
+            continue
+        kind = MASK_NONE
+        if masked:
+            fill_bias(p, p.q_rows + q_lo, rows, p.k_rows + kt, cols, bias)
+            kind = MASK_FLOAT
+        attend_tile(qg, p.e, rows, kg, p.e, vg, p.ev, cols, p.e, p.ev, scale,
+                    <const void *>bias, kind, cols, 1, -BAND_ALL, BAND_ALL,
+                    s, acc, p.ev, m, l)
+        kt = kt + cols
+
+    # out[out_rows] <- acc / l;  lse[out_rows] <- m + log(l)
+    for r in range(rows):
+        finish_row(acc + r * p.ev, p.ev, m[r], l[r],
+                   (lse + p.out_rows[q_lo + r]) if lse != NULL else NULL)
+        memcpy(out + p.out_rows[q_lo + r] * p.ev, acc + r * p.ev, p.ev * sizeof(real))
+
+
+cdef void gathered_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    # The item hook, and gathered attention's one dtype dispatch.
+    cdef const Gathered *p = <const Gathered *>run
+    if p.dtype == DT_FLOAT32:
+        gathered_run[float](p, item, <float *>scratch)
+    else:
+        gathered_run[double](p, item, <double *>scratch)
 
 
 def _check_indices(cnp.ndarray rows, Py_ssize_t n, str name):
@@ -197,11 +220,11 @@ def _check_runs(cnp.ndarray items, cnp.ndarray q_rows, cnp.ndarray k_rows, int b
 
 def gathered_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out,
                        object lse, cnp.ndarray q_rows, cnp.ndarray out_rows,
-                       cnp.ndarray k_rows, cnp.ndarray items, double scale, bint causal,
+                       cnp.ndarray k_rows, cnp.ndarray items, *, double scale, bint causal,
                        double self_penalty, int block_q, int block_k, int nthreads,
                        object k_scale=None):
-    """Attention of gathered query runs over gathered key runs. Private: the callers in
-    `fastattn.content_sparse` validate every argument.
+    """Attention of gathered query runs over gathered key runs, on ``nthreads`` threads.
+    Private: the callers in `fastattn.content_sparse` validate every argument.
 
     q (.., E), k (.., E), v (.., Ev): 2-D, unit column stride, one dtype (float32 or
     float64); out (R, Ev) C-contiguous and lse (R,) or None in that dtype. q_rows,
@@ -221,12 +244,20 @@ def gathered_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray 
     if out_rows.shape[0] != q_rows.shape[0] or (lse is not None and lse.shape[0] < out.shape[0]):
         raise ValueError("out_rows must parallel q_rows, lse must have a row per out row")
     cdef Gathered p
-    cdef Operands ops = operands(q, k, v, out, lse)
     cdef Py_ssize_t item_size = q.dtype.itemsize
-
+    p.q = cnp.PyArray_DATA(q)
+    p.k = cnp.PyArray_DATA(k)
+    p.v = cnp.PyArray_DATA(v)
+    p.out = cnp.PyArray_DATA(out)
+    p.lse = NULL if lse is None else cnp.PyArray_DATA(<cnp.ndarray>lse)
+    p.k_scale = NULL if k_scale is None else cnp.PyArray_DATA(<cnp.ndarray>k_scale)
     p.nitems = items.shape[0]
     p.e = <int>q.shape[1]
     p.ev = <int>v.shape[1]
+    p.block_q = block_q
+    p.block_k = block_k
+    p.nthreads = nthreads
+    p.dtype = DTYPE_CODES[q.dtype.name]
     p.ldq = q.strides[0] // item_size
     p.ldk = k.strides[0] // item_size
     p.ldv = v.strides[0] // item_size
@@ -234,50 +265,63 @@ def gathered_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray 
     p.out_rows = intp_data(out_rows)
     p.k_rows = intp_data(k_rows)
     p.items = intp_data(items)
+    p.scale = scale
     p.causal = causal
     p.self_penalty = self_penalty
-    p.block_q = block_q
-    p.block_k = block_k
-    p.nthreads = nthreads
-    p.alloc_failed = 0
-    p.k_scale = NULL if k_scale is None else cnp.PyArray_DATA(k_scale)
+    cdef size_t scratch = gathered_scratch(&p, item_size)
     with nogil:
-        if ops.is_f32:
-            gathered_kernel[float](&p, &ops, <float>scale)
-        else:
-            gathered_kernel[double](&p, &ops, scale)
-    if p.alloc_failed:
-        raise MemoryError("fastattn: a kernel thread could not allocate its tile buffers")
+        run_items(gathered_item, &p, p.nitems, 1, scratch, p.nthreads,
+                  "gathered attention tile buffers")
 
 
-cdef void merge_kernel(const real *parts, const real *part_lse, Py_ssize_t nrows,
-                       Py_ssize_t nparts, Py_ssize_t ev, real *out, real *lse,
-                       int nthreads) noexcept nogil:
-    cdef Py_ssize_t r
-    for r in prange(nrows, schedule='static', num_threads=nthreads):
-        merge_partial_row(parts + r * nparts * ev, part_lse + r * nparts, nparts, ev, ev,
-                          out + r * ev, (lse + r) if lse != NULL else NULL)
+# ---- merging per-round results ---------------------------------------------------------
+
+cdef struct Merge:
+    # One call of merge_parts: parts (nrows, nparts, ev), part_lse (nrows, nparts).
+    const void *parts
+    const void *part_lse
+    void *out
+    void *lse                    # NULL: no log-sum-exp wanted
+    Py_ssize_t nrows, nparts, ev
+    int dtype, nthreads
+
+
+cdef void merge_row(const Merge *p, Py_ssize_t r, real *out) noexcept nogil:
+    # out (p.out in its dtype) row r <- the merge of row r's parts
+    cdef real *lse = <real *>p.lse
+    merge_partial_row(<const real *>p.parts + r * p.nparts * p.ev,
+                      <const real *>p.part_lse + r * p.nparts, p.nparts, p.ev, p.ev,
+                      out + r * p.ev, (lse + r) if lse != NULL else NULL)
+
+
+cdef void merge_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
+    # The item hook (one output row), and merge_parts' one dtype dispatch.
+    cdef const Merge *p = <const Merge *>run
+    if p.dtype == DT_FLOAT32:
+        merge_row[float](p, item, <float *>p.out)
+    else:
+        merge_row[double](p, item, <double *>p.out)
 
 
 def merge_parts(cnp.ndarray parts, cnp.ndarray part_lse, cnp.ndarray out, object lse,
                 int nthreads):
     """out[r] <- the lse-weighted merge of parts[r, :] (R, n, Ev); lse[r] <- their
-    log-sum-exp. All C-contiguous, one dtype; lse may be None."""
+    log-sum-exp, on ``nthreads`` threads. All C-contiguous, one dtype; lse may be None."""
     if (part_lse.shape[0] != parts.shape[0] or part_lse.shape[1] != parts.shape[1]
             or out.shape[0] != parts.shape[0] or out.shape[1] != parts.shape[2]
             or (lse is not None and lse.shape[0] != parts.shape[0])):
         raise ValueError("merge_parts: parts (R, n, Ev), part_lse (R, n), out (R, Ev), lse (R,)")
     _check_layout(parts.dtype, parts, part_lse, out, lse)
-    cdef void *pd = cnp.PyArray_DATA(parts)
-    cdef void *pl = cnp.PyArray_DATA(part_lse)
-    cdef void *od = cnp.PyArray_DATA(out)
-    cdef void *ld = NULL if lse is None else cnp.PyArray_DATA(lse)
-    cdef Py_ssize_t nrows = parts.shape[0], nparts = parts.shape[1], ev = parts.shape[2]
-    cdef bint is_f32 = parts.dtype.num == cnp.NPY_FLOAT32
+    cdef Merge p
+    p.parts = cnp.PyArray_DATA(parts)
+    p.part_lse = cnp.PyArray_DATA(part_lse)
+    p.out = cnp.PyArray_DATA(out)
+    p.lse = NULL if lse is None else cnp.PyArray_DATA(<cnp.ndarray>lse)
+    p.nrows = parts.shape[0]
+    p.nparts = parts.shape[1]
+    p.ev = parts.shape[2]
+    p.dtype = DTYPE_CODES[parts.dtype.name]
+    p.nthreads = nthreads
     with nogil:
-        if is_f32:
-            merge_kernel[float](<const float *>pd, <const float *>pl, nrows, nparts, ev,
-                                <float *>od, <float *>ld, nthreads)
-        else:
-            merge_kernel[double](<const double *>pd, <const double *>pl, nrows, nparts, ev,
-                                 <double *>od, <double *>ld, nthreads)
+        # rows are small items: claimed 64 at a time
+        run_items(merge_item, &p, p.nrows, 64, 0, p.nthreads, "")
