@@ -3,7 +3,7 @@
 Environment switches:
   FASTATTN_NATIVE=1     compile for this CPU (-march=native); off by default so
                         wheels run anywhere (the SIMD helpers dispatch at run time).
-  FASTATTN_NO_OPENMP=1  build without OpenMP (kernels then run on one thread).
+  FASTATTN_NO_THREADS=1 build the thread pool out (kernels run on the calling thread).
   FASTATTN_DEBUG=1      bounds-checked Cython and -O0 -g, for tracking down bugs.
   FASTATTN_KERNELS=a,b  build only these kernel modules (development: rebuild one family).
 """
@@ -22,20 +22,19 @@ def _flag(name):
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def openmp_flags():
-    """Compile and link flags for OpenMP, per compiler (empty when disabled)."""
-    if _flag("FASTATTN_NO_OPENMP"):
-        return [], []
+def thread_flags():
+    """Compile and link flags for the kernels' thread pool (threadpool.h: POSIX threads;
+    no OpenMP, whose spinning waits misbehave on a shared machine)."""
+    if _flag("FASTATTN_NO_THREADS"):
+        return ["-DFASTATTN_NO_THREADS"], []
     if sys.platform == "win32":
-        return ["/openmp"], []
-    if sys.platform == "darwin":
-        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
-    return ["-fopenmp"], ["-fopenmp"]
+        return [], []
+    return ["-pthread"], ["-pthread"]
 
 
 def extensions():
     debug = _flag("FASTATTN_DEBUG")
-    omp_compile, omp_link = openmp_flags()
+    thr_compile, thr_link = thread_flags()
     # No fast-math flags of any kind: masking relies on -inf and the kernels test for it.
     compile_args = ["-O0", "-g"] if debug else ["-O3"]
     if sys.platform != "win32":
@@ -52,8 +51,8 @@ def extensions():
             [str(pyx)],
             include_dirs=[str(KERNELS), numpy.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")],
-            extra_compile_args=compile_args + omp_compile,
-            extra_link_args=omp_link,
+            extra_compile_args=compile_args + thr_compile,
+            extra_link_args=thr_link,
         ))
     directives = {
         "language_level": 3,

@@ -28,6 +28,7 @@ from fastattn._kernels.tile cimport (
     kmajor_ld, kmajor_scratch_bytes,
     TileOperands, tile_operands_bytes, tile_operands_init, tile_begin_block, tile_attend,
     tile_attend_kmajor, is_half, element, narrow_rows,
+    SplitMerge, merge_split_item, merge_split_scratch,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
 
@@ -62,7 +63,8 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
     cdef Py_ssize_t nkb = (p.qkv.S + p.block_k - 1) // p.block_k
     cdef Py_ssize_t kb_per_split = (nkb + p.nsplit - 1) // p.nsplit
-    cdef Py_ssize_t t, b, qb, split, kb, kb_lo, kb_hi, last_key, r
+    cdef Py_ssize_t t, b, qb, split, kb, kb_lo, kb_hi, r
+    cdef Py_ssize_t last_key = 0      # the causal band's last key (causal only)
     cdef Py_ssize_t r0, sub_rows, sub_cols
     cdef const void *mslice
     cdef Py_ssize_t q0, k0, rows, cols, band_hi, ldacc
@@ -198,22 +200,8 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
                     <void *>element(p.ops.out, p.out_off[b] + q0 * p.ldo, isz), p.ldo)
 
 
-cdef void dense_merge_row(const PlanData *p, Py_ssize_t item, real *part_out,
-                          real *part_lse, real *row) noexcept nogil:
-    # item = (batch, row) of the output: merge its nsplit partial results (for half
-    # results through `row`, ev float32 of scratch, then narrowed)
-    cdef real *lse = <real *>p.ops.lse
-    cdef void *out = <void *>element(p.ops.out, p.out_off[item // p.qkv.L]
-                                     + (item % p.qkv.L) * p.ldo, p.itemsize)
-    merge_partial_row(part_out + item * p.nsplit * p.qkv.ev, part_lse + item * p.nsplit,
-                      p.nsplit, p.qkv.ev, p.qkv.ev, row if row != NULL else <real *>out,
-                      (lse + item) if lse != NULL else NULL)
-    if row != NULL:
-        narrow_rows(p.dtype, 1, p.qkv.ev, <float *>row, p.qkv.ev, out, p.qkv.ev)
-
-
-# The item hooks, and this family's one dtype dispatch: the plan's element type picks
-# the specialisation of the fused-type bodies above (half operands compute in float32).
+# The item hook, and this family's one dtype dispatch: the plan's element type picks
+# the specialisation of the fused-type body above (half operands compute in float32).
 
 cdef void dense_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
     cdef DenseRun *r = <DenseRun *>run
@@ -223,16 +211,6 @@ cdef void dense_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
     else:
         dense_rows[float](r.plan, item, <float *>scratch, <float *>r.part_out,
                           <float *>r.part_lse)
-
-
-cdef void dense_merge_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
-    cdef DenseRun *r = <DenseRun *>run
-    if r.plan.dtype == DT_FLOAT64:
-        dense_merge_row[double](r.plan, item, <double *>r.part_out, <double *>r.part_lse,
-                                NULL)
-    else:
-        dense_merge_row[float](r.plan, item, <float *>r.part_out, <float *>r.part_lse,
-                               <float *>scratch)
 
 
 cdef size_t dense_scratch(const PlanData *p, size_t realsize) noexcept nogil:
@@ -262,7 +240,7 @@ def sdpa(AttentionPlan plan):
     cdef Py_ssize_t nrows = p.qkv.nbatch * p.qkv.L
     cdef cnp.ndarray part_out = None, part_lse = None
     cdef size_t scratch = dense_scratch(p, realsize)
-    cdef size_t merge_scratch = p.qkv.ev * realsize if is_half(p.dtype) else 0
+    cdef SplitMerge merge
     run.plan = p
     run.part_out = run.part_lse = NULL
     if p.nsplit > 1:
@@ -270,9 +248,23 @@ def sdpa(AttentionPlan plan):
         part_lse = cnp.PyArray_EMPTY(1, [nrows * p.nsplit], compute, 0)
         run.part_out = cnp.PyArray_DATA(part_out)
         run.part_lse = cnp.PyArray_DATA(part_lse)
+        # part_out is (nbatch * L, nsplit, ev): a row's parts next to each other
+        merge.part_out = run.part_out
+        merge.part_lse = run.part_lse
+        merge.nsplit = p.nsplit
+        merge.row_step = p.nsplit * p.qkv.ev
+        merge.part_stride = p.qkv.ev
+        merge.ev = p.qkv.ev
+        merge.out = p.ops.out
+        merge.out_off = p.out_off
+        merge.rows_per_batch = p.qkv.L
+        merge.ldo = p.ldo
+        merge.lse = p.ops.lse
+        merge.dtype = p.dtype
+        merge.itemsize = p.itemsize
     with nogil:
         run_items(dense_item, &run, nitems, 1, scratch, p.nthreads,
                   "dense attention tile buffers")
         if p.nsplit > 1:
-            run_items(dense_merge_item, &run, nrows, 64, merge_scratch, p.nthreads,
-                      "dense attention merge row")
+            run_items(merge_split_item, &merge, nrows, 64, merge_split_scratch(&merge),
+                      p.nthreads, "dense attention merge row")

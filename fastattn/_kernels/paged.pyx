@@ -38,8 +38,8 @@ from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, D
 from fastattn._kernels.tile cimport (
     intp_data,
     real, gemm_abt, gemm_ab,
-    row_max, row_fill, online_softmax_row, finish_row, merge_partial_row,
-    is_half, element, widen_rows, narrow_rows,
+    row_max, row_fill, online_softmax_row, finish_row,
+    is_half, element, widen_rows, narrow_rows, SplitMerge, merge_split_item, merge_split_scratch,
 )
 from fastattn._kernels.smallgemm cimport gemm_abt_small, gemm_ab_acc_small, fa_prefetch
 from fastattn._kernels.parallel import DTYPE_CODES
@@ -333,23 +333,8 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
                             <void *>element(p.out, (row0 + hh * p.R) * p.ev, p.oisz), p.ev)
 
 
-cdef void paged_merge_row(const PagedProblem *p, Py_ssize_t item, real *part_out,
-                          real *part_lse, real *row) noexcept nogil:
-    # item: one row of out's (B, H, T) order; merge its nsplit partial results (for a
-    # half out through `row`, ev float32 of scratch, then narrowed)
-    cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
-    cdef real *lse = <real *>p.lse
-    cdef void *out = <void *>element(p.out, item * p.ev, p.oisz)
-    merge_partial_row(part_out + item * p.ev, part_lse + item * p.nsplit,
-                      p.nsplit, nrows * p.ev, p.ev, row if row != NULL else <real *>out,
-                      (lse + item) if lse != NULL else NULL)
-    if real is float:
-        if row != NULL:
-            narrow_rows(p.odtype, 1, p.ev, row, p.ev, out, p.ev)
-
-
-# The item hooks, and this family's one dtype dispatch: the compute type picks the
-# specialisation of the fused-type bodies above (half pools and outputs: float).
+# The item hook, and this family's one dtype dispatch: the compute type picks the
+# specialisation of the fused-type body above (half pools and outputs: float).
 
 cdef void paged_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
     cdef PagedRun *r = <PagedRun *>run
@@ -359,16 +344,6 @@ cdef void paged_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
     else:
         paged_rows[float](r.p, item, <float *>scratch, <float *>r.part_out,
                           <float *>r.part_lse)
-
-
-cdef void paged_merge_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
-    cdef PagedRun *r = <PagedRun *>run
-    if r.p.dtype == DT_FLOAT64:
-        paged_merge_row[double](r.p, item, <double *>r.part_out, <double *>r.part_lse,
-                                NULL)
-    else:
-        paged_merge_row[float](r.p, item, <float *>r.part_out, <float *>r.part_lse,
-                               <float *>scratch if is_half(r.p.odtype) else NULL)
 
 
 cdef size_t paged_scratch(const PagedProblem *p, size_t itemsize) noexcept nogil:
@@ -470,7 +445,7 @@ def paged_attention(PagedPlan plan):
     cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
     cdef cnp.ndarray part_out = None, part_lse = None
     cdef size_t scratch = paged_scratch(p, q.itemsize)
-    cdef size_t merge_scratch = p.ev * q.itemsize if is_half(p.odtype) else 0
+    cdef SplitMerge merge
     run.p = p
     run.part_out = run.part_lse = NULL
     if p.nsplit > 1:
@@ -478,9 +453,23 @@ def paged_attention(PagedPlan plan):
         part_lse = cnp.PyArray_EMPTY(1, [nrows * p.nsplit], q.dtype.num, 0)
         run.part_out = cnp.PyArray_DATA(part_out)
         run.part_lse = cnp.PyArray_DATA(part_lse)
+        # part_out is (nsplit, nrows, ev): each split's rows together
+        merge.part_out = run.part_out
+        merge.part_lse = run.part_lse
+        merge.nsplit = p.nsplit
+        merge.row_step = p.ev
+        merge.part_stride = nrows * p.ev
+        merge.ev = p.ev
+        merge.out = p.out
+        merge.out_off = NULL
+        merge.rows_per_batch = 1
+        merge.ldo = p.ev
+        merge.lse = p.lse
+        merge.dtype = p.odtype
+        merge.itemsize = p.oisz
     with nogil:
         run_items(paged_item, &run, nitems, 1, scratch, p.nthreads,
                   "paged attention tile buffers")
         if p.nsplit > 1:
-            run_items(paged_merge_item, &run, nrows, 64, merge_scratch, p.nthreads,
-                      "paged attention merge row")
+            run_items(merge_split_item, &merge, nrows, 64, merge_split_scratch(&merge),
+                      p.nthreads, "paged attention merge row")

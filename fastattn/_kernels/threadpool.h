@@ -40,8 +40,8 @@ enum { FA_SCRATCH_ALIGN = 64 };
 static int fa_fail_allocs = 0;
 static long fa_live_scratch = 0;
 
-#if defined(_WIN32)
-/* No pthreads: every run is computed by the calling thread alone. */
+#if defined(_WIN32) || defined(FASTATTN_NO_THREADS)
+/* No pthreads (or built without threads): every run is computed by the calling thread. */
 #define FA_HAVE_THREADS 0
 #else
 #define FA_HAVE_THREADS 1
@@ -187,8 +187,12 @@ static int fa_pool_grow(int n)
         pthread_atfork(NULL, NULL, fa_pool_after_fork_child);
         fa_pool.atfork_registered = 1;
     }
-    if (n <= fa_pool.nworkers)
+    if (n <= fa_pool.nworkers) {
+        /* enough workers (some may be retiring after a refused grow: keep n of them) */
+        if (fa_pool.limit < n)
+            fa_pool.limit = n;
         return FA_RUN_OK;
+    }
     if (pthread_attr_init(&attr) != 0)
         return FA_RUN_NOTHREAD;
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);

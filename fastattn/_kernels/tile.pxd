@@ -14,7 +14,6 @@
 # (additive scores) and smallgemm.pxd (small GEMMs for decoding).
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
-from libc.stdlib cimport malloc
 cimport numpy as cnp
 from libc.math cimport INFINITY, log
 from scipy.linalg.cython_blas cimport sgemm, dgemm
@@ -198,26 +197,17 @@ cdef inline Py_ssize_t kmajor_ld(bint is_float32, int ev, int rows) noexcept nog
 
 cdef inline size_t kmajor_scratch_bytes(Py_ssize_t ld_max, int e, int block_k,
                                         size_t itemsize) noexcept nogil:
-    # Bytes of one thread's scratch for attend_tile_kmajor (see kmajor_scratch); 0 when
-    # ld_max is 0.
+    # Bytes of one thread's scratch for attend_tile_kmajor with query blocks of stride up
+    # to ld_max (kmajor_ld) and key blocks of up to block_k rows: the packed queries, then
+    # the key-major score tile. 0 when ld_max is 0 (no tile goes key-major).
     return (e + block_k + 1) * ld_max * itemsize
-
-
-cdef inline void *kmajor_scratch(Py_ssize_t ld_max, int e, int block_k,
-                                 size_t itemsize) noexcept nogil:
-    # One thread's scratch for attend_tile_kmajor with query blocks of stride up to
-    # ld_max (kmajor_ld) and key blocks of up to block_k rows: the packed queries, then
-    # the key-major score tile. NULL when ld_max is 0 (or on failure: no key-major tiles).
-    if ld_max == 0:
-        return NULL
-    return malloc((e + block_k + 1) * ld_max * itemsize)
 
 
 cdef inline bint attend_tile_kmajor(
         int rows, int cols, int e, int ev, real scale, const real *q, Py_ssize_t ldq,
         real *scratch, Py_ssize_t *ldqt, const real *k, Py_ssize_t ldk, const real *v,
         Py_ssize_t ldv, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
-    # attend_tile for an unmasked tile, key-major; scratch from kmajor_scratch. ldqt is
+    # attend_tile for an unmasked tile, key-major; scratch of kmajor_scratch_bytes. ldqt is
     # the query block's packing state: the caller sets it to -1 for each new block (0
     # without scratch); the first call packs q at the start of scratch and keeps the
     # stride there (0 when the path does not apply).
@@ -492,7 +482,6 @@ cdef struct Operands:
     const void *v
     void *out
     void *lse                   # NULL without return_lse
-    bint is_f32
 
 
 cdef inline Operands operands(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray out,
@@ -503,7 +492,6 @@ cdef inline Operands operands(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.n
     ops.v = cnp.PyArray_DATA(v)
     ops.out = cnp.PyArray_DATA(out)
     ops.lse = NULL if lse is None else cnp.PyArray_DATA(<cnp.ndarray>lse)
-    ops.is_f32 = q.dtype.num == cnp.NPY_FLOAT32
     return ops
 
 
@@ -747,3 +735,51 @@ cdef inline void widen_rows(int dtype, int rows, int n, const void *x, Py_ssize_
         fa_widen(dtype, rows, n, <const uint16_t *>x, ldx, y, ldy)
     else:
         fa_widen_f64(dtype, rows, n, <const uint16_t *>x, ldx, y, ldy)
+
+
+# ---- the key-split merge (flash-decoding), shared by the families that split keys -----
+# A family whose items each cover one split of the keys writes normalised partial rows
+# and their lse (compute type), then runs merge_split_item over the output rows, one
+# item a row (run_items with merge_split_scratch).
+
+cdef struct SplitMerge:
+    # Output row i (i < nrows) has nsplit partial results: part j is
+    #   part_out[i * row_step + j * part_stride : ... + ev] with lse part_lse[i * nsplit + j]
+    # and is merged into out + out_off[i // rows_per_batch] + (i % rows_per_batch) * ldo
+    # (out_off NULL: out + i * ldo), its lse into lse[i] (NULL: none).
+    const void *part_out
+    const void *part_lse
+    Py_ssize_t nsplit, row_step, part_stride, ev
+    void *out
+    const Py_ssize_t *out_off
+    Py_ssize_t rows_per_batch, ldo
+    void *lse
+    int dtype                   # FA_DT_* of out (half: merged in float32, then narrowed)
+    Py_ssize_t itemsize         # of out
+
+
+cdef inline size_t merge_split_scratch(const SplitMerge *g) noexcept nogil:
+    # a float32 row for half outputs
+    return g.ev * 4 if is_half(g.dtype) else 0
+
+
+cdef inline void merge_split_row(const SplitMerge *g, Py_ssize_t i, real *row) noexcept nogil:
+    cdef Py_ssize_t off = (g.out_off[i // g.rows_per_batch] + (i % g.rows_per_batch) * g.ldo
+                           if g.out_off != NULL else i * g.ldo)
+    cdef void *out = <void *>element(g.out, off, g.itemsize)
+    merge_partial_row(<const real *>g.part_out + i * g.row_step,
+                      <const real *>g.part_lse + i * g.nsplit, g.nsplit, g.part_stride, g.ev,
+                      row if row != NULL else <real *>out,
+                      (<real *>g.lse + i) if g.lse != NULL else NULL)
+    if real is float:
+        if row != NULL:
+            narrow_rows(g.dtype, 1, <int>g.ev, row, g.ev, out, g.ev)
+
+
+cdef inline void merge_split_item(void *merge, Py_ssize_t item, void *scratch) noexcept nogil:
+    # The merge's item hook (one output row) and its dtype dispatch.
+    cdef const SplitMerge *g = <const SplitMerge *>merge
+    if g.dtype == FA_DT_FLOAT64:
+        merge_split_row[double](g, item, NULL)
+    else:
+        merge_split_row[float](g, item, <float *>scratch if is_half(g.dtype) else NULL)
