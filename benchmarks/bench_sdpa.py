@@ -92,6 +92,32 @@ class SdpaShapes:
     track_gflops.unit = "GFLOP/s"
 
 
+class SdpaDtypes:
+    """Dense and causal L=S=2048 H=8 E=64 by dtype: the half types are read natively and
+    computed in float32 (issue: half precision)."""
+    params = [["float32", "float16", "bfloat16"], ["dense", "causal"]]
+    param_names = ["dtype", "kind"]
+    length = 2048
+
+    def setup(self, dtype, kind):
+        dtype = common.dtype_named(dtype)
+        self.q, self.k, self.v = common.qkv(1, common.HEADS, self.length, self.length,
+                                            dtype=dtype)
+        self.kwargs = _mask_arguments(kind, self.length, self.length)
+        self.flops = functools.partial(common.attention_flops, 1, common.HEADS, self.length,
+                                       self.length, common.HEAD_DIM, common.HEAD_DIM,
+                                       kind == "causal")
+
+    _run = Sdpa._run
+
+    def time_sdpa(self, dtype, kind):
+        self._run()
+
+    def track_gflops(self, dtype, kind):
+        return common.gflops(self._run, self.flops)
+    track_gflops.unit = "GFLOP/s"
+
+
 class SdpaThreads:
     """Thread scaling of the dense L=S=1024 H=8 case (1 thread vs the default)."""
     params = [[1, 0]]

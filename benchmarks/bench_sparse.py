@@ -115,3 +115,19 @@ class BlockSparseEngine:
             lambda: fastattn.scaled_dot_product_attention(self.q, self.k, self.v))
         return common.median_seconds(self.run) / (self.visited_fraction * dense)
     track_time_over_visited_dense.unit = "ratio"
+
+
+class BlockSparseDtypes:
+    """The engine's BigBird-like layout at N=4096 by dtype (half types read natively)."""
+    params = [["float32", "float16", "bfloat16"]]
+    param_names = ["dtype"]
+    length = 4096
+
+    def setup(self, dtype):
+        dtype = common.dtype_named(dtype)
+        BlockSparseEngine.setup(self, self.length)
+        self.q, self.k, self.v = common.qkv(1, common.HEADS, self.length, self.length,
+                                            dtype=dtype)
+
+    def time_block_sparse(self, dtype):
+        self.run()

@@ -31,6 +31,14 @@ TRACK_REPEAT = 3           # timed calls behind each track_* number (median)
 MASK_KEEP_PROBABILITY = 0.9
 
 
+def dtype_named(name):
+    """The NumPy dtype of a benchmark's ``dtype`` parameter ("float32", "float16",
+    "bfloat16"); bfloat16 is skipped (``NotImplementedError``) on a fastattn without it."""
+    if name == "bfloat16":
+        return np.dtype(require("bfloat16"))
+    return np.dtype(name)
+
+
 def require(name, module=fastattn):
     """``module.<name>``, or ``NotImplementedError`` (asv's skip) when it is missing."""
     feature = getattr(module, name, None)

@@ -1,13 +1,25 @@
 """Side-by-side speed comparison of fastattn against its peers: ``python -m fastattn.bench``.
 
 Runs the standard workloads (dense, causal and bool-masked attention, B=1, H=8,
-E=64, float32, over a range of sequence lengths) with
+E=64, float32 by default or ``--dtype`` float64/float16/bfloat16, over a range of
+sequence lengths) with
 
-- ``fastattn``   -- :func:`fastattn.scaled_dot_product_attention`;
-- ``numpy``      -- the unfused NumPy formula (:func:`numpy_attention`);
-- ``torch_sdpa`` -- ``torch.nn.functional.scaled_dot_product_attention``, when
+- ``fastattn``    -- :func:`fastattn.scaled_dot_product_attention`;
+- ``numpy``       -- the unfused NumPy formula (:func:`numpy_attention`; float32/64:
+  NumPy's float16 matmul is ~300x slower and its bfloat16 one returns float32);
+- ``torch_sdpa``  -- ``torch.nn.functional.scaled_dot_product_attention``, when
   PyTorch is importable (it picks its fused CPU kernel);
-- ``torch_math`` -- the same call forced onto PyTorch's unfused math path.
+- ``torch_math``  -- the same call forced onto PyTorch's unfused math path;
+- ``onnxruntime`` -- a one-node ``com.microsoft`` MultiHeadAttention model (its CPU
+  flash kernel; 3-D ``(B, L, H*E)`` operands, float32/float16), when onnxruntime and
+  onnx are importable;
+- ``openvino``    -- a one-node opset-13 ``scaled_dot_product_attention`` model on
+  ``CPU``, when openvino is importable (float32 and float16 at the f32 inference
+  precision, bfloat16 at bf16: OpenVINO's default on CPUs with bf16 support is bf16
+  even for float32 models).
+
+The peers are optional: only those importable and supporting the dtype run by
+default. Each gets the arrays in its own layout and dtype, converted before timing.
 
 Every system gets the same arrays (``torch.from_numpy`` shares the memory) and the
 same thread count; runs are interleaved so all systems see the same machine
@@ -38,7 +50,17 @@ import fastattn
 __all__ = ["attention_flops", "numpy_attention", "sgemm_gflops", "memory_bandwidth_gbs",
            "run_comparison", "show_progress", "main"]
 
-SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math")
+SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math", "onnxruntime", "openvino")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+# The dtypes each system computes in (on the CPU).
+SYSTEM_DTYPES = {
+    "fastattn": DTYPES,
+    "numpy": ("float32", "float64"),
+    "torch_sdpa": DTYPES,
+    "torch_math": DTYPES,
+    "onnxruntime": ("float32", "float16"),      # MultiHeadAttention has no bf16 CPU kernel
+    "openvino": ("float32", "float16", "bfloat16"),
+}
 KINDS = ("dense", "causal", "mask")
 # Systems that materialise the (H, L, S) scores and so are skipped past a memory budget.
 # Each system is timed in one block per workload: WARMUP_RUNS untimed runs that absorb
@@ -228,11 +250,11 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
         Workload kinds; "mask" is a random bool ``(L, S)`` mask (90 % kept, the
         diagonal always kept) broadcast over heads.
     systems : sequence of str, optional
-        A subset of ``("fastattn", "numpy", "torch_sdpa", "torch_math")``; default
-        all, the torch ones only when PyTorch is importable.
+        A subset of :data:`SYSTEMS`; default every one that is importable and
+        computes in ``dtype`` (:data:`SYSTEM_DTYPES`).
     batch, heads, dim : int
         Shape ``(batch, heads, L, dim)`` of q, k and v.
-    dtype : {"float32", "float64"}
+    dtype : {"float32", "float64", "float16", "bfloat16"}
     repeat : int, default=5
         Timed runs per system and workload, after one untimed warm-up.
     threads : int, optional
@@ -263,9 +285,9 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
     >>> result["rows"][1]["max_rel_diff"] < 1e-4
     True
     """
-    dtype = np.dtype(dtype)
+    dtype = _dtype(dtype)
     threads = fastattn.get_num_threads() if threads is None else threads
-    runners = _runners(systems, threads)
+    runners = _runners(systems, threads, dtype)
     workloads = [(kind, L) for L in lengths for kind in kinds]
     bar = _ProgressBar(len(workloads) * (len(runners) + 1) + 2, enabled=progress)
 
@@ -284,7 +306,8 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
         active = {name: run for name, run in runners.items()
                   if name not in UNFUSED_SYSTEMS or unfused_bytes <= max_unfused_bytes}
         bar.show(f"{kind} L={L}: warm-up")
-        outputs = {name: run(q, k, v, causal, mask) for name, run in active.items()}
+        outputs = {name: _result(run, run(q, k, v, causal, mask))
+                   for name, run in active.items()}
         times = {}
         names = list(active)
         order = names[rotation % len(names):] + names[:rotation % len(names)]
@@ -376,18 +399,36 @@ def main(argv=None):
 
 # --- systems ----------------------------------------------------------------------
 
-def _runners(systems, threads):
-    """``name -> run(q, k, v, causal, mask)`` for the requested, available systems."""
+def _dtype(name):
+    if str(name) not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
+    return np.dtype(fastattn.bfloat16) if str(name) == "bfloat16" else np.dtype(name)
+
+
+def _runners(systems, threads, dtype=np.dtype(np.float32)):
+    """``name -> run(q, k, v, causal, mask)`` for the requested, available systems.
+
+    A runner may return its result in its own layout or dtype: ``run.result`` (when
+    present) turns it into a NumPy ``(B, H, L, Ev)`` array for the comparison.
+    """
     torch = _import_torch()
-    available = [s for s in SYSTEMS if torch is not None or not s.startswith("torch")]
+    importable = {"torch_sdpa": torch is not None, "torch_math": torch is not None,
+                  "onnxruntime": _importable("onnxruntime", "onnx"),
+                  "openvino": _importable("openvino")}
+    available = [s for s in SYSTEMS if importable.get(s, True)]
     if systems is None:
-        systems = available
+        systems = [s for s in available if dtype.name in SYSTEM_DTYPES[s]]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
     missing = [s for s in systems if s not in available]
     if missing:
-        raise ValueError(f"{missing} need PyTorch, which is not importable here")
+        raise ValueError(f"{missing} are not importable here (PyTorch, onnxruntime and onnx, "
+                         f"openvino)")
+    unsupported = [s for s in systems if dtype.name not in SYSTEM_DTYPES[s]]
+    if unsupported:
+        raise ValueError(f"{unsupported} do not compute in {dtype.name}: "
+                         + "; ".join(f"{s}: {', '.join(SYSTEM_DTYPES[s])}" for s in unsupported))
 
     def run_fastattn(q, k, v, causal, mask):
         return fastattn.scaled_dot_product_attention(q, k, v, mask, is_causal=causal,
@@ -397,28 +438,166 @@ def _runners(systems, threads):
         with _blas_threads(threads):
             return numpy_attention(q, k, v, causal, mask)
 
-    runners = {"fastattn": run_fastattn, "numpy": run_numpy}
-    if torch is not None:
-        runners.update(_torch_runners(torch, threads))
-    return {name: runners[name] for name in systems}
+    makers = {"fastattn": lambda: run_fastattn, "numpy": lambda: run_numpy,
+              "torch_sdpa": lambda: _torch_runners(torch, threads)["torch_sdpa"],
+              "torch_math": lambda: _torch_runners(torch, threads)["torch_math"],
+              "onnxruntime": lambda: _onnxruntime_runner(threads),
+              "openvino": lambda: _openvino_runner(threads)}
+    return {name: makers[name]() for name in systems}
+
+
+def _importable(*modules):
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _result(run, out):
+    """A runner's output as a NumPy (B, H, L, Ev) array of its own (copied if need be)."""
+    convert = getattr(run, "result", None)
+    return np.asarray(out) if convert is None else convert(out)
 
 
 def _torch_runners(torch, threads):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
+    def tensor(a):
+        if a.dtype == fastattn.bfloat16:       # torch has no ml_dtypes: share the bits
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)                              # shared memory, no copy
+
     def call(q, k, v, causal, mask):
         torch.set_num_threads(threads)
-        tensors = [torch.from_numpy(a) for a in (q, k, v)]      # shared memory, no copy
+        tensors = [tensor(a) for a in (q, k, v)]
         tmask = None if mask is None else torch.from_numpy(mask)
         with torch.inference_mode():
-            return sdpa(*tensors, attn_mask=tmask, is_causal=causal).numpy()
+            out = sdpa(*tensors, attn_mask=tmask, is_causal=causal)
+        if out.dtype == torch.bfloat16:
+            return out.view(torch.int16).numpy().view(fastattn.bfloat16)
+        return out.numpy()
 
     def call_math(q, k, v, causal, mask):
         with sdpa_kernel(SDPBackend.MATH):
             return call(q, k, v, causal, mask)
 
     return {"torch_sdpa": call, "torch_math": call_math}
+
+
+class _PreparedInputs:
+    """The arrays of the last workload converted to a peer's layout, by identity: each
+    workload converts once, outside the timed calls."""
+
+    def __init__(self, convert):
+        self.convert, self.key, self.value = convert, None, None
+
+    def __call__(self, *arrays):
+        if self.key is None or any(a is not b for a, b in zip(arrays, self.key)):
+            self.key, self.value = arrays, self.convert(*arrays)
+        return self.value
+
+
+def _onnxruntime_runner(threads):
+    """ONNX Runtime's com.microsoft MultiHeadAttention (its CPU flash kernel) on 3-D
+    ``(B, L, H*E)`` operands; causal = ``unidirectional``, the bool mask an additive
+    ``(1, 1, L, S)`` attention_bias. One session per shape, dtype and kind."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    sessions = {}
+
+    def session(B, H, L, S, E, Ev, dtype, causal, masked):
+        key = (B, H, L, S, E, Ev, dtype.name, causal, masked)
+        if key not in sessions:
+            elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+            shapes = {"query": [B, L, H * E], "key": [B, S, H * E], "value": [B, S, H * Ev]}
+            names = ["query", "key", "value"]
+            if masked:
+                shapes["attention_bias"] = [1, 1, L, S]
+                names += ["", "", "attention_bias"]     # no bias, no key_padding_mask
+            node = helper.make_node("MultiHeadAttention", names, ["output"],
+                                    domain="com.microsoft", num_heads=H,
+                                    unidirectional=int(causal))
+            graph = helper.make_graph(
+                [node], "attention",
+                [helper.make_tensor_value_info(n, elem, s) for n, s in shapes.items()],
+                [helper.make_tensor_value_info("output", elem, [B, L, H * Ev])])
+            model = helper.make_model(graph, opset_imports=[
+                helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sessions[key] = ort.InferenceSession(model.SerializeToString(), options,
+                                                 providers=["CPUExecutionProvider"])
+        return sessions[key]
+
+    def to_3d(a):                                   # (B, H, L, E) -> (B, L, H*E)
+        B, H, L, E = a.shape
+        return np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(B, L, H * E)
+
+    def convert(q, k, v, mask):
+        feed = {"query": to_3d(q), "key": to_3d(k), "value": to_3d(v)}
+        if mask is not None:
+            feed["attention_bias"] = np.where(mask, 0, -np.inf).astype(q.dtype)[None, None]
+        return feed
+
+    prepared = _PreparedInputs(convert)
+
+    def run(q, k, v, causal, mask):
+        (B, H, L, E), S, Ev = q.shape, k.shape[-2], v.shape[-1]
+        sess = session(B, H, L, S, E, Ev, q.dtype, causal, mask is not None)
+        out = sess.run(None, prepared(q, k, v, mask))[0]
+        return out.reshape(B, L, H, Ev)
+
+    run.result = lambda out: np.ascontiguousarray(out.transpose(0, 2, 1, 3))
+    return run
+
+
+def _openvino_runner(threads):
+    """OpenVINO's opset-13 scaled_dot_product_attention compiled for ``CPU`` on the
+    ``(B, H, L, E)`` arrays themselves (shared, not copied). float32 and float16 run
+    at the f32 inference precision, bfloat16 at bf16."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    core = ov.Core()
+    compiled = {}
+    types = {"float32": ov.Type.f32, "float16": ov.Type.f16, "bfloat16": ov.Type.bf16}
+
+    def request(q, k, v, causal, mask):
+        key = (q.shape, k.shape, v.shape, q.dtype.name, causal,
+               None if mask is None else mask.shape)
+        if key not in compiled:
+            typ = types[q.dtype.name]
+            params = [ops.parameter(list(a.shape), typ, name=n)
+                      for n, a in zip("qkv", (q, k, v))]
+            inputs = list(params)
+            if mask is not None:
+                params.append(ops.parameter(list(mask.shape), ov.Type.boolean, name="mask"))
+            node = ops.scaled_dot_product_attention(*inputs, *params[3:], causal=causal)
+            model = ov.Model([node.output(0)], params)
+            config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                      "INFERENCE_PRECISION_HINT": "bf16" if typ == ov.Type.bf16 else "f32"}
+            compiled[key] = core.compile_model(model, "CPU", config).create_infer_request()
+        return compiled[key]
+
+    def tensor(a):
+        if a.dtype == fastattn.bfloat16:
+            return ov.Tensor(a.view(np.uint16), a.shape, ov.Type.bf16)
+        return ov.Tensor(a, shared_memory=True)
+
+    prepared = _PreparedInputs(lambda *arrays: [tensor(np.ascontiguousarray(a))
+                                                for a in arrays if a is not None])
+
+    def run(q, k, v, causal, mask):
+        req = request(q, k, v, causal, mask)
+        req.infer(prepared(q, k, v, mask), share_inputs=True)
+        out = req.get_output_tensor(0).data          # OpenVINO's buffer, reused
+        return out.view(np.uint16).view(fastattn.bfloat16) if q.dtype == fastattn.bfloat16 \
+            else out
+
+    run.result = lambda out: np.array(out)
+    return run
 
 
 def _import_torch():
@@ -460,6 +639,7 @@ def _seconds(fn):
 
 def _relative_difference(result, reference):
     result = np.asarray(result, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
     return float(np.abs(result - reference).max() / max(np.abs(reference).max(), 1e-300))
 
 
@@ -476,7 +656,17 @@ def _machine_info():
                  for info in threadpool_info() if info.get("user_api") == "blas"],
         "fastattn": fastattn.__version__,
         "torch": None if torch is None else torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
+        "openvino": _version("openvino"),
     }
+
+
+def _version(distribution):
+    from importlib import metadata
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _cpu_model():
@@ -522,13 +712,15 @@ def _format_table(result):
     lines = [
         f"fastattn {machine['fastattn']} on {machine['cpu']} ({machine['logical_cpus']} logical "
         f"CPUs), {config['threads']} threads; numpy {machine['numpy']}, "
-        f"torch {machine['torch'] or 'not installed'}",
+        f"torch {machine['torch'] or 'not installed'}"
+        + "".join(f", {peer} {machine[peer]}" for peer in ("onnxruntime", "openvino")
+                  if machine.get(peer)),
         f"B={config['batch']} H={config['heads']} E={config['dim']} {config['dtype']}, "
         f"median of {config['repeat']} interleaved runs; SGEMM {result['sgemm_gflops']:.1f} "
         f"GFLOP/s, read bandwidth {result['memory_bandwidth_gbs']:.1f} GB/s",
         "",
         f"{'kind':<7}{'L=S':>6}  {'system':<11}{'median ms':>10}{'GFLOP/s':>9}"
-        f"{'of SGEMM':>9}{'fastattn x':>11}",
+        f"{'of SGEMM':>9}{'fastattn x':>11}{'rel diff':>10}",
     ]
     previous = None
     for row in result["rows"]:
@@ -539,10 +731,11 @@ def _format_table(result):
         if row["median_s"] is None:
             lines.append(head + f"  skipped ({row['skipped']})")
             continue
-        speedup = row["fastattn_speedup"]
+        speedup, diff = row["fastattn_speedup"], row["max_rel_diff"]
         lines.append(head + f"{row['median_s'] * 1e3:>10.2f}{row['gflops']:>9.1f}"
                      f"{row['sgemm_fraction']:>9.0%}"
-                     f"{'' if speedup is None else f'{speedup:.2f}x':>11}")
+                     f"{'' if speedup is None else f'{speedup:.2f}x':>11}"
+                     f"{'' if diff is None else f'{diff:.0e}':>10}")
     return "\n".join(lines)
 
 
@@ -603,7 +796,8 @@ def _parse_args(argv):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64, help="head dimension E = Ev")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="operand dtype; each system runs only in the dtypes it supports")
     parser.add_argument("--repeat", type=int, help="timed runs per system (default 7, quick 3)")
     parser.add_argument("--threads", type=int, help="threads for every system (default all)")
     parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")

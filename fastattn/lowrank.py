@@ -13,8 +13,8 @@ import numpy as np
 from fastattn import _threads
 from fastattn._kernels import lowrank as _kernel
 from fastattn._layout import as_matrix_stack, batch_offsets
-from fastattn._validation import (check_batch_shape, check_choice, check_int, check_qkv,
-                                  check_scale, result_dtypes)
+from fastattn._validation import (HALF, check_batch_shape, check_choice, check_int, check_qkv,
+                                  check_scale, is_floating, result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
 
 __all__ = ["linear_attention", "performer_features", "performer_attention",
@@ -463,11 +463,19 @@ def synthesizer_attention(value, *, weights, mode="random", query=None, num_thre
             or w2.shape[-2] != w1.shape[1]:
         raise ValueError(f"dense synthesizer shapes do not chain: X {x.shape} (needs S={S} "
                          f"rows), W1 {w1.shape}, W2 {np.shape(w2)}")
+    # half types: the MLP runs in float32 (NumPy's bfloat16 matmul returns float32, its
+    # float16 one is slow) and the result is returned in the half type
+    operands = [x, w1, w2, v] + [np.asarray(b) for b in (b1, b2) if b is not None]
+    half = None
+    if all(is_floating(a.dtype) for a in operands) and np.result_type(*operands) in HALF:
+        half = np.result_type(*operands)
+        x, w1, w2 = (a.astype(np.float32) for a in (x, w1, w2))
     hidden = x @ w1
     if b1 is not None:
         hidden = hidden + np.asarray(b1)
     hidden = np.maximum(hidden, 0)
     bias = None if b2 is None else np.asarray(b2)[..., None, :S].astype(
         np.result_type(hidden, w2, v, 1.0))
-    return scaled_dot_product_attention(hidden, np.swapaxes(w2, -1, -2), v, bias, scale=1.0,
-                                        num_threads=num_threads)
+    out = scaled_dot_product_attention(hidden, np.swapaxes(w2, -1, -2), v, bias, scale=1.0,
+                                       num_threads=num_threads)
+    return out if half is None else out.astype(half)

@@ -2,7 +2,7 @@
 import numpy as np
 
 from fastattn._validation import check_choice, result_dtypes
-from fastattn._validation import check_int
+from fastattn._validation import check_int, is_floating
 
 __all__ = ["sinusoidal_positional_encoding", "apply_rotary"]
 
@@ -25,7 +25,7 @@ def sinusoidal_positional_encoding(length, dim, *, base=10000.0, dtype=np.float3
     base : float, default=10000.0
         Sets the longest wavelength, ``2π·base``.
     dtype : dtype, default=np.float32
-        Computed in float64, returned in this floating dtype.
+        Computed in float64, returned in this floating dtype (bfloat16 included).
 
     Returns
     -------
@@ -43,8 +43,9 @@ def sinusoidal_positional_encoding(length, dim, *, base=10000.0, dtype=np.float3
     length, dim = check_int("length", length, 0), check_int("dim", dim, 0)
     base = _positive("base", base)
     dtype = np.dtype(dtype)
-    if dtype.kind != "f":
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    if not is_floating(dtype):
+        raise TypeError(f"dtype must be a floating dtype (float16/32/64 or bfloat16), got "
+                        f"{dtype}")
     pos = np.arange(length, dtype=np.float64)[:, np.newaxis]
     # column j uses frequency base**(-2i/dim) with i = j // 2
     freq = base ** (-(np.arange(dim) // 2 * 2) / max(dim, 1))

@@ -49,6 +49,41 @@ def test_compare_tool_rejects_unknown_systems():
         bench.run_comparison([16], ["dense"], systems=["tensorflow"], progress=False)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_compare_tool_half_dtypes(tmp_path, dtype):
+    status = bench.main(["--lengths", "16,40", "--heads", "2", "--dim", "8", "--repeat", "1",
+                         "--dtype", dtype, "--no-plot", "--no-progress", "--out", str(tmp_path)])
+    assert status == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["config"]["dtype"] == dtype
+    systems = result["config"]["systems"]
+    # the default systems are the importable ones that compute in the dtype: not NumPy
+    assert systems[0] == "fastattn" and "numpy" not in systems
+    assert all(dtype in bench.SYSTEM_DTYPES[s] for s in systems)
+    for row in result["rows"]:
+        assert row["median_s"] > 0
+        assert row["max_rel_diff"] < 2e-2, row     # two half roundings apart at most
+    with pytest.raises(ValueError, match="do not compute in"):
+        bench.run_comparison([16], ["dense"], systems=["fastattn", "numpy"], dtype=dtype,
+                             progress=False)
+
+
+@pytest.mark.parametrize("peer", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_optional_peers_compute_the_same_thing(peer, dtype):
+    # only where the peer is installed: fastattn never needs it
+    pytest.importorskip(peer)
+    if peer == "onnxruntime":
+        pytest.importorskip("onnx")
+    if dtype not in bench.SYSTEM_DTYPES[peer]:
+        pytest.skip(f"{peer} has no {dtype} kernel")
+    result = bench.run_comparison([16, 33], list(bench.KINDS), systems=["fastattn", peer],
+                                  heads=2, dim=8, dtype=dtype, repeat=1, progress=False)
+    tolerance = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}[dtype]
+    for row in result["rows"]:
+        assert row["median_s"] > 0 and row["max_rel_diff"] < tolerance, row
+
+
 def test_python_dash_m_entry_point_and_compare_script_share_main():
     source = (BENCHMARKS / "compare.py").read_text()
     assert "from fastattn.bench import main" in source
