@@ -13,14 +13,15 @@
 
 ctypedef void (*ItemFn)(void *plan, Py_ssize_t item, void *scratch) noexcept nogil
 
-# Element types of a kernel's operands (mirrored to Python as fastattn._kernels.parallel
-# .DTYPE_CODES); a plan records one of them. The half types are computed in float32
-# (tile.pxd's TileOperands reads them); the values are tilehalf.h's FA_DT_*.
-cpdef enum DType:
-    DT_FLOAT32 = 0
-    DT_FLOAT64 = 1
-    DT_FLOAT16 = 2
-    DT_BFLOAT16 = 3
+# Element types of a kernel's operands, declared once in tilehalf.h and mirrored to Python
+# as fastattn._kernels.parallel.DTYPE_CODES; a plan records one of them. The half types
+# are computed in float32 (tile.pxd's TileOperands reads them).
+cdef extern from "tilehalf.h":
+    cpdef enum DType "fa_dtype":
+        DT_FLOAT32 "FA_DT_FLOAT32"
+        DT_FLOAT64 "FA_DT_FLOAT64"
+        DT_FLOAT16 "FA_DT_FLOAT16"
+        DT_BFLOAT16 "FA_DT_BFLOAT16"
 
 cdef int run_items(ItemFn item, void *plan, Py_ssize_t nitems, Py_ssize_t grain,
                    size_t scratch_bytes, int nthreads, const char *label) except -1 nogil

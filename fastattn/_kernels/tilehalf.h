@@ -33,8 +33,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Element types of the operands (the codes of parallel.pxd's DType). */
-enum { FA_DT_FLOAT32 = 0, FA_DT_FLOAT64 = 1, FA_DT_FLOAT16 = 2, FA_DT_BFLOAT16 = 3 };
+/* Element types of the operands: declared here once, mirrored to Cython as parallel.pxd's
+ * DType and to Python as parallel.DTYPE_CODES. */
+enum fa_dtype { FA_DT_FLOAT32 = 0, FA_DT_FLOAT64 = 1, FA_DT_FLOAT16 = 2, FA_DT_BFLOAT16 = 3 };
 
 /* ---- scalar conversions (portable; the vector loops below use them for tails) -------- */
 
