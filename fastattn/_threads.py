@@ -45,21 +45,23 @@ def _usable_cpus():
         return max(1, os.cpu_count() or 1)
 
 
-def _default_threads():
+def _omp_num_threads():
     # OMP_NUM_THREADS is honoured as the default, as it was when the kernels used OpenMP
-    # and as NumPy's BLAS and most numerical libraries do.
+    # and as NumPy's BLAS and most numerical libraries do (read once, as they do).
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return _usable_cpus()
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+# Read once: the per-call cost matters for decode steps of a few tens of microseconds.
+_CPUS = _usable_cpus()
+_DEFAULT_THREADS = _omp_num_threads() or _CPUS
 
 
 def _check_threads(n):
     n = check_int("num_threads", n)
-    limit = _MAX_THREADS_PER_CPU * _usable_cpus()
-    if n > limit:
+    if n > _MAX_THREADS_PER_CPU * _CPUS:
         raise ValueError(f"num_threads={n} is more than {_MAX_THREADS_PER_CPU} threads for "
-                         f"each of the {_usable_cpus()} CPUs this process may use")
+                         f"each of the {_CPUS} CPUs this process may use")
     return n
 
 
@@ -98,7 +100,7 @@ def get_num_threads():
     >>> fastattn.get_num_threads() >= 1
     True
     """
-    return _num_threads if _num_threads is not None else _default_threads()
+    return _num_threads if _num_threads is not None else _DEFAULT_THREADS
 
 
 def resolve_num_threads(num_threads):

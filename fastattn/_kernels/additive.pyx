@@ -24,7 +24,7 @@ import numpy as np
 cimport numpy as cnp
 
 from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
-from fastattn._kernels.parallel import DTYPE_CODES
+from fastattn._kernels.parallel import dtype_code
 from fastattn._kernels.tile cimport (
     intp_data,
     MaskView, mask_view,
@@ -232,7 +232,7 @@ def additive(cnp.ndarray qp, cnp.ndarray kpt, cnp.ndarray w, cnp.ndarray v,
     p.w = cnp.PyArray_DATA(w)
     p.out = cnp.PyArray_DATA(out)
     p.weights = NULL if weights is None else cnp.PyArray_DATA(<cnp.ndarray>weights)
-    p.dtype = DTYPE_CODES[qp.dtype.name]
+    p.dtype = dtype_code(qp.dtype)
     p.mask = mask_view(mask)
     p.block_r = block_r
     p.nthreads = nthreads
@@ -285,7 +285,7 @@ def tanh_scores(cnp.ndarray a, cnp.ndarray kpt, cnp.ndarray w):
     c.s = cnp.PyArray_DATA(s)
     c.h = kpt.shape[0]
     c.n = kpt.shape[1]
-    c.dtype = DTYPE_CODES[a.dtype.name]
+    c.dtype = dtype_code(a.dtype)
     with nogil:
         run_items(tanh_scores_item, &c, 1, 1, 0, 1, "")
     return s

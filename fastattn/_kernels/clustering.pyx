@@ -17,7 +17,7 @@ cimport numpy as cnp
 import numpy as np
 
 from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
-from fastattn._kernels.parallel import DTYPE_CODES
+from fastattn._kernels.parallel import dtype_code
 from fastattn._kernels.tile cimport intp_data, real, gemm_abt, gemm_ab, row_add_max, block_len
 from fastattn._kernels.gathered import _check_indices, _check_layout
 
@@ -131,7 +131,7 @@ def nearest_centroid(cnp.ndarray x, cnp.ndarray c, cnp.ndarray assign, int nthre
     p.C = C
     p.e = e
     p.block = 256
-    p.dtype = DTYPE_CODES[x.dtype.name]
+    p.dtype = dtype_code(x.dtype)
     p.nthreads = nthreads
     cdef size_t scratch = nearest_scratch(&p, x.dtype.itemsize)
     with nogil:
@@ -185,7 +185,7 @@ def cluster_sums(cnp.ndarray x, cnp.ndarray assign, cnp.ndarray sums, cnp.ndarra
     p.L = L
     p.C = C
     p.e = e
-    p.dtype = DTYPE_CODES[x.dtype.name]
+    p.dtype = dtype_code(x.dtype)
     p.nthreads = nthreads
     with nogil:
         run_items(sums_item, &p, nbatch, even_grain(nbatch, nthreads), 0, p.nthreads, "")
@@ -278,7 +278,7 @@ def lsh_hash(cnp.ndarray x, cnp.ndarray rot, cnp.ndarray rot_index, cnp.ndarray 
     p.n_hashes = n_hashes
     p.half = <int>(rot.shape[2] // n_hashes)
     p.block = 256
-    p.dtype = DTYPE_CODES[x.dtype.name]
+    p.dtype = dtype_code(x.dtype)
     p.nthreads = nthreads
     cdef size_t scratch = hash_scratch(&p, x.dtype.itemsize)
     with nogil:
@@ -468,7 +468,7 @@ def centroid_topk(cnp.ndarray c, cnp.ndarray c64, cnp.ndarray k, double scale, P
     p.e = e
     p.block_c = 32
     p.block_k = 512
-    p.dtype = DTYPE_CODES[c.dtype.name]
+    p.dtype = dtype_code(c.dtype)
     p.nthreads = nthreads
     cdef size_t scratch = topk_scratch(&p, c.dtype.itemsize)
     with nogil:
@@ -587,7 +587,7 @@ def kmeans(cnp.ndarray x, cnp.ndarray c64, cnp.ndarray assign, cnp.ndarray count
     p.e = e
     p.iterations = iterations
     p.block = 256
-    p.dtype = DTYPE_CODES[x.dtype.name]
+    p.dtype = dtype_code(x.dtype)
     p.nthreads = nthreads
     cdef size_t scratch = kmeans_scratch(&p, x.dtype.itemsize)
     with nogil:
@@ -659,7 +659,7 @@ def mix_blocks(cnp.ndarray P, cnp.ndarray xb, cnp.ndarray out, int nthreads):
     p.n = n
     p.width = width
     p.split = max(1, min(8, (2 * nthreads + nbatch - 1) // nbatch))
-    p.dtype = DTYPE_CODES[P.dtype.name]
+    p.dtype = dtype_code(P.dtype)
     p.nthreads = nthreads
     with nogil:
         run_items(mix_item, &p, nbatch * p.split, even_grain(nbatch * p.split, nthreads), 0,

@@ -29,7 +29,7 @@ cimport numpy as cnp
 import numpy as np
 
 from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
-from fastattn._kernels.parallel import DTYPE_CODES
+from fastattn._kernels.parallel import dtype_code
 from fastattn._kernels.tile cimport (
     intp_data, real, attend_tile, finish_row, merge_partial_row,
     kmajor_ld, kmajor_scratch_bytes, attend_tile_kmajor,
@@ -257,7 +257,7 @@ def gathered_attention(cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray 
     p.block_q = block_q
     p.block_k = block_k
     p.nthreads = nthreads
-    p.dtype = DTYPE_CODES[q.dtype.name]
+    p.dtype = dtype_code(q.dtype)
     p.ldq = q.strides[0] // item_size
     p.ldk = k.strides[0] // item_size
     p.ldv = v.strides[0] // item_size
@@ -320,7 +320,7 @@ def merge_parts(cnp.ndarray parts, cnp.ndarray part_lse, cnp.ndarray out, object
     p.nrows = parts.shape[0]
     p.nparts = parts.shape[1]
     p.ev = parts.shape[2]
-    p.dtype = DTYPE_CODES[parts.dtype.name]
+    p.dtype = dtype_code(parts.dtype)
     p.nthreads = nthreads
     with nogil:
         # rows are small items: claimed 64 at a time

@@ -31,7 +31,7 @@ from libc.string cimport memcpy
 cimport numpy as cnp
 
 from fastattn._kernels.parallel cimport run_items, DT_FLOAT32
-from fastattn._kernels.parallel import DTYPE_CODES
+from fastattn._kernels.parallel import dtype_code
 from fastattn._kernels.tile cimport intp_data, real, gemm_ab, gemm_abt, row_fill
 
 cnp.import_array()
@@ -179,7 +179,7 @@ def project(list jobs, int nthreads):
         job.out_step = out_step
         job.ldo = ldo
         job.transpose = transpose
-        job.dtype = DTYPE_CODES[x.dtype.name]
+        job.dtype = dtype_code(x.dtype)
         job.block_rows = block_rows
         job.block_cols = block_cols
         job.nrb = (job.n + block_rows - 1) // block_rows

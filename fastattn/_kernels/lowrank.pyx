@@ -46,7 +46,7 @@ from libc.math cimport INFINITY, fabs
 cimport numpy as cnp
 
 from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT32
-from fastattn._kernels.parallel import DTYPE_CODES
+from fastattn._kernels.parallel import dtype_code
 from fastattn._kernels.tile cimport (
     intp_data, real, gemm_ab, gemm_atb, tile_scores, fa_tile_products_ok, fa_tile_pv_f32,
     row_max, row_add_max, row_exp_sum, row_scale, row_axpy, row_dot, row_fill, row_add_const,
@@ -624,7 +624,7 @@ cdef class LowRankPlan:
                  cnp.ndarray rowinfo=None, cnp.ndarray chunk_max=None):
         q_off, k_off, v_off = offsets
         self.c.kind = kind
-        self.c.dtype = DTYPE_CODES[q.dtype.name]
+        self.c.dtype = dtype_code(q.dtype)
         self.c.causal = causal
         self.c.L = L
         self.c.S = S

@@ -42,7 +42,7 @@ from fastattn._kernels.tile cimport (
     is_half, element, widen_rows, narrow_rows, SplitMerge, merge_split_item, merge_split_scratch,
 )
 from fastattn._kernels.smallgemm cimport gemm_abt_small, gemm_ab_acc_small, fa_prefetch
-from fastattn._kernels.parallel import DTYPE_CODES
+from fastattn._kernels.parallel import dtype_code
 
 cnp.import_array()
 
@@ -389,10 +389,10 @@ cdef class PagedPlan:
         p.vpool = cnp.PyArray_DATA(value_blocks)
         p.out = cnp.PyArray_DATA(out)
         p.lse = NULL if lse is None else cnp.PyArray_DATA(<cnp.ndarray>lse)
-        p.dtype = DTYPE_CODES[q.dtype.name]
-        p.kdtype = DTYPE_CODES[key_blocks.dtype.name]
-        p.vdtype = DTYPE_CODES[value_blocks.dtype.name]
-        p.odtype = DTYPE_CODES[out.dtype.name]
+        p.dtype = dtype_code(q.dtype)
+        p.kdtype = dtype_code(key_blocks.dtype)
+        p.vdtype = dtype_code(value_blocks.dtype)
+        p.odtype = dtype_code(out.dtype)
         p.kisz = kitem
         p.visz = vitem
         p.oisz = out.itemsize

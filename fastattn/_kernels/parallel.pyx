@@ -1,7 +1,8 @@
 # The parallel skeleton's Cython face: run_items (cimported by every kernel family, see
 # parallel.pxd) and the pool's Python-side controls. The pool itself is threadpool.h,
 # compiled into this module only, so the whole process shares one pool.
-import os
+import ml_dtypes
+import numpy as np
 
 cdef extern from "threadpool.h" nogil:
     ctypedef void (*fa_item_fn)(void *ctx, ptrdiff_t item, void *scratch)
@@ -15,6 +16,18 @@ cdef extern from "threadpool.h" nogil:
 
 DTYPE_CODES = {"float32": DT_FLOAT32, "float64": DT_FLOAT64, "float16": DT_FLOAT16,
                "bfloat16": DT_BFLOAT16}
+
+# The same keyed by NumPy's type number: dtype.name is a slow Python property (about
+# 4 us a call), and a small decode step reads four dtypes. bfloat16's number is given
+# when ml_dtypes registers it, so it is looked up here, once per process.
+_CODE_BY_NUM = {np.dtype(name).num: code for name, code in DTYPE_CODES.items()
+                if name != "bfloat16"}
+_CODE_BY_NUM[np.dtype(ml_dtypes.bfloat16).num] = DT_BFLOAT16
+
+
+def dtype_code(dtype):
+    """The DType code of a NumPy dtype the kernels take (KeyError for others)."""
+    return _CODE_BY_NUM[dtype.num]
 
 
 cdef int run_items(ItemFn item, void *plan, Py_ssize_t nitems, Py_ssize_t grain,

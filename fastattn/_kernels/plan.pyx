@@ -4,7 +4,7 @@ from fastattn._kernels.tile cimport (
     intp_data, mask_view, qkv_layout, operands,
     MASK_NONE, MASK_BOOL, MASK_FLOAT, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL,
 )
-from fastattn._kernels.parallel import DTYPE_CODES
+from fastattn._kernels.parallel import dtype_code
 
 cnp.import_array()
 
@@ -33,7 +33,7 @@ cdef class AttentionPlan:
         self.c.mask = mask_view(mask)
         self.c.out_off = intp_data(out_off)
         self.c.ldo = ldo
-        self.c.dtype = DTYPE_CODES[q.dtype.name]
+        self.c.dtype = dtype_code(q.dtype)
         self.c.itemsize = q.dtype.itemsize
         self.c.scale = scale
         self.c.causal = causal

@@ -15,7 +15,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.parallel cimport run_items, scratch_room, DT_FLOAT32
-from fastattn._kernels.parallel import DTYPE_CODES
+from fastattn._kernels.parallel import dtype_code
 from fastattn._kernels.tile cimport (
     intp_data,
     MaskView, mask_view,
@@ -127,7 +127,7 @@ def softmax(cnp.ndarray x, cnp.ndarray out, cnp.ndarray x_off, Py_ssize_t ldx,
     p.x_off = intp_data(x_off)
     p.ldx = ldx
     p.out = cnp.PyArray_DATA(out)
-    p.dtype = DTYPE_CODES[x.dtype.name]
+    p.dtype = dtype_code(x.dtype)
     p.scale = scale
     p.mask = mask_view(mask)
     p.causal = causal
