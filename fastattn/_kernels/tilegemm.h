@@ -420,7 +420,23 @@ FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, pt
         /* alpha = exp(m_old - m_new): 0 for a row's first keys (m_old = -inf) */
         d[0] = m_old - m_new;
         FA_EXPNEG_VECS(f32, d, alpha);
-        for (int c = 0; c < cols; c++) {
+        int c = 0;
+        {
+            /* four keys at a time: independent exps for the out-of-order core to overlap
+             * (the sum still runs key by key, in order) */
+            enum { R = 4 };
+            for (; c + 4 <= cols; c += 4) {
+                vec z[4], p[4];
+                for (int u = 0; u < 4; u++)
+                    z[u] = FA_LOAD(st + (ptrdiff_t)(c + u) * ldqt + g) - m_new;
+                FA_EXPNEG_VECS(f32, z, p);
+                for (int u = 0; u < 4; u++) {
+                    FA_STORE(st + (ptrdiff_t)(c + u) * ldqt + g, p[u]);
+                    sum += p[u];
+                }
+            }
+        }
+        for (; c < cols; c++) {
             float *x = st + (ptrdiff_t)c * ldqt + g;
             vec z[1], p[1];
             z[0] = FA_LOAD(x) - m_new;
