@@ -385,41 +385,82 @@ FA_V4 static inline fa_v16 fa_load_part(const float *p, int n, float fill)
 }
 
 /* The online-softmax step of a key-major tile whose scores are in st (cols x ldqt,
- * scaled): each query's maximum over the tile, then st <- exp(st - m_new), l and the
- * rows of acc (rows x ev, row stride ldacc) rescaled. st needs (cols + 1) * ldqt floats
- * (the last row holds the maxima). Returns 0, with the state untouched, when a score is
- * not finite (inf or NaN inputs): the caller then takes the tile the row-major way,
- * which defines those cases. */
-FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, ptrdiff_t ldqt,
-                                       float *acc, ptrdiff_t ldacc, float *m, float *l)
-{
-    typedef float vec __attribute__((vector_size(64)));
-    typedef int32_t ivec __attribute__((vector_size(64)));
-    enum { R = 1 };     /* vectors per FA_EXPNEG_VECS call */
-    float *tile_max = st + (ptrdiff_t)cols * ldqt;
+ * scaled), in three parts shared by the float32 step below and the bfloat16 one
+ * (tilehalf.h), which differ only in how they store the probabilities:
+ *   fa_kmajor_tile_max:   each query's maximum over the tile, into st[cols * ldqt + j];
+ *                         0 when a score is not finite (inf or NaN inputs): the caller
+ *                         then takes the tile the row-major way, which defines those cases;
+ *   fa_kmajor_group_start: for queries g .. g + 15, the new maxima and
+ *                         alpha = exp(m_old - m_new) (0 for a row's first keys);
+ *   fa_kmajor_group_end:  l <- l * alpha + sum, m <- m_new, and the rows of acc whose
+ *                         maximum grew rescaled by alpha. */
+typedef float fa_kv16 __attribute__((vector_size(64)));
 
-    /* Each query's maximum over the tile; any non-finite score makes `bad` NaN. */
+FA_V4 static inline __attribute__((always_inline))
+int fa_kmajor_tile_max(int rows, int cols, const float *st, ptrdiff_t ldqt, float *tile_max)
+{
     for (int g = 0; g < rows; g += 16) {
         fa_v16 mx = (fa_v16){0} - __builtin_inff(), bad = (fa_v16){0};
         for (int c = 0; c < cols; c++) {
             fa_v16 x = FA_LOAD(st + (ptrdiff_t)c * ldqt + g);
             mx = (fa_v16)_mm512_max_ps((__m512)x, (__m512)mx);
-            bad += x * 0.0f;
+            bad += x * 0.0f;      /* NaN where x is not finite */
         }
         for (int i = 0; i < 16; i++)
             if (bad[i] != bad[i])
                 return 0;
         FA_STORE(tile_max + g, mx);
     }
+    return 1;
+}
 
+FA_V4 static inline __attribute__((always_inline))
+void fa_kmajor_group_start(int g, int n, const float *tile_max, const float *m,
+                           const float *l, fa_kv16 *m_new, fa_kv16 *l_old, fa_kv16 *alpha)
+{
+    typedef fa_kv16 vec;
+    typedef int32_t ivec __attribute__((vector_size(64)));
+    enum { R = 1 };     /* vectors per FA_EXPNEG_VECS call */
+    vec m_old = fa_load_part(m + g, n, 0.0f), d[1], a[1];
+    *l_old = fa_load_part(l + g, n, 0.0f);
+    *m_new = (vec)_mm512_max_ps((__m512)FA_LOAD(tile_max + g), (__m512)m_old);
+    d[0] = m_old - *m_new;
+    FA_EXPNEG_VECS(f32, d, a);
+    *alpha = a[0];
+}
+
+FA_V4 static inline __attribute__((always_inline))
+void fa_kmajor_group_end(int g, int n, int ev, fa_kv16 m_new, fa_kv16 l_old, fa_kv16 alpha,
+                         fa_kv16 sum, float *m, float *l, float *acc, ptrdiff_t ldacc)
+{
+    fa_kv16 l_new = l_old * alpha + sum;
+    memcpy(m + g, &m_new, n * sizeof(float));
+    memcpy(l + g, &l_new, n * sizeof(float));
+    /* acc was accumulated relative to the old maxima: rescale the rows whose grew
+     * (a row with l_old == 0 has acc == 0 already) */
+    for (int i = 0; i < n; i++) {
+        if (alpha[i] != 1.0f && l_old[i] != 0.0f) {
+            float *a = acc + (ptrdiff_t)(g + i) * ldacc;
+            for (int j = 0; j < ev; j += 16)
+                FA_STORE(a + j, FA_LOAD(a + j) * alpha[i]);
+        }
+    }
+}
+
+/* The float32 step: st <- exp(st - m_new), st needing (cols + 1) * ldqt floats (the last
+ * row holds the maxima). Returns 0 as fa_kmajor_tile_max does, the state untouched. */
+FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, ptrdiff_t ldqt,
+                                       float *acc, ptrdiff_t ldacc, float *m, float *l)
+{
+    typedef fa_kv16 vec;
+    typedef int32_t ivec __attribute__((vector_size(64)));
+    float *tile_max = st + (ptrdiff_t)cols * ldqt;
+    if (!fa_kmajor_tile_max(rows, cols, st, ldqt, tile_max))
+        return 0;
     for (int g = 0; g < rows; g += 16) {
         int n = rows - g < 16 ? rows - g : 16;
-        vec m_old = fa_load_part(m + g, n, 0.0f), l_old = fa_load_part(l + g, n, 0.0f);
-        vec m_new = (vec)_mm512_max_ps((__m512)FA_LOAD(tile_max + g), (__m512)m_old);
-        vec d[1], alpha[1], sum = (vec){0};
-        /* alpha = exp(m_old - m_new): 0 for a row's first keys (m_old = -inf) */
-        d[0] = m_old - m_new;
-        FA_EXPNEG_VECS(f32, d, alpha);
+        vec m_new, l_old, alpha, sum = (vec){0};
+        fa_kmajor_group_start(g, n, tile_max, m, l, &m_new, &l_old, &alpha);
         int c = 0;
         {
             /* four keys at a time: independent exps for the out-of-order core to overlap
@@ -436,26 +477,18 @@ FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, pt
                 }
             }
         }
-        for (; c < cols; c++) {
-            float *x = st + (ptrdiff_t)c * ldqt + g;
-            vec z[1], p[1];
-            z[0] = FA_LOAD(x) - m_new;
-            FA_EXPNEG_VECS(f32, z, p);
-            FA_STORE(x, p[0]);
-            sum += p[0];
-        }
-        vec l_new = l_old * alpha[0] + sum;
-        memcpy(m + g, &m_new, n * sizeof(float));
-        memcpy(l + g, &l_new, n * sizeof(float));
-        /* acc was accumulated relative to the old maxima: rescale the rows whose grew
-         * (a row with l_old == 0 has acc == 0 already) */
-        for (int i = 0; i < n; i++) {
-            if (alpha[0][i] != 1.0f && l_old[i] != 0.0f) {
-                float *a = acc + (ptrdiff_t)(g + i) * ldacc;
-                for (int j = 0; j < ev; j += 16)
-                    FA_STORE(a + j, FA_LOAD(a + j) * alpha[0][i]);
+        {
+            enum { R = 1 };
+            for (; c < cols; c++) {
+                float *x = st + (ptrdiff_t)c * ldqt + g;
+                vec z[1], p[1];
+                z[0] = FA_LOAD(x) - m_new;
+                FA_EXPNEG_VECS(f32, z, p);
+                FA_STORE(x, p[0]);
+                sum += p[0];
             }
         }
+        fa_kmajor_group_end(g, n, ev, m_new, l_old, alpha, sum, m, l, acc, ldacc);
     }
     return 1;
 }

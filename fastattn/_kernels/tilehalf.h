@@ -442,28 +442,58 @@ FA_BF16 static void fa_bf16_pairs_rows(int rows, int cols, const float *s, ptrdi
     }
 }
 
-/* Key-major probabilities (st[c * ldst + j], c < cols keys, j < nq queries, nq a multiple
- * of 16) to pair words pw[w * ldpw + j] = (bf16(st[2w, j]), bf16(st[2w + 1, j])). */
-FA_BF16 static void fa_bf16_pairs_kmajor(int cols, int nq, const float *st, ptrdiff_t ldst,
-                                         uint32_t *pw, ptrdiff_t ldpw)
+#include "tilegemm.h"
+
+/* exp(v) for v <= 0 (finite), relative error < 5e-5: probabilities that are rounded to
+ * bfloat16 (8 significant bits) need no more. A degree-4 polynomial on the reduced
+ * argument |r| <= ln(2)/2, scaled by 2^n with vscalefps (which underflows to 0). */
+FA_BF16 static inline __m512 fa_exp_for_bf16(__m512 v)
+{
+    const __m512 lo = _mm512_set1_ps(-100.0f);
+    v = _mm512_max_ps(v, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), v);
+    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 24), _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The bfloat16 step of a key-major tile (see fa_kmajor_softmax_f32): the probabilities
+ * go straight to pair words, pw[w * ldqt + j] = (bf16(p[2w, j]), bf16(p[2w + 1, j])),
+ * the last pair of an odd cols padded with 0; l sums them before rounding. */
+FA_BF16 static int fa_kmajor_softmax_bf16(int rows, int cols, int ev, float *st,
+                                          ptrdiff_t ldqt, uint32_t *pw, float *acc,
+                                          ptrdiff_t ldacc, float *m, float *l)
 {
     const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
                                          25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
                                          19, 3, 18, 2, 17, 1, 16, 0);
-    for (int w = 0; w < (cols + 1) / 2; w++) {
-        const float *a = st + 2 * w * ldst;
-        int has_b = 2 * w + 1 < cols;
-        for (int j = 0; j < nq; j += 16) {
-            __m512 x = _mm512_loadu_ps(a + j);
-            __m512 y = has_b ? _mm512_loadu_ps(a + ldst + j) : _mm512_setzero_ps();
-            /* lanes 0-15: bf16(x), 16-31: bf16(y); interleave them into pairs */
-            __m512i both = (__m512i)_mm512_cvtne2ps_pbh(y, x);
-            _mm512_storeu_si512(pw + w * ldpw + j, _mm512_permutexvar_epi16(idx, both));
+    float *tile_max = st + (ptrdiff_t)cols * ldqt;
+    if (!fa_kmajor_tile_max(rows, cols, st, ldqt, tile_max))
+        return 0;
+    for (int g = 0; g < rows; g += 16) {
+        int n = rows - g < 16 ? rows - g : 16;
+        fa_kv16 m_new, l_old, alpha, sum = (fa_kv16){0};
+        fa_kmajor_group_start(g, n, tile_max, m, l, &m_new, &l_old, &alpha);
+        for (int w = 0; w < (cols + 1) / 2; w++) {
+            const float *x = st + (ptrdiff_t)(2 * w) * ldqt + g;
+            __m512 p0 = fa_exp_for_bf16(_mm512_sub_ps(_mm512_loadu_ps(x), (__m512)m_new));
+            __m512 p1 = _mm512_setzero_ps();
+            if (2 * w + 1 < cols)
+                p1 = fa_exp_for_bf16(_mm512_sub_ps(_mm512_loadu_ps(x + ldqt), (__m512)m_new));
+            sum += (fa_kv16)p0;
+            sum += (fa_kv16)p1;
+            /* lanes 0-15: bf16(p0), 16-31: bf16(p1); interleaved into pairs */
+            __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
+            _mm512_storeu_si512(pw + w * ldqt + g, _mm512_permutexvar_epi16(idx, both));
         }
+        fa_kmajor_group_end(g, n, ev, m_new, l_old, alpha, sum, m, l, acc, ldacc);
     }
+    return 1;
 }
-
-#include "tilegemm.h"
 
 /* One unmasked bfloat16 tile of the online softmax, key-major (as
  * fa_attend_tile_kmajor_f32, with both products on vdpbf16ps):
@@ -480,9 +510,8 @@ FA_BF16 static int fa_attend_tile_kmajor_bf16(int rows, int cols, int e, int ev,
                                               float *acc, ptrdiff_t ldacc, float *m, float *l)
 {
     fa_bf16_scores_from_panel(cols, (int)ldqt, e, scale, k, ldk, qp, ldqt, st, ldqt);
-    if (!fa_kmajor_softmax_f32(rows, cols, ev, st, ldqt, acc, ldacc, m, l))
+    if (!fa_kmajor_softmax_bf16(rows, cols, ev, st, ldqt, pw, acc, ldacc, m, l))
         return 0;
-    fa_bf16_pairs_kmajor(cols, (int)ldqt, st, ldqt, pw, ldqt);
     fa_pack_value_pairs(cols, ev, v, ldv, vp, ev);
     fa_bf16_pv(rows, ev, (cols + 1) / 2, pw, 1, ldqt, vp, ev, acc, ldacc);
     return 1;
