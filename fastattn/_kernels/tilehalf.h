@@ -99,6 +99,17 @@ static inline uint16_t fa_f32_to_f16(float x)
     return (uint16_t)(sign | (absb >> 13));
 }
 
+/* One half value (dtype FA_DT_FLOAT16 or FA_DT_BFLOAT16) to float32, and back. */
+static inline float fa_half_to_f32(int dtype, uint16_t h)
+{
+    return dtype == FA_DT_FLOAT16 ? fa_f16_to_f32(h) : fa_bf16_to_f32(h);
+}
+
+static inline uint16_t fa_f32_to_half(int dtype, float x)
+{
+    return dtype == FA_DT_FLOAT16 ? fa_f32_to_f16(x) : fa_f32_to_bf16(x);
+}
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
     && !defined(FASTATTN_NO_CLONES)
 #define FA_HALF_KERNELS 1
@@ -139,7 +150,7 @@ FA_V4H static void fa_widen_v4(int dtype, int rows, int n, const uint16_t *x, pt
                     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xr + j))), 16)));
         }
         for (; j < n; j++)
-            yr[j] = dtype == FA_DT_FLOAT16 ? fa_f16_to_f32(xr[j]) : fa_bf16_to_f32(xr[j]);
+            yr[j] = fa_half_to_f32(dtype, xr[j]);
     }
 }
 
@@ -156,7 +167,7 @@ FA_V4H static void fa_narrow_v4(int dtype, int rows, int n, const float *x, ptrd
                     _mm512_cvtps_ph(_mm512_loadu_ps(xr + j), _MM_FROUND_TO_NEAREST_INT));
         }
         for (; j < n; j++)
-            yr[j] = dtype == FA_DT_FLOAT16 ? fa_f32_to_f16(xr[j]) : fa_f32_to_bf16(xr[j]);
+            yr[j] = fa_f32_to_half(dtype, xr[j]);
     }
 }
 #endif
@@ -173,8 +184,7 @@ static void fa_widen(int dtype, int rows, int n, const uint16_t *x, ptrdiff_t ld
 #endif
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < n; j++)
-            y[r * ldy + j] = dtype == FA_DT_FLOAT16 ? fa_f16_to_f32(x[r * ldx + j])
-                                                    : fa_bf16_to_f32(x[r * ldx + j]);
+            y[r * ldy + j] = fa_half_to_f32(dtype, x[r * ldx + j]);
 }
 
 /* y[r, :n] = float64(x[r, :n]) (exact): half operands of a float64 computation, e.g. a
@@ -184,8 +194,7 @@ static void fa_widen_f64(int dtype, int rows, int n, const uint16_t *x, ptrdiff_
 {
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < n; j++)
-            y[r * ldy + j] = dtype == FA_DT_FLOAT16 ? fa_f16_to_f32(x[r * ldx + j])
-                                                    : fa_bf16_to_f32(x[r * ldx + j]);
+            y[r * ldy + j] = fa_half_to_f32(dtype, x[r * ldx + j]);
 }
 
 /* y[r, :n] = x[r, :n] rounded to the half type (to nearest even). */
@@ -200,8 +209,7 @@ static void fa_narrow(int dtype, int rows, int n, const float *x, ptrdiff_t ldx,
 #endif
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < n; j++)
-            y[r * ldy + j] = dtype == FA_DT_FLOAT16 ? fa_f32_to_f16(x[r * ldx + j])
-                                                    : fa_f32_to_bf16(x[r * ldx + j]);
+            y[r * ldy + j] = fa_f32_to_half(dtype, x[r * ldx + j]);
 }
 
 /* ---- bfloat16 dot products ---------------------------------------------------------------- */
