@@ -9,7 +9,7 @@ import operator
 import numpy as np
 from ml_dtypes import bfloat16 as _bfloat16
 
-__all__ = ["result_dtypes", "promoted_dtype", "is_bfloat16", "check_device", "check_choice"]
+__all__ = ["result_dtypes", "promoted_dtype", "check_device", "check_choice"]
 
 # dtypes computed natively; the half types (float16, bfloat16) are computed in float32
 # and returned in their own type.
@@ -49,14 +49,6 @@ def storage_dtype(compute, result, *arrays):
     if result in HALF and all(a.dtype == result for a in arrays):
         return result
     return compute
-
-
-def is_bfloat16(dtype):
-    """Whether ``dtype`` (a dtype, type or name) is ml_dtypes' bfloat16."""
-    try:
-        return np.dtype(dtype) == BFLOAT16
-    except TypeError:
-        return False
 
 
 def promoted_dtype(*arrays, names=None, supported=None, where=""):

@@ -19,14 +19,13 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.parallel cimport (
-    ItemFn, run_items, scratch_room, scratch_take, DT_FLOAT32, DT_FLOAT64,
+    ItemFn, run_items, DT_FLOAT32, DT_FLOAT64,
 )
 from fastattn._kernels.plan cimport AttentionPlan, PlanData
 
 from fastattn._kernels.tile cimport (
     real, finish_row, merge_partial_row, row_fill, tile_products_native,
-    kmajor_ld, kmajor_scratch_bytes,
-    TileOperands, tile_operands_bytes, tile_operands_init, tile_begin_block, tile_attend,
+    TileBuffers, tile_buffers_init, TileOperands, tile_begin_block, tile_attend,
     tile_attend_kmajor, is_half, element, narrow_rows,
     SplitMerge, merge_split_item, merge_split_scratch,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
@@ -69,7 +68,6 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     cdef const void *mslice
     cdef Py_ssize_t q0, k0, rows, cols, band_hi, ldacc
     cdef int state
-    cdef char *cursor = <char *>s
     cdef real *m
     cdef real *l
     cdef real *acc
@@ -78,19 +76,17 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     cdef const void *mtile
     cdef const void *kt
     cdef const void *vt
-    cdef TileOperands ops
+    cdef TileBuffers buf
+    cdef TileOperands *ops = &buf.ops
     cdef bint half = is_half(p.dtype)
-    # Row stride of the largest packed query block for key-major tiles (tile.pxd; 0: no
-    # tile goes key-major), and this item's packing state for attend_tile_kmajor.
-    cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
+    # this item's packing state for attend_tile_kmajor (tile.pxd)
     cdef Py_ssize_t ldqt
 
-    scratch_take(&cursor, p.block_q * p.block_k * sizeof(real))
-    m = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
-    l = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
-    kscratch = <real *>scratch_take(&cursor, kmajor_scratch_bytes(
-        ld_max, p.qkv.e, p.block_k, sizeof(real))) if ld_max else NULL
-    tile_operands_init(&ops, p.dtype, isz, p.qkv.e, p.qkv.ev, p.block_q, p.block_k, cursor)
+    tile_buffers_init(&buf, p.dtype, isz, p.qkv.e, p.qkv.ev, p.block_q, p.block_k,
+                      <char *>s)
+    m = <real *>buf.m
+    l = <real *>buf.l
+    kscratch = <real *>buf.kscratch
 
     split = item % p.nsplit
     t = item // p.nsplit
@@ -101,7 +97,7 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     rows = p.qkv.L - q0
     if rows > p.block_q:
         rows = p.block_q
-    tile_begin_block(&ops, element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz), p.qkv.ldq,
+    tile_begin_block(ops, element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz), p.qkv.ldq,
                      <int>rows)
 
     kb_lo = split * kb_per_split
@@ -173,7 +169,7 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
                     mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask.rs)
                 elif mtile != NULL:
                     mslice = <const void *>((<const real *>mtile) + r0 * p.mask.rs)
-                tile_attend(&ops, <int>r0, <int>sub_rows, kt, p.qkv.ldk, vt, p.qkv.ldv,
+                tile_attend(ops, <int>r0, <int>sub_rows, kt, p.qkv.ldk, vt, p.qkv.ldv,
                             <int>sub_cols, <real>p.scale,
                             mslice, p.mask.kind if mtile != NULL else MASK_NONE,
                             p.mask.rs, p.mask.cs, -BAND_ALL, band_hi + r0,
@@ -182,10 +178,10 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
         else:
             # no mask, no diagonal: key-major
             if mtile == NULL and band_hi >= cols - 1 and tile_attend_kmajor(
-                    &ops, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
+                    ops, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
                     <real>p.scale, kscratch, &ldqt, acc, ldacc, m, l):
                 continue
-            tile_attend(&ops, 0, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
+            tile_attend(ops, 0, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
                         <real>p.scale, mtile, p.mask.kind if mtile != NULL else MASK_NONE,
                         p.mask.rs, p.mask.cs, -BAND_ALL, band_hi, s, acc, ldacc, m, l)
 
@@ -213,16 +209,6 @@ cdef void dense_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
                           <float *>r.part_lse)
 
 
-cdef size_t dense_scratch(const PlanData *p, size_t realsize) noexcept nogil:
-    # One thread's scratch: the score tile, m, l, the key-major buffers (if any), then
-    # the buffers of half operands (if any).
-    cdef Py_ssize_t ld_max = kmajor_ld(realsize == 4, p.qkv.ev, p.block_q)
-    return (scratch_room(p.block_q * p.block_k * realsize)
-            + 2 * scratch_room(p.block_q * realsize)
-            + scratch_room(kmajor_scratch_bytes(ld_max, p.qkv.e, p.block_k, realsize))
-            + tile_operands_bytes(p.dtype, p.block_q, p.block_k, p.qkv.e, p.qkv.ev))
-
-
 def sdpa(AttentionPlan plan):
     """Run the dense kernel on a plan (fastattn._layout.attention_plan). Private:
     `fastattn.attention` validates every argument.
@@ -234,12 +220,13 @@ def sdpa(AttentionPlan plan):
     cdef const PlanData *p = &plan.c
     # compute type: float64 for float64 operands, float32 for the others
     cdef int compute = cnp.NPY_FLOAT64 if p.dtype == DT_FLOAT64 else cnp.NPY_FLOAT32
-    cdef size_t realsize = 8 if p.dtype == DT_FLOAT64 else 4
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
     cdef Py_ssize_t nitems = p.qkv.nbatch * nqb * p.nsplit
     cdef Py_ssize_t nrows = p.qkv.nbatch * p.qkv.L
     cdef cnp.ndarray part_out = None, part_lse = None
-    cdef size_t scratch = dense_scratch(p, realsize)
+    cdef TileBuffers sizing
+    cdef size_t scratch = tile_buffers_init(&sizing, p.dtype, p.itemsize, p.qkv.e, p.qkv.ev,
+                                            p.block_q, p.block_k, NULL)
     cdef SplitMerge merge
     run.plan = p
     run.part_out = run.part_lse = NULL

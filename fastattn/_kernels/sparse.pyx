@@ -27,13 +27,12 @@ from libc.string cimport memset
 from libc.stdint cimport uint8_t, int64_t
 cimport numpy as cnp
 
-from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT64
+from fastattn._kernels.parallel cimport run_items, scratch_room, DT_FLOAT64
 from fastattn._kernels.plan cimport AttentionPlan, PlanData
 from fastattn._kernels.tile cimport (
     intp_data, block_len, start_rows,
     real, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
-    kmajor_ld, kmajor_scratch_bytes,
-    TileOperands, tile_operands_bytes, tile_operands_init, tile_begin_block, tile_attend,
+    TileBuffers, tile_buffers_init, TileOperands, tile_begin_block, tile_attend,
     tile_attend_kmajor, is_half, element, narrow_rows,
 )
 
@@ -184,26 +183,26 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
     cdef real *kscratch
     cdef const void *kt
     cdef const void *vt
-    cdef TileOperands ops
+    cdef TileBuffers buf
+    cdef TileOperands *ops = &buf.ops
     cdef bint half = is_half(p.dtype)
-    # Row stride of the largest packed query block (0: no tile goes key-major), and this
-    # item's packing state for attend_tile_kmajor.
-    cdef Py_ssize_t ld_max = kmajor_ld(real is float, p.qkv.ev, p.block_q)
+    # this item's packing state for attend_tile_kmajor (tile.pxd)
     cdef Py_ssize_t ldqt
 
-    s = <real *>scratch_take(&cursor, p.block_q * p.block_k * sizeof(real))
-    m = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
-    l = <real *>scratch_take(&cursor, p.block_q * sizeof(real))
-    keep = <uint8_t *>scratch_take(&cursor, p.block_q * p.block_k)
-    kscratch = <real *>scratch_take(&cursor, kmajor_scratch_bytes(
-        ld_max, p.qkv.e, p.block_k, sizeof(real))) if ld_max else NULL
-    tile_operands_init(&ops, p.dtype, isz, p.qkv.e, p.qkv.ev, p.block_q, p.block_k, cursor)
+    # the tile core's buffers, then the keep tile of the element rule (sparse_scratch)
+    cursor += tile_buffers_init(&buf, p.dtype, isz, p.qkv.e, p.qkv.ev, p.block_q, p.block_k,
+                                cursor)
+    s = <real *>buf.s
+    m = <real *>buf.m
+    l = <real *>buf.l
+    kscratch = <real *>buf.kscratch
+    keep = <uint8_t *>cursor
 
     qb = item % nqb
     b = item // nqb
     q0 = qb * p.block_q
     rows = block_len(p.qkv.L, q0, p.block_q)
-    tile_begin_block(&ops, element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz), p.qkv.ldq,
+    tile_begin_block(ops, element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz), p.qkv.ldq,
                      rows)
     if half:
         acc = <real *>ops.acc32         # float32 rows, narrowed into out at the end
@@ -231,10 +230,10 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
         vt = element(p.ops.v, p.qkv.v_off[b] + k0 * p.qkv.ldv, isz)
         # every pair of the tile takes part: key-major
         if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
-                and tile_attend_kmajor(&ops, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
+                and tile_attend_kmajor(ops, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
                                        kscratch, &ldqt, acc, ldacc, m, l)):
             continue
-        tile_attend(&ops, 0, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
+        tile_attend(ops, 0, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
                     <const void *>keep, MASK_BOOL if kind == TILE_MASK else MASK_NONE,
                     cols, 1, band_lo, band_hi, s, acc, ldacc, m, l)
 
@@ -257,15 +256,13 @@ cdef void sparse_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
         sparse_rows[float](r.plan, r.layout, item, <float *>scratch)
 
 
-cdef size_t sparse_scratch(const PlanData *p, size_t realsize) noexcept nogil:
-    # One thread's scratch: the score tile, m, l, the keep tile, the key-major buffers
-    # (if any), then the buffers of half operands (if any).
-    cdef Py_ssize_t ld_max = kmajor_ld(realsize == 4, p.qkv.ev, p.block_q)
-    return (scratch_room(p.block_q * p.block_k * realsize)
-            + 2 * scratch_room(p.block_q * realsize)
-            + scratch_room(p.block_q * p.block_k)
-            + scratch_room(kmajor_scratch_bytes(ld_max, p.qkv.e, p.block_k, realsize))
-            + tile_operands_bytes(p.dtype, p.block_q, p.block_k, p.qkv.e, p.qkv.ev))
+cdef size_t sparse_scratch(const PlanData *p) noexcept nogil:
+    # One thread's scratch: the tile core's buffers (tile_buffers_init), then the keep
+    # tile of the element rule.
+    cdef TileBuffers sizing
+    return (tile_buffers_init(&sizing, p.dtype, p.itemsize, p.qkv.e, p.qkv.ev, p.block_q,
+                              p.block_k, NULL)
+            + scratch_room(p.block_q * p.block_k))
 
 
 cdef class SparsePlan:
@@ -325,8 +322,7 @@ def block_sparse(AttentionPlan plan, SparsePlan layout):
     cdef SparseRun run
     cdef const PlanData *p = &plan.c
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
-    # compute type: float64 for float64 operands, float32 for the others
-    cdef size_t scratch = sparse_scratch(p, 8 if p.dtype == DT_FLOAT64 else 4)
+    cdef size_t scratch = sparse_scratch(p)
     run.plan = p
     run.layout = &layout.c
     with nogil:

@@ -15,6 +15,7 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 cimport numpy as cnp
+from fastattn._kernels.parallel cimport scratch_room
 from libc.math cimport INFINITY, log
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -571,7 +572,7 @@ cdef struct TileOperands:
     # the current query block (tile_begin_block): rows of e elements, row stride ldq
     const char *q
     Py_ssize_t ldq
-    # half operands' buffers, carved from the thread's scratch (tile_operands_bytes)
+    # half operands' buffers, carved from the thread's scratch (tile_operands_init)
     float *q32              # widened query block          (block_q x e)
     float *k32              # widened key tile             (block_k x e)
     float *v32              # widened value tile           (block_k x ev)
@@ -595,27 +596,18 @@ cdef inline Py_ssize_t round32(Py_ssize_t n) noexcept nogil:
     return (n + 31) // 32 * 32
 
 
-cdef inline size_t tile_operands_bytes(int dtype, int block_q, int block_k, int e,
-                                       int ev) noexcept nogil:
-    # Scratch a TileOperands needs for one thread (0 for native operands).
-    cdef size_t n = 0
-    if not is_half(dtype):
-        return 0
-    n += (block_q * ev * 4 + 63) // 64 * 64
-    if bf16_dot_products(dtype, ev):
-        n += ((e + 1) // 2 * round32(block_k) * 4 + 63) // 64 * 64
-        n += ((block_k + 1) // 2 * ev * 4 + 63) // 64 * 64
-        n += ((block_k + 1) // 2 * round32(block_q) * 4 + 63) // 64 * 64
-    else:
-        n += ((block_q + 2 * block_k) * (e if e > ev else ev) * 4 + 63) // 64 * 64
-    return n
+cdef inline char *scratch_at(char *base, size_t offset) noexcept nogil:
+    # base + offset, or NULL when only sizing (base NULL)
+    return base + offset if base != NULL else NULL
 
 
-cdef inline void tile_operands_init(TileOperands *t, int dtype, Py_ssize_t itemsize, int e,
-                                    int ev, int block_q, int block_k,
-                                    char *scratch) noexcept nogil:
-    # Set up t for operands of `dtype`; scratch: tile_operands_bytes of it.
+cdef inline size_t tile_operands_init(TileOperands *t, int dtype, Py_ssize_t itemsize, int e,
+                                      int ev, int block_q, int block_k,
+                                      char *scratch) noexcept nogil:
+    # Set up t for operands of `dtype`, carving its buffers from scratch; returns the
+    # bytes they take (0 for native operands). With scratch NULL it only sizes them.
     cdef Py_ssize_t width = e if e > ev else ev
+    cdef size_t off = 0
     t.dtype = dtype
     t.itemsize = itemsize
     t.e = e
@@ -626,19 +618,55 @@ cdef inline void tile_operands_init(TileOperands *t, int dtype, Py_ssize_t items
     t.q32 = t.k32 = t.v32 = t.acc32 = NULL
     t.kp = t.vp = t.pw = NULL
     if not is_half(dtype):
-        return
-    t.acc32 = <float *>scratch
-    scratch += (block_q * ev * 4 + 63) // 64 * 64
+        return 0
+    t.acc32 = <float *>scratch_at(scratch, off)
+    off += scratch_room(block_q * ev * 4)
     if t.dot:
-        t.kp = <uint32_t *>scratch
-        scratch += ((e + 1) // 2 * round32(block_k) * 4 + 63) // 64 * 64
-        t.vp = <uint32_t *>scratch
-        scratch += ((block_k + 1) // 2 * ev * 4 + 63) // 64 * 64
-        t.pw = <uint32_t *>scratch
+        t.kp = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room((e + 1) // 2 * round32(block_k) * 4)
+        t.vp = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room((block_k + 1) // 2 * ev * 4)
+        t.pw = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room((block_k + 1) // 2 * round32(block_q) * 4)
     else:
-        t.q32 = <float *>scratch
-        t.k32 = t.q32 + block_q * width
-        t.v32 = t.k32 + block_k * width
+        t.q32 = <float *>scratch_at(scratch, off)
+        off += scratch_room(block_q * width * 4)
+        t.k32 = <float *>scratch_at(scratch, off)
+        off += scratch_room(block_k * width * 4)
+        t.v32 = <float *>scratch_at(scratch, off)
+        off += scratch_room(block_k * width * 4)
+    return off
+
+
+# One thread's buffers for walking query blocks over key tiles (dense, block-sparse):
+# the score tile, the running max and sum, the key-major buffers and the TileOperands.
+# Sized and carved by one function, so the size cannot drift from the layout.
+cdef struct TileBuffers:
+    void *s                 # block_q x block_k scores (compute type)
+    void *m                 # block_q running maxima
+    void *l                 # block_q running sums
+    void *kscratch          # key-major buffers (kmajor_scratch_bytes), or NULL
+    TileOperands ops
+
+
+cdef inline size_t tile_buffers_init(TileBuffers *b, int dtype, Py_ssize_t itemsize, int e,
+                                     int ev, int block_q, int block_k,
+                                     char *scratch) noexcept nogil:
+    # Carve b from scratch (NULL: only size it); returns the bytes it takes. The
+    # compute type is float64 for float64 operands, float32 for the others.
+    cdef size_t realsize = 8 if dtype == FA_DT_FLOAT64 else 4
+    cdef Py_ssize_t ld_max = kmajor_ld(realsize == 4, ev, block_q)
+    cdef size_t off = 0
+    b.s = scratch_at(scratch, off)
+    off += scratch_room(block_q * block_k * realsize)
+    b.m = scratch_at(scratch, off)
+    off += scratch_room(block_q * realsize)
+    b.l = scratch_at(scratch, off)
+    off += scratch_room(block_q * realsize)
+    b.kscratch = scratch_at(scratch, off) if ld_max else NULL
+    off += scratch_room(kmajor_scratch_bytes(ld_max, e, block_k, realsize))
+    return off + tile_operands_init(&b.ops, dtype, itemsize, e, ev, block_q, block_k,
+                                    scratch_at(scratch, off))
 
 
 cdef inline const void *element(const void *base, Py_ssize_t offset,
