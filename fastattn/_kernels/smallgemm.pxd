@@ -42,8 +42,5 @@ cdef inline void gemm_ab_acc_small(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
         fa_gemm_ab_acc_small_f64(m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes)
 
 cdef extern from "smallgemm.h" nogil:
+    # cache hint for [p, p + nbytes) (e.g. the next key/value block)
     void fa_prefetch(const void *p, Py_ssize_t nbytes)
-
-cdef inline void prefetch_rows(const real *x, Py_ssize_t rows, Py_ssize_t ld) noexcept nogil:
-    # cache hint for rows x ld elements from x (e.g. the next key/value block)
-    fa_prefetch(x, rows * ld * sizeof(real))

@@ -136,26 +136,27 @@ static long long fa_now_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* Poll *flag (read atomically) until it is nonzero (want_nonzero) or zero, for at most
- * FA_POLL_NS, yielding the core every few checks; returns whether the wait was met. */
-static int fa_poll(const void *const *ptr, const int *count, int want_nonzero)
+static inline void fa_pause(void)
 {
-    long long deadline = fa_now_ns() + FA_POLL_NS;
-    for (int i = 1;; i++) {
-        int met = ptr ? (__atomic_load_n(ptr, __ATOMIC_ACQUIRE) != NULL)
-                      : (__atomic_load_n(count, __ATOMIC_ACQUIRE) != 0);
-        if (met == want_nonzero)
-            return 1;
-        if (i % 16 == 0) {
-            if (fa_now_ns() > deadline)
-                return 0;
-            sched_yield();
-        }
 #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
+    __builtin_ia32_pause();
 #endif
-    }
 }
+
+/* Re-evaluate cond (atomic loads) until it holds, for at most FA_POLL_NS, yielding the
+ * core every 16 checks. */
+#define FA_POLL_UNTIL(cond)                                                                \
+    do {                                                                                   \
+        long long deadline_ = fa_now_ns() + FA_POLL_NS;                                    \
+        for (int i_ = 1; !(cond); i_++) {                                                  \
+            if (i_ % 16 == 0) {                                                            \
+                if (fa_now_ns() > deadline_)                                               \
+                    break;                                                                 \
+                sched_yield();                                                             \
+            }                                                                              \
+            fa_pause();                                                                    \
+        }                                                                                  \
+    } while (0)
 
 static struct {
     pthread_mutex_t mu;
@@ -184,7 +185,7 @@ static void *fa_worker_main(void *arg)
     for (;;) {
         if (fa_pool.open == NULL) {
             pthread_mutex_unlock(&fa_pool.mu);
-            fa_poll((const void *const *)&fa_pool.open, NULL, 1);
+            FA_POLL_UNTIL(__atomic_load_n(&fa_pool.open, __ATOMIC_ACQUIRE) != NULL);
             pthread_mutex_lock(&fa_pool.mu);
         }
         while ((r = fa_pool.open) == NULL) {
@@ -320,7 +321,7 @@ static int fa_parallel_run(fa_item_fn item, void *ctx, ptrdiff_t nitems, ptrdiff
         r.want = 0;
         if (r.active > 0) {
             pthread_mutex_unlock(&fa_pool.mu);
-            fa_poll(NULL, &r.active, 0);
+            FA_POLL_UNTIL(__atomic_load_n(&r.active, __ATOMIC_ACQUIRE) == 0);
             pthread_mutex_lock(&fa_pool.mu);
         }
         while (r.active > 0)
