@@ -97,6 +97,7 @@ _META_FUNCTIONS = {
     "aclDestroyTensor": (c_int32, [TensorRef]),
     "aclDestroyIntArray": (c_int32, [IntArrayRef]),
     "aclDestroyTensorList": (c_int32, [TensorListRef]),
+    "aclSetAclOpExecutorRepeatable": (c_int32, [ExecutorRef]),
     "aclDestroyAclOpExecutor": (c_int32, [ExecutorRef]),
 }
 

@@ -148,6 +148,54 @@ def clear_injection(runtime):
     runtime.lib.acl.ascendsim_fail_next(None, 0)
 
 
+def start_trace(runtime):
+    """Number the simulator's acl/aclnn calls from 0 and record their names."""
+    runtime.lib.acl.ascendsim_calls_reset(1)
+
+
+def stop_trace(runtime):
+    """The names of the calls since :func:`start_trace`, in order; stops recording."""
+    function = runtime.lib.acl.ascendsim_trace
+    function.restype = ctypes.c_int64
+    function.argtypes = (ctypes.c_char_p, ctypes.c_int64)
+    length = function(None, 0)
+    buffer = ctypes.create_string_buffer(length + 1)
+    function(buffer, length + 1)
+    runtime.lib.acl.ascendsim_calls_reset(0)
+    return buffer.value.decode().split()
+
+
+def fail_at(runtime, index, code):
+    """Number calls from 0 again; the call numbered ``index`` returns ``code``."""
+    runtime.lib.acl.ascendsim_calls_reset(0)
+    runtime.lib.acl.ascendsim_fail_at(ctypes.c_int64(index), code)
+
+
+def fail_at_hit(runtime):
+    """Whether the failure set by :func:`fail_at` was returned."""
+    return bool(runtime.lib.acl.ascendsim_fail_at_hit())
+
+
+REFUSED_DESTROY = {1: "aclDestroyTensor", 2: "aclDestroyIntArray", 3: "aclDestroyTensorList",
+                   4: "aclDestroyAclOpExecutor"}
+
+
+def destroy_refused_object(runtime):
+    """Destroy the object whose destroy an injected failure refused; its destroy's name
+    (None if there is none)."""
+    function = runtime.lib.meta.ascendsim_refused_object
+    function.restype = ctypes.c_void_p
+    function.argtypes = (ctypes.POINTER(ctypes.c_int),)
+    kind = ctypes.c_int()
+    handle = function(ctypes.byref(kind))
+    if not handle:
+        return None
+    name = REFUSED_DESTROY[kind.value]
+    destroy = getattr(runtime.lib.meta, name)  # executors: repeatable ones only reach here
+    assert destroy(ctypes.cast(handle, destroy.argtypes[0])) == 0
+    return name
+
+
 def assert_no_leak(runtime):
     """After empty_cache: every aclrtMalloc freed, no descriptor or executor alive."""
     import ascend

@@ -524,9 +524,10 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGetWorkspaceSize(
             FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask shape must be [B,N,Sq,Skv], "
                  "[B,1,Sq,Skv], [1,1,Sq,Skv] or [Sq,Skv]");
         }
-    } else if (sparseMode == 1) {
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode 1 needs a full attenMask");
     }
+    /* No attenMask: "sparseMode、preTokens、nextTokens参数不生效，固定为全计算" (ops-transformer
+     * attention/flash_attention_score/docs/aclnnFlashAttentionScore.md, 约束说明): every sparse
+     * mode computes everything; fa_masked never masks without a mask. */
     if (realShiftOptional) {
         if (realShiftOptional->dtype != query->dtype ||
             !fa_pse_shape_ok(realShiftOptional, B, N, Sq, Skv))
@@ -738,6 +739,20 @@ SIM_EXPORT aclnnStatus aclnnIncreFlashAttentionV4GetWorkspaceSize(
             FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: actualSeqLengths[%llu] = %lld outside "
                  "[0, %lld]", (unsigned long long)b, (long long)actualSeqLengths->values[b],
                  (long long)capacity);
+    if (blocktable != NULL) {
+        /* "blocknum不能小于根据actualSeqLengthsKv和blockSize计算的每个batch的block数量之和"
+         * (ops-transformer attention/incre_flash_attention/docs/aclnnIncreFlashAttentionV4.md,
+         * 约束说明, page attention): the pool holds at least the sum over the batch of the
+         * blocks each sequence needs, ceil(actualSeqLengths[b] / blockSize), even when rows
+         * of the block table share blocks. */
+        int64_t needed = 0;
+        for (uint64_t b = 0; b < actualSeqLengths->size; ++b)
+            needed += (actualSeqLengths->values[b] + blockSize - 1) / blockSize;
+        if (needed > k->dims[0])
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: blocknum %lld is less than the %lld blocks the "
+                 "batch needs (sum over the batch of ceil(actualSeqLengths / blockSize))",
+                 (long long)k->dims[0], (long long)needed);
+    }
 
     IncreArgs *a = calloc(1, sizeof *a);
     if (a == NULL) FAIL(561000, "EZ9999: out of host memory");
