@@ -117,11 +117,11 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     >>> dq.shape, dk.shape, dv.shape
     ((2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8))
 
-    Every query's weights sum to one, so the loss ``out.sum()`` grows by exactly the
-    number of queries that see a key when one is added to every value:
+    Every query's weights sum to one: adding ``c`` to every value adds ``c`` to every
+    output, so the loss ``out.sum()`` grows by ``c * out.size``:
 
-    >>> float(dv.sum())
-    128.0
+    >>> float(dv.sum()) == out.size
+    True
 
     A learned bias shared by the batch gets its gradient at its own shape:
 
