@@ -297,6 +297,21 @@ def _plan_mask(attn_mask, is_causal, alignment, full_shape, scale, storage_name)
     return plan
 
 
+def _mask_tensors(plan, runtime, device, resources, scope, acl_dtype):
+    """``(attenMask, realShift)`` descriptors of a :class:`_MaskPlan` (None when absent):
+    the cached compressed causal mask, or the uploaded mask and bias."""
+    mask_tensor = pse_tensor = None
+    if plan.compressed:
+        mask = runtime.constant(device, "compressed_causal_mask", compressed_causal_mask)
+        mask_tensor = scope.tensor(mask.ptr, (COMPRESSED_MASK_SIZE,) * 2, DTYPES["bool"][0])
+    elif plan.masked_out is not None:
+        mask_tensor = scope.tensor(resources.upload(plan.masked_out).ptr,
+                                   plan.masked_out.shape, DTYPES["bool"][0])
+    if plan.pse is not None:
+        pse_tensor = scope.tensor(resources.upload(plan.pse).ptr, plan.pse.shape, acl_dtype)
+    return mask_tensor, pse_tensor
+
+
 def _broadcast_shape(shape, full_shape):
     try:
         return np.broadcast_shapes(shape, full_shape)
@@ -331,6 +346,41 @@ def _pse_in_supported_shape(pse, full_shape):
 # ---------------------------------------------------------------------------
 # dense attention
 # ---------------------------------------------------------------------------
+
+def _flash_shapes(q, k, v, operator):
+    """``(B, Hq, L, E, Hkv, S, Ev)`` of BNSD operands, checked against the limits that
+    aclnnFlashAttentionScore and aclnnFlashAttentionScoreGrad document alike."""
+    for operand, layout in ((q, "(B, Hq, L, E)"), (k, "(B, Hkv, S, E)"), (v, "(B, Hkv, S, Ev)")):
+        _check_rank(operand, 4, layout)
+    batch, heads, length, head_dim = q.shape
+    kv_heads, key_length, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    if k.shape[0] != batch or v.shape[0] != batch or v.shape[1] != kv_heads \
+            or v.shape[2] != key_length or k.shape[3] != head_dim:
+        raise ValueError(f"inconsistent shapes: query {q.shape}, key {k.shape}, value {v.shape}")
+    if min(q.shape + k.shape + v.shape) < 1:
+        raise ValueError(f"empty query/key/value are not supported by {operator}")
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
+                         f"({kv_heads})")
+    if heads > FLASH_ATTENTION_MAX_HEADS:
+        raise ValueError(f"{operator} supports at most {FLASH_ATTENTION_MAX_HEADS} heads, "
+                         f"got {heads}")
+    if head_dim > FLASH_ATTENTION_MAX_HEAD_DIM or value_dim > head_dim:
+        raise ValueError(f"{operator} needs Ev <= E <= {FLASH_ATTENTION_MAX_HEAD_DIM}, got "
+                         f"E={head_dim}, Ev={value_dim}")
+    return batch, heads, length, head_dim, kv_heads, key_length, value_dim
+
+
+def _flash_options(causal_alignment, scale, head_dim):
+    """The checked scale (default ``1 / sqrt(E)``), after checking ``causal_alignment``."""
+    if causal_alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', "
+                         f"got {causal_alignment!r}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+    return scale
+
 
 def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
                     causal_alignment="top_left", scale=None, return_lse=False, device=0):
@@ -389,49 +439,20 @@ def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
     operands = (q, k, v)
     _check_devices(operands, device)
     name = _check_dtypes(operands, FLASH_ATTENTION_DTYPES, "aclnnFlashAttentionScore")
-    for operand, layout in ((q, "(B, Hq, L, E)"), (k, "(B, Hkv, S, E)"), (v, "(B, Hkv, S, Ev)")):
-        _check_rank(operand, 4, layout)
-    batch, heads, length, head_dim = q.shape
-    kv_heads, key_length, value_dim = k.shape[1], k.shape[2], v.shape[3]
-    if k.shape[0] != batch or v.shape[0] != batch or v.shape[1] != kv_heads \
-            or v.shape[2] != key_length or k.shape[3] != head_dim:
-        raise ValueError(f"inconsistent shapes: query {q.shape}, key {k.shape}, value {v.shape}")
-    if min(q.shape + k.shape + v.shape) < 1:
-        raise ValueError("empty query/key/value are not supported by aclnnFlashAttentionScore")
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
-                         f"({kv_heads})")
-    if heads > FLASH_ATTENTION_MAX_HEADS:
-        raise ValueError(f"aclnnFlashAttentionScore supports at most "
-                         f"{FLASH_ATTENTION_MAX_HEADS} heads, got {heads}")
-    if head_dim > FLASH_ATTENTION_MAX_HEAD_DIM or value_dim > head_dim:
-        raise ValueError(f"aclnnFlashAttentionScore needs Ev <= E <= "
-                         f"{FLASH_ATTENTION_MAX_HEAD_DIM}, got E={head_dim}, Ev={value_dim}")
-    if causal_alignment not in ("top_left", "bottom_right"):
-        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', "
-                         f"got {causal_alignment!r}")
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if not math.isfinite(scale) or scale == 0.0:
-        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+    batch, heads, length, head_dim, kv_heads, key_length, value_dim = _flash_shapes(
+        q, k, v, "aclnnFlashAttentionScore")
+    scale = _flash_options(causal_alignment, scale, head_dim)
     plan = _plan_mask(attn_mask, is_causal, causal_alignment,
                       (batch, heads, length, key_length), scale, name)
 
     on_device = any(o.device_array is not None for o in operands)
     acl_dtype = DTYPES[name][0]
-    acl_bool = DTYPES["bool"][0]
     out_shape, stats_shape = (batch, heads, length, value_dim), (batch, heads, length, 8)
     with _CallResources(runtime, device) as resources, \
             DescriptorScope(runtime.lib, runtime.descriptors) as scope:
         tensors = [scope.tensor(resources.place(o), o.shape, acl_dtype) for o in operands]
-        mask_tensor = pse_tensor = None
-        if plan.compressed:
-            mask = runtime.constant(device, "compressed_causal_mask", compressed_causal_mask)
-            mask_tensor = scope.tensor(mask.ptr, (COMPRESSED_MASK_SIZE,) * 2, acl_bool)
-        elif plan.masked_out is not None:
-            mask_tensor = scope.tensor(resources.upload(plan.masked_out).ptr,
-                                       plan.masked_out.shape, acl_bool)
-        if plan.pse is not None:
-            pse_tensor = scope.tensor(resources.upload(plan.pse).ptr, plan.pse.shape, acl_dtype)
+        mask_tensor, pse_tensor = _mask_tensors(plan, runtime, device, resources, scope,
+                                                acl_dtype)
         out_buffer = resources.scratch(math.prod(out_shape) * DTYPES[name][1].itemsize)
         max_buffer = resources.scratch(math.prod(stats_shape) * 4)
         sum_buffer = resources.scratch(math.prod(stats_shape) * 4)

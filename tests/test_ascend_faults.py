@@ -3,7 +3,7 @@
 * defect 6: a failed upload of the cached 2048x2048 causal mask, and ``aclrtFree``
   failing inside ``empty_cache``, used to strand device memory that
   ``empty_cache()`` never gave back;
-* fault injection: each NPU operation below is run once to record the sequence of
+* fault injection: each NPU operation below (dense, paged and backward calls) is run once to record the sequence of
   the acl/aclnn calls it makes (the simulator numbers every call of libascendcl,
   libnnopbase and libopapi), then once per call with a failure injected into just
   that call. After each failure every device allocation left is one the pool
@@ -166,12 +166,44 @@ def paged_cache_lifecycle(rng):
     return operation
 
 
+def backward_host(rng):
+    """aclnnFlashAttentionScoreGrad with a bool mask and causal (the combined mask), GQA."""
+    q = rng.standard_normal((1, 4, 5, 8)).astype(np.float16)
+    k = rng.standard_normal((1, 2, 6, 8)).astype(np.float16)
+    mask = rng.random((5, 6)) < 0.8
+    out, lse = ascend.flash_attention(q, k, k, mask, is_causal=True, return_lse=True)
+    grad_out = rng.standard_normal(out.shape).astype(np.float16)
+
+    def operation():
+        grads = ascend.flash_attention_backward(grad_out, q, k, k, out, lse, mask,
+                                                is_causal=True)
+        assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+    return operation
+
+
+def backward_resident_causal(rng):
+    """Forward then backward on resident inputs: the cached causal mask, the forward's lse
+    downloaded for the statistics, resident gradients."""
+    q = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
+
+    def operation():
+        with ascend.to_device(q) as x:
+            out, lse = ascend.flash_attention(x, x, x, is_causal=True, return_lse=True)
+            with out, lse:
+                grads = ascend.flash_attention_backward(out, x, x, x, out, lse, is_causal=True)
+                for g in grads:
+                    g.close()
+    return operation
+
+
 OPERATIONS = {
     "dense_host": dense_host,
     "dense_resident_causal": dense_resident_causal,
     "paged_resident_decode": paged_resident_decode,
     "paged_split_launches": paged_split_launches,
     "paged_cache_lifecycle": paged_cache_lifecycle,
+    "backward_host": backward_host,
+    "backward_resident_causal": backward_resident_causal,
 }
 
 

@@ -111,7 +111,8 @@ def launch_count(runtime):
 
 ACL_DTYPE_NAMES = {0: "float32", 1: "float16", 2: "int8", 3: "int32", 4: "uint8", 9: "int64",
                    12: "bool", 27: "bfloat16"}
-LAUNCH_KINDS = {1: "aclnnFlashAttentionScore", 2: "aclnnIncreFlashAttentionV4"}
+LAUNCH_KINDS = {1: "aclnnFlashAttentionScore", 2: "aclnnIncreFlashAttentionV4",
+                3: "aclnnFlashAttentionScoreGrad"}
 
 
 def last_launch(runtime):
@@ -235,6 +236,38 @@ def reference_attention(query, key, value, keep=None, bias=None, scale=None):
     with np.errstate(divide="ignore"):
         lse = np.where(empty[..., 0], -np.inf, row_max[..., 0] + np.log(total[..., 0]))
     return out, lse
+
+
+def reference_attention_backward(grad_out, query, key, value, keep=None, bias=None,
+                                 scale=None):
+    """(dq, dk, dv) of :func:`reference_attention` in float64, BNSD.
+
+    ``P = softmax(scale * q k^T + bias)`` (masked where not keep; rows with no key are
+    0), ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = scale * dS K``,
+    ``dK = scale * dS^T Q``; key/value gradients summed over each group of query heads.
+    """
+    q, k, v, g = (np.asarray(x, dtype=np.float64) for x in (query, key, value, grad_out))
+    batch, kv_heads = k.shape[:2]
+    group = q.shape[1] // kv_heads
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    scores = scale * q @ k.swapaxes(-1, -2)
+    if bias is not None:
+        scores = scores + bias
+    if keep is not None:
+        scores = np.where(keep, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    empty = ~np.isfinite(row_max)
+    weights = np.exp(scores - np.where(empty, 0.0, row_max))
+    p = np.where(empty, 0.0, weights / np.where(empty, 1.0, weights.sum(axis=-1, keepdims=True)))
+    out = p @ v
+    dv = p.swapaxes(-1, -2) @ g
+    ds = p * (g @ v.swapaxes(-1, -2) - (g * out).sum(axis=-1, keepdims=True))
+    dq = scale * ds @ k
+    dk = scale * ds.swapaxes(-1, -2) @ q
+    fold = (batch, kv_heads, group)
+    return (dq, dk.reshape(fold + dk.shape[2:]).sum(axis=2),
+            dv.reshape(fold + dv.shape[2:]).sum(axis=2))
 
 
 def causal_keep(query_length, key_length, bottom_right):
