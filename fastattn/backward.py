@@ -1,7 +1,7 @@
 """Gradients: the backward pass of scaled dot-product attention and of the softmax."""
 import numpy as np
 
-from fastattn import _threads
+from fastattn import _npu, _threads
 from fastattn._kernels import backward as _backward
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
@@ -62,8 +62,13 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         was broadcast along: its own shape.
     num_threads : int, optional
         Threads for this call; default :func:`fastattn.get_num_threads`.
-    device : {"cpu"}, default="cpu"
-        ``"npu"`` is not implemented yet and raises ``NotImplementedError``.
+    device : {"cpu", "npu", "npu:N"}, default="cpu"
+        ``"npu"`` runs ``aclnnFlashAttentionScoreGrad`` on a Huawei Ascend NPU
+        (``ascend`` package; see ``docs/ascend.md``): float16, bfloat16 or float32
+        inputs as for the forward, ``lse`` from the forward (any device), gradients
+        in each input's dtype; ``ascend.DeviceArray`` inputs (all of ``grad_out``,
+        query, key, value and ``out``, shape (B, H, L, E)) give DeviceArrays.
+        ``mask_grad=True`` is not available there (``NotImplementedError``).
 
     Returns
     -------
@@ -84,7 +89,7 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         are named), ``mask_grad=True`` without a float mask, an unknown
         ``causal_alignment`` or ``device``.
     NotImplementedError
-        For ``device="npu"``.
+        For ``mask_grad=True`` with ``device="npu"``.
 
     Notes
     -----
@@ -135,8 +140,10 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     kind = check_device(device, CPU_AND_NPU)
     check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
     if kind == "npu":
-        raise NotImplementedError("scaled_dot_product_attention_backward: device='npu' is "
-                                  "not implemented yet; use device='cpu'")
+        return _npu.sdpa_backward(grad_out, query, key, value, out, lse, attn_mask,
+                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                                  causal_alignment=causal_alignment, mask_grad=mask_grad,
+                                  device=device)
     ops = _Operands(query, key, value, attn_mask, enable_gqa)
     scale = check_scale(scale, ops.E)
     grad_out, out, lse = _check_saved(ops, grad_out, out, lse)
