@@ -141,19 +141,19 @@ class _CallResources(Owner):
 class _Executor(Owner):
     """The ``aclOpExecutor`` of one two-phase call (an :class:`~ascend._owner.Owner`).
 
-    Phase 1 writes it into :attr:`handle`; :meth:`adopt`, called right after,
-    makes it repeatable with ``aclSetAclOpExecutorRepeatable``. CANN documents
-    two lifetimes (hiascend aolapi "aclDestroyAclOpExecutor",
-    "aclSetAclOpExecutorRepeatable"): a single-use executor is created by phase
-    1 and released by phase 2, and nothing else may release it; a repeatable
-    one belongs to the caller until ``aclDestroyAclOpExecutor``, the only use
-    that function is documented for. A repeatable executor can therefore be
-    released whatever happens between the phases (e.g. the workspace cannot be
-    allocated): this object destroys it on close, after the launch or instead
-    of it. If the operator refuses reuse (the documented limits: operators that
-    copy between host and device inside, or create device tensors), the
-    executor stays single-use and only its launch releases it; closed without a
-    launch, it is left to CANN, as no documented call releases it.
+    Phase 1 writes it into :attr:`handle`. CANN documents two lifetimes
+    (hiascend aolapi "aclDestroyAclOpExecutor", "aclSetAclOpExecutorRepeatable"):
+    a single-use executor is created by phase 1 and released by phase 2, and
+    nothing else may release it; a repeatable one belongs to the caller until
+    ``aclDestroyAclOpExecutor``, the only use that function is documented for.
+    When something between the phases can fail (a workspace that needs a new
+    ``aclrtMalloc``; one taken from the pool cannot fail), :meth:`adopt`, called
+    right after phase 1, makes the executor repeatable, so that this object can
+    destroy it on close, after the launch or instead of it. Otherwise it stays
+    single-use and the launch releases it. If the operator refuses reuse (the
+    documented limits: operators that copy between host and device inside, or
+    create device tensors), the executor stays single-use too; closed without a
+    launch, it is then left to CANN, as no documented call releases it.
     """
 
     def __init__(self, meta):
@@ -202,9 +202,11 @@ def _run_operator(runtime, device, operator_name, phase1_arguments):
                                                           byref(workspace_size),
                                                           byref(executor.handle)),
                               operator.phase1_name)
-            executor.adopt()
             if workspace_size.value:
-                workspace = runtime.allocate(device, workspace_size.value)
+                workspace = runtime.take_idle(device, workspace_size.value)
+                if workspace is None:  # a new allocation can fail: own the executor first
+                    executor.adopt()
+                    workspace = runtime.allocate(device, workspace_size.value)
             runtime.lib.check(executor.launch(operator, workspace.ptr if workspace else None,
                                               workspace_size.value, stream), operator.name)
         runtime.lib.check(runtime.lib.acl.aclrtSynchronizeStream(stream),
@@ -727,20 +729,21 @@ def _paged_launches(lengths, block_size, num_blocks):
         ...
     ValueError: aclnnIncreFlashAttentionV4 needs a pool of at least the blocks one sequence reads: sequence 0 (80 tokens) needs 5 blocks of 16, the pool has 4
     """
-    needs = -(-np.asarray(lengths, dtype=np.int64) // block_size)
-    too_long = np.flatnonzero(needs > num_blocks)
-    if too_long.size:
-        row = int(too_long[0])
+    # Python ints: for the usual few rows this costs a fraction of NumPy's per-call overhead
+    needs = [-(-length // block_size) for length in np.asarray(lengths).tolist()]
+    rows = len(needs)
+    if max(needs) > num_blocks:
+        row = next(r for r, need in enumerate(needs) if need > num_blocks)
         raise ValueError(f"aclnnIncreFlashAttentionV4 needs a pool of at least the blocks one "
                          f"sequence reads: sequence {row} ({int(lengths[row])} tokens) needs "
-                         f"{int(needs[row])} blocks of {block_size}, the pool has {num_blocks}")
-    if needs.sum() <= num_blocks and needs.size <= INCRE_MAX_BATCH:
-        return [(0, int(needs.size))]
+                         f"{needs[row]} blocks of {block_size}, the pool has {num_blocks}")
+    if rows <= INCRE_MAX_BATCH and sum(needs) <= num_blocks:
+        return [(0, rows)]
     chunks, first, used = [], 0, 0
-    for row, need in enumerate(needs.tolist()):
+    for row, need in enumerate(needs):
         if used + need > num_blocks or row - first == INCRE_MAX_BATCH:
             chunks.append((first, row))
             first, used = row, 0
         used += need
-    chunks.append((first, int(needs.size)))
+    chunks.append((first, rows))
     return chunks

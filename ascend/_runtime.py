@@ -110,16 +110,25 @@ class Runtime(Owner):
 
     # -- memory -------------------------------------------------------------
 
-    def allocate(self, device, nbytes):
-        """A :class:`Buffer` of at least ``nbytes`` on ``device``, from the pool if possible."""
+    def take_idle(self, device, nbytes):
+        """A pooled :class:`Buffer` of at least ``nbytes`` on ``device``, or None if the pool
+        has none of that size (no device call: this cannot fail)."""
         capacity = -(-max(int(nbytes), 1) // POOL_GRANULE) * POOL_GRANULE
         with self._lock:
             idle = self._idle.get((device, capacity))
-            if idle:
-                buffer = idle.pop()
-                self._idle_bytes[device] -= capacity
-                buffer.nbytes = nbytes
-                return buffer
+            if not idle:
+                return None
+            buffer = idle.pop()
+            self._idle_bytes[device] -= capacity
+        buffer.nbytes = nbytes
+        return buffer
+
+    def allocate(self, device, nbytes):
+        """A :class:`Buffer` of at least ``nbytes`` on ``device``, from the pool if possible."""
+        buffer = self.take_idle(device, nbytes)
+        if buffer is not None:
+            return buffer
+        capacity = -(-max(int(nbytes), 1) // POOL_GRANULE) * POOL_GRANULE
         self.activate(device)
         pointer = c_void_p()
         status = self.lib.acl.aclrtMalloc(byref(pointer), capacity, ACL_MEM_MALLOC_HUGE_FIRST)

@@ -167,6 +167,25 @@ def test_forked_sequences_sharing_blocks_decode_in_as_many_launches_as_needed(ru
     harness.assert_no_leak(runtime)
 
 
+def test_split_launches_read_a_resident_table_and_query_at_row_offsets(runtime, rng):
+    """Resident query, pools and block table: each launch's rows are views into them."""
+    keys = rng.standard_normal((3, 2, 16, 8)).astype(np.float16)
+    values = rng.standard_normal((3, 2, 16, 8)).astype(np.float16)
+    query = rng.standard_normal((4, 4, 1, 8)).astype(np.float16)
+    table = np.array([[0, 1], [1, 2], [2, 0], [0, 1]], np.int32)   # every row reads 2 of 3
+    lengths = np.array([20, 32, 17, 5])                            # 2 + 2 + 2 + 1 blocks
+    with ascend.to_device(query) as q, ascend.to_device(keys) as k, \
+            ascend.to_device(values) as v, ascend.to_device(table) as t:
+        launches = harness.launch_count(runtime)
+        out = ascend.paged_attention(q, k, v, t, lengths)
+        assert harness.launch_count(runtime) == launches + 3     # rows [0], [1], [2, 3]
+        expected = harness.reference_paged(query, keys, values, table, lengths)
+        np.testing.assert_allclose(np.asarray(out.to_numpy(), np.float64), expected,
+                                   rtol=5e-3, atol=5e-3)
+        out.close()
+    harness.assert_no_leak(runtime)
+
+
 def test_a_sequence_reading_more_blocks_than_the_pool_is_refused_before_device_work(
         runtime, rng):
     keys = rng.standard_normal((2, 1, 16, 8)).astype(np.float16)
@@ -214,14 +233,40 @@ def test_simulator_destroys_only_repeatable_executors(device, rng):
     assert harness.object_stats(rt)["executors"] == 0
 
 
+def test_executors_are_made_repeatable_only_when_the_workspace_needs_an_allocation(
+        runtime, rng):
+    """A workspace from the pool cannot fail: the executor stays single-use and its
+    launch releases it. One that needs aclrtMalloc can: the executor is made repeatable
+    first (so that it can be destroyed if the allocation fails) and destroyed after."""
+    q = rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    with ascend.to_device(q) as x:
+        ascend.empty_cache()
+        calls = []
+        for _ in range(2):
+            harness.start_trace(runtime)
+            ascend.flash_attention(x, x, x).close()
+            calls.append(harness.stop_trace(runtime))
+        cold, warm = calls
+        assert "aclrtMalloc" in cold and "aclrtMalloc" not in warm
+        for name in ("aclSetAclOpExecutorRepeatable", "aclDestroyAclOpExecutor"):
+            assert cold.count(name) == 1 and name not in warm
+        assert cold.index("aclSetAclOpExecutorRepeatable") == \
+            cold.index("aclnnFlashAttentionScoreGetWorkspaceSize") + 1   # right after phase 1
+    harness.assert_no_leak(runtime)
+
+
 def test_a_call_whose_operator_refuses_reuse_still_runs_and_leaks_nothing(runtime, rng):
     q = rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
     expected = ascend.flash_attention(q, q, q)
+    ascend.empty_cache()          # the workspace needs a new allocation: reuse is asked for
     harness.fail_next(runtime, "aclSetAclOpExecutorRepeatable", 561103)
+    harness.start_trace(runtime)
     try:
         out = ascend.flash_attention(q, q, q)      # single use: the launch releases it
     finally:
+        trace = harness.stop_trace(runtime)
         harness.clear_injection(runtime)
+    assert "aclSetAclOpExecutorRepeatable" in trace and "aclDestroyAclOpExecutor" not in trace
     np.testing.assert_array_equal(out, expected)
     harness.assert_no_leak(runtime)
 

@@ -1,6 +1,7 @@
 /*
- * libopapi.so test double: aclnnFlashAttentionScore and
- * aclnnIncreFlashAttentionV4, with the documented two-phase protocol.
+ * libopapi.so test double: aclnnFlashAttentionScore, its backward
+ * aclnnFlashAttentionScoreGrad, and aclnnIncreFlashAttentionV4, with the
+ * documented two-phase protocol.
  *
  * Phase 1 (…GetWorkspaceSize) validates arguments the way the operator docs
  * describe (NULL required argument -> 161001, anything else out of range ->
@@ -12,8 +13,11 @@
  * Simulated subset (anything else is rejected with 161002 "not simulated"):
  *   FlashAttentionScore: layout BNSD, sparse modes 0-3, attenMask BOOL/UINT8
  *     (1 = masked out), realShift (pse, added before scaling), keepProb 1.
+ *   FlashAttentionScoreGrad: as the forward, with the forward's statistics and
+ *     output given (softmaxMax, softmaxSum, attentionIn).
  *   IncreFlashAttentionV4: layout BNSD, query S = 1, key/value lists of one
- *     tensor, paged cache (blocknum, KV_N, blockSize, D) or dense (B, KV_N, S, D).
+ *     tensor, paged cache (blocknum, KV_N, blockSize, D) or dense (B, KV_N, S, D);
+ *     the pool holds at least the blocks the batch reads.
  */
 #include "sim.h"
 
