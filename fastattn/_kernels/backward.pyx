@@ -28,7 +28,7 @@
 # and Ev are multiples of 16, else on BLAS (float64 always). Half operands (float16,
 # bfloat16) are widened to float32 tile by tile (tilehalf.h) and accumulate in float32.
 
-from libc.stdint cimport uint8_t, uint16_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.math cimport INFINITY
 cimport numpy as cnp
 
@@ -37,7 +37,8 @@ from fastattn._kernels.plan cimport AttentionPlan, PlanData
 from fastattn._kernels.tile cimport (
     real, intp_data, row_fill, row_dot, row_scale, row_add_max, row_keep_max,
     gemm_abt, gemm_ab, gemm_atb, is_half, element, widen_rows, scratch_at, block_len,
-    tile_products_native, MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
+    tile_products_native, bf16_dot_products, fa_pack_pairs, fa_pack_value_pairs,
+    fa_bf16_scores_from_panel, fa_bf16_pv, fa_bf16_pairs_rows, MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
 
 cnp.import_array()
@@ -55,12 +56,20 @@ cdef extern from "tilebwd.h" nogil:
                     const float *b, Py_ssize_t ldb, float *acc, Py_ssize_t ldacc)
     void fa_bwd_acc_t(int rows, int w, int cols, const float *p, Py_ssize_t ldp,
                       const float *b, Py_ssize_t ldb, float *acc, Py_ssize_t ldacc)
+    void fa_bwd_row_pairs(int rows, int cols, const float *x, Py_ssize_t ldx, uint32_t *pt,
+                          Py_ssize_t ldpt)
 
 
 def native_products(bint is_float32, int e, int ev):
     """True when every tile product of the backward runs on the AVX-512 micro-kernels
     (float32 compute, the CPU has AVX-512, e and ev multiples of 16): no BLAS."""
     return tile_products_native(is_float32, e) and tile_products_native(is_float32, ev)
+
+
+def bfloat16_products(int dtype, int e, int ev):
+    """True when bfloat16 operands of these widths multiply as bfloat16 pairs
+    (vdpbf16ps, tilehalf.h) rather than widen to float32."""
+    return bf16_dot_products(dtype, e) and bf16_dot_products(dtype, ev)
 
 
 cdef inline void probs_row(real *s, real *dp, Py_ssize_t n, real lse, real d,
@@ -89,13 +98,29 @@ cdef struct BwdBuffers:
     float *do32         # block_k x e (keys), block_k x ev (values)
     float *k32
     float *v32
+    # bfloat16 pairs (bf16 products): the key and value tiles as pair panels
+    # ((e + 1) / 2 x ldp and (ev + 1) / 2 x ldp words) and the keys as pair rows
+    # ((block_k + 1) / 2 x e); dO and Q as pair rows ((block_q + 1) / 2 x ev, x e);
+    # P and dS as row pairs ((block_q + 1) / 2 x ldp) and dS as pairs of keys
+    # (block_q x ldw)
+    uint32_t *kpanel
+    uint32_t *vpanel
+    uint32_t *kpairs
+    uint32_t *dopairs
+    uint32_t *qpairs
+    uint32_t *ppairs
+    uint32_t *dspairs
+    uint32_t *dsrows
+    Py_ssize_t ldw
 
 
-cdef inline size_t bwd_buffers_init(BwdBuffers *b, int dtype, bint native, int e, int ev,
-                                    int block_q, int block_k, char *scratch) noexcept nogil:
+cdef inline size_t bwd_buffers_init(BwdBuffers *b, int dtype, bint native, bint bf16, int e,
+                                    int ev, int block_q, int block_k,
+                                    char *scratch) noexcept nogil:
     # Carve b from scratch (NULL: only size it); returns the bytes it takes.
     cdef size_t realsize = 8 if dtype == DT_FLOAT64 else 4
     cdef size_t off = 0
+    cdef Py_ssize_t hq = (block_q + 1) // 2
     b.lds = round16(block_k)
     b.ldp = (block_k + 31) // 32 * 32
     b.s = scratch_at(scratch, off)
@@ -103,6 +128,27 @@ cdef inline size_t bwd_buffers_init(BwdBuffers *b, int dtype, bint native, int e
     b.dp = scratch_at(scratch, off)
     off += scratch_room(block_q * b.lds * realsize)
     b.kt = b.vt = b.q32 = b.do32 = b.k32 = b.v32 = NULL
+    b.kpanel = b.vpanel = b.kpairs = b.dopairs = b.qpairs = b.ppairs = b.dspairs = NULL
+    b.dsrows = NULL
+    b.ldw = round16((block_k + 1) // 2)
+    if bf16:
+        b.kpanel = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room((e + 1) // 2 * b.ldp * 4)
+        b.vpanel = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room((ev + 1) // 2 * b.ldp * 4)
+        b.kpairs = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room((block_k + 1) // 2 * e * 4)
+        b.dopairs = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room(hq * ev * 4)
+        b.qpairs = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room(hq * e * 4)
+        b.ppairs = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room(hq * b.ldp * 4)
+        b.dspairs = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room(hq * b.ldp * 4)
+        b.dsrows = <uint32_t *>scratch_at(scratch, off)
+        off += scratch_room(block_q * b.ldw * 4)
+        return off
     if native:
         b.kt = <float *>scratch_at(scratch, off)
         off += scratch_room(e * b.ldp * 4)
@@ -140,6 +186,7 @@ cdef struct BwdRun:
     Py_ssize_t nsplit
     bint two_pass               # dQ by a second pass over query blocks (not per split)
     bint native                 # float32 products on the micro-kernels
+    bint bf16                   # bfloat16 operands multiplied as pairs (vdpbf16ps)
     # mask gradient (NULL: none): batch b's element (i, j) at
     # dmask + dm_off[b] + i * dm_rs + j * dm_cs (+ the key block when dm_by_block)
     void *dmask
@@ -262,8 +309,17 @@ cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t
             mtile = <const void *>((<const real *>p.mask.data) + p.mask.off[b]
                                    + q0 * p.mask.rs + k0 * p.mask.cs)
 
-    # the query block's Q and dO (float32 copies for half operands)
-    if is_half(p.dtype):
+    cdef const uint16_t *qh = NULL
+    cdef const uint16_t *doh = NULL
+    cdef int hrows = (rows + 1) // 2
+    # the query block's Q and dO (float32 copies for half operands, unless bf16 pairs)
+    if run.bf16:
+        qh = <const uint16_t *>element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz)
+        doh = <const uint16_t *>element(run.dout, run.do_off[b] + q0 * run.lddo, isz)
+        ldq = p.qkv.ldq
+        lddo = run.lddo
+        qp = dop = NULL
+    elif is_half(p.dtype):
         widen_rows(p.dtype, rows, e, element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz),
                    p.qkv.ldq, <real *>buf.q32, e)
         widen_rows(p.dtype, rows, ev, element(run.dout, run.do_off[b] + q0 * run.lddo, isz),
@@ -280,10 +336,15 @@ cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t
 
     # S = scale * Q K^T and dP = dO V^T
     if real is float:
-        if run.native:
+        if run.bf16:
+            fa_bf16_scores_from_panel(rows, ccols, e, scale, qh, ldq, buf.kpanel, buf.ldp,
+                                      s, lds)
+            fa_bf16_scores_from_panel(rows, ccols, ev, 1, doh, lddo, buf.vpanel, buf.ldp,
+                                      dp, lds)
+        elif run.native:
             fa_bwd_scores(rows, ccols, e, scale, qp, ldq, buf.kt, buf.ldp, s, lds)
             fa_bwd_scores(rows, ccols, ev, 1, dop, lddo, buf.vt, buf.ldp, dp, lds)
-    if not run.native:
+    if not run.native and not run.bf16:
         gemm_abt(rows, ccols, e, scale, qp, <int>ldq, kp, <int>ldk, 0, s, <int>lds)
         gemm_abt(rows, ccols, ev, 1, dop, <int>lddo, vp, <int>ldv, 0, dp, <int>lds)
 
@@ -320,6 +381,19 @@ cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t
 
     # dV += P^T dO, dK += dS^T Q, dQ += dS K
     if real is float:
+        if run.bf16:
+            if dv != NULL:
+                fa_bwd_row_pairs(rows, ccols, s, lds, buf.ppairs, buf.ldp)
+                fa_pack_value_pairs(rows, ev, doh, lddo, buf.dopairs, ev)
+                fa_bf16_pv(ccols, ev, hrows, buf.ppairs, 1, buf.ldp, buf.dopairs, ev, dv, ev)
+                fa_bwd_row_pairs(rows, ccols, dp, lds, buf.dspairs, buf.ldp)
+                fa_pack_value_pairs(rows, e, qh, ldq, buf.qpairs, e)
+                fa_bf16_pv(ccols, e, hrows, buf.dspairs, 1, buf.ldp, buf.qpairs, e, dk, e)
+            if dq != NULL:
+                fa_bf16_pairs_rows(rows, ccols, dp, lds, buf.dsrows, buf.ldw)
+                fa_bf16_pv(rows, e, (ccols + 1) // 2, buf.dsrows, buf.ldw, 1, buf.kpairs, e,
+                           dq, e)
+            return
         if run.native:
             if dv != NULL:
                 fa_bwd_acc_t(ccols, ev, rows, s, lds, dop, lddo, dv, ev)
@@ -344,6 +418,13 @@ cdef inline void load_kv(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ss
     cdef const void *vraw = element(p.ops.v, p.qkv.v_off[b] + k0 * p.qkv.ldv, p.itemsize)
     cdef int e = p.qkv.e
     cdef int ev = p.qkv.ev
+    if run.bf16:
+        fa_pack_pairs(cols, e, <const uint16_t *>kraw, p.qkv.ldk, buf.kpanel, buf.ldp)
+        fa_pack_pairs(cols, ev, <const uint16_t *>vraw, p.qkv.ldv, buf.vpanel, buf.ldp)
+        fa_pack_value_pairs(cols, e, <const uint16_t *>kraw, p.qkv.ldk, buf.kpairs, e)
+        kp[0] = vp[0] = NULL
+        ldk[0] = ldv[0] = 0
+        return
     if is_half(p.dtype):
         widen_rows(p.dtype, cols, e, kraw, p.qkv.ldk, <real *>buf.k32, e)
         widen_rows(p.dtype, cols, ev, vraw, p.qkv.ldv, <real *>buf.v32, ev)
@@ -381,7 +462,7 @@ cdef void grad_item_body(const BwdRun *run, Py_ssize_t item, real *scratch) noex
     cdef const real *vp
     cdef Py_ssize_t ldk, ldv
     cdef real *dq
-    bwd_buffers_init(&buf, p.dtype, run.native, e, ev, p.block_q, p.block_k,
+    bwd_buffers_init(&buf, p.dtype, run.native, run.bf16, e, ev, p.block_q, p.block_k,
                      <char *>scratch)
     kb = split
     while kb < nkb:
@@ -437,8 +518,8 @@ cdef void dq_item_body(const BwdRun *run, Py_ssize_t item, real *scratch) noexce
     cdef const real *kp
     cdef const real *vp
     cdef Py_ssize_t ldk, ldv
-    bwd_buffers_init(&buf, p.dtype, run.native, p.qkv.e, p.qkv.ev, p.block_q, p.block_k,
-                     <char *>scratch)
+    bwd_buffers_init(&buf, p.dtype, run.native, run.bf16, p.qkv.e, p.qkv.ev, p.block_q,
+                     p.block_k, <char *>scratch)
     if p.causal:
         last_key = q0 + block_len(L, q0, p.block_q) - 1 + p.causal_offset
         if last_key < 0:
@@ -502,7 +583,7 @@ def sdpa_backward(AttentionPlan plan, dout, do_off, Py_ssize_t lddo, delta, dq, 
     run.pair_members = intp_data(pair_members)
     run.nsplit = nsplit
     run.two_pass = two_pass
-    run.native = native
+    run.native = native and not bfloat16_products(p.dtype, p.qkv.e, p.qkv.ev)
     run.dmask = data_or_null(dmask)
     run.dm_off = NULL if dm_off is None else intp_data(dm_off)
     run.dm_rs = dm_rs
@@ -510,8 +591,9 @@ def sdpa_backward(AttentionPlan plan, dout, do_off, Py_ssize_t lddo, delta, dq, 
     run.dm_by_block = dm_by_block
     run.block_rows = 64
     nrb = (p.qkv.L + run.block_rows - 1) // run.block_rows
-    scratch = bwd_buffers_init(&sizing, p.dtype, native, p.qkv.e, p.qkv.ev, p.block_q,
-                               p.block_k, NULL)
+    run.bf16 = bfloat16_products(p.dtype, p.qkv.e, p.qkv.ev)
+    scratch = bwd_buffers_init(&sizing, p.dtype, native and not run.bf16, run.bf16, p.qkv.e,
+                               p.qkv.ev, p.block_q, p.block_k, NULL)
     with nogil:
         run_items(delta_item, &run, p.qkv.nbatch * nrb, 1,
                   2 * p.qkv.ev * realsize if is_half(p.dtype) else 0, p.nthreads,
