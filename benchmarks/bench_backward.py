@@ -11,6 +11,8 @@ in one interleaved run, with spreads: ``python benchmarks/backward_targets.py``.
 """
 import functools
 
+import numpy as np
+
 import fastattn
 
 from . import common
@@ -243,3 +245,39 @@ class SoftmaxBackward:
 
     def time_softmax_backward(self, length):
         self.bwd(self.grad, self.y)
+
+
+class BlockSparseBackward:
+    """block_sparse_attention_backward on the engine's BigBird-like layout (local band +
+    first block global, blocks of 64), N=4096 H=8 E=64 float32; ``track_time_over_visited_
+    dense``: its time over (visited fraction x the dense backward's time)."""
+    params = [[4096]]
+    param_names = ["length"]
+    block = 64
+
+    def setup(self, length):
+        self.bwd = common.require("block_sparse_attention_backward")
+        layout_cls = common.require("BlockLayout")
+        blocks = length // self.block
+        visited = np.abs(np.subtract.outer(np.arange(blocks), np.arange(blocks))) <= 1
+        visited[:, 0] = visited[0, :] = True
+        self.visited_fraction = visited.mean()
+        self.layout = layout_cls.from_blocks(visited, (length, length), self.block)
+        self.q, self.k, self.v = common.qkv(1, common.HEADS, length, length)
+        self.out, self.lse = fastattn.block_sparse_attention(self.q, self.k, self.v,
+                                                             self.layout, return_lse=True)
+        self.grad = common.random_array(self.out.shape, 5)
+
+    def _run(self):
+        return self.bwd(self.grad, self.q, self.k, self.v, self.out, self.lse, self.layout)
+
+    def time_block_sparse_backward(self, length):
+        self._run()
+
+    def track_time_over_visited_dense(self, length):
+        out, lse = fastattn.scaled_dot_product_attention(self.q, self.k, self.v,
+                                                         return_lse=True)
+        dense = common.median_seconds(lambda: _backward()(self.grad, self.q, self.k, self.v,
+                                                          out, lse))
+        return common.median_seconds(self._run) / (self.visited_fraction * dense)
+    track_time_over_visited_dense.unit = "ratio"

@@ -28,12 +28,15 @@
 # and Ev are multiples of 16, else on BLAS (float64 always). Half operands (float16,
 # bfloat16) are widened to float32 tile by tile (tilehalf.h) and accumulate in float32.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t
 from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels.parallel cimport run_items, scratch_room, DT_FLOAT32, DT_FLOAT64
 from fastattn._kernels.plan cimport AttentionPlan, PlanData
+from fastattn._kernels.sparse cimport (
+    SparsePlan, SparseLayout, tile_rule, TILE_SKIP, TILE_BAND, TILE_MASK,
+)
 from fastattn._kernels.tile cimport (
     real, intp_data, row_fill, row_dot, row_scale, row_add_max, row_keep_max,
     gemm_abt, gemm_ab, gemm_atb, is_half, element, widen_rows, scratch_at, block_len,
@@ -194,6 +197,13 @@ cdef struct BwdRun:
     Py_ssize_t dm_rs, dm_cs
     bint dm_by_block
     Py_ssize_t block_rows       # rows per item of the D pass
+    # block-sparse (NULL: dense): the layout and its element rule (sparse.pxd), and its
+    # transpose: batch b's key block kb is visited by the query blocks
+    # qrows[colptr[csc_off[b] + kb] : colptr[csc_off[b] + kb + 1]]
+    const SparseLayout *layout
+    const int64_t *colptr
+    const int64_t *qrows
+    const Py_ssize_t *csc_off
 
 
 cdef void delta_rows(const BwdRun *run, Py_ssize_t item, real *scratch) noexcept nogil:
@@ -253,12 +263,15 @@ cdef inline void mask_scores_row(real *s, Py_ssize_t n, const void *mrow, int ki
 
 cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t qb,
                     Py_ssize_t kb, int cols, const real *kp, Py_ssize_t ldk, const real *vp,
-                    Py_ssize_t ldv, real *dk, real *dv, real *dq) noexcept nogil:
+                    Py_ssize_t ldv, real *dk, real *dv, real *dq, const uint8_t *keep,
+                    Py_ssize_t band_lo, Py_ssize_t band_hi) noexcept nogil:
     # One tile: query block qb of batch entry b against key block kb (cols keys), the
     # key and value tiles at kp / vp (float32 for half operands; also packed in buf.kt /
     # buf.vt when run.native). Accumulates the tile's products into the key block's dK
     # and dV rows dk / dv (row strides e, ev; NULL: not wanted) and the query block's dQ
     # rows dq (row stride e; NULL: not wanted). Nothing when the tile is masked out.
+    # Besides the plan's mask and causal band, row r sees only tile columns
+    # r + band_lo .. r + band_hi, and with keep (rows x cols bytes) those it keeps.
     cdef const PlanData *p = run.plan
     cdef Py_ssize_t L = p.qkv.L
     cdef int e = p.qkv.e
@@ -269,8 +282,7 @@ cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t
     cdef int rows = block_len(L, q0, p.block_q)
     cdef int ccols = cols
     cdef int state
-    cdef Py_ssize_t r, c1, j, last_key
-    cdef Py_ssize_t band_hi = BAND_ALL
+    cdef Py_ssize_t r, c0, c1, j
     cdef real scale = <real>p.scale
     cdef bint mask_grad = run.dmask != NULL and dk != NULL     # (once: in the dK pass)
     cdef real a = 1 if mask_grad else scale     # dS is scaled as it is formed, or after
@@ -294,13 +306,12 @@ cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t
         state = p.mask.bmap[p.mask.bmap_off[b] + qb * p.mask.bmap_rs + kb * p.mask.bmap_cs]
         if state == BLOCK_SKIP:
             return
-    if p.causal:
-        last_key = q0 + rows - 1 + p.causal_offset       # the block's last visible key
-        if last_key - k0 + 1 < ccols:
-            ccols = <int>(last_key - k0 + 1)
-        if ccols <= 0:
-            return
+    if p.causal and q0 + p.causal_offset - k0 < band_hi:
         band_hi = q0 + p.causal_offset - k0
+    if band_hi < BAND_ALL and rows + band_hi < ccols:
+        ccols = <int>(rows + band_hi)       # columns past the last row's band: not computed
+    if ccols <= 0:
+        return
     if state != BLOCK_FULL:
         if p.mask.kind == MASK_BOOL:
             mtile = <const void *>((<const uint8_t *>p.mask.data) + p.mask.off[b]
@@ -352,30 +363,33 @@ cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t
     for r in range(rows):
         srow = s + r * lds
         dprow = dp + r * lds
-        c1 = ccols
-        if p.causal and r + band_hi + 1 < c1:
-            c1 = r + band_hi + 1
-        if c1 <= 0 or lse[r] == -INFINITY:
+        c0 = r + band_lo if r + band_lo > 0 else 0
+        c1 = r + band_hi + 1 if r + band_hi + 1 < ccols else ccols
+        if c1 <= c0 or lse[r] == -INFINITY:
             row_fill(srow, ccols, 0)
             row_fill(dprow, ccols, 0)
             continue
         if mtile != NULL:
             if p.mask.kind == MASK_BOOL:
-                mrow = <const void *>((<const uint8_t *>mtile) + r * p.mask.rs)
+                mrow = <const void *>((<const uint8_t *>mtile) + r * p.mask.rs + c0 * p.mask.cs)
             else:
-                mrow = <const void *>((<const real *>mtile) + r * p.mask.rs)
-            mask_scores_row(srow, c1, mrow, p.mask.kind, p.mask.cs)
-        probs_row(srow, dprow, c1, lse[r], delta[r], a)
+                mrow = <const void *>((<const real *>mtile) + r * p.mask.rs + c0 * p.mask.cs)
+            mask_scores_row(srow + c0, c1 - c0, mrow, p.mask.kind, p.mask.cs)
+        if keep != NULL:
+            mask_scores_row(srow + c0, c1 - c0, keep + r * cols + c0, MASK_BOOL, 1)
+        probs_row(srow + c0, dprow + c0, c1 - c0, lse[r], delta[r], a)
         if mask_grad:
             dmrow = (<real *>run.dmask + run.dm_off[b] + (q0 + r) * run.dm_rs
                      + (kb if run.dm_by_block else k0))
             if run.dm_cs:
-                for j in range(c1):
+                for j in range(c0, c1):
                     dmrow[j] += dprow[j]
             else:
-                for j in range(c1):
+                for j in range(c0, c1):
                     dmrow[0] += dprow[j]
-            row_scale(dprow, c1, scale)
+            row_scale(dprow + c0, c1 - c0, scale)
+        row_fill(srow, c0, 0)
+        row_fill(dprow, c0, 0)
         row_fill(srow + c1, ccols - c1, 0)
         row_fill(dprow + c1, ccols - c1, 0)
 
@@ -443,6 +457,36 @@ cdef inline void load_kv(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ss
             fa_bwd_pack(cols, ev, vp[0], ldv[0], buf.vt, buf.ldp)
 
 
+cdef void sparse_tiles(const BwdRun *run, BwdBuffers *buf, uint8_t *keep, Py_ssize_t b,
+                       Py_ssize_t split, Py_ssize_t kb, int cols, const real *kp,
+                       Py_ssize_t ldk, const real *vp, Py_ssize_t ldv, real *dk,
+                       real *dv) noexcept nogil:
+    # Block-sparse: the query blocks of batch entry b whose layout row lists key block kb,
+    # each tile reduced by the element rule to a band or a keep tile (sparse.pyx's
+    # tile_rule, into keep: block_q x block_k bytes).
+    cdef const PlanData *p = run.plan
+    cdef Py_ssize_t idx, qb, q0, band_lo, band_hi
+    cdef Py_ssize_t k0 = kb * p.block_k
+    cdef Py_ssize_t start = run.colptr[run.csc_off[b] + kb]
+    cdef Py_ssize_t end = run.colptr[run.csc_off[b] + kb + 1]
+    cdef int rows, kind
+    for idx in range(start, end):
+        qb = run.qrows[idx]
+        q0 = qb * p.block_q
+        rows = block_len(p.qkv.L, q0, p.block_q)
+        kind = TILE_BAND
+        band_lo = -BAND_ALL
+        band_hi = BAND_ALL
+        if run.layout.rule.active:
+            kind = tile_rule(&run.layout.rule, b, q0, rows, k0, cols, keep, &band_lo,
+                             &band_hi)
+            if kind == TILE_SKIP:
+                continue
+        grad_tile(run, buf, b, qb, kb, cols, kp, ldk, vp, ldv, dk, dv,
+                  <real *>run.dq + ((split * p.qkv.nbatch + b) * p.qkv.L + q0) * p.qkv.e,
+                  keep if kind == TILE_MASK else NULL, band_lo, band_hi)
+
+
 cdef void grad_item_body(const BwdRun *run, Py_ssize_t item, real *scratch) noexcept nogil:
     # One item: the key blocks of one split, for every pair of one component: dK and dV,
     # and (unless run.two_pass) the split's dQ.
@@ -462,8 +506,9 @@ cdef void grad_item_body(const BwdRun *run, Py_ssize_t item, real *scratch) noex
     cdef const real *vp
     cdef Py_ssize_t ldk, ldv
     cdef real *dq
-    bwd_buffers_init(&buf, p.dtype, run.native, run.bf16, e, ev, p.block_q, p.block_k,
-                     <char *>scratch)
+    # the tile buffers, then (block-sparse) the keep tile of the element rule
+    cdef uint8_t *keep = (<uint8_t *>scratch) + bwd_buffers_init(
+        &buf, p.dtype, run.native, run.bf16, e, ev, p.block_q, p.block_k, <char *>scratch)
     kb = split
     while kb < nkb:
         k0 = kb * p.block_k
@@ -483,6 +528,11 @@ cdef void grad_item_body(const BwdRun *run, Py_ssize_t item, real *scratch) noex
                     &vp, &ldv)
             for mi in range(run.pair_start[pair], run.pair_start[pair + 1]):
                 b = run.pair_members[mi]
+                if run.layout != NULL:
+                    sparse_tiles(run, &buf, keep, b, split, kb, cols, kp, ldk, vp, ldv,
+                                 <real *>run.dk + (pair * S + k0) * e,
+                                 <real *>run.dv + (pair * S + k0) * ev)
+                    continue
                 for qb in range(qb_lo, nqb):
                     dq = NULL
                     if not run.two_pass:
@@ -490,7 +540,8 @@ cdef void grad_item_body(const BwdRun *run, Py_ssize_t item, real *scratch) noex
                                                + qb * p.block_q) * e
                     grad_tile(run, &buf, b, qb, kb, cols, kp, ldk, vp, ldv,
                               <real *>run.dk + (pair * S + k0) * e,
-                              <real *>run.dv + (pair * S + k0) * ev, dq)
+                              <real *>run.dv + (pair * S + k0) * ev, dq, NULL, -BAND_ALL,
+                              BAND_ALL)
         kb = kb + run.nsplit
 
 
@@ -534,7 +585,7 @@ cdef void dq_item_body(const BwdRun *run, Py_ssize_t item, real *scratch) noexce
         cols = block_len(p.qkv.S, k0, p.block_k)
         load_kv(run, &buf, b, k0, cols, &kp, &ldk, &vp, &ldv)
         grad_tile(run, &buf, b, qb, kb, cols, kp, ldk, vp, ldv, NULL, NULL,
-                  <real *>run.dq + (b * L + q0) * p.qkv.e)
+                  <real *>run.dq + (b * L + q0) * p.qkv.e, NULL, -BAND_ALL, BAND_ALL)
 
 
 cdef void dq_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
@@ -552,7 +603,8 @@ cdef inline void *data_or_null(object a):
 def sdpa_backward(AttentionPlan plan, dout, do_off, Py_ssize_t lddo, delta, dq, dk, dv,
                   comp_start, comp_pairs, pair_start, pair_members, Py_ssize_t nsplit,
                   bint native, dmask, dm_off, Py_ssize_t dm_rs, Py_ssize_t dm_cs,
-                  bint dm_by_block, bint two_pass=False):
+                  bint dm_by_block, bint two_pass=False, SparsePlan layout=None,
+                  colptr=None, qrows=None, csc_off=None):
     """Run the backward on a forward plan (fastattn.backward builds both). Private:
     every argument is validated there.
 
@@ -561,6 +613,10 @@ def sdpa_backward(AttentionPlan plan, dout, do_off, Py_ssize_t lddo, delta, dq, 
     ``do_off`` and row stride ``lddo``; ``delta`` (nbatch, L), ``dq`` (nsplit, nbatch, L,
     e), ``dk`` (npairs, S, e), ``dv`` (npairs, S, ev), ``dmask`` or None: C-contiguous,
     compute dtype, the gradients zeroed. The index arrays are intp.
+
+    Block-sparse (the plan without mask or causal band): ``layout`` the forward's
+    SparsePlan, ``colptr`` (int64, one row of nkb + 1 per layout head, at ``csc_off[b]``
+    for batch b) and ``qrows`` (int64) its transpose; ``two_pass`` must be False.
     """
     cdef BwdRun run
     cdef const PlanData *p = &plan.c
@@ -590,10 +646,20 @@ def sdpa_backward(AttentionPlan plan, dout, do_off, Py_ssize_t lddo, delta, dq, 
     run.dm_cs = dm_cs
     run.dm_by_block = dm_by_block
     run.block_rows = 64
+    run.layout = NULL
+    run.colptr = run.qrows = NULL
+    run.csc_off = NULL
+    if layout is not None:
+        run.layout = &layout.c
+        run.colptr = <const int64_t *>cnp.PyArray_DATA(colptr)
+        run.qrows = <const int64_t *>cnp.PyArray_DATA(qrows)
+        run.csc_off = intp_data(csc_off)
     nrb = (p.qkv.L + run.block_rows - 1) // run.block_rows
     run.bf16 = bfloat16_products(p.dtype, p.qkv.e, p.qkv.ev)
     scratch = bwd_buffers_init(&sizing, p.dtype, native and not run.bf16, run.bf16, p.qkv.e,
                                p.qkv.ev, p.block_q, p.block_k, NULL)
+    if layout is not None:
+        scratch += scratch_room(p.block_q * p.block_k)
     with nogil:
         run_items(delta_item, &run, p.qkv.nbatch * nrb, 1,
                   2 * p.qkv.ev * realsize if is_half(p.dtype) else 0, p.nthreads,
