@@ -6,12 +6,14 @@ from fastattn._kernels import backward as _backward
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._validation import (
-    CPU_AND_NPU, check_choice, check_device, check_scale, is_floating, result_dtypes,
-    storage_dtype,
+    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
+    is_floating, result_dtypes, storage_dtype,
 )
 from fastattn.attention import CAUSAL_ALIGNMENTS, _Operands
+from fastattn.block_layout import BlockLayout
 
-__all__ = ["scaled_dot_product_attention_backward", "masked_softmax_backward"]
+__all__ = ["scaled_dot_product_attention_backward", "masked_softmax_backward",
+           "block_sparse_attention_backward"]
 
 _AxisError = getattr(np, "exceptions", np).AxisError
 
@@ -156,6 +158,90 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
                          mask_grad, nthreads, attn_mask)
 
 
+def block_sparse_attention_backward(grad_out, query, key, value, out, lse, layout, *,
+                                    scale=None, num_threads=None):
+    r"""Gradients of :func:`fastattn.block_sparse_attention` (the backward pass).
+
+    The backward of the block-sparse engine: like
+    :func:`scaled_dot_product_attention_backward` with the bool mask
+    ``layout.to_mask()``, but only the tiles the layout visits are computed (time
+    proportional to ``layout.num_blocks``, memory O(L) per head), so local, strided,
+    Longformer and BigBird attention train without a dense fallback.
+
+    Parameters
+    ----------
+    grad_out : array_like, shape (..., L, Ev)
+        Gradient of the loss with respect to ``out``.
+    query, key, value, layout, scale
+        Exactly as given to the forward call.
+    out, lse : array_like
+        What ``block_sparse_attention(..., return_lse=True)`` returned for them (the
+        lse contract of :func:`scaled_dot_product_attention_backward`).
+    num_threads : int, optional
+        Threads for this call; default :func:`fastattn.get_num_threads`.
+
+    Returns
+    -------
+    grad_query, grad_key, grad_value : ndarray
+        Each of its input's shape and dtype; inputs broadcast along batch dimensions
+        (or against a per-head layout) get the sum over them.
+
+    Raises
+    ------
+    TypeError
+        For non-real inputs, a ``layout`` that is not a :class:`BlockLayout`, or
+        ``grad_out``, ``out`` or ``lse`` of the wrong dtype.
+    ValueError
+        For shapes that do not match each other, the layout, or the forward's results.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 256, 16)) for _ in range(3))
+    >>> layout = fastattn.BlockLayout.from_rule((256, 256), 64, window=(32, 0))
+    >>> out, lse = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+    >>> grad_out = rng.standard_normal(out.shape)
+    >>> grads = fastattn.block_sparse_attention_backward(grad_out, q, k, v, out, lse, layout)
+    >>> mask = layout.to_mask()                    # the same, densely
+    >>> o2, l2 = fastattn.scaled_dot_product_attention(q, k, v, mask, return_lse=True)
+    >>> dense = fastattn.scaled_dot_product_attention_backward(grad_out, q, k, v, o2, l2, mask)
+    >>> all(np.allclose(a, b) for a, b in zip(grads, dense))
+    True
+    """
+    ops = _SparseOperands(query, key, value, layout)
+    scale = check_scale(scale, ops.E)
+    grad_out, out, lse = _check_saved(ops, grad_out, out, lse)
+    nthreads = _threads.resolve_num_threads(num_threads)
+    return _run_backward(ops, grad_out, out, lse, scale, False, "top_left", False, nthreads,
+                         None, layout=layout)
+
+
+class _SparseOperands:
+    """The operands of a block-sparse call, validated as block_sparse_attention does,
+    with the attributes of attention._Operands that the backward reads."""
+
+    def __init__(self, query, key, value, layout):
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a fastattn.BlockLayout, got "
+                            f"{type(layout).__name__}")
+        q, k, v, self.compute, self.result = check_qkv(query, key, value)
+        L, E = q.shape[-2:]
+        S, Ev = v.shape[-2:]
+        if (L, S) != layout.shape:
+            raise ValueError(f"layout is for (L, S) = {layout.shape}, the operands give "
+                             f"(L, S) = {(L, S)}: query {q.shape}, key {k.shape}")
+        self.batch_shape = check_batch_shape(
+            [q.shape[:-2], k.shape[:-2], v.shape[:-2], layout._leads()],
+            query=q.shape, key=k.shape, value=v.shape, layout_heads=layout._leads())
+        self.q, self.k, self.v, self.mask = q, k, v, None
+        self.L, self.S, self.E, self.Ev = L, S, E, Ev
+        self.group = 1
+        self.nbatch = int(np.prod(self.batch_shape, dtype=np.int64))
+        self.out_shape = self.batch_shape + (L, Ev)
+
+
 def _check_saved(ops, grad_out, out, lse):
     """grad_out, out and lse as arrays, checked against the forward of these inputs."""
     grad_out, out, lse = np.asarray(grad_out), np.asarray(out), np.asarray(lse)
@@ -276,7 +362,9 @@ def _starts(keys, n):
 
 
 def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, mask_grad,
-                  nthreads, attn_mask):
+                  nthreads, attn_mask, layout=None):
+    # The dense backward, or with `layout` (a BlockLayout; no mask, not causal) the
+    # block-sparse one.
     L, S, E, Ev = ops.L, ops.S, ops.E, ops.Ev
     batch_shape, nbatch, group = ops.batch_shape, ops.nbatch, ops.group
     compute, result = ops.compute, ops.result
@@ -300,6 +388,10 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
         kd_of_pair, vd_of_pair = uniq // max(nv, 1), uniq % max(nv, 1)
 
         block_q, block_k = min(BLOCK_Q, L), min(BLOCK_K, S)
+        sparse_args = {}
+        if layout is not None:
+            block_q, block_k = layout.block_size
+            sparse_args = _sparse_arguments(layout, batch_shape, L, S)
         nkb = -(-S // block_k)
         prepared = None
         dm_args = (None, None, 0, 0, False)
@@ -333,6 +425,8 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
         if ncomp < 2 * nthreads:
             nsplit = max(1, min(nkb, -(-2 * nthreads // ncomp)))
         flops = 5.0 * nbatch * L * S * (E + Ev) * (0.5 if is_causal else 1.0)
+        if layout is not None:
+            flops *= layout.density
         nthreads = _threads.call_threads(nthreads, ncomp * nsplit, flops)
 
         q, ldq = as_matrix_stack(ops.q, storage)
@@ -355,7 +449,7 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
                              nthreads=nthreads)
         native = _backward.native_products(compute == np.float32, E, Ev)
         delta = np.empty((nbatch, L), dtype=compute)
-        two_pass = DQ_STRATEGY == "two_pass"
+        two_pass = DQ_STRATEGY == "two_pass" and layout is None
         dq_parts = dq_full.reshape(1, nbatch, L, E) if nsplit == 1 or two_pass else \
             np.zeros((nsplit, nbatch, L, E), dtype=compute)
         dk_pairs = np.zeros((npairs, S, E), dtype=compute)
@@ -364,7 +458,7 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
             _backward.sdpa_backward(plan, do, do_off, lddo, delta, dq_parts, dk_pairs,
                                     dv_pairs, comp_start, comp_pairs, pair_start,
                                     pair_members, nsplit, native, *dm_args,
-                                    two_pass=two_pass)
+                                    two_pass=two_pass, **sparse_args)
         if dq_parts.shape[0] > 1:
             np.sum(dq_parts, axis=0, out=dq_full.reshape(nbatch, L, E))
         dk = _scatter_pairs(dk_pairs, kd_of_pair, nk, k_lead + (S, E))
@@ -384,6 +478,34 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
         shape = np.shape(attn_mask)
         grads += (dm.reshape(shape).astype(mask.dtype, copy=False),)
     return grads
+
+
+def _sparse_arguments(layout, batch_shape, L, S):
+    """The forward's SparsePlan and the layout's transpose, for the block-sparse backward:
+    for each layout head, the query blocks visiting each key block (CSC)."""
+    from fastattn._kernels import sparse as _sparse
+    bq, bk = layout.block_size
+    nqb, nkb = -(-L // bq), -(-S // bk)
+    nbatch = int(np.prod(batch_shape, dtype=np.int64))
+    if layout.num_heads is not None:
+        layout_off = batch_offsets(layout.indptr[:, None, :], batch_shape)
+    else:
+        layout_off = np.zeros(nbatch, dtype=np.intp)
+    colptr, qrows, base = [], [], 0
+    for ip in layout.indptr:
+        kbs = layout.indices[ip[0]:ip[-1]]
+        qbs = np.repeat(np.arange(nqb, dtype=np.int64), np.diff(ip))
+        order = np.argsort(kbs, kind="stable")
+        qrows.append(qbs[order])
+        counts = np.bincount(kbs, minlength=nkb)
+        colptr.append(base + np.concatenate([[0], np.cumsum(counts)]))
+        base += kbs.size
+    colptr = np.ascontiguousarray(np.stack(colptr), dtype=np.int64)
+    qrows = np.ascontiguousarray(np.concatenate(qrows), dtype=np.int64)
+    csc_off = (layout_off // (nqb + 1) * (nkb + 1)).astype(np.intp)
+    plan = _sparse.SparsePlan(layout.indptr, layout.indices, layout_off,
+                              layout._kernel_rule(batch_shape), offset=S - L)
+    return dict(layout=plan, colptr=colptr, qrows=qrows, csc_off=csc_off)
 
 
 def _scatter_pairs(grad_pairs, dest_of_pair, ndest, shape):

@@ -529,3 +529,126 @@ def test_softmax_backward_bad_input():
     with pytest.raises(ValueError, match="0-d"):
         fastattn.masked_softmax_backward(np.float64(1), np.float64(1))
     assert fastattn.masked_softmax_backward(np.ones((0, 3)), np.ones((0, 3))).shape == (0, 3)
+
+
+# ---- block_sparse_attention_backward ---------------------------------------------------
+
+@st.composite
+def sparse_problems(draw):
+    L = draw(st.integers(1, 120))
+    S = draw(st.integers(1, 120))
+    block = (draw(st.sampled_from([1, 4, 16, 64])), draw(st.sampled_from([1, 5, 16, 64])))
+    rule = {}
+    if draw(st.booleans()):
+        rule["window"] = (draw(st.integers(0, 40)), draw(st.integers(0, 40)))
+    if draw(st.booleans()):
+        rule["dilation"] = draw(st.integers(1, 5))
+    if draw(st.integers(0, 3)) == 0:
+        rule["segment"] = draw(st.integers(1, 20))
+    rule["causal"] = draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if draw(st.booleans()):
+        rule["global_query"] = rng.random(L) < 0.05
+    if draw(st.booleans()):
+        rule["global_key"] = np.flatnonzero(rng.random(S) < 0.05)
+    if draw(st.integers(0, 3)) == 0:
+        rule["mask"] = rng.random(draw(st.sampled_from([(L, S), (1, S), (L, 1)]))) > 0.3
+    return dict(L=L, S=S, block=block, rule=rule, seed=seed,
+                dtype=draw(st.sampled_from(["float32", "float64", "float16", "bfloat16"])),
+                heads=draw(st.sampled_from([None, 3])), E=draw(st.sampled_from([8, 16, 32])),
+                Ev=draw(st.sampled_from([1, 7, 16])), k_broadcast=draw(st.booleans()),
+                threads=draw(st.sampled_from([1, 2, 3])))
+
+
+def sparse_layout(p, rng):
+    L, S = p["L"], p["S"]
+    layout = fastattn.BlockLayout.from_rule((L, S), p["block"], **p["rule"])
+    if p["heads"]:
+        # per-head: each head drops some of the rule's blocks at random
+        blocks = np.broadcast_to(layout.block_mask(), (p["heads"],) + layout.block_mask().shape)
+        blocks = blocks & (rng.random(blocks.shape) < 0.7)
+        layout = fastattn.BlockLayout.from_blocks(blocks, (L, S), p["block"], **p["rule"])
+    return layout
+
+
+@given(p=sparse_problems())
+def test_block_sparse_backward_matches_dense_backward(p):
+    rng = np.random.default_rng(p["seed"])
+    L, S = p["L"], p["S"]
+    dtype = BF16 if p["dtype"] == "bfloat16" else np.dtype(p["dtype"])
+    layout = sparse_layout(p, rng)
+    H = p["heads"] or 2
+    q = rng.standard_normal((2, H, L, p["E"])).astype(dtype)
+    k = rng.standard_normal((1 if p["k_broadcast"] else 2, H, S, p["E"])).astype(dtype)
+    v = rng.standard_normal(k.shape[:-1] + (p["Ev"],)).astype(dtype)
+    out, lse = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+    grad = rng.standard_normal(out.shape).astype(dtype)
+    got = fastattn.block_sparse_attention_backward(grad, q, k, v, out, lse, layout,
+                                                   num_threads=p["threads"])
+    # the dense backward with the layout's mask, from the dense forward's out and lse
+    mask = layout.to_mask()
+    out2, lse2 = sdpa(q, k, v, mask, return_lse=True)
+    want = sdpa_bwd(grad, q, k, v, out2, lse2, mask)
+    ref = reference.scaled_dot_product_attention_backward(grad, q, k, v, mask)
+    for a, b, r, x in zip(got, want, ref, (q, k, v)):
+        assert a.shape == x.shape and a.dtype == x.dtype
+        with mock.patch.dict(RTOL, GRAD_RTOL):
+            assert_close(a, r, dtype)
+        if dtype in (np.float32, np.float64):
+            assert_close(a, b, dtype)
+
+
+def test_block_sparse_backward_finite_differences(rng):
+    L = S = 40
+    layout = fastattn.BlockLayout.from_rule((L, S), (8, 16), window=(12, 3), dilation=2,
+                                            global_query=[5])
+    q, k, v = (rng.standard_normal((2, L, 8)) for _ in range(3))
+    G = rng.standard_normal((2, L, 8))
+    out, lse = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+    grads = fastattn.block_sparse_attention_backward(G, q, k, v, out, lse, layout)
+    args = [q, k, v]
+    eps = 1e-6
+    for i, x in enumerate(args):
+        u = rng.standard_normal(x.shape)
+        hi, lo = list(args), list(args)
+        hi[i], lo[i] = x + eps * u, x - eps * u
+        num = ((G * fastattn.block_sparse_attention(*hi, layout)).sum()
+               - (G * fastattn.block_sparse_attention(*lo, layout)).sum()) / (2 * eps)
+        assert abs(num - (grads[i] * u).sum()) < 1e-6 * max(1.0, abs(num))
+
+
+def test_block_sparse_backward_per_head_layout_broadcasts(rng):
+    # a per-head layout against heads-less operands: the gradients sum over the heads
+    L = S = 48
+    blocks = rng.random((3, 3, 3)) < 0.6
+    layout = fastattn.BlockLayout.from_blocks(blocks, (L, S), 16)
+    q, k, v = (rng.standard_normal((L, 16)).astype(np.float32) for _ in range(3))
+    out, lse = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+    assert out.shape == (3, L, 16)
+    G = rng.standard_normal(out.shape).astype(np.float32)
+    got = fastattn.block_sparse_attention_backward(G, q, k, v, out, lse, layout)
+    want = reference.scaled_dot_product_attention_backward(G, q, k, v, layout.to_mask())
+    for a, b in zip(got, want):
+        assert a.shape == (L, 16)
+        assert_close(a, b, np.float32)
+
+
+def test_block_sparse_backward_bad_input(rng):
+    layout = fastattn.BlockLayout.from_rule((16, 16), 8, window=(4, 0))
+    q, k, v = (rng.standard_normal((16, 8)) for _ in range(3))
+    out, lse = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+    with pytest.raises(TypeError, match="BlockLayout"):
+        fastattn.block_sparse_attention_backward(out, q, k, v, out, lse, layout.to_mask())
+    with pytest.raises(ValueError, match="layout is for"):
+        fastattn.block_sparse_attention_backward(out[:8], q[:8], k, v, out[:8], lse[:8],
+                                                 layout)
+    with pytest.raises(ValueError, match="lse has shape"):
+        fastattn.block_sparse_attention_backward(out, q, k, v, out, lse[:4], layout)
+    with pytest.raises(TypeError, match="out has dtype"):
+        fastattn.block_sparse_attention_backward(out, q, k, v, out.astype(np.float32), lse,
+                                                 layout)
+    empty = fastattn.BlockLayout((16, 16), 8, [0, 0, 0], [])
+    o2, l2 = fastattn.block_sparse_attention(q, k, v, empty, return_lse=True)
+    grads = fastattn.block_sparse_attention_backward(np.ones_like(o2), q, k, v, o2, l2, empty)
+    assert not any(g.any() for g in grads)

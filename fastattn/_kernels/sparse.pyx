@@ -38,29 +38,8 @@ from fastattn._kernels.tile cimport (
 
 cnp.import_array()
 
-# What an element rule makes of one tile.
-cdef enum:
-    TILE_SKIP = 0    # no pair kept
-    TILE_BAND = 1    # row r keeps tile columns band_lo + r .. band_hi + r
-    TILE_MASK = 2    # keep tile holds the kept pairs
-
-
-cdef struct Rule:
-    bint active
-    int64_t lo, hi, clip, dilation, segment, offset
-    const uint8_t *gq       # (L,) or NULL
-    const uint8_t *gk       # (S,) or NULL
-    const uint8_t *mask     # element (i, j) at mask_off[b] + i * mask_rs + j * mask_cs
-    const Py_ssize_t *mask_off
-    Py_ssize_t mask_rs, mask_cs
-
-
-cdef struct SparseLayout:
-    # batch b walks indptr[layout_off[b] + qb] .. indptr[layout_off[b] + qb + 1]
-    const int64_t *indptr
-    const int64_t *indices
-    const Py_ssize_t *layout_off
-    Rule rule
+# The element rule (Rule), the layout (SparseLayout) and SparsePlan are declared in
+# sparse.pxd, shared with the backward (backward.pyx).
 
 
 cdef struct SparseRun:
@@ -275,8 +254,6 @@ cdef class SparsePlan:
     (see `fastattn.sparse.BlockLayout._kernel_rule`); offset (S - L) aligns query
     positions bottom-right for it.
     """
-    cdef SparseLayout c
-    cdef readonly object arrays     # everything the pointers in c point into
 
     def __init__(self, cnp.ndarray indptr, cnp.ndarray indices, cnp.ndarray layout_off,
                  object rule, *, Py_ssize_t offset):

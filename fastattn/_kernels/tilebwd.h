@@ -21,6 +21,7 @@
 
 #include "vecmath.h"
 #include "tilegemm.h"
+#include "tilehalf.h"
 
 static void fa_bwd_probs_scalar_f32(float *s, float *dp, ptrdiff_t n, float lse, float d,
                                     float a)
@@ -157,4 +158,37 @@ static void fa_bwd_acc_t(int rows, int w, int cols, const float *p, ptrdiff_t ld
   (void)ldacc; }
 
 #endif
+/* ---- bfloat16 products (CPUs with AVX512_BF16, tilehalf.h's way 2) ---------------------
+ * The products whose reduction runs over the query rows (dV += P^T dO, dK += dS^T Q)
+ * take P and dS rounded to bfloat16 as pairs of rows: */
+
+#if FA_HALF_KERNELS
+/* pt[u * ldpt + c] = (bf16(x[2u, c]), bf16(x[2u + 1, c])) for u < (rows + 1) / 2, c < cols
+ * (x row-major, row stride ldx), rounded to nearest even; a missing row 2u + 1 reads 0. */
+FA_BF16 static void fa_bwd_row_pairs(int rows, int cols, const float *x, ptrdiff_t ldx,
+                                     uint32_t *pt, ptrdiff_t ldpt)
+{
+    for (int u = 0; u < (rows + 1) / 2; u++) {
+        const float *a = x + 2 * u * ldx;
+        const float *b = 2 * u + 1 < rows ? a + ldx : NULL;
+        uint32_t *out = pt + u * ldpt;
+        int c = 0;
+        for (; c + 16 <= cols; c += 16) {
+            __m512 va = _mm512_loadu_ps(a + c);
+            __m512 vb = b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps();
+            __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(va));
+            __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(vb));
+            _mm512_storeu_si512(out + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+        for (; c < cols; c++)
+            out[c] = (uint32_t)fa_f32_to_bf16(a[c])
+                     | ((uint32_t)(b ? fa_f32_to_bf16(b[c]) : 0) << 16);
+    }
+}
+#else
+static void fa_bwd_row_pairs(int rows, int cols, const float *x, ptrdiff_t ldx,
+                             uint32_t *pt, ptrdiff_t ldpt)
+{ (void)rows; (void)cols; (void)x; (void)ldx; (void)pt; (void)ldpt; }
+#endif
+
 #endif  /* FASTATTN_TILEBWD_H */
