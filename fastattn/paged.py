@@ -168,7 +168,23 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         return _npu.paged_attention(q, k, v, table, lens, scale=scale, causal=causal,
                                     return_lse=return_lse, device=device)
     nthreads = _threads.resolve_num_threads(num_threads)
+    if lens.size:
+        max_len, keys = int(lens.max()), int(lens.sum())
+    else:
+        max_len = keys = 0
+    return _attend_cpu(q, k, v, table, lens, max_len, keys, scale, bool(causal), return_lse,
+                       nthreads, compute, result)
 
+
+def _attend_cpu(q, k, v, table, lens, max_len, keys, scale, causal, return_lse, nthreads,
+                compute, result, pools_ready=False):
+    # The CPU call on validated operands (see paged_attention): q (B, H, T, E), pools
+    # (N, H_kv, bs, E | Ev), table and lens intp C-contiguous with every entry the kernel
+    # reads checked, max_len and keys the largest and summed lengths. PagedKVCache calls
+    # this directly with the table it built (and validated) once for all its layers, and
+    # with pools_ready when the pools are C-contiguous in a dtype the kernel reads as is.
+    B, H, T, E = q.shape
+    Hkv, bs, Ev = k.shape[1], k.shape[2], v.shape[3]
     # half results are computed in float32 and narrowed by the kernel
     out = np.empty((B, H, T, Ev), dtype=result if result in HALF else compute)
     lse = np.empty((B, H, T), dtype=compute) if return_lse else None
@@ -177,8 +193,9 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         # blocks are read in place, half pools too (widened piece by piece in the kernel,
         # whatever the query's dtype); only another dtype or a layout BLAS cannot take
         # is converted
-        (k, _), (v, _) = (as_matrix_stack(a, a.dtype if a.dtype in HALF else compute)
-                          for a in (k, v))
+        if not pools_ready:
+            (k, _), (v, _) = (as_matrix_stack(a, a.dtype if a.dtype in HALF else compute)
+                              for a in (k, v))
         rows = (H // Hkv) * T
         use_blas = rows > VECTOR_ROWS
         row_tile = min(rows, ROW_TILE)
@@ -186,10 +203,9 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         chunk_blocks = max(1, KEYS_PER_CHUNK // bs)
         # work items: (sequence, group of tile_heads kv-heads, row tile); keys may be split too
         items = B * -(-Hkv // tile_heads) * -(-rows // row_tile)
-        max_blocks = -(-int(lens.max(initial=0)) // bs)
+        max_blocks = -(-max_len // bs)
         # threads the work pays for: flops, or for memory-bound decoding the bytes of the
         # keys and values streamed, whichever is more
-        keys = int(lens.sum())
         work = max(2.0 * H * T * keys * (E + Ev),
                    float(Hkv * keys * (E * k.itemsize + Ev * v.itemsize)))
         nthreads = _threads.call_threads(nthreads, items * max(max_blocks, 1), work)
@@ -202,7 +218,7 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         # in pieces: one kv-head of one block (of the pools' dtype: twice as many half ones)
         prefetch = -(-PREFETCH_BYTES // (bs * max(E * k.itemsize, Ev * v.itemsize)))
         plan = _paged.PagedPlan(q, k, v, table, lens, out, lse, nkv=Hkv, T=T, scale=scale,
-                                causal=bool(causal), tile_heads=tile_heads, row_tile=row_tile,
+                                causal=causal, tile_heads=tile_heads, row_tile=row_tile,
                                 chunk_blocks=chunk_blocks, nsplit=nsplit, use_blas=use_blas,
                                 prefetch=prefetch, nthreads=nthreads)
         with _threads.kernel_blas(use_blas):
