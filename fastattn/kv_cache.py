@@ -824,7 +824,8 @@ class KVSlots:
         Ev = cache._value_dim
         B, counts = len(self.seq_ids), self.num_tokens
         if isinstance(key, np.ndarray) and isinstance(value, np.ndarray):
-            T = counts[0] if counts else 0
+            # (with no sequence any T will do)
+            T = counts[0] if counts else (key.shape[2] if key.ndim == 4 else 0)
             if (key.shape != (B, Hkv, T, E) or value.shape != (B, Hkv, T, Ev)
                     or counts.count(T) != B):
                 raise ValueError(f"expected key (B={B}, num_kv_heads={Hkv}, T, head_dim={E}) and "
