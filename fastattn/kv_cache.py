@@ -648,7 +648,7 @@ class PagedKVCache:
                            table.max_len, table.keys,
                            self._scale if scale is None else check_scale(scale, query.shape[3]),
                            bool(causal), return_lse, _threads.resolve_num_threads(num_threads),
-                           *dtypes, pools_ready=True)
+                           *dtypes, pools_ready=True, tilings=table.tilings)
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -909,9 +909,10 @@ class _Growth:
 
 class _Table:
     """The block table of some sequences as the kernel takes it: intp (B, max_blocks),
-    padded with 0; intp lengths; their maximum and sum."""
+    padded with 0; intp lengths; their maximum and sum; the tilings of the calls made
+    with it (paged._attend_cpu), shared by the layers."""
 
-    __slots__ = ("table", "lens", "max_len", "keys")
+    __slots__ = ("table", "lens", "max_len", "keys", "tilings")
 
     def __init__(self, entries):
         lengths = [length for _, length in entries]
@@ -924,6 +925,7 @@ class _Table:
         self.lens = np.array(lengths, dtype=np.intp)
         self.max_len = max(lengths, default=0)
         self.keys = sum(lengths)
+        self.tilings = {}
 
 
 class _HostPools:
