@@ -185,16 +185,16 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
     TypeError
         For non-real inputs or masks of the wrong dtype.
 
+    See Also
+    --------
+    MultiHeadAttention, fastattn.scaled_dot_product_attention
+
     Notes
     -----
     Differences from ``nn.MultiheadAttention`` that remain with the torch
     conventions: a query row whose keys are all masked out gives zeros (PyTorch
     gives NaN); ``is_causal=True`` applies the causal mask (in PyTorch it is only
     a hint about ``attn_mask``); there is no dropout (inference).
-
-    See Also
-    --------
-    MultiHeadAttention, fastattn.scaled_dot_product_attention
 
     The projections run in the attention kernel's threads, over blocks of the
     ``batch·seq`` rows, one single-threaded BLAS product per block; Q, K and V
@@ -510,7 +510,6 @@ class MultiHeadAttention:
                              f"{wq.shape[0]} of in_proj_weight/q_proj_weight {wq.shape}")
         return self
 
-
     def __repr__(self):
         bias = all(getattr(self, n) is not None for n in ("q_bias", "k_bias", "v_bias",
                                                           "out_bias"))
@@ -705,15 +704,15 @@ class MultiHeadAttention:
             if loaded[name].ndim != 2:
                 raise ValueError(f"{name} must be 2-D (out_features, in_features), got "
                                  f"{loaded[name].shape}")
-        if wq.shape[0] % H:
+        if wq.shape[0] == 0 or wq.shape[0] % H:
             raise ValueError(f"num_heads={H} must divide the {wq.shape[0]} rows of q_weight "
                              f"{wq.shape}")
         D = wq.shape[0] // H
         if num_kv_heads is None:
-            if wk.shape[0] % D or H % (wk.shape[0] // D or 1) or wk.shape[0] == 0:
+            num_kv_heads, rest = divmod(wk.shape[0], D)
+            if rest or num_kv_heads == 0 or H % num_kv_heads:
                 raise ValueError(f"k_weight {wk.shape} is not a whole number of heads of size "
                                  f"{D} dividing num_heads={H} (q_weight {wq.shape})")
-            num_kv_heads = wk.shape[0] // D
         self = cls.__new__(cls)
         for name in names:
             setattr(self, name, loaded.get(name))
