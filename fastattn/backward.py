@@ -1,4 +1,6 @@
 """Gradients: the backward pass of scaled dot-product attention and of the softmax."""
+import math
+
 import numpy as np
 
 from fastattn import _npu, _threads
@@ -373,19 +375,23 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
     dq_full = np.zeros(batch_shape + (L, E), dtype=compute)
     nb = len(batch_shape)
     group_axis = nb - 1 if group > 1 else None
-    kdest = _dest_index(k_lead, batch_shape, group_axis, group)
-    vdest = _dest_index(v_lead, batch_shape, group_axis, group)
-    nk, nv = int(np.prod(k_lead, dtype=np.int64)), int(np.prod(v_lead, dtype=np.int64))
+    nk, nv = math.prod(k_lead), math.prod(v_lead)
     dm = None
 
     if nbatch and L and S and Ev:
         storage = storage_dtype(compute, result, ops.q, ops.k, ops.v, grad_out, out)
-        # pairs: the distinct (key matrix, value matrix) read by the batch entries
-        pair_key = kdest * max(nv, 1) + vdest
-        uniq, pair_of = np.unique(pair_key, return_inverse=True)
-        pair_of = pair_of.reshape(-1).astype(np.intp)
-        npairs = len(uniq)
-        kd_of_pair, vd_of_pair = uniq // max(nv, 1), uniq % max(nv, 1)
+        # pairs: the distinct (key matrix, value matrix) read by the batch entries; each
+        # has its own dK and dV, summed into their key and value matrices at the end
+        if group == 1 and k_lead == batch_shape and v_lead == batch_shape:
+            pair_of = np.arange(nbatch, dtype=np.intp)      # the usual case: one each
+            kd_of_pair = vd_of_pair = None
+        else:
+            kdest = _dest_index(k_lead, batch_shape, group_axis, group)
+            vdest = _dest_index(v_lead, batch_shape, group_axis, group)
+            uniq, pair_of = np.unique(kdest * max(nv, 1) + vdest, return_inverse=True)
+            pair_of = pair_of.reshape(-1).astype(np.intp)
+            kd_of_pair, vd_of_pair = uniq // max(nv, 1), uniq % max(nv, 1)
+        npairs = int(pair_of[-1]) + 1 if kd_of_pair is None else len(kd_of_pair)
 
         block_q, block_k = min(BLOCK_Q, L), min(BLOCK_K, S)
         sparse_args = {}
@@ -416,8 +422,14 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
             _, comp_of_pair = np.unique(labels[:npairs], return_inverse=True)
             comp_of_pair = comp_of_pair.reshape(-1).astype(np.intp)
         ncomp = int(comp_of_pair.max()) + 1
-        comp_pairs, comp_start = _starts(comp_of_pair, ncomp)
-        pair_members, pair_start = _starts(pair_of, npairs)
+        if not mask_grad:           # one pair per component: pair i is component i
+            comp_pairs, comp_start = comp_of_pair, np.arange(npairs + 1, dtype=np.intp)
+        else:
+            comp_pairs, comp_start = _starts(comp_of_pair, ncomp)
+        if kd_of_pair is None:      # one batch entry per pair
+            pair_members, pair_start = pair_of, np.arange(npairs + 1, dtype=np.intp)
+        else:
+            pair_members, pair_start = _starts(pair_of, npairs)
 
         # key splits (each with its own dQ) only when the components cannot keep every
         # thread busy; interleaved key blocks keep causal splits even
@@ -509,8 +521,10 @@ def _sparse_arguments(layout, batch_shape, L, S):
 
 
 def _scatter_pairs(grad_pairs, dest_of_pair, ndest, shape):
-    # the gradient of each destination matrix: the sum of its pairs' (usually one each)
-    if len(dest_of_pair) == ndest and np.array_equal(dest_of_pair, np.arange(ndest)):
+    # the gradient of each destination matrix: the sum of its pairs' (usually one each;
+    # dest_of_pair None: pair i is matrix i)
+    if dest_of_pair is None or (len(dest_of_pair) == ndest
+                                and np.array_equal(dest_of_pair, np.arange(ndest))):
         return grad_pairs.reshape(shape)
     res = np.zeros((ndest,) + grad_pairs.shape[1:], dtype=grad_pairs.dtype)
     np.add.at(res, dest_of_pair, grad_pairs)
