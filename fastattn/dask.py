@@ -41,7 +41,7 @@ except ImportError as exc:          # pragma: no cover - exercised without Dask 
     raise ImportError('fastattn.dask needs Dask: install it with pip install "fastattn[dask]"'
                       ) from exc
 
-from fastattn import _threads
+from fastattn import _linear, _threads
 from fastattn.attention import CAUSAL_ALIGNMENTS, _Operands
 from fastattn.attention import scaled_dot_product_attention as _sdpa
 from fastattn.lowrank import _check_causal_lengths
@@ -703,8 +703,11 @@ def local_attention(query, key, value, window, *, dilation=1, global_tokens=None
 
 def _features(x, feature_map, compute):
     x = x.astype(compute, copy=False)
-    if isinstance(feature_map, str):                # "elu": elu(x) + 1
-        return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
+    if isinstance(feature_map, str):                # "elu": elu(x) + 1 = x + 1 or exp(x)
+        phi = np.minimum(x, 0)
+        np.exp(phi, out=phi)
+        np.add(x, 1, out=phi, where=x > 0)
+        return phi
     return np.asarray(feature_map(x), dtype=compute)
 
 
@@ -727,21 +730,33 @@ def _identity(x):
     return x
 
 
-def _kv_summary(k, v, *, feature_map, compute):
+def _products(a, b, num_threads):
+    """``a @ b.swapaxes(-1, -2)`` over broadcast batch axes, on fastattn's threads
+    (NumPy's ``@`` would wake its BLAS threads, which spin on a busy machine)."""
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    with _threads.single_threaded_blas():
+        return _linear.stacked_abt(a, b, batch, task_threads(num_threads))
+
+
+def _kv_summary(k, v, *, feature_map, compute, num_threads):
     """``phi(K)^T [V 1]`` of one key chunk: ``(..., 1, m, Ev + 1)``."""
-    fk = _features(k, feature_map, compute)
-    v = v.astype(compute, copy=False)
-    ev = v.shape[-1]
-    lead = np.broadcast_shapes(fk.shape[:-2], v.shape[:-2])
-    out = np.empty(lead + (fk.shape[-1], ev + 1), dtype=compute)
-    out[..., :ev] = np.swapaxes(fk, -1, -2) @ v                 # sum_j phi(k_j) v_j^T
-    out[..., ev] = fk.sum(axis=-2)                               # sum_j phi(k_j)
-    return out[..., np.newaxis, :, :]
+    fk_t = np.ascontiguousarray(np.swapaxes(_features(k, feature_map, compute), -1, -2))
+    rows, ev = v.shape[-2:]
+    v1_t = np.empty(v.shape[:-2] + (ev + 1, rows), dtype=compute)
+    v1_t[..., :ev, :] = np.swapaxes(v, -1, -2)
+    v1_t[..., ev, :] = 1
+    # sum_j phi(k_j) [v_j 1]^T: the state sum_j phi(k_j) v_j^T and the normaliser sum_j phi(k_j)
+    return _products(fk_t, v1_t, num_threads)[..., np.newaxis, :, :]
 
 
-def _apply_state(q, state, *, feature_map, eps, compute, result):
+def _with_state(fq, state, num_threads):
+    # phi(Q) [S z]: (..., rows, Ev + 1)
+    return _products(fq, np.ascontiguousarray(np.swapaxes(state, -1, -2)), num_threads)
+
+
+def _apply_state(q, state, *, feature_map, eps, compute, result, num_threads):
     """``phi(Q) S / (phi(Q) z + eps)`` for the whole sequence's state ``[S z]``."""
-    nd = _features(q, feature_map, compute) @ state
+    nd = _with_state(_features(q, feature_map, compute), state, num_threads)
     return (nd[..., :-1] / (nd[..., -1:] + eps)).astype(result, copy=False)
 
 
@@ -757,7 +772,7 @@ def _causal_chunk(q, k, v, prefix, *, feature_map, eps, compute, result, num_thr
     own = _linear_attention(fq, fk, v, feature_map=_identity, causal=True, eps=eps,
                             num_threads=task_threads(num_threads))
     den = np.sum(fq * np.cumsum(fk, axis=-2), axis=-1)           # phi(q_i) . sum_{j<=i} phi(k_j)
-    nd = fq @ prefix[..., 0, :, :]                               # phi(q_i) [P zP]
+    nd = _with_state(fq, prefix[..., 0, :, :], num_threads)      # phi(q_i) [P zP]
     num = own * (den + eps)[..., None] + nd[..., :-1]
     return (num / (den + nd[..., -1] + eps)[..., None]).astype(result, copy=False)
 
@@ -843,7 +858,7 @@ def linear_attention(query, key, value, *, feature_map="elu", causal=False, eps=
         return tuple(f"b{d}" for d in range(nb - (ndim - 2), nb)) + tail
 
     kv_ndim = max(k.ndim, v.ndim)
-    options = dict(feature_map=feature_map, compute=compute)
+    options = dict(feature_map=feature_map, compute=compute, num_threads=num_threads)
     summaries = da.blockwise(
         _kv_summary, ind(kv_ndim, "s", "m", "c"), k, ind(k.ndim, "s", "e"),
         v, ind(v.ndim, "s", "f"), adjust_chunks={"s": 1}, new_axes={"m": m, "c": Ev + 1},
@@ -868,4 +883,4 @@ def linear_attention(query, key, value, *, feature_map="elu", causal=False, eps=
         _causal_chunk, out_ind, q, ind(q.ndim, "l", "e"), k, ind(k.ndim, "l", "e"),
         v, ind(v.ndim, "l", "f"), prefix, ind(kv_ndim, "l", "m", "c"), align_arrays=False,
         concatenate=True, meta=out_meta, token="fastattn-linear-causal", eps=eps, result=result,
-        num_threads=num_threads, **options)
+        **options)

@@ -356,6 +356,15 @@ def test_bad_input_is_rejected_like_the_numpy_function(rng, case):
     assert not ran
 
 
+def test_import_without_dask_names_the_extra(monkeypatch):
+    monkeypatch.delitem(sys.modules, "fastattn.dask")
+    for name in [n for n in sys.modules if n == "dask" or n.startswith("dask.")]:
+        monkeypatch.setitem(sys.modules, name, None)      # as if Dask were not installed
+    monkeypatch.setitem(sys.modules, "dask", None)
+    with pytest.raises(ImportError, match=r'pip install "fastattn\[dask\]"'):
+        importlib.import_module("fastattn.dask")
+
+
 def test_unknown_chunk_sizes_are_a_clear_error(rng):
     q, k, v = _qkv(rng, 1, 1, 8, 8)
     dq = _chunked(q, (1, 1, 4, 8))
@@ -526,7 +535,7 @@ def client():
     # the test module's helpers run on the workers, which cannot import it
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=40)
+                                       dashboard_address=":0", silence_logs=40)
     with distributed.Client(cluster) as c:
         c.run(importlib.import_module, "fastattn.dask")      # workers start warm
         yield c
@@ -573,7 +582,7 @@ def _task_threads_beside_another():
 def test_task_threads_in_a_worker_with_two_threads():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                                  dashboard_address=None, silence_logs=40) as cluster, \
+                                  dashboard_address=":0", silence_logs=40) as cluster, \
             distributed.Client(cluster) as c:
         assert c.submit(fd.task_threads, pure=False).result() == 2     # alone: both threads
         a = c.submit(_task_threads_beside_another, pure=False)
