@@ -513,6 +513,11 @@ def multi_head_attention_backward(grad_out, cache, *, num_threads=None):
 class MultiHeadAttention:
     """Multi-head attention weights plus :func:`multi_head_attention` as ``__call__``.
 
+    Trainable: ``out, cache = mha(x, return_cache=True)`` keeps what
+    :meth:`backward` needs, and ``mha.backward(grad_out, cache)`` returns the
+    gradients of the call's inputs and of every parameter, keyed like
+    :meth:`state_dict` (whose arrays are the layer's own, for in-place updates).
+
     Parameters
     ----------
     embed_dim : int
@@ -550,6 +555,7 @@ class MultiHeadAttention:
     See Also
     --------
     multi_head_attention
+    MultiHeadAttention.backward : gradients for training.
     MultiHeadAttention.from_torch : port a ``torch.nn.MultiheadAttention``.
     MultiHeadAttention.from_hf_state_dict : load Hugging Face ``q_proj/k_proj/v_proj/o_proj``.
 

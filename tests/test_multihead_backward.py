@@ -201,8 +201,8 @@ def test_lower_precision_matches_float64(rng, dtype):
 
 
 def test_num_threads_do_not_change_results_beyond_rounding(rng, monkeypatch):
-    # small GRAD_BLOCK and GRAD_SPLIT_ROWS: several dW blocks and row splits
-    monkeypatch.setattr(_linear, "GRAD_BLOCK", 16)
+    # small GRAD_BLOCK_ROWS_MIN and GRAD_SPLIT_ROWS: several dW blocks and row splits
+    monkeypatch.setattr(_linear, "GRAD_BLOCK_ROWS_MIN", 4)
     monkeypatch.setattr(_linear, "GRAD_SPLIT_ROWS", 8)
     w = make_weights(rng, 4, 4, 8, 8, 40, 40, 40, 40)
     x = rng.standard_normal((3, 50, 40))
@@ -364,36 +364,43 @@ def test_weight_grads_match_matmul(lead, n, h, e, layout, dtype, nthreads, small
         x = np.ascontiguousarray(np.swapaxes(x, 0, -2)).swapaxes(0, -2)
     elif layout == "fortran":
         x = np.asfortranarray(x)
-    saved = _linear.GRAD_BLOCK, _linear.GRAD_SPLIT_ROWS
+    saved = _linear.GRAD_BLOCK_ROWS_MIN, _linear.GRAD_SPLIT_ROWS
     try:
         if small:
-            _linear.GRAD_BLOCK, _linear.GRAD_SPLIT_ROWS = 8, 4
+            _linear.GRAD_BLOCK_ROWS_MIN, _linear.GRAD_SPLIT_ROWS = 1, 4
         got, = _weight_grads((dy, x), nthreads=nthreads)
     finally:
-        _linear.GRAD_BLOCK, _linear.GRAD_SPLIT_ROWS = saved
+        _linear.GRAD_BLOCK_ROWS_MIN, _linear.GRAD_SPLIT_ROWS = saved
     want = dy.reshape(-1, h).astype(np.float64).T @ x.reshape(-1, e).astype(np.float64)
     assert got.shape == (h, e) and got.dtype == dtype
     assert_close(got, want, dtype if dtype == np.float64 else np.float32)
 
 
 def test_weight_grads_split_rows_and_matrices(monkeypatch, rng):
-    # dW of one block: the rows are split for the threads, over the matrices of a
-    # strided stack or the rows of one matrix, partial sums added at the end
+    # the rows are split for the threads first, over the matrices of a strided stack or
+    # the rows of one matrix (partial sums added at the end); dW is cut into blocks of
+    # its rows when there are too few rows to split
     calls = []
     real = _linear._projection_kernels.weight_grad
 
     def spy(jobs, nthreads):
-        calls.append([(j[7].shape[0], j[8], j[9]) for j in jobs])
+        calls.append([(j[7].shape[0], j[8], j[9], j[10]) for j in jobs])
         return real(jobs, nthreads)
     monkeypatch.setattr(_linear._projection_kernels, "weight_grad", spy)
     monkeypatch.setattr(_linear, "GRAD_SPLIT_ROWS", 16)
     one = rng.standard_normal((64, 8)), rng.standard_normal((64, 5))
     stack = rng.standard_normal((6, 10, 8)), rng.standard_normal((10, 6, 5)).swapaxes(0, 1)
-    for dy, x in (one, stack):
+    few = rng.standard_normal((10, 64)), rng.standard_normal((10, 5))
+    for dy, x in (one, stack, few):
         got, = _weight_grads((dy, x), nthreads=2)
-        want = dy.reshape(-1, 8).T @ x.reshape(-1, 5)
+        want = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, 5)
         np.testing.assert_allclose(got, want, rtol=1e-12)
-    assert calls[0] == [(4, 16, False)]          # 64 rows: 4 splits of 16 rows
-    assert calls[1] == [(3, 2, True)]            # 6 strided matrices: 3 splits of 2
-    got, = _weight_grads(one, nthreads=1)
-    assert calls[2] == [(1, 64, False)]          # one thread: no split
+    assert calls[0] == [(4, 16, False, 8)]       # 64 rows: 4 splits of 16 rows, whole dW
+    assert calls[1] == [(3, 2, True, 8)]         # 6 strided matrices: 3 splits of 2
+    assert calls[2] == [(1, 10, False, 16)]      # 10 rows: dW in 4 blocks of 16 rows
+    # limits: the partials' memory, one thread (one whole product)
+    monkeypatch.setattr(_linear, "GRAD_PARTIALS_BYTES", 2 * 8 * 5 * 8)
+    _weight_grads(one, nthreads=2)
+    assert calls[3] == [(2, 32, False, 8)]       # 2 splits (the memory), dW rows >= 16
+    _weight_grads(one, nthreads=1)
+    assert calls[4] == [(1, 64, False, 8)]
