@@ -26,6 +26,9 @@
 # block is first filled with the bias rows and the gemm accumulates onto it (beta = 1):
 # OpenBLAS otherwise clears the block before a beta = 0 product, so the bias costs no
 # extra pass.
+#
+# The weight gradients of the projections' backward, dW = dY.T @ X over the batch's
+# rows, are a second kind of job (weight_grad, at the end of this file).
 
 from libc.string cimport memcpy
 cimport numpy as cnp
