@@ -84,3 +84,75 @@ class MultiHeadAttentionLayers:
 
     def time_multi_head_attention(self, layer):
         self.mha(self.query, self.memory, self.memory, self.heads, **self.kwargs)
+
+
+class MultiHeadAttentionBackward:
+    """Training step of one layer: forward with ``return_cache=True`` then the backward
+    (issue 15), B=8 L=S=256 E=768 H=12 float32 self-attention, dense or causal; against
+    ``torch.nn.MultiheadAttention`` forward + ``.backward()`` at the same threads.
+
+    ``track_sgemm_fraction`` counts the backward alone: the 8 projection products
+    (dX and dW of Q, K, V and the output) and the attention core's 2.5x forward FLOPs.
+    """
+    params = [["self", "causal"]]
+    param_names = ["variant"]
+    batch, length = 8, 256
+
+    def setup(self, variant):
+        common.require("multi_head_attention_backward")
+        import fastattn
+        B, L = self.batch, self.length
+        self.causal = variant == "causal"
+        self.layer = fastattn.MultiHeadAttention(EMBED, HEADS, rng=40)
+        self.x = common.random_array((B, L, EMBED), seed=41)
+        self.grad = common.random_array((B, L, EMBED), seed=42)
+        self.out, self.cache = self._forward()
+        projection_flops = 2.0 * B * L * 4 * EMBED * EMBED
+        self.flops = lambda: 2 * projection_flops + 2.5 * common.attention_flops(
+            B, HEADS, L, L, EMBED // HEADS, EMBED // HEADS, self.causal)
+
+    def _forward(self):
+        return self.layer(self.x, is_causal=self.causal, return_cache=True)
+
+    def _backward(self):
+        return self.layer.backward(self.grad, self.cache)
+
+    def _step(self):
+        out, cache = self._forward()
+        return self.layer.backward(self.grad, cache)
+
+    def time_forward_backward(self, variant):
+        self._step()
+
+    def time_backward(self, variant):
+        self._backward()
+
+    def track_sgemm_fraction(self, variant):
+        return common.gflops(self._backward, self.flops) / common.sgemm_gflops()
+    track_sgemm_fraction.unit = "fraction of SGEMM rate"
+
+    def track_speedup_over_torch(self, variant):
+        try:
+            import torch
+        except ImportError:
+            raise common.SkipNotImplemented("PyTorch is not installed") from None
+        import fastattn
+        threads = torch.get_num_threads()
+        torch.set_num_threads(fastattn.get_num_threads())
+        try:
+            module = torch.nn.MultiheadAttention(EMBED, HEADS, batch_first=True)
+            x = torch.tensor(self.x, requires_grad=True)
+            grad = torch.tensor(self.grad)
+            L = self.length
+            mask = torch.triu(torch.ones(L, L, dtype=torch.bool), 1) if self.causal else None
+
+            def torch_step():
+                module.zero_grad()
+                x.grad = None
+                out, _ = module(x, x, x, attn_mask=mask, is_causal=self.causal,
+                                need_weights=False)
+                out.backward(grad)
+            return common.median_seconds(torch_step) / common.median_seconds(self._step)
+        finally:
+            torch.set_num_threads(threads)
+    track_speedup_over_torch.unit = "x PyTorch"

@@ -19,7 +19,8 @@ from fastattn.attention import scaled_dot_product_attention
 from fastattn.backward import (block_sparse_attention_backward, masked_softmax_backward,
                                scaled_dot_product_attention_backward)
 from fastattn.masks import causal_mask, combine_masks, padding_mask
-from fastattn.multihead import MultiHeadAttention, merge_heads, multi_head_attention, split_heads
+from fastattn.multihead import (MultiHeadAttention, merge_heads, multi_head_attention,
+                                multi_head_attention_backward, split_heads)
 from fastattn.positional import apply_rotary, sinusoidal_positional_encoding
 from fastattn.scoring import additive_attention, concat_attention, dot_attention, general_attention
 from fastattn.softmax import attention_weights, log_softmax, masked_softmax
@@ -39,7 +40,7 @@ __all__ = [
     "scaled_dot_product_attention",
     # training: the backward pass
     "scaled_dot_product_attention_backward", "masked_softmax_backward",
-    "block_sparse_attention_backward",
+    "block_sparse_attention_backward", "multi_head_attention_backward",
     # long sequences: one block-sparse kernel + patterns, content-based sparsity (hashing,
     # clustering, sorting), low-rank and kernelised variants
     "BlockLayout", "block_sparse_attention", "local_attention", "strided_attention",

@@ -7,10 +7,12 @@ from fastattn._mha_plan import CHUNK_ROWS_PER_THREAD, batch_chunks
 from fastattn._validation import (CPU_AND_NPU, check_choice, check_device, check_int,
                                   check_scale, is_floating, result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
+from fastattn.backward import scaled_dot_product_attention_backward
 from fastattn.masks import combine_masks
 from fastattn.softmax import softmax_rows
 
-__all__ = ["split_heads", "merge_heads", "multi_head_attention", "MultiHeadAttention"]
+__all__ = ["split_heads", "merge_heads", "multi_head_attention", "multi_head_attention_backward",
+           "MultiHeadAttention"]
 
 # How masks are read: fastattn's (bool True = attend; key_padding_mask True = real token)
 # or torch.nn.MultiheadAttention's (bool True = masked out; 3-D attn_mask (N*H, L, S)).
@@ -19,6 +21,9 @@ MASK_CONVENTIONS = ("fastattn", "torch")
 # (input, weight, bias) names of the three input projections
 _QKV = (("query", "q_weight", "q_bias"), ("key", "k_weight", "k_bias"),
         ("value", "v_weight", "v_bias"))
+# the parameters, in the order of state_dict() and of the backward's gradients
+_PARAMS = ("q_weight", "k_weight", "v_weight", "out_weight", "q_bias", "k_bias", "v_bias",
+           "out_bias")
 
 
 def split_heads(x, num_heads):
@@ -95,7 +100,7 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
                          num_kv_heads=None, attn_mask=None, key_padding_mask=None,
                          is_causal=False, scale=None, need_weights=False, num_threads=None,
                          device="cpu", batch_first=True, mask_convention="fastattn",
-                         average_attn_weights=True):
+                         average_attn_weights=True, return_cache=False):
     r"""Multi-head attention, ``concat(head_1, ..., head_H) @ out_weight.T + out_bias``.
 
     Each head is ``softmax(q_h @ k_h.T * scale + mask) @ v_h`` with
@@ -167,6 +172,9 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
     average_attn_weights : bool, default=True
         With ``need_weights``: the head average ``(..., L, S)``, or with False
         each head's weights ``(..., H, L, S)`` (PyTorch's argument).
+    return_cache : bool, default=False
+        Also return what :func:`multi_head_attention_backward` needs to compute
+        the gradients (training). Not with ``need_weights=True``.
 
     Returns
     -------
@@ -174,6 +182,9 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
         ``(L, N, E_out)`` with ``batch_first=False``.
     weights : ndarray, shape (..., L, S) or (..., H, L, S)
         Only with ``need_weights=True``.
+    cache : object
+        Only with ``return_cache=True``: an opaque record of the call for
+        :func:`multi_head_attention_backward` (see its Notes for what it holds).
 
     Raises
     ------
@@ -184,10 +195,13 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
         ``batch_first=False`` inputs that are not 2-D or 3-D.
     TypeError
         For non-real inputs or masks of the wrong dtype.
+    NotImplementedError
+        For ``return_cache=True`` with ``need_weights=True``.
 
     See Also
     --------
     MultiHeadAttention, fastattn.scaled_dot_product_attention
+    multi_head_attention_backward : the gradients, from ``return_cache=True``.
 
     Notes
     -----
@@ -248,6 +262,11 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
     ((5, 2, 16), True)
     """
     check_choice("mask_convention", mask_convention, MASK_CONVENTIONS)
+    if return_cache and need_weights:
+        raise NotImplementedError("need_weights=True with return_cache=True: the backward "
+                                  "does not differentiate the attention weights (a loss that "
+                                  "uses them would get wrong gradients); call without "
+                                  "need_weights for training")
     seq_first = not batch_first and np.ndim(query) == 3
     if not batch_first:
         query, key, value = (_batch_first(name, a) for name, a in
@@ -265,6 +284,7 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
              "q_bias": q_bias, "k_bias": k_bias, "v_bias": v_bias, "out_bias": out_bias}
     arr = {n: np.asarray(a) for n, a in named.items() if a is not None}
     compute, result = result_dtypes(*arr.values(), names=list(arr))
+    dtypes = {n: a.dtype for n, a in arr.items()}
     arr = {n: a.astype(compute, copy=False) for n, a in arr.items()}
     q, k, v = arr["query"], arr["key"], arr["value"]
     for name in ("query", "key", "value"):
@@ -311,12 +331,14 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
                    _threads.resolve_num_threads(num_threads), device)
     layer.average = bool(average_attn_weights)
     chunks = None
-    if kind == "cpu":
+    if kind == "cpu" and not return_cache:
         chunks = batch_chunks(q, k, v, mask, CHUNK_ROWS_PER_THREAD * layer.nthreads)
     # Every product below runs in fastattn's threads on single-threaded BLAS; the limit
     # is set once for all of them.
     with _threads.single_threaded_blas():
-        if chunks is None:
+        if return_cache:
+            out, cache = layer.attend_saving(q, k, v, mask, dtypes, result, seq_first)
+        elif chunks is None:
             out, weights = layer.attend(q, k, v, mask)
         else:
             out, weights = layer.attend_chunked(*chunks)
@@ -324,13 +346,177 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
         out = out.astype(result)
     if seq_first:
         out = out.swapaxes(0, 1)
+    if return_cache:
+        return out, cache
     if not need_weights:
         return out
     return out, weights.astype(result, copy=False)
 
 
+def multi_head_attention_backward(grad_out, cache, *, num_threads=None):
+    r"""Gradients of :func:`multi_head_attention` (the backward pass).
+
+    Given the gradient of a loss with respect to the output of
+    ``out, cache = multi_head_attention(..., return_cache=True)``, returns its
+    gradients with respect to ``query``, ``key``, ``value`` and every weight and
+    bias of the call.
+
+    Parameters
+    ----------
+    grad_out : array_like
+        Gradient of the loss with respect to ``out``, of ``out``'s shape (in the
+        call's layout: ``(L, N, E_out)`` with ``batch_first=False``); any floating
+        dtype (it is converted to the compute dtype).
+    cache : object
+        What the forward call returned with ``return_cache=True``.
+    num_threads : int, optional
+        Threads for this call; default the forward call's.
+
+    Returns
+    -------
+    grad_query, grad_key, grad_value : ndarray
+        Each of its input's shape and dtype (float64 for integer inputs), in the
+        call's layout. Self-attention passes one array three times: its gradient is
+        ``grad_query + grad_key + grad_value``.
+    grad_params : dict of str to ndarray
+        The gradient of each parameter given to the call, of its shape and dtype,
+        keyed by its argument name: ``"q_weight"``, ``"k_weight"``, ``"v_weight"``,
+        ``"out_weight"`` and the biases given (``"q_bias"``, ...), the keys of
+        :meth:`MultiHeadAttention.state_dict`.
+
+    Raises
+    ------
+    TypeError
+        For a ``cache`` that is not from ``return_cache=True``, or a non-floating
+        ``grad_out``.
+    ValueError
+        When ``grad_out`` does not have the forward output's shape.
+
+    See Also
+    --------
+    multi_head_attention, MultiHeadAttention.backward
+    fastattn.scaled_dot_product_attention_backward : the attention core's backward.
+
+    Notes
+    -----
+    **What the forward keeps** (``return_cache=True``): references to the inputs
+    and parameters as computed with (copies only where they were converted to the
+    compute dtype, float32 or float64), and four arrays of its own: the projections
+    ``q``, ``k``, ``v``, the attention output with its heads merged, ``(..., L,
+    H·D_v)``, and the softmax log-sum-exp of every head, ``(..., H, L)``. That is
+    O(batch·(L + S)·E), as in any autograd framework; the ``(L, S)`` weights are
+    never stored. The chunked evaluation of large batches is not used then (its
+    buffers are reused chunk to chunk, and all of them are needed here).
+
+    **The contract.** The backward reads the inputs and parameters that the cache
+    refers to: update or overwrite them only after the backward (as an optimiser
+    step does). Masks are constants: they get no gradient.
+
+    The backward runs in the forward's order, reversed, each step fused:
+    ``dW_out = dY^T M`` and ``db_out = sum(dY)`` over every row of the batch,
+    ``dM = dY W_out``; the attention core through
+    :func:`fastattn.scaled_dot_product_attention_backward` (from the saved output
+    and lse, grouped-query key/value gradients summed over their query heads);
+    then for each of Q, K, V ``dW = dP^T X``, ``db = sum(dP)`` and ``dX = dP W``.
+    The products run in fastattn's threads on single-threaded BLAS: the input
+    gradients cut into blocks of rows, the weight gradients into blocks of ``dW``
+    (and, for small layers, of the rows, whose partial sums are added at the end;
+    so the rounding depends on the thread count).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> E, H = 16, 4
+    >>> x = rng.standard_normal((2, 5, E))                     # (B, L, E), float64
+    >>> w = {n: rng.standard_normal((E, E)) / 4
+    ...      for n in ("q_weight", "k_weight", "v_weight", "out_weight")}
+    >>> out, cache = fastattn.multi_head_attention(x, x, x, H, **w, is_causal=True,
+    ...                                            return_cache=True)
+    >>> target = rng.standard_normal(out.shape)
+    >>> grad_out = out - target              # loss = 0.5 * ((out - target) ** 2).sum()
+    >>> dq, dk, dv, grads = fastattn.multi_head_attention_backward(grad_out, cache)
+    >>> dx = dq + dk + dv                    # x was the query, the key and the value
+    >>> dx.shape, list(grads)
+    ((2, 5, 16), ['q_weight', 'k_weight', 'v_weight', 'out_weight'])
+
+    One entry of ``grads["q_weight"]`` against a finite difference of the loss:
+
+    >>> def loss(wq):
+    ...     o = fastattn.multi_head_attention(x, x, x, H, **{**w, "q_weight": wq},
+    ...                                       is_causal=True)
+    ...     return 0.5 * ((o - target) ** 2).sum()
+    >>> e = np.zeros((E, E)); e[3, 7] = 1e-6
+    >>> numeric = (loss(w["q_weight"] + e) - loss(w["q_weight"] - e)) / 2e-6
+    >>> bool(abs(numeric - grads["q_weight"][3, 7]) < 1e-6)
+    True
+    """
+    if not isinstance(cache, _Cache):
+        raise TypeError(f"cache must be the cache returned by multi_head_attention(..., "
+                        f"return_cache=True), got {type(cache).__name__}")
+    layer = cache.layer
+    arr, H, Hkv = layer.arr, layer.H, layer.Hkv
+    g = np.asarray(grad_out)
+    if not is_floating(g.dtype):
+        raise TypeError(f"grad_out must be floating, got dtype {g.dtype}")
+    expected = cache.out_shape
+    if cache.seq_first:
+        expected = (expected[1], expected[0]) + expected[2:]
+    if g.shape != expected:
+        raise ValueError(f"grad_out has shape {g.shape}, but the forward returned out of "
+                         f"shape {expected}")
+    if cache.seq_first:
+        g = g.swapaxes(0, 1)
+    g = g.astype(layer.dtype, copy=False)
+    nthreads = layer.nthreads if num_threads is None else \
+        _threads.resolve_num_threads(num_threads)
+    qp, kp, vp = cache.projections
+    merged = cache.merged
+    with _threads.single_threaded_blas():
+        # out = M @ W_out.T + b_out:  dM = dY @ W_out
+        dmerged, = _linear.linear((g, arr["out_weight"].T, None), nthreads=nthreads)
+    dheads = scaled_dot_product_attention_backward(
+        _split(dmerged, H), _split(qp, H), _split(kp, Hkv), _split(vp, Hkv),
+        _split(merged, H), cache.lse, cache.mask, is_causal=layer.is_causal,
+        scale=layer.scale, enable_gqa=Hkv != H, num_threads=nthreads, device=layer.device)
+    # (..., H, L, D) head gradients -> (..., L, H*D), the projections' gradients
+    dproj = [merge_heads(d) for d in dheads]
+    xs = [arr[name] for name, _, _ in _QKV]
+    with _threads.single_threaded_blas():
+        # P = X @ W.T + b:  dX = dP @ W, one parallel region for Q, K and V
+        dx = _linear.linear(*[(d, arr[w].T, None) for d, (_, w, _) in zip(dproj, _QKV)],
+                            nthreads=nthreads)
+        # dW = dP.T @ X summed over the batch, the output projection's too
+        dw = _linear.weight_grads(*zip(dproj, xs), (g, merged), nthreads=nthreads)
+    dtypes, result = cache.dtypes, cache.result
+
+    def cast(name, a):
+        d = dtypes[name]
+        return a.astype(d if is_floating(d) else result, copy=False)
+
+    inputs = []
+    for (name, _, _), d in zip(_QKV, dx):
+        d = cast(name, d)
+        inputs.append(d.swapaxes(0, 1) if cache.seq_first else d)
+    # each parameter's gradient, and b's: the sum of dP (dY) over every row of the batch
+    weights = dict(zip(("q_weight", "k_weight", "v_weight", "out_weight"), dw))
+    biased = dict(zip(("q_bias", "k_bias", "v_bias", "out_bias"), dproj + [g]))
+    grads = {}
+    for name in _PARAMS:
+        if name in arr:
+            grads[name] = cast(name, weights[name] if name in weights else
+                               _row_sums(biased[name]))
+    return (*inputs, grads)
+
+
 class MultiHeadAttention:
     """Multi-head attention weights plus :func:`multi_head_attention` as ``__call__``.
+
+    Trainable: ``out, cache = mha(x, return_cache=True)`` keeps what
+    :meth:`backward` needs, and ``mha.backward(grad_out, cache)`` returns the
+    gradients of the call's inputs and of every parameter, keyed like
+    :meth:`state_dict` (whose arrays are the layer's own, for in-place updates).
 
     Parameters
     ----------
@@ -369,6 +555,7 @@ class MultiHeadAttention:
     See Also
     --------
     multi_head_attention
+    MultiHeadAttention.backward : gradients for training.
     MultiHeadAttention.from_torch : port a ``torch.nn.MultiheadAttention``.
     MultiHeadAttention.from_hf_state_dict : load Hugging Face ``q_proj/k_proj/v_proj/o_proj``.
 
@@ -425,18 +612,120 @@ class MultiHeadAttention:
         """Attend; ``key`` defaults to ``query`` and ``value`` to ``key``.
 
         Keyword arguments are those of :func:`multi_head_attention` (masks,
-        ``is_causal``, ``scale``, ``need_weights``, ``num_threads``, ``device``);
-        ``batch_first`` and ``mask_convention`` default to the object's.
+        ``is_causal``, ``scale``, ``need_weights``, ``num_threads``, ``device``,
+        ``return_cache``); ``batch_first`` and ``mask_convention`` default to the
+        object's. With ``return_cache=True`` the result is ``(out, cache)`` for
+        :meth:`backward`.
         """
         key = query if key is None else key
         value = key if value is None else value
         kwargs.setdefault("batch_first", self.batch_first)
         kwargs.setdefault("mask_convention", self.mask_convention)
-        return multi_head_attention(
+        res = multi_head_attention(
             query, key, value, self.num_heads, num_kv_heads=self.num_kv_heads,
             q_weight=self.q_weight, k_weight=self.k_weight, v_weight=self.v_weight,
             out_weight=self.out_weight, q_bias=self.q_bias, k_bias=self.k_bias,
             v_bias=self.v_bias, out_bias=self.out_bias, **kwargs)
+        if kwargs.get("return_cache"):
+            res[1].owner = self
+        return res
+
+    def backward(self, grad_out, cache, *, num_threads=None):
+        """Gradients of a call made with ``return_cache=True`` (the backward pass).
+
+        :func:`multi_head_attention_backward` for this layer: the gradients of the
+        call's ``query``, ``key`` and ``value``, and of every parameter, keyed like
+        :meth:`state_dict`.
+
+        Parameters
+        ----------
+        grad_out : array_like
+            Gradient of the loss with respect to the call's output, of its shape.
+        cache : object
+            The second result of ``self(..., return_cache=True)``.
+        num_threads : int, optional
+            Threads for this call; default the forward call's.
+
+        Returns
+        -------
+        grad_query, grad_key, grad_value : ndarray
+            Each of its input's shape and dtype. When ``key`` and ``value`` were
+            left out (self-attention), all three are gradients of ``query``: add
+            them.
+        grad_params : dict of str to ndarray
+            Keyed like :meth:`state_dict`, each of its parameter's shape and dtype.
+
+        Raises
+        ------
+        ValueError
+            For a cache from another layer, or a ``grad_out`` of the wrong shape.
+        TypeError
+            For an object that is not such a cache, or a non-floating ``grad_out``.
+
+        See Also
+        --------
+        multi_head_attention_backward : what this calls; its Notes say what the
+            cache keeps and how the backward runs.
+
+        Notes
+        -----
+        The backward reads the parameters the forward used: update them (an
+        optimiser step) after the backward, not between the two calls.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastattn
+        >>> mha = fastattn.MultiHeadAttention(32, 4, rng=0)
+        >>> x = np.random.default_rng(0).standard_normal((2, 7, 32)).astype(np.float32)
+        >>> out, cache = mha(x, is_causal=True, return_cache=True)
+        >>> dq, dk, dv, grads = mha.backward(np.ones_like(out), cache)   # loss = out.sum()
+        >>> dx = dq + dk + dv                     # x was query, key and value
+        >>> dx.shape, grads.keys() == mha.state_dict().keys()
+        ((2, 7, 32), True)
+        >>> float(grads["out_bias"][0])           # each output feature summed over 2 x 7 rows
+        14.0
+
+        A plain gradient-descent step, in place on the layer's own arrays:
+
+        >>> for name, p in mha.state_dict().items():
+        ...     p -= 0.01 * grads[name]
+        """
+        if not isinstance(cache, _Cache):
+            raise TypeError(f"cache must be the cache returned by a call with "
+                            f"return_cache=True, got {type(cache).__name__}")
+        if cache.owner is not self:
+            raise ValueError("cache was not made by this layer's call: pass the cache that "
+                             "self(..., return_cache=True) returned")
+        return multi_head_attention_backward(grad_out, cache, num_threads=num_threads)
+
+    def state_dict(self):
+        """The parameters by name: ``q_weight``, ``k_weight``, ``v_weight``,
+        ``out_weight`` and the biases the layer has (``q_bias``, ..., ``out_bias``).
+
+        The layer's own arrays, not copies (like the tensors of PyTorch's
+        ``state_dict``): an in-place update of a value (an optimiser step) updates
+        the layer. The keys are those of :meth:`backward`'s parameter gradients and
+        the keyword arguments of :func:`multi_head_attention`.
+
+        Returns
+        -------
+        dict of str to ndarray
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastattn
+        >>> mha = fastattn.MultiHeadAttention(8, 2, bias=False, rng=0)
+        >>> {name: p.shape for name, p in mha.state_dict().items()}
+        {'q_weight': (8, 8), 'k_weight': (8, 8), 'v_weight': (8, 8), 'out_weight': (8, 8)}
+        >>> x = np.ones((5, 8), dtype=np.float32)
+        >>> out = fastattn.multi_head_attention(x, x, x, 2, **mha.state_dict())
+        >>> bool(np.array_equal(out, mha(x)))
+        True
+        """
+        return {name: getattr(self, name) for name in _PARAMS
+                if getattr(self, name) is not None}
 
     @classmethod
     def from_torch_state_dict(cls, state_dict, num_heads, *, prefix=""):
@@ -790,6 +1079,21 @@ class _Layer:
                 weights[...] = per_head
         return out, weights
 
+    def attend_saving(self, q, k, v, mask, dtypes, result, seq_first):
+        """`attend` of a whole batch keeping what the backward needs: ``(out, _Cache)``."""
+        arr, H, Hkv, nthreads = self.arr, self.H, self.Hkv, self.nthreads
+        jobs = [(x, arr[w], arr.get(b)) for x, (_, w, b) in zip((q, k, v), _QKV)]
+        qp, kp, vp = _linear.linear(*jobs, nthreads=nthreads)
+        merged = np.empty(_merged_shape(qp, kp, vp, mask, self.width), dtype=self.dtype)
+        _, lse = scaled_dot_product_attention(
+            _split(qp, H), _split(kp, Hkv), _split(vp, Hkv), mask, is_causal=self.is_causal,
+            scale=self.scale, enable_gqa=Hkv != H, out=_split(merged, H), return_lse=True,
+            num_threads=nthreads, device=self.device)
+        out, = _linear.linear((merged, arr["out_weight"], arr.get("out_bias")),
+                              nthreads=nthreads)
+        return out, _Cache(self, (qp, kp, vp), merged, lse, mask, out.shape, dtypes, result,
+                           seq_first)
+
     def attend_chunked(self, q, k, v, mask, per_sequence_mask, batch_shape, chunk):
         """`attend` over a batch of sequences, ``chunk`` sequences at a time.
 
@@ -817,6 +1121,42 @@ class _Layer:
         if weights is not None:
             weights = weights.reshape(batch_shape + weights.shape[1:])
         return out, weights
+
+
+class _Cache:
+    """What ``multi_head_attention(..., return_cache=True)`` keeps for its backward.
+
+    ``layer``: the call's `_Layer` (its inputs and parameters in the compute dtype,
+    batch first; heads and options); ``projections``: Q, K, V ``(..., seq, heads·D)``;
+    ``merged``: the attention output ``(..., L, H·Dv)``; ``lse``: ``(..., H, L)``;
+    ``mask``: the combined mask the kernel saw (fastattn's convention); ``out_shape``:
+    the output's batch-first shape; ``dtypes``: the dtype each named input had;
+    ``result``: the result dtype; ``seq_first``: whether the call's layout was
+    ``(L, N, E)``; ``owner``: the MultiHeadAttention whose call made it, if any.
+    """
+
+    __slots__ = ("layer", "projections", "merged", "lse", "mask", "out_shape", "dtypes",
+                 "result", "seq_first", "owner")
+
+    def __init__(self, layer, projections, merged, lse, mask, out_shape, dtypes, result,
+                 seq_first):
+        self.layer, self.projections, self.merged, self.lse = layer, projections, merged, lse
+        self.mask, self.out_shape, self.dtypes = mask, tuple(out_shape), dtypes
+        self.result, self.seq_first, self.owner = result, seq_first, None
+
+    @property
+    def nbytes(self):
+        """Bytes of the arrays kept beyond the inputs and parameters."""
+        return sum(a.nbytes for a in (*self.projections, self.merged, self.lse))
+
+    def __repr__(self):
+        return (f"<multi_head_attention cache: out {self.out_shape}, "
+                f"{self.nbytes / 2**20:.2f} MiB of saved activations>")
+
+
+def _row_sums(d):
+    # the bias gradient: the sum over every row of the batch
+    return d.sum(axis=tuple(range(d.ndim - 1)))
 
 
 def _batch_first(name, a):
