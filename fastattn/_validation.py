@@ -237,6 +237,9 @@ def check_qkv(query, key, value, dtypes=result_dtypes):
 
 def check_batch_shape(leads, **named):
     """Broadcast the leading (batch) shapes ``leads``; the error names ``named`` shapes."""
+    first = tuple(leads[0])
+    if all(tuple(lead) == first for lead in leads):
+        return first            # the common case, without np.broadcast_shapes' microseconds
     try:
         return np.broadcast_shapes(*leads)
     except ValueError:

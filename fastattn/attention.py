@@ -1,4 +1,6 @@
 """Scaled dot-product attention on NumPy arrays, computed by the fused kernel."""
+import math
+
 import numpy as np
 
 from fastattn import _npu, _threads
@@ -264,7 +266,7 @@ class _Operands:
         self.L, self.S, self.E, self.Ev = L, S, E, Ev
         self.group = group
         self.batch_shape = batch_shape
-        self.nbatch = int(np.prod(batch_shape, dtype=np.int64))
+        self.nbatch = math.prod(batch_shape)
         self.out_shape = batch_shape + (L, Ev)
 
 
