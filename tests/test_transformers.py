@@ -317,3 +317,16 @@ def test_importing_the_module_imports_neither_torch_nor_transformers():
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, "
             "sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'transformers'))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("L", [1, 5])
+@pytest.mark.parametrize("shape", [(1, 9), ("L", 9), (2, 4, "L", 9), (1, 1, 1, 9)])
+def test_mask_shapes_broadcast_like_sdpa(L, shape):
+    # masks of other shapes than transformers' own (B, 1, L, S): per head, 2-D
+    q, k, v = qkv(L=L, S=9)
+    shape = tuple(L if n == "L" else n for n in shape)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(3)) > 0.4
+    mask[..., 0] = True
+    out, _ = fastattn_hf.attention_forward(Layer(), q, k, v, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+    assert (out - want.transpose(1, 2)).abs().max().item() < 1e-5

@@ -185,15 +185,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         raise NotImplementedError(f"the fastattn attention backend does not support "
                                   f"{', '.join(sorted(unknown))} (passed by "
                                   f"{type(module).__name__})")
+    # Keywords of scaled_dot_product_attention beyond torch's. Soft-capping and the
+    # sliding window are wired by replacing the raise below with the commented line.
+    options = {}
     if softcap is not None:
-        # to wire soft-capping once scaled_dot_product_attention takes it: replace this
-        # raise with  options["softcap"] = softcap  (options: see below)
+        # options["softcap"] = softcap
         raise NotImplementedError(f"softcap={softcap} (attn_logit_softcapping): fastattn "
                                   f"does not soft-cap attention scores yet; use "
                                   f"attn_implementation=\"eager\" for this model")
     L, S = query.shape[-2], key.shape[-2]
     if sliding_window is not None and attention_mask is None and S > sliding_window:
-        # to wire the kernel's window: options["window"] = (sliding_window - 1, 0)
+        # options["window"] = (sliding_window - 1, 0)
         raise NotImplementedError(f"sliding_window={sliding_window} without a mask that "
                                   f"carries it ({S} keys): fastattn has no window option yet")
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
@@ -225,13 +227,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             mask = np.where(mask, bias, -np.inf).astype(bias.dtype)
         else:
             mask = bias + mask
-    options = {}
 
-    B = max(q.shape[0], k.shape[0], mask.shape[0] if mask is not None else 1)
+    mask_lead = mask.shape[:-2] if mask is not None else ()     # (B, H) or fewer
+    B = max(q.shape[0], k.shape[0], mask_lead[0] if len(mask_lead) == 2 else 1)
     Hq, Hkv, Dv = q.shape[1], k.shape[1], v.shape[-1]
     nthreads = max(1, torch.get_num_threads())
     out = np.empty((B, L, Hq, Dv), q.dtype)
-    if L == 1 and Hq != Hkv and (mask is None or mask.shape[-3] == 1):
+    if L == 1 and Hq != Hkv and (not mask_lead or mask_lead[-1] == 1):
         # Decoding with grouped heads: the query heads sharing a key/value head become
         # the rows of one (Hq / Hkv, D) query (views both ways), so each key/value head
         # is read once per step -- transformers' pack_gqa for sdpa does the same.
