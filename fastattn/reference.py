@@ -170,7 +170,8 @@ def unbroadcast(grad, shape):
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask=None, *,
                                           is_causal=False, scale=None, enable_gqa=False,
-                                          causal_alignment="top_left", mask_grad=False):
+                                          causal_alignment="top_left", mask_grad=False,
+                                          dropout_p=0.0, rng=None):
     """Gradients of :func:`scaled_dot_product_attention` in float64, unfused.
 
     The definition of correct for :func:`fastattn.scaled_dot_product_attention_backward`,
@@ -185,6 +186,10 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask
     computed over the broadcast batch, then summed back to each input's own shape:
     over the query heads of a group (``enable_gqa``), over broadcast batch dimensions,
     and for the mask over every dimension it was broadcast along.
+
+    With dropout (``dropout_p > 0`` and the forward's ``rng``) ``O = (P * M) V`` with
+    ``M`` :func:`dropout_keep`'s mask over ``1 - dropout_p``, and ``P * M`` replaces
+    ``P`` in ``dV``, ``dP * M`` replaces ``dP`` in ``dZ``.
 
     Returns ``(dq, dk, dv)``, float64, of the inputs' shapes, and with ``mask_grad=True``
     (a float ``attn_mask``) a fourth array of the mask's shape.
@@ -221,11 +226,16 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask
         c = causal_keep(L, S, causal_alignment)
         keep = c if keep is None else np.logical_and(keep, c)
     p, _ = masked_softmax(scores, keep)
-    out = p @ v
+    drop = 1.0
+    dropout_p, seed = check_dropout(dropout_p, rng)
+    if seed is not None:
+        p = np.broadcast_to(p, np.broadcast_shapes(p.shape[:-2], v.shape[:-2]) + p.shape[-2:])
+        drop = dropout_keep(p.shape, dropout_p, seed) / (1.0 - dropout_p)
+    out = (p * drop) @ v
     batch = p.shape[:-2]
     g = np.broadcast_to(g, batch + (L, v.shape[-1]))
-    dv = np.swapaxes(p, -1, -2) @ g
-    dp = g @ np.swapaxes(v, -1, -2)
+    dv = np.swapaxes(p * drop, -1, -2) @ g
+    dp = (g @ np.swapaxes(v, -1, -2)) * drop
     dz = p * (dp - (g * out).sum(axis=-1, keepdims=True))
     dq = scale * (dz @ k)
     dk = scale * (np.swapaxes(dz, -1, -2) @ np.broadcast_to(q, batch + q.shape[-2:]))

@@ -288,3 +288,78 @@ def test_unknown_device_lists_npu_n():
     q = np.ones((2, 3, 4), np.float32)
     with pytest.raises(ValueError, match=r"\['cpu', 'npu', 'npu:N'\], got 'cuda'"):
         sdpa(q, q, q, device="cuda")
+
+
+# ---- the backward regenerates the forward's mask ---------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, fastattn.bfloat16])
+@pytest.mark.parametrize("shape, causal, mask_kind", [
+    ((2, 4, 2, 37, 70, 16), True, "none"),
+    ((1, 2, 2, 130, 300, 64), False, "bool"),
+    ((2, 2, 1, 1, 500, 32), False, "float"),
+])
+def test_backward_with_dropout_matches_reference(rng, dtype, shape, causal, mask_kind):
+    B, H, Hkv, L, S, E = shape
+    q, k, v = make(rng, (B, H, L, E), dtype), make(rng, (B, Hkv, S, E), dtype), \
+        make(rng, (B, Hkv, S, E), dtype)
+    mask = None
+    if mask_kind == "bool":
+        mask = rng.random((L, S)) > 0.3
+    elif mask_kind == "float":
+        # the mask gradient comes back in the mask's dtype
+        mask = rng.standard_normal((B, 1, L, S)).astype(
+            np.float64 if dtype == np.float64 else np.float32)
+    out, lse = sdpa(q, k, v, mask, 0.3, causal, None, True, rng=9, return_lse=True)
+    grad = make(rng, out.shape, dtype)
+    extra = dict(mask_grad=True) if mask_kind == "float" else {}
+    got = fastattn.scaled_dot_product_attention_backward(
+        grad, q, k, v, out, lse, mask, is_causal=causal, enable_gqa=True, dropout_p=0.3,
+        rng=9, **extra)
+    want = reference.scaled_dot_product_attention_backward(
+        grad, q, k, v, mask, is_causal=causal, enable_gqa=True, dropout_p=0.3, rng=9, **extra)
+    without = reference.scaled_dot_product_attention_backward(
+        grad, q, k, v, mask, is_causal=causal, enable_gqa=True, **extra)
+    for g, w, n in zip(got, want, without):
+        assert_close(g, w, dtype)
+        assert not np.allclose(w, n)           # dropout changed the gradients
+
+
+def test_backward_dropout_independent_of_threads(rng, small_tiles):
+    q, k, v = (make(rng, (1, 2, 50, 16), np.float64) for _ in range(3))
+    out, lse = sdpa(q, k, v, None, 0.5, True, rng=3, return_lse=True)
+    grad = make(rng, out.shape, np.float64)
+    base = fastattn.scaled_dot_product_attention_backward(
+        grad, q, k, v, out, lse, is_causal=True, dropout_p=0.5, rng=3, num_threads=1)
+    for threads in (2, 4):
+        for g, b in zip(fastattn.scaled_dot_product_attention_backward(
+                grad, q, k, v, out, lse, is_causal=True, dropout_p=0.5, rng=3,
+                num_threads=threads), base):
+            np.testing.assert_allclose(g, b, rtol=1e-12, atol=1e-13)
+
+
+def test_reference_dropout_backward_is_autograd_of_the_dropped_forward(rng):
+    torch = pytest.importorskip("torch")
+    q, k, v = (make(rng, (2, 3, 12, 8), np.float64) for _ in range(3))
+    grad = make(rng, (2, 3, 12, 8), np.float64)
+    p, seed = 0.4, 17
+    keep = torch.from_numpy(reference.dropout_keep((2, 3, 12, 12), p, seed))
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    probs = torch.softmax(tq @ tk.transpose(-1, -2) / np.sqrt(8), dim=-1)
+    out = (probs * keep / (1 - p)) @ tv
+    out.backward(torch.from_numpy(grad))
+    want = reference.scaled_dot_product_attention_backward(grad, q, k, v, dropout_p=p,
+                                                           rng=seed)
+    np.testing.assert_allclose(out.detach().numpy(),
+                               reference.scaled_dot_product_attention(q, k, v, None, p,
+                                                                      rng=seed), atol=1e-12)
+    for w, t in zip(want, (tq, tk, tv)):
+        np.testing.assert_allclose(w, t.grad.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("rng_arg", [None, np.random.default_rng(0)])
+def test_backward_dropout_needs_the_int_seed(rng_arg):
+    q = np.ones((1, 4, 8), np.float32)
+    out, lse = sdpa(q, q, q, None, 0.2, rng=1, return_lse=True)
+    with pytest.raises(ValueError, match="pass the int seed the forward was given as rng"):
+        fastattn.scaled_dot_product_attention_backward(q, q, q, q, out, lse, dropout_p=0.2,
+                                                       rng=rng_arg)

@@ -538,6 +538,22 @@ cdef extern from "dropout.h" nogil:
         int64_t batch, row0, col0
     void fa_dropout_tile_f32(const DropoutTile *d, int r0, int rows, int cols, float *s)
     void fa_dropout_tile_f64(const DropoutTile *d, int r0, int rows, int cols, double *s)
+    uint64_t fa_dropout_row_key(uint64_t seed, int64_t b, int64_t i)
+    void fa_dropout_row_f32(float *p, Py_ssize_t n, uint64_t key, int64_t j0,
+                            uint64_t threshold, float scale)
+    void fa_dropout_row_f64(double *p, Py_ssize_t n, uint64_t key, int64_t j0,
+                            uint64_t threshold, double scale)
+
+
+cdef inline void dropout_row(const DropoutTile *d, Py_ssize_t batch, Py_ssize_t row,
+                             Py_ssize_t col0, real *x, Py_ssize_t n) noexcept nogil:
+    # x[:n] (columns col0 .. of query row `row` of batch entry `batch`) <- kept values
+    # / (1 - p), dropped 0: the same decisions as dropout_tile (the backward's use)
+    cdef uint64_t key = fa_dropout_row_key(d.seed, batch, row)
+    if real is float:
+        fa_dropout_row_f32(x, n, key, col0, d.threshold, <float>d.scale)
+    else:
+        fa_dropout_row_f64(x, n, key, col0, d.threshold, d.scale)
 
 
 cdef inline void dropout_tile(const DropoutTile *d, int r0, int rows, int cols,
