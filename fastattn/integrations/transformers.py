@@ -186,7 +186,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                   f"{', '.join(sorted(unknown))} (passed by "
                                   f"{type(module).__name__})")
     # Keywords of scaled_dot_product_attention beyond torch's. Soft-capping and the
-    # sliding window are wired by replacing the raise below with the commented line.
+    # sliding window are wired by replacing their raise below with the commented line.
     options = {}
     if softcap is not None:
         # options["softcap"] = softcap
@@ -195,7 +195,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                   f"attn_implementation=\"eager\" for this model")
     L, S = query.shape[-2], key.shape[-2]
     if sliding_window is not None and attention_mask is None and S > sliding_window:
-        # options["window"] = (sliding_window - 1, 0)
+        # options.update(window=(sliding_window - 1, 0), causal_alignment="bottom_right")
+        # (transformers' window: key j visible from query i when i - j < sliding_window;
+        # the queries are the last L positions of the keys)
         raise NotImplementedError(f"sliding_window={sliding_window} without a mask that "
                                   f"carries it ({S} keys): fastattn has no window option yet")
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
