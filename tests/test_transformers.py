@@ -330,3 +330,10 @@ def test_mask_shapes_broadcast_like_sdpa(L, shape):
     out, _ = fastattn_hf.attention_forward(Layer(), q, k, v, mask)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
     assert (out - want.transpose(1, 2)).abs().max().item() < 1e-5
+
+
+def test_tensors_not_on_the_cpu_are_refused():
+    q, k, v = qkv()
+    meta = torch.empty(q.shape, device="meta")
+    with pytest.raises(NotImplementedError, match="CPU tensors, got key on meta"):
+        fastattn_hf.attention_forward(Layer(), q, meta[:, :2], v, None)

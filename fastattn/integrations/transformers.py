@@ -204,10 +204,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                     or value.requires_grad):
         raise NotImplementedError("the fastattn attention backend computes no gradients: run "
                                   "the model under torch.no_grad() or torch.inference_mode()")
-    for name, tensor in (("query", query), ("key", key), ("value", value)):
-        if tensor.device.type != "cpu":
-            raise NotImplementedError(f"the fastattn attention backend runs on CPU tensors, "
-                                      f"got {name} on {tensor.device}")
+    if not (query.is_cpu and key.is_cpu and value.is_cpu):
+        where = ", ".join(f"{name} on {t.device}" for name, t in
+                          (("query", query), ("key", key), ("value", value)) if not t.is_cpu)
+        raise NotImplementedError(f"the fastattn attention backend runs on CPU tensors, "
+                                  f"got {where}")
 
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
