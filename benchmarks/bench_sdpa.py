@@ -149,3 +149,22 @@ class LongSequence:
     def track_peak_rss_growth(self, length):
         return common.peak_rss_growth_mib(self._run)
     track_peak_rss_growth.unit = "MiB"
+
+
+class SdpaDropout:
+    """Dropout on the probabilities inside the kernel, L=S=2048 H=8 E=64: its cost over
+    no dropout (``dropout_p=0.0`` is the no-dropout kernel) for dense and causal."""
+    params = [[0.0, 0.1], ["dense", "causal"]]
+    param_names = ["dropout_p", "kind"]
+    length = 2048
+
+    def setup(self, dropout_p, kind):
+        self.q, self.k, self.v = common.qkv(1, common.HEADS, self.length, self.length)
+        self.causal = kind == "causal"
+        import inspect
+        if "dropout_p" not in inspect.signature(fastattn.scaled_dot_product_attention).parameters:
+            raise NotImplementedError("scaled_dot_product_attention has no dropout_p")
+
+    def time_sdpa_dropout(self, dropout_p, kind):
+        fastattn.scaled_dot_product_attention(self.q, self.k, self.v, None, dropout_p,
+                                              self.causal, rng=common.SEED)

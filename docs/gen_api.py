@@ -16,21 +16,31 @@ Guides with worked examples are in `docs/guide/`.
 """
 
 
+# Optional integrations: documented here, imported by name (they import their libraries,
+# torch or transformers, only when used, so rendering needs neither).
+INTEGRATIONS = ["fastattn.integrations.transformers"]
+
+
 def render(module):
     parts = [HEADER, "| name | summary |\n|---|---|\n"]
     names = [n for n in module.__all__ if not inspect.ismodule(getattr(module, n))]
-    for name in names:
-        doc = inspect.getdoc(getattr(module, name)) or ""
+    integrations = [importlib.import_module(name) for name in INTEGRATIONS]
+    listed = [(module, n) for n in names] + [
+        (m, n) for m in integrations for n in m.__all__ if callable(getattr(m, n))]
+    for mod, name in listed:
+        doc = inspect.getdoc(getattr(mod, name)) or ""
         summary = doc.splitlines()[0] if doc else ""
-        parts.append(f"| [`{name}`](#{name.lower()}) | {summary} |\n")
-    for name in names:
-        obj = getattr(module, name)
+        label = name if mod is module else f"{mod.__name__}.{name}"
+        parts.append(f"| [`{label}`](#{label.lower().replace('.', '')}) | {summary} |\n")
+    for mod, name in listed:
+        obj = getattr(mod, name)
         try:
             signature = f"{name}{inspect.signature(obj)}"
         except (TypeError, ValueError):
             signature = name
         kind = "class" if inspect.isclass(obj) else "function"
-        parts.append(f"\n## {name}\n\n*{kind}* `{module.__name__}.{signature}`\n\n")
+        label = name if mod is module else f"{mod.__name__}.{name}"
+        parts.append(f"\n## {label}\n\n*{kind}* `{mod.__name__}.{signature}`\n\n")
         parts.append("```text\n" + (inspect.getdoc(obj) or "") + "\n```\n")
     return "".join(parts)
 

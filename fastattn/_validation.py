@@ -4,6 +4,7 @@ Everything here raises before any kernel runs: ``TypeError`` for a wrong kind of
 data, ``ValueError`` for wrong shapes or values, with the offending shapes named.
 """
 import functools
+import numbers
 import operator
 
 import numpy as np
@@ -116,12 +117,57 @@ def _listing(names):
 
 
 def check_device(device, available=CPU_DEVICES):
-    """Return the device kind ("cpu" or "npu") or raise ``ValueError`` listing the choices."""
+    """Return the device kind ("cpu" or "npu") or raise ``ValueError`` listing the choices.
+
+    >>> check_device("cuda", CPU_AND_NPU)
+    Traceback (most recent call last):
+        ...
+    ValueError: device must be one of ['cpu', 'npu', 'npu:N'], got 'cuda'
+    """
     if isinstance(device, str):
         kind = device.split(":", 1)[0]
         if device in available or (kind == "npu" and "npu" in available):
             return kind
-    raise ValueError(f"device must be one of {list(available)}, got {device!r}")
+    choices = list(available) + (["npu:N"] if "npu" in available else [])
+    raise ValueError(f"device must be one of {choices}, got {device!r}")
+
+
+def check_dropout(dropout_p, rng):
+    """``(p, seed)``: the dropout probability as a float in ``[0, 1)`` and the 64-bit seed
+    of its mask, or ``(0.0, None)`` without dropout (``rng`` is then not touched).
+
+    ``rng`` is None (a fresh seed from the operating system's entropy), a non-negative
+    int below ``2**64`` (the seed itself: the same mask on every call), or a
+    ``numpy.random.Generator`` (one 64-bit seed is drawn from it, advancing it).
+
+    >>> check_dropout(0.1, 7)
+    (0.1, 7)
+    >>> check_dropout(1.0, 7)
+    Traceback (most recent call last):
+        ...
+    ValueError: dropout_p must lie in [0, 1), got 1.0
+    """
+    if not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:         # NaN fails too
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p!r}")
+    if isinstance(rng, np.random.Generator):
+        seed = None if p == 0 else int(rng.integers(0, 2**64, dtype=np.uint64))
+    elif rng is None:
+        seed = None if p == 0 else int(np.random.default_rng().integers(0, 2**64,
+                                                                          dtype=np.uint64))
+    else:
+        try:
+            seed = operator.index(rng)
+        except TypeError:
+            raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator, "
+                            f"got {type(rng).__name__}") from None
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"rng as a seed must lie in [0, 2**64), got {seed}")
+        if p == 0:
+            seed = None
+    return p, seed
 
 
 def check_int(name, value, minimum=1):
@@ -191,6 +237,9 @@ def check_qkv(query, key, value, dtypes=result_dtypes):
 
 def check_batch_shape(leads, **named):
     """Broadcast the leading (batch) shapes ``leads``; the error names ``named`` shapes."""
+    first = tuple(leads[0])
+    if all(tuple(lead) == first for lead in leads):
+        return first            # the common case, without np.broadcast_shapes' microseconds
     try:
         return np.broadcast_shapes(*leads)
     except ValueError:

@@ -1,4 +1,6 @@
 """Scaled dot-product attention on NumPy arrays, computed by the fused kernel."""
+import math
+
 import numpy as np
 
 from fastattn import _npu, _threads
@@ -7,8 +9,8 @@ from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
-    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
-    is_floating, result_dtypes, storage_dtype,
+    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
+    check_scale, is_floating, result_dtypes, storage_dtype,
 )
 from fastattn._validation import check_out as _check_out
 
@@ -28,14 +30,20 @@ BLOCK_K = 256
 _INT32_MAX = 2**31 - 1
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal=False,
-                                 scale=None, enable_gqa=False, causal_alignment="top_left",
-                                 return_lse=False, out=None, num_threads=None, device="cpu"):
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, *, rng=None,
+                                 causal_alignment="top_left", return_lse=False, out=None,
+                                 num_threads=None, device="cpu"):
     r"""Scaled dot-product attention, ``softmax(query @ key.T * scale + mask) @ value``.
 
     Computed by a fused, tiled kernel (FlashAttention-2 style online softmax): the
     ``(L, S)`` score matrix is never materialised, so extra memory is a few tiles per
     thread whatever the sequence lengths.
+
+    The first eight parameters are PyTorch's
+    ``torch.nn.functional.scaled_dot_product_attention``, in its order, so a call
+    ``(q, k, v, None, 0.0, True)`` ported from torch means the same here; fastattn's
+    own options are keyword-only.
 
     Parameters
     ----------
@@ -50,6 +58,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         Broadcastable to ``(..., L, S)``. bool: True means the key takes part in
         attention (the PyTorch convention). Float: added to the scaled scores
         (use ``-inf`` to exclude). A broadcast mask is never expanded in memory.
+    dropout_p : float, default=0.0
+        Dropout on the attention probabilities, in ``[0, 1)``: each probability is
+        dropped with probability ``dropout_p`` and the kept ones are scaled by
+        ``1 / (1 - dropout_p)`` (the softmax denominator is that of all keys, as in
+        PyTorch and FlashAttention). Done inside the kernel; the keep/drop decision of
+        element ``(b, i, j)`` is a hash of ``(seed, b, i, j)`` (``b`` the flat batch
+        index), so the mask is never stored and can be regenerated
+        (:func:`fastattn.reference.dropout_keep`). ``0.0`` computes exactly what no
+        dropout computes.
     is_causal : bool, default=False
         Query ``i`` sees only keys ``j <= i`` (``top_left``) or
         ``j <= i + S - L`` (``bottom_right``). May be combined with ``attn_mask``.
@@ -59,6 +76,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         Grouped-query attention: the head axis (-3) of ``key``/``value`` may divide
         that of ``query``; query head ``h`` reads key/value head
         ``h // (Hq // Hkv)``. K and V are not copied.
+    rng : None, int or numpy.random.Generator, optional
+        The dropout mask's generator (unused when ``dropout_p == 0``). An int is the
+        seed itself: the same mask on every call (what a backward pass needs to
+        regenerate it). A ``Generator`` gives one 64-bit seed per call (advancing it),
+        so successive calls differ and a seeded Generator replays them. None: a fresh
+        seed from the operating system.
     causal_alignment : {"top_left", "bottom_right"}, default="top_left"
         Where the causal diagonal sits when ``L != S``: PyTorch's ``is_causal``
         is top-left; flash-attn and decoding with a KV cache use bottom-right.
@@ -95,8 +118,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         For complex, bool, object or string inputs, or a mask that is neither
         bool nor floating.
     ValueError
-        For shapes that do not match or broadcast, or an unknown ``device`` or
-        ``causal_alignment``.
+        For shapes that do not match or broadcast, an unknown ``device`` or
+        ``causal_alignment``, or ``dropout_p`` outside ``[0, 1)`` (or above 0 with
+        ``device="npu"``).
 
     Notes
     -----
@@ -131,9 +155,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     >>> out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, return_lse=True)
     >>> float(abs(out[..., 3, :]).max()), float(lse[0, 0, 3])
     (0.0, -inf)
+
+    Dropout with a seed is reproducible, and the reference regenerates its mask:
+
+    >>> from fastattn import reference
+    >>> a = fastattn.scaled_dot_product_attention(q, k, v, None, 0.25, rng=7)
+    >>> b = reference.scaled_dot_product_attention(q, k, v, None, 0.25, rng=7)
+    >>> bool(np.allclose(a, b, atol=1e-5))
+    True
     """
     kind = check_device(device, CPU_AND_NPU)
     check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
+    dropout_p, seed = check_dropout(dropout_p, rng)
+    if seed is not None and kind == "npu":
+        raise ValueError(f"dropout_p > 0 is computed on the CPU only, got device={device!r}")
     if kind == "npu" and _npu.any_device_array(query, key, value):
         return _npu.sdpa_resident(query, key, value, attn_mask, is_causal=is_causal,
                                   causal_alignment=causal_alignment, scale=scale,
@@ -154,7 +189,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     res = out if direct else np.empty(ops.out_shape, dtype=storage)
     lse = np.empty(ops.batch_shape + (ops.L,), dtype=compute) if return_lse else None
     if ops.nbatch and ops.L and ops.Ev:
-        _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads)
+        _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads,
+                   dropout=(dropout_p, seed) if seed is not None else None)
     elif lse is not None:
         lse.fill(-np.inf)
 
@@ -185,8 +221,10 @@ class _Operands:
         if attn_mask is not None:
             mask = np.asarray(attn_mask)
             if mask.dtype != np.bool_ and not is_floating(mask.dtype):
+                hint = (" (a 0/1 keep mask: pass attn_mask.astype(bool))"
+                        if mask.dtype.kind in "iu" else "")
                 raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to "
-                                f"the scores), got dtype {mask.dtype}")
+                                f"the scores), got dtype {mask.dtype}{hint}")
             m_rows, m_cols = ((1, 1) + mask.shape)[-2:]
             if m_rows not in (1, L) or m_cols not in (1, S):
                 raise ValueError(f"attn_mask of shape {mask.shape} does not broadcast to the "
@@ -214,18 +252,32 @@ class _Operands:
         if mask is not None:
             leads.append(mask.shape[:-2])
             named["attn_mask"] = mask.shape
-        batch_shape = check_batch_shape(leads, **named)
+        try:
+            batch_shape = check_batch_shape(leads, **named)
+        except ValueError as error:
+            if not enable_gqa and _grouped_heads(q, k):
+                raise ValueError(f"{error}; query has {q.shape[-3]} heads and key/value "
+                                 f"{k.shape[-3]}: for grouped-query attention pass "
+                                 f"enable_gqa=True") from None
+            raise
 
         self.q, self.k, self.v, self.mask = q, k, v, mask
         self.storage = storage_dtype(self.compute, self.result, q, k, v)
         self.L, self.S, self.E, self.Ev = L, S, E, Ev
         self.group = group
         self.batch_shape = batch_shape
-        self.nbatch = int(np.prod(batch_shape, dtype=np.int64))
+        self.nbatch = math.prod(batch_shape)
         self.out_shape = batch_shape + (L, Ev)
 
 
-def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
+def _grouped_heads(q, k):
+    # whether the head axes (-3) look like grouped-query attention: key heads divide
+    # the query heads
+    return (q.ndim >= 3 and k.ndim >= 3 and 1 < k.shape[-3] < q.shape[-3]
+            and q.shape[-3] % k.shape[-3] == 0)
+
+
+def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, dropout=None):
     L, S, E, Ev = ops.L, ops.S, ops.E, ops.Ev
     batch_shape, group, compute, storage = ops.batch_shape, ops.group, ops.compute, ops.storage
     if S == 0:
@@ -265,7 +317,7 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads):
     plan = AttentionPlan(q, k, v, res, lse, (q_off, k_off, v_off, out_off), (ldq, ldk, ldv, ldo),
                          L, S, E, Ev, prepared, scale=scale, causal=bool(is_causal),
                          causal_offset=causal_offset, block_q=block_q, block_k=block_k,
-                         nsplit=nsplit, nthreads=nthreads)
+                         nsplit=nsplit, nthreads=nthreads, dropout=dropout)
     with _threads.tile_blas(storage, Ev):
         _dense.sdpa(plan)
 

@@ -8,8 +8,8 @@ from fastattn._kernels import backward as _backward
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._validation import (
-    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
-    is_floating, result_dtypes, storage_dtype,
+    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
+    check_scale, is_floating, result_dtypes, storage_dtype,
 )
 from fastattn.attention import CAUSAL_ALIGNMENTS, _Operands
 from fastattn.block_layout import BlockLayout
@@ -36,7 +36,8 @@ SOFTMAX_ROWS = 64
 def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
                                           attn_mask=None, *, is_causal=False, scale=None,
                                           enable_gqa=False, causal_alignment="top_left",
-                                          mask_grad=False, num_threads=None, device="cpu"):
+                                          mask_grad=False, dropout_p=0.0, rng=None,
+                                          num_threads=None, device="cpu"):
     r"""Gradients of :func:`fastattn.scaled_dot_product_attention` (the backward pass).
 
     Given the gradient of a loss with respect to the attention output, returns its
@@ -64,6 +65,13 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         Also return the gradient of a float ``attn_mask`` (a learned additive bias,
         e.g. relative positions or ALiBi slopes), summed over the dimensions the mask
         was broadcast along: its own shape.
+    dropout_p : float, default=0.0
+        The forward's ``dropout_p``. Its dropout mask is regenerated from the seed
+        (nothing was stored): the gradients are those of the dropped output.
+    rng : int, optional
+        With ``dropout_p > 0``: the int seed the forward was given as ``rng``
+        (a ``numpy.random.Generator`` drew a seed that is not known here, so it is
+        refused: train with int seeds, e.g. drawn from your Generator per step).
     num_threads : int, optional
         Threads for this call; default :func:`fastattn.get_num_threads`.
     device : {"cpu", "npu", "npu:N"}, default="cpu"
@@ -72,7 +80,8 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         inputs as for the forward, ``lse`` from the forward (any device), gradients
         in each input's dtype; ``ascend.DeviceArray`` inputs (all of ``grad_out``,
         query, key, value and ``out``, shape (B, H, L, E)) give DeviceArrays.
-        ``mask_grad=True`` is not available there (``NotImplementedError``).
+        ``mask_grad=True`` and dropout are not available there
+        (``NotImplementedError``).
 
     Returns
     -------
@@ -93,7 +102,7 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
         are named), ``mask_grad=True`` without a float mask, an unknown
         ``causal_alignment`` or ``device``.
     NotImplementedError
-        For ``mask_grad=True`` with ``device="npu"``.
+        For ``mask_grad=True`` or ``dropout_p > 0`` with ``device="npu"``.
 
     Notes
     -----
@@ -140,9 +149,23 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
     ...     grad_out, q, k, v, out, lse, bias, mask_grad=True)
     >>> grads[3].shape
     (4, 16, 16)
+
+    With dropout, the forward's int seed regenerates its mask:
+
+    >>> out, lse = fastattn.scaled_dot_product_attention(q, k, v, None, 0.1, True, rng=5,
+    ...                                                  return_lse=True)
+    >>> dq, dk, dv = fastattn.scaled_dot_product_attention_backward(
+    ...     grad_out, q, k, v, out, lse, is_causal=True, dropout_p=0.1, rng=5)
     """
     kind = check_device(device, CPU_AND_NPU)
     check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
+    if isinstance(rng, np.random.Generator) or (rng is None and dropout_p != 0):
+        raise ValueError("rng: the backward regenerates the forward's dropout mask from its "
+                         "seed: pass the int seed the forward was given as rng")
+    dropout_p, seed = check_dropout(dropout_p, rng)
+    if seed is not None and kind == "npu":
+        raise NotImplementedError("dropout_p > 0 is computed on the CPU only, got "
+                                  f"device={device!r}")
     if kind == "npu":
         return _npu.sdpa_backward(grad_out, query, key, value, out, lse, attn_mask,
                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
@@ -157,7 +180,8 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
                          f"got {got}")
     nthreads = _threads.resolve_num_threads(num_threads)
     return _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment,
-                         mask_grad, nthreads, attn_mask)
+                         mask_grad, nthreads, attn_mask,
+                         dropout=(dropout_p, seed) if seed is not None else None)
 
 
 def block_sparse_attention_backward(grad_out, query, key, value, out, lse, layout, *,
@@ -364,7 +388,7 @@ def _starts(keys, n):
 
 
 def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, mask_grad,
-                  nthreads, attn_mask, layout=None):
+                  nthreads, attn_mask, layout=None, dropout=None):
     # The dense backward, or with `layout` (a BlockLayout; no mask, not causal) the
     # block-sparse one.
     L, S, E, Ev = ops.L, ops.S, ops.E, ops.Ev
@@ -458,7 +482,7 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
                              (ldq, ldk, ldv, ldo), L, S, E, Ev, prepared, scale=scale,
                              causal=bool(is_causal), causal_offset=causal_offset,
                              block_q=block_q, block_k=block_k, nsplit=nsplit,
-                             nthreads=nthreads)
+                             nthreads=nthreads, dropout=dropout)
         native = _backward.native_products(compute == np.float32, E, Ev)
         delta = np.empty((nbatch, L), dtype=compute)
         two_pass = DQ_STRATEGY == "two_pass" and layout is None

@@ -6,7 +6,9 @@ the definition of correct.
 """
 import numpy as np
 
-__all__ = ["scaled_dot_product_attention", "causal_keep", "masked_softmax"]
+from fastattn._validation import check_dropout
+
+__all__ = ["scaled_dot_product_attention", "causal_keep", "masked_softmax", "dropout_keep"]
 
 
 def causal_keep(L, S, alignment="top_left"):
@@ -45,14 +47,62 @@ def masked_softmax(scores, keep=None):
     return probs, lse
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal=False,
-                                 scale=None, enable_gqa=False, causal_alignment="top_left",
-                                 return_lse=False):
+# The dropout hash (fastattn/_kernels/dropout.h): SplitMix64's finaliser over a Weyl
+# sequence, one stream per (seed, batch, row).
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def dropout_keep(shape, dropout_p, seed):
+    """Bool array of ``shape`` ``(..., L, S)``: which attention probabilities the kernel's
+    dropout keeps for ``dropout_p`` and a 64-bit ``seed``.
+
+    Element ``(b, i, j)`` (``b`` the flat index over the leading dimensions) is kept
+    when ``h(b, i, j) >= floor(dropout_p * 2**64)``, with
+
+        key_b  = mix64(seed + G (b + 1))
+        key_bi = mix64(key_b + G (i + 1))
+        h      = mix64(key_bi + G (j + 1))
+
+    mod ``2**64``, where ``G = 0x9E3779B97F4A7C15`` and ``mix64`` is SplitMix64's
+    finaliser: each row is a SplitMix64 stream. The kernel computes the same bits.
+
+    Examples
+    --------
+    >>> keep = dropout_keep((4, 64, 64), 0.25, seed=1)
+    >>> round(float(keep.mean()), 2)
+    0.75
+    >>> bool((keep == dropout_keep((4, 64, 64), 0.25, seed=1)).all())
+    True
+    """
+    *batch, L, S = shape
+    nb = int(np.prod(batch, dtype=np.int64))
+    threshold = np.uint64(int(dropout_p * 2.0**64)) if dropout_p > 0 else np.uint64(0)
+    with np.errstate(over="ignore"):
+        b = np.arange(1, nb + 1, dtype=np.uint64)[:, None, None]
+        i = np.arange(1, L + 1, dtype=np.uint64)[None, :, None]
+        j = np.arange(1, S + 1, dtype=np.uint64)[None, None, :]
+        key_b = _mix64(np.uint64(seed) + _GOLDEN * b)
+        key_bi = _mix64(key_b + _GOLDEN * i)
+        h = _mix64(key_bi + _GOLDEN * j)
+    return (h >= threshold).reshape(tuple(shape))
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, *, rng=None,
+                                 causal_alignment="top_left", return_lse=False):
     """``softmax(query @ key.T * scale + mask) @ value`` in float64, unfused.
 
     Same arguments and conventions as :func:`fastattn.scaled_dot_product_attention`
     (bool mask True = attend, float mask added, fully masked rows give 0 and an lse
-    of ``-inf``).
+    of ``-inf``). With ``dropout_p > 0`` the probabilities are multiplied by
+    :func:`dropout_keep`'s mask for the seed ``rng`` gives, divided by
+    ``1 - dropout_p``: the same mask as the kernel's for the same ``rng``.
 
     Examples
     --------
@@ -82,6 +132,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         c = causal_keep(L, S, causal_alignment)
         keep = c if keep is None else np.logical_and(keep, c)
     probs, lse = masked_softmax(scores, keep)
+    dropout_p, seed = check_dropout(dropout_p, rng)
+    if seed is not None:
+        probs = np.broadcast_to(probs, np.broadcast_shapes(probs.shape[:-2], v.shape[:-2])
+                                + probs.shape[-2:])
+        probs = probs * dropout_keep(probs.shape, dropout_p, seed) / (1.0 - dropout_p)
     out = probs @ v
     return (out, lse) if return_lse else out
 
@@ -115,7 +170,8 @@ def unbroadcast(grad, shape):
 
 def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask=None, *,
                                           is_causal=False, scale=None, enable_gqa=False,
-                                          causal_alignment="top_left", mask_grad=False):
+                                          causal_alignment="top_left", mask_grad=False,
+                                          dropout_p=0.0, rng=None):
     """Gradients of :func:`scaled_dot_product_attention` in float64, unfused.
 
     The definition of correct for :func:`fastattn.scaled_dot_product_attention_backward`,
@@ -130,6 +186,10 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask
     computed over the broadcast batch, then summed back to each input's own shape:
     over the query heads of a group (``enable_gqa``), over broadcast batch dimensions,
     and for the mask over every dimension it was broadcast along.
+
+    With dropout (``dropout_p > 0`` and the forward's ``rng``) ``O = (P * M) V`` with
+    ``M`` :func:`dropout_keep`'s mask over ``1 - dropout_p``, and ``P * M`` replaces
+    ``P`` in ``dV``, ``dP * M`` replaces ``dP`` in ``dZ``.
 
     Returns ``(dq, dk, dv)``, float64, of the inputs' shapes, and with ``mask_grad=True``
     (a float ``attn_mask``) a fourth array of the mask's shape.
@@ -166,11 +226,16 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask
         c = causal_keep(L, S, causal_alignment)
         keep = c if keep is None else np.logical_and(keep, c)
     p, _ = masked_softmax(scores, keep)
-    out = p @ v
+    drop = 1.0
+    dropout_p, seed = check_dropout(dropout_p, rng)
+    if seed is not None:
+        p = np.broadcast_to(p, np.broadcast_shapes(p.shape[:-2], v.shape[:-2]) + p.shape[-2:])
+        drop = dropout_keep(p.shape, dropout_p, seed) / (1.0 - dropout_p)
+    out = (p * drop) @ v
     batch = p.shape[:-2]
     g = np.broadcast_to(g, batch + (L, v.shape[-1]))
-    dv = np.swapaxes(p, -1, -2) @ g
-    dp = g @ np.swapaxes(v, -1, -2)
+    dv = np.swapaxes(p * drop, -1, -2) @ g
+    dp = (g @ np.swapaxes(v, -1, -2)) * drop
     dz = p * (dp - (g * out).sum(axis=-1, keepdims=True))
     dq = scale * (dz @ k)
     dk = scale * (np.swapaxes(dz, -1, -2) @ np.broadcast_to(q, batch + q.shape[-2:]))

@@ -18,6 +18,9 @@
 #          S  = scale * Q K^T           P  = exp(S + mask - lse)    (recomputed)
 #          dP = dO V^T                  dS = P * (dP - D)           (dmask += dS)
 #          dV += P^T dO                 dK += scale * dS^T Q        dQ += scale * dS K
+#      With dropout (plan.dropout_on) the forward's mask Z, regenerated from its seed
+#      (dropout.h), scales dP and P by Z / (1 - p) before dS and dV: FlashAttention's
+#      dropout backward (D = rowsum(dO * O) is already that of the dropped output).
 #      dK and dV tiles are written by their item alone (directly into the gradient
 #      buffers); dQ rows receive every key block's contribution, so each key split has
 #      its own dQ buffer (one when the components alone keep every thread busy), summed
@@ -41,7 +44,7 @@ from fastattn._kernels.tile cimport (
     real, intp_data, row_fill, row_dot, row_scale, row_add_max, row_keep_max,
     gemm_abt, gemm_ab, gemm_atb, is_half, element, widen_rows, scratch_at, block_len,
     tile_products_native, bf16_dot_products, fa_pack_pairs, fa_pack_value_pairs,
-    fa_bf16_scores_from_panel, fa_bf16_pv, fa_bf16_pairs_rows, MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
+    fa_bf16_scores_from_panel, fa_bf16_pv, fa_bf16_pairs_rows, dropout_row, MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
 
 cnp.import_array()
@@ -377,7 +380,13 @@ cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t
             mask_scores_row(srow + c0, c1 - c0, mrow, p.mask.kind, p.mask.cs)
         if keep != NULL:
             mask_scores_row(srow + c0, c1 - c0, keep + r * cols + c0, MASK_BOOL, 1)
+        if p.dropout_on:
+            # dropout (the forward's mask, regenerated): dP <- (dO V^T) * Z / (1 - p)
+            dropout_row(&p.dropout, b, q0 + r, k0 + c0, dprow + c0, c1 - c0)
         probs_row(srow + c0, dprow + c0, c1 - c0, lse[r], delta[r], a)
+        if p.dropout_on:
+            # ... and dV takes the dropped probabilities: P <- P * Z / (1 - p)
+            dropout_row(&p.dropout, b, q0 + r, k0 + c0, srow + c0, c1 - c0)
         if mask_grad:
             dmrow = (<real *>run.dmask + run.dm_off[b] + (q0 + r) * run.dm_rs
                      + (kb if run.dm_by_block else k0))

@@ -13,6 +13,9 @@
 # packed once for all its tiles instead of transposing every tile's keys.
 # Extra memory is one scratch block per thread (dense_scratch): one rows x cols score
 # tile plus m and l, and for float32 the packed query block and a key-major score tile.
+# Dropout (plan.dropout_on): the item points its TileOperands at its own copy of the
+# plan's DropoutTile and keeps that on the current tile; every tile then goes through
+# tile_attend, which drops probabilities by their (batch, row, column) hash (dropout.h).
 
 from libc.stdint cimport uint8_t
 from libc.math cimport INFINITY
@@ -25,7 +28,7 @@ from fastattn._kernels.plan cimport AttentionPlan, PlanData
 
 from fastattn._kernels.tile cimport (
     real, finish_row, merge_partial_row, row_fill, tile_products_native,
-    TileBuffers, tile_buffers_init, TileOperands, tile_begin_block, tile_attend,
+    TileBuffers, tile_buffers_init, TileOperands, DropoutTile, tile_begin_block, tile_attend,
     tile_attend_kmajor, is_half, element, narrow_rows,
     SplitMerge, merge_split_item, merge_split_scratch,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
@@ -81,6 +84,7 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     cdef bint half = is_half(p.dtype)
     # this item's packing state for attend_tile_kmajor (tile.pxd)
     cdef Py_ssize_t ldqt
+    cdef DropoutTile drop
 
     tile_buffers_init(&buf, p.dtype, isz, p.qkv.e, p.qkv.ev, p.block_q, p.block_k,
                       <char *>s)
@@ -99,6 +103,11 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
         rows = p.block_q
     tile_begin_block(ops, element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz), p.qkv.ldq,
                      <int>rows)
+    if p.dropout_on:
+        drop = p.dropout
+        drop.batch = b
+        drop.row0 = q0
+        ops.dropout = &drop
 
     kb_lo = split * kb_per_split
     kb_hi = kb_lo + kb_per_split
@@ -140,6 +149,7 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
         if p.causal and cols > last_key - k0 + 1:
             cols = last_key - k0 + 1    # keys past the diagonal: not computed
         band_hi = (q0 + p.causal_offset - k0) if p.causal else BAND_ALL
+        drop.col0 = k0
         kt = element(p.ops.k, p.qkv.k_off[b] + k0 * p.qkv.ldk, isz)
         vt = element(p.ops.v, p.qkv.v_off[b] + k0 * p.qkv.ldv, isz)
         mtile = NULL

@@ -1,7 +1,7 @@
 # One call's plan, built once in Python by fastattn._layout (shapes, strides, per-batch
 # offsets, the mask and its block map, the causal band, tiles and threads) and handed
 # whole to a kernel family, which reads the C struct without any further conversion.
-from fastattn._kernels.tile cimport QkvLayout, MaskView, Operands
+from fastattn._kernels.tile cimport QkvLayout, MaskView, Operands, DropoutTile
 
 
 cdef struct PlanData:
@@ -18,6 +18,10 @@ cdef struct PlanData:
     Py_ssize_t causal_offset
     # tiling and threads: nsplit key splits per query block (flash-decoding merge)
     int block_q, block_k, nsplit, nthreads
+    # dropout on the probabilities (dense only): its seed, threshold and scale; the
+    # driver fills in the tile position of its own copy
+    bint dropout_on
+    DropoutTile dropout
 
 
 cdef class AttentionPlan:

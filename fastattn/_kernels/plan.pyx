@@ -20,12 +20,13 @@ cdef class AttentionPlan:
     ``q``, ``k``, ``v``, ``out`` (and ``lse``, C-contiguous ``(nbatch, L)`` or None)
     are the base arrays, one dtype; ``offsets`` maps each of them to its per-batch
     element offsets (intp vectors); ``strides`` their row strides; ``mask`` a
-    ``fastattn._layout.PreparedMask`` or None.
+    ``fastattn._layout.PreparedMask`` or None; ``dropout`` None or ``(p, seed)`` with
+    ``0 < p < 1`` and a 64-bit seed (see dropout.h).
     """
 
     def __init__(self, q, k, v, out, lse, offsets, strides, Py_ssize_t L, Py_ssize_t S,
                  int e, int ev, mask, *, double scale, bint causal, Py_ssize_t causal_offset,
-                 int block_q, int block_k, int nsplit, int nthreads):
+                 int block_q, int block_k, int nsplit, int nthreads, dropout=None):
         q_off, k_off, v_off, out_off = offsets
         ldq, ldk, ldv, ldo = strides
         self.c.qkv = qkv_layout(q_off, k_off, v_off, ldq, ldk, ldv, L, S, e, ev)
@@ -42,6 +43,15 @@ cdef class AttentionPlan:
         self.c.block_k = block_k
         self.c.nsplit = nsplit
         self.c.nthreads = nthreads
+        self.c.dropout_on = dropout is not None
+        self.c.dropout.seed = self.c.dropout.threshold = 0
+        self.c.dropout.scale = 1
+        self.c.dropout.batch = self.c.dropout.row0 = self.c.dropout.col0 = 0
+        if dropout is not None:
+            p, seed = dropout
+            self.c.dropout.seed = seed
+            self.c.dropout.threshold = int(p * 2.0**64)     # exact: p < 1 is a double
+            self.c.dropout.scale = 1 / (1 - p)
         self.arrays = (q, k, v, out, lse, offsets, mask)
 
     @property

@@ -13,7 +13,7 @@
 # Beside this core: rowsoftmax.pxd (one whole row of a masked softmax), tanhscores.pxd
 # (additive scores) and smallgemm.pxd (small GEMMs for decoding).
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 cimport numpy as cnp
 from fastattn._kernels.parallel cimport scratch_room
 from libc.math cimport INFINITY, log
@@ -526,6 +526,60 @@ cdef inline QkvLayout qkv_layout(cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarr
     return x
 
 
+# ---- dropout on the probabilities (dropout.h) -----------------------------------------
+# A driver with dropout points its TileOperands' `dropout` at one of these and keeps its
+# batch, row0 and col0 on the current tile; tile_attend then drops probabilities after
+# the softmax step (the row sums keep them) and before they meet V.
+
+cdef extern from "dropout.h" nogil:
+    ctypedef struct DropoutTile "fa_dropout":
+        uint64_t seed, threshold
+        double scale
+        int64_t batch, row0, col0
+    void fa_dropout_tile_f32(const DropoutTile *d, int r0, int rows, int cols, float *s)
+    void fa_dropout_tile_f64(const DropoutTile *d, int r0, int rows, int cols, double *s)
+    uint64_t fa_dropout_row_key(uint64_t seed, int64_t b, int64_t i)
+    void fa_dropout_row_f32(float *p, Py_ssize_t n, uint64_t key, int64_t j0,
+                            uint64_t threshold, float scale)
+    void fa_dropout_row_f64(double *p, Py_ssize_t n, uint64_t key, int64_t j0,
+                            uint64_t threshold, double scale)
+
+
+cdef inline void dropout_row(const DropoutTile *d, Py_ssize_t batch, Py_ssize_t row,
+                             Py_ssize_t col0, real *x, Py_ssize_t n) noexcept nogil:
+    # x[:n] (columns col0 .. of query row `row` of batch entry `batch`) <- kept values
+    # / (1 - p), dropped 0: the same decisions as dropout_tile (the backward's use)
+    cdef uint64_t key = fa_dropout_row_key(d.seed, batch, row)
+    if real is float:
+        fa_dropout_row_f32(x, n, key, col0, d.threshold, <float>d.scale)
+    else:
+        fa_dropout_row_f64(x, n, key, col0, d.threshold, d.scale)
+
+
+cdef inline void dropout_tile(const DropoutTile *d, int r0, int rows, int cols,
+                              real *s) noexcept nogil:
+    # s (rows x cols, the tile's rows r0 ..) <- kept probabilities / (1 - p), dropped 0
+    if real is float:
+        fa_dropout_tile_f32(d, r0, rows, cols, s)
+    else:
+        fa_dropout_tile_f64(d, r0, rows, cols, s)
+
+
+cdef inline void attend_tile_dropout(
+        const DropoutTile *d, int r0, const real *q, Py_ssize_t ldq, int rows,
+        const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv, int cols,
+        int e, int ev, real scale,
+        const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
+        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # attend_tile with dropout: the tile's rows are rows r0 .. of the current tile of d.
+    tile_scores(rows, cols, e, scale, q, ldq, k, ldk, s, ev)
+    if softmax_tile(rows, cols, ev, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
+                    s, acc, ldacc, m, l):
+        dropout_tile(d, r0, rows, cols, s)
+        tile_accumulate(rows, ev, cols, s, v, ldv, acc, ldacc)
+
+
 # ---- operands of any element type (tilehalf.h) ----------------------------------------
 # A family body is written once over the compute type `real` (float for float32 and both
 # half types, double for float64) and reads its query, key and value tiles through a
@@ -581,6 +635,8 @@ cdef struct TileOperands:
     uint32_t *pw            # probability pairs            ((block_k + 1) / 2 x block_q rounded to 32)
     # an output block of float32 for half results: acc32 (block_q x ev)
     float *acc32
+    # dropout on the probabilities (dropout.h), or NULL; set by the driver
+    const DropoutTile *dropout
 
 
 cdef inline bint is_half(int dtype) noexcept nogil:
@@ -617,6 +673,7 @@ cdef inline size_t tile_operands_init(TileOperands *t, int dtype, Py_ssize_t ite
     t.ldq = 0
     t.q32 = t.k32 = t.v32 = t.acc32 = NULL
     t.kp = t.vp = t.pw = NULL
+    t.dropout = NULL
     if not is_half(dtype):
         return 0
     t.acc32 = <float *>scratch_at(scratch, off)
@@ -694,6 +751,13 @@ cdef inline void tile_attend(
     # and value tile at k and v (cols rows each, row strides ldk and ldv in elements).
     cdef Py_ssize_t npairs, ldpt
     if not is_half(t.dtype):
+        if t.dropout != NULL:
+            attend_tile_dropout(t.dropout, r0,
+                                <const real *>element(t.q, r0 * t.ldq, t.itemsize), t.ldq,
+                                rows, <const real *>k, ldk, <const real *>v, ldv, cols, t.e,
+                                t.ev, scale, mask, mask_kind, mask_rs, mask_cs, band_lo,
+                                band_hi, s, acc, ldacc, m, l)
+            return
         attend_tile(<const real *>element(t.q, r0 * t.ldq, t.itemsize), t.ldq, rows,
                     <const real *>k, ldk, <const real *>v, ldv, cols, t.e, t.ev, scale,
                     mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi, s, acc, ldacc, m, l)
@@ -707,6 +771,8 @@ cdef inline void tile_attend(
                                       t.kp, ldpt, s, cols)
             if softmax_tile(rows, cols, t.ev, mask, mask_kind, mask_rs, mask_cs, band_lo,
                             band_hi, s, acc, ldacc, m, l):
+                if t.dropout != NULL:
+                    dropout_tile(t.dropout, r0, rows, cols, s)
                 npairs = (cols + 1) // 2
                 fa_bf16_pairs_rows(rows, cols, s, cols, t.pw, npairs)
                 fa_pack_value_pairs(cols, t.ev, <const uint16_t *>v, ldv, t.vp, t.ev)
@@ -714,6 +780,11 @@ cdef inline void tile_attend(
         else:
             fa_widen(t.dtype, cols, t.e, <const uint16_t *>k, ldk, t.k32, t.e)
             fa_widen(t.dtype, cols, t.ev, <const uint16_t *>v, ldv, t.v32, t.ev)
+            if t.dropout != NULL:
+                attend_tile_dropout(t.dropout, r0, t.q32 + r0 * t.e, t.e, rows, t.k32, t.e,
+                                    t.v32, t.ev, cols, t.e, t.ev, scale, mask, mask_kind,
+                                    mask_rs, mask_cs, band_lo, band_hi, s, acc, ldacc, m, l)
+                return
             attend_tile(t.q32 + r0 * t.e, t.e, rows, t.k32, t.e, t.v32, t.ev, cols, t.e,
                         t.ev, scale, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
                         s, acc, ldacc, m, l)
@@ -724,7 +795,10 @@ cdef inline bint tile_attend_kmajor(
         Py_ssize_t ldv, int cols, real scale, real *kscratch, Py_ssize_t *ldqt,
         real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # attend_tile_kmajor for the current query block (all its rows), with the same
-    # packing state ldqt and scratch; False when the caller must use tile_attend.
+    # packing state ldqt and scratch; False when the caller must use tile_attend (always
+    # with dropout: the fused key-major step has no place for it).
+    if t.dropout != NULL:
+        return False
     if not is_half(t.dtype):
         return attend_tile_kmajor(rows, cols, t.e, t.ev, scale, <const real *>t.q, t.ldq,
                                   kscratch, ldqt, <const real *>k, ldk, <const real *>v, ldv,
