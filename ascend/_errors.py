@@ -51,6 +51,7 @@ def status_name(code):
 
     Examples
     --------
+    >>> from ascend._errors import status_name
     >>> status_name(161002)
     'ACLNN_ERR_PARAM_INVALID'
     >>> status_name(42)
@@ -73,6 +74,7 @@ class AscendError(RuntimeError):
 
     Examples
     --------
+    >>> from ascend import AscendError
     >>> err = AscendError(161002, "aclnnFlashAttentionScoreGetWorkspaceSize", "bad layout")
     >>> print(err)
     aclnnFlashAttentionScoreGetWorkspaceSize failed with 161002 (ACLNN_ERR_PARAM_INVALID): bad layout

@@ -132,6 +132,7 @@ def numpy_attention(q, k, v, causal=False, mask=None):
 
     Examples
     --------
+    >>> import numpy as np
     >>> from fastattn.bench import numpy_attention
     >>> q = k = np.eye(2, dtype=np.float32)
     >>> v = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)

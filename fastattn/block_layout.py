@@ -161,6 +161,7 @@ class BlockLayout:
 
         Examples
         --------
+        >>> import numpy as np
         >>> import fastattn
         >>> layout = fastattn.BlockLayout.from_blocks(np.eye(2, dtype=bool), (4, 4), 2)
         >>> layout.indptr.tolist(), layout.indices.tolist()
@@ -192,6 +193,7 @@ class BlockLayout:
 
         Examples
         --------
+        >>> import numpy as np
         >>> import fastattn
         >>> mask = np.tril(np.ones((6, 6), dtype=bool))
         >>> layout = fastattn.BlockLayout.from_mask(mask, block_size=3)

@@ -161,6 +161,7 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> from fastattn import PagedKVCache
         >>> with PagedKVCache(4, 16, 1, 8) as cache:
         ...     s = cache.add_sequence()
         >>> cache.key_blocks
@@ -183,6 +184,7 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 16, 1, 8)
         >>> cache.add_sequence(), cache.add_sequence()
         (0, 1)
@@ -197,6 +199,7 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 16, 1, 8)
         >>> cache.length(cache.add_sequence())
         0
@@ -226,6 +229,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> s = cache.add_sequence()
         >>> cache.append(s, np.ones((1, 3, 3)), np.ones((1, 3, 3)))
@@ -289,6 +294,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> s = cache.add_sequence()
         >>> cache.append(s, np.ones((1, 3, 3)), np.ones((1, 3, 3)))
@@ -308,6 +315,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> s = cache.add_sequence()
         >>> cache.append(s, np.ones((1, 3, 3)), np.ones((1, 3, 3)))
@@ -337,6 +346,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> a, b = cache.add_sequence(), cache.add_sequence()
         >>> cache.append(a, np.ones((1, 3, 3)), np.ones((1, 3, 3)))
@@ -367,6 +378,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> s = cache.add_sequence()
         >>> cache.append(s, np.ones((1, 3, 3)), np.arange(9.0).reshape(1, 3, 3))

@@ -64,6 +64,7 @@ def block_sparse_attention(query, key, value, layout, *, scale=None, return_lse=
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 256, 16)) for _ in range(3))

@@ -4,7 +4,6 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import fastattn
@@ -28,10 +27,11 @@ def _run(test):
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {test.name}"
 
 
+# Every docstring's examples run in an empty namespace, as in a fresh interpreter:
+# they must import what they use (no module globals, no `np` injected).
 MODULE_TESTS = [
     t for name in _public_modules()
-    for t in doctest.DocTestFinder().find(importlib.import_module(name), name,
-                                          extraglobs={"np": np})
+    for t in doctest.DocTestFinder().find(importlib.import_module(name), name, globs={})
     if t.examples
 ]
 
@@ -58,5 +58,5 @@ DOC_PAGES = sorted(p for p in DOCS.rglob("*.md") if ">>>" in p.read_text() and p
 @pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
 def test_docs_pages(page):
     text = page.read_text()
-    test = doctest.DocTestParser().get_doctest(text, {"np": np}, page.name, str(page), 0)
+    test = doctest.DocTestParser().get_doctest(text, {}, page.name, str(page), 0)
     _run(test)
