@@ -101,5 +101,14 @@ class AscendRuntimeNotFound(RuntimeError):
     """No usable CANN runtime (``libascendcl.so`` and friends) was found.
 
     The message lists the directories that were searched and how to install
-    CANN and make it visible (``source .../set_env.sh``).
+    CANN and make it visible (``source .../set_env.sh``). :func:`ascend.is_available`
+    returns False instead of raising it.
+
+    Examples
+    --------
+    >>> import ascend
+    >>> issubclass(ascend.AscendRuntimeNotFound, RuntimeError)
+    True
+    >>> print(ascend.AscendRuntimeNotFound("CANN runtime not usable: libascendcl.so"))
+    CANN runtime not usable: libascendcl.so
     """

@@ -71,7 +71,7 @@ class BlockLayout:
 
     See Also
     --------
-    block_sparse_attention, fastattn.sparse_patterns
+    block_sparse_attention, bigbird_layout, local_attention, longformer_attention
 
     Examples
     --------

@@ -146,14 +146,17 @@ class PagedKVCache:
 
     @property
     def key_blocks(self):
+        """The key pool ``(num_blocks, num_kv_heads, block_size, head_dim)``, read-only."""
         return self._live_pools().key_view
 
     @property
     def value_blocks(self):
+        """The value pool ``(num_blocks, num_kv_heads, block_size, value_dim)``, read-only."""
         return self._live_pools().value_view
 
     @property
     def num_free_blocks(self):
+        """Blocks not used by any sequence."""
         return len(self._free)
 
     def close(self):

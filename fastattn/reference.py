@@ -30,6 +30,17 @@ def masked_softmax(scores, keep=None):
 
     Returns ``(probabilities, lse)``; a row with nothing to keep (or only ``-inf``
     scores) gives zero probabilities and ``lse = -inf``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastattn.reference import masked_softmax
+    >>> p, lse = masked_softmax(np.zeros((2, 3)), np.array([[True, True, False], [False] * 3]))
+    >>> p
+    array([[0.5, 0.5, 0. ],
+           [0. , 0. , 0. ]])
+    >>> lse.round(4)
+    array([0.6931,   -inf])
     """
     scores = np.asarray(scores, dtype=np.float64)
     if keep is not None:
@@ -515,7 +526,7 @@ def _softmax_apply(scores, mask, value):
 
 
 def additive_attention(query, key, value, *, w_q, w_k, v, mask=None):
-    """Bahdanau: ``score[i, j] = v . tanh(W_q q_i + W_k k_j)``, broadcast over (L, S, hidden).
+    """Bahdanau: ``score[i, j] = v · tanh(W_q q_i + W_k k_j)``, broadcast over (L, S, hidden).
 
     Returns ``(output, weights)``.
 
@@ -536,7 +547,7 @@ def additive_attention(query, key, value, *, w_q, w_k, v, mask=None):
 
 
 def concat_attention(query, key, value, *, w, v, mask=None):
-    """Luong concat: ``score[i, j] = v . tanh(W [q_i; k_j])``, with the concatenation
+    """Luong concat: ``score[i, j] = v · tanh(W [q_i; k_j])``, with the concatenation
     formed explicitly. Returns ``(output, weights)``.
 
     Examples
@@ -559,7 +570,7 @@ def concat_attention(query, key, value, *, w, v, mask=None):
 
 
 def general_attention(query, key, value, *, w, mask=None):
-    """Luong general: ``score[i, j] = q_i . (W k_j)``. Returns ``(output, weights)``.
+    """Luong general: ``score[i, j] = q_i · (W k_j)``. Returns ``(output, weights)``.
 
     Examples
     --------
@@ -576,7 +587,7 @@ def general_attention(query, key, value, *, w, mask=None):
 
 
 def dot_attention(query, key, value, *, mask=None):
-    """Luong dot: ``score[i, j] = q_i . k_j``. Returns ``(output, weights)``.
+    """Luong dot: ``score[i, j] = q_i · k_j``. Returns ``(output, weights)``.
 
     Examples
     --------
