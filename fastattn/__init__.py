@@ -5,6 +5,7 @@ The public API is re-exported here; each function lives in a small module:
 - :mod:`fastattn.attention` -- ``scaled_dot_product_attention`` (the fused kernel)
 - :mod:`fastattn.reference` -- plain NumPy float64 definitions used as ground truth
 - ``set_num_threads`` / ``get_num_threads`` -- the default thread count
+- ``show_config`` -- how the kernels were built and what they use on this machine
 - ``bfloat16`` -- the NumPy bfloat16 dtype of ``ml_dtypes``, re-exported
 
 Kernels live in ``fastattn._kernels``: one Cython module per family over one shared
@@ -13,6 +14,7 @@ tile/softmax core (``tile.pxd`` + ``vecmath.h``).
 from ml_dtypes import bfloat16
 
 from fastattn import reference
+from fastattn._config import show_config
 from fastattn._threads import get_num_threads, set_num_threads
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.masks import causal_mask, combine_masks, padding_mask
@@ -51,6 +53,7 @@ __all__ = [
     "paged_attention",
     "set_num_threads",
     "get_num_threads",
+    "show_config",
     "reference",
     "devices",
     "bfloat16",
