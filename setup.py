@@ -5,7 +5,9 @@ Environment switches:
                         wheels run anywhere (the SIMD helpers dispatch at run time).
   FASTATTN_NO_THREADS=1 build the thread pool out (kernels run on the calling thread).
   FASTATTN_DEBUG=1      bounds-checked Cython and -O0 -g, for tracking down bugs.
-  FASTATTN_KERNELS=a,b  build only these kernel modules (development: rebuild one family).
+  FASTATTN_KERNELS=a,b  build only these kernel modules (development: rebuild one family);
+                        FASTATTN_KERNELS=none builds none: the editable install of the
+                        development setup (README), whose kernels are built in place.
 """
 import os
 import sys

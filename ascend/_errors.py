@@ -51,6 +51,7 @@ def status_name(code):
 
     Examples
     --------
+    >>> from ascend._errors import status_name
     >>> status_name(161002)
     'ACLNN_ERR_PARAM_INVALID'
     >>> status_name(42)
@@ -73,6 +74,7 @@ class AscendError(RuntimeError):
 
     Examples
     --------
+    >>> from ascend import AscendError
     >>> err = AscendError(161002, "aclnnFlashAttentionScoreGetWorkspaceSize", "bad layout")
     >>> print(err)
     aclnnFlashAttentionScoreGetWorkspaceSize failed with 161002 (ACLNN_ERR_PARAM_INVALID): bad layout
@@ -99,5 +101,14 @@ class AscendRuntimeNotFound(RuntimeError):
     """No usable CANN runtime (``libascendcl.so`` and friends) was found.
 
     The message lists the directories that were searched and how to install
-    CANN and make it visible (``source .../set_env.sh``).
+    CANN and make it visible (``source .../set_env.sh``). :func:`ascend.is_available`
+    returns False instead of raising it.
+
+    Examples
+    --------
+    >>> import ascend
+    >>> issubclass(ascend.AscendRuntimeNotFound, RuntimeError)
+    True
+    >>> print(ascend.AscendRuntimeNotFound("CANN runtime not usable: libascendcl.so"))
+    CANN runtime not usable: libascendcl.so
     """

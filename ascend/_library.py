@@ -160,6 +160,7 @@ def candidate_dirs(environ=None):
 
     Examples
     --------
+    >>> from ascend._library import candidate_dirs
     >>> [str(p) for p in candidate_dirs({"ASCEND_HOME_PATH": "/opt/cann"})]
     ['/opt/cann/lib64', '/usr/local/Ascend/ascend-toolkit/latest/lib64', '/usr/local/Ascend/cann/lib64']
     """

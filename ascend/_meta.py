@@ -50,6 +50,7 @@ def contiguous_strides(shape):
 
     Examples
     --------
+    >>> from ascend._meta import contiguous_strides
     >>> contiguous_strides((2, 3, 4))
     (12, 4, 1)
     """
@@ -106,6 +107,7 @@ class DescriptorScope(Owner):
 
     Examples
     --------
+    >>> from ascend._meta import DescriptorScope
     >>> from ascend._runtime import get_runtime
     >>> libraries = get_runtime().lib
     >>> with DescriptorScope(libraries) as scope:

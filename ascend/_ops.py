@@ -225,6 +225,7 @@ def causal_keep(query_length, key_length, alignment):
 
     Examples
     --------
+    >>> from ascend._ops import causal_keep
     >>> causal_keep(2, 3, "top_left").astype(int)
     array([[1, 0, 0],
            [1, 1, 0]])
@@ -520,6 +521,7 @@ def check_paged_cache(key_shape, value_shape, dtype):
 
     Examples
     --------
+    >>> from ascend import check_paged_cache
     >>> check_paged_cache((64, 8, 128, 128), (64, 8, 128, 128), "float16")
     >>> check_paged_cache((64, 8, 100, 128), (64, 8, 100, 128), "float16")
     Traceback (most recent call last):

@@ -18,6 +18,7 @@ provides the rest:
 
 Examples
 --------
+>>> from ascend._owner import Owner
 >>> class Handle(Owner):
 ...     def __init__(self, log):
 ...         self.log = log

@@ -6,6 +6,7 @@ The public API is re-exported here; each function lives in a small module:
 - :mod:`fastattn.backward` -- its gradients and the softmax's (training)
 - :mod:`fastattn.reference` -- plain NumPy float64 definitions used as ground truth
 - ``set_num_threads`` / ``get_num_threads`` -- the default thread count
+- ``show_config`` -- how the kernels were built and what they use on this machine
 - ``bfloat16`` -- the NumPy bfloat16 dtype of ``ml_dtypes``, re-exported
 
 Kernels live in ``fastattn._kernels``: one Cython module per family over one shared
@@ -14,6 +15,7 @@ tile/softmax core (``tile.pxd`` + ``vecmath.h``).
 from ml_dtypes import bfloat16
 
 from fastattn import reference
+from fastattn._config import show_config
 from fastattn._threads import get_num_threads, set_num_threads
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.backward import (block_sparse_attention_backward, masked_softmax_backward,
@@ -58,6 +60,7 @@ __all__ = [
     "paged_attention",
     "set_num_threads",
     "get_num_threads",
+    "show_config",
     "reference",
     "devices",
     "bfloat16",

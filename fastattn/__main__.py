@@ -11,7 +11,7 @@ import numpy as np
 
 import fastattn
 from fastattn import reference
-from fastattn.bench import attention_flops, numpy_attention, show_progress
+from fastattn.bench import attention_flops, numpy_attention, progress_bar
 
 
 def _best_time(fn, repeat):
@@ -33,26 +33,26 @@ def main(argv=None):
     parser.add_argument("--no-causal", action="store_true", help="dense instead of causal")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs; the best counts")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it is drawn only on a terminal anyway)")
     args = parser.parse_args(argv)
 
     causal = not args.no_causal
     B, H, L, E = args.batch, args.heads, args.length, args.dim
     dtype = np.dtype(args.dtype)
-    steps = 2 + 2 * args.repeat
-    step = 0
     print(f"fastattn {fastattn.__version__}: B={B} H={H} L=S={L} E={E} {dtype} "
           f"{'causal' if causal else 'dense'}, {fastattn.get_num_threads() if args.threads is None else args.threads} threads")
 
-    show_progress(step, steps, "making inputs")
+    bar = progress_bar(2 + 2 * args.repeat, enabled=not args.no_progress, desc="making inputs")
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((B, H, L, E), dtype=np.float64).astype(dtype) for _ in range(3))
-    step += 1
-    show_progress(step, steps, "checking against the float64 reference")
+    bar.update()
+    bar.set_description_str("checking against the float64 reference")
     out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, num_threads=args.threads)
     expected = reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
     err = float(np.abs(out - expected).max() / max(np.abs(expected).max(), 1e-300))
     tol = 2e-4 if dtype == np.float32 else 1e-10
-    step += 1
+    bar.update()
 
     def fused():
         fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, num_threads=args.threads)
@@ -60,13 +60,13 @@ def main(argv=None):
     t_fused = []
     t_numpy = []
     for _ in range(args.repeat):           # interleaved so both see the same machine state
-        show_progress(step, steps, "timing fastattn")
+        bar.set_description_str("timing fastattn")
         t_fused.append(_best_time(fused, 1))
-        step += 1
-        show_progress(step, steps, "timing plain NumPy")
+        bar.update()
+        bar.set_description_str("timing plain NumPy")
         t_numpy.append(_best_time(lambda: numpy_attention(q, k, v, causal), 1))
-        step += 1
-    show_progress(steps, steps, "done")
+        bar.update()
+    bar.close()
 
     flops = attention_flops(B, H, L, L, E, E, causal)
     best_fused, best_numpy = min(t_fused), min(t_numpy)

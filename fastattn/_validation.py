@@ -68,6 +68,7 @@ def promoted_dtype(*arrays, names=None, supported=None, where=""):
 
     Examples
     --------
+    >>> from fastattn._validation import promoted_dtype
     >>> import numpy as np, ml_dtypes
     >>> bf = np.ones(2, ml_dtypes.bfloat16)
     >>> promoted_dtype(bf, bf), promoted_dtype(bf, np.ones(2, np.float16))

@@ -25,11 +25,13 @@ Every system gets the same arrays (``torch.from_numpy`` shares the memory) and t
 same thread count; runs are interleaved so all systems see the same machine
 state, and medians are reported with GFLOP/s, the fraction of this machine's
 SGEMM rate and fastattn's speed-up over each system. Writes ``bench.json`` and,
-when matplotlib is importable, ``bench.png`` (GFLOP/s against sequence length).
+when matplotlib is importable, ``bench.png`` (time and fastattn's speed-up against
+sequence length, with the machine, date and commit in the caption); ``--replot
+bench.json`` redraws the figure from saved numbers.
 
 This module also holds the pieces shared by ``python -m fastattn`` and the asv
 suite in ``benchmarks/``: the FLOP convention, the NumPy formula, the machine
-baselines (SGEMM rate, memory bandwidth) and the progress line.
+baselines (SGEMM rate, memory bandwidth) and the progress bar.
 """
 import argparse
 import contextlib
@@ -48,7 +50,7 @@ import numpy as np
 import fastattn
 
 __all__ = ["attention_flops", "numpy_attention", "sgemm_gflops", "memory_bandwidth_gbs",
-           "run_comparison", "show_progress", "main"]
+           "run_comparison", "provenance", "progress_bar", "main"]
 
 SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math", "onnxruntime", "openvino")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -132,6 +134,7 @@ def numpy_attention(q, k, v, causal=False, mask=None):
 
     Examples
     --------
+    >>> import numpy as np
     >>> from fastattn.bench import numpy_attention
     >>> q = k = np.eye(2, dtype=np.float32)
     >>> v = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
@@ -250,8 +253,8 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
         Workload kinds; "mask" is a random bool ``(L, S)`` mask (90 % kept, the
         diagonal always kept) broadcast over heads.
     systems : sequence of str, optional
-        A subset of :data:`SYSTEMS`; default every one that is importable and
-        computes in ``dtype`` (:data:`SYSTEM_DTYPES`).
+        A subset of ``fastattn.bench.SYSTEMS``; default every one that is importable
+        and computes in ``dtype`` (``fastattn.bench.SYSTEM_DTYPES``).
     batch, heads, dim : int
         Shape ``(batch, heads, L, dim)`` of q, k and v.
     dtype : {"float32", "float64", "float16", "bfloat16"}
@@ -263,7 +266,7 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
         The unfused systems (numpy, torch_math) are skipped on workloads whose
         estimated transient memory (three score-sized arrays) exceeds this.
     progress : bool, default=True
-        Draw a progress bar on stderr.
+        Draw a progress bar on stderr (only when stderr is a terminal).
 
     Returns
     -------
@@ -289,13 +292,13 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
     threads = fastattn.get_num_threads() if threads is None else threads
     runners = _runners(systems, threads, dtype)
     workloads = [(kind, L) for L in lengths for kind in kinds]
-    bar = _ProgressBar(len(workloads) * (len(runners) + 1) + 2, enabled=progress)
+    bar = progress_bar(len(workloads) * (len(runners) + 1) + 2, enabled=progress)
 
-    bar.show("measuring the SGEMM rate and memory bandwidth")
+    bar.set_description_str("measuring the SGEMM rate and memory bandwidth")
     with _blas_threads(threads):
         sgemm = sgemm_gflops()
     bandwidth = memory_bandwidth_gbs(threads=threads)
-    bar.advance()
+    bar.update()
 
     rows = []
     rotation = 0
@@ -305,7 +308,7 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
         unfused_bytes = 3 * batch * heads * L * L * dtype.itemsize
         active = {name: run for name, run in runners.items()
                   if name not in UNFUSED_SYSTEMS or unfused_bytes <= max_unfused_bytes}
-        bar.show(f"{kind} L={L}: warm-up")
+        bar.set_description_str(f"{kind} L={L}: warm-up")
         outputs = {name: _result(run, run(q, k, v, causal, mask))
                    for name, run in active.items()}
         times = {}
@@ -314,12 +317,12 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
         rotation += 1                             # so that no system always runs first
         for name in order:
             run = active[name]
-            bar.show(f"{kind} L={L}: {name}")
+            bar.set_description_str(f"{kind} L={L}: {name}")
             for _ in range(WARMUP_RUNS):
                 run(q, k, v, causal, mask)
             times[name] = [_seconds(lambda: run(q, k, v, causal, mask)) for _ in range(repeat)]
-            bar.advance()
-        bar.advance()
+            bar.update()
+        bar.update()
         flops = attention_flops(batch, heads, L, L, dim, dim, causal)
         reference = outputs.get("fastattn")
         fastattn_median = statistics.median(times["fastattn"]) if "fastattn" in times else None
@@ -336,10 +339,11 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
                     max_rel_diff=None if reference is None else _relative_difference(
                         outputs[name], reference))
             rows.append(row)
-    bar.show("done")
-    bar.advance()
+    bar.set_description_str("done")
+    bar.update()
+    bar.close()
     return {
-        "machine": _machine_info(),
+        **provenance(),
         "config": {"batch": batch, "heads": heads, "dim": dim, "dtype": dtype.name,
                    "threads": threads, "repeat": repeat, "lengths": list(lengths),
                    "kinds": list(kinds), "systems": list(runners)},
@@ -378,6 +382,13 @@ def main(argv=None):
     ['bench.json']
     """
     args = _parse_args(argv)
+    if args.replot:
+        source = Path(args.replot)
+        out_dir = source.parent if args.out is None else Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        png_path = _plot(json.loads(source.read_text()), out_dir / "bench.png")
+        print(f"wrote {png_path}" if png_path else "matplotlib is not installed: no plot")
+        return 0 if png_path else 1
     result = run_comparison(
         args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS), args.kinds,
         systems=args.systems, batch=args.batch, heads=args.heads, dim=args.dim,
@@ -386,7 +397,7 @@ def main(argv=None):
     result["command"] = "python -m fastattn.bench " + " ".join(
         sys.argv[1:] if argv is None else argv)
     print(_format_table(result))
-    out_dir = Path(args.out)
+    out_dir = Path(args.out or "bench-out")
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "bench.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -679,30 +690,89 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
-class _ProgressBar:
-    """A one-line ``[####....] step/total label`` bar on stderr."""
+def progress_bar(total, *, enabled=True, desc=None):
+    """A progress bar on stderr that draws only when stderr is a terminal.
 
-    def __init__(self, total, enabled=True, width=28):
-        self.total, self.enabled, self.width, self.step = total, enabled, width, 0
-        self.label = ""
+    A `tqdm <https://tqdm.github.io>`_ bar: in a log file or a pipe (CI, ``| tee``)
+    it writes nothing, so logs get no carriage-return lines; ``enabled=False``
+    (``--no-progress`` on the command lines) turns it off on a terminal too.
 
-    def show(self, label):
-        self.label = label
-        if self.enabled:
-            show_progress(self.step, self.total, label, self.width)
+    Parameters
+    ----------
+    total : int
+        Number of steps.
+    enabled : bool, default=True
+        False: never draw.
+    desc : str, optional
+        Initial label; change it with ``bar.set_description_str(label)``.
 
-    def advance(self):
-        self.step = min(self.step + 1, self.total)
-        self.show(self.label)
+    Returns
+    -------
+    tqdm.tqdm
+        Advance with ``bar.update()``, finish with ``bar.close()``.
+
+    Examples
+    --------
+    >>> from fastattn.bench import progress_bar
+    >>> bar = progress_bar(3, desc="timing")     # stderr is not a terminal: draws nothing
+    >>> bar.disable
+    True
+    >>> for _ in range(3):
+    ...     bar.update()
+    >>> bar.close()
+    """
+    from tqdm.auto import tqdm
+    # disable=None: tqdm turns itself off when the stream is not a terminal
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=None if enabled else True,
+                leave=False, dynamic_ncols=True,
+                bar_format="{desc:<44.44} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
 
 
-def show_progress(step, total, label, width=28):
-    """Draw ``[####....] step/total label`` over the current line of stderr."""
-    filled = int(width * step / total)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} {label:<40}")
-    sys.stderr.flush()
-    if step == total:
-        sys.stderr.write("\n")
+def provenance():
+    """Where and when a measurement is taken: the machine, libraries, date and commit.
+
+    Every figure of the documentation prints these under its plot.
+
+    Returns
+    -------
+    dict
+        ``machine`` (platform, CPU model, logical CPUs, Python, NumPy, its BLAS
+        libraries, fastattn and the optional peers' versions), ``date``
+        (``YYYY-MM-DD``) and ``commit`` (the short git commit of the fastattn source,
+        ``+changes`` when it has uncommitted changes; None for an installed copy).
+
+    Examples
+    --------
+    >>> from fastattn.bench import provenance
+    >>> info = provenance()
+    >>> sorted(info)
+    ['commit', 'date', 'machine']
+    >>> info["machine"]["logical_cpus"] >= 1
+    True
+    """
+    return {"machine": _machine_info(), "date": time.strftime("%Y-%m-%d"),
+            "commit": _source_commit()}
+
+
+def _source_commit():
+    """The short git commit of the fastattn source being measured, when it is a
+    git checkout (None for an installed copy)."""
+    import subprocess
+    source = Path(fastattn.__file__).resolve().parent.parent
+    if not (source / ".git").exists():
+        return None
+    try:
+        found = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = found.stdout.strip() if found.returncode == 0 else None
+    if commit:
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        commit += "+changes" if dirty else ""
+    return commit
 
 
 # --- output -------------------------------------------------------------------------
@@ -739,8 +809,38 @@ def _format_table(result):
     return "\n".join(lines)
 
 
+# One colour and marker per system, the same in every figure (colour-blind-safe
+# Okabe-Ito colours; markers tell the lines apart in grey-scale print too).
+SYSTEM_STYLES = {
+    "fastattn": ("#0072B2", "o"),
+    "numpy": ("#E69F00", "s"),
+    "torch_sdpa": ("#009E73", "^"),
+    "torch_math": ("#CC79A7", "v"),
+    "onnxruntime": ("#D55E00", "D"),
+    "openvino": ("#56B4E9", "P"),
+}
+
+
+def _caption(result):
+    """Machine, libraries, date and commit of a run, for a figure's caption."""
+    machine, config = result["machine"], result["config"]
+    blas = ", ".join(sorted({f"{b['internal_api']} {b['version']}"
+                             for b in machine.get("blas") or []}))
+    peers = ", ".join(f"{name} {machine[key]}" for name, key in
+                      (("PyTorch", "torch"), ("ONNX Runtime", "onnxruntime"),
+                       ("OpenVINO", "openvino")) if machine.get(key))
+    return (f"{machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
+            f"{config['threads']} threads; fastattn {machine['fastattn']}, NumPy "
+            f"{machine['numpy']}" + (f" ({blas})" if blas else "")
+            + (f", {peers}" if peers else "") + "\n"
+            + f"measured {result.get('date') or 'on an unrecorded date'}, "
+            + (f"commit {result['commit']}" if result.get("commit") else "commit not recorded")
+            + f"; median of {config['repeat']} runs; {result.get('command', '')}".rstrip("; "))
+
+
 def _plot(result, path):
-    """GFLOP/s against sequence length, one panel per kind, one line per system."""
+    """Time and fastattn's speed-up against sequence length: one column per kind, one
+    line per system, the run's machine, date and commit underneath."""
     try:
         import matplotlib
     except ImportError:
@@ -748,28 +848,53 @@ def _plot(result, path):
     matplotlib.use("Agg")                      # files only, never a window
     import matplotlib.pyplot as plt
 
-    kinds = result["config"]["kinds"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.6), sharey=True,
-                             squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for system in result["config"]["systems"]:
-            points = [(r["length"], r["gflops"]) for r in result["rows"]
-                      if r["kind"] == kind and r["system"] == system and r["median_s"]]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=system)
-        ax.axhline(result["sgemm_gflops"], color="grey", linestyle="--", linewidth=1,
-                   label="SGEMM rate")
-        ax.set_xscale("log", base=2)
-        ax.set_title(kind)
-        ax.set_xlabel("sequence length L = S")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("GFLOP/s")
-    axes[0][-1].legend(fontsize="small")
     config = result["config"]
-    fig.suptitle(f"attention, B={config['batch']} H={config['heads']} E={config['dim']} "
-                 f"{config['dtype']}, {config['threads']} threads ({result['machine']['cpu']})",
-                 fontsize="medium")
-    fig.tight_layout()
+    kinds, systems = config["kinds"], config["systems"]
+    titles = {"dense": "dense", "causal": "causal", "mask": "bool mask (90 % of keys kept)"}
+    plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
+    fig, axes = plt.subplots(2, len(kinds), figsize=(4.4 * len(kinds) + 0.6, 7.2),
+                             sharex=True, squeeze=False)
+    for col, kind in enumerate(kinds):
+        time_ax, speed_ax = axes[0][col], axes[1][col]
+        top = 1.0
+        for system in systems:
+            rows = [r for r in result["rows"] if r["kind"] == kind and r["system"] == system
+                    and r["median_s"]]
+            if not rows:
+                continue
+            colour, marker = SYSTEM_STYLES.get(system, ("black", "x"))
+            style = dict(color=colour, marker=marker, markersize=6, linewidth=1.8,
+                         label=system)
+            lengths = [r["length"] for r in rows]
+            time_ax.plot(lengths, [r["median_s"] * 1e3 for r in rows], **style)
+            if system != "fastattn":
+                speedups = [r["fastattn_speedup"] for r in rows]
+                speed_ax.plot(lengths, speedups, **style)
+                top = max(top, *speedups)
+        time_ax.set_title(titles.get(kind, kind), fontsize=12)
+        time_ax.set_yscale("log")
+        time_ax.yaxis.set_major_formatter(plain)
+        speed_ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+        speed_ax.set_ylim(0, top * 1.08)
+        speed_ax.yaxis.set_major_formatter(
+            matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
+        speed_ax.set_xscale("log", base=2)
+        speed_ax.set_xticks(config["lengths"])
+        speed_ax.xaxis.set_major_formatter(plain)
+        speed_ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        speed_ax.set_xlabel("sequence length L = S")
+        for ax in (time_ax, speed_ax):
+            ax.grid(True, which="major", alpha=0.35)
+            ax.tick_params(labelsize=9)
+    axes[0][0].set_ylabel("time per call (ms, log scale)")
+    axes[1][0].set_ylabel("fastattn's speed-up\n(system's time / fastattn's)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False,
+               bbox_to_anchor=(0.5, 0.99), fontsize=10)
+    fig.suptitle(f"Attention forward pass, B={config['batch']} H={config['heads']} "
+                 f"E={config['dim']} {config['dtype']}", y=0.945, fontsize=11)
+    fig.text(0.01, 0.005, _caption(result), fontsize=8, color="#333333", va="bottom")
+    fig.tight_layout(rect=(0, 0.055, 1, 0.925))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -787,7 +912,7 @@ def _parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help=f"lengths {','.join(map(str, QUICK_LENGTHS))} and 3 runs "
                              "(under a minute)")
-    parser.add_argument("--out", default="bench-out", help="directory for bench.json/bench.png")
+    parser.add_argument("--out", help="directory for bench.json/bench.png (default bench-out)")
     parser.add_argument("--lengths", type=int_list, help="comma-separated L = S values")
     parser.add_argument("--kinds", type=name_list, default=list(KINDS),
                         help=f"comma-separated subset of {','.join(KINDS)}")
@@ -801,6 +926,9 @@ def _parse_args(argv):
     parser.add_argument("--repeat", type=int, help="timed runs per system (default 7, quick 3)")
     parser.add_argument("--threads", type=int, help="threads for every system (default all)")
     parser.add_argument("--no-plot", action="store_true", help="do not write bench.png")
+    parser.add_argument("--replot", metavar="JSON",
+                        help="measure nothing: redraw the figure of a saved bench.json "
+                             "(written next to it unless --out is given)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

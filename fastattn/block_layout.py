@@ -73,7 +73,7 @@ class BlockLayout:
 
     See Also
     --------
-    block_sparse_attention, fastattn.sparse_patterns
+    block_sparse_attention, bigbird_layout, local_attention, longformer_attention
 
     Examples
     --------
@@ -165,6 +165,7 @@ class BlockLayout:
 
         Examples
         --------
+        >>> import numpy as np
         >>> import fastattn
         >>> layout = fastattn.BlockLayout.from_blocks(np.eye(2, dtype=bool), (4, 4), 2)
         >>> layout.indptr.tolist(), layout.indices.tolist()
@@ -197,6 +198,7 @@ class BlockLayout:
 
         Examples
         --------
+        >>> import numpy as np
         >>> import fastattn
         >>> mask = np.tril(np.ones((6, 6), dtype=bool))
         >>> layout = fastattn.BlockLayout.from_mask(mask, block_size=3)

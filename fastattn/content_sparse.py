@@ -237,6 +237,7 @@ def lsh_attention(query, value, *, n_hashes=1, bucket_size=64, chunks_before=1, 
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> x, v = rng.standard_normal((2, 4, 256, 32)), rng.standard_normal((2, 4, 256, 32))
@@ -472,6 +473,7 @@ def clustered_attention(query, key, value, *, clusters, iterations=10, topk=None
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 4, 300, 16)) for _ in range(3))
@@ -597,6 +599,7 @@ def sinkhorn(log_alpha, n_iters=7):
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> p = fastattn.sinkhorn(np.array([[0.0, 1.0], [2.0, 0.0]]), n_iters=20)
     >>> p.sum(axis=0).round(6), p.sum(axis=1).round(6)
@@ -693,6 +696,7 @@ def sinkhorn_attention(query, key, value, *, block_size, n_iters=7, temperature=
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 4, 500, 16)) for _ in range(3))

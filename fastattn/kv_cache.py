@@ -195,14 +195,17 @@ class PagedKVCache:
 
     @property
     def key_blocks(self):
+        """The key pool ``(num_blocks, num_kv_heads, block_size, head_dim)``, read-only."""
         return self._live_pools().key_view
 
     @property
     def value_blocks(self):
+        """The value pool ``(num_blocks, num_kv_heads, block_size, value_dim)``, read-only."""
         return self._live_pools().value_view
 
     @property
     def num_free_blocks(self):
+        """Blocks not used by any sequence."""
         return len(self._free)
 
     def __repr__(self):
@@ -223,6 +226,7 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> from fastattn import PagedKVCache
         >>> with PagedKVCache(4, 16, 1, 8) as cache:
         ...     s = cache.add_sequence()
         >>> cache.key_blocks
@@ -245,6 +249,7 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 16, 1, 8)
         >>> cache.add_sequence(), cache.add_sequence()
         (0, 1)
@@ -259,6 +264,7 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 16, 1, 8)
         >>> cache.length(cache.add_sequence())
         0
@@ -300,6 +306,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> s = cache.add_sequence()
         >>> cache.append(s, np.ones((1, 3, 3)), np.ones((1, 3, 3)))
@@ -471,6 +479,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> s = cache.add_sequence()
         >>> cache.append(s, np.ones((1, 3, 3)), np.ones((1, 3, 3)))
@@ -546,6 +556,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> s = cache.add_sequence()
         >>> cache.append(s, np.ones((1, 3, 3)), np.ones((1, 3, 3)))
@@ -574,6 +586,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> a, b = cache.add_sequence(), cache.add_sequence()
         >>> cache.append(a, np.ones((1, 3, 3)), np.ones((1, 3, 3)))
@@ -604,6 +618,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> s = cache.add_sequence()
         >>> cache.append(s, np.ones((1, 3, 3)), np.arange(9.0).reshape(1, 3, 3))

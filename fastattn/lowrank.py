@@ -159,6 +159,7 @@ def linear_attention(query, key, value, *, feature_map="elu", causal=False, eps=
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 100, 8)) for _ in range(3))
@@ -213,6 +214,7 @@ def performer_features(dim, num_features=256, *, orthogonal=True, rng=None):
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> w = fastattn.performer_features(4, 8, rng=0)
     >>> w.shape
@@ -297,6 +299,7 @@ def performer_attention(query, key, value, *, num_features=None, causal=False, o
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (0.3 * rng.standard_normal((2, 64, 16)) for _ in range(3))
@@ -353,6 +356,7 @@ def linformer_attention(query, key, value, e_proj, f_proj=None, *, scale=None,
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 128, 16)) for _ in range(3))
@@ -414,6 +418,7 @@ def synthesizer_attention(value, *, weights, mode="random", query=None, num_thre
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((64, 8)) for _ in range(3))

@@ -18,6 +18,7 @@ def causal_keep(L, S, alignment="top_left"):
 
     Examples
     --------
+    >>> from fastattn.reference import causal_keep
     >>> causal_keep(2, 3, "bottom_right").astype(int)
     array([[1, 1, 0],
            [1, 1, 1]])
@@ -31,6 +32,17 @@ def masked_softmax(scores, keep=None):
 
     Returns ``(probabilities, lse)``; a row with nothing to keep (or only ``-inf``
     scores) gives zero probabilities and ``lse = -inf``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastattn.reference import masked_softmax
+    >>> p, lse = masked_softmax(np.zeros((2, 3)), np.array([[True, True, False], [False] * 3]))
+    >>> p
+    array([[0.5, 0.5, 0. ],
+           [0. , 0. , 0. ]])
+    >>> lse.round(4)
+    array([0.6931,   -inf])
     """
     scores = np.asarray(scores, dtype=np.float64)
     if keep is not None:
@@ -106,6 +118,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import scaled_dot_product_attention
     >>> q = np.array([[1.0, 0.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]])
     >>> v = np.array([[1.0], [0.0]])
     >>> out = scaled_dot_product_attention(q, k, v, scale=1.0)
@@ -286,6 +300,7 @@ def local_keep(L, S, window, dilation=1):
 
     Examples
     --------
+    >>> from fastattn.reference import local_keep
     >>> local_keep(4, 4, (1, 2)).astype(int)
     array([[1, 1, 1, 0],
            [1, 1, 1, 1],
@@ -306,6 +321,7 @@ def strided_keep(L, S, stride, mode="strided", summary=None):
 
     Examples
     --------
+    >>> from fastattn.reference import strided_keep
     >>> strided_keep(4, 4, 2).astype(int)
     array([[1, 0, 0, 0],
            [0, 1, 0, 0],
@@ -326,6 +342,7 @@ def global_keep(L, S, global_tokens):
 
     Examples
     --------
+    >>> from fastattn.reference import global_keep
     >>> global_keep(3, 3, [0]).astype(int)
     array([[1, 1, 1],
            [1, 0, 0],
@@ -351,6 +368,8 @@ def local_attention(query, key, value, window, *, dilation=1, global_tokens=None
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import local_attention
     >>> q = k = v = np.eye(3)
     >>> local_attention(q, k, v, (0, 0))
     array([[1., 0., 0.],
@@ -370,6 +389,8 @@ def strided_attention(query, key, value, stride, *, mode="strided", summary=None
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import strided_attention
     >>> strided_attention(np.eye(2), np.eye(2), np.eye(2), 1)[0].tolist()
     [1.0, 0.0]
     """
@@ -383,6 +404,8 @@ def global_attention(query, key, value, global_tokens, *, window=(0, 0), scale=N
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import global_attention
     >>> global_attention(np.eye(2), np.eye(2), np.eye(2), [0])[1].round(3).tolist()
     [0.33, 0.67]
     """
@@ -396,6 +419,8 @@ def longformer_attention(query, key, value, window, global_tokens, *, dilation=1
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import longformer_attention
     >>> longformer_attention(np.eye(2), np.eye(2), np.eye(2), 0, [0])[1].round(3).tolist()
     [0.33, 0.67]
     """
@@ -416,6 +441,8 @@ def gather_blocks(blocks, block_ids, length):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import gather_blocks
     >>> pool = np.arange(12.0).reshape(3, 1, 2, 2)    # 3 blocks of 2 entries
     >>> gather_blocks(pool, [2, 0], 3)[0]
     array([[ 8.,  9.],
@@ -438,6 +465,8 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import paged_attention
     >>> kb = np.ones((2, 1, 2, 2)); vb = np.arange(8.0).reshape(2, 1, 2, 2)
     >>> paged_attention(np.ones((1, 1, 1, 2)), kb, vb, [[1, 0]], [3])[0, 0]
     array([[3.33333333, 4.33333333]])
@@ -475,6 +504,8 @@ def linear_attention(query, key, value, *, feature_map="elu", causal=False, eps=
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import linear_attention
     >>> linear_attention(np.zeros((1, 2)), np.zeros((2, 2)), np.array([[1.0], [3.0]]))
     array([[1.9999995]])
     """
@@ -493,6 +524,8 @@ def performer_attention(query, key, value, features, *, causal=False, scale=None
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import performer_attention
     >>> w = np.ones((1, 2))
     >>> performer_attention(np.zeros((1, 2)), np.zeros((2, 2)), np.array([[1.0], [3.0]]), w)
     array([[2.]])
@@ -518,6 +551,8 @@ def linformer_attention(query, key, value, e_proj, f_proj=None, *, scale=None):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import linformer_attention, scaled_dot_product_attention
     >>> q = k = v = np.eye(2)
     >>> bool(np.allclose(linformer_attention(q, k, v, np.eye(2)),
     ...                  scaled_dot_product_attention(q, k, v)))
@@ -534,6 +569,8 @@ def synthesizer_attention(value, logits):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import synthesizer_attention
     >>> synthesizer_attention(np.array([[1.0], [3.0]]), np.zeros((2, 2)))
     array([[2.],
            [2.]])
@@ -565,6 +602,8 @@ def softmax(x, mask=None, *, axis=-1, scale=None):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import softmax
     >>> softmax(np.array([0.0, 0.0]), np.array([True, False]))
     array([1., 0.])
     """
@@ -582,6 +621,8 @@ def log_softmax(x, mask=None, *, axis=-1, scale=None):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import log_softmax
     >>> log_softmax(np.zeros(2)).round(4)
     array([-0.6931, -0.6931])
     """
@@ -595,6 +636,8 @@ def attention_weights(query, key, attn_mask=None, *, is_causal=False, scale=None
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import attention_weights
     >>> attention_weights(np.ones((1, 2)), np.ones((3, 2))).round(3)
     array([[0.333, 0.333, 0.333]])
     """
@@ -617,6 +660,8 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import multi_head_attention
     >>> x = np.ones((2, 4)); w = np.eye(4)
     >>> multi_head_attention(x, x, x, 2, q_weight=w, k_weight=w, v_weight=w,
     ...                      out_weight=w).round(3)
@@ -663,12 +708,14 @@ def _softmax_apply(scores, mask, value):
 
 
 def additive_attention(query, key, value, *, w_q, w_k, v, mask=None):
-    """Bahdanau: ``score[i, j] = v . tanh(W_q q_i + W_k k_j)``, broadcast over (L, S, hidden).
+    """Bahdanau: ``score[i, j] = v · tanh(W_q q_i + W_k k_j)``, broadcast over (L, S, hidden).
 
     Returns ``(output, weights)``.
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import additive_attention
     >>> out, w = additive_attention(np.ones((1, 2)), np.ones((3, 2)), np.eye(3),
     ...                             w_q=np.ones((4, 2)), w_k=np.ones((4, 2)), v=np.ones(4))
     >>> w.round(3)
@@ -682,11 +729,13 @@ def additive_attention(query, key, value, *, w_q, w_k, v, mask=None):
 
 
 def concat_attention(query, key, value, *, w, v, mask=None):
-    """Luong concat: ``score[i, j] = v . tanh(W [q_i; k_j])``, with the concatenation
+    """Luong concat: ``score[i, j] = v · tanh(W [q_i; k_j])``, with the concatenation
     formed explicitly. Returns ``(output, weights)``.
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import concat_attention
     >>> out, a = concat_attention(np.ones((1, 2)), np.ones((2, 2)), np.eye(2),
     ...                           w=np.ones((3, 4)), v=np.ones(3))
     >>> a
@@ -703,10 +752,12 @@ def concat_attention(query, key, value, *, w, v, mask=None):
 
 
 def general_attention(query, key, value, *, w, mask=None):
-    """Luong general: ``score[i, j] = q_i . (W k_j)``. Returns ``(output, weights)``.
+    """Luong general: ``score[i, j] = q_i · (W k_j)``. Returns ``(output, weights)``.
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import general_attention
     >>> out, a = general_attention(np.ones((1, 2)), np.eye(2), np.eye(2), w=np.eye(2))
     >>> a
     array([[0.5, 0.5]])
@@ -718,10 +769,12 @@ def general_attention(query, key, value, *, w, mask=None):
 
 
 def dot_attention(query, key, value, *, mask=None):
-    """Luong dot: ``score[i, j] = q_i . k_j``. Returns ``(output, weights)``.
+    """Luong dot: ``score[i, j] = q_i · k_j``. Returns ``(output, weights)``.
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import dot_attention
     >>> out, a = dot_attention(np.ones((1, 2)), np.eye(2), np.eye(2))
     >>> a
     array([[0.5, 0.5]])
@@ -735,6 +788,7 @@ def sinusoidal_positional_encoding(length, dim, *, base=10000.0):
 
     Examples
     --------
+    >>> from fastattn.reference import sinusoidal_positional_encoding
     >>> sinusoidal_positional_encoding(2, 2).round(4)
     array([[0.    , 1.    ],
            [0.8415, 0.5403]])
@@ -753,6 +807,8 @@ def apply_rotary(x, positions, *, base=10000.0, layout="interleaved"):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import apply_rotary
     >>> apply_rotary(np.array([[1.0, 0.0]]), np.array([np.pi / 2])).round(6)
     array([[0., 1.]])
     """
@@ -783,6 +839,8 @@ def lsh_buckets(query, rotations):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import lsh_buckets
     >>> lsh_buckets(np.array([[1.0, 0.0], [-1.0, 0.0]]), np.eye(2)[:, None, :1])
     array([[0, 1]])
     """
@@ -798,6 +856,8 @@ def lsh_keep(buckets, bucket_size, chunks_before=1):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import lsh_keep
     >>> lsh_keep(np.array([1, 0, 1, 0]), 2, 0).astype(int)   # sorted: 1 3 | 0 2
     array([[1, 0, 1, 0],
            [0, 1, 0, 1],
@@ -822,6 +882,8 @@ def lsh_attention(query, value, buckets, *, bucket_size=64, chunks_before=1, cau
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import lsh_attention
     >>> x = np.array([[1.0, 0.0], [0.0, 1.0]]); v = np.array([[1.0], [3.0]])
     >>> lsh_attention(x, v, np.zeros((1, 2), int), causal=True)    # row 0 sees only itself
     array([[1.],
@@ -857,6 +919,8 @@ def kmeans(x, start, iterations):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import kmeans
     >>> kmeans(np.array([[0.0], [0.1], [5.0], [5.2]]), np.array([0, 1]), 2)
     array([0, 0, 1, 1])
     """
@@ -885,6 +949,8 @@ def clustered_attention(query, key, value, assignments, clusters, *, topk=None, 
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import clustered_attention
     >>> q = np.array([[1.0], [3.0]]); k = np.array([[0.0], [1.0]]); v = np.array([[0.0], [1.0]])
     >>> out = clustered_attention(q, k, v, np.array([0, 0]), 1, scale=1.0)
     >>> bool(np.allclose(out, np.exp(2) / (1 + np.exp(2))))            # centroid q = 2
@@ -916,6 +982,8 @@ def sinkhorn(log_alpha, n_iters=7):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import sinkhorn
     >>> sinkhorn(np.zeros((2, 2)))
     array([[0.5, 0.5],
            [0.5, 0.5]])
@@ -941,6 +1009,8 @@ def sinkhorn_attention(query, key, value, *, block_size, n_iters=7, temperature=
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import sinkhorn_attention, scaled_dot_product_attention
     >>> q = k = np.eye(2); v = np.array([[1.0], [3.0]])
     >>> bool(np.allclose(sinkhorn_attention(q, k, v, block_size=2),
     ...                  scaled_dot_product_attention(q, k, v)))

@@ -85,6 +85,7 @@ def block_sparse_attention(query, key, value, layout, attn_mask=None, *, is_caus
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 256, 16)) for _ in range(3))

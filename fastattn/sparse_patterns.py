@@ -81,6 +81,7 @@ def local_attention(query, key, value, window, *, dilation=1, global_tokens=None
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((1024, 32)) for _ in range(3))
@@ -136,6 +137,7 @@ def strided_attention(query, key, value, stride, *, mode="strided", summary=None
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 100, 16)) for _ in range(3))
@@ -186,6 +188,7 @@ def global_attention(query, key, value, global_tokens, *, window=(0, 0), scale=N
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((300, 16)) for _ in range(3))
@@ -236,6 +239,7 @@ def longformer_attention(query, key, value, window, global_tokens, *, dilation=1
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 500, 16)) for _ in range(3))
@@ -344,6 +348,7 @@ def bigbird_attention(query, key, value, *, block_size=64, num_random_blocks=3,
 
     Examples
     --------
+    >>> import numpy as np
     >>> import fastattn
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 4, 640, 16)) for _ in range(3))

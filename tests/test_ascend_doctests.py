@@ -29,8 +29,7 @@ def _modules():
 
 MODULE_TESTS = [
     t for name in _modules()
-    for t in doctest.DocTestFinder().find(importlib.import_module(name), name,
-                                          extraglobs={"np": np})
+    for t in doctest.DocTestFinder().find(importlib.import_module(name), name, globs={})
     if t.examples
 ]
 

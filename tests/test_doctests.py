@@ -5,7 +5,6 @@ import importlib.util
 import pkgutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import fastattn
@@ -51,10 +50,11 @@ def _run(test):
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {test.name}"
 
 
+# Every docstring's examples run in an empty namespace, as in a fresh interpreter:
+# they must import what they use (no module globals, no `np` injected).
 MODULE_TESTS = [
     t for name in _public_modules()
-    for t in doctest.DocTestFinder().find(importlib.import_module(name), name,
-                                          extraglobs={"np": np})
+    for t in doctest.DocTestFinder().find(importlib.import_module(name), name, globs={})
     if t.examples
 ]
 
@@ -85,5 +85,5 @@ def test_docs_pages(page):
         pytest.skip(f"{page.name} needs {OPTIONAL[str(page.relative_to(DOCS))]}")
     text = page.read_text()
     _skip_without_extras(text)
-    test = doctest.DocTestParser().get_doctest(text, {"np": np}, page.name, str(page), 0)
+    test = doctest.DocTestParser().get_doctest(text, {}, page.name, str(page), 0)
     _run(test)

@@ -1,14 +1,20 @@
-"""A toy autoregressive decoder (random weights) generating with a paged KV cache.
+"""
+A toy decoder generating with a paged KV cache
+==============================================
 
-All layers keep their keys and values in one `fastattn.PagedKVCache(num_layers=...)`:
-one block table, one `extend` per step for every layer, then per layer a `write` of
-its keys and values and an `attention` call. Prompts of different lengths are
+A small autoregressive decoder with random weights (grouped-query attention, 2
+layers) keeps the keys and values of all its layers in one
+``fastattn.PagedKVCache(num_layers=...)``: one block table, one
+:meth:`~fastattn.PagedKVCache.extend` per step for every layer, then per layer a
+:meth:`~fastattn.PagedKVCache.write` of its keys and values and an
+:meth:`~fastattn.PagedKVCache.attention` call. Prompts of different lengths are
 prefilled one sequence at a time (T = prompt length); then every decoding step adds
-one token per sequence and attends the whole batch at once (T = 1). `ToyDecoder.forward_full` runs the same model
-over a whole text without a cache, with `fastattn.scaled_dot_product_attention`:
-the two agree, which is what the tests check.
+one token per sequence and attends the whole batch at once (T = 1).
+``ToyDecoder.forward_full`` runs the same model over a whole text without a cache,
+with :func:`fastattn.scaled_dot_product_attention`: the two give the same logits,
+which the end of the script checks.
 
-Run:  python docs/examples/toy_decoder.py
+See the :doc:`decoding guide </guide/decoding>`. Run: ``python docs/examples/toy_decoder.py``.
 """
 import numpy as np
 
@@ -117,8 +123,15 @@ def generate(model, prompts, steps, block_size=16):
 
 
 if __name__ == "__main__":
-    model = ToyDecoder()
+    model = ToyDecoder(vocab=100, dim=64, heads=8, kv_heads=2, layers=2, seed=0)
     prompts = [[1, 2, 3], [5, 8, 13, 21, 34, 55, 89], [7], [42] * 20]
-    tokens, _ = generate(model, prompts, steps=64)
+    tokens, last_logits = generate(model, prompts, steps=64, block_size=16)
     for p, t in zip(prompts, tokens):
-        print(f"prompt {len(p):2d} tokens -> generated {t[len(p):len(p) + 10]} ...")
+        print(f"prompt {len(p):2d} tokens -> {len(t)} tokens, generated {t[len(p):len(p) + 8]} ...")
+
+    # The cache only avoids recomputation: the whole text without a cache gives the
+    # same logits for the last token.
+    full = [model.forward_full(np.array(t[:-1]))[-1] for t in tokens]
+    diff = max(float(np.abs(f - g).max()) for f, g in zip(full, last_logits))
+    print(f"largest logit difference, cached vs. full recomputation: {diff:.1e}")
+    assert diff < 1e-3

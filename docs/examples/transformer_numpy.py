@@ -1,12 +1,18 @@
-"""A complete encoder-decoder Transformer forward pass in NumPy, with fastattn.
+"""
+A Transformer forward pass in NumPy
+===================================
 
-The model of "Attention Is All You Need" (post-norm, ReLU feed-forward), with
-random weights: token embeddings plus sinusoidal positional encoding; encoder
-self-attention under a padding mask; decoder self-attention under a causal
-(look-ahead) mask combined with the target padding; encoder-decoder
-cross-attention; feed-forward blocks; and a log-softmax over the vocabulary.
+The encoder-decoder model of "Attention Is All You Need" (post-norm, ReLU
+feed-forward) with random weights, written with fastattn's building blocks: token
+embeddings plus :func:`~fastattn.sinusoidal_positional_encoding`; encoder
+self-attention under a :func:`~fastattn.padding_mask`; decoder self-attention under a
+:func:`~fastattn.causal_mask` combined with the target padding
+(:func:`~fastattn.combine_masks`); encoder-decoder cross-attention, all through
+:class:`fastattn.MultiHeadAttention`; feed-forward blocks; and a
+:func:`~fastattn.log_softmax` over the vocabulary.
 
-Run it: ``python docs/examples/transformer_numpy.py`` (a few seconds).
+See the :doc:`building-blocks guide </guide/building-blocks>`. Run:
+``python docs/examples/transformer_numpy.py`` (a few seconds).
 """
 import numpy as np
 
