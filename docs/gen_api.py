@@ -59,6 +59,20 @@ DTYPE_ENTRY = """
 """
 
 
+CONSTANT_ENTRY = """
+```{{eval-rst}}
+.. data:: {module}.{name}
+   :no-index-entry:
+
+   The string ``{value!r}``.
+
+   >>> import {module}
+   >>> {module}.{name}
+   {value!r}
+```
+"""
+
+
 def _autosummary(module, names):
     lines = ["```{eval-rst}", f".. currentmodule:: {module}", "",
              ".. autosummary::", "   :toctree: api/", "   :nosignatures:", ""]
@@ -136,6 +150,9 @@ def render(fastattn, reference, bench, ascend):
         parts.append(f"\n## {title}\n\n{what} Installed with "
                      f"`pip install \"fastattn[{extra}]\"`.\n\n"
                      + _autosummary(name, own_names(module)))
+        for constant in [n for n in module.__all__ if isinstance(getattr(module, n), str)]:
+            value = getattr(module, constant)
+            parts.append(CONSTANT_ENTRY.format(module=name, name=constant, value=value))
     parts.append("\n## Huawei Ascend NPU: `ascend`\n\n"
                  "The same calls on an Ascend NPU through AscendCL (see "
                  "[Ascend NPU](ascend.md)).\n\n" + _autosummary("ascend", own_names(ascend)))

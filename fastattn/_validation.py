@@ -120,6 +120,7 @@ def _listing(names):
 def check_device(device, available=CPU_DEVICES):
     """Return the device kind ("cpu" or "npu") or raise ``ValueError`` listing the choices.
 
+    >>> from fastattn._validation import CPU_AND_NPU, check_device
     >>> check_device("cuda", CPU_AND_NPU)
     Traceback (most recent call last):
         ...
@@ -141,6 +142,7 @@ def check_dropout(dropout_p, rng):
     int below ``2**64`` (the seed itself: the same mask on every call), or a
     ``numpy.random.Generator`` (one 64-bit seed is drawn from it, advancing it).
 
+    >>> from fastattn._validation import check_dropout
     >>> check_dropout(0.1, 7)
     (0.1, 7)
     >>> check_dropout(1.0, 7)

@@ -392,6 +392,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(8, 4, 1, 2, num_layers=3)
         >>> a, b = cache.add_sequence(), cache.add_sequence()
         >>> slots = cache.extend([a, b], [5, 2])
@@ -447,6 +449,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 4, 2, 8, num_layers=2)
         >>> s = cache.add_sequence()
         >>> slots = cache.extend([s], 3)
@@ -520,6 +524,8 @@ class PagedKVCache:
 
         Examples
         --------
+        >>> import numpy as np
+        >>> from fastattn import PagedKVCache
         >>> cache = PagedKVCache(4, 2, 1, 3)
         >>> s = cache.add_sequence()
         >>> cache.append(s, np.ones((1, 3, 3)), np.ones((1, 3, 3)))

@@ -86,6 +86,8 @@ def dropout_keep(shape, dropout_p, seed):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import dropout_keep, softmax
     >>> keep = dropout_keep((4, 64, 64), 0.25, seed=1)
     >>> round(float(keep.mean()), 2)
     0.75
@@ -168,6 +170,8 @@ def unbroadcast(grad, shape):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import unbroadcast, softmax
     >>> unbroadcast(np.ones((2, 3, 4)), (3, 1)).tolist()
     [[8.0], [8.0], [8.0]]
     """
@@ -210,6 +214,8 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import scaled_dot_product_attention_backward, softmax
     >>> q = np.array([[1.0, 0.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]])
     >>> v = np.array([[1.0], [0.0]])
     >>> dq, dk, dv = scaled_dot_product_attention_backward(np.ones((1, 1)), q, k, v, scale=1.0)
@@ -273,6 +279,8 @@ def masked_softmax_backward(grad, y, axis=-1, *, scale=None):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from fastattn.reference import masked_softmax_backward, softmax
     >>> y = softmax(np.array([0.0, 0.0]))
     >>> masked_softmax_backward(np.array([1.0, 0.0]), y).tolist()
     [0.25, -0.25]
