@@ -7,7 +7,7 @@ import operator
 
 import numpy as np
 
-from fastattn._layout import batch_offsets
+from fastattn._layout import as_kernel_array, batch_offsets
 from fastattn._validation import check_int, check_pair, check_token_flags, check_window
 
 __all__ = ["BlockLayout"]
@@ -115,8 +115,8 @@ class BlockLayout:
         if indices.ndim != 1:
             raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
         self.num_heads = indptr.shape[0] if indptr.ndim == 2 else None
-        indptr = np.ascontiguousarray(indptr.reshape(-1, nqb + 1), dtype=np.int64)
-        indices = np.ascontiguousarray(indices, dtype=np.int64)
+        indptr = as_kernel_array(indptr.reshape(-1, nqb + 1), np.int64)
+        indices = as_kernel_array(indices, np.int64)
         if indptr.shape[0] == 0:
             raise ValueError("indptr needs at least one head")
         starts, ends = indptr[:, :-1].ravel(), indptr[:, 1:].ravel()
@@ -171,7 +171,8 @@ class BlockLayout:
             raise ValueError(f"block_mask must be (nqb, nkb) or (H, nqb, nkb), "
                              f"got shape {blocks.shape}")
         per_head = blocks.ndim == 3
-        blocks = blocks.reshape((-1,) + blocks.shape[-2:])
+        # (H, nqb, nkb); not reshape(-1, ...), which cannot infer H when nqb or nkb is 0
+        blocks = blocks if per_head else blocks[np.newaxis]
         counts = blocks.sum(axis=-1).reshape(-1)
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         nqb = blocks.shape[1]
@@ -271,7 +272,8 @@ class BlockLayout:
         return out if self.num_heads is not None else out[0]
 
     def to_mask(self):
-        """The pattern as a dense bool ``(L, S)`` (or ``(H, L, S)``) mask, True = attend.
+        """The pattern as a dense bool mask, True = attend: ``(L, S)``, or ``(H, L, S)``
+        when the block lists or the ``mask`` are per head.
 
         ``scaled_dot_product_attention`` with this mask computes what
         :func:`block_sparse_attention` computes with the layout (for tests and
@@ -290,7 +292,10 @@ class BlockLayout:
         bq, bk = self.block_size
         blocks = self.block_mask()
         keep = np.repeat(np.repeat(blocks, bq, axis=-2), bk, axis=-1)[..., :L, :S]
-        return keep & self._rule_mask()
+        keep = keep & self._rule_mask()
+        if keep.ndim == 3 and keep.shape[0] == 1 and self.num_heads is None:
+            keep = keep[0]        # a shared layout with a shared (1, L, S) mask
+        return keep
 
     def _rule_mask(self):
         # The element rule on every (i, j): (H|1, L, S) bool.

@@ -24,6 +24,7 @@ import scipy.sparse
 
 from fastattn import _threads
 from fastattn._kernels import clustering as _clustering, gathered as _gathering
+from fastattn._layout import as_kernel_array
 from fastattn._validation import (check_batch_shape, check_int, check_matrix_stacks,
                                   check_qkv, check_scale, result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
@@ -54,7 +55,7 @@ def _stacked(a, batch_shape, dtype):
     array of ``dtype`` (a view when ``a`` already is one)."""
     full = np.broadcast_to(a, batch_shape + a.shape[-2:])
     nbatch = int(np.prod(batch_shape, dtype=np.int64))
-    return np.ascontiguousarray(full, dtype=dtype).reshape((nbatch,) + a.shape[-2:])
+    return as_kernel_array(full, dtype).reshape((nbatch,) + a.shape[-2:])
 
 
 def _rows_in_batch(index, n):
@@ -133,7 +134,7 @@ def _lsh_hash(q, rotations, nthreads):
     # h(x) = argmax([x R, -x R]) for every round: (nbatch, L, E) -> (nbatch, n_hashes, L)
     nbatch, L, E = q.shape
     n_hashes, half = rotations.shape[-2:]
-    rot = np.ascontiguousarray(rotations.reshape(-1, E, n_hashes * half), dtype=q.dtype)
+    rot = as_kernel_array(rotations.reshape(-1, E, n_hashes * half), q.dtype)
     # batch entry b uses the rotations of its head, b % H (one set without a head axis)
     rot_index = np.arange(nbatch, dtype=np.intp) % rot.shape[0]
     buckets = np.empty((nbatch, n_hashes, L), dtype=np.intp)
@@ -400,7 +401,7 @@ def _assignments_arg(assignments, batch_shape, L, clusters):
                          f"{batch_shape}") from None
     if a.size and (a.min() < 0 or a.max() >= clusters):
         raise ValueError(f"assignments must lie in [0, clusters={clusters})")
-    return np.ascontiguousarray(a.reshape(-1, L), dtype=np.intp)
+    return as_kernel_array(a.reshape(-1, L), np.intp)
 
 
 def clustered_attention(query, key, value, *, clusters, iterations=10, topk=None, rng=None,

@@ -12,7 +12,7 @@ import numpy as np
 
 from fastattn import _threads
 from fastattn._kernels import lowrank as _kernel
-from fastattn._layout import as_matrix_stack, batch_offsets
+from fastattn._layout import as_kernel_array, as_matrix_stack, batch_offsets
 from fastattn._validation import (HALF, check_batch_shape, check_choice, check_int, check_qkv,
                                   check_scale, is_floating, result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
@@ -55,7 +55,7 @@ def _chunked_terms(kind, q, k, v, w, root, eps, causal, num_threads, compute):
     k_off = batch_offsets(ka, batch_shape)
     v_off = batch_offsets(va, batch_shape)
     nbatch = q_off.shape[0]
-    w = np.ascontiguousarray(w if favor else np.zeros((1, 1)), dtype=compute)
+    w = as_kernel_array(w if favor else np.zeros((1, 1)), compute)
     code = _kernel.FEATURE_MAPS[kind]
     size = _kernel.state_length(m, Ev)
     # Non-causal FAVOR in float32 runs on the tile micro-kernels alone; the rest calls

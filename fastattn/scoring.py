@@ -8,7 +8,7 @@ import numpy as np
 
 from fastattn import _linear, _threads
 from fastattn._kernels import additive as _additive
-from fastattn._layout import PreparedMask, as_mask, as_matrix_stack, batch_offsets
+from fastattn._layout import PreparedMask, as_kernel_array, as_mask, as_matrix_stack, batch_offsets
 from fastattn._validation import result_dtypes
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.softmax import attention_weights
@@ -333,6 +333,6 @@ def _run_additive(w_q, w_k, w, c, return_weights, num_threads):
         _linear.run([_linear.stack_job(qs, q_mats, ldq, L, w_q, None, qp, nthreads),
                      _linear.stack_job(ks, k_mats, ldk, S, w_k, None, kpt, nthreads,
                                        transpose=True)], nthreads)
-        _additive.additive(qp, kpt, np.ascontiguousarray(w), vs, out, weights,
+        _additive.additive(qp, kpt, as_kernel_array(w), vs, out, weights,
                            q_off, k_off, v_off, ldv, L, S, Ev, prepared, block_r, threads)
     return out, weights

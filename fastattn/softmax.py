@@ -286,10 +286,11 @@ def _softmax_along(x, mask, axis, scale, out, num_threads, log_out):
         xm = xm[np.newaxis]
         mm = None if mm is None else mm[np.newaxis]
     last = axis == x.ndim - 1
+    # the kernel writes only aligned memory (fastattn._layout): else through a copy
     in_place = (out is x_in and last and compute == result and xm.flags.c_contiguous
-                and (mask is None or not np.may_share_memory(out, mask)))
+                and xm.flags.aligned and (mask is None or not np.may_share_memory(out, mask)))
     direct = (out is not None and last and compute == result and not in_place
-              and not overlaps(out, x, mask))
+              and out.flags.aligned and not overlaps(out, x, mask))
     target = xm if in_place else out.reshape(xm.shape) if direct else None
     res = softmax_rows(xm, mm, scale, nthreads, log_out=log_out, out=target)
     res = np.moveaxis(res.reshape(np.moveaxis(x, axis, -1).shape), -1, axis)

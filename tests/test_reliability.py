@@ -14,6 +14,7 @@ import pytest
 import fastattn
 from fastattn import reference
 from helpers import assert_close
+from kernel_guard import watch_kernels
 
 
 # ---- 1. long float32 rows ----------------------------------------------------------
@@ -43,3 +44,189 @@ def test_long_key_row_attention_weights():
     q = np.ones((1, 1), np.float32)
     w = fastattn.attention_weights(q, k, scale=1.0)
     assert abs(w.sum(dtype=np.float64) - 1) < 2e-6
+
+
+# ---- 2. misaligned operands --------------------------------------------------------
+
+def misaligned(a):
+    """A C-contiguous copy of ``a`` one byte off its dtype's alignment."""
+    a = np.asarray(a)
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    out = buf[1:].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.flags.c_contiguous and (a.itemsize == 1 or not out.flags.aligned)
+    return out
+
+
+def half_or(dtype, x):
+    return np.asarray(x).astype(dtype)
+
+
+def misaligned_calls(dtype):
+    """(name, call(make)) pairs: `make` is `misaligned` or `np.array` (the control)."""
+    rng = np.random.default_rng(2)
+    d = lambda *shape: rng.standard_normal(shape).astype(dtype)
+    q, k, v = d(2, 3, 40, 16), d(2, 3, 70, 16), d(2, 3, 70, 16)
+    fmask = np.where(rng.random((40, 70)) < 0.2, -np.inf, rng.standard_normal((40, 70)))
+    fmask = fmask.astype(dtype)
+    bmask = rng.random((40, 70)) < 0.8
+    x = d(4, 40, 70)
+    layout = fastattn.BlockLayout.from_rule((40, 70), 16, window=(20, 5))
+    ew = [d(48, 48) for _ in range(4)]
+    pool_k, pool_v = d(8, 2, 16, 16), d(8, 2, 16, 16)
+    table = np.array([[0, 3, 5, 1, 2], [4, 6, 7, 0, 0]], np.intp)
+    lens = np.array([70, 40], np.intp)
+    lq = d(2, 4, 1, 16)
+    w = fastattn.performer_features(16, 32, rng=0).astype(dtype)
+    aw = d(8, 16), d(8, 16), d(8)
+    mx = d(2, 40, 48), d(2, 70, 48), d(2, 70, 48), d(48), d(48)
+
+    def run(name, fn):
+        return name, fn
+    return [
+        run("sdpa", lambda m: fastattn.scaled_dot_product_attention(m(q), m(k), m(v), m(fmask))),
+        run("sdpa bool", lambda m: fastattn.scaled_dot_product_attention(m(q), m(k), m(v), m(bmask))),
+        run("sdpa out", lambda m: fastattn.scaled_dot_product_attention(
+            q, k, v, is_causal=True, out=m(np.zeros((2, 3, 40, 16), dtype)))),
+        run("masked_softmax", lambda m: fastattn.masked_softmax(m(x), m(fmask))),
+        run("masked_softmax in place", lambda m: fastattn.masked_softmax(
+            *(lambda y: (y, m(bmask)))(m(x)), out=None)),
+        run("log_softmax out", lambda m: fastattn.log_softmax(
+            x, fmask, out=m(np.zeros(x.shape, x.dtype if dtype in (np.float32, np.float64)
+                                     else x.dtype)))),
+        run("attention_weights", lambda m: fastattn.attention_weights(m(q), m(k), m(fmask))),
+        run("block_sparse", lambda m: fastattn.block_sparse_attention(
+            m(q), m(k), m(v), fastattn.BlockLayout(layout.shape, layout.block_size,
+                                                   m(layout.indptr[0]), m(layout.indices),
+                                                   window=(20, 5)))),
+        run("local", lambda m: fastattn.local_attention(m(q), m(k), m(v), (20, 5))),
+        run("linear", lambda m: fastattn.linear_attention(m(q), m(k), m(v))),
+        run("performer", lambda m: fastattn.performer_attention(m(q), m(k), m(v), features=m(w))),
+        run("paged", lambda m: fastattn.paged_attention(m(lq), m(pool_k), m(pool_v), m(table),
+                                                        m(lens))),
+        run("clustered", lambda m: fastattn.clustered_attention(
+            m(q), m(k), m(v), clusters=4, assignments=m(np.arange(40, dtype=np.intp) % 4))),
+        run("lsh", lambda m: fastattn.lsh_attention(
+            m(k), m(v), bucket_size=8, buckets=m(np.arange(70, dtype=np.intp)[None] % 4),
+            n_buckets=4)),
+        run("dot", lambda m: fastattn.dot_attention(m(q), m(k), m(v), mask=m(bmask))),
+        run("additive", lambda m: fastattn.additive_attention(
+            m(q), m(k), m(v), w_q=m(aw[0]), w_k=m(aw[1]), v=m(aw[2]), mask=m(fmask))),
+        run("mha", lambda m: fastattn.multi_head_attention(
+            m(mx[0]), m(mx[1]), m(mx[2]), 4, q_weight=m(ew[0]), k_weight=m(ew[1]),
+            v_weight=m(ew[2]), out_weight=m(ew[3]), q_bias=m(mx[3]), out_bias=m(mx[4]),
+            attn_mask=m(bmask))),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, fastattn.bfloat16],
+                         ids=["float32", "float64", "float16", "bfloat16"])
+def test_misaligned_operands_never_reach_the_kernels(monkeypatch, dtype):
+    for name, call in misaligned_calls(dtype):
+        if name == "performer" and dtype in (np.float16, fastattn.bfloat16):
+            continue
+        want = call(np.array)
+        record = watch_kernels(monkeypatch)
+        got = call(misaligned)
+        assert record.calls, f"{name}: no kernel call seen"
+        assert not record.misaligned(), f"{name}: misaligned arrays reached the kernels: " \
+                                        f"{record.misaligned()}"
+        monkeypatch.undo()
+        for g, w_ in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):
+            np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(w_, np.float64),
+                                          err_msg=name)
+
+
+# ---- 3. empty sequences in the sparse patterns ----------------------------------------
+
+EMPTY_LENGTHS = [(0, 0), (0, 5), (5, 0), (0, 130), (130, 0)]
+
+
+def empty_operands(L, S, lead=(2, 3), e=8, ev=4):
+    rng = np.random.default_rng(3)
+    return (rng.standard_normal(lead + (L, e)), rng.standard_normal(lead + (S, e)),
+            rng.standard_normal(lead + (S, ev)))
+
+
+def assert_same_as_dense(got, q, k, v, keep):
+    # the dense kernel with the pattern's mask: output (zeros where nothing is seen)
+    # and lse (-inf there), shapes included
+    out, lse = got
+    want, want_lse = fastattn.scaled_dot_product_attention(q, k, v, keep, return_lse=True)
+    assert out.shape == want.shape and lse.shape == want_lse.shape
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("L,S", EMPTY_LENGTHS)
+def test_empty_sequences_in_every_pattern(L, S):
+    q, k, v = empty_operands(L, S)
+    kw = dict(return_lse=True)
+    cases = [
+        (fastattn.local_attention(q, k, v, (2, 1), **kw), reference.local_keep(L, S, (2, 1))),
+        (fastattn.local_attention(q, k, v, 3, dilation=2, **kw),
+         reference.local_keep(L, S, 3, 2)),
+        (fastattn.strided_attention(q, k, v, 4, **kw), reference.strided_keep(L, S, 4)),
+        (fastattn.strided_attention(q, k, v, 4, mode="fixed", **kw),
+         reference.strided_keep(L, S, 4, "fixed")),
+        (fastattn.global_attention(q, k, v, np.zeros(S, bool), **kw),
+         reference.local_keep(L, S, (0, 0))),
+        (fastattn.longformer_attention(q, k, v, 2, [], **kw), reference.local_keep(L, S, 2)),
+    ]
+    for got, keep in cases:
+        assert_same_as_dense(got, q, k, v, keep)
+
+
+@pytest.mark.parametrize("n", [0])
+def test_empty_sequence_bigbird(n):
+    q, k, v = empty_operands(n, n)
+    out, lse = fastattn.bigbird_attention(q, k, v, return_lse=True, rng=0)
+    assert out.shape == (2, 3, 0, 4) and lse.shape == (2, 3, 0)
+    layout = fastattn.bigbird_layout(0, num_heads=3)
+    assert layout.num_blocks == 0 and layout.to_mask().shape == (3, 0, 0)
+
+
+@pytest.mark.parametrize("L,S", EMPTY_LENGTHS)
+def test_empty_sequences_in_block_layouts(L, S):
+    q, k, v = empty_operands(L, S)
+    bq, bk = 64, 32
+    nqb, nkb = -(-L // bq), -(-S // bk)
+    heads_mask = np.ones((3, L, S), bool)
+    layouts = [
+        fastattn.BlockLayout.from_rule((L, S), (bq, bk), window=(4, 4)),
+        fastattn.BlockLayout.from_rule((L, S), (bq, bk), causal=True, dilation=2),
+        fastattn.BlockLayout.from_rule((L, S), (bq, bk), global_query=np.ones(L, bool),
+                                       global_key=np.zeros(S, bool)),
+        fastattn.BlockLayout.from_rule((L, S), (bq, bk), mask=heads_mask),
+        fastattn.BlockLayout.from_mask(np.ones((L, S), bool), (bq, bk)),
+        fastattn.BlockLayout.from_mask(heads_mask, (bq, bk)),
+        fastattn.BlockLayout.from_blocks(np.ones((nqb, nkb), bool), (L, S), (bq, bk)),
+        fastattn.BlockLayout.from_blocks(np.ones((3, nqb, nkb), bool), (L, S), (bq, bk)),
+        fastattn.BlockLayout((L, S), (bq, bk), np.zeros(nqb + 1, int), []),
+    ]
+    for layout in layouts:
+        assert layout.num_blocks == 0 and layout.density == 0.0
+        mask = layout.to_mask()
+        assert mask.shape[-2:] == (L, S)
+        assert layout.block_mask().shape[-2:] == (nqb, nkb)
+        got = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+        assert_same_as_dense(got, q, k, v, mask)
+
+
+# ---- 5. documented behaviour ----------------------------------------------------------
+
+def test_to_mask_of_a_shared_layout_from_a_2d_mask_is_2d():
+    mask = np.tril(np.ones((6, 5), bool))
+    for layout in (fastattn.BlockLayout.from_mask(mask, 2),
+                   fastattn.BlockLayout.from_rule((6, 5), 2, mask=mask),
+                   fastattn.BlockLayout.from_rule((6, 5), 2, mask=mask[None]),
+                   fastattn.BlockLayout.from_rule((6, 5), 2, mask=mask[:1])):
+        got = layout.to_mask()
+        assert got.shape == (6, 5)
+        np.testing.assert_array_equal(got, mask if layout.mask.shape[1] == 6
+                                      else np.broadcast_to(mask[:1], (6, 5)))
+    # per head: the blocks or the mask
+    heads = np.stack([mask, ~mask, mask])
+    assert fastattn.BlockLayout.from_mask(heads, 2).to_mask().shape == (3, 6, 5)
+    assert fastattn.BlockLayout.from_rule((6, 5), 2, mask=heads).to_mask().shape == (3, 6, 5)
+    np.testing.assert_array_equal(fastattn.BlockLayout.from_mask(heads, 2).to_mask(), heads)
