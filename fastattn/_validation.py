@@ -136,6 +136,24 @@ def check_int(name, value, minimum=1):
     return value
 
 
+def check_real(name, value, minimum=None):
+    """``value`` as a finite Python float (``TypeError`` if it is not a real number,
+    ``ValueError`` if it is NaN, infinite or below ``minimum``)."""
+    if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if isinstance(value, (complex, np.complexfloating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not np.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return x
+
+
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -611,6 +611,9 @@ def sinkhorn(log_alpha, n_iters=7):
     if a.ndim < 2:
         raise ValueError(f"log_alpha must have at least 2 dimensions (..., n, n), got "
                          f"shape {a.shape}")
+    if a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"log_alpha must be square in its last two axes (..., n, n), got "
+                         f"shape {a.shape}")
     n_iters = check_int("n_iters", n_iters, minimum=0)
     r = a.astype(compute)
     if np.isnan(r).any() or np.isposinf(r).any():

@@ -14,6 +14,7 @@ from fastattn import _threads
 from fastattn._kernels import lowrank as _kernel
 from fastattn._layout import as_kernel_array, as_matrix_stack, batch_offsets
 from fastattn._validation import (HALF, check_batch_shape, check_choice, check_int, check_qkv,
+                                  check_real,
                                   check_scale, is_floating, result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
 
@@ -170,7 +171,7 @@ def linear_attention(query, key, value, *, feature_map="elu", causal=False, eps=
     q, k, v, compute, result = check_qkv(query, key, value)
     _check_causal_lengths(causal, q, k)
     L, S = q.shape[-2], k.shape[-2]
-    eps = float(eps)
+    eps = check_real("eps", eps, minimum=0)
     kind = "elu"
     if isinstance(feature_map, str):
         check_choice("feature_map", feature_map, ("elu",))
@@ -226,13 +227,15 @@ def performer_features(dim, num_features=256, *, orthogonal=True, rng=None):
     rng = np.random.default_rng(rng)
     if not orthogonal:
         return rng.standard_normal((num_features, dim))
-    blocks = []
-    for _ in range(-(-num_features // dim)):
+    # the result first: a size that cannot be allocated raises MemoryError at once,
+    # not after drawing num_features / dim blocks
+    w = np.empty((num_features, dim))
+    for start in range(0, num_features, dim):
         qm, rm = np.linalg.qr(rng.standard_normal((dim, dim)))
-        blocks.append((qm * np.sign(np.diag(rm))).T)
-    w = np.concatenate(blocks)[:num_features]
+        w[start:start + dim] = (qm * np.sign(np.diag(rm))).T[:num_features - start]
     norms = np.linalg.norm(rng.standard_normal((num_features, dim)), axis=1)
-    return w * norms[:, None]
+    w *= norms[:, None]
+    return w
 
 
 
@@ -370,6 +373,13 @@ def linformer_attention(query, key, value, e_proj, f_proj=None, *, scale=None,
             raise ValueError(f"{name} must have shape (..., k, S={S}) with k >= 1, got "
                              f"{p.shape} (key {k.shape})")
         projections.append(p.astype(compute, copy=False))
+    e, f = projections
+    if f.shape[-2] != e.shape[-2]:
+        raise ValueError(f"e_proj and f_proj must project to the same k rows, got e_proj "
+                         f"{e.shape} and f_proj {f.shape}")
+    check_batch_shape([q.shape[:-2], k.shape[:-2], v.shape[:-2], e.shape[:-2], f.shape[:-2]],
+                      query=q.shape, key=k.shape, value=v.shape, e_proj=e.shape,
+                      f_proj=f.shape)
     k_proj = projections[0] @ k.astype(compute, copy=False)
     v_proj = projections[1] @ v.astype(compute, copy=False)
     out = scaled_dot_product_attention(q.astype(compute, copy=False), k_proj, v_proj,

@@ -4,7 +4,7 @@ import numpy as np
 
 from fastattn import _linear, _threads
 from fastattn._mha_plan import CHUNK_ROWS_PER_THREAD, batch_chunks
-from fastattn._validation import (CPU_AND_NPU, check_device, check_int, check_scale,
+from fastattn._validation import (BFLOAT16, CPU_AND_NPU, check_device, check_int, check_scale,
                                   result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.masks import combine_masks
@@ -207,6 +207,9 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
     named = {"query": query, "key": key, "value": value, "q_weight": q_weight,
              "k_weight": k_weight, "v_weight": v_weight, "out_weight": out_weight,
              "q_bias": q_bias, "k_bias": k_bias, "v_bias": v_bias, "out_bias": out_bias}
+    for n in ("q_weight", "k_weight", "v_weight", "out_weight"):
+        if named[n] is None:
+            raise TypeError(f"{n} is required: an array (out_features, in_features), got None")
     arr = {n: np.asarray(a) for n, a in named.items() if a is not None}
     compute, result = result_dtypes(*arr.values(), names=list(arr))
     arr = {n: a.astype(compute, copy=False) for n, a in arr.items()}
@@ -324,6 +327,10 @@ class MultiHeadAttention:
             raise ValueError(f"num_heads={H} must divide embed_dim={E}")
         if H % Hkv:
             raise ValueError(f"num_kv_heads={Hkv} must divide num_heads={H}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float16, np.float32, np.float64, BFLOAT16):
+            raise TypeError(f"dtype must be a floating type (float16, bfloat16, float32 or "
+                            f"float64), got {dtype}")
         kdim = E if kdim is None else check_int("kdim", kdim)
         vdim = E if vdim is None else check_int("vdim", vdim)
         rng = np.random.default_rng(rng)

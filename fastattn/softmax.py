@@ -1,4 +1,6 @@
 """Masked softmax, log-softmax and materialised attention weights, by a fused kernel."""
+import operator
+
 import numpy as np
 
 from fastattn import _threads
@@ -261,6 +263,10 @@ def _softmax_along(x, mask, axis, scale, out, num_threads, log_out):
     compute, result = result_dtypes(x, names=("x",))
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension, got a 0-d array")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
     if not -x.ndim <= axis < x.ndim:
         raise _AxisError(axis, x.ndim)
     axis %= x.ndim

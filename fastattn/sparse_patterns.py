@@ -268,15 +268,11 @@ def bigbird_layout(length, *, num_heads=None, block_size=64, num_random_blocks=3
     >>> bool((fastattn.bigbird_layout(1024, rng=0).indices == layout.indices).all())
     True
     """
-    length = int(length)
-    if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
+    length = check_int("length", length, minimum=0)
     block_size = check_int("block_size", block_size)
-    for name, value in (("num_random_blocks", num_random_blocks),
-                        ("num_window_blocks", num_window_blocks),
-                        ("num_global_blocks", num_global_blocks)):
-        if int(value) < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    num_random_blocks = check_int("num_random_blocks", num_random_blocks, minimum=0)
+    num_window_blocks = check_int("num_window_blocks", num_window_blocks, minimum=0)
+    num_global_blocks = check_int("num_global_blocks", num_global_blocks, minimum=0)
     heads = 1 if num_heads is None else check_int("num_heads", num_heads)
     rng = np.random.default_rng(rng)
     n = -(-length // block_size)

@@ -230,3 +230,65 @@ def test_to_mask_of_a_shared_layout_from_a_2d_mask_is_2d():
     assert fastattn.BlockLayout.from_mask(heads, 2).to_mask().shape == (3, 6, 5)
     assert fastattn.BlockLayout.from_rule((6, 5), 2, mask=heads).to_mask().shape == (3, 6, 5)
     np.testing.assert_array_equal(fastattn.BlockLayout.from_mask(heads, 2).to_mask(), heads)
+
+
+# ---- 4. silent wrong results and weak validation -------------------------------------
+
+def weights(e=16):
+    rng = np.random.default_rng(4)
+    return {n: rng.standard_normal((e, e)) / 4
+            for n in ("q_weight", "k_weight", "v_weight", "out_weight")}
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda: fastattn.MultiHeadAttention(16, 4, dtype=np.int32), TypeError, "dtype"),
+    (lambda: fastattn.MultiHeadAttention(16, 4, dtype=complex), TypeError, "dtype"),
+    (lambda: fastattn.MultiHeadAttention(16, 4, dtype=np.longdouble), TypeError, "dtype"),
+    (lambda: fastattn.MultiHeadAttention(16, 4, dtype=bool), TypeError, "dtype"),
+    (lambda: fastattn.linear_attention(*[np.ones((4, 8))] * 3, eps=np.nan), ValueError, "eps"),
+    (lambda: fastattn.linear_attention(*[np.ones((4, 8))] * 3, eps=np.inf), ValueError, "eps"),
+    (lambda: fastattn.linear_attention(*[np.ones((4, 8))] * 3, eps=-1.0), ValueError, "eps"),
+    (lambda: fastattn.linear_attention(*[np.ones((4, 8))] * 3, eps="1"), TypeError, "eps"),
+    (lambda: fastattn.multi_head_attention(*[np.ones((2, 16))] * 3, 4,
+                                           **{**weights(), "out_weight": None}),
+     TypeError, "out_weight"),
+    (lambda: fastattn.multi_head_attention(*[np.ones((2, 16))] * 3, 4,
+                                           **{**weights(), "q_weight": None}),
+     TypeError, "q_weight"),
+    (lambda: fastattn.bigbird_attention(*[np.ones((4, 8))] * 3, num_random_blocks=1.5),
+     TypeError, "num_random_blocks"),
+    (lambda: fastattn.bigbird_attention(*[np.ones((4, 8))] * 3, num_random_blocks="3"),
+     TypeError, "num_random_blocks"),
+    (lambda: fastattn.bigbird_layout(64.0), TypeError, "length"),
+    (lambda: fastattn.bigbird_layout(64, num_window_blocks=-1), ValueError, "num_window_blocks"),
+    (lambda: fastattn.sinkhorn(np.zeros((3, 4))), ValueError, "square"),
+    (lambda: fastattn.masked_softmax(np.ones((2, 3)), axis=1.0), TypeError, "axis"),
+    (lambda: fastattn.log_softmax(np.ones((2, 3)), axis="1"), TypeError, "axis"),
+    (lambda: fastattn.linformer_attention(*[np.ones((4, 8))] * 3, np.ones((2, 4)),
+                                          np.ones((3, 4))), ValueError, "f_proj"),
+    (lambda: fastattn.linformer_attention(*[np.ones((2, 4, 8))] * 3, np.ones((3, 2, 4))),
+     ValueError, "e_proj"),
+], ids=lambda x: "" if callable(x) or isinstance(x, type) else x)
+def test_bad_arguments_raise_at_once(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+def test_performer_features_too_many_raises_memory_error_at_once():
+    # it drew 2^37 QR blocks (minutes) before failing; run in a child with a deadline
+    import subprocess
+    import sys
+    code = ("import fastattn\n"
+            "try:\n    fastattn.performer_features(8, 2**40)\n"
+            "except MemoryError:\n    print('MemoryError')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.stdout.strip() == "MemoryError", res.stderr[-2000:]
+
+
+def test_multi_head_attention_class_keeps_its_float_dtype():
+    x = np.random.default_rng(5).standard_normal((2, 3, 16))
+    for dtype in (np.float16, np.float32, np.float64, fastattn.bfloat16):
+        mha = fastattn.MultiHeadAttention(16, 4, dtype=dtype, rng=0)
+        assert mha.q_weight.dtype == dtype and np.abs(mha.out_weight.astype(float)).max() > 0
+        assert mha(x.astype(dtype)).dtype == dtype
