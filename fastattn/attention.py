@@ -44,12 +44,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     value : array_like, shape (..., S, Ev)
         The leading (batch) dimensions broadcast against each other like
         ``np.matmul``. Any strides are accepted (e.g. a ``(B, L, H, E)`` array
-        viewed as ``(B, H, L, E)``) without copying when the last axis is
-        contiguous.
+        viewed as ``(B, H, L, E)``, or batch axes reversed with ``[::-1]``) without
+        copying when the last axis is contiguous and the row axis (-2) has a
+        positive stride; otherwise (e.g. ``key[..., ::-1, :]``), and for a
+        misaligned array, that operand is copied once to C order.
     attn_mask : array_like, optional
         Broadcastable to ``(..., L, S)``. bool: True means the key takes part in
         attention (the PyTorch convention). Float: added to the scaled scores
-        (use ``-inf`` to exclude). A broadcast mask is never expanded in memory.
+        (use ``-inf`` to exclude: a ``-inf`` drops the pair whatever its score,
+        ``+inf`` or NaN too, exactly as False does). A broadcast mask is never
+        expanded in memory.
     is_causal : bool, default=False
         Query ``i`` sees only keys ``j <= i`` (``top_left``) or
         ``j <= i + S - L`` (``bottom_right``). May be combined with ``attn_mask``.

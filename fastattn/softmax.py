@@ -31,7 +31,8 @@ def masked_softmax(x, mask=None, *, axis=-1, scale=None, out=None, num_threads=N
     mask : array_like, optional
         Broadcastable to ``x.shape`` (it may not enlarge ``x``). bool: True keeps
         the entry, False drops it (probability 0). Floating: added to the scaled
-        scores (``-inf`` drops). A broadcast mask is never expanded in memory.
+        scores; ``-inf`` drops the entry whatever its score (``+inf`` or NaN too),
+        exactly as False does. A broadcast mask is never expanded in memory.
     axis : int, default=-1
         The axis to normalise over.
     scale : float, optional
@@ -63,8 +64,8 @@ def masked_softmax(x, mask=None, *, axis=-1, scale=None, out=None, num_threads=N
 
     Notes
     -----
-    A row with every entry masked out gives zeros, not NaN. A NaN score makes its
-    row NaN. Each row is scaled, masked, reduced to its max, exponentiated and
+    A row with every entry masked out gives zeros, not NaN. A NaN (or ``+inf``)
+    score that is not masked out makes its row NaN. Each row is scaled, masked, reduced to its max, exponentiated and
     summed, and normalised while it stays in cache; rows run in parallel.
 
     Examples

@@ -292,3 +292,85 @@ def test_multi_head_attention_class_keeps_its_float_dtype():
         mha = fastattn.MultiHeadAttention(16, 4, dtype=dtype, rng=0)
         assert mha.q_weight.dtype == dtype and np.abs(mha.out_weight.astype(float)).max() > 0
         assert mha(x.astype(dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [3, 16, 37, 300])
+def test_float_mask_minus_inf_drops_inf_and_nan_scores(dtype, n):
+    # one rule (documented with masked_softmax and scaled_dot_product_attention): a -inf
+    # of a float mask drops the pair whatever its score, as False does; a kept +inf or
+    # NaN score still gives a NaN row
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, n)).astype(dtype)
+    mask = np.zeros((4, n), dtype)
+    x[0, 0], mask[0, 0] = np.inf, -np.inf
+    x[1, n - 1], mask[1, n - 1] = np.nan, -np.inf
+    x[2, n // 2], mask[2, n // 2] = -np.inf, -np.inf
+    keep = mask == 0
+    want = reference.softmax(np.where(keep, x, 0), keep)
+    for m in (mask, np.repeat(mask, 2, axis=1)[:, ::2]):        # unit and strided columns
+        got = fastattn.masked_softmax(x, m)
+        assert_close(got, want, dtype)
+        lg = fastattn.log_softmax(x, m)
+        assert np.isneginf(lg[~keep]).all() and np.isfinite(lg[keep]).all()
+    np.testing.assert_array_equal(fastattn.masked_softmax(x, keep), got)
+    # a kept +inf or NaN still poisons its row
+    x[3, 1] = np.inf
+    assert np.isnan(fastattn.masked_softmax(x, mask)[3]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, fastattn.bfloat16],
+                         ids=["float32", "float64", "float16", "bfloat16"])
+def test_inf_score_under_minus_inf_mask_same_in_skipped_and_partial_tiles(dtype):
+    # key 5 (in a partly masked tile) and key 600 (in a tile the mask rules out entirely,
+    # which the kernel skips) both score +inf; both are masked with -inf
+    L, S, E = 8, 700, 4
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, L, E))
+    k = rng.standard_normal((2, S, E))
+    v = rng.standard_normal((2, S, E))
+    k[:, [5, 600]] = np.inf
+    q[:] = np.abs(q)
+    mask = np.zeros((L, S))
+    mask[:, 5] = -np.inf
+    mask[:, 512:] = -np.inf
+    q, k, v, mask = (a.astype(dtype) for a in (q, k, v, mask))
+    out = fastattn.scaled_dot_product_attention(q, k, v, mask, scale=0.5)
+    assert np.isfinite(out.astype(np.float64)).all()
+    # the same as with those keys left out of the computation altogether
+    keep = np.ones(S, bool)
+    keep[5] = False
+    keep[512:] = False
+    want = reference.scaled_dot_product_attention(q, k[:, keep], v[:, keep], mask[:, keep],
+                                                  scale=0.5)
+    assert_close(out, want, dtype)
+    assert_close(reference.scaled_dot_product_attention(q, k, v, mask, scale=0.5), want,
+                 np.float64)
+
+
+def test_negative_strides_batch_axes_in_place_last_two_axes_copied():
+    # documented in scaled_dot_product_attention and docs/guide/attention.md: batch axes
+    # with negative strides are read in place; a reversed row axis is copied once
+    import tracemalloc
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((2, 4, 64, 32), dtype=np.float32)
+    k = rng.standard_normal((2, 4, 1024, 32), dtype=np.float32)
+    v = rng.standard_normal((2, 4, 1024, 32), dtype=np.float32)
+
+    def run(kk, vv):
+        fastattn.scaled_dot_product_attention(q, kk, vv, num_threads=1)
+        tracemalloc.start()
+        try:
+            out = fastattn.scaled_dot_product_attention(q, kk, vv, num_threads=1)
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    size = k.nbytes
+    for kk, vv, copied in [(k[::-1], v[::-1], False), (k[:, ::-1], v[:, ::-1], False),
+                           (k[:, :, ::-1], v[:, :, ::-1], True),
+                           (k[..., ::-1], v[..., ::-1], True)]:
+        out, peak = run(kk, vv)
+        assert (peak >= 2 * size) == copied, (kk.strides, peak)
+        want = reference.scaled_dot_product_attention(q, kk, vv)
+        assert_close(out, want, np.float32)

@@ -181,7 +181,7 @@ static void check_row_##SFX(const variant *v, const char *what, const T *x0, con
              (double)want);                                                                  \
     /* add_max */                                                                            \
     memcpy(x, x0, n * sizeof(T));                                                            \
-    for (ptrdiff_t j = 0; j < n; j++) r[j] = x0[j] + add[j];                                 \
+    for (ptrdiff_t j = 0; j < n; j++) r[j] = add[j] == -INFINITY ? add[j] : x0[j] + add[j];  \
     got = v->add_max_##SFX(x, add, n); want = ref_max_##SFX(r, n);                           \
     if (!same_##SFX(got, want))                                                              \
         FAIL("%s %s add_max_" #SFX " n=%td: got %a want %a", v->name, what, n, (double)got,  \

@@ -397,10 +397,13 @@ ATTR static T fa_max##ISA##_##SFX(const T *x, ptrdiff_t n)                      
     return FA_MAX_FINISH(T, FA_CAT(FA_IOTA_##SFX##_, VB), acc, nan, x, j, n);              \
 }                                                                                          \
                                                                                            \
-/* x[j] += add[j]; return max_j x[j]   (float mask; one pass) */                           \
+/* x[j] = add[j] == -inf ? -inf : x[j] + add[j]; return max_j x[j]   (float mask; one */ \
+/* pass). A -inf of the mask drops the entry whatever its score (+inf and NaN too), as */  \
+/* a skipped tile and a bool mask do: not +inf + -inf = NaN. */                            \
 ATTR static T fa_add_max##ISA##_##SFX(T *x, const T *add, ptrdiff_t n)                     \
 {                                                                                          \
     FA_VEC_TYPES(T, IT, VB);                                                               \
+    const vec ninf = (vec){0} - (T)INFINITY;                                               \
     vec acc[R];                                                                            \
     ivec nan[R];                                                                           \
     FA_ALL(acc[u_] = (vec){0} - (T)INFINITY; nan[u_] = (ivec){0})                          \
@@ -410,11 +413,13 @@ ATTR static T fa_add_max##ISA##_##SFX(T *x, const T *add, ptrdiff_t n)          
             vec v, a;                                                                      \
             memcpy(&v, x + j + u * W, sizeof v);                                           \
             memcpy(&a, add + j + u * W, sizeof a);                                         \
-            v += a;                                                                        \
+            ivec drop = (ivec)(a == ninf);                                                 \
+            v = (vec)(((ivec)(v + a) & ~drop) | ((ivec)ninf & drop));                      \
             memcpy(x + j + u * W, &v, sizeof v);                                           \
             FA_MAX_STEP(acc[u], nan[u], v);                                                \
         }                                                                                  \
-    for (ptrdiff_t t = j; t < n; t++) x[t] += add[t];                                      \
+    for (ptrdiff_t t = j; t < n; t++)                                                      \
+        x[t] = add[t] == -INFINITY ? (T)-INFINITY : x[t] + add[t];                         \
     return FA_MAX_FINISH(T, FA_CAT(FA_IOTA_##SFX##_, VB), acc, nan, x, j, n);              \
 }                                                                                          \
                                                                                            \
