@@ -413,8 +413,7 @@ ATTR static T fa_add_max##ISA##_##SFX(T *x, const T *add, ptrdiff_t n)          
             vec v, a;                                                                      \
             memcpy(&v, x + j + u * W, sizeof v);                                           \
             memcpy(&a, add + j + u * W, sizeof a);                                         \
-            ivec drop = (ivec)(a == ninf);                                                 \
-            v = (vec)(((ivec)(v + a) & ~drop) | ((ivec)ninf & drop));                      \
+            v = (vec)((ivec)v & ~(ivec)(a == ninf)) + a;   /* dropped: 0 + -inf */         \
             memcpy(x + j + u * W, &v, sizeof v);                                           \
             FA_MAX_STEP(acc[u], nan[u], v);                                                \
         }                                                                                  \
