@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from fastattn._kernels.plan import CONSTANTS as _TILE
-from fastattn._validation import is_floating
+from fastattn._validation import as_array, is_floating
 
 BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL = (_TILE[n] for n in ("BLOCK_SKIP", "BLOCK_MASKED", "BLOCK_FULL"))
 MASK_BOOL, MASK_FLOAT = _TILE["MASK_BOOL"], _TILE["MASK_FLOAT"]
@@ -92,7 +92,7 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
 
 def as_mask(mask, name):
     """``mask`` as an array: bool (True = keep) or floating (added), else ``TypeError``."""
-    mask = np.asarray(mask)
+    mask = as_array(name, mask)
     if mask.dtype != np.bool_ and not is_floating(mask.dtype):
         raise TypeError(f"{name} must be bool (True = keep) or floating (added to the "
                         f"scores), got dtype {mask.dtype}")

@@ -136,6 +136,33 @@ def check_int(name, value, minimum=1):
     return value
 
 
+def as_array(name, value):
+    """``np.asarray(value)``, with NumPy's error for ragged nested sequences (or other
+    values it cannot make an array of) naming the argument."""
+    try:
+        return np.asarray(value)
+    except ValueError as e:
+        raise ValueError(f"{name} must be an array (a nested sequence of equal lengths): "
+                         f"{e}") from None
+
+
+def check_rng(rng, name="rng"):
+    """``np.random.default_rng(rng)``: a Generator, seed or None, else ``TypeError``."""
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a numpy.random.Generator, an int seed or None, got "
+                        f"{type(rng).__name__} ({e})") from None
+
+
+def check_dtype(name, dtype):
+    """``np.dtype(dtype)``, with an unknown dtype's ``TypeError`` naming the argument."""
+    try:
+        return np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
+
+
 def check_real(name, value, minimum=None):
     """``value`` as a finite Python float (``TypeError`` if it is not a real number,
     ``ValueError`` if it is NaN, infinite or below ``minimum``)."""
@@ -177,7 +204,7 @@ def check_matrix_stacks(names, *operands, dtypes=result_dtypes):
     """``(arrays, compute_dtype, result_dtype)`` for operands that are stacks of matrices
     ``(..., rows, features)``: real dtypes (``dtypes``, by default :func:`result_dtypes`)
     and at least 2 dimensions; ``names`` name them in the errors."""
-    arrays = [np.asarray(a) for a in operands]
+    arrays = [as_array(name, a) for name, a in zip(names, operands)]
     compute, result = dtypes(*arrays, names=names)
     for name, a in zip(names, arrays):
         if a.ndim < 2:

@@ -7,8 +7,8 @@ from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
-    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_qkv, check_scale,
-    is_floating, result_dtypes, storage_dtype,
+    CPU_AND_NPU, as_array, check_batch_shape, check_choice, check_device, check_qkv,
+    check_scale, is_floating, result_dtypes, storage_dtype,
 )
 from fastattn._validation import check_out as _check_out
 
@@ -187,7 +187,7 @@ class _Operands:
 
         mask = None
         if attn_mask is not None:
-            mask = np.asarray(attn_mask)
+            mask = as_array("attn_mask", attn_mask)
             if mask.dtype != np.bool_ and not is_floating(mask.dtype):
                 raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to "
                                 f"the scores), got dtype {mask.dtype}")

@@ -8,12 +8,26 @@ import operator
 import numpy as np
 
 from fastattn._layout import as_kernel_array, batch_offsets
-from fastattn._validation import check_int, check_pair, check_token_flags, check_window
+from fastattn._validation import as_array, check_int, check_pair, check_token_flags, check_window
 
 __all__ = ["BlockLayout"]
 
 # BAND_ALL of tile.pxd: a band edge this far from the diagonal means "no limit".
 _NO_LIMIT = 1 << 30
+
+
+def _lengths(shape):
+    # (L, S) from `shape`: two ints in [0, 2**30)
+    try:
+        L, S = shape
+        L, S = operator.index(L), operator.index(S)
+    except TypeError:
+        raise TypeError(f"shape must be a pair of ints (L, S), got {shape!r}") from None
+    except ValueError:
+        raise ValueError(f"shape must be a pair of ints (L, S), got {shape!r}") from None
+    if not (0 <= L < _NO_LIMIT and 0 <= S < _NO_LIMIT):
+        raise ValueError(f"shape must be two lengths in [0, 2**30), got {shape!r}")
+    return L, S
 
 
 class BlockLayout:
@@ -97,9 +111,7 @@ class BlockLayout:
 
     def __init__(self, shape, block_size, indptr, indices, *, window=None, dilation=1,
                  segment=None, causal=False, global_query=None, global_key=None, mask=None):
-        L, S = (operator.index(x) for x in shape)
-        if not (0 <= L < _NO_LIMIT and 0 <= S < _NO_LIMIT):
-            raise ValueError(f"shape must be two lengths in [0, 2**30), got {shape!r}")
+        L, S = _lengths(shape)
         bq, bk = check_pair("block_size", block_size)
         self.shape, self.block_size = (L, S), (bq, bk)
         nqb, nkb = -(-L // bq), -(-S // bk)
@@ -166,7 +178,11 @@ class BlockLayout:
         >>> layout.indptr.tolist(), layout.indices.tolist()
         ([[0, 1, 2]], [0, 1])
         """
-        blocks = np.asarray(block_mask, dtype=bool)
+        blocks = as_array("block_mask", block_mask)
+        if blocks.dtype != np.bool_ and blocks.dtype.kind not in "iu":
+            raise TypeError(f"block_mask must be bool (True = visit the tile), got dtype "
+                            f"{blocks.dtype}")
+        blocks = blocks.astype(bool, copy=False)
         if blocks.ndim not in (2, 3):
             raise ValueError(f"block_mask must be (nqb, nkb) or (H, nqb, nkb), "
                              f"got shape {blocks.shape}")
@@ -180,7 +196,7 @@ class BlockLayout:
         rows = np.stack([indptr[h * nqb: (h + 1) * nqb + 1] for h in range(blocks.shape[0])])
         indices = np.nonzero(blocks)[-1]
         bq, bk = check_pair("block_size", block_size)
-        L, S = shape
+        L, S = _lengths(shape)
         if blocks.shape[1:] != (-(-L // bq), -(-S // bk)):
             raise ValueError(f"block_mask of shape {blocks.shape[1:]} does not fit shape "
                              f"{tuple(shape)} with block size {(bq, bk)}")
@@ -233,6 +249,7 @@ class BlockLayout:
         >>> layout.num_blocks       # of 16 blocks
         7
         """
+        shape = _lengths(shape)
         probe = cls(shape, block_size, np.zeros(-(-shape[0] // check_pair(
                     "block_size", block_size)[0]) + 1, np.int64), [], **rule)
         blocks = probe._rule_blocks()

@@ -13,9 +13,9 @@ import numpy as np
 from fastattn import _threads
 from fastattn._kernels import lowrank as _kernel
 from fastattn._layout import as_kernel_array, as_matrix_stack, batch_offsets
-from fastattn._validation import (HALF, check_batch_shape, check_choice, check_int, check_qkv,
-                                  check_real,
-                                  check_scale, is_floating, result_dtypes)
+from fastattn._validation import (HALF, as_array, check_batch_shape, check_choice, check_int,
+                                  check_qkv, check_real, check_rng, check_scale, is_floating,
+                                  result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
 
 __all__ = ["linear_attention", "performer_features", "performer_attention",
@@ -224,7 +224,7 @@ def performer_features(dim, num_features=256, *, orthogonal=True, rng=None):
     """
     dim = check_int("dim", dim)
     num_features = check_int("num_features", num_features)
-    rng = np.random.default_rng(rng)
+    rng = check_rng(rng)
     if not orthogonal:
         return rng.standard_normal((num_features, dim))
     # the result first: a size that cannot be allocated raises MemoryError at once,
@@ -315,7 +315,9 @@ def performer_attention(query, key, value, *, num_features=None, causal=False, o
         w = performer_features(E, 256 if num_features is None else num_features,
                                orthogonal=orthogonal, rng=rng)
     else:
-        w = np.asarray(features, dtype=np.float64)
+        w = as_array("features", features)
+        result_dtypes(w, names=("features",))
+        w = w.astype(np.float64)
         if w.ndim != 2 or w.shape[1] != E or w.shape[0] == 0:
             raise ValueError(f"features must have shape (m, E={E}) with m >= 1, got {w.shape}")
         if num_features is not None and check_int("num_features", num_features) != w.shape[0]:
@@ -367,7 +369,7 @@ def linformer_attention(query, key, value, e_proj, f_proj=None, *, scale=None,
     S = k.shape[-2]
     projections = []
     for name, p in (("e_proj", e_proj), ("f_proj", e_proj if f_proj is None else f_proj)):
-        p = np.asarray(p)
+        p = as_array(name, p)
         result_dtypes(p, names=(name,))
         if p.ndim < 2 or p.shape[-1] != S or p.shape[-2] == 0:
             raise ValueError(f"{name} must have shape (..., k, S={S}) with k >= 1, got "
@@ -433,13 +435,15 @@ def synthesizer_attention(value, *, weights, mode="random", query=None, num_thre
     True
     """
     check_choice("mode", mode, ("random", "factorized", "dense"))
-    v = np.asarray(value)
+    v = as_array("value", value)
+    result_dtypes(v, names=("value",))
     if v.ndim < 2:
         raise ValueError(f"value must have at least 2 dimensions (..., S, Ev), got {v.shape}")
     S = v.shape[-2]
 
     def fits(name, a, axes):
-        a = np.asarray(a)
+        a = as_array(name, a)
+        result_dtypes(a, names=(name,))
         if a.ndim < 2 or any(a.shape[ax] < S for ax in axes):
             raise ValueError(f"{name} of shape {a.shape} is too short for S={S} "
                              f"(value {v.shape})")
@@ -451,6 +455,8 @@ def synthesizer_attention(value, *, weights, mode="random", query=None, num_thre
         return scaled_dot_product_attention(zeros, zeros, v, r.astype(zeros.dtype),
                                             scale=1.0, num_threads=num_threads)
     if mode == "factorized":
+        if isinstance(weights, np.ndarray) or len(weights) != 2:
+            raise ValueError("mode='factorized' takes weights=(R1, R2), a pair of arrays")
         r1, r2 = weights
         r1 = fits("weights[0]", r1, (-2,))[..., :S, :]
         r2 = fits("weights[1]", r2, (-1,))[..., :, :S]

@@ -12,7 +12,7 @@ import numpy as np
 from fastattn import _npu, _threads
 from fastattn._kernels import paged as _paged
 from fastattn._layout import as_kernel_array, as_matrix_stack
-from fastattn._validation import HALF, CPU_AND_NPU, check_device, check_scale, result_dtypes
+from fastattn._validation import HALF, CPU_AND_NPU, as_array, check_device, check_scale, result_dtypes
 
 __all__ = ["PagedKVCache", "paged_attention"]
 
@@ -156,7 +156,7 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
                                supported=_npu.PAGED_DTYPES, what=" for paged attention")
     else:
         try:
-            q, k, v = (np.asarray(a) for a in (query, key_blocks, value_blocks))
+            q, k, v = (as_array(n, a) for n, a in zip(names, (query, key_blocks, value_blocks)))
         except TypeError:   # a DeviceArray refuses conversion; say what to do instead
             _npu.reject_device_arrays(**dict(zip(names, (query, key_blocks, value_blocks))))
             raise

@@ -6,8 +6,8 @@ import numpy as np
 from fastattn import _threads
 from fastattn._kernels import softmax as _softmax
 from fastattn._layout import PreparedMask, as_mask, as_matrix_stack, batch_offsets, overlaps
-from fastattn._validation import (check_choice, check_matrix_stacks, check_out, check_scale,
-                                  result_dtypes)
+from fastattn._validation import (as_array, check_choice, check_matrix_stacks, check_out,
+                                  check_scale, result_dtypes)
 from fastattn.attention import CAUSAL_ALIGNMENTS
 
 __all__ = ["masked_softmax", "log_softmax", "attention_weights"]
@@ -221,6 +221,10 @@ def attention_weights(query, key, attn_mask=None, *, is_causal=False, scale=None
     if not in_place:
         # the mask adds batch dimensions: read the scores broadcast, write a new array
         scores = np.broadcast_to(scores, shape)
+    elif not scores.flags.c_contiguous:
+        # np.matmul keeps its operands' order in the batch axes (a Fortran-ordered query
+        # gives Fortran-ordered scores); the kernel writes in place in C order
+        scores = np.ascontiguousarray(scores)
     if mask is not None:
         mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
     causal_offset = None
@@ -260,7 +264,7 @@ def softmax_rows(x, mask, scale, nthreads, *, causal_offset=None, log_out=False,
 
 def _softmax_along(x, mask, axis, scale, out, num_threads, log_out):
     x_in = x
-    x = np.asarray(x)
+    x = as_array("x", x)
     compute, result = result_dtypes(x, names=("x",))
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension, got a 0-d array")

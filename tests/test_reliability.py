@@ -374,3 +374,27 @@ def test_negative_strides_batch_axes_in_place_last_two_axes_copied():
         assert (peak >= 2 * size) == copied, (kk.strides, peak)
         want = reference.scaled_dot_product_attention(q, kk, vv)
         assert_close(out, want, np.float32)
+
+
+# ---- found by the property tests (tests/test_fuzz.py, long profile) -------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_attention_weights_of_a_fortran_ordered_query(dtype):
+    # np.matmul returned Fortran-ordered scores for a Fortran-ordered query, which the
+    # softmax kernel then normalised in place as if they were in C order
+    rng = np.random.default_rng(9)
+    q = np.asfortranarray(rng.standard_normal((2, 2, 3, 4)).astype(dtype))
+    k = rng.standard_normal((21, 4)).astype(dtype)
+    got = fastattn.attention_weights(q, k)
+    assert_close(got, reference.attention_weights(q, k), dtype)
+
+
+def test_empty_content_sparse_inputs():
+    # lsh_attention (explicit buckets) and clustered_attention raised on L = 0
+    q = np.zeros((2, 0, 3))
+    assert fastattn.lsh_attention(q, q, buckets=np.zeros((2, 1, 0), int)).shape == (2, 0, 3)
+    assert fastattn.clustered_attention(q, np.ones((2, 5, 3)), np.ones((2, 5, 4)),
+                                        clusters=2).shape == (2, 0, 4)
+    assert fastattn.clustered_attention(q, q, q, clusters=1,
+                                        assignments=np.zeros((2, 0), int)).shape == (2, 0, 3)
+    assert fastattn.padding_mask([], 4).shape == (0, 1, 1, 4)
