@@ -47,6 +47,9 @@ def _chunked_terms(kind, q, k, v, w, root, eps, causal, num_threads, compute):
     out = np.empty(batch_shape + (L, Ev), dtype=compute)
     if out.size == 0:
         return out
+    if S == 0:
+        out.fill(0)         # no key: zeros, as dense attention gives (not 0 / eps = NaN)
+        return out
     favor = kind == "favor"
     m = w.shape[0] if favor else E
     qa, ldq = as_matrix_stack(q, compute)

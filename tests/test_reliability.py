@@ -398,3 +398,12 @@ def test_empty_content_sparse_inputs():
     assert fastattn.clustered_attention(q, q, q, clusters=1,
                                         assignments=np.zeros((2, 0), int)).shape == (2, 0, 3)
     assert fastattn.padding_mask([], 4).shape == (0, 1, 1, 4)
+
+
+def test_linear_attention_without_keys_gives_zeros():
+    # S = 0 with eps = 0 gave 0 / 0 = NaN; no key gives zeros, as in dense attention
+    q = np.ones((2, 3, 4))
+    k = np.zeros((2, 0, 4))
+    for eps in (0.0, 1e-6):
+        out = fastattn.linear_attention(q, k, np.zeros((2, 0, 5)), eps=eps)
+        np.testing.assert_array_equal(out, np.zeros((2, 3, 5)))

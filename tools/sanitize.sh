@@ -35,6 +35,9 @@ if [[ "$LIBASAN" != /* ]] || [[ ! -e "$LIBASAN" ]]; then
     exit 2
 fi
 LIBASAN="$(readlink -f "$LIBASAN")"
+# libstdc++ loaded with it: C++ libraries the tests import (OpenVINO, torch) throw
+# exceptions, and ASan's __cxa_throw interceptor needs the real one at start-up
+LIBSTDCXX="$(readlink -f "$("$CC" -print-file-name=libstdc++.so)")"
 
 KEEP="${SANITIZE_DIR:+1}"
 WORK="${SANITIZE_DIR:-$(mktemp -d -t fastattn-sanitize.XXXXXX)}"
@@ -57,7 +60,7 @@ t1=$(date +%s)
 echo "sanitize.sh: built in $((t1 - t0)) s in $WORK/tree"
 
 # ---- the run
-export LD_PRELOAD="$LIBASAN${LD_PRELOAD:+:$LD_PRELOAD}"
+export LD_PRELOAD="$LIBASAN:$LIBSTDCXX${LD_PRELOAD:+:$LD_PRELOAD}"
 export PYTHONMALLOC=malloc
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:\
 allocator_may_return_null=1:log_path=$WORK/reports/asan:strict_string_checks=0"
