@@ -8,6 +8,8 @@ Environment switches:
   FASTATTN_KERNELS=a,b  build only these kernel modules (development: rebuild one family);
                         FASTATTN_KERNELS=none builds none: the editable install of the
                         development setup (README), whose kernels are built in place.
+  FASTATTN_SANITIZE=1   AddressSanitizer + UndefinedBehaviorSanitizer (-O1 -g), for
+                        tools/sanitize.sh; the modules then need libasan preloaded.
 """
 import os
 import sys
@@ -39,10 +41,16 @@ def extensions():
     thr_compile, thr_link = thread_flags()
     # No fast-math flags of any kind: masking relies on -inf and the kernels test for it.
     compile_args = ["-O0", "-g"] if debug else ["-O3"]
+    link_args = []
     if sys.platform != "win32":
         compile_args += ["-fno-math-errno", "-Wno-unused-function", "-Wno-unreachable-code"]
     if _flag("FASTATTN_NATIVE"):
         compile_args.append("-march=native")
+    if _flag("FASTATTN_SANITIZE"):
+        # every report is an error (tools/sanitize.sh also sets halt_on_error)
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        compile_args += sanitize + ["-O1", "-g", "-fno-omit-frame-pointer"]
+        link_args += sanitize
     only = {n.strip() for n in os.environ.get("FASTATTN_KERNELS", "").split(",") if n.strip()}
     exts = []
     for pyx in sorted(KERNELS.glob("*.pyx")):
@@ -54,7 +62,7 @@ def extensions():
             include_dirs=[str(KERNELS), numpy.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")],
             extra_compile_args=compile_args + thr_compile,
-            extra_link_args=thr_link,
+            extra_link_args=thr_link + link_args,
         ))
     directives = {
         "language_level": 3,

@@ -68,3 +68,16 @@ class AttentionWeights:
 
     def time_attention_weights(self, length, is_causal):
         self.attention_weights(self.q, self.k, is_causal=is_causal)
+
+
+class LongRow:
+    """One long float32 row (2^24 elements): the blocked, compensated sum of the exp
+    pass (issue 14, defect 1) must cost what the plain lane sum did."""
+
+    def setup(self):
+        self.masked_softmax = common.require("masked_softmax")
+        self.x = common.random_array((2**24,), seed=11)
+        self.out = np.empty_like(self.x)
+
+    def time_masked_softmax_long_row(self):
+        self.masked_softmax(self.x, out=self.out)

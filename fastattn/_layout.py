@@ -6,18 +6,33 @@ pointer. Broadcasting (stride 0) and grouped-query heads (several query heads
 reading one key/value head) are therefore just offsets: nothing is copied or
 expanded. The matrix itself must have unit column stride and a row stride BLAS
 accepts; anything else is copied once to C order.
+
+Every array a kernel reads or writes is aligned to its element size: a misaligned
+view (e.g. of a byte buffer at an odd offset) is copied, contiguous or not
+(``np.ascontiguousarray`` alone would keep it misaligned). Making every load of
+every kernel unaligned-safe instead would touch each scalar access of the Cython
+bodies; such operands are rare and a copy costs one pass (NumPy's ufuncs buffer
+them the same way).
 """
 import math
 
 import numpy as np
 
 from fastattn._kernels.plan import CONSTANTS as _TILE
-from fastattn._validation import is_floating
+from fastattn._validation import as_array, is_floating
 
 BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL = (_TILE[n] for n in ("BLOCK_SKIP", "BLOCK_MASKED", "BLOCK_FULL"))
 MASK_BOOL, MASK_FLOAT = _TILE["MASK_BOOL"], _TILE["MASK_FLOAT"]
 
 _INT32_MAX = 2**31 - 1
+
+
+def as_kernel_array(a, dtype=None):
+    """``a`` (in ``dtype``) C-contiguous and aligned, copied only when it is not."""
+    a = np.asarray(a, dtype=dtype)
+    if a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.array(a, order="C")          # a fresh (hence aligned) copy
 
 
 def as_matrix_stack(a, dtype):
@@ -37,7 +52,7 @@ def as_matrix_stack(a, dtype):
         ld = a.strides[-2] // item
         ok = max(cols, 1) <= ld <= _INT32_MAX
     if not ok:
-        a = np.ascontiguousarray(a)
+        a = np.array(a, order="C")          # a fresh copy: C order and aligned
     ld = a.strides[-2] // item if rows > 1 else max(cols, 1)
     return a, ld
 
@@ -77,7 +92,7 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
 
 def as_mask(mask, name):
     """``mask`` as an array: bool (True = keep) or floating (added), else ``TypeError``."""
-    mask = np.asarray(mask)
+    mask = as_array(name, mask)
     if mask.dtype != np.bool_ and not is_floating(mask.dtype):
         raise TypeError(f"{name} must be bool (True = keep) or floating (added to the "
                         f"scores), got dtype {mask.dtype}")
@@ -108,7 +123,7 @@ class PreparedMask:
         while arr.ndim < 2:
             arr = arr[np.newaxis]
         if not arr.flags.aligned or any(s % arr.dtype.itemsize for s in arr.strides):
-            arr = np.ascontiguousarray(arr)
+            arr = np.array(arr, order="C")  # a fresh copy: C order and aligned
         item = arr.dtype.itemsize
         Lm, Sm = arr.shape[-2:]
         self.array, self.kind = arr, kind

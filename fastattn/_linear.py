@@ -14,7 +14,7 @@ import numpy as np
 
 from fastattn import _threads
 from fastattn._kernels import linear as _projection_kernels
-from fastattn._layout import as_matrix_stack, batch_offsets
+from fastattn._layout import as_kernel_array, as_matrix_stack, batch_offsets
 
 _INT32_MAX = 2**31 - 1
 _ONE_MATRIX = np.zeros(1, dtype=np.intp)      # offsets of a stack that is one matrix
@@ -172,7 +172,7 @@ def stack_job(x, offsets, ldx, n, weight, bias, out, nthreads, *, transpose=Fals
     else:
         (w, ldw), w_t = as_matrix_stack(weight, dtype), False
     h = weight.shape[-2]
-    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
+    b = None if bias is None else as_kernel_array(bias, dtype)
     block_rows, block_cols = _blocks(offsets.shape[0], n, h, nthreads, whole_blocks)
     ldo = out.shape[-1] if transpose else h
     out_step = (h * ldo) if transpose else (n * h)

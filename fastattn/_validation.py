@@ -185,6 +185,51 @@ def check_int(name, value, minimum=1):
     return value
 
 
+def as_array(name, value):
+    """``np.asarray(value)``, with NumPy's error for ragged nested sequences (or other
+    values it cannot make an array of) naming the argument."""
+    try:
+        return np.asarray(value)
+    except ValueError as e:
+        raise ValueError(f"{name} must be an array (a nested sequence of equal lengths): "
+                         f"{e}") from None
+
+
+def check_rng(rng, name="rng"):
+    """``np.random.default_rng(rng)``: a Generator, seed or None, else ``TypeError``."""
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a numpy.random.Generator, an int seed or None, got "
+                        f"{type(rng).__name__} ({e})") from None
+
+
+def check_dtype(name, dtype):
+    """``np.dtype(dtype)``, with an unknown dtype's ``TypeError`` naming the argument."""
+    try:
+        return np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
+
+
+def check_real(name, value, minimum=None):
+    """``value`` as a finite Python float (``TypeError`` if it is not a real number,
+    ``ValueError`` if it is NaN, infinite or below ``minimum``)."""
+    if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if isinstance(value, (complex, np.complexfloating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not np.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return x
+
+
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -208,7 +253,7 @@ def check_matrix_stacks(names, *operands, dtypes=result_dtypes):
     """``(arrays, compute_dtype, result_dtype)`` for operands that are stacks of matrices
     ``(..., rows, features)``: real dtypes (``dtypes``, by default :func:`result_dtypes`)
     and at least 2 dimensions; ``names`` name them in the errors."""
-    arrays = [np.asarray(a) for a in operands]
+    arrays = [as_array(name, a) for name, a in zip(names, operands)]
     compute, result = dtypes(*arrays, names=names)
     for name, a in zip(names, arrays):
         if a.ndim < 2:

@@ -9,7 +9,8 @@ from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
-    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
+    CPU_AND_NPU, as_array, check_batch_shape, check_choice, check_device, check_dropout,
+    check_qkv,
     check_scale, is_floating, result_dtypes, storage_dtype,
 )
 from fastattn._validation import check_out as _check_out
@@ -52,12 +53,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     value : array_like, shape (..., S, Ev)
         The leading (batch) dimensions broadcast against each other like
         ``np.matmul``. Any strides are accepted (e.g. a ``(B, L, H, E)`` array
-        viewed as ``(B, H, L, E)``) without copying when the last axis is
-        contiguous.
+        viewed as ``(B, H, L, E)``, or batch axes reversed with ``[::-1]``) without
+        copying when the last axis is contiguous and the row axis (-2) has a
+        positive stride; otherwise (e.g. ``key[..., ::-1, :]``), and for a
+        misaligned array, that operand is copied once to C order.
     attn_mask : array_like, optional
         Broadcastable to ``(..., L, S)``. bool: True means the key takes part in
         attention (the PyTorch convention). Float: added to the scaled scores
-        (use ``-inf`` to exclude). A broadcast mask is never expanded in memory.
+        (use ``-inf`` to exclude: a ``-inf`` drops the pair whatever its score,
+        ``+inf`` or NaN too, exactly as False does). A broadcast mask is never
+        expanded in memory.
     dropout_p : float, default=0.0
         Dropout on the attention probabilities, in ``[0, 1)``: each probability is
         dropped with probability ``dropout_p`` and the kept ones are scaled by
@@ -219,7 +224,7 @@ class _Operands:
 
         mask = None
         if attn_mask is not None:
-            mask = np.asarray(attn_mask)
+            mask = as_array("attn_mask", attn_mask)
             if mask.dtype != np.bool_ and not is_floating(mask.dtype):
                 hint = (" (a 0/1 keep mask: pass attn_mask.astype(bool))"
                         if mask.dtype.kind in "iu" else "")

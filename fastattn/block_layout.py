@@ -8,13 +8,27 @@ import warnings
 
 import numpy as np
 
-from fastattn._layout import batch_offsets
-from fastattn._validation import check_int, check_pair, check_token_flags, check_window
+from fastattn._layout import as_kernel_array, batch_offsets
+from fastattn._validation import as_array, check_int, check_pair, check_token_flags, check_window
 
 __all__ = ["BlockLayout"]
 
 # BAND_ALL of tile.pxd: a band edge this far from the diagonal means "no limit".
 _NO_LIMIT = 1 << 30
+
+
+def _lengths(shape):
+    # (L, S) from `shape`: two ints in [0, 2**30)
+    try:
+        L, S = shape
+        L, S = operator.index(L), operator.index(S)
+    except TypeError:
+        raise TypeError(f"shape must be a pair of ints (L, S), got {shape!r}") from None
+    except ValueError:
+        raise ValueError(f"shape must be a pair of ints (L, S), got {shape!r}") from None
+    if not (0 <= L < _NO_LIMIT and 0 <= S < _NO_LIMIT):
+        raise ValueError(f"shape must be two lengths in [0, 2**30), got {shape!r}")
+    return L, S
 
 
 class BlockLayout:
@@ -101,9 +115,7 @@ class BlockLayout:
                  segment=None, is_causal=False, global_query=None, global_key=None, mask=None,
                  causal=None):
         is_causal = _deprecated_causal(is_causal, causal, stacklevel=3)
-        L, S = (operator.index(x) for x in shape)
-        if not (0 <= L < _NO_LIMIT and 0 <= S < _NO_LIMIT):
-            raise ValueError(f"shape must be two lengths in [0, 2**30), got {shape!r}")
+        L, S = _lengths(shape)
         bq, bk = check_pair("block_size", block_size)
         self.shape, self.block_size = (L, S), (bq, bk)
         nqb, nkb = -(-L // bq), -(-S // bk)
@@ -119,8 +131,8 @@ class BlockLayout:
         if indices.ndim != 1:
             raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
         self.num_heads = indptr.shape[0] if indptr.ndim == 2 else None
-        indptr = np.ascontiguousarray(indptr.reshape(-1, nqb + 1), dtype=np.int64)
-        indices = np.ascontiguousarray(indices, dtype=np.int64)
+        indptr = as_kernel_array(indptr.reshape(-1, nqb + 1), np.int64)
+        indices = as_kernel_array(indices, np.int64)
         if indptr.shape[0] == 0:
             raise ValueError("indptr needs at least one head")
         starts, ends = indptr[:, :-1].ravel(), indptr[:, 1:].ravel()
@@ -172,12 +184,17 @@ class BlockLayout:
         ([[0, 1, 2]], [0, 1])
         """
         _rule_keywords(rule)
-        blocks = np.asarray(block_mask, dtype=bool)
+        blocks = as_array("block_mask", block_mask)
+        if blocks.dtype != np.bool_ and blocks.dtype.kind not in "iu":
+            raise TypeError(f"block_mask must be bool (True = visit the tile), got dtype "
+                            f"{blocks.dtype}")
+        blocks = blocks.astype(bool, copy=False)
         if blocks.ndim not in (2, 3):
             raise ValueError(f"block_mask must be (nqb, nkb) or (H, nqb, nkb), "
                              f"got shape {blocks.shape}")
         per_head = blocks.ndim == 3
-        blocks = blocks.reshape((-1,) + blocks.shape[-2:])
+        # (H, nqb, nkb); not reshape(-1, ...), which cannot infer H when nqb or nkb is 0
+        blocks = blocks if per_head else blocks[np.newaxis]
         counts = blocks.sum(axis=-1).reshape(-1)
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         nqb = blocks.shape[1]
@@ -185,7 +202,7 @@ class BlockLayout:
         rows = np.stack([indptr[h * nqb: (h + 1) * nqb + 1] for h in range(blocks.shape[0])])
         indices = np.nonzero(blocks)[-1]
         bq, bk = check_pair("block_size", block_size)
-        L, S = shape
+        L, S = _lengths(shape)
         if blocks.shape[1:] != (-(-L // bq), -(-S // bk)):
             raise ValueError(f"block_mask of shape {blocks.shape[1:]} does not fit shape "
                              f"{tuple(shape)} with block size {(bq, bk)}")
@@ -240,6 +257,7 @@ class BlockLayout:
         7
         """
         _rule_keywords(rule)
+        shape = _lengths(shape)
         probe = cls(shape, block_size, np.zeros(-(-shape[0] // check_pair(
                     "block_size", block_size)[0]) + 1, np.int64), [], **rule)
         blocks = probe._rule_blocks()
@@ -279,7 +297,8 @@ class BlockLayout:
         return out if self.num_heads is not None else out[0]
 
     def to_mask(self):
-        """The pattern as a dense bool ``(L, S)`` (or ``(H, L, S)``) mask, True = attend.
+        """The pattern as a dense bool mask, True = attend: ``(L, S)``, or ``(H, L, S)``
+        when the block lists or the ``mask`` are per head.
 
         ``scaled_dot_product_attention`` with this mask computes what
         :func:`block_sparse_attention` computes with the layout (for tests and
@@ -298,7 +317,10 @@ class BlockLayout:
         bq, bk = self.block_size
         blocks = self.block_mask()
         keep = np.repeat(np.repeat(blocks, bq, axis=-2), bk, axis=-1)[..., :L, :S]
-        return keep & self._rule_mask()
+        keep = keep & self._rule_mask()
+        if keep.ndim == 3 and keep.shape[0] == 1 and self.num_heads is None:
+            keep = keep[0]        # a shared layout with a shared (1, L, S) mask
+        return keep
 
     def _rule_mask(self):
         # The element rule on every (i, j): (H|1, L, S) bool.

@@ -24,8 +24,9 @@ import scipy.sparse
 
 from fastattn import _threads
 from fastattn._kernels import clustering as _clustering, gathered as _gathering
-from fastattn._validation import (check_batch_shape, check_int, check_matrix_stacks,
-                                  check_qkv, check_scale, result_dtypes)
+from fastattn._layout import as_kernel_array
+from fastattn._validation import (as_array, check_batch_shape, check_int, check_matrix_stacks,
+                                  check_qkv, check_rng, check_scale, result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
 
 __all__ = ["lsh_attention", "clustered_attention", "sinkhorn", "sinkhorn_attention"]
@@ -54,7 +55,7 @@ def _stacked(a, batch_shape, dtype):
     array of ``dtype`` (a view when ``a`` already is one)."""
     full = np.broadcast_to(a, batch_shape + a.shape[-2:])
     nbatch = int(np.prod(batch_shape, dtype=np.int64))
-    return np.ascontiguousarray(full, dtype=dtype).reshape((nbatch,) + a.shape[-2:])
+    return as_kernel_array(full, dtype).reshape((nbatch,) + a.shape[-2:])
 
 
 def _rows_in_batch(index, n):
@@ -126,14 +127,14 @@ def _default_n_buckets(L, bucket_size):
 def _lsh_rotations(rng, batch_shape, E, n_hashes, n_buckets):
     # One (E, n_hashes, n_buckets // 2) draw, per head (batch axis -1) when there is one.
     heads = batch_shape[-1:]
-    return np.random.default_rng(rng).standard_normal(heads + (E, n_hashes, n_buckets // 2))
+    return check_rng(rng).standard_normal(heads + (E, n_hashes, n_buckets // 2))
 
 
 def _lsh_hash(q, rotations, nthreads):
     # h(x) = argmax([x R, -x R]) for every round: (nbatch, L, E) -> (nbatch, n_hashes, L)
     nbatch, L, E = q.shape
     n_hashes, half = rotations.shape[-2:]
-    rot = np.ascontiguousarray(rotations.reshape(-1, E, n_hashes * half), dtype=q.dtype)
+    rot = as_kernel_array(rotations.reshape(-1, E, n_hashes * half), q.dtype)
     # batch entry b uses the rotations of its head, b % H (one set without a head axis)
     rot_index = np.arange(nbatch, dtype=np.intp) % rot.shape[0]
     buckets = np.empty((nbatch, n_hashes, L), dtype=np.intp)
@@ -158,7 +159,7 @@ def _lsh_buckets_arg(buckets, batch_shape, n_hashes, L, n_buckets):
         raise ValueError("buckets must be >= 0")
     if b.size and n_buckets is not None and b.max() >= n_buckets:
         raise ValueError(f"buckets must be < n_buckets={n_buckets}, got {b.max()}")
-    return b.reshape(-1, n_hashes, L)
+    return b.reshape((int(np.prod(batch_shape, dtype=np.int64)), n_hashes, L))  # L may be 0
 
 
 def lsh_attention(query, value, *, n_hashes=1, bucket_size=64, chunks_before=1, rng=None,
@@ -349,7 +350,7 @@ def _kmeans(qs, clusters, iterations, rng, nthreads):
     """Lloyd's k-means on the rows of each ``qs[b]``: ``(assign, centroids, counts)``."""
     nbatch, L, E = qs.shape
     # Start: the `clusters` queries with the smallest uniform draws, in position order.
-    draws = np.random.default_rng(rng).random((nbatch, L))
+    draws = check_rng(rng).random((nbatch, L))
     start = np.sort(np.argpartition(draws, clusters - 1, axis=-1)[:, :clusters], axis=-1)
     centroids = _rows_of(qs, start).astype(np.float64)
     step_flops = 2.0 * nbatch * L * clusters * E       # one assignment step
@@ -401,7 +402,7 @@ def _assignments_arg(assignments, batch_shape, L, clusters):
                          f"{batch_shape}") from None
     if a.size and (a.min() < 0 or a.max() >= clusters):
         raise ValueError(f"assignments must lie in [0, clusters={clusters})")
-    return np.ascontiguousarray(a.reshape(-1, L), dtype=np.intp)
+    return as_kernel_array(a.reshape((int(np.prod(batch_shape, dtype=np.int64)), L)), np.intp)
 
 
 def clustered_attention(query, key, value, *, clusters, iterations=10, topk=None, rng=None,
@@ -492,7 +493,7 @@ def clustered_attention(query, key, value, *, clusters, iterations=10, topk=None
     L, E = q.shape[-2:]
     S, Ev = v.shape[-2:]
     clusters = check_int("clusters", clusters)
-    if clusters > L:
+    if clusters > L > 0:
         raise ValueError(f"clusters must be <= L={L} (one query per cluster at least), "
                          f"got {clusters}")
     iterations = check_int("iterations", iterations)
@@ -506,6 +507,8 @@ def clustered_attention(query, key, value, *, clusters, iterations=10, topk=None
     if assignments is not None:
         assignments = _assignments_arg(assignments, batch_shape, L, clusters)
     nthreads = _threads.resolve_num_threads(num_threads)
+    if L == 0 or 0 in batch_shape:
+        return np.zeros(batch_shape + (L, Ev), dtype=result)     # no query: nothing to cluster
 
     qs = _stacked(q, batch_shape, compute)
     nbatch = qs.shape[0]
@@ -608,10 +611,13 @@ def sinkhorn(log_alpha, n_iters=7):
     >>> float(p[0, 1]), bool(np.isfinite(p).all())
     (0.0, True)
     """
-    a = np.asarray(log_alpha)
+    a = as_array("log_alpha", log_alpha)
     compute, result = result_dtypes(a, names=("log_alpha",))
     if a.ndim < 2:
         raise ValueError(f"log_alpha must have at least 2 dimensions (..., n, n), got "
+                         f"shape {a.shape}")
+    if a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"log_alpha must be square in its last two axes (..., n, n), got "
                          f"shape {a.shape}")
     n_iters = check_int("n_iters", n_iters, minimum=0)
     r = a.astype(compute)
@@ -741,7 +747,7 @@ def sinkhorn_attention(query, key, value, *, block_size, n_iters=7, temperature=
     pooled_q, pooled_k = qb.sum(axis=2) / rows, kb.sum(axis=2) / rows     # real rows only
     logits = pooled_q @ np.swapaxes(pooled_k, -1, -2) * compute.type(scale)
     if rng is not None:
-        noise = np.random.default_rng(rng).gumbel(size=batch_shape + (n, n))
+        noise = check_rng(rng).gumbel(size=batch_shape + (n, n))
         logits = logits + noise.reshape(nbatch, n, n).astype(compute)
     P = _sinkhorn(logits / compute.type(temperature), n_iters)
     # P @ blocks for keys and values: items are (batch entry, column piece), <= 8 pieces

@@ -12,9 +12,10 @@ import numpy as np
 
 from fastattn import _threads
 from fastattn._kernels import lowrank as _kernel
-from fastattn._layout import as_matrix_stack, batch_offsets
-from fastattn._validation import (HALF, check_batch_shape, check_choice, check_int, check_qkv,
-                                  check_scale, is_floating, result_dtypes)
+from fastattn._layout import as_kernel_array, as_matrix_stack, batch_offsets
+from fastattn._validation import (HALF, as_array, check_batch_shape, check_choice, check_int,
+                                  check_qkv, check_real, check_rng, check_scale, is_floating,
+                                  result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
 
 __all__ = ["linear_attention", "performer_features", "performer_attention",
@@ -46,6 +47,9 @@ def _chunked_terms(kind, q, k, v, w, root, eps, causal, num_threads, compute):
     out = np.empty(batch_shape + (L, Ev), dtype=compute)
     if out.size == 0:
         return out
+    if S == 0:
+        out.fill(0)         # no key: zeros, as dense attention gives (not 0 / eps = NaN)
+        return out
     favor = kind == "favor"
     m = w.shape[0] if favor else E
     qa, ldq = as_matrix_stack(q, compute)
@@ -55,7 +59,7 @@ def _chunked_terms(kind, q, k, v, w, root, eps, causal, num_threads, compute):
     k_off = batch_offsets(ka, batch_shape)
     v_off = batch_offsets(va, batch_shape)
     nbatch = q_off.shape[0]
-    w = np.ascontiguousarray(w if favor else np.zeros((1, 1)), dtype=compute)
+    w = as_kernel_array(w if favor else np.zeros((1, 1)), compute)
     code = _kernel.FEATURE_MAPS[kind]
     size = _kernel.state_length(m, Ev)
     # Non-causal FAVOR in float32 runs on the tile micro-kernels alone; the rest calls
@@ -171,7 +175,7 @@ def linear_attention(query, key, value, *, feature_map="elu", causal=False, eps=
     q, k, v, compute, result = check_qkv(query, key, value)
     _check_causal_lengths(causal, q, k)
     L, S = q.shape[-2], k.shape[-2]
-    eps = float(eps)
+    eps = check_real("eps", eps, minimum=0)
     kind = "elu"
     if isinstance(feature_map, str):
         check_choice("feature_map", feature_map, ("elu",))
@@ -225,16 +229,18 @@ def performer_features(dim, num_features=256, *, orthogonal=True, rng=None):
     """
     dim = check_int("dim", dim)
     num_features = check_int("num_features", num_features)
-    rng = np.random.default_rng(rng)
+    rng = check_rng(rng)
     if not orthogonal:
         return rng.standard_normal((num_features, dim))
-    blocks = []
-    for _ in range(-(-num_features // dim)):
+    # the result first: a size that cannot be allocated raises MemoryError at once,
+    # not after drawing num_features / dim blocks
+    w = np.empty((num_features, dim))
+    for start in range(0, num_features, dim):
         qm, rm = np.linalg.qr(rng.standard_normal((dim, dim)))
-        blocks.append((qm * np.sign(np.diag(rm))).T)
-    w = np.concatenate(blocks)[:num_features]
+        w[start:start + dim] = (qm * np.sign(np.diag(rm))).T[:num_features - start]
     norms = np.linalg.norm(rng.standard_normal((num_features, dim)), axis=1)
-    return w * norms[:, None]
+    w *= norms[:, None]
+    return w
 
 
 
@@ -315,7 +321,9 @@ def performer_attention(query, key, value, *, num_features=None, causal=False, o
         w = performer_features(E, 256 if num_features is None else num_features,
                                orthogonal=orthogonal, rng=rng)
     else:
-        w = np.asarray(features, dtype=np.float64)
+        w = as_array("features", features)
+        result_dtypes(w, names=("features",))
+        w = w.astype(np.float64)
         if w.ndim != 2 or w.shape[1] != E or w.shape[0] == 0:
             raise ValueError(f"features must have shape (m, E={E}) with m >= 1, got {w.shape}")
         if num_features is not None and check_int("num_features", num_features) != w.shape[0]:
@@ -368,12 +376,19 @@ def linformer_attention(query, key, value, e_proj, f_proj=None, *, scale=None,
     S = k.shape[-2]
     projections = []
     for name, p in (("e_proj", e_proj), ("f_proj", e_proj if f_proj is None else f_proj)):
-        p = np.asarray(p)
+        p = as_array(name, p)
         result_dtypes(p, names=(name,))
         if p.ndim < 2 or p.shape[-1] != S or p.shape[-2] == 0:
             raise ValueError(f"{name} must have shape (..., k, S={S}) with k >= 1, got "
                              f"{p.shape} (key {k.shape})")
         projections.append(p.astype(compute, copy=False))
+    e, f = projections
+    if f.shape[-2] != e.shape[-2]:
+        raise ValueError(f"e_proj and f_proj must project to the same k rows, got e_proj "
+                         f"{e.shape} and f_proj {f.shape}")
+    check_batch_shape([q.shape[:-2], k.shape[:-2], v.shape[:-2], e.shape[:-2], f.shape[:-2]],
+                      query=q.shape, key=k.shape, value=v.shape, e_proj=e.shape,
+                      f_proj=f.shape)
     k_proj = projections[0] @ k.astype(compute, copy=False)
     v_proj = projections[1] @ v.astype(compute, copy=False)
     out = scaled_dot_product_attention(q.astype(compute, copy=False), k_proj, v_proj,
@@ -428,13 +443,15 @@ def synthesizer_attention(value, *, weights, mode="random", query=None, num_thre
     True
     """
     check_choice("mode", mode, ("random", "factorized", "dense"))
-    v = np.asarray(value)
+    v = as_array("value", value)
+    result_dtypes(v, names=("value",))
     if v.ndim < 2:
         raise ValueError(f"value must have at least 2 dimensions (..., S, Ev), got {v.shape}")
     S = v.shape[-2]
 
     def fits(name, a, axes):
-        a = np.asarray(a)
+        a = as_array(name, a)
+        result_dtypes(a, names=(name,))
         if a.ndim < 2 or any(a.shape[ax] < S for ax in axes):
             raise ValueError(f"{name} of shape {a.shape} is too short for S={S} "
                              f"(value {v.shape})")
@@ -446,6 +463,8 @@ def synthesizer_attention(value, *, weights, mode="random", query=None, num_thre
         return scaled_dot_product_attention(zeros, zeros, v, r.astype(zeros.dtype),
                                             scale=1.0, num_threads=num_threads)
     if mode == "factorized":
+        if isinstance(weights, np.ndarray) or len(weights) != 2:
+            raise ValueError("mode='factorized' takes weights=(R1, R2), a pair of arrays")
         r1, r2 = weights
         r1 = fits("weights[0]", r1, (-2,))[..., :S, :]
         r2 = fits("weights[1]", r2, (-1,))[..., :, :S]

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from fastattn._validation import check_choice, check_int, is_floating
+from fastattn._validation import as_array, check_choice, check_int, is_floating
 from fastattn.attention import CAUSAL_ALIGNMENTS
 
 __all__ = ["causal_mask", "padding_mask", "combine_masks"]
@@ -90,6 +90,8 @@ def padding_mask(lengths, S, *, side="right"):
     check_choice("side", side, ("right", "left"))
     S = check_int("S", S, 0)
     lengths = np.asarray(lengths)
+    if lengths.size == 0 and lengths.dtype.kind == "f":
+        lengths = lengths.astype(np.intp)       # [] (no sequence) reads as float64
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if lengths.ndim != 1:
@@ -139,7 +141,7 @@ def combine_masks(*masks):
            [1, 1, 0],
            [1, 1, 0]])
     """
-    arrays = [np.asarray(m) for m in masks if m is not None]
+    arrays = [as_array("masks", m) for m in masks if m is not None]
     if not arrays:
         return None
     for m in arrays:

@@ -4,8 +4,9 @@ import numpy as np
 
 from fastattn import _linear, _threads
 from fastattn._mha_plan import CHUNK_ROWS_PER_THREAD, batch_chunks
-from fastattn._validation import (CPU_AND_NPU, check_choice, check_device, check_int,
-                                  check_scale, is_floating, result_dtypes)
+from fastattn._validation import (BFLOAT16, CPU_AND_NPU, as_array, check_choice, check_device,
+                                  check_dtype, check_int, check_rng, check_scale, is_floating,
+                                  result_dtypes)
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.backward import scaled_dot_product_attention_backward
 from fastattn.masks import combine_masks
@@ -58,11 +59,11 @@ def split_heads(x, num_heads):
     >>> bool((fastattn.merge_heads(h) == x).all())
     True
     """
-    x = np.asarray(x)
+    x = as_array("x", x)
     H = check_int("num_heads", num_heads)
     if x.ndim < 2 or x.shape[-1] % H:
-        raise ValueError(f"x of shape {x.shape} cannot be split into {H} heads: need "
-                         f"(..., S, H*D) with H={H} dividing the last dimension")
+        raise ValueError(f"x of shape {x.shape} cannot be split into num_heads={H} heads: "
+                         f"need (..., S, H*D) with H={H} dividing the last dimension")
     return _split(x, H)
 
 
@@ -88,7 +89,7 @@ def merge_heads(x):
     >>> fastattn.merge_heads(np.zeros((2, 4, 5, 8))).shape
     (2, 5, 32)
     """
-    x = np.asarray(x)
+    x = as_array("x", x)
     if x.ndim < 3:
         raise ValueError(f"x must have shape (..., H, S, D), got {x.shape}")
     t = x.swapaxes(-3, -2)
@@ -282,7 +283,10 @@ def multi_head_attention(query, key, value, num_heads, *, q_weight, k_weight, v_
     named = {"query": query, "key": key, "value": value, "q_weight": q_weight,
              "k_weight": k_weight, "v_weight": v_weight, "out_weight": out_weight,
              "q_bias": q_bias, "k_bias": k_bias, "v_bias": v_bias, "out_bias": out_bias}
-    arr = {n: np.asarray(a) for n, a in named.items() if a is not None}
+    for n in ("query", "key", "value", "q_weight", "k_weight", "v_weight", "out_weight"):
+        if named[n] is None:
+            raise TypeError(f"{n} is required: an array, got None")
+    arr = {n: as_array(n, a) for n, a in named.items() if a is not None}
     compute, result = result_dtypes(*arr.values(), names=list(arr))
     dtypes = {n: a.dtype for n, a in arr.items()}
     arr = {n: a.astype(compute, copy=False) for n, a in arr.items()}
@@ -589,9 +593,13 @@ class MultiHeadAttention:
             raise ValueError(f"num_heads={H} must divide embed_dim={E}")
         if H % Hkv:
             raise ValueError(f"num_kv_heads={Hkv} must divide num_heads={H}")
+        dtype = check_dtype("dtype", dtype)
+        if dtype not in (np.float16, np.float32, np.float64, BFLOAT16):
+            raise TypeError(f"dtype must be a floating type (float16, bfloat16, float32 or "
+                            f"float64), got {dtype}")
         kdim = E if kdim is None else check_int("kdim", kdim)
         vdim = E if vdim is None else check_int("vdim", vdim)
-        rng = np.random.default_rng(rng)
+        rng = check_rng(rng)
         kv = Hkv * (E // H)
         if kdim == vdim == E and kv == E:
             # PyTorch packs q, k, v into one (3E, E) in_proj_weight and draws it at once

@@ -11,8 +11,8 @@ import numpy as np
 
 from fastattn import _npu, _threads
 from fastattn._kernels import paged as _paged
-from fastattn._layout import as_matrix_stack
-from fastattn._validation import HALF, CPU_AND_NPU, check_device, check_scale, result_dtypes
+from fastattn._layout import as_kernel_array, as_matrix_stack
+from fastattn._validation import HALF, CPU_AND_NPU, as_array, check_device, check_scale, result_dtypes
 
 __all__ = ["PagedKVCache", "paged_attention"]
 
@@ -156,7 +156,7 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
                                supported=_npu.PAGED_DTYPES, what=" for paged attention")
     else:
         try:
-            q, k, v = (np.asarray(a) for a in (query, key_blocks, value_blocks))
+            q, k, v = (as_array(n, a) for n, a in zip(names, (query, key_blocks, value_blocks)))
         except TypeError:   # a DeviceArray refuses conversion; say what to do instead
             _npu.reject_device_arrays(**dict(zip(names, (query, key_blocks, value_blocks))))
             raise
@@ -191,7 +191,7 @@ def _attend_cpu(q, k, v, table, lens, max_len, keys, scale, causal, return_lse, 
     out = np.empty((B, H, T, Ev), dtype=result if result in HALF else compute)
     lse = np.empty((B, H, T), dtype=compute) if return_lse else None
     if out.size:
-        q = np.ascontiguousarray(q, dtype=compute)
+        q = as_kernel_array(q, compute)
         # blocks are read in place, half pools too (widened piece by piece in the kernel,
         # whatever the query's dtype); only another dtype or a layout BLAS cannot take
         # is converted
@@ -276,8 +276,8 @@ def _check_table(block_table, seq_lens, B, num_blocks, bs):
     if lens.size and (lens.min() < 0 or lens.max() > capacity):
         raise ValueError(f"seq_lens must lie in [0, {capacity}] (block_table {table.shape} "
                          f"of blocks of {bs}), got min {lens.min()}, max {lens.max()}")
-    table = np.ascontiguousarray(table, dtype=np.intp)
-    lens = np.ascontiguousarray(lens, dtype=np.intp)
+    table = as_kernel_array(table, np.intp)
+    lens = as_kernel_array(lens, np.intp)
     used = np.arange(table.shape[1]) < -(-lens[:, None] // bs)
     ids = table[used]
     if ids.size and (ids.min() < 0 or ids.max() >= num_blocks):

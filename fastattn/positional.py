@@ -1,7 +1,7 @@
 """Positional information: sinusoidal encodings and rotary embeddings (RoPE)."""
 import numpy as np
 
-from fastattn._validation import check_choice, result_dtypes
+from fastattn._validation import as_array, check_choice, check_dtype, check_real, result_dtypes
 from fastattn._validation import check_int, is_floating
 
 __all__ = ["sinusoidal_positional_encoding", "apply_rotary"]
@@ -42,7 +42,7 @@ def sinusoidal_positional_encoding(length, dim, *, base=10000.0, dtype=np.float3
     """
     length, dim = check_int("length", length, 0), check_int("dim", dim, 0)
     base = _positive("base", base)
-    dtype = np.dtype(dtype)
+    dtype = check_dtype("dtype", dtype)
     if not is_floating(dtype):
         raise TypeError(f"dtype must be a floating dtype (float16/32/64 or bfloat16), got "
                         f"{dtype}")
@@ -104,7 +104,7 @@ def apply_rotary(x, positions, *, base=10000.0, layout="interleaved"):
     """
     check_choice("layout", layout, ROTARY_LAYOUTS)
     base = _positive("base", base)
-    x = np.asarray(x)
+    x = as_array("x", x)
     compute, result = result_dtypes(x, names=("x",))
     if x.ndim < 1 or x.shape[-1] % 2:
         raise ValueError(f"x needs an even number of features on its last axis, got shape "
@@ -138,7 +138,7 @@ def apply_rotary(x, positions, *, base=10000.0, layout="interleaved"):
 
 
 def _positive(name, value):
-    value = float(value)
-    if not value > 0 or not np.isfinite(value):
+    value = check_real(name, value)
+    if not value > 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value

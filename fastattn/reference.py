@@ -143,7 +143,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if attn_mask.dtype == np.bool_:
             keep = attn_mask
         else:
-            scores = scores + attn_mask.astype(np.float64)
+            scores, keep = _scores_with_mask(scores, attn_mask)
     if is_causal:
         c = causal_keep(L, S, causal_alignment)
         keep = c if keep is None else np.logical_and(keep, c)
@@ -595,13 +595,16 @@ __all__ += ["softmax", "log_softmax", "attention_weights", "multi_head_attention
 
 
 def _scores_with_mask(scores, mask):
-    # split a mask into (scores + float part, bool keep)
+    # split a mask into (scores + float part, bool keep); a -inf of a float mask drops
+    # the pair whatever its score (+inf or NaN too), as False does
     if mask is None:
         return scores, None
     mask = np.asarray(mask)
     if mask.dtype == np.bool_:
         return scores, mask
-    return scores + mask.astype(np.float64), None
+    mask = mask.astype(np.float64)
+    drop = np.isneginf(mask)
+    return scores + np.where(drop, 0.0, mask), ~drop
 
 
 def softmax(x, mask=None, *, axis=-1, scale=None):

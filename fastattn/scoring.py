@@ -8,8 +8,8 @@ import numpy as np
 
 from fastattn import _linear, _threads
 from fastattn._kernels import additive as _additive
-from fastattn._layout import PreparedMask, as_mask, as_matrix_stack, batch_offsets
-from fastattn._validation import result_dtypes
+from fastattn._layout import PreparedMask, as_kernel_array, as_mask, as_matrix_stack, batch_offsets
+from fastattn._validation import as_array, result_dtypes
 from fastattn.attention import scaled_dot_product_attention
 from fastattn.softmax import attention_weights
 
@@ -245,7 +245,7 @@ class _Checked:
 
     def __init__(self, query, key, value, mask, **weights):
         named = {"query": query, "key": key, "value": value, **weights}
-        arr = {n: np.asarray(a) for n, a in named.items()}
+        arr = {n: as_array(n, a) for n, a in named.items()}
         self.compute, self.result = result_dtypes(*arr.values(), names=list(arr))
         self.arr = {n: a.astype(self.compute, copy=False) for n, a in arr.items()}
         self.q, self.k, self.v = self.arr["query"], self.arr["key"], self.arr["value"]
@@ -333,6 +333,6 @@ def _run_additive(w_q, w_k, w, c, return_weights, num_threads):
         _linear.run([_linear.stack_job(qs, q_mats, ldq, L, w_q, None, qp, nthreads),
                      _linear.stack_job(ks, k_mats, ldk, S, w_k, None, kpt, nthreads,
                                        transpose=True)], nthreads)
-        _additive.additive(qp, kpt, np.ascontiguousarray(w), vs, out, weights,
+        _additive.additive(qp, kpt, as_kernel_array(w), vs, out, weights,
                            q_off, k_off, v_off, ldv, L, S, Ev, prepared, block_r, threads)
     return out, weights

@@ -1,11 +1,13 @@
 """Masked softmax, log-softmax and materialised attention weights, by a fused kernel."""
+import operator
+
 import numpy as np
 
 from fastattn import _threads
 from fastattn._kernels import softmax as _softmax
 from fastattn._layout import PreparedMask, as_mask, as_matrix_stack, batch_offsets, overlaps
-from fastattn._validation import (check_choice, check_matrix_stacks, check_out, check_scale,
-                                  result_dtypes)
+from fastattn._validation import (as_array, check_choice, check_matrix_stacks, check_out,
+                                  check_scale, result_dtypes)
 from fastattn.attention import CAUSAL_ALIGNMENTS
 
 __all__ = ["masked_softmax", "log_softmax", "attention_weights"]
@@ -29,7 +31,8 @@ def masked_softmax(x, mask=None, *, axis=-1, scale=None, out=None, num_threads=N
     mask : array_like, optional
         Broadcastable to ``x.shape`` (it may not enlarge ``x``). bool: True keeps
         the entry, False drops it (probability 0). Floating: added to the scaled
-        scores (``-inf`` drops). A broadcast mask is never expanded in memory.
+        scores; ``-inf`` drops the entry whatever its score (``+inf`` or NaN too),
+        exactly as False does. A broadcast mask is never expanded in memory.
     axis : int, default=-1
         The axis to normalise over.
     scale : float, optional
@@ -61,8 +64,8 @@ def masked_softmax(x, mask=None, *, axis=-1, scale=None, out=None, num_threads=N
 
     Notes
     -----
-    A row with every entry masked out gives zeros, not NaN. A NaN score makes its
-    row NaN. Each row is scaled, masked, reduced to its max, exponentiated and
+    A row with every entry masked out gives zeros, not NaN. A NaN (or ``+inf``)
+    score that is not masked out makes its row NaN. Each row is scaled, masked, reduced to its max, exponentiated and
     summed, and normalised while it stays in cache; rows run in parallel.
 
     Examples
@@ -218,6 +221,10 @@ def attention_weights(query, key, attn_mask=None, *, is_causal=False, scale=None
     if not in_place:
         # the mask adds batch dimensions: read the scores broadcast, write a new array
         scores = np.broadcast_to(scores, shape)
+    elif not scores.flags.c_contiguous:
+        # np.matmul keeps its operands' order in the batch axes (a Fortran-ordered query
+        # gives Fortran-ordered scores); the kernel writes in place in C order
+        scores = np.ascontiguousarray(scores)
     if mask is not None:
         mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
     causal_offset = None
@@ -257,10 +264,14 @@ def softmax_rows(x, mask, scale, nthreads, *, causal_offset=None, log_out=False,
 
 def _softmax_along(x, mask, axis, scale, out, num_threads, log_out):
     x_in = x
-    x = np.asarray(x)
+    x = as_array("x", x)
     compute, result = result_dtypes(x, names=("x",))
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension, got a 0-d array")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
     if not -x.ndim <= axis < x.ndim:
         raise _AxisError(axis, x.ndim)
     axis %= x.ndim
@@ -286,10 +297,11 @@ def _softmax_along(x, mask, axis, scale, out, num_threads, log_out):
         xm = xm[np.newaxis]
         mm = None if mm is None else mm[np.newaxis]
     last = axis == x.ndim - 1
+    # the kernel writes only aligned memory (fastattn._layout): else through a copy
     in_place = (out is x_in and last and compute == result and xm.flags.c_contiguous
-                and (mask is None or not np.may_share_memory(out, mask)))
+                and xm.flags.aligned and (mask is None or not np.may_share_memory(out, mask)))
     direct = (out is not None and last and compute == result and not in_place
-              and not overlaps(out, x, mask))
+              and out.flags.aligned and not overlaps(out, x, mask))
     target = xm if in_place else out.reshape(xm.shape) if direct else None
     res = softmax_rows(xm, mm, scale, nthreads, log_out=log_out, out=target)
     res = np.moveaxis(res.reshape(np.moveaxis(x, axis, -1).shape), -1, axis)

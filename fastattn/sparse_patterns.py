@@ -15,8 +15,8 @@ import numpy as np
 
 from fastattn.block_layout import BlockLayout
 from fastattn.sparse import block_sparse_attention
-from fastattn._validation import (check_choice, check_int, check_qkv, check_token_flags,
-                                  check_window)
+from fastattn._validation import (check_choice, check_int, check_qkv, check_rng,
+                                  check_token_flags, check_window)
 
 __all__ = ["local_attention", "strided_attention", "global_attention",
            "longformer_attention", "bigbird_attention", "bigbird_layout"]
@@ -148,11 +148,13 @@ def strided_attention(query, key, value, stride, *, mode="strided", summary=None
     """
     check_choice("mode", mode, ("strided", "fixed"))
     stride = check_int("stride", stride)
+    if summary is not None:
+        summary = check_int("summary", summary)
     q, k, v, L, S = _lengths(query, key, value)
     if mode == "strided":
         rule = dict(dilation=stride)
     else:
-        summary = max(1, stride // 4) if summary is None else check_int("summary", summary)
+        summary = max(1, stride // 4) if summary is None else summary
         j = np.arange(S) % stride
         rule = dict(segment=stride, global_key=(j == 0) | (j >= stride - summary))
     layout = BlockLayout.from_rule((L, S), BLOCK_SIZE, is_causal=True, **rule)
@@ -288,17 +290,13 @@ def bigbird_layout(length, *, num_heads=None, block_size=64, num_random_blocks=3
     >>> bool((fastattn.bigbird_layout(1024, rng=0).indices == layout.indices).all())
     True
     """
-    length = int(length)
-    if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
+    length = check_int("length", length, minimum=0)
     block_size = check_int("block_size", block_size)
-    for name, value in (("num_random_blocks", num_random_blocks),
-                        ("num_window_blocks", num_window_blocks),
-                        ("num_global_blocks", num_global_blocks)):
-        if int(value) < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    num_random_blocks = check_int("num_random_blocks", num_random_blocks, minimum=0)
+    num_window_blocks = check_int("num_window_blocks", num_window_blocks, minimum=0)
+    num_global_blocks = check_int("num_global_blocks", num_global_blocks, minimum=0)
     heads = 1 if num_heads is None else check_int("num_heads", num_heads)
-    rng = np.random.default_rng(rng)
+    rng = check_rng(rng)
     n = -(-length // block_size)
     g, half = int(num_global_blocks), int(num_window_blocks) // 2
     blocks = np.zeros((heads, n, n), dtype=bool)

@@ -132,16 +132,30 @@ static T ref_max_##SFX(const T *x, ptrdiff_t n)                                 
     for (int k = 0; k < LANES_##SFX; k++) if (acc[k] > m) m = acc[k];                        \
     return nan ? (T)NAN : m;                                                                 \
 }                                                                                            \
+/* blocks of FA_SUM_STEPS steps: each block's lanes summed in order into a compensated */  \
+/* double sum (Neumaier); the last block's lanes go with the tail, as for one block */      \
 static T ref_sum_##SFX(const T *e, ptrdiff_t n)                                              \
 {                                                                                            \
-    T acc[LANES_##SFX] = {0};                                                                \
+    T acc[LANES_##SFX];                                                                      \
+    double hi = 0, lo = 0;                                                                   \
     ptrdiff_t j = 0;                                                                         \
-    for (; j + LANES_##SFX <= n; j += LANES_##SFX)                                           \
-        for (int k = 0; k < LANES_##SFX; k++) acc[k] += e[j + k];                            \
+    for (;;) {                                                                               \
+        ptrdiff_t block = (ptrdiff_t)FA_SUM_STEPS * LANES_##SFX;                             \
+        ptrdiff_t end = n - j > block ? j + block : n;                                       \
+        for (int k = 0; k < LANES_##SFX; k++) acc[k] = 0;                                    \
+        for (; j + LANES_##SFX <= end; j += LANES_##SFX)                                     \
+            for (int k = 0; k < LANES_##SFX; k++) acc[k] += e[j + k];                        \
+        if (end == n) break;                                                                 \
+        T b = 0;                                                                             \
+        for (int k = 0; k < LANES_##SFX; k++) b += acc[k];                                   \
+        double t = hi + b;                                                                   \
+        lo += fabs(hi) >= fabs((double)b) ? (hi - t) + b : ((double)b - t) + hi;             \
+        hi = t;                                                                              \
+    }                                                                                        \
     T s = 0;                                                                                 \
     for (; j < n; j++) s += e[j];                                                            \
     for (int k = 0; k < LANES_##SFX; k++) s += acc[k];                                       \
-    return s;                                                                                \
+    return hi == 0 ? s : (T)(hi + (lo + s));                                                 \
 }                                                                                            \
 /* distance in ulps between two finite values of the same sign class */                     \
 static double ulps_##SFX(T a, T b)                                                           \
@@ -167,7 +181,7 @@ static void check_row_##SFX(const variant *v, const char *what, const T *x0, con
              (double)want);                                                                  \
     /* add_max */                                                                            \
     memcpy(x, x0, n * sizeof(T));                                                            \
-    for (ptrdiff_t j = 0; j < n; j++) r[j] = x0[j] + add[j];                                 \
+    for (ptrdiff_t j = 0; j < n; j++) r[j] = add[j] == -INFINITY ? add[j] : x0[j] + add[j];  \
     got = v->add_max_##SFX(x, add, n); want = ref_max_##SFX(r, n);                           \
     if (!same_##SFX(got, want))                                                              \
         FAIL("%s %s add_max_" #SFX " n=%td: got %a want %a", v->name, what, n, (double)got,  \
@@ -277,7 +291,8 @@ static void check_all(void)
     ptrdiff_t sizes[200];
     int ns = 0;
     for (int n = 0; n <= 70; n++) sizes[ns++] = n;
-    ptrdiff_t more[] = { 96, 100, 127, 128, 129, 255, 256, 257, 511, 512, 1000, 1031, 4099 };
+    ptrdiff_t more[] = { 96, 100, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1000, 1023,
+                           1024, 1025, 1031, 2048, 4099, 8192 };
     for (size_t i = 0; i < sizeof more / sizeof more[0]; i++) sizes[ns++] = more[i];
     float *xf = malloc(8192 * 4), *af = malloc(8192 * 4);
     double *xd = malloc(8192 * 8), *ad = malloc(8192 * 8);

@@ -300,11 +300,16 @@ cdef inline real mask_row_max(real *s, Py_ssize_t n, const void *mask, int mask_
             if not keep[j * mask_col_stride]:
                 s[j] = -INFINITY
         return row_max(s, n)
+    # float mask: s += mask, where a -inf of the mask drops the entry whatever its score
+    # (+inf or NaN too), as a skipped tile (BLOCK_SKIP) and a bool False do
     add = <const real *>mask
     if mask_col_stride == 1:
         return row_add_max(s, add, n)
     for j in range(n):
-        s[j] += add[j * mask_col_stride]
+        if add[j * mask_col_stride] == -INFINITY:
+            s[j] = -INFINITY
+        else:
+            s[j] += add[j * mask_col_stride]
     return row_max(s, n)
 
 

@@ -43,6 +43,12 @@
 
 #define FA_LANES 16
 #define FA_VEC_BYTES 64      /* lanes of the vector-type reductions, on every ISA */
+/* fa_exp_sum's blocks: the lanes are summed every FA_SUM_STEPS steps (1024 floats, 512
+ * doubles) and the block sums added in double with a compensation term (Neumaier), so a
+ * lane never adds more than FA_SUM_STEPS terms and the sum's relative error stays at
+ * about FA_SUM_STEPS * eps whatever the row's length (one float lane over 2^24 elements
+ * was 1.8e-3 off). A row of at most one block is summed exactly as before. */
+#define FA_SUM_STEPS 64
 
 /* ---- one vector width per ISA -------------------------------------------------------- */
 /* Routines written with GCC vector types are compiled once per ISA, at its register
@@ -391,10 +397,13 @@ ATTR static T fa_max##ISA##_##SFX(const T *x, ptrdiff_t n)                      
     return FA_MAX_FINISH(T, FA_CAT(FA_IOTA_##SFX##_, VB), acc, nan, x, j, n);              \
 }                                                                                          \
                                                                                            \
-/* x[j] += add[j]; return max_j x[j]   (float mask; one pass) */                           \
+/* x[j] = add[j] == -inf ? -inf : x[j] + add[j]; return max_j x[j]   (float mask; one */ \
+/* pass). A -inf of the mask drops the entry whatever its score (+inf and NaN too), as */  \
+/* a skipped tile and a bool mask do: not +inf + -inf = NaN. */                            \
 ATTR static T fa_add_max##ISA##_##SFX(T *x, const T *add, ptrdiff_t n)                     \
 {                                                                                          \
     FA_VEC_TYPES(T, IT, VB);                                                               \
+    const vec ninf = (vec){0} - (T)INFINITY;                                               \
     vec acc[R];                                                                            \
     ivec nan[R];                                                                           \
     FA_ALL(acc[u_] = (vec){0} - (T)INFINITY; nan[u_] = (ivec){0})                          \
@@ -404,11 +413,12 @@ ATTR static T fa_add_max##ISA##_##SFX(T *x, const T *add, ptrdiff_t n)          
             vec v, a;                                                                      \
             memcpy(&v, x + j + u * W, sizeof v);                                           \
             memcpy(&a, add + j + u * W, sizeof a);                                         \
-            v += a;                                                                        \
+            v = (vec)((ivec)v & ~(ivec)(a == ninf)) + a;   /* dropped: 0 + -inf */         \
             memcpy(x + j + u * W, &v, sizeof v);                                           \
             FA_MAX_STEP(acc[u], nan[u], v);                                                \
         }                                                                                  \
-    for (ptrdiff_t t = j; t < n; t++) x[t] += add[t];                                      \
+    for (ptrdiff_t t = j; t < n; t++)                                                      \
+        x[t] = add[t] == -INFINITY ? (T)-INFINITY : x[t] + add[t];                         \
     return FA_MAX_FINISH(T, FA_CAT(FA_IOTA_##SFX##_, VB), acc, nan, x, j, n);              \
 }                                                                                          \
                                                                                            \
@@ -435,25 +445,39 @@ ATTR static T fa_keep_max##ISA##_##SFX(T *x, const uint8_t *keep, ptrdiff_t n)  
     return FA_MAX_FINISH(T, FA_CAT(FA_IOTA_##SFX##_, VB), acc, nan, x, j, n);              \
 }                                                                                          \
                                                                                            \
-/* x[j] = exp(x[j] - m); return sum_j x[j].  m must be finite. The sum: lanes over the */  \
-/* steps, then the tail in order, then the lanes in order (the same on every ISA). */      \
+/* x[j] = exp(x[j] - m); return sum_j x[j].  m must be finite. The sum, block by block */ \
+/* of FA_SUM_STEPS steps: lanes over the steps, then the lanes in order, each block's */   \
+/* sum added to a compensated double sum; the last block adds the tail in order, then */   \
+/* its lanes in order (the same on every ISA). */                                          \
 ATTR static T fa_exp_sum##ISA##_##SFX(T *x, ptrdiff_t n, T m)                              \
 {                                                                                          \
     FA_VEC_TYPES(T, IT, VB);                                                               \
     vec acc[R];                                                                            \
-    FA_ALL(acc[u_] = (vec){0})                                                             \
+    double hi = 0, lo = 0;                 /* the finished blocks: hi + lo */             \
     ptrdiff_t j = 0;                                                                       \
-    for (; j + R * W <= n; j += R * W) {                                                   \
-        vec v[R], e[R];                                                                    \
-        FA_ALL(memcpy(&v[u_], x + j + u_ * W, sizeof v[u_]); v[u_] = v[u_] - m)            \
-        FA_EXPNEG_VECS(SFX, v, e);                                                         \
-        FA_ALL(memcpy(x + j + u_ * W, &e[u_], sizeof e[u_]); acc[u_] += e[u_])             \
+    for (;;) {                                                                             \
+        ptrdiff_t end = n - j > FA_SUM_STEPS * R * W ? j + FA_SUM_STEPS * R * W : n;       \
+        FA_ALL(acc[u_] = (vec){0})                                                         \
+        for (; j + R * W <= end; j += R * W) {                                             \
+            vec v[R], e[R];                                                                \
+            FA_ALL(memcpy(&v[u_], x + j + u_ * W, sizeof v[u_]); v[u_] = v[u_] - m)        \
+            FA_EXPNEG_VECS(SFX, v, e);                                                     \
+            FA_ALL(memcpy(x + j + u_ * W, &e[u_], sizeof e[u_]); acc[u_] += e[u_])         \
+        }                                                                                  \
+        if (end == n)                                                                      \
+            break;                                                                         \
+        T b = 0;                                                                           \
+        for (int u = 0; u < R; u++)                                                        \
+            for (int k = 0; k < W; k++) b += acc[u][k];                                    \
+        double t = hi + b;                 /* Neumaier: lo collects what t rounded off */ \
+        lo += fabs(hi) >= fabs((double)b) ? (hi - t) + b : ((double)b - t) + hi;           \
+        hi = t;                                                                            \
     }                                                                                      \
     T s = 0;                                                                               \
     for (; j < n; j++) { T e = EXPNEG(x[j] - m); x[j] = e; s += e; }                       \
     for (int u = 0; u < R; u++)                                                            \
         for (int k = 0; k < W; k++) s += acc[u][k];                                        \
-    return s;                                                                              \
+    return hi == 0 ? s : (T)(hi + (lo + s));                                               \
 }
 
 /* The vector-type routines per ISA, and fa_max_f32 & co. picking one at run time. */
