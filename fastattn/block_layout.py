@@ -415,7 +415,7 @@ class BlockLayout:
 
     @property
     def causal(self):
-        """Deprecated alias of :attr:`is_causal`."""
+        """Deprecated alias of ``is_causal``."""
         warnings.warn("BlockLayout.causal is deprecated: use BlockLayout.is_causal",
                       DeprecationWarning, stacklevel=2)
         return self.is_causal

@@ -610,7 +610,7 @@ class PagedKVCache:
 
         Append (or :meth:`write`) the new tokens' keys and values first: with
         ``causal=True`` the last query row of each sequence then sees all its
-        tokens, itself included. ``seq_ids`` may be the :class:`KVSlots` of the
+        tokens, itself included. ``seq_ids`` may be the ``KVSlots`` of the
         step. ``layer`` picks the layer of a ``num_layers`` cache (required
         there). The block table of ``seq_ids`` is built once and reused by every
         layer's call until the tables change.
