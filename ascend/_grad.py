@@ -60,6 +60,8 @@ def softmax_statistics(lse):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from ascend._grad import softmax_statistics
     >>> row_max, row_sum = softmax_statistics(np.array([[[0.5, -np.inf]]]))
     >>> row_max.shape, row_max[0, 0, :, 0].tolist(), row_sum[0, 0, :, 0].tolist()
     ((1, 1, 2, 8), [0.5, 0.0], [1.0, 1.0])

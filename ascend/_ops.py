@@ -724,6 +724,8 @@ def _paged_launches(lengths, block_size, num_blocks):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from ascend._ops import _paged_launches
     >>> _paged_launches(np.array([32, 32, 32]), 16, 4)   # 2 blocks each, a pool of 4
     [(0, 2), (2, 3)]
     >>> _paged_launches(np.array([80]), 16, 4)
