@@ -1,16 +1,21 @@
 # Dense scaled dot-product attention: the FlashAttention-2 driver over the tile core.
 #
 # Work is one flat index over (batch, query block, key split): the items of the parallel
-# skeleton (parallel.pxd), handed out dynamically to the pool's threads. Each item walks
-# its key blocks with `attend_tile`, skipping tiles that the causal band or the block map
-# rules out, then writes its output rows:
+# skeleton (parallel.pxd), handed out dynamically to the pool's threads; a ragged batch
+# (varlen attention) lists its items instead, each entry with its own lengths (plan.pxd's
+# Ragged). Each item walks the key blocks of its band (the causal band and the window
+# together) with `attend_tile`, skipping tiles that the band or the block map rules out;
+# tiles that cross an edge of the band are taken in row slices, each over the columns its
+# rows see. The score modifiers (soft-cap, ALiBi) ride along as a ScoreMods (tile.pxd).
+# Then the item writes its output rows:
 #   nsplit == 1: straight into `out` (and `lse`), normalised;
 #   nsplit > 1 : into the partial buffers, merged afterwards by `merge_partial_row`
 #                (used when batch x query blocks alone cannot keep every thread busy,
 #                e.g. decoding one query against a long cache).
-# Tiles with no mask and no diagonal go key-major (tile.pxd's attend_tile_kmajor) when
-# the operands are float32 and the query block has at least 16 rows: the block is
-# packed once for all its tiles instead of transposing every tile's keys.
+# Tiles with no mask and wholly inside the band go key-major (tile.pxd's
+# attend_tile_kmajor) when the operands are float32 (or bfloat16 on AVX512_BF16) and the
+# query block has at least 16 rows: the block is packed once for all its tiles instead of
+# transposing every tile's keys.
 # Extra memory is one scratch block per thread (dense_scratch): one rows x cols score
 # tile plus m and l, and for float32 the packed query block and a key-major score tile.
 
@@ -27,7 +32,7 @@ from fastattn._kernels.tile cimport (
     real, finish_row, merge_partial_row, row_fill, tile_products_native,
     TileBuffers, tile_buffers_init, TileOperands, tile_begin_block, tile_attend,
     tile_attend_kmajor, is_half, element, narrow_rows,
-    SplitMerge, merge_split_item, merge_split_scratch,
+    SplitMerge, merge_split_item, merge_split_scratch, ScoreMods, fa_mods_active,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
 
@@ -59,14 +64,11 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     # key-major buffers and the TileOperands buffers.
     cdef Py_ssize_t isz = p.itemsize
     cdef real *lse = <real *>p.ops.lse
-    cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
-    cdef Py_ssize_t nkb = (p.qkv.S + p.block_k - 1) // p.block_k
-    cdef Py_ssize_t kb_per_split = (nkb + p.nsplit - 1) // p.nsplit
+    cdef Py_ssize_t L, S, off, nqb, nkb, per
     cdef Py_ssize_t t, b, qb, split, kb, kb_lo, kb_hi, r
-    cdef Py_ssize_t last_key = 0      # the causal band's last key (causal only)
-    cdef Py_ssize_t r0, sub_rows, sub_cols
+    cdef Py_ssize_t r0, sub_rows, c_lo, c_hi
     cdef const void *mslice
-    cdef Py_ssize_t q0, k0, rows, cols, band_hi, ldacc
+    cdef Py_ssize_t q0, k0, rows, cols, diag, band_lo, band_hi, ldacc, first, last
     cdef int state
     cdef real *m
     cdef real *l
@@ -79,6 +81,9 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     cdef TileBuffers buf
     cdef TileOperands *ops = &buf.ops
     cdef bint half = is_half(p.dtype)
+    # the score modifiers of this item's tiles (NULL: none)
+    cdef ScoreMods mods_buf
+    cdef ScoreMods *mods = NULL
     # this item's packing state for attend_tile_kmajor (tile.pxd)
     cdef Py_ssize_t ldqt
 
@@ -90,27 +95,55 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
 
     split = item % p.nsplit
     t = item // p.nsplit
-    # heaviest query blocks first: with a causal band they have the most keys
-    qb = nqb - 1 - (t % nqb)
-    b = t // nqb
+    if p.ragged.items != NULL:
+        # a listed item of a ragged batch: its entry's own lengths and diagonal
+        b = p.ragged.items[2 * t]
+        qb = p.ragged.items[2 * t + 1]
+        L = p.ragged.len_q[b]
+        S = p.ragged.len_k[b]
+        off = S - L if p.ragged.bottom_right else p.causal_offset
+    else:
+        # heaviest query blocks first: with a causal band they have the most keys
+        nqb = (p.qkv.L + p.block_q - 1) // p.block_q
+        qb = nqb - 1 - (t % nqb)
+        b = t // nqb
+        L = p.qkv.L
+        S = p.qkv.S
+        off = p.causal_offset
+    nkb = (S + p.block_k - 1) // p.block_k
     q0 = qb * p.block_q
-    rows = p.qkv.L - q0
+    rows = L - q0
     if rows > p.block_q:
         rows = p.block_q
     tile_begin_block(ops, element(p.ops.q, p.qkv.q_off[b] + q0 * p.qkv.ldq, isz), p.qkv.ldq,
                      <int>rows)
 
-    kb_lo = split * kb_per_split
-    kb_hi = kb_lo + kb_per_split
-    if kb_hi > nkb:
-        kb_hi = nkb
-    if p.causal:
-        # last key visible to the last row of this block
-        last_key = q0 + rows - 1 + p.causal_offset
-        if last_key < 0:
-            kb_hi = kb_lo
-        elif last_key // p.block_k + 1 < kb_hi:
-            kb_hi = last_key // p.block_k + 1
+    # the key blocks some row of this block sees (the band: causal and window), then this
+    # split's share of them
+    kb_lo = 0
+    kb_hi = nkb
+    if p.banded:
+        if p.band_right < BAND_ALL:
+            last = q0 + rows - 1 + off + p.band_right     # the last row's last key
+            if last < 0:
+                kb_hi = 0
+            elif last // p.block_k + 1 < kb_hi:
+                kb_hi = last // p.block_k + 1
+        if p.band_left < BAND_ALL:
+            first = q0 + off - p.band_left                # the first row's first key
+            if first > 0:
+                kb_lo = first // p.block_k
+    per = (kb_hi - kb_lo + p.nsplit - 1) // p.nsplit if kb_hi > kb_lo else 0
+    kb_lo = kb_lo + split * per
+    if kb_hi > kb_lo + per:
+        kb_hi = kb_lo + per
+
+    if p.softcap > 0 or p.slopes != NULL:
+        mods_buf.softcap = p.softcap
+        mods_buf.slope = p.slopes[b] if p.slopes != NULL else 0
+        mods_buf.diag = 0
+        if fa_mods_active(&mods_buf):
+            mods = &mods_buf
 
     if p.nsplit > 1:
         acc = part_out + ((b * p.qkv.L + q0) * p.nsplit + split) * p.qkv.ev
@@ -134,12 +167,15 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
             if state == BLOCK_SKIP:
                 continue
         k0 = kb * p.block_k
-        cols = p.qkv.S - k0
+        cols = S - k0
         if cols > p.block_k:
             cols = p.block_k
-        if p.causal and cols > last_key - k0 + 1:
-            cols = last_key - k0 + 1    # keys past the diagonal: not computed
-        band_hi = (q0 + p.causal_offset - k0) if p.causal else BAND_ALL
+        # row r of the tile sees its columns band_lo + r .. band_hi + r
+        diag = q0 + off - k0
+        band_lo = diag - p.band_left if p.band_left < BAND_ALL else -BAND_ALL
+        band_hi = diag + p.band_right if p.band_right < BAND_ALL else BAND_ALL
+        if cols > band_hi + rows:
+            cols = band_hi + rows       # keys past the band's right edge: not computed
         kt = element(p.ops.k, p.qkv.k_off[b] + k0 * p.qkv.ldk, isz)
         vt = element(p.ops.v, p.qkv.v_off[b] + k0 * p.qkv.ldv, isz)
         mtile = NULL
@@ -150,46 +186,60 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
             else:
                 mtile = <const void *>((<const real *>p.mask.data) + p.mask.off[b]
                                        + q0 * p.mask.rs + k0 * p.mask.cs)
-        if p.causal and band_hi < cols - 1 and rows > DIAGONAL_ROWS:
-            # The tile crosses the diagonal: take it in row slices, each cut at its own
-            # last visible key, so little above the diagonal is computed.
-            r0 = 0
-            while r0 < rows:
-                sub_rows = rows - r0
-                if sub_rows > DIAGONAL_ROWS:
-                    sub_rows = DIAGONAL_ROWS
-                sub_cols = band_hi + r0 + sub_rows
-                if sub_cols > cols:
-                    sub_cols = cols
-                if sub_cols <= 0:
-                    r0 = r0 + DIAGONAL_ROWS
-                    continue
-                mslice = NULL
-                if mtile != NULL and p.mask.kind == MASK_BOOL:
-                    mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask.rs)
-                elif mtile != NULL:
-                    mslice = <const void *>((<const real *>mtile) + r0 * p.mask.rs)
-                tile_attend(ops, <int>r0, <int>sub_rows, kt, p.qkv.ldk, vt, p.qkv.ldv,
-                            <int>sub_cols, <real>p.scale,
-                            mslice, p.mask.kind if mtile != NULL else MASK_NONE,
-                            p.mask.rs, p.mask.cs, -BAND_ALL, band_hi + r0,
-                            s, acc + r0 * ldacc, ldacc, m + r0, l + r0)
-                r0 = r0 + DIAGONAL_ROWS
-        else:
-            # no mask, no diagonal: key-major
-            if mtile == NULL and band_hi >= cols - 1 and tile_attend_kmajor(
+        if band_lo <= 1 - rows and band_hi >= cols - 1:
+            # every row sees every column: no mask, key-major
+            if mods != NULL:
+                mods.diag = diag
+            if mtile == NULL and tile_attend_kmajor(
                     ops, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
-                    <real>p.scale, kscratch, &ldqt, acc, ldacc, m, l):
+                    <real>p.scale, kscratch, &ldqt, mods, acc, ldacc, m, l):
                 continue
             tile_attend(ops, 0, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
                         <real>p.scale, mtile, p.mask.kind if mtile != NULL else MASK_NONE,
-                        p.mask.rs, p.mask.cs, -BAND_ALL, band_hi, s, acc, ldacc, m, l)
+                        p.mask.rs, p.mask.cs, band_lo, band_hi, mods, s, acc, ldacc, m, l)
+            continue
+        # The tile crosses an edge of the band (the causal diagonal, a window's edges):
+        # take it in row slices (DIAGONAL_ROWS), each over the columns its rows see, so
+        # little outside the band is computed.
+        r0 = 0
+        while r0 < rows:
+            sub_rows = rows - r0
+            if sub_rows > DIAGONAL_ROWS:
+                sub_rows = DIAGONAL_ROWS
+            c_lo = band_lo + r0
+            if c_lo < 0:
+                c_lo = 0
+            c_hi = band_hi + r0 + sub_rows
+            if c_hi > cols:
+                c_hi = cols
+            if c_hi > c_lo:
+                mslice = NULL
+                if mtile != NULL and p.mask.kind == MASK_BOOL:
+                    mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask.rs
+                                            + c_lo * p.mask.cs)
+                elif mtile != NULL:
+                    mslice = <const void *>((<const real *>mtile) + r0 * p.mask.rs
+                                            + c_lo * p.mask.cs)
+                if mods != NULL:
+                    mods.diag = diag + r0 - c_lo
+                tile_attend(ops, <int>r0, <int>sub_rows,
+                            element(kt, c_lo * p.qkv.ldk, isz), p.qkv.ldk,
+                            element(vt, c_lo * p.qkv.ldv, isz), p.qkv.ldv,
+                            <int>(c_hi - c_lo), <real>p.scale,
+                            mslice, p.mask.kind if mtile != NULL else MASK_NONE,
+                            p.mask.rs, p.mask.cs, band_lo + r0 - c_lo, band_hi + r0 - c_lo,
+                            mods, s, acc + r0 * ldacc, ldacc, m + r0, l + r0)
+            r0 = r0 + DIAGONAL_ROWS
 
     for r in range(rows):
-        if p.nsplit == 1:
-            lse_row = (lse + b * p.qkv.L + q0 + r) if lse != NULL else NULL
-        else:
+        if p.nsplit > 1:
             lse_row = part_lse + (b * p.qkv.L + q0 + r) * p.nsplit + split
+        elif lse == NULL:
+            lse_row = NULL
+        elif p.ragged.items != NULL:
+            lse_row = lse + p.ragged.lse_off[b] + q0 + r
+        else:
+            lse_row = lse + b * p.qkv.L + q0 + r
         finish_row(acc + r * ldacc, p.qkv.ev, m[r], l[r], lse_row)
     if half and p.nsplit == 1:
         narrow_rows(p.dtype, <int>rows, p.qkv.ev, <float *>acc, ldacc,
@@ -221,7 +271,8 @@ def sdpa(AttentionPlan plan):
     # compute type: float64 for float64 operands, float32 for the others
     cdef int compute = cnp.NPY_FLOAT64 if p.dtype == DT_FLOAT64 else cnp.NPY_FLOAT32
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
-    cdef Py_ssize_t nitems = p.qkv.nbatch * nqb * p.nsplit
+    cdef Py_ssize_t nitems = (p.ragged.nitems if p.ragged.items != NULL
+                              else p.qkv.nbatch * nqb * p.nsplit)
     cdef Py_ssize_t nrows = p.qkv.nbatch * p.qkv.L
     cdef cnp.ndarray part_out = None, part_lse = None
     cdef TileBuffers sizing

@@ -231,11 +231,11 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
         # every pair of the tile takes part: key-major
         if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
                 and tile_attend_kmajor(ops, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
-                                       kscratch, &ldqt, acc, ldacc, m, l)):
+                                       kscratch, &ldqt, NULL, acc, ldacc, m, l)):
             continue
         tile_attend(ops, 0, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
                     <const void *>keep, MASK_BOOL if kind == TILE_MASK else MASK_NONE,
-                    cols, 1, band_lo, band_hi, s, acc, ldacc, m, l)
+                    cols, 1, band_lo, band_hi, NULL, s, acc, ldacc, m, l)
 
     for r in range(rows):
         finish_row(acc + r * ldacc, p.qkv.ev, m[r], l[r],

@@ -2,7 +2,8 @@
 #
 # A kernel walks (query block, key block) tiles. For each tile, `attend_tile`
 #   1. computes the scores  s <- scale * q_blk @ k_blk.T          (tile_scores)
-#   2. restricts each row to its visible band of keys and applies the mask,
+#   2. restricts each row to its visible band of keys (causal band, window), applies the
+#      score modifiers (soft-cap, ALiBi: ScoreMods) and the mask,
 #   3. folds the row into the running online softmax (m, l, acc)  (FlashAttention-2),
 #   4. accumulates          acc <- acc + p @ v_blk                 (tile_accumulate)
 # The two products run on the AVX-512 micro-kernels of tilegemm.h for float32 (when the
@@ -80,6 +81,31 @@ cdef inline MaskView mask_view(object prepared):
 cdef enum:
     BAND_ALL = 1 << 30
 
+
+# ---- score modifiers (scoremods.h) ------------------------------------------------------
+# Soft-capping and ALiBi, applied to a tile's scaled scores before the mask (flash-attn's
+# order). A family that has them keeps one ScoreMods per thread and, for each tile call,
+# sets `diag`: i + off - j (query position minus key position) of the call's element
+# (0, 0); it passes NULL when a call has none, so unmodified tiles cost nothing extra.
+
+cdef extern from "scoremods.h" nogil:
+    ctypedef struct ScoreMods "fa_score_mods":
+        double softcap          # > 0: s <- softcap * tanh(s / softcap); 0: off
+        double slope            # ALiBi: s <- s - slope * |d|; 0: no bias
+        Py_ssize_t diag         # d of element (0, 0); element (r, c) has diag + r - c
+    bint fa_mods_active(const ScoreMods *m)
+    void fa_mods_row_f32(const ScoreMods *m, float *s, Py_ssize_t n, Py_ssize_t d0)
+    void fa_mods_row_f64(const ScoreMods *m, double *s, Py_ssize_t n, Py_ssize_t d0)
+
+
+cdef inline void row_mods(const ScoreMods *mods, real *s, Py_ssize_t n,
+                          Py_ssize_t d0) noexcept nogil:
+    # s[j] (j < n, distance d0 - j) soft-capped, then the ALiBi bias added
+    if real is float:
+        fa_mods_row_f32(mods, s, n, d0)
+    else:
+        fa_mods_row_f64(mods, s, n, d0)
+
 cdef extern from "vecmath.h" nogil:
     float fa_max_f32(const float *x, Py_ssize_t n)
     double fa_max_f64(const double *x, Py_ssize_t n)
@@ -150,7 +176,8 @@ cdef extern from "tilegemm.h" nogil:
     int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
                                   const float *qt, Py_ssize_t ldqt, const float *k,
                                   Py_ssize_t ldk, const float *v, Py_ssize_t ldv, float *st,
-                                  float *acc, Py_ssize_t ldacc, float *m, float *l)
+                                  const ScoreMods *mods, float *acc, Py_ssize_t ldacc,
+                                  float *m, float *l)
     enum: FA_PACK_MIN_ROWS
 
 
@@ -207,8 +234,10 @@ cdef inline size_t kmajor_scratch_bytes(Py_ssize_t ld_max, int e, int block_k,
 cdef inline bint attend_tile_kmajor(
         int rows, int cols, int e, int ev, real scale, const real *q, Py_ssize_t ldq,
         real *scratch, Py_ssize_t *ldqt, const real *k, Py_ssize_t ldk, const real *v,
-        Py_ssize_t ldv, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
-    # attend_tile for an unmasked tile, key-major; scratch of kmajor_scratch_bytes. ldqt is
+        Py_ssize_t ldv, const ScoreMods *mods, real *acc, Py_ssize_t ldacc, real *m,
+        real *l) noexcept nogil:
+    # attend_tile for an unmasked tile (every element in the band), key-major, with the
+    # score modifiers mods (or NULL); scratch of kmajor_scratch_bytes. ldqt is
     # the query block's packing state: the caller sets it to -1 for each new block (0
     # without scratch); the first call packs q at the start of scratch and keeps the
     # stride there (0 when the path does not apply).
@@ -221,7 +250,7 @@ cdef inline bint attend_tile_kmajor(
                 fa_pack_transposed(rows, e, q, ldq, scratch, ldqt[0])
         return ldqt[0] > 0 and fa_attend_tile_kmajor_f32(
             rows, cols, e, ev, scale, scratch, ldqt[0], k, ldk, v, ldv,
-            scratch + e * ldqt[0], acc, ldacc, m, l) != 0
+            scratch + e * ldqt[0], mods, acc, ldacc, m, l) != 0
     else:
         return False
 
@@ -355,11 +384,12 @@ cdef inline void finish_row(real *acc, Py_ssize_t ev, real m, real l, real *lse)
 cdef inline bint softmax_tile(
         int rows, int cols, int ev,
         const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
-        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        Py_ssize_t band_lo, Py_ssize_t band_hi, const ScoreMods *mods,
         real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # The middle of attend_tile: s (rows x cols) holds the scaled scores; restrict each
-    # row to its band, apply the mask and fold it into (m, l, acc). On return s holds
-    # the unnormalised probabilities. False when no row contributes.
+    # row to its band, apply the score modifiers (mods, or NULL) and the mask, and fold
+    # it into (m, l, acc). On return s holds the unnormalised probabilities. False when
+    # no row contributes.
     cdef Py_ssize_t r, c0, c1
     cdef bint any_row = False
     cdef real s_max
@@ -376,6 +406,8 @@ cdef inline bint softmax_tile(
         if c1 <= c0:
             row_fill(srow, cols, 0)
             continue
+        if mods != NULL:
+            row_mods(mods, srow + c0, c1 - c0, mods.diag + r - c0)
         mrow = NULL
         if mask_kind == MASK_BOOL:
             mrow = <const void *>((<const uint8_t *>mask) + r * mask_rs + c0 * mask_cs)
@@ -392,19 +424,20 @@ cdef inline void attend_tile(
         const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv, int cols,
         int e, int ev, real scale,
         const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
-        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        Py_ssize_t band_lo, Py_ssize_t band_hi, const ScoreMods *mods,
         real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # One (query block, key block) tile of the online softmax.
     #   q: rows x e, k: cols x e, v: cols x ev (row strides ldq, ldk, ldv)
     #   mask: element (r, c) of the tile at r * mask_rs + c * mask_cs (MASK_NONE: unused)
     #   band: row r sees tile columns c with r + band_lo <= c <= r + band_hi
     #         (causal: band_lo = -BAND_ALL, band_hi = q0 + offset - k0)
+    #   mods: soft-cap and ALiBi (ScoreMods, diag at element (0, 0)), or NULL
     #   s: rows x cols scratch;  acc: rows x ev with row stride ldacc;  m, l: rows
     # s <- scale * q @ k.T
     tile_scores(rows, cols, e, scale, q, ldq, k, ldk, s, ev)
     # acc <- acc + p @ v
     if softmax_tile(rows, cols, ev, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
-                    s, acc, ldacc, m, l):
+                    mods, s, acc, ldacc, m, l):
         tile_accumulate(rows, ev, cols, s, v, ldv, acc, ldacc)
 
 
@@ -560,8 +593,9 @@ cdef extern from "tilehalf.h" nogil:
     int fa_attend_tile_kmajor_bf16(int rows, int cols, int e, int ev, float scale,
                                    const uint32_t *qp, Py_ssize_t ldqt, const uint16_t *k,
                                    Py_ssize_t ldk, const uint16_t *v, Py_ssize_t ldv,
-                                   float *st, uint32_t *pw, uint32_t *vp, float *acc,
-                                   Py_ssize_t ldacc, float *m, float *l)
+                                   float *st, uint32_t *pw, uint32_t *vp,
+                                   const ScoreMods *mods, float *acc, Py_ssize_t ldacc,
+                                   float *m, float *l)
 
 
 cdef struct TileOperands:
@@ -688,15 +722,17 @@ cdef inline void tile_attend(
         TileOperands *t, int r0, int rows, const void *k, Py_ssize_t ldk, const void *v,
         Py_ssize_t ldv, int cols, real scale,
         const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
-        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        Py_ssize_t band_lo, Py_ssize_t band_hi, const ScoreMods *mods,
         real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # attend_tile for rows r0 .. r0 + rows of the current query block, against the key
     # and value tile at k and v (cols rows each, row strides ldk and ldv in elements).
+    # band and mods.diag are relative to the call's first row (r0).
     cdef Py_ssize_t npairs, ldpt
     if not is_half(t.dtype):
         attend_tile(<const real *>element(t.q, r0 * t.ldq, t.itemsize), t.ldq, rows,
                     <const real *>k, ldk, <const real *>v, ldv, cols, t.e, t.ev, scale,
-                    mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi, s, acc, ldacc, m, l)
+                    mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi, mods, s, acc, ldacc,
+                    m, l)
         return
     if real is float:
         if t.dot:
@@ -706,7 +742,7 @@ cdef inline void tile_attend(
                                       <const uint16_t *>element(t.q, r0 * t.ldq, 2), t.ldq,
                                       t.kp, ldpt, s, cols)
             if softmax_tile(rows, cols, t.ev, mask, mask_kind, mask_rs, mask_cs, band_lo,
-                            band_hi, s, acc, ldacc, m, l):
+                            band_hi, mods, s, acc, ldacc, m, l):
                 npairs = (cols + 1) // 2
                 fa_bf16_pairs_rows(rows, cols, s, cols, t.pw, npairs)
                 fa_pack_value_pairs(cols, t.ev, <const uint16_t *>v, ldv, t.vp, t.ev)
@@ -716,19 +752,19 @@ cdef inline void tile_attend(
             fa_widen(t.dtype, cols, t.ev, <const uint16_t *>v, ldv, t.v32, t.ev)
             attend_tile(t.q32 + r0 * t.e, t.e, rows, t.k32, t.e, t.v32, t.ev, cols, t.e,
                         t.ev, scale, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
-                        s, acc, ldacc, m, l)
+                        mods, s, acc, ldacc, m, l)
 
 
 cdef inline bint tile_attend_kmajor(
         TileOperands *t, int rows, const void *k, Py_ssize_t ldk, const void *v,
         Py_ssize_t ldv, int cols, real scale, real *kscratch, Py_ssize_t *ldqt,
-        real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+        const ScoreMods *mods, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # attend_tile_kmajor for the current query block (all its rows), with the same
     # packing state ldqt and scratch; False when the caller must use tile_attend.
     if not is_half(t.dtype):
         return attend_tile_kmajor(rows, cols, t.e, t.ev, scale, <const real *>t.q, t.ldq,
                                   kscratch, ldqt, <const real *>k, ldk, <const real *>v, ldv,
-                                  acc, ldacc, m, l)
+                                  mods, acc, ldacc, m, l)
     if real is float:
         if t.dot:
             if ldqt[0] < 0:
@@ -739,13 +775,13 @@ cdef inline bint tile_attend_kmajor(
             return ldqt[0] > 0 and fa_attend_tile_kmajor_bf16(
                 rows, cols, t.e, t.ev, scale, <const uint32_t *>kscratch, ldqt[0],
                 <const uint16_t *>k, ldk, <const uint16_t *>v, ldv,
-                kscratch + t.e * ldqt[0], t.pw, t.vp, acc, ldacc, m, l) != 0
+                kscratch + t.e * ldqt[0], t.pw, t.vp, mods, acc, ldacc, m, l) != 0
         if ldqt[0] == 0:
             return False
         fa_widen(t.dtype, cols, t.e, <const uint16_t *>k, ldk, t.k32, t.e)
         fa_widen(t.dtype, cols, t.ev, <const uint16_t *>v, ldv, t.v32, t.ev)
         return attend_tile_kmajor(rows, cols, t.e, t.ev, scale, t.q32, t.e, kscratch, ldqt,
-                                  t.k32, t.e, t.v32, t.ev, acc, ldacc, m, l)
+                                  t.k32, t.e, t.v32, t.ev, mods, acc, ldacc, m, l)
     return False
 
 

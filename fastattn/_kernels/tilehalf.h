@@ -33,6 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "scoremods.h"    /* fa_score_mods (the key-major tiles' modifiers) */
+
 /* Element types of the operands: declared here once, mirrored to Cython as parallel.pxd's
  * DType and to Python as parallel.DTYPE_CODES. */
 enum fa_dtype { FA_DT_FLOAT32 = 0, FA_DT_FLOAT64 = 1, FA_DT_FLOAT16 = 2, FA_DT_BFLOAT16 = 3 };
@@ -473,14 +475,15 @@ FA_BF16 static inline __m512 fa_exp_for_bf16(__m512 v)
  * go straight to pair words, pw[w * ldqt + j] = (bf16(p[2w, j]), bf16(p[2w + 1, j])),
  * the last pair of an odd cols padded with 0; l sums them before rounding. */
 FA_BF16 static int fa_kmajor_softmax_bf16(int rows, int cols, int ev, float *st,
-                                          ptrdiff_t ldqt, uint32_t *pw, float *acc,
+                                          ptrdiff_t ldqt, uint32_t *pw,
+                                          const fa_score_mods *mods, float *acc,
                                           ptrdiff_t ldacc, float *m, float *l)
 {
     const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
                                          25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
                                          19, 3, 18, 2, 17, 1, 16, 0);
     float *tile_max = st + (ptrdiff_t)cols * ldqt;
-    if (!fa_kmajor_tile_max(rows, cols, st, ldqt, tile_max))
+    if (!fa_kmajor_tile_max(rows, cols, st, ldqt, tile_max, mods))
         return 0;
     for (int g = 0; g < rows; g += 16) {
         int n = rows - g < 16 ? rows - g : 16;
@@ -509,16 +512,18 @@ FA_BF16 static int fa_kmajor_softmax_bf16(int rows, int cols, int ev, float *st,
  *       ldqt = fa_kmajor_ld(rows);
  *   k: cols x e, v: cols x ev bfloat16 (row strides ldk, ldv), ev a multiple of 16;
  *   st: (cols + 1) * ldqt floats; pw: (cols + 1) / 2 * ldqt words; vp: (cols + 1) / 2 * ev
- *   words of scratch. Returns 0 as fa_kmajor_softmax_f32 does. */
+ *   words of scratch; mods: the score modifiers, or NULL. Returns 0 as
+ *   fa_kmajor_softmax_f32 does. */
 FA_BF16 static int fa_attend_tile_kmajor_bf16(int rows, int cols, int e, int ev, float scale,
                                               const uint32_t *qp, ptrdiff_t ldqt,
                                               const uint16_t *k, ptrdiff_t ldk,
                                               const uint16_t *v, ptrdiff_t ldv, float *st,
                                               uint32_t *pw, uint32_t *vp,
+                                              const fa_score_mods *mods,
                                               float *acc, ptrdiff_t ldacc, float *m, float *l)
 {
     fa_bf16_scores_from_panel(cols, (int)ldqt, e, scale, k, ldk, qp, ldqt, st, ldqt);
-    if (!fa_kmajor_softmax_bf16(rows, cols, ev, st, ldqt, pw, acc, ldacc, m, l))
+    if (!fa_kmajor_softmax_bf16(rows, cols, ev, st, ldqt, pw, mods, acc, ldacc, m, l))
         return 0;
     fa_pack_value_pairs(cols, ev, v, ldv, vp, ev);
     fa_bf16_pv(rows, ev, (cols + 1) / 2, pw, 1, ldqt, vp, ev, acc, ldacc);
@@ -544,7 +549,8 @@ static void fa_bf16_pairs_rows(int rows, int cols, const float *s, ptrdiff_t lds
 static int fa_attend_tile_kmajor_bf16(int rows, int cols, int e, int ev, float scale,
                                       const uint32_t *qp, ptrdiff_t ldqt, const uint16_t *k,
                                       ptrdiff_t ldk, const uint16_t *v, ptrdiff_t ldv,
-                                      float *st, uint32_t *pw, uint32_t *vp, float *acc,
+                                      float *st, uint32_t *pw, uint32_t *vp,
+                                      const fa_score_mods *mods, float *acc,
                                       ptrdiff_t ldacc, float *m, float *l) { return 0; }
 #endif  /* FA_HALF_KERNELS */
 
