@@ -372,11 +372,13 @@ def gather_blocks(blocks, block_ids, length):
 
 
 def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, scale=None,
-                    causal=True, return_lse=False):
+                    causal=True, return_lse=False, window=None, alibi_slopes=None,
+                    softcap=None):
     """:func:`fastattn.paged_attention` in float64: gather each sequence, then attend.
 
     Sequence ``b`` is attended with :func:`scaled_dot_product_attention` over its
-    gathered keys and values (grouped-query heads, bottom-right causal alignment).
+    gathered keys and values (grouped-query heads, bottom-right alignment for the
+    causal band, the window and ALiBi; ``alibi_slopes`` ``(H,)`` or ``(B, H)``).
 
     Examples
     --------
@@ -389,12 +391,15 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     Ev = np.shape(value_blocks)[3]
     out = np.zeros((B, H, T, Ev))
     lse = np.full((B, H, T), -np.inf)
+    slopes = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
     for b in range(B):
         k = gather_blocks(key_blocks, block_table[b], seq_lens[b])
         v = gather_blocks(value_blocks, block_table[b], seq_lens[b])
         out[b], lse[b] = scaled_dot_product_attention(
             q[b], k, v, is_causal=causal, causal_alignment="bottom_right", scale=scale,
-            enable_gqa=True, return_lse=True)
+            enable_gqa=True, return_lse=True, window=window,
+            alibi_slopes=None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b]),
+            softcap=softcap)
     return (out, lse) if return_lse else out
 
 

@@ -263,3 +263,72 @@ def test_no_score_matrix_is_built(rng):
 
 def test_tolerances_cover_dtypes():
     assert set(np.dtype(d) for d in DTYPES) <= set(RTOL)
+
+
+# ---- paged_attention -------------------------------------------------------------------
+
+@st.composite
+def paged_problems(draw):
+    bs = draw(st.sampled_from([1, 4, 16]))
+    nmax = draw(st.integers(1, 40))
+    return dict(
+        dtype=draw(st.sampled_from(DTYPES)), B=draw(st.integers(1, 3)),
+        hkv=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 3])),
+        T=draw(st.integers(1, 4)), bs=bs, nmax=nmax,
+        lens=draw(st.lists(st.integers(0, nmax * bs), min_size=3, max_size=3)),
+        window=_window(draw, 4, nmax * bs), alibi=draw(st.sampled_from([None, "H", "BH"])),
+        softcap=draw(st.sampled_from([None, 0.5, 20.0])), causal=draw(st.booleans()),
+        threads=draw(st.sampled_from([1, 2, 4])), seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@given(p=paged_problems())
+def test_paged_random_shapes_match_reference(p):
+    # [W][A][C] on paged_attention (decoding, chunked prefill), bottom-right positions
+    # pos = len - T + t; half pools; key splits (few sequences, several threads)
+    rng = np.random.default_rng(p["seed"])
+    B, hkv, G, T, bs, nmax = (p[n] for n in ("B", "hkv", "group", "T", "bs", "nmax"))
+    H = hkv * G
+    nblocks = B * nmax + 2
+    kb = rand(rng, (nblocks, hkv, bs, 16), p["dtype"])
+    vb = rand(rng, (nblocks, hkv, bs, 8), p["dtype"])
+    table = rng.permutation(nblocks)[:B * nmax].reshape(B, nmax)
+    lens = np.array(p["lens"][:B])
+    q = rand(rng, (B, H, T, 16), p["dtype"])
+    slopes = {None: None, "H": rng.uniform(0, 1, H), "BH": rng.uniform(0, 1, (B, H))}
+    kw = dict(window=p["window"], alibi_slopes=slopes[p["alibi"]], softcap=p["softcap"],
+              causal=p["causal"])
+    out, lse = fastattn.paged_attention(q, kb, vb, table, lens, return_lse=True,
+                                        num_threads=p["threads"], **kw)
+    ref_out, ref_lse = reference.paged_attention(q, kb, vb, table, lens, return_lse=True,
+                                                 **kw)
+    assert_close(out, ref_out, p["dtype"])
+    assert_lse_close(lse, ref_lse, p["dtype"])
+
+
+def test_paged_window_skips_blocks_before_it(rng):
+    # [W] a decode step with a window reads only the blocks the window covers: blocks
+    # before it may hold NaN without changing the result
+    bs, nmax = 16, 64
+    kb, vb = rand(rng, (nmax, 2, bs, 32)), rand(rng, (nmax, 2, bs, 32))
+    table = np.arange(nmax)[None]
+    lens = np.array([nmax * bs - 5])
+    q = rand(rng, (1, 4, 1, 32))
+    want = fastattn.paged_attention(q, kb, vb, table, lens, window=(100, 0))
+    kb[:50], vb[:50] = np.nan, np.nan            # keys 0 .. 799; the window starts at 914
+    got = fastattn.paged_attention(q, kb, vb, table, lens, window=(100, 0))
+    np.testing.assert_array_equal(got, want)
+    ref = reference.paged_attention(q, np.nan_to_num(kb), np.nan_to_num(vb), table, lens,
+                                    window=(100, 0))
+    assert_close(got, ref, np.float32)
+
+
+def test_paged_bad_modifiers(rng):
+    kb, vb = rand(rng, (2, 1, 4, 8)), rand(rng, (2, 1, 4, 8))
+    q = rand(rng, (1, 2, 1, 8))
+    args = (q, kb, vb, [[0, 1]], [5])
+    with pytest.raises(ValueError, match="window"):
+        fastattn.paged_attention(*args, window=(-3, 0))
+    with pytest.raises(ValueError, match="softcap"):
+        fastattn.paged_attention(*args, softcap=0.0)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        fastattn.paged_attention(*args, alibi_slopes=np.ones(3))
