@@ -31,7 +31,8 @@ from fastattn._kernels.plan cimport AttentionPlan, PlanData
 from fastattn._kernels.tile cimport (
     real, finish_row, merge_partial_row, row_fill, tile_products_native,
     TileBuffers, tile_buffers_init, TileOperands, tile_begin_block, tile_attend,
-    tile_attend_kmajor, is_half, element, narrow_rows,
+    tile_attend_kmajor, tile_attend_kmajor_rows, KMAJOR_SLICE, gather_value_tile, is_half,
+    element, narrow_rows,
     SplitMerge, merge_split_item, merge_split_scratch, ScoreMods, fa_mods_active,
     MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
@@ -44,17 +45,39 @@ def tile_products_run_natively(bint is_float32, int ev):
     return tile_products_native(is_float32, ev)
 
 
-# Rows per slice when a causal tile crossing the diagonal is taken apart.
-cdef enum:
-    DIAGONAL_ROWS = 64
-
-
 cdef struct DenseRun:
     # One call: its plan, and the partial results of split items (nsplit > 1):
     # part_out (nbatch, L, nsplit, ev), part_lse (nbatch, L, nsplit).
     const PlanData *plan
     void *part_out
     void *part_lse
+
+
+cdef inline void dense_slice(const PlanData *p, TileOperands *ops, Py_ssize_t b,
+                             Py_ssize_t r0, Py_ssize_t rows, Py_ssize_t c_lo, Py_ssize_t c_hi,
+                             const void *kt, Py_ssize_t ldk, const void *vt, Py_ssize_t ldv,
+                             const void *mtile,
+                             Py_ssize_t diag, Py_ssize_t band_lo, Py_ssize_t band_hi,
+                             ScoreMods *mods, real *s, real *acc, Py_ssize_t ldacc, real *m,
+                             real *l) noexcept nogil:
+    # Rows r0 .. r0 + rows of the current tile (its keys at kt, vt, its mask at mtile or
+    # NULL, its band and diag relative to its element (0, 0)) against its columns
+    # c_lo .. c_hi, the row way (tile_attend); nothing when c_hi <= c_lo.
+    cdef Py_ssize_t isz = p.itemsize
+    cdef const void *mslice = NULL
+    if c_hi <= c_lo:
+        return
+    if mtile != NULL and p.mask.kind == MASK_BOOL:
+        mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask.rs + c_lo * p.mask.cs)
+    elif mtile != NULL:
+        mslice = <const void *>((<const real *>mtile) + r0 * p.mask.rs + c_lo * p.mask.cs)
+    if mods != NULL:
+        mods.diag = diag + r0 - c_lo
+    tile_attend(ops, <int>r0, <int>rows, element(kt, c_lo * ldk, isz), ldk,
+                element(vt, c_lo * ldv, isz), ldv, <int>(c_hi - c_lo),
+                <real>p.scale, mslice, p.mask.kind if mtile != NULL else MASK_NONE,
+                p.mask.rs, p.mask.cs, band_lo + r0 - c_lo, band_hi + r0 - c_lo, mods, s,
+                acc + r0 * ldacc, ldacc, m + r0, l + r0)
 
 
 cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out,
@@ -67,8 +90,7 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
     cdef Py_ssize_t L, S, off, nqb, nkb, per
     cdef Py_ssize_t t, b, qb, split, kb, kb_lo, kb_hi, r
     cdef Py_ssize_t r0, sub_rows, c_lo, c_hi
-    cdef const void *mslice
-    cdef Py_ssize_t q0, k0, rows, cols, diag, band_lo, band_hi, ldacc, first, last
+    cdef Py_ssize_t q0, k0, rows, cols, diag, band_lo, band_hi, ldacc, first, last, ldv, ldk
     cdef int state
     cdef real *m
     cdef real *l
@@ -176,8 +198,12 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
         band_hi = diag + p.band_right if p.band_right < BAND_ALL else BAND_ALL
         if cols > band_hi + rows:
             cols = band_hi + rows       # keys past the band's right edge: not computed
-        kt = element(p.ops.k, p.qkv.k_off[b] + k0 * p.qkv.ldk, isz)
-        vt = element(p.ops.v, p.qkv.v_off[b] + k0 * p.qkv.ldv, isz)
+        kt = gather_value_tile(element(p.ops.k, p.qkv.k_off[b] + k0 * p.qkv.ldk, isz),
+                               p.qkv.ldk, <int>cols, p.qkv.e, isz, buf.ktile)
+        ldk = p.qkv.e if kt == buf.ktile else p.qkv.ldk
+        vt = gather_value_tile(element(p.ops.v, p.qkv.v_off[b] + k0 * p.qkv.ldv, isz),
+                               p.qkv.ldv, <int>cols, p.qkv.ev, isz, buf.vtile)
+        ldv = p.qkv.ev if vt == buf.vtile else p.qkv.ldv
         mtile = NULL
         if state != BLOCK_FULL:
             if p.mask.kind == MASK_BOOL:
@@ -191,21 +217,22 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
             if mods != NULL:
                 mods.diag = diag
             if mtile == NULL and tile_attend_kmajor(
-                    ops, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
+                    ops, <int>rows, kt, ldk, vt, ldv, <int>cols,
                     <real>p.scale, kscratch, &ldqt, mods, acc, ldacc, m, l):
                 continue
-            tile_attend(ops, 0, <int>rows, kt, p.qkv.ldk, vt, p.qkv.ldv, <int>cols,
+            tile_attend(ops, 0, <int>rows, kt, ldk, vt, ldv, <int>cols,
                         <real>p.scale, mtile, p.mask.kind if mtile != NULL else MASK_NONE,
                         p.mask.rs, p.mask.cs, band_lo, band_hi, mods, s, acc, ldacc, m, l)
             continue
         # The tile crosses an edge of the band (the causal diagonal, a window's edges):
-        # take it in row slices (DIAGONAL_ROWS), each over the columns its rows see, so
-        # little outside the band is computed.
+        # take it in row slices (KMAJOR_SLICE rows), each over the columns its rows see,
+        # so little outside the band is computed: key-major with the band applied in its
+        # max pass, or (a mask, a slice too small, a score not finite) the row way.
         r0 = 0
         while r0 < rows:
             sub_rows = rows - r0
-            if sub_rows > DIAGONAL_ROWS:
-                sub_rows = DIAGONAL_ROWS
+            if sub_rows > KMAJOR_SLICE:
+                sub_rows = KMAJOR_SLICE
             c_lo = band_lo + r0
             if c_lo < 0:
                 c_lo = 0
@@ -213,23 +240,19 @@ cdef void dense_rows(const PlanData *p, Py_ssize_t item, real *s, real *part_out
             if c_hi > cols:
                 c_hi = cols
             if c_hi > c_lo:
-                mslice = NULL
-                if mtile != NULL and p.mask.kind == MASK_BOOL:
-                    mslice = <const void *>((<const uint8_t *>mtile) + r0 * p.mask.rs
-                                            + c_lo * p.mask.cs)
-                elif mtile != NULL:
-                    mslice = <const void *>((<const real *>mtile) + r0 * p.mask.rs
-                                            + c_lo * p.mask.cs)
                 if mods != NULL:
                     mods.diag = diag + r0 - c_lo
-                tile_attend(ops, <int>r0, <int>sub_rows,
-                            element(kt, c_lo * p.qkv.ldk, isz), p.qkv.ldk,
-                            element(vt, c_lo * p.qkv.ldv, isz), p.qkv.ldv,
-                            <int>(c_hi - c_lo), <real>p.scale,
-                            mslice, p.mask.kind if mtile != NULL else MASK_NONE,
-                            p.mask.rs, p.mask.cs, band_lo + r0 - c_lo, band_hi + r0 - c_lo,
-                            mods, s, acc + r0 * ldacc, ldacc, m + r0, l + r0)
-            r0 = r0 + DIAGONAL_ROWS
+                if mtile == NULL and tile_attend_kmajor_rows(
+                        ops, <int>rows, <int>r0, <int>sub_rows,
+                        element(kt, c_lo * ldk, isz), ldk,
+                        element(vt, c_lo * ldv, isz), ldv, <int>(c_hi - c_lo),
+                        <real>p.scale, kscratch, &ldqt, mods, band_lo + r0 - c_lo,
+                        band_hi + r0 - c_lo, acc + r0 * ldacc, ldacc, m + r0, l + r0):
+                    r0 = r0 + KMAJOR_SLICE
+                    continue
+                dense_slice(p, ops, b, r0, sub_rows, c_lo, c_hi, kt, ldk, vt, ldv, mtile, diag,
+                            band_lo, band_hi, mods, s, acc, ldacc, m, l)
+            r0 = r0 + KMAJOR_SLICE
 
     for r in range(rows):
         if p.nsplit > 1:

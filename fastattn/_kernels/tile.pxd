@@ -18,6 +18,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t
 cimport numpy as cnp
 from fastattn._kernels.parallel cimport scratch_room
 from libc.math cimport INFINITY, log
+from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 ctypedef fused real:
@@ -176,9 +177,15 @@ cdef extern from "tilegemm.h" nogil:
     int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
                                   const float *qt, Py_ssize_t ldqt, const float *k,
                                   Py_ssize_t ldk, const float *v, Py_ssize_t ldv, float *st,
-                                  const ScoreMods *mods, float *acc, Py_ssize_t ldacc,
+                                  const ScoreMods *mods, Py_ssize_t band_lo,
+                                  Py_ssize_t band_hi, float *acc, Py_ssize_t ldacc,
                                   float *m, float *l)
     enum: FA_PACK_MIN_ROWS
+    enum: FA_PANEL
+
+# Row slices of a packed query block taken key-major start at multiples of this.
+cdef enum:
+    KMAJOR_SLICE = 32
 
 
 cdef inline bint tile_products_native(bint is_float32, int ev) noexcept nogil:
@@ -237,20 +244,33 @@ cdef inline bint attend_tile_kmajor(
         Py_ssize_t ldv, const ScoreMods *mods, real *acc, Py_ssize_t ldacc, real *m,
         real *l) noexcept nogil:
     # attend_tile for an unmasked tile (every element in the band), key-major, with the
-    # score modifiers mods (or NULL); scratch of kmajor_scratch_bytes. ldqt is
-    # the query block's packing state: the caller sets it to -1 for each new block (0
-    # without scratch); the first call packs q at the start of scratch and keeps the
-    # stride there (0 when the path does not apply).
+    # score modifiers mods (or NULL); scratch of kmajor_scratch_bytes. ldqt is the query
+    # block's packing state: the caller sets it to -1 for each new block (0 without
+    # scratch); the first call packs q at the start of scratch and keeps the stride there
+    # (0 when the path does not apply).
     # Returns False, the state untouched, when the path does not apply or a score is not
     # finite: the caller then calls attend_tile, which defines those cases.
+    return attend_tile_kmajor_rows(rows, 0, rows, cols, e, ev, scale, q, ldq, scratch, ldqt,
+                                   k, ldk, v, ldv, mods, -BAND_ALL, BAND_ALL, acc, ldacc, m, l)
+
+
+cdef inline bint attend_tile_kmajor_rows(
+        int block_rows, int r0, int rows, int cols, int e, int ev, real scale, const real *q,
+        Py_ssize_t ldq, real *scratch, Py_ssize_t *ldqt, const real *k, Py_ssize_t ldk,
+        const real *v, Py_ssize_t ldv, const ScoreMods *mods, Py_ssize_t band_lo,
+        Py_ssize_t band_hi, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # attend_tile_kmajor for rows r0 .. r0 + rows (r0 a multiple of KMAJOR_SLICE) of a query
+    # block of block_rows rows (packed whole at the first call), restricted to a band as
+    # attend_tile's (relative to row r0); acc, m and l point at row r0's. False also when
+    # rows < FA_PACK_MIN_ROWS.
     if real is float:
         if ldqt[0] < 0:
-            ldqt[0] = kmajor_ld(True, ev, rows)
+            ldqt[0] = kmajor_ld(True, ev, block_rows)
             if ldqt[0]:
-                fa_pack_transposed(rows, e, q, ldq, scratch, ldqt[0])
-        return ldqt[0] > 0 and fa_attend_tile_kmajor_f32(
-            rows, cols, e, ev, scale, scratch, ldqt[0], k, ldk, v, ldv,
-            scratch + e * ldqt[0], mods, acc, ldacc, m, l) != 0
+                fa_pack_transposed(block_rows, e, q, ldq, scratch, ldqt[0])
+        return ldqt[0] > 0 and rows >= FA_PACK_MIN_ROWS and fa_attend_tile_kmajor_f32(
+            rows, cols, e, ev, scale, scratch + r0, ldqt[0], k, ldk, v, ldv,
+            scratch + e * ldqt[0], mods, band_lo, band_hi, acc, ldacc, m, l) != 0
     else:
         return False
 
@@ -594,7 +614,8 @@ cdef extern from "tilehalf.h" nogil:
                                    const uint32_t *qp, Py_ssize_t ldqt, const uint16_t *k,
                                    Py_ssize_t ldk, const uint16_t *v, Py_ssize_t ldv,
                                    float *st, uint32_t *pw, uint32_t *vp,
-                                   const ScoreMods *mods, float *acc, Py_ssize_t ldacc,
+                                   const ScoreMods *mods, Py_ssize_t band_lo,
+                                   Py_ssize_t band_hi, float *acc, Py_ssize_t ldacc,
                                    float *m, float *l)
 
 
@@ -673,13 +694,15 @@ cdef inline size_t tile_operands_init(TileOperands *t, int dtype, Py_ssize_t ite
 
 
 # One thread's buffers for walking query blocks over key tiles (dense, block-sparse):
-# the score tile, the running max and sum, the key-major buffers and the TileOperands.
-# Sized and carved by one function, so the size cannot drift from the layout.
+# the score tile, the running max and sum, the key-major buffers, a value tile and the
+# TileOperands. Sized and carved by one function, so the size cannot drift from the layout.
 cdef struct TileBuffers:
     void *s                 # block_q x block_k scores (compute type)
     void *m                 # block_q running maxima
     void *l                 # block_q running sums
     void *kscratch          # key-major buffers (kmajor_scratch_bytes), or NULL
+    void *vtile             # block_k x ev values (native operands; NULL for half ones)
+    void *ktile             # block_k x e keys (native operands; NULL for half ones)
     TileOperands ops
 
 
@@ -699,8 +722,31 @@ cdef inline size_t tile_buffers_init(TileBuffers *b, int dtype, Py_ssize_t items
     off += scratch_room(block_q * realsize)
     b.kscratch = scratch_at(scratch, off) if ld_max else NULL
     off += scratch_room(kmajor_scratch_bytes(ld_max, e, block_k, realsize))
+    b.vtile = b.ktile = NULL
+    if not is_half(dtype):
+        b.vtile = scratch_at(scratch, off)
+        off += scratch_room(block_k * ev * realsize)
+        b.ktile = scratch_at(scratch, off)
+        off += scratch_room(block_k * e * realsize)
     return off + tile_operands_init(&b.ops, dtype, itemsize, e, ev, block_q, block_k,
                                     scratch_at(scratch, off))
+
+
+cdef inline const void *gather_value_tile(const void *v, Py_ssize_t ldv, int cols, int ev,
+                                          Py_ssize_t itemsize, void *vtile) noexcept nogil:
+    # The value tile at v (cols rows of ev elements, row stride ldv) copied to vtile with
+    # rows next to each other, when its rows are spread out (ldv > ev); else v itself.
+    # The products stream a tile's values once per few query rows: rows far apart (a
+    # (total, H, E) packed batch, a (B, L, H, E) array viewed as (B, H, L, E)) fall into
+    # few cache sets and were evicted between passes (a packed varlen batch ran 10% slower
+    # than the same data head-major).
+    cdef Py_ssize_t r
+    if vtile == NULL or ldv <= ev:
+        return v
+    for r in range(cols):
+        memcpy(<char *>vtile + r * ev * itemsize, <const char *>v + r * ldv * itemsize,
+               ev * itemsize)
+    return vtile
 
 
 cdef inline const void *element(const void *base, Py_ssize_t offset,
@@ -761,27 +807,42 @@ cdef inline bint tile_attend_kmajor(
         const ScoreMods *mods, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # attend_tile_kmajor for the current query block (all its rows), with the same
     # packing state ldqt and scratch; False when the caller must use tile_attend.
+    return tile_attend_kmajor_rows(t, rows, 0, rows, k, ldk, v, ldv, cols, scale, kscratch,
+                                   ldqt, mods, -BAND_ALL, BAND_ALL, acc, ldacc, m, l)
+
+
+cdef inline bint tile_attend_kmajor_rows(
+        TileOperands *t, int block_rows, int r0, int rows, const void *k, Py_ssize_t ldk,
+        const void *v, Py_ssize_t ldv, int cols, real scale, real *kscratch, Py_ssize_t *ldqt,
+        const ScoreMods *mods, Py_ssize_t band_lo, Py_ssize_t band_hi, real *acc,
+        Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # tile_attend_kmajor for rows r0 .. r0 + rows of the current query block of block_rows
+    # rows (r0 a multiple of KMAJOR_SLICE; acc, m, l at row r0's), restricted to the band
+    # (relative to row r0): a row slice of a tile crossing the band's edge.
     if not is_half(t.dtype):
-        return attend_tile_kmajor(rows, cols, t.e, t.ev, scale, <const real *>t.q, t.ldq,
-                                  kscratch, ldqt, <const real *>k, ldk, <const real *>v, ldv,
-                                  mods, acc, ldacc, m, l)
+        return attend_tile_kmajor_rows(block_rows, r0, rows, cols, t.e, t.ev, scale,
+                                       <const real *>t.q, t.ldq, kscratch, ldqt,
+                                       <const real *>k, ldk, <const real *>v, ldv, mods,
+                                       band_lo, band_hi, acc, ldacc, m, l)
     if real is float:
         if t.dot:
             if ldqt[0] < 0:
-                ldqt[0] = kmajor_ld(True, t.ev, rows)
+                ldqt[0] = kmajor_ld(True, t.ev, block_rows)
                 if ldqt[0]:
-                    fa_pack_pairs(rows, t.e, <const uint16_t *>t.q, t.ldq,
+                    fa_pack_pairs(block_rows, t.e, <const uint16_t *>t.q, t.ldq,
                                   <uint32_t *>kscratch, ldqt[0])
-            return ldqt[0] > 0 and fa_attend_tile_kmajor_bf16(
-                rows, cols, t.e, t.ev, scale, <const uint32_t *>kscratch, ldqt[0],
+            return ldqt[0] > 0 and rows >= FA_PACK_MIN_ROWS and fa_attend_tile_kmajor_bf16(
+                rows, cols, t.e, t.ev, scale, (<const uint32_t *>kscratch) + r0, ldqt[0],
                 <const uint16_t *>k, ldk, <const uint16_t *>v, ldv,
-                kscratch + t.e * ldqt[0], t.pw, t.vp, mods, acc, ldacc, m, l) != 0
-        if ldqt[0] == 0:
+                kscratch + t.e * ldqt[0], t.pw, t.vp, mods, band_lo, band_hi, acc, ldacc,
+                m, l) != 0
+        if ldqt[0] == 0 or rows < FA_PACK_MIN_ROWS:
             return False
         fa_widen(t.dtype, cols, t.e, <const uint16_t *>k, ldk, t.k32, t.e)
         fa_widen(t.dtype, cols, t.ev, <const uint16_t *>v, ldv, t.v32, t.ev)
-        return attend_tile_kmajor(rows, cols, t.e, t.ev, scale, t.q32, t.e, kscratch, ldqt,
-                                  t.k32, t.e, t.v32, t.ev, mods, acc, ldacc, m, l)
+        return attend_tile_kmajor_rows(block_rows, r0, rows, cols, t.e, t.ev, scale, t.q32,
+                                       t.e, kscratch, ldqt, t.k32, t.e, t.v32, t.ev, mods,
+                                       band_lo, band_hi, acc, ldacc, m, l)
     return False
 
 

@@ -388,11 +388,15 @@ FA_V4 static inline fa_v16 fa_load_part(const float *p, int n, float fill)
 /* The online-softmax step of a key-major tile whose scores are in st (cols x ldqt,
  * scaled), in three parts shared by the float32 step below and the bfloat16 one
  * (tilehalf.h), which differ only in how they store the probabilities:
- *   fa_kmajor_tile_max:   the score modifiers (mods, or NULL) applied, then each query's
- *                         maximum over the tile, into st[cols * ldqt + j];
- *                         0 when a score is not finite (inf or NaN inputs): the caller
- *                         then takes the tile the row-major way, which defines those cases;
- *   fa_kmajor_group_start: for queries g .. g + 15, the new maxima and
+ *   fa_kmajor_tile_max:   the score modifiers (mods, or NULL) applied and the scores
+ *                         outside the band (query r sees key c only if band_lo <= c - r
+ *                         <= band_hi) set to -inf, then each query's maximum over the
+ *                         tile, into st[cols * ldqt + j]; 0 when a score is not finite
+ *                         (inf or NaN inputs): the caller then takes the tile the
+ *                         row-major way, which defines those cases;
+ *   fa_kmajor_group_start: for queries g .. g + 15, the new maxima, the reference the
+ *                         exponents subtract (the maxima, 0 for a row that has seen no
+ *                         key yet, so that masked scores give exp(-inf) = 0) and
  *                         alpha = exp(m_old - m_new) (0 for a row's first keys);
  *   fa_kmajor_group_end:  l <- l * alpha + sum, m <- m_new, and the rows of acc whose
  *                         maximum grew rescaled by alpha. */
@@ -438,23 +442,44 @@ fa_kv16 fa_kmajor_mods(fa_kv16 x, float cap, float inv_cap, float slope, ptrdiff
     return x;
 }
 
+/* Whether a key-major call's band leaves out any score of its rows x cols. */
+static inline int fa_kmajor_banded(int rows, int cols, ptrdiff_t band_lo, ptrdiff_t band_hi)
+{
+    return band_lo > 1 - rows || band_hi < cols - 1;
+}
+
 FA_V4 static inline __attribute__((always_inline))
 int fa_kmajor_tile_max(int rows, int cols, float *st, ptrdiff_t ldqt, float *tile_max,
-                       const fa_score_mods *mods)
+                       const fa_score_mods *mods, ptrdiff_t band_lo, ptrdiff_t band_hi)
 {
+    typedef int32_t ivec __attribute__((vector_size(64)));
+    const int banded = fa_kmajor_banded(rows, cols, band_lo, band_hi);
     for (int g = 0; g < rows; g += 16) {
         fa_v16 mx = (fa_v16){0} - __builtin_inff(), bad = (fa_v16){0};
-        if (mods != NULL) {
-            /* the modifiers first, in the same pass (st is read once either way) */
-            const float cap = (float)mods->softcap, slope = (float)mods->slope;
+        if (mods != NULL || banded) {
+            /* the modifiers and the band first, in the same pass (st is read once either
+             * way); lane i (query g + i) sees key c iff c - band_hi <= g + i <= c - band_lo,
+             * i.e. lo_c <= i <= hi_c, both clamped to [-1, 16] */
+            const float cap = mods ? (float)mods->softcap : 0.0f;
+            const float slope = mods ? (float)mods->slope : 0.0f;
             const float inv_cap = cap > 0 ? 1.0f / cap : 0.0f;
-            const ptrdiff_t diag = mods->diag;
+            const ptrdiff_t diag = mods ? mods->diag : 0;
+            const ivec lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+            const fa_v16 ninf = (fa_v16){0} - __builtin_inff();
             for (int c = 0; c < cols; c++) {
-                fa_v16 x = fa_kmajor_mods(FA_LOAD(st + (ptrdiff_t)c * ldqt + g), cap, inv_cap,
-                                          slope, diag, c, g);
+                fa_v16 x = FA_LOAD(st + (ptrdiff_t)c * ldqt + g);
+                if (mods != NULL)
+                    x = fa_kmajor_mods(x, cap, inv_cap, slope, diag, c, g);
+                bad += x * 0.0f;
+                if (banded) {
+                    ptrdiff_t lo = c - band_hi - g, hi = c - band_lo - g;
+                    lo = lo < -1 ? -1 : lo > 16 ? 16 : lo;
+                    hi = hi < -1 ? -1 : hi > 16 ? 16 : hi;
+                    ivec keep = (lane >= (int32_t)lo) & (lane <= (int32_t)hi);
+                    x = (fa_v16)(((ivec)x & keep) | ((ivec)ninf & ~keep));
+                }
                 FA_STORE(st + (ptrdiff_t)c * ldqt + g, x);
                 mx = (fa_v16)_mm512_max_ps((__m512)x, (__m512)mx);
-                bad += x * 0.0f;
             }
         } else {
             for (int c = 0; c < cols; c++) {
@@ -473,7 +498,8 @@ int fa_kmajor_tile_max(int rows, int cols, float *st, ptrdiff_t ldqt, float *til
 
 FA_V4 static inline __attribute__((always_inline))
 void fa_kmajor_group_start(int g, int n, const float *tile_max, const float *m,
-                           const float *l, fa_kv16 *m_new, fa_kv16 *l_old, fa_kv16 *alpha)
+                           const float *l, fa_kv16 *m_new, fa_kv16 *m_ref, fa_kv16 *l_old,
+                           fa_kv16 *alpha)
 {
     typedef fa_kv16 vec;
     typedef int32_t ivec __attribute__((vector_size(64)));
@@ -481,7 +507,12 @@ void fa_kmajor_group_start(int g, int n, const float *tile_max, const float *m,
     vec m_old = fa_load_part(m + g, n, 0.0f), d[1], a[1];
     *l_old = fa_load_part(l + g, n, 0.0f);
     *m_new = (vec)_mm512_max_ps((__m512)FA_LOAD(tile_max + g), (__m512)m_old);
-    d[0] = m_old - *m_new;
+    /* a row whose keys so far were all masked out by the band: -inf - -inf would be NaN */
+    *m_ref = (vec)_mm512_mask_mov_ps((__m512)*m_new,
+                                     _mm512_cmp_ps_mask((__m512)*m_new,
+                                                        _mm512_set1_ps(-__builtin_inff()),
+                                                        _CMP_EQ_OQ), _mm512_setzero_ps());
+    d[0] = m_old - *m_ref;
     FA_EXPNEG_VECS(f32, d, a);
     *alpha = a[0];
 }
@@ -507,18 +538,19 @@ void fa_kmajor_group_end(int g, int n, int ev, fa_kv16 m_new, fa_kv16 l_old, fa_
 /* The float32 step: st <- exp(mods(st) - m_new), st needing (cols + 1) * ldqt floats (the
  * last row holds the maxima). Returns 0 as fa_kmajor_tile_max does, the state untouched. */
 FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, ptrdiff_t ldqt,
-                                       const fa_score_mods *mods,
+                                       const fa_score_mods *mods, ptrdiff_t band_lo,
+                                       ptrdiff_t band_hi,
                                        float *acc, ptrdiff_t ldacc, float *m, float *l)
 {
     typedef fa_kv16 vec;
     typedef int32_t ivec __attribute__((vector_size(64)));
     float *tile_max = st + (ptrdiff_t)cols * ldqt;
-    if (!fa_kmajor_tile_max(rows, cols, st, ldqt, tile_max, mods))
+    if (!fa_kmajor_tile_max(rows, cols, st, ldqt, tile_max, mods, band_lo, band_hi))
         return 0;
     for (int g = 0; g < rows; g += 16) {
         int n = rows - g < 16 ? rows - g : 16;
-        vec m_new, l_old, alpha, sum = (vec){0};
-        fa_kmajor_group_start(g, n, tile_max, m, l, &m_new, &l_old, &alpha);
+        vec m_new, m_sub, l_old, alpha, sum = (vec){0};
+        fa_kmajor_group_start(g, n, tile_max, m, l, &m_new, &m_sub, &l_old, &alpha);
         int c = 0;
         {
             /* four keys at a time: independent exps for the out-of-order core to overlap
@@ -527,7 +559,7 @@ FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, pt
             for (; c + 4 <= cols; c += 4) {
                 vec z[4], p[4];
                 for (int u = 0; u < 4; u++)
-                    z[u] = FA_LOAD(st + (ptrdiff_t)(c + u) * ldqt + g) - m_new;
+                    z[u] = FA_LOAD(st + (ptrdiff_t)(c + u) * ldqt + g) - m_sub;
                 FA_EXPNEG_VECS(f32, z, p);
                 for (int u = 0; u < 4; u++) {
                     FA_STORE(st + (ptrdiff_t)(c + u) * ldqt + g, p[u]);
@@ -540,7 +572,7 @@ FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, pt
             for (; c < cols; c++) {
                 float *x = st + (ptrdiff_t)c * ldqt + g;
                 vec z[1], p[1];
-                z[0] = FA_LOAD(x) - m_new;
+                z[0] = FA_LOAD(x) - m_sub;
                 FA_EXPNEG_VECS(f32, z, p);
                 FA_STORE(x, p[0]);
                 sum += p[0];
@@ -551,12 +583,15 @@ FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, pt
     return 1;
 }
 
-/* One unmasked tile of the online softmax, key-major:
+/* One tile of the online softmax, key-major, with no mask beyond a band:
  *   qt: the query block packed by fa_pack_transposed(rows, e, q, ldq, qt, ldqt),
- *       ldqt = fa_kmajor_ld(rows);
+ *       ldqt = fa_kmajor_ld(rows); or rows r0 .. r0 + rows of a larger packed block
+ *       (qt + r0, r0 a multiple of FA_PANEL, its own ldqt);
  *   k: cols x e, v: cols x ev (row strides ldk, ldv), ev a multiple of 16;
  *   st: scratch of (cols + 1) * ldqt floats;
  *   mods: the score modifiers, or NULL;
+ *   band_lo, band_hi: query r sees key c iff band_lo <= c - r <= band_hi (as attend_tile's
+ *       band; -FA_KMAJOR_NO_BAND, FA_KMAJOR_NO_BAND for all);
  *   acc (rows x ev, row stride ldacc), m and l (rows): the running state, as in
  *   attend_tile (tile.pxd).
  * Returns 0 as fa_kmajor_softmax_f32 does. */
@@ -564,12 +599,15 @@ FA_V4 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, fl
                                            const float *qt, ptrdiff_t ldqt,
                                            const float *k, ptrdiff_t ldk,
                                            const float *v, ptrdiff_t ldv, float *st,
-                                           const fa_score_mods *mods,
+                                           const fa_score_mods *mods, ptrdiff_t band_lo,
+                                           ptrdiff_t band_hi,
                                            float *acc, ptrdiff_t ldacc, float *m, float *l)
 {
-    /* st[c, :] = scale * k[c] . q[:] for all ldqt (zero-padded) queries */
-    fa_scores_from_panel(cols, (int)ldqt, e, scale, k, ldk, qt, ldqt, st, ldqt);
-    if (!fa_kmajor_softmax_f32(rows, cols, ev, st, ldqt, mods, acc, ldacc, m, l))
+    /* st[c, :] = scale * k[c] . q[:] for the rows queries, rounded up to whole panels
+     * (zero-padded, or the next rows of a larger packed block) */
+    fa_scores_from_panel(cols, (int)fa_kmajor_ld(rows), e, scale, k, ldk, qt, ldqt, st, ldqt);
+    if (!fa_kmajor_softmax_f32(rows, cols, ev, st, ldqt, mods, band_lo, band_hi, acc, ldacc,
+                               m, l))
         return 0;
     fa_tile_pv_t_f32(rows, ev, cols, st, ldqt, v, ldv, acc, ldacc);
     return 1;
@@ -604,11 +642,12 @@ static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t ldk, f
 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
                                      const float *qt, ptrdiff_t ldqt, const float *k,
                                      ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float *st,
-                                     const fa_score_mods *mods,
+                                     const fa_score_mods *mods, ptrdiff_t band_lo,
+                                     ptrdiff_t band_hi,
                                      float *acc, ptrdiff_t ldacc, float *m, float *l)
 { (void)rows; (void)cols; (void)e; (void)ev; (void)scale; (void)qt; (void)ldqt; (void)k;
-  (void)ldk; (void)v; (void)ldv; (void)st; (void)mods; (void)acc; (void)ldacc; (void)m;
-  (void)l; return 0; }
+  (void)ldk; (void)v; (void)ldv; (void)st; (void)mods; (void)band_lo; (void)band_hi;
+  (void)acc; (void)ldacc; (void)m; (void)l; return 0; }
 
 #endif
 #endif  /* FASTATTN_TILEGEMM_H */
