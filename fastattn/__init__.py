@@ -21,6 +21,7 @@ from fastattn.positional import apply_rotary, sinusoidal_positional_encoding
 from fastattn.scoring import additive_attention, concat_attention, dot_attention, general_attention
 from fastattn.softmax import attention_weights, log_softmax, masked_softmax
 from fastattn.paged import PagedKVCache, paged_attention
+from fastattn.varlen import varlen_attention
 
 from fastattn.sparse import BlockLayout, block_sparse_attention
 from fastattn.sparse_patterns import (bigbird_attention, bigbird_layout, global_attention,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "scaled_dot_product_attention",
+    "varlen_attention",
     # long sequences: one block-sparse kernel + patterns, content-based sparsity (hashing,
     # clustering, sorting), low-rank and kernelised variants
     "BlockLayout", "block_sparse_attention", "local_attention", "strided_attention",
