@@ -3,7 +3,8 @@
 Architecture::
 
     ascend.flash_attention / paged_attention      _ops.py     validate, convert conventions,
-                 |                                            two-phase aclnn call
+    ascend.flash_attention_backward               _grad.py    two-phase aclnn call
+                 |
                  v
     DescriptorScope (aclTensor, aclIntArray,      _meta.py    libnnopbase.so
                      aclTensorList)
@@ -21,6 +22,7 @@ initialised on first use, so ``import ascend`` works on any machine and
 
 from ._array import DeviceArray, to_device, zeros
 from ._errors import AscendError, AscendRuntimeNotFound
+from ._grad import flash_attention_backward
 from ._ops import check_paged_cache, flash_attention, paged_attention
 from ._runtime import device_count, devices, empty_cache, is_available, parse_device
 
@@ -33,6 +35,7 @@ __all__ = [
     "devices",
     "empty_cache",
     "flash_attention",
+    "flash_attention_backward",
     "is_available",
     "paged_attention",
     "parse_device",

@@ -97,6 +97,7 @@ _META_FUNCTIONS = {
     "aclDestroyTensor": (c_int32, [TensorRef]),
     "aclDestroyIntArray": (c_int32, [IntArrayRef]),
     "aclDestroyTensorList": (c_int32, [TensorListRef]),
+    "aclSetAclOpExecutorRepeatable": (c_int32, [ExecutorRef]),
     "aclDestroyAclOpExecutor": (c_int32, [ExecutorRef]),
 }
 
@@ -113,6 +114,17 @@ _OPERATOR_PHASE1 = {
         c_char_p,                    # inputLayout
         c_int64, c_int64,            # innerPrecise, sparseMode
         _T, _T, _T, _T,              # softmaxMax, softmaxSum, softmaxOut, attentionOut
+        POINTER(c_uint64), POINTER(ExecutorRef)],
+    "aclnnFlashAttentionScoreGrad": [  # ops-transformer aclnn_flash_attention_score_grad.h
+        _T, _T, _T, _T,              # query, keyIn, value, dy
+        _T, _T, _T, _T,              # pseShift, dropMask, paddingMask, attenMask
+        _T, _T, _T, _T,              # softmaxMax, softmaxSum, softmaxIn, attentionIn
+        IntArrayRef,                 # prefix
+        c_double, c_double,          # scaleValue, keepProb
+        c_int64, c_int64, c_int64,   # preTokens, nextTokens, headNum
+        c_char_p,                    # inputLayout
+        c_int64, c_int64,            # innerPrecise, sparseMode
+        _T, _T, _T, _T,              # dqOut, dkOut, dvOut, dpseOut
         POINTER(c_uint64), POINTER(ExecutorRef)],
     "aclnnIncreFlashAttentionV4": [
         _T, TensorListRef, TensorListRef,  # query, key, value

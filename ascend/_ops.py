@@ -141,43 +141,79 @@ class _CallResources(Owner):
 class _Executor(Owner):
     """The ``aclOpExecutor`` of one two-phase call (an :class:`~ascend._owner.Owner`).
 
-    Phase 1 writes it into :attr:`handle`. :meth:`launch` hands it to phase 2,
-    which consumes it (success or failure) and closes this object; closed
-    before a launch (e.g. the workspace allocation failed), it is destroyed.
+    Phase 1 writes it into :attr:`handle`. CANN documents two lifetimes
+    (hiascend aolapi "aclDestroyAclOpExecutor", "aclSetAclOpExecutorRepeatable"):
+    a single-use executor is created by phase 1 and released by phase 2, and
+    nothing else may release it; a repeatable one belongs to the caller until
+    ``aclDestroyAclOpExecutor``, the only use that function is documented for.
+    When something between the phases can fail (a workspace that needs a new
+    ``aclrtMalloc``; one taken from the pool cannot fail), :meth:`adopt`, called
+    right after phase 1, makes the executor repeatable, so that this object can
+    destroy it on close, after the launch or instead of it. Otherwise it stays
+    single-use and the launch releases it. If the operator refuses reuse (the
+    documented limits: operators that copy between host and device inside, or
+    create device tensors), the executor stays single-use too; closed without a
+    launch, it is then left to CANN, as no documented call releases it.
     """
 
     def __init__(self, meta):
         self._meta = meta
         self.handle = ExecutorRef()  # NULL until phase 1 succeeds
+        self.repeatable = False
         Owner.__init__(self)
 
     def _release(self):
         handle, self.handle = self.handle, None
-        if handle:  # set by phase 1 and never launched
+        if handle and self.repeatable:
             self._meta.aclDestroyAclOpExecutor(handle)
 
-    def launch(self, operator, workspace, workspace_size, stream):
-        """Phase 2 of ``operator``; returns its status."""
+    def adopt(self):
+        """Right after phase 1: make the executor repeatable (owned by this object)."""
         if not self._open:
             self._check_open()
-        handle, self.handle = self.handle, None  # phase 2 consumes it, whatever its status
-        self.close()
-        return operator.launch(workspace, workspace_size, handle, stream)
+        self.repeatable = self._meta.aclSetAclOpExecutorRepeatable(self.handle) == 0
+
+    def launch(self, operator, workspace, workspace_size, stream):
+        """Phase 2 of ``operator``; returns its status. Closes this object."""
+        if not self._open:
+            self._check_open()
+        handle = self.handle
+        if not self.repeatable:
+            self.handle = None  # phase 2 consumes a single-use executor, whatever its status
+        try:
+            return operator.launch(workspace, workspace_size, handle, stream)
+        finally:
+            self.close()
 
 
-def _run_operator(runtime, device, operator_name, phase1_arguments, resources):
-    """Two-phase aclnn call: workspace size + executor, workspace, launch, synchronise."""
+def _run_operator(runtime, device, operator_name, phase1_arguments):
+    """Two-phase aclnn call: workspace size + executor, workspace, launch, synchronise.
+
+    The workspace is taken from the pool for this launch only and returned once
+    the stream is synchronised (or the call failed).
+    """
     operator = runtime.lib.operator(operator_name)
     stream = runtime.activate(device)
     workspace_size = c_uint64(0)
-    with _Executor(runtime.lib.meta) as executor:
-        runtime.lib.check(operator.get_workspace_size(*phase1_arguments, byref(workspace_size),
-                                                      byref(executor.handle)),
-                          operator.phase1_name)
-        workspace = resources.scratch(workspace_size.value).ptr if workspace_size.value else None
-        runtime.lib.check(executor.launch(operator, workspace, workspace_size.value, stream),
-                          operator.name)
-    runtime.lib.check(runtime.lib.acl.aclrtSynchronizeStream(stream), "aclrtSynchronizeStream")
+    workspace = None
+    try:
+        with _Executor(runtime.lib.meta) as executor:
+            runtime.lib.check(operator.get_workspace_size(*phase1_arguments,
+                                                          byref(workspace_size),
+                                                          byref(executor.handle)),
+                              operator.phase1_name)
+            if workspace_size.value:
+                workspace = runtime.take_idle(device, workspace_size.value)
+                if workspace is None:  # a new allocation can fail: own the executor first
+                    executor.adopt()
+                    workspace = runtime.allocate(device, workspace_size.value)
+            runtime.lib.check(executor.launch(operator, workspace.ptr if workspace else None,
+                                              workspace_size.value, stream), operator.name)
+        runtime.lib.check(runtime.lib.acl.aclrtSynchronizeStream(stream),
+                          "aclrtSynchronizeStream")
+    finally:
+        if workspace is not None:
+            runtime.release(workspace)
 
 
 # ---------------------------------------------------------------------------
@@ -263,6 +299,21 @@ def _plan_mask(attn_mask, is_causal, alignment, full_shape, scale, storage_name)
     return plan
 
 
+def _mask_tensors(plan, runtime, device, resources, scope, acl_dtype):
+    """``(attenMask, realShift)`` descriptors of a :class:`_MaskPlan` (None when absent):
+    the cached compressed causal mask, or the uploaded mask and bias."""
+    mask_tensor = pse_tensor = None
+    if plan.compressed:
+        mask = runtime.constant(device, "compressed_causal_mask", compressed_causal_mask)
+        mask_tensor = scope.tensor(mask.ptr, (COMPRESSED_MASK_SIZE,) * 2, DTYPES["bool"][0])
+    elif plan.masked_out is not None:
+        mask_tensor = scope.tensor(resources.upload(plan.masked_out).ptr,
+                                   plan.masked_out.shape, DTYPES["bool"][0])
+    if plan.pse is not None:
+        pse_tensor = scope.tensor(resources.upload(plan.pse).ptr, plan.pse.shape, acl_dtype)
+    return mask_tensor, pse_tensor
+
+
 def _broadcast_shape(shape, full_shape):
     try:
         return np.broadcast_shapes(shape, full_shape)
@@ -297,6 +348,41 @@ def _pse_in_supported_shape(pse, full_shape):
 # ---------------------------------------------------------------------------
 # dense attention
 # ---------------------------------------------------------------------------
+
+def _flash_shapes(q, k, v, operator):
+    """``(B, Hq, L, E, Hkv, S, Ev)`` of BNSD operands, checked against the limits that
+    aclnnFlashAttentionScore and aclnnFlashAttentionScoreGrad document alike."""
+    for operand, layout in ((q, "(B, Hq, L, E)"), (k, "(B, Hkv, S, E)"), (v, "(B, Hkv, S, Ev)")):
+        _check_rank(operand, 4, layout)
+    batch, heads, length, head_dim = q.shape
+    kv_heads, key_length, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    if k.shape[0] != batch or v.shape[0] != batch or v.shape[1] != kv_heads \
+            or v.shape[2] != key_length or k.shape[3] != head_dim:
+        raise ValueError(f"inconsistent shapes: query {q.shape}, key {k.shape}, value {v.shape}")
+    if min(q.shape + k.shape + v.shape) < 1:
+        raise ValueError(f"empty query/key/value are not supported by {operator}")
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
+                         f"({kv_heads})")
+    if heads > FLASH_ATTENTION_MAX_HEADS:
+        raise ValueError(f"{operator} supports at most {FLASH_ATTENTION_MAX_HEADS} heads, "
+                         f"got {heads}")
+    if head_dim > FLASH_ATTENTION_MAX_HEAD_DIM or value_dim > head_dim:
+        raise ValueError(f"{operator} needs Ev <= E <= {FLASH_ATTENTION_MAX_HEAD_DIM}, got "
+                         f"E={head_dim}, Ev={value_dim}")
+    return batch, heads, length, head_dim, kv_heads, key_length, value_dim
+
+
+def _flash_options(causal_alignment, scale, head_dim):
+    """The checked scale (default ``1 / sqrt(E)``), after checking ``causal_alignment``."""
+    if causal_alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', "
+                         f"got {causal_alignment!r}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+    return scale
+
 
 def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
                     causal_alignment="top_left", scale=None, return_lse=False, device=0):
@@ -355,49 +441,20 @@ def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
     operands = (q, k, v)
     _check_devices(operands, device)
     name = _check_dtypes(operands, FLASH_ATTENTION_DTYPES, "aclnnFlashAttentionScore")
-    for operand, layout in ((q, "(B, Hq, L, E)"), (k, "(B, Hkv, S, E)"), (v, "(B, Hkv, S, Ev)")):
-        _check_rank(operand, 4, layout)
-    batch, heads, length, head_dim = q.shape
-    kv_heads, key_length, value_dim = k.shape[1], k.shape[2], v.shape[3]
-    if k.shape[0] != batch or v.shape[0] != batch or v.shape[1] != kv_heads \
-            or v.shape[2] != key_length or k.shape[3] != head_dim:
-        raise ValueError(f"inconsistent shapes: query {q.shape}, key {k.shape}, value {v.shape}")
-    if min(q.shape + k.shape + v.shape) < 1:
-        raise ValueError("empty query/key/value are not supported by aclnnFlashAttentionScore")
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
-                         f"({kv_heads})")
-    if heads > FLASH_ATTENTION_MAX_HEADS:
-        raise ValueError(f"aclnnFlashAttentionScore supports at most "
-                         f"{FLASH_ATTENTION_MAX_HEADS} heads, got {heads}")
-    if head_dim > FLASH_ATTENTION_MAX_HEAD_DIM or value_dim > head_dim:
-        raise ValueError(f"aclnnFlashAttentionScore needs Ev <= E <= "
-                         f"{FLASH_ATTENTION_MAX_HEAD_DIM}, got E={head_dim}, Ev={value_dim}")
-    if causal_alignment not in ("top_left", "bottom_right"):
-        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', "
-                         f"got {causal_alignment!r}")
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if not math.isfinite(scale) or scale == 0.0:
-        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+    batch, heads, length, head_dim, kv_heads, key_length, value_dim = _flash_shapes(
+        q, k, v, "aclnnFlashAttentionScore")
+    scale = _flash_options(causal_alignment, scale, head_dim)
     plan = _plan_mask(attn_mask, is_causal, causal_alignment,
                       (batch, heads, length, key_length), scale, name)
 
     on_device = any(o.device_array is not None for o in operands)
     acl_dtype = DTYPES[name][0]
-    acl_bool = DTYPES["bool"][0]
     out_shape, stats_shape = (batch, heads, length, value_dim), (batch, heads, length, 8)
     with _CallResources(runtime, device) as resources, \
             DescriptorScope(runtime.lib, runtime.descriptors) as scope:
         tensors = [scope.tensor(resources.place(o), o.shape, acl_dtype) for o in operands]
-        mask_tensor = pse_tensor = None
-        if plan.compressed:
-            mask = runtime.constant(device, "compressed_causal_mask", compressed_causal_mask)
-            mask_tensor = scope.tensor(mask.ptr, (COMPRESSED_MASK_SIZE,) * 2, acl_bool)
-        elif plan.masked_out is not None:
-            mask_tensor = scope.tensor(resources.upload(plan.masked_out).ptr,
-                                       plan.masked_out.shape, acl_bool)
-        if plan.pse is not None:
-            pse_tensor = scope.tensor(resources.upload(plan.pse).ptr, plan.pse.shape, acl_dtype)
+        mask_tensor, pse_tensor = _mask_tensors(plan, runtime, device, resources, scope,
+                                                acl_dtype)
         out_buffer = resources.scratch(math.prod(out_shape) * DTYPES[name][1].itemsize)
         max_buffer = resources.scratch(math.prod(stats_shape) * 4)
         sum_buffer = resources.scratch(math.prod(stats_shape) * 4)
@@ -411,14 +468,16 @@ def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
             scope.tensor(None, (0,), acl_dtype),  # softmaxOut: reserved, empty
             scope.tensor(out_buffer.ptr, out_shape, acl_dtype),
         ]
-        _run_operator(runtime, device, "aclnnFlashAttentionScore", arguments, resources)
-        out = resources.deliver(out_buffer, out_shape, name, on_device)
+        _run_operator(runtime, device, "aclnnFlashAttentionScore", arguments)
         if not return_lse:
-            return out
+            return resources.deliver(out_buffer, out_shape, name, on_device)
+        # every device copy first: a failure then leaves nothing delivered outside the pool
         lse = _log_sum_exp(runtime, max_buffer, sum_buffer, stats_shape)
-        if on_device:
-            lse = resources.deliver(resources.upload(lse), lse.shape, "float32", True)
-        return out, lse
+        if not on_device:
+            return resources.deliver(out_buffer, out_shape, name, False), lse
+        lse_buffer = resources.upload(lse)
+        return (resources.deliver(out_buffer, out_shape, name, True),
+                resources.deliver(lse_buffer, lse.shape, "float32", True))
 
 
 def _log_sum_exp(runtime, max_buffer, sum_buffer, stats_shape):
@@ -517,9 +576,14 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     Notes
     -----
     dtypes float16 and bfloat16 only (the operator has no float32), H <= 256,
-    D <= 512, H / Hkv <= 64, B <= 65536. The operator takes one query token
-    per sequence; T > 1 is run as B * T sequences sharing block-table rows,
-    which costs a host round trip of the query and output.
+    D <= 512, H / Hkv <= 64. The operator takes one query token per sequence;
+    T > 1 is run as B * T sequences sharing block-table rows, which costs a host
+    round trip of the query and output. The operator also needs the pool to hold
+    at least the sum over its batch of the blocks each sequence reads (shared
+    blocks count once per sequence) and at most 65536 sequences: a batch that
+    needs more (folded tokens, forked sequences sharing blocks) is run as several
+    launches over consecutive rows. A single sequence that reads more blocks
+    than the pool has (a table repeating blocks) raises ``ValueError``.
 
     Examples
     --------
@@ -562,9 +626,8 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     if heads % kv_heads or heads // kv_heads > INCRE_MAX_GROUP:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
                          f"({kv_heads}) with ratio <= {INCRE_MAX_GROUP}")
-    if batch * tokens > INCRE_MAX_BATCH or heads > INCRE_MAX_HEADS:
-        raise ValueError(f"{operator} limits: B*T <= {INCRE_MAX_BATCH}, H <= "
-                         f"{INCRE_MAX_HEADS}; got B*T={batch * tokens}, H={heads}")
+    if heads > INCRE_MAX_HEADS:
+        raise ValueError(f"{operator} supports at most {INCRE_MAX_HEADS} heads, got {heads}")
     if table.name != "int32" and not (table.device_array is None
                                       and np.issubdtype(table.value.dtype, np.integer)):
         raise TypeError(f"block_table must be int32, got {table.name}")
@@ -603,26 +666,37 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     elif table_host is not None:
         table = _Operand(table_host, "block_table")
 
+    chunks = _paged_launches(lengths, block_size, num_blocks)
     acl_dtype = DTYPES[name][0]
-    folded_batch = q.shape[0]
-    out_shape = (folded_batch, heads, 1, head_dim)
+    rows = q.shape[0]
+    out_shape = (rows, heads, 1, head_dim)
+    max_blocks = table.shape[1]
     with _CallResources(runtime, device) as resources, \
             DescriptorScope(runtime.lib, runtime.descriptors) as scope:
-        query_tensor = scope.tensor(resources.place(q), q.shape, acl_dtype)
+        query_pointer = resources.place(q)
         key_list, value_list = (
             scope.tensor_list([scope.tensor(resources.place(o), o.shape, acl_dtype,
                                             cacheable=False)])
             for o in (k, v))
-        table_tensor = scope.tensor(resources.place(table), table.shape, DTYPES["int32"][0])
+        table_pointer = resources.place(table)
         out_buffer = resources.scratch(math.prod(out_shape) * DTYPES[name][1].itemsize)
-        arguments = [
-            query_tensor, key_list, value_list, None, None, scope.int_array(lengths),
-            None, None, None, None, None, None, None,   # quantisation: unused
-            table_tensor, None,                         # blocktable, kvPaddingSize
-            heads, scale, _LAYOUT_BNSD, kv_heads, block_size, INCRE_INNER_PRECISE_PERFORMANCE,
-            scope.tensor(out_buffer.ptr, out_shape, acl_dtype),
-        ]
-        _run_operator(runtime, device, operator, arguments, resources)
+        acl_int32 = DTYPES["int32"][0]
+        for first, stop in chunks:  # rows [first, stop): views at an element offset
+            count = stop - first
+            row_shape = (count, heads, 1, head_dim)
+            row_offset = first * heads * head_dim
+            arguments = [
+                scope.tensor(query_pointer, row_shape, acl_dtype, offset=row_offset),
+                key_list, value_list, None, None, scope.int_array(lengths[first:stop]),
+                None, None, None, None, None, None, None,   # quantisation: unused
+                scope.tensor(table_pointer, (count, max_blocks), acl_int32,
+                             offset=first * max_blocks),
+                None,                                       # kvPaddingSize
+                heads, scale, _LAYOUT_BNSD, kv_heads, block_size,
+                INCRE_INNER_PRECISE_PERFORMANCE,
+                scope.tensor(out_buffer.ptr, row_shape, acl_dtype, offset=row_offset),
+            ]
+            _run_operator(runtime, device, operator, arguments)
         if tokens == 1:
             return resources.deliver(out_buffer, (batch, heads, 1, head_dim), name, on_device)
         folded = resources.deliver(out_buffer, out_shape, name, False)
@@ -632,3 +706,44 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
             return resources.deliver(resources.upload(host_storage(out, name)), out.shape,
                                      name, True)
         return out
+
+
+def _paged_launches(lengths, block_size, num_blocks):
+    """Row ranges ``[(first, stop), ...]`` of one ``aclnnIncreFlashAttentionV4`` launch each.
+
+    The operator requires the pool to hold at least the sum over its batch of the
+    blocks each sequence needs, ``ceil(length / block_size)`` ("blocknum不能小于根据
+    actualSeqLengthsKv和blockSize计算的每个batch的block数量之和", ops-transformer
+    ``attention/incre_flash_attention/docs/aclnnIncreFlashAttentionV4.md``, 约束说明),
+    counting shared blocks once per sequence, and at most 65536 sequences a call.
+    Folded query tokens (rows repeating a block-table row) and forked sequences that
+    share blocks can need more than the pool holds: consecutive rows are grouped
+    greedily into launches that each respect both limits.
+
+    Examples
+    --------
+    >>> _paged_launches(np.array([32, 32, 32]), 16, 4)   # 2 blocks each, a pool of 4
+    [(0, 2), (2, 3)]
+    >>> _paged_launches(np.array([80]), 16, 4)
+    Traceback (most recent call last):
+        ...
+    ValueError: aclnnIncreFlashAttentionV4 needs a pool of at least the blocks one sequence reads: sequence 0 (80 tokens) needs 5 blocks of 16, the pool has 4
+    """
+    # Python ints: for the usual few rows this costs a fraction of NumPy's per-call overhead
+    needs = [-(-length // block_size) for length in np.asarray(lengths).tolist()]
+    rows = len(needs)
+    if max(needs) > num_blocks:
+        row = next(r for r, need in enumerate(needs) if need > num_blocks)
+        raise ValueError(f"aclnnIncreFlashAttentionV4 needs a pool of at least the blocks one "
+                         f"sequence reads: sequence {row} ({int(lengths[row])} tokens) needs "
+                         f"{needs[row]} blocks of {block_size}, the pool has {num_blocks}")
+    if rows <= INCRE_MAX_BATCH and sum(needs) <= num_blocks:
+        return [(0, rows)]
+    chunks, first, used = [], 0, 0
+    for row, need in enumerate(needs):
+        if used + need > num_blocks or row - first == INCRE_MAX_BATCH:
+            chunks.append((first, row))
+            first, used = row, 0
+        used += need
+    chunks.append((first, rows))
+    return chunks

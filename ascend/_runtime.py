@@ -110,22 +110,35 @@ class Runtime(Owner):
 
     # -- memory -------------------------------------------------------------
 
-    def allocate(self, device, nbytes):
-        """A :class:`Buffer` of at least ``nbytes`` on ``device``, from the pool if possible."""
+    def take_idle(self, device, nbytes):
+        """A pooled :class:`Buffer` of at least ``nbytes`` on ``device``, or None if the pool
+        has none of that size (no device call: this cannot fail)."""
         capacity = -(-max(int(nbytes), 1) // POOL_GRANULE) * POOL_GRANULE
         with self._lock:
             idle = self._idle.get((device, capacity))
-            if idle:
-                buffer = idle.pop()
-                self._idle_bytes[device] -= capacity
-                buffer.nbytes = nbytes
-                return buffer
+            if not idle:
+                return None
+            buffer = idle.pop()
+            self._idle_bytes[device] -= capacity
+        buffer.nbytes = nbytes
+        return buffer
+
+    def allocate(self, device, nbytes):
+        """A :class:`Buffer` of at least ``nbytes`` on ``device``, from the pool if possible."""
+        buffer = self.take_idle(device, nbytes)
+        if buffer is not None:
+            return buffer
+        capacity = -(-max(int(nbytes), 1) // POOL_GRANULE) * POOL_GRANULE
         self.activate(device)
         pointer = c_void_p()
         status = self.lib.acl.aclrtMalloc(byref(pointer), capacity, ACL_MEM_MALLOC_HUGE_FIRST)
         if status in (ACL_ERROR_RT_MEMORY_ALLOCATION, ACL_ERROR_RT_DEVICE_OOM) \
                 and self._idle_bytes.get(device):
-            self.empty_cache(device)  # out of memory: give back idle buffers, try once more
+            try:  # out of memory: give back idle buffers, try once more
+                # (memory only: descriptors of the call in progress may be cached ones)
+                self.empty_cache(device, descriptors=False)
+            except Exception:  # what could not be freed stays pooled; the retry decides
+                pass
             status = self.lib.acl.aclrtMalloc(byref(pointer), capacity, ACL_MEM_MALLOC_HUGE_FIRST)
         self.lib.check(status, "aclrtMalloc")
         buffer = Buffer(pointer.value, nbytes, capacity, device)
@@ -143,23 +156,36 @@ class Runtime(Owner):
                 self._idle.setdefault((buffer.device, buffer.capacity), []).append(buffer)
                 self._idle_bytes[buffer.device] = held + buffer.capacity
                 return
-        self._free(buffer)
+        try:
+            self._free(buffer)
+        except Exception:
+            self._keep_idle(buffer)  # still owned by the pool: empty_cache tries again
+            raise
 
     def _free(self, buffer):
+        """``aclrtFree`` the buffer. The buffer counts as freed only once that succeeded:
+        if it fails, ``buffer`` stays live (and the caller decides where it goes)."""
         with self._lock:
-            if buffer.ptr is None:
+            pointer = buffer.ptr
+            if pointer is None:
                 return
-            pointer, buffer.ptr = buffer.ptr, None
-            self._live.pop(id(buffer), None)
         self.activate(buffer.device)
         self.lib.check(self.lib.acl.aclrtFree(pointer), "aclrtFree")
+        with self._lock:
+            buffer.ptr = None
+            self._live.pop(id(buffer), None)
 
-    def empty_cache(self, device=None):
+    def empty_cache(self, device=None, descriptors=True):
         """Free idle pooled buffers and cached constants (all devices if None).
 
-        Cached tensor descriptors are destroyed too (they are host objects).
+        Cached tensor descriptors are destroyed too (host objects), unless
+        ``descriptors`` is False (a call in progress may be using them). Every
+        buffer is tried; buffers whose ``aclrtFree`` failed go back to the pool (a
+        later call tries them again, and the runtime's teardown at exit), and the
+        first failure is raised once all were tried.
         """
-        self.descriptors.clear()
+        if descriptors:
+            self.descriptors.clear()
         with self._lock:
             keys = [k for k in self._idle if device is None or k[0] == device]
             idle = [b for k in keys for b in self._idle.pop(k)]
@@ -168,8 +194,24 @@ class Runtime(Owner):
                     self._idle_bytes[d] = 0
             constant_keys = [k for k in self._constants if device is None or k[0] == device]
             idle += [self._constants.pop(k) for k in constant_keys]
+        failure = None
         for buffer in idle:
-            self._free(buffer)
+            try:
+                self._free(buffer)
+            except Exception as exc:  # AscendError, or the runtime was finalised meanwhile
+                self._keep_idle(buffer)
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _keep_idle(self, buffer):
+        """Put a buffer that could not be freed back into the pool (over its limit if need be)."""
+        with self._lock:
+            if buffer.ptr is None:
+                return
+            self._idle.setdefault((buffer.device, buffer.capacity), []).append(buffer)
+            self._idle_bytes[buffer.device] = self._idle_bytes.get(buffer.device, 0) + \
+                buffer.capacity
 
     def constant(self, device, key, make_host_array):
         """A device copy of ``make_host_array()``, uploaded once per device and kept."""
@@ -177,7 +219,11 @@ class Runtime(Owner):
         if buffer is None:
             host = make_host_array()
             buffer = self.allocate(device, host.nbytes)
-            self.upload(buffer, host)
+            try:
+                self.upload(buffer, host)
+            except BaseException:  # a failed upload must not strand the buffer
+                self.release(buffer)
+                raise
             with self._lock:
                 kept = self._constants.setdefault((device, key), buffer)
             if kept is not buffer:

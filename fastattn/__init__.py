@@ -3,6 +3,7 @@
 The public API is re-exported here; each function lives in a small module:
 
 - :mod:`fastattn.attention` -- ``scaled_dot_product_attention`` (the fused kernel)
+- :mod:`fastattn.backward` -- its gradients and the softmax's (training)
 - :mod:`fastattn.reference` -- plain NumPy float64 definitions used as ground truth
 - ``set_num_threads`` / ``get_num_threads`` -- the default thread count
 - ``bfloat16`` -- the NumPy bfloat16 dtype of ``ml_dtypes``, re-exported
@@ -15,6 +16,8 @@ from ml_dtypes import bfloat16
 from fastattn import reference
 from fastattn._threads import get_num_threads, set_num_threads
 from fastattn.attention import scaled_dot_product_attention
+from fastattn.backward import (block_sparse_attention_backward, masked_softmax_backward,
+                               scaled_dot_product_attention_backward)
 from fastattn.masks import causal_mask, combine_masks, padding_mask
 from fastattn.multihead import MultiHeadAttention, merge_heads, multi_head_attention, split_heads
 from fastattn.positional import apply_rotary, sinusoidal_positional_encoding
@@ -36,6 +39,9 @@ __version__ = "0.1.0"
 __all__ = [
     "scaled_dot_product_attention",
     "varlen_attention",
+    # training: the backward pass
+    "scaled_dot_product_attention_backward", "masked_softmax_backward",
+    "block_sparse_attention_backward",
     # long sequences: one block-sparse kernel + patterns, content-based sparsity (hashing,
     # clustering, sorting), low-rank and kernelised variants
     "BlockLayout", "block_sparse_attention", "local_attention", "strided_attention",

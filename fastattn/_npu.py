@@ -16,7 +16,7 @@ import numpy as np
 from fastattn._validation import promoted_dtype
 
 __all__ = ["npu_devices", "is_device_array", "any_device_array", "DevicePools", "NPU_DTYPES",
-           "result_dtypes", "promote"]
+           "result_dtypes", "promote", "sdpa_backward"]
 
 NPU_DTYPES = ("float16", "bfloat16", "float32")     # what the NPU path takes
 PAGED_DTYPES = ("float16", "bfloat16")              # aclnnIncreFlashAttentionV4 has no float32
@@ -199,3 +199,100 @@ class DevicePools:
     def close(self):
         self._keys.free()
         self._values.free()
+
+
+def sdpa_backward(grad_out, query, key, value, out, lse, attn_mask, *, is_causal, scale,
+                  enable_gqa, causal_alignment, mask_grad, device):
+    """``scaled_dot_product_attention_backward`` on the NPU (``aclnnFlashAttentionScoreGrad``).
+
+    NumPy inputs are validated and broadcast as for the forward (``_Operands``), reshaped
+    to BNSD and sent; the gradients come back over the broadcast batch and are summed to
+    each input's own shape (in float32) and dtype. DeviceArray inputs (all of grad_out,
+    query, key, value and out, 4-D BNSD) stay on the device and give DeviceArrays.
+    """
+    import ascend
+    if mask_grad:
+        raise NotImplementedError("mask_grad=True with device='npu': "
+                                  "aclnnFlashAttentionScoreGrad does not compute the mask's "
+                                  "gradient (its dpseOut is reserved); use device='cpu'")
+    index = ascend.parse_device(device)
+    if any_device_array(grad_out, query, key, value, out, lse):
+        return _sdpa_backward_resident(grad_out, query, key, value, out, lse, attn_mask,
+                                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                                       causal_alignment=causal_alignment, device=index)
+    from fastattn.attention import _Operands
+    from fastattn._validation import check_scale
+    ops = _Operands(query, key, value, attn_mask, enable_gqa, npu=True)
+    scale = check_scale(scale, ops.E)
+    grad_out, out, lse = _check_saved(ops, grad_out, out, lse)
+    dtype = ops.result
+    q0, k0, v0 = (np.asarray(a, dtype=dtype) for a in (ops.q, ops.k, ops.v))
+    kv_heads = k0.shape[-3] if ops.group > 1 else None
+    q = to_bnsd(q0, ops.batch_shape)
+    k, v = to_bnsd(k0, ops.batch_shape, kv_heads), to_bnsd(v0, ops.batch_shape, kv_heads)
+    dy, o = to_bnsd(grad_out, ops.batch_shape), to_bnsd(out, ops.batch_shape)
+    stats = lse.reshape(q.shape[:3])
+    mask = None
+    if ops.mask is not None:
+        mask = np.broadcast_to(ops.mask, ops.batch_shape + ops.mask.shape[-2:])
+        mask = to_bnsd(mask, ops.batch_shape)
+    dq, dk, dv = ascend.flash_attention_backward(
+        dy, q, k, v, o, stats, mask, is_causal=is_causal, causal_alignment=causal_alignment,
+        scale=scale, device=index)
+    # back to the broadcast batch (with key/value heads for grouped-query attention), then
+    # summed over what each input was broadcast along
+    lead = ops.batch_shape
+    kv_lead = lead[:-1] + (k0.shape[-3],) if ops.group > 1 else lead
+    return tuple(
+        _reduce_to(g.reshape(batch + g.shape[-2:]), x)
+        for g, batch, x in ((dq, lead, ops.q), (dk, kv_lead, ops.k), (dv, kv_lead, ops.v)))
+
+
+def _reduce_to(grad, x):
+    """``grad`` (over the broadcast batch) summed to the shape of input ``x``, in its dtype."""
+    from fastattn.reference import unbroadcast
+    if grad.shape != x.shape:
+        grad = unbroadcast(np.asarray(grad, dtype=np.float32), x.shape)
+    return np.asarray(grad).astype(x.dtype, copy=False)
+
+
+def _check_saved(ops, grad_out, out, lse):
+    """grad_out, out and lse of the NPU forward of these inputs: out in the promoted dtype,
+    grad_out in it (float32 is accepted and converted), lse floating (sent as float32)."""
+    grad_out, out, lse = np.asarray(grad_out), np.asarray(out), np.asarray(lse)
+    lse_shape = ops.batch_shape + (ops.L,)
+    for name, a, shape in (("grad_out", grad_out, ops.out_shape), ("out", out, ops.out_shape),
+                           ("lse", lse, lse_shape)):
+        if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+            raise TypeError(f"{name} must be floating, got dtype {a.dtype}")
+        if a.shape != shape:
+            what = "(..., L)" if name == "lse" else "(..., L, Ev)"
+            raise ValueError(f"{name} has shape {a.shape}, but the forward of query "
+                             f"{ops.q.shape}, key {ops.k.shape}, value {ops.v.shape} gives "
+                             f"{'out' if name == 'grad_out' else name} of shape {shape} {what}")
+    if out.dtype != ops.result:
+        raise TypeError(f"out has dtype {out.dtype}, but the forward of these inputs returns "
+                        f"{ops.result}{_WHERE}")
+    if grad_out.dtype not in (ops.result, np.dtype(np.float32)):
+        raise TypeError(f"grad_out has dtype {grad_out.dtype}; it must have out's dtype "
+                        f"{ops.result} or float32 (convert it with .astype)")
+    return (np.asarray(grad_out, dtype=ops.result), out,
+            np.asarray(lse, dtype=np.float32))
+
+
+def _sdpa_backward_resident(grad_out, query, key, value, out, lse, attn_mask, *, is_causal,
+                            scale, enable_gqa, causal_alignment, device):
+    """DeviceArray inputs: 4-D BNSD on the device; the gradients stay there."""
+    import ascend
+    arrays = (grad_out, query, key, value, out)
+    if not all(is_device_array(a) for a in arrays):
+        raise TypeError("grad_out, query, key, value and out must be all NumPy arrays or all "
+                        "ascend.DeviceArray")
+    promote(arrays, ("grad_out", "query", "key", "value", "out"))  # one dtype, or TypeError
+    if not enable_gqa and key.shape[1] != query.shape[1]:
+        raise ValueError(f"key/value heads differ from the query's: query {query.shape}, key "
+                         f"{key.shape}; pass enable_gqa=True for grouped-query attention")
+    return ascend.flash_attention_backward(grad_out, query, key, value, out, lse, attn_mask,
+                                           is_causal=is_causal,
+                                           causal_alignment=causal_alignment, scale=scale,
+                                           device=device)

@@ -4,6 +4,7 @@
 re-exported from :mod:`fastattn.sparse` and :mod:`fastattn`.
 """
 import operator
+import warnings
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class BlockLayout:
     element rule keeps query ``i`` and key ``j`` iff::
 
         (local(i, j) or global_query[i] or global_key[j])
-        and (not causal or d <= 0) and mask[i, j]
+        and (not is_causal or d <= 0) and mask[i, j]
 
         local(i, j) = -left <= d <= right and d % dilation == 0
                       and (segment is None or (i + S - L) // segment == j // segment)
@@ -54,8 +55,9 @@ class BlockLayout:
     segment : int, optional
         The local part also requires query and key in the same segment of this
         many positions (Sparse Transformer "fixed" blocks).
-    causal : bool, default=False
+    is_causal : bool, default=False
         Keep only keys at or before the (bottom-right aligned) query position.
+        (``causal=`` is its deprecated alias.)
     global_query : array_like, optional
         Bool flags ``(L,)`` or positions of queries that see every key.
     global_key : array_like, optional
@@ -88,7 +90,7 @@ class BlockLayout:
 
     The same blocks with a causal element rule:
 
-    >>> fastattn.BlockLayout((4, 4), 2, [0, 1, 3], [0, 0, 1], causal=True).to_mask().astype(int)
+    >>> fastattn.BlockLayout((4, 4), 2, [0, 1, 3], [0, 0, 1], is_causal=True).to_mask().astype(int)
     array([[1, 0, 0, 0],
            [1, 1, 0, 0],
            [1, 1, 1, 0],
@@ -96,7 +98,9 @@ class BlockLayout:
     """
 
     def __init__(self, shape, block_size, indptr, indices, *, window=None, dilation=1,
-                 segment=None, causal=False, global_query=None, global_key=None, mask=None):
+                 segment=None, is_causal=False, global_query=None, global_key=None, mask=None,
+                 causal=None):
+        is_causal = _deprecated_causal(is_causal, causal, stacklevel=3)
         L, S = (operator.index(x) for x in shape)
         if not (0 <= L < _NO_LIMIT and 0 <= S < _NO_LIMIT):
             raise ValueError(f"shape must be two lengths in [0, 2**30), got {shape!r}")
@@ -136,7 +140,7 @@ class BlockLayout:
         self.window = None if window is None else check_window(window)
         self.dilation = check_int("dilation", dilation)
         self.segment = None if segment is None else check_int("segment", segment)
-        self.causal = bool(causal)
+        self.is_causal = bool(is_causal)
         self.global_query = check_token_flags("global_query", global_query, L)
         self.global_key = check_token_flags("global_key", global_key, S)
         self.mask = None
@@ -166,6 +170,7 @@ class BlockLayout:
         >>> layout.indptr.tolist(), layout.indices.tolist()
         ([[0, 1, 2]], [0, 1])
         """
+        _rule_keywords(rule)
         blocks = np.asarray(block_mask, dtype=bool)
         if blocks.ndim not in (2, 3):
             raise ValueError(f"block_mask must be (nqb, nkb) or (H, nqb, nkb), "
@@ -232,6 +237,7 @@ class BlockLayout:
         >>> layout.num_blocks       # of 16 blocks
         7
         """
+        _rule_keywords(rule)
         probe = cls(shape, block_size, np.zeros(-(-shape[0] // check_pair(
                     "block_size", block_size)[0]) + 1, np.int64), [], **rule)
         blocks = probe._rule_blocks()
@@ -309,7 +315,7 @@ class BlockLayout:
             keep |= self.global_query[:, None]
         if self.global_key is not None:
             keep |= self.global_key[None, :]
-        if self.causal:
+        if self.is_causal:
             keep &= d <= 0
         if self.mask is not None:
             keep = keep & self.mask
@@ -329,7 +335,7 @@ class BlockLayout:
         d_max = k1[None, :] - (q0[:, None] + off)
         lo, hi = (-_NO_LIMIT, _NO_LIMIT) if self.window is None else \
             (-self.window[0], self.window[1])
-        if self.causal:
+        if self.is_causal:
             hi = min(hi, 0)
         a, b = np.maximum(d_min, lo), np.minimum(d_max, hi)
         local = a <= b
@@ -341,7 +347,7 @@ class BlockLayout:
             seg_lo = ((q0 + off) // g) * g
             seg_hi = ((q1 + off) // g) * g + g - 1
             local &= (k0[None, :] <= seg_hi[:, None]) & (k1[None, :] >= seg_lo[:, None])
-        visible = d_min <= (0 if self.causal else _NO_LIMIT)
+        visible = d_min <= (0 if self.is_causal else _NO_LIMIT)
         blocks = local
         if self.global_query is not None:
             rows = np.logical_or.reduceat(self.global_query, q0) if L else np.zeros(0, bool)
@@ -361,12 +367,12 @@ class BlockLayout:
         # The element rule as sparse.pyx takes it, or None when every pair of a
         # visited tile counts.
         if (self.window is None and self.dilation == 1 and self.segment is None
-                and not self.causal and self.global_query is None
+                and not self.is_causal and self.global_query is None
                 and self.global_key is None and self.mask is None):
             return None
         lo, hi = (-_NO_LIMIT, _NO_LIMIT) if self.window is None else \
             (-min(self.window[0], _NO_LIMIT), min(self.window[1], _NO_LIMIT))
-        rule = dict(lo=lo, hi=hi, clip=0 if self.causal else _NO_LIMIT,
+        rule = dict(lo=lo, hi=hi, clip=0 if self.is_causal else _NO_LIMIT,
                     dilation=self.dilation, segment=self.segment or 0,
                     gq=None, gk=None, mask=None)
         if self.global_query is not None:
@@ -383,6 +389,13 @@ class BlockLayout:
             rule["mask_cs"] = m.strides[2] if m.shape[2] > 1 else 0
         return rule
 
+    @property
+    def causal(self):
+        """Deprecated alias of :attr:`is_causal`."""
+        warnings.warn("BlockLayout.causal is deprecated: use BlockLayout.is_causal",
+                      DeprecationWarning, stacklevel=2)
+        return self.is_causal
+
     def _leads(self):
         # leading shape the layout contributes to the batch broadcast
         H = self.indptr.shape[0]
@@ -394,3 +407,23 @@ class BlockLayout:
         return (f"BlockLayout(shape={self.shape}, block_size={self.block_size}, "
                 f"heads={self.num_heads}, blocks={self.num_blocks}, "
                 f"density={self.density:.3g})")
+
+
+def _deprecated_causal(is_causal, causal, stacklevel):
+    # is_causal, from the deprecated causal= keyword when that is given
+    if causal is None:
+        return is_causal
+    if is_causal and not causal:
+        raise ValueError("is_causal=True and causal=False contradict each other; pass is_causal "
+                         "only")
+    warnings.warn("causal= is deprecated: use is_causal= (the name scaled_dot_product_attention "
+                  "and PyTorch use)", DeprecationWarning, stacklevel=stacklevel)
+    return bool(causal)
+
+
+def _rule_keywords(rule):
+    # the element-rule keywords of from_rule / from_blocks, causal= turned into is_causal=
+    # (warned about once, at the caller of the classmethod)
+    if "causal" in rule:
+        rule["is_causal"] = _deprecated_causal(rule.get("is_causal", False), rule.pop("causal"),
+                                               stacklevel=4)

@@ -47,12 +47,15 @@ def causal_mask(L, S=None, *, alignment="top_left"):
     return np.arange(S)[np.newaxis, :] <= np.arange(L)[:, np.newaxis] + offset
 
 
-def padding_mask(lengths, S):
+def padding_mask(lengths, S, *, side="right"):
     """Key-padding mask from sequence lengths: bool ``(B, 1, 1, S)``.
 
-    Entry ``[b, 0, 0, j]`` is True when ``j < lengths[b]`` (a real token). The two
-    unit axes broadcast over heads and queries, so the mask can be passed straight
-    to :func:`fastattn.scaled_dot_product_attention` with ``(B, H, L, S)`` scores.
+    Entry ``[b, 0, 0, j]`` is True when key ``j`` is a real token: ``j < lengths[b]``
+    with the padding on the right, ``j >= S - lengths[b]`` with it on the left (as
+    batched generation pads prompts, e.g. Hugging Face's ``padding_side="left"``).
+    The two unit axes broadcast over heads and queries, so the mask can be passed
+    straight to :func:`fastattn.scaled_dot_product_attention` with ``(B, H, L, S)``
+    scores.
 
     Parameters
     ----------
@@ -60,6 +63,8 @@ def padding_mask(lengths, S):
         Number of real tokens in each sequence, each in ``[0, S]``.
     S : int
         Padded sequence length.
+    side : {"right", "left"}, default="right"
+        Where the padding is.
 
     Returns
     -------
@@ -78,7 +83,11 @@ def padding_mask(lengths, S):
     >>> fastattn.padding_mask([3, 1], 4)[:, 0, 0].astype(int)
     array([[1, 1, 1, 0],
            [1, 0, 0, 0]])
+    >>> fastattn.padding_mask([3, 1], 4, side="left")[:, 0, 0].astype(int)
+    array([[0, 1, 1, 1],
+           [0, 0, 0, 1]])
     """
+    check_choice("side", side, ("right", "left"))
     S = check_int("S", S, 0)
     lengths = np.asarray(lengths)
     if lengths.dtype.kind not in "iu":
@@ -88,7 +97,10 @@ def padding_mask(lengths, S):
                          f"{lengths.shape}")
     if lengths.size and (lengths.min() < 0 or lengths.max() > S):
         raise ValueError(f"lengths must lie in [0, S={S}], got {lengths.tolist()}")
-    keep = np.arange(S)[np.newaxis, :] < lengths[:, np.newaxis]
+    if side == "right":
+        keep = np.arange(S)[np.newaxis, :] < lengths[:, np.newaxis]
+    else:
+        keep = np.arange(S)[np.newaxis, :] >= S - lengths[:, np.newaxis]
     return keep[:, np.newaxis, np.newaxis, :]
 
 

@@ -190,7 +190,30 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         return _npu.paged_attention(q, k, v, table, lens, scale=scale, causal=causal,
                                     return_lse=return_lse, device=device)
     nthreads = _threads.resolve_num_threads(num_threads)
+    if lens.size:
+        max_len, keys = int(lens.max()), int(lens.sum())
+    else:
+        max_len = keys = 0
+    mods = None
+    if window is not None or slopes is not None or softcap is not None:
+        mods = dict(window=window, softcap=softcap or 0.0,
+                    slopes=None if slopes is None else slopes.reshape(-1))
+    return _attend_cpu(q, k, v, table, lens, max_len, keys, scale, bool(causal), return_lse,
+                       nthreads, compute, result, mods=mods)
 
+
+def _attend_cpu(q, k, v, table, lens, max_len, keys, scale, causal, return_lse, nthreads,
+                compute, result, pools_ready=False, tilings=None, mods=None):
+    # The CPU call on validated operands (see paged_attention): q (B, H, T, E), pools
+    # (N, H_kv, bs, E | Ev), table and lens intp C-contiguous with every entry the kernel
+    # reads checked, max_len and keys the largest and summed lengths. PagedKVCache calls
+    # this directly with the table it built (and validated) once for all its layers,
+    # with pools_ready when the pools are C-contiguous in a dtype the kernel reads as is,
+    # and with a dict `tilings` kept with that table: the tiling of a call depends only
+    # on the shapes, the table and the threads, so the layers of a step share it.
+    # mods: the PagedPlan keywords of the score modifiers (window, softcap, slopes).
+    B, H, T, E = q.shape
+    Ev = v.shape[3]
     # half results are computed in float32 and narrowed by the kernel
     out = np.empty((B, H, T, Ev), dtype=result if result in HALF else compute)
     lse = np.empty((B, H, T), dtype=compute) if return_lse else None
@@ -199,41 +222,50 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         # blocks are read in place, half pools too (widened piece by piece in the kernel,
         # whatever the query's dtype); only another dtype or a layout BLAS cannot take
         # is converted
-        (k, _), (v, _) = (as_matrix_stack(a, a.dtype if a.dtype in HALF else compute)
-                          for a in (k, v))
-        rows = (H // Hkv) * T
-        use_blas = rows > VECTOR_ROWS
-        row_tile = min(rows, ROW_TILE)
-        tile_heads = max(1, min(Hkv, ROW_TILE // rows))
-        chunk_blocks = max(1, KEYS_PER_CHUNK // bs)
-        # work items: (sequence, group of tile_heads kv-heads, row tile); keys may be split too
-        items = B * -(-Hkv // tile_heads) * -(-rows // row_tile)
-        max_blocks = -(-int(lens.max(initial=0)) // bs)
-        # threads the work pays for: flops, or for memory-bound decoding the bytes of the
-        # keys and values streamed, whichever is more
-        keys = int(lens.sum())
-        work = max(2.0 * H * T * keys * (E + Ev),
-                   float(Hkv * keys * (E * k.itemsize + Ev * v.itemsize)))
-        nthreads = _threads.call_threads(nthreads, items * max(max_blocks, 1), work)
-        # a few items that do not spread evenly over the threads (B=5 on 2): smaller groups
-        # (fewer than 2 per thread: split_keys splits the keys instead)
-        while tile_heads > 1 and items % nthreads and 2 * nthreads <= items < 4 * nthreads:
-            tile_heads = -(-tile_heads // 2)
-            items = B * -(-Hkv // tile_heads) * -(-rows // row_tile)
-        nsplit, nthreads = _threads.split_keys(items, max_blocks, nthreads)
-        # in pieces: one kv-head of one block (of the pools' dtype: twice as many half ones)
-        prefetch = -(-PREFETCH_BYTES // (bs * max(E * k.itemsize, Ev * v.itemsize)))
-        plan = _paged.PagedPlan(q, k, v, table, lens, out, lse, nkv=Hkv, T=T, scale=scale,
-                                causal=bool(causal), tile_heads=tile_heads, row_tile=row_tile,
-                                chunk_blocks=chunk_blocks, nsplit=nsplit, use_blas=use_blas,
-                                prefetch=prefetch, nthreads=nthreads, window=window,
-                                softcap=softcap or 0.0,
-                                slopes=None if slopes is None else slopes.reshape(-1))
-        with _threads.kernel_blas(use_blas):
+        if not pools_ready:
+            (k, _), (v, _) = (as_matrix_stack(a, a.dtype if a.dtype in HALF else compute)
+                              for a in (k, v))
+        key = (q.shape, k.shape, v.shape, k.dtype, v.dtype, nthreads)
+        tiling = None if tilings is None else tilings.get(key)
+        if tiling is None:
+            tiling = _tiling(B, H, T, E, k.shape[1], k.shape[2], Ev, k.itemsize, v.itemsize,
+                             max_len, keys, nthreads)
+            if tilings is not None:
+                tilings[key] = tiling
+        plan = _paged.PagedPlan(q, k, v, table, lens, out, lse, T=T, scale=scale,
+                                causal=causal, **tiling, **(mods or {}))
+        with _threads.kernel_blas(tiling["use_blas"]):
             _paged.paged_attention(plan)
     elif lse is not None:
         lse.fill(-np.inf)
     return (out, lse) if return_lse else out
+
+
+def _tiling(B, H, T, E, Hkv, bs, Ev, kitem, vitem, max_len, keys, nthreads):
+    # The PagedPlan keywords that cut one call into work items: tiles, key chunks and
+    # splits, BLAS or not, prefetch distance and threads.
+    rows = (H // Hkv) * T
+    use_blas = rows > VECTOR_ROWS
+    row_tile = min(rows, ROW_TILE)
+    tile_heads = max(1, min(Hkv, ROW_TILE // rows))
+    chunk_blocks = max(1, KEYS_PER_CHUNK // bs)
+    # work items: (sequence, group of tile_heads kv-heads, row tile); keys may be split too
+    items = B * -(-Hkv // tile_heads) * -(-rows // row_tile)
+    max_blocks = -(-max_len // bs)
+    # threads the work pays for: flops, or for memory-bound decoding the bytes of the
+    # keys and values streamed, whichever is more
+    work = max(2.0 * H * T * keys * (E + Ev), float(Hkv * keys * (E * kitem + Ev * vitem)))
+    nthreads = _threads.call_threads(nthreads, items * max(max_blocks, 1), work)
+    # a few items that do not spread evenly over the threads (B=5 on 2): smaller groups
+    # (fewer than 2 per thread: split_keys splits the keys instead)
+    while tile_heads > 1 and items % nthreads and 2 * nthreads <= items < 4 * nthreads:
+        tile_heads = -(-tile_heads // 2)
+        items = B * -(-Hkv // tile_heads) * -(-rows // row_tile)
+    nsplit, nthreads = _threads.split_keys(items, max_blocks, nthreads)
+    # in pieces: one kv-head of one block (of the pools' dtype: twice as many half ones)
+    prefetch = -(-PREFETCH_BYTES // (bs * max(E * kitem, Ev * vitem)))
+    return dict(nkv=Hkv, tile_heads=tile_heads, row_tile=row_tile, chunk_blocks=chunk_blocks,
+                nsplit=nsplit, use_blas=use_blas, prefetch=prefetch, nthreads=nthreads)
 
 
 def _check_shapes(q, k, v):

@@ -210,6 +210,123 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, is_causal
     return (out, lse) if return_lse else out
 
 
+# ---- gradients (issue #15) --------------------------------------------------------------
+
+__all__ += ["unbroadcast", "scaled_dot_product_attention_backward", "masked_softmax_backward"]
+
+
+def unbroadcast(grad, shape):
+    """Sum ``grad`` over the axes NumPy broadcast an array of ``shape`` along.
+
+    The gradient of an input that was broadcast is the sum over the broadcast
+    dimensions: leading axes it lacked, and axes where it had size 1.
+
+    Examples
+    --------
+    >>> unbroadcast(np.ones((2, 3, 4)), (3, 1)).tolist()
+    [[8.0], [8.0], [8.0]]
+    """
+    grad = np.asarray(grad)
+    shape = tuple(shape)
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
+
+
+def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask=None, *,
+                                          is_causal=False, scale=None, enable_gqa=False,
+                                          causal_alignment="top_left", mask_grad=False):
+    """Gradients of :func:`scaled_dot_product_attention` in float64, unfused.
+
+    The definition of correct for :func:`fastattn.scaled_dot_product_attention_backward`,
+    from the inputs alone (the forward's ``out`` and ``lse`` are recomputed, so they are
+    not arguments). With ``Z = scale * Q K^T + mask`` (``-inf`` where a bool mask or the
+    causal band drops a key), ``P = softmax(Z)`` (rows with no visible key are 0) and
+    ``O = P V``::
+
+        dV = P^T dO,  dP = dO V^T,  dZ = P * (dP - rowsum(dO * O)),
+        dQ = scale * dZ K,  dK = scale * dZ^T Q,  dmask = dZ
+
+    computed over the broadcast batch, then summed back to each input's own shape:
+    over the query heads of a group (``enable_gqa``), over broadcast batch dimensions,
+    and for the mask over every dimension it was broadcast along.
+
+    Returns ``(dq, dk, dv)``, float64, of the inputs' shapes, and with ``mask_grad=True``
+    (a float ``attn_mask``) a fourth array of the mask's shape.
+
+    Examples
+    --------
+    >>> q = np.array([[1.0, 0.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> v = np.array([[1.0], [0.0]])
+    >>> dq, dk, dv = scaled_dot_product_attention_backward(np.ones((1, 1)), q, k, v, scale=1.0)
+    >>> dv.ravel().round(4).tolist()      # dV = P^T dO, P = softmax([1, 0])
+    [0.7311, 0.2689]
+    """
+    g, q, k, v = (np.asarray(a, dtype=np.float64) for a in (grad_out, query, key, value))
+    shapes = q.shape, k.shape, v.shape
+    group = 1
+    if enable_gqa and k.ndim >= 3 and q.ndim >= 3 and k.shape[-3] not in (1, q.shape[-3]):
+        group = q.shape[-3] // k.shape[-3]
+        k = np.repeat(k, group, axis=-3)
+        v = np.repeat(v, group, axis=-3)
+    L, S = q.shape[-2], k.shape[-2]
+    if scale is None:
+        scale = 1.0 / np.sqrt(q.shape[-1])
+    scores = (q @ np.swapaxes(k, -1, -2)) * scale
+    keep = None
+    mask = None if attn_mask is None else np.asarray(attn_mask)
+    if mask is not None:
+        if mask.dtype == np.bool_:
+            keep = mask
+        else:
+            scores = scores + mask.astype(np.float64)
+    if mask_grad and (mask is None or mask.dtype == np.bool_):
+        raise ValueError("mask_grad=True needs a floating attn_mask")
+    if is_causal:
+        c = causal_keep(L, S, causal_alignment)
+        keep = c if keep is None else np.logical_and(keep, c)
+    p, _ = masked_softmax(scores, keep)
+    out = p @ v
+    batch = p.shape[:-2]
+    g = np.broadcast_to(g, batch + (L, v.shape[-1]))
+    dv = np.swapaxes(p, -1, -2) @ g
+    dp = g @ np.swapaxes(v, -1, -2)
+    dz = p * (dp - (g * out).sum(axis=-1, keepdims=True))
+    dq = scale * (dz @ k)
+    dk = scale * (np.swapaxes(dz, -1, -2) @ np.broadcast_to(q, batch + q.shape[-2:]))
+    if group > 1:
+        # query head h read key/value head h // group: sum each group's gradients
+        dk = dk.reshape(dk.shape[:-3] + (-1, group) + dk.shape[-2:]).sum(axis=-3)
+        dv = dv.reshape(dv.shape[:-3] + (-1, group) + dv.shape[-2:]).sum(axis=-3)
+    grads = tuple(unbroadcast(d, shape) for d, shape in zip((dq, dk, dv), shapes))
+    if mask_grad:
+        grads += (unbroadcast(dz, mask.shape),)
+    return grads
+
+
+def masked_softmax_backward(grad, y, axis=-1, *, scale=None):
+    """Gradient of a softmax from its output: ``scale * y * (grad - sum(grad * y))``.
+
+    ``y = softmax(scale * x + mask)`` along ``axis`` (:func:`softmax`); ``grad`` is the
+    gradient of the loss with respect to ``y``. Returns the gradient with respect to
+    ``x`` (that of a float mask is the same with ``scale=None``); entries a mask dropped
+    (``y == 0``) get 0. float64.
+
+    Examples
+    --------
+    >>> y = softmax(np.array([0.0, 0.0]))
+    >>> masked_softmax_backward(np.array([1.0, 0.0]), y).tolist()
+    [0.25, -0.25]
+    """
+    g, y = np.asarray(grad, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx = y * (g - (g * y).sum(axis=axis, keepdims=True))
+    return dx if scale is None else scale * dx
+
+
 # ---- sparse patterns as dense bool masks (issue #4) ----------------------------------
 # Query i sits at key position i + S - L (bottom-right alignment); M[i, j] True = attend.
 

@@ -4,6 +4,12 @@ Every function here builds a layout (blocks to visit + element rule) and runs th
 one block-sparse kernel, :func:`fastattn.block_sparse_attention`. Positions follow
 the bottom-right convention when ``L != S``: query ``i`` sits at key position
 ``i + S - L``. ``fastattn.reference`` has the same patterns as dense bool masks.
+
+Every pattern also takes the keywords of :func:`fastattn.block_sparse_attention`:
+``attn_mask`` (bool True = attend, or float added; e.g. a padding mask),
+``enable_gqa`` (grouped-query heads, K/V not repeated) and, except the always causal
+:func:`strided_attention`, ``is_causal`` (keys at or before the query's position,
+bottom-right aligned like the patterns' positions).
 """
 import numpy as np
 
@@ -36,7 +42,8 @@ def _global_flags(global_tokens, L, S):
 
 
 def local_attention(query, key, value, window, *, dilation=1, global_tokens=None,
-                    scale=None, return_lse=False, num_threads=None):
+                    scale=None, return_lse=False, num_threads=None, attn_mask=None,
+                    is_causal=False, enable_gqa=False):
     """Sliding-window attention: query ``i`` sees key ``j`` iff ``-left <= j - i <= right``.
 
     Parameters
@@ -52,8 +59,9 @@ def local_attention(query, key, value, window, *, dilation=1, global_tokens=None
     global_tokens : array_like, optional
         Key positions (or bool flags of length S) that attend to all and that all
         attend to.
-    scale, return_lse, num_threads
-        As for :func:`fastattn.block_sparse_attention`.
+    attn_mask, is_causal, enable_gqa, scale, return_lse, num_threads
+        As for :func:`fastattn.block_sparse_attention` (``is_causal`` bottom-right
+        aligned).
 
     Returns
     -------
@@ -85,12 +93,14 @@ def local_attention(query, key, value, window, *, dilation=1, global_tokens=None
     gq, gk = _global_flags(global_tokens, L, S) if global_tokens is not None else (None, None)
     layout = BlockLayout.from_rule((L, S), BLOCK_SIZE, window=check_window(window),
                                    dilation=dilation, global_query=gq, global_key=gk)
-    return block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse,
-                                  num_threads=num_threads)
+    return block_sparse_attention(q, k, v, layout, attn_mask, is_causal=is_causal,
+                                  causal_alignment="bottom_right", enable_gqa=enable_gqa,
+                                  scale=scale, return_lse=return_lse, num_threads=num_threads)
 
 
 def strided_attention(query, key, value, stride, *, mode="strided", summary=None,
-                      scale=None, return_lse=False, num_threads=None):
+                      scale=None, return_lse=False, num_threads=None, attn_mask=None,
+                      enable_gqa=False):
     """Sparse Transformer attention heads (causal), strided or fixed.
 
     ``mode="strided"``: query ``i`` sees key ``j`` iff ``j <= i`` and
@@ -108,7 +118,7 @@ def strided_attention(query, key, value, stride, *, mode="strided", summary=None
     mode : {"strided", "fixed"}, default="strided"
     summary : int, optional
         Summary keys per block (fixed mode); default ``stride // 4`` (LRA: 32 of 128).
-    scale, return_lse, num_threads
+    attn_mask, enable_gqa, scale, return_lse, num_threads
         As for :func:`fastattn.block_sparse_attention`.
 
     Returns
@@ -143,13 +153,14 @@ def strided_attention(query, key, value, stride, *, mode="strided", summary=None
         summary = max(1, stride // 4) if summary is None else check_int("summary", summary)
         j = np.arange(S) % stride
         rule = dict(segment=stride, global_key=(j == 0) | (j >= stride - summary))
-    layout = BlockLayout.from_rule((L, S), BLOCK_SIZE, causal=True, **rule)
-    return block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse,
-                                  num_threads=num_threads)
+    layout = BlockLayout.from_rule((L, S), BLOCK_SIZE, is_causal=True, **rule)
+    return block_sparse_attention(q, k, v, layout, attn_mask, enable_gqa=enable_gqa,
+                                  scale=scale, return_lse=return_lse, num_threads=num_threads)
 
 
 def global_attention(query, key, value, global_tokens, *, window=(0, 0), scale=None,
-                     return_lse=False, num_threads=None):
+                     return_lse=False, num_threads=None, attn_mask=None, is_causal=False,
+                     enable_gqa=False):
     """Global-token attention: a global token attends to all and all attend to it.
 
     Every other query also sees the keys of its local ``window`` (default
@@ -163,8 +174,9 @@ def global_attention(query, key, value, global_tokens, *, window=(0, 0), scale=N
         Key positions, or bool flags of length S.
     window : int or (int, int), default=(0, 0)
         ``(left, right)`` local window, as in :func:`local_attention`.
-    scale, return_lse, num_threads
-        As for :func:`fastattn.block_sparse_attention`.
+    attn_mask, is_causal, enable_gqa, scale, return_lse, num_threads
+        As for :func:`fastattn.block_sparse_attention` (``is_causal`` bottom-right
+        aligned).
 
     Returns
     -------
@@ -183,11 +195,13 @@ def global_attention(query, key, value, global_tokens, *, window=(0, 0), scale=N
     True
     """
     return local_attention(query, key, value, window, global_tokens=global_tokens,
-                           scale=scale, return_lse=return_lse, num_threads=num_threads)
+                           scale=scale, return_lse=return_lse, num_threads=num_threads,
+                           attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
 def longformer_attention(query, key, value, window, global_tokens, *, dilation=1, scale=None,
-                         return_lse=False, num_threads=None):
+                         return_lse=False, num_threads=None, attn_mask=None, is_causal=False,
+                         enable_gqa=False):
     """Longformer attention: a (dilated) sliding window plus global tokens.
 
     Query ``i`` sees key ``j`` iff ``-left <= j - i <= right`` and
@@ -204,8 +218,9 @@ def longformer_attention(query, key, value, window, global_tokens, *, dilation=1
     global_tokens : array_like
         Key positions, or bool flags of length S.
     dilation : int, default=1
-    scale, return_lse, num_threads
-        As for :func:`fastattn.block_sparse_attention`.
+    attn_mask, is_causal, enable_gqa, scale, return_lse, num_threads
+        As for :func:`fastattn.block_sparse_attention` (``is_causal`` bottom-right
+        aligned).
 
     Returns
     -------
@@ -231,7 +246,8 @@ def longformer_attention(query, key, value, window, global_tokens, *, dilation=1
     """
     return local_attention(query, key, value, window, dilation=dilation,
                            global_tokens=global_tokens, scale=scale, return_lse=return_lse,
-                           num_threads=num_threads)
+                           num_threads=num_threads, attn_mask=attn_mask, is_causal=is_causal,
+                           enable_gqa=enable_gqa)
 
 
 def bigbird_layout(length, *, num_heads=None, block_size=64, num_random_blocks=3,
@@ -301,7 +317,8 @@ def bigbird_layout(length, *, num_heads=None, block_size=64, num_random_blocks=3
 
 def bigbird_attention(query, key, value, *, block_size=64, num_random_blocks=3,
                       num_window_blocks=3, num_global_blocks=1, rng=None, scale=None,
-                      return_lse=False, num_threads=None):
+                      return_lse=False, num_threads=None, attn_mask=None, is_causal=False,
+                      enable_gqa=False):
     """BigBird (ITC) block-sparse self-attention: global, window and random blocks.
 
     The layout is :func:`bigbird_layout`, drawn once per head (axis -3) when the
@@ -315,8 +332,9 @@ def bigbird_attention(query, key, value, *, block_size=64, num_random_blocks=3,
         See :func:`bigbird_layout`.
     rng : numpy.random.Generator or int, optional
         Source of the random blocks: the same seed gives bit-identical results.
-    scale, return_lse, num_threads
-        As for :func:`fastattn.block_sparse_attention`.
+    attn_mask, is_causal, enable_gqa, scale, return_lse, num_threads
+        As for :func:`fastattn.block_sparse_attention` (``is_causal`` bottom-right
+        aligned).
 
     Returns
     -------
@@ -344,5 +362,6 @@ def bigbird_attention(query, key, value, *, block_size=64, num_random_blocks=3,
                             num_random_blocks=num_random_blocks,
                             num_window_blocks=num_window_blocks,
                             num_global_blocks=num_global_blocks, rng=rng)
-    return block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse,
-                                  num_threads=num_threads)
+    return block_sparse_attention(q, k, v, layout, attn_mask, is_causal=is_causal,
+                                  causal_alignment="bottom_right", enable_gqa=enable_gqa,
+                                  scale=scale, return_lse=return_lse, num_threads=num_threads)

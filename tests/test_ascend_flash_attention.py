@@ -385,7 +385,6 @@ def test_null_required_argument_is_161001(direct, argument):
     (dict(heads=2), "headNum"),
     (dict(keep_prob=0.0), "keepProb"),
     (dict(sparse=9), "sparseMode"),
-    (dict(sparse=1), "full attenMask"),
     (dict(inner=3), "innerPrecise"),
 ])
 def test_invalid_parameter_is_161002(direct, overrides, text):

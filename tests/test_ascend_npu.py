@@ -86,3 +86,40 @@ def test_paged_decode_on_npu():
         v = cache_v[table[b, pos // block_size], :, pos % block_size].transpose(1, 0, 2)[None]
         np.testing.assert_allclose(out[b:b + 1].astype(np.float64), reference(q[b:b + 1], k, v),
                                    rtol=1e-2, atol=1e-2)
+
+
+def reference_backward(grad_out, q, k, v, keep=None):
+    """(dq, dk, dv) in float64 (GQA: key/value gradients summed over each group)."""
+    g, q, k, v = (np.asarray(x, np.float64) for x in (grad_out, q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, 1), np.repeat(v, group, 1)
+    scale = 1 / np.sqrt(q.shape[-1])
+    scores = scale * q @ k.swapaxes(-1, -2)
+    if keep is not None:
+        scores = np.where(keep, scores, -np.inf)
+    top = scores.max(-1, keepdims=True)
+    empty = ~np.isfinite(top)
+    weights = np.exp(scores - np.where(empty, 0, top))
+    p = np.where(empty, 0, weights / np.where(empty, 1, weights.sum(-1, keepdims=True)))
+    ds = p * (g @ v.swapaxes(-1, -2) - (g * (p @ v)).sum(-1, keepdims=True))
+    fold = lambda x: x.reshape(x.shape[0], -1, group, *x.shape[2:]).sum(2)  # noqa: E731
+    return scale * ds @ k, fold(scale * ds.swapaxes(-1, -2) @ q), fold(p.swapaxes(-1, -2) @ g)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("alignment", [None, "bottom_right"])
+def test_flash_attention_backward_on_npu(dtype, alignment):
+    """aclnnFlashAttentionScoreGrad with softmaxMax = lse, softmaxSum = 1 (docs/ascend.md)."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 8, 256, 64)).astype(dtype)       # L > S: rows without keys
+    k = rng.standard_normal((2, 2, 128, 64)).astype(dtype)
+    v = rng.standard_normal((2, 2, 128, 64)).astype(dtype)
+    options = dict(is_causal=alignment is not None, causal_alignment=alignment or "top_left")
+    out, lse = ascend.flash_attention(q, k, v, return_lse=True, **options)
+    grad_out = rng.standard_normal(out.shape).astype(dtype)
+    grads = ascend.flash_attention_backward(grad_out, q, k, v, out, lse, **options)
+    keep = None if alignment is None else causal(256, 128, True)
+    for got, want in zip(grads, reference_backward(grad_out, q, k, v, keep)):
+        assert np.isfinite(got).all()
+        bound = 2 * TOLERANCE[dtype] * max(np.abs(want).max(), 1.0)
+        assert np.abs(got.astype(np.float64) - want).max() <= bound

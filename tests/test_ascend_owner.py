@@ -106,7 +106,8 @@ def make_executor(support):
     size = ctypes.c_uint64()
     rt.lib.check(operator.get_workspace_size(*support.arguments, ctypes.byref(size),
                                              ctypes.byref(executor.handle)), "phase 1")
-    assert executor.handle  # a live executor now belongs to the object
+    executor.adopt()        # repeatable, as the binding makes it right after phase 1
+    assert executor.handle and executor.repeatable  # a live executor belongs to the object
     return executor
 
 
@@ -221,7 +222,7 @@ def test_executor_is_consumed_by_its_launch(support):
     before = counts(support.runtime)
     executor = make_executor(support)
     assert harness.object_stats(support.runtime)["executors"] == before["executors"] + 1
-    status = use_executor(executor, support)       # no workspace: phase 2 fails, and spends it
+    status = use_executor(executor, support)       # no workspace: phase 2 fails; closed, destroyed
     assert status == 161002 and executor.closed and executor.handle is None
     assert counts(support.runtime) == before
 

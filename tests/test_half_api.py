@@ -232,7 +232,7 @@ def check_masked(got, q, k, v, keep, dtype):
 @pytest.mark.parametrize("dtype", HALF)
 def test_block_sparse_attention(rng, dtype):
     q, k, v = qkv(rng, dtype, lead=(2, 3), L=70, S=90)
-    layouts = [BlockLayout.from_rule((70, 90), (16, 32), window=(20, 5), causal=True,
+    layouts = [BlockLayout.from_rule((70, 90), (16, 32), window=(20, 5), is_causal=True,
                                      global_key=[0, 1]),
                BlockLayout.from_mask(rng.random((3, 70, 90)) > 0.6, (8, 16))]
     for layout in layouts:
@@ -358,7 +358,7 @@ def _calls():
         "scaled_dot_product_attention": lambda q, k, v: fastattn.scaled_dot_product_attention(
             q, k, v),
         "block_sparse_attention": lambda q, k, v: fastattn.block_sparse_attention(
-            q, k, v, BlockLayout.from_rule((32, 32), 8, causal=True)),
+            q, k, v, BlockLayout.from_rule((32, 32), 8, is_causal=True)),
         "local_attention": lambda q, k, v: fastattn.local_attention(q, k, v, 4),
         "strided_attention": lambda q, k, v: fastattn.strided_attention(q, k, v, 4),
         "global_attention": lambda q, k, v: fastattn.global_attention(q, k, v, [0]),

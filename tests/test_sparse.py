@@ -38,7 +38,7 @@ def layouts(draw):
         rule["dilation"] = draw(st.integers(1, 5))
     if draw(st.integers(0, 3)) == 0:
         rule["segment"] = draw(st.integers(1, 20))
-    rule["causal"] = draw(st.booleans())
+    rule["is_causal"] = draw(st.booleans())
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     if draw(st.booleans()):
@@ -207,7 +207,7 @@ def _big_problem(rng, dtype, rule, heads=False):
 @pytest.mark.parametrize("rule,heads", [
     (dict(), False),                                            # full tiles: key-major
     (dict(window=(100, 0)), False),                             # bands
-    (dict(window=(150, 20), dilation=3, global_key=[5, 300], causal=True), True),  # masks
+    (dict(window=(150, 20), dilation=3, global_key=[5, 300], is_causal=True), True),  # masks
 ])
 def test_same_bits_on_any_thread_count(rng, monkeypatch, dtype, rule, heads):
     # items are computed the same way whichever thread takes them: 1..8 threads give

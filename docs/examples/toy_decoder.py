@@ -1,9 +1,10 @@
 """A toy autoregressive decoder (random weights) generating with a paged KV cache.
 
-Each layer keeps its keys and values in a `fastattn.PagedKVCache`. Prompts of
-different lengths are prefilled one sequence at a time (T = prompt length); then
-every decoding step appends one token per sequence and attends the whole batch at
-once (T = 1) with `cache.attention`. `ToyDecoder.forward_full` runs the same model
+All layers keep their keys and values in one `fastattn.PagedKVCache(num_layers=...)`:
+one block table, one `extend` per step for every layer, then per layer a `write` of
+its keys and values and an `attention` call. Prompts of different lengths are
+prefilled one sequence at a time (T = prompt length); then every decoding step adds
+one token per sequence and attends the whole batch at once (T = 1). `ToyDecoder.forward_full` runs the same model
 over a whole text without a cache, with `fastattn.scaled_dot_product_attention`:
 the two agree, which is what the tests check.
 
@@ -38,10 +39,10 @@ class ToyDecoder:
                        for _ in range(layers)]
         self.unembed = weight(dim, vocab) * 4
 
-    def new_caches(self, num_blocks, block_size):
-        """One paged cache per layer."""
-        return [fastattn.PagedKVCache(num_blocks, block_size, self.kv_heads, self.head_dim)
-                for _ in self.layers]
+    def new_cache(self, num_blocks, block_size):
+        """One paged cache for all the layers."""
+        return fastattn.PagedKVCache(num_blocks, block_size, self.kv_heads, self.head_dim,
+                                     num_layers=len(self.layers))
 
     def _qkv(self, layer, x):
         # x (B, T, dim) -> q (B, H, T, hd), k and v (B, H_kv, T, hd)
@@ -58,18 +59,18 @@ class ToyDecoder:
         x = x + attn.transpose(0, 2, 1, 3).reshape(B, T, -1) @ layer["wo"]
         return x + np.maximum(rms_norm(x) @ layer["w1"], 0) @ layer["w2"]
 
-    def forward(self, caches, seq_ids, tokens, positions):
-        """Logits (B, T, vocab) of T new tokens per sequence, extending their caches.
+    def forward(self, cache, seq_ids, tokens, positions):
+        """Logits (B, T, vocab) of T new tokens per sequence, extending the cache.
 
         tokens, positions: int arrays (B, T).
         """
         x = self.embed[tokens] + self.pos[positions]
-        for layer, cache in zip(self.layers, caches):
+        slots = cache.extend(seq_ids, tokens.shape[1])   # room for T tokens, every layer
+        for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x)
-            for b, seq in enumerate(seq_ids):
-                cache.append(seq, k[b], v[b])        # O(1) per token, no reallocation
+            cache.write(slots, k, v, layer=index)        # this layer's keys and values
             # causal, bottom-right: new token t sees the cache up to and including itself
-            x = self._finish_layer(layer, x, cache.attention(q, seq_ids))
+            x = self._finish_layer(layer, x, cache.attention(q, slots, layer=index))
         return rms_norm(x) @ self.unembed
 
     def forward_full(self, tokens):
@@ -90,15 +91,13 @@ def generate(model, prompts, steps, block_size=16):
     chose its last token.
     """
     blocks_per_seq = -(-(max(map(len, prompts)) + steps) // block_size)
-    caches = model.new_caches(len(prompts) * blocks_per_seq, block_size)
-    seq_ids = [caches[0].add_sequence() for _ in prompts]
-    for cache in caches[1:]:
-        assert [cache.add_sequence() for _ in prompts] == seq_ids
+    cache = model.new_cache(len(prompts) * blocks_per_seq, block_size)
+    seq_ids = [cache.add_sequence() for _ in prompts]
 
     # prefill: one sequence at a time, since prompt lengths differ
     last_logits = []
     for seq, prompt in zip(seq_ids, prompts):
-        logits = model.forward(caches, [seq], np.array([prompt]), np.arange(len(prompt))[None])
+        logits = model.forward(cache, [seq], np.array([prompt]), np.arange(len(prompt))[None])
         last_logits.append(logits[0, -1])
     tokens = [list(p) + [int(np.argmax(lg))] for p, lg in zip(prompts, last_logits)]
 
@@ -106,15 +105,14 @@ def generate(model, prompts, steps, block_size=16):
     for _ in range(steps - 1):
         new = np.array([[t[-1]] for t in tokens])
         positions = np.array([[len(t) - 1] for t in tokens])
-        logits = model.forward(caches, seq_ids, new, positions)[:, -1]
+        logits = model.forward(cache, seq_ids, new, positions)[:, -1]
         for t, lg in zip(tokens, logits):
             t.append(int(np.argmax(lg)))
         last_logits = list(logits)
 
-    for cache in caches:
-        for seq in seq_ids:
-            cache.free(seq)
-        assert cache.num_free_blocks == len(prompts) * blocks_per_seq
+    for seq in seq_ids:
+        cache.free(seq)
+    assert cache.num_free_blocks == len(prompts) * blocks_per_seq
     return tokens, last_logits
 
 

@@ -17,6 +17,8 @@
 - ``lowrank.pyx``: linear attention and Performer as chunked reductions.
 - ``paged.pyx``: attention over a paged key/value cache (decoding).
 - ``softmax.pyx``, ``additive.pyx``: masked softmax; Bahdanau scores.
+- ``backward.pyx`` + ``tilebwd.h``: the attention backward (FlashAttention-2's) and the
+  softmax backward.
 - ``linear.pyx``: ``x @ W.T + b`` projections in fastattn's own threads.
 
 Each family's Python wrapper in ``fastattn/`` validates inputs; the kernels assume

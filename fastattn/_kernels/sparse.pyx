@@ -14,6 +14,11 @@
 # Per tile the rule reduces to one of: nothing (tile skipped), everything (no mask), a
 # column band per row (attend_tile's band), or an element mask built in per-thread
 # scratch and handed to attend_tile as a bool mask.
+# The call's attn_mask (the plan's MaskView, as the dense kernel reads it) comes on top:
+# its block map skips tiles it rules out entirely; inside a tile it is handed to
+# attend_tile beside the rule's band, or combined with the rule's element mask in scratch
+# (a bool mask ANDed into the keep tile; a float mask as an additive tile, -inf where the
+# rule drops a pair).
 # Unmasked tiles of a query block of at least FA_PACK_MIN_ROWS float32 rows go the
 # key-major way (tile.pxd's attend_tile_kmajor): the block is packed once, not every
 # tile's keys, which pays with the layouts' small tiles.
@@ -27,40 +32,21 @@ from libc.string cimport memset
 from libc.stdint cimport uint8_t, int64_t
 cimport numpy as cnp
 
-from fastattn._kernels.parallel cimport run_items, scratch_room, DT_FLOAT64
+from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT64
 from fastattn._kernels.plan cimport AttentionPlan, PlanData
+from libc.math cimport INFINITY
 from fastattn._kernels.tile cimport (
     intp_data, block_len, start_rows,
-    real, finish_row, MASK_NONE, MASK_BOOL, BAND_ALL,
+    real, finish_row, MASK_NONE, MASK_BOOL, MASK_FLOAT, BAND_ALL,
+    BLOCK_SKIP, BLOCK_FULL,
     TileBuffers, tile_buffers_init, TileOperands, tile_begin_block, tile_attend,
     tile_attend_kmajor, is_half, element, narrow_rows,
 )
 
 cnp.import_array()
 
-# What an element rule makes of one tile.
-cdef enum:
-    TILE_SKIP = 0    # no pair kept
-    TILE_BAND = 1    # row r keeps tile columns band_lo + r .. band_hi + r
-    TILE_MASK = 2    # keep tile holds the kept pairs
-
-
-cdef struct Rule:
-    bint active
-    int64_t lo, hi, clip, dilation, segment, offset
-    const uint8_t *gq       # (L,) or NULL
-    const uint8_t *gk       # (S,) or NULL
-    const uint8_t *mask     # element (i, j) at mask_off[b] + i * mask_rs + j * mask_cs
-    const Py_ssize_t *mask_off
-    Py_ssize_t mask_rs, mask_cs
-
-
-cdef struct SparseLayout:
-    # batch b walks indptr[layout_off[b] + qb] .. indptr[layout_off[b] + qb + 1]
-    const int64_t *indptr
-    const int64_t *indices
-    const Py_ssize_t *layout_off
-    Rule rule
+# The element rule (Rule), the layout (SparseLayout) and SparsePlan are declared in
+# sparse.pxd, shared with the backward (backward.pyx).
 
 
 cdef struct SparseRun:
@@ -172,13 +158,19 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
     cdef real scale = <real>p.scale
     cdef Py_ssize_t nqb = (p.qkv.L + p.block_q - 1) // p.block_q
     cdef Py_ssize_t b, qb, r, idx, row_start, row_end, kb, ldacc
-    cdef Py_ssize_t q0, k0, band_lo, band_hi
-    cdef int rows, cols, kind
+    cdef Py_ssize_t q0, k0, band_lo, band_hi, c
+    cdef int rows, cols, kind, state, tmask_kind
     cdef char *cursor = <char *>scratch
     cdef real *s
     cdef real *m
     cdef real *l
     cdef uint8_t *keep
+    cdef real *addtile               # the combined float mask tile (float attn_mask only)
+    cdef const void *mtile           # this tile's attn_mask, or NULL where it keeps all
+    cdef const void *tmask           # what attend_tile gets, with its kind and strides
+    cdef Py_ssize_t tmask_rs, tmask_cs
+    cdef const uint8_t *mb
+    cdef const real *mf
     cdef real *acc
     cdef real *kscratch
     cdef const void *kt
@@ -196,7 +188,8 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
     m = <real *>buf.m
     l = <real *>buf.l
     kscratch = <real *>buf.kscratch
-    keep = <uint8_t *>cursor
+    keep = <uint8_t *>scratch_take(&cursor, p.block_q * p.block_k)
+    addtile = <real *>cursor if p.mask.kind == MASK_FLOAT else NULL
 
     qb = item % nqb
     b = item // nqb
@@ -217,6 +210,12 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
     ldqt = -1 if kscratch != NULL else 0
     for idx in range(row_start, row_end):
         kb = lay.indices[idx]
+        # the attn_mask's view of the tile: skipped, untouched or masked element-wise
+        state = BLOCK_FULL
+        if p.mask.kind != MASK_NONE:
+            state = p.mask.bmap[p.mask.bmap_off[b] + qb * p.mask.bmap_rs + kb * p.mask.bmap_cs]
+            if state == BLOCK_SKIP:
+                continue
         k0 = kb * p.block_k
         cols = block_len(p.qkv.S, k0, p.block_k)
         kind = TILE_BAND
@@ -228,14 +227,41 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
                 continue
         kt = element(p.ops.k, p.qkv.k_off[b] + k0 * p.qkv.ldk, isz)
         vt = element(p.ops.v, p.qkv.v_off[b] + k0 * p.qkv.ldv, isz)
+        mtile = NULL
+        if state != BLOCK_FULL:
+            mtile = element(p.mask.data, p.mask.off[b] + q0 * p.mask.rs + k0 * p.mask.cs,
+                            1 if p.mask.kind == MASK_BOOL else sizeof(real))
         # every pair of the tile takes part: key-major
-        if (kind == TILE_BAND and band_lo <= 1 - rows and band_hi >= cols - 1
+        if (kind == TILE_BAND and mtile == NULL and band_lo <= 1 - rows
+                and band_hi >= cols - 1
                 and tile_attend_kmajor(ops, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
                                        kscratch, &ldqt, NULL, acc, ldacc, m, l)):
             continue
+        # the mask attend_tile applies: the rule's keep tile, the attn_mask tile (beside
+        # the rule's band), or both combined in scratch
+        tmask, tmask_kind, tmask_rs, tmask_cs = NULL, MASK_NONE, cols, 1
+        if kind == TILE_MASK:
+            tmask, tmask_kind = <const void *>keep, MASK_BOOL
+            if mtile != NULL and p.mask.kind == MASK_BOOL:
+                # keep <- keep and mask
+                for r in range(rows):
+                    mb = <const uint8_t *>mtile + r * p.mask.rs
+                    for c in range(cols):
+                        keep[r * cols + c] &= mb[c * p.mask.cs] != 0
+            elif mtile != NULL:
+                # add <- mask where the rule keeps a pair, else -inf
+                for r in range(rows):
+                    mf = <const real *>mtile + r * p.mask.rs
+                    for c in range(cols):
+                        addtile[r * cols + c] = (mf[c * p.mask.cs] if keep[r * cols + c]
+                                                 else -INFINITY)
+                tmask, tmask_kind = <const void *>addtile, MASK_FLOAT
+        elif mtile != NULL:
+            tmask, tmask_kind = mtile, p.mask.kind
+            tmask_rs, tmask_cs = p.mask.rs, p.mask.cs
         tile_attend(ops, 0, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
-                    <const void *>keep, MASK_BOOL if kind == TILE_MASK else MASK_NONE,
-                    cols, 1, band_lo, band_hi, NULL, s, acc, ldacc, m, l)
+                    tmask, tmask_kind, tmask_rs, tmask_cs, band_lo, band_hi, NULL, s, acc,
+                    ldacc, m, l)
 
     for r in range(rows):
         finish_row(acc + r * ldacc, p.qkv.ev, m[r], l[r],
@@ -258,11 +284,15 @@ cdef void sparse_item(void *run, Py_ssize_t item, void *scratch) noexcept nogil:
 
 cdef size_t sparse_scratch(const PlanData *p) noexcept nogil:
     # One thread's scratch: the tile core's buffers (tile_buffers_init), then the keep
-    # tile of the element rule.
+    # tile of the element rule, then with a float attn_mask the combined additive tile
+    # (in the compute type: float64 for float64 operands, else float32).
     cdef TileBuffers sizing
+    cdef size_t add = 0
+    if p.mask.kind == MASK_FLOAT:
+        add = scratch_room(p.block_q * p.block_k * (8 if p.dtype == DT_FLOAT64 else 4))
     return (tile_buffers_init(&sizing, p.dtype, p.itemsize, p.qkv.e, p.qkv.ev, p.block_q,
                               p.block_k, NULL)
-            + scratch_room(p.block_q * p.block_k))
+            + scratch_room(p.block_q * p.block_k) + add)
 
 
 cdef class SparsePlan:
@@ -275,8 +305,6 @@ cdef class SparsePlan:
     (see `fastattn.sparse.BlockLayout._kernel_rule`); offset (S - L) aligns query
     positions bottom-right for it.
     """
-    cdef SparseLayout c
-    cdef readonly object arrays     # everything the pointers in c point into
 
     def __init__(self, cnp.ndarray indptr, cnp.ndarray indices, cnp.ndarray layout_off,
                  object rule, *, Py_ssize_t offset):
@@ -312,9 +340,9 @@ cdef class SparsePlan:
 
 
 def block_sparse(AttentionPlan plan, SparsePlan layout):
-    """Run the block-sparse kernel on a plan (AttentionPlan, no mask, one key split) and
-    a layout (SparsePlan). Private: `fastattn.block_sparse_attention` validates every
-    argument.
+    """Run the block-sparse kernel on a plan (AttentionPlan: its mask, when it has one,
+    prepared with the layout's block sizes; one key split) and a layout (SparsePlan).
+    Private: `fastattn.block_sparse_attention` validates every argument.
 
     out's (L, ev) matrices have unit column stride and do not overlap; lse is
     C-contiguous (nbatch, L) or None.

@@ -51,6 +51,19 @@ static __thread char t_errmsg[1024];
 static char g_fail_name[128];
 static int g_fail_code = 0;
 
+/* Fault injection by position: every exported acl and aclnn function (except
+ * aclGetRecentErrMsg, which only reports) passes through ascendsim_injected_failure
+ * on entry, which numbers the calls from the last ascendsim_calls_reset. The call
+ * numbered g_fail_at returns g_fail_at_code (one shot); with tracing on, the names of
+ * the calls are recorded so that a test can inject a failure into each one in turn. */
+static int64_t g_call_index = 0;
+static int64_t g_fail_at = -1;
+static int g_fail_at_code = 0;
+static int g_fail_at_hit = 0;
+static int g_tracing = 0;
+static char *g_trace = NULL;
+static size_t g_trace_len = 0, g_trace_cap = 0;
+
 /* ------------------------------------------------------------------ */
 /* errors and fault injection                                          */
 /* ------------------------------------------------------------------ */
@@ -71,13 +84,78 @@ SIM_EXPORT void ascendsim_fail_next(const char *fn_name, int code) {
     pthread_mutex_lock(&g_lock);
     snprintf(g_fail_name, sizeof g_fail_name, "%s", fn_name ? fn_name : "");
     g_fail_code = fn_name ? code : 0;
+    g_fail_at = fn_name ? g_fail_at : -1; /* ascendsim_fail_next(NULL, 0) clears both */
     pthread_mutex_unlock(&g_lock);
+}
+
+/* Test hook: number calls from 0 again; tracing (1) records their names. */
+SIM_EXPORT void ascendsim_calls_reset(int tracing) {
+    pthread_mutex_lock(&g_lock);
+    g_call_index = 0;
+    g_fail_at_hit = 0;
+    g_tracing = tracing;
+    g_trace_len = 0;
+    if (g_trace) g_trace[0] = 0;
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* Test hook: the call numbered index (from the last reset) returns code; -1 clears. */
+SIM_EXPORT void ascendsim_fail_at(int64_t index, int code) {
+    pthread_mutex_lock(&g_lock);
+    g_fail_at = index;
+    g_fail_at_code = code;
+    g_fail_at_hit = 0;
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* Test hook: 1 once the failure set by ascendsim_fail_at has been returned. */
+SIM_EXPORT int ascendsim_fail_at_hit(void) {
+    pthread_mutex_lock(&g_lock);
+    int hit = g_fail_at_hit;
+    pthread_mutex_unlock(&g_lock);
+    return hit;
+}
+
+/* Test hook: the names of the calls since ascendsim_calls_reset(1), one per line;
+ * copies up to capacity bytes (NUL included) and returns the full length. */
+SIM_EXPORT int64_t ascendsim_trace(char *out, int64_t capacity) {
+    pthread_mutex_lock(&g_lock);
+    int64_t length = (int64_t)g_trace_len;
+    if (out != NULL && capacity > 0) {
+        int64_t n = length < capacity - 1 ? length : capacity - 1;
+        if (n > 0) memcpy(out, g_trace, (size_t)n);
+        out[n] = 0;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return length;
+}
+
+static void trace_append(const char *fn_name) { /* lock held */
+    size_t n = strlen(fn_name) + 1;
+    if (g_trace_len + n + 1 > g_trace_cap) {
+        size_t cap = g_trace_cap ? 2 * g_trace_cap : 4096;
+        while (cap < g_trace_len + n + 1) cap *= 2;
+        char *grown = realloc(g_trace, cap);
+        if (grown == NULL) return; /* the trace is a test aid: drop the name */
+        g_trace = grown;
+        g_trace_cap = cap;
+    }
+    memcpy(g_trace + g_trace_len, fn_name, n - 1);
+    g_trace[g_trace_len + n - 1] = '\n';
+    g_trace_len += n;
+    g_trace[g_trace_len] = 0;
 }
 
 int ascendsim_injected_failure(const char *fn_name) {
     int code = 0;
     pthread_mutex_lock(&g_lock);
-    if (g_fail_code != 0 && strcmp(g_fail_name, fn_name) == 0) {
+    const int64_t index = g_call_index++;
+    if (g_tracing) trace_append(fn_name);
+    if (g_fail_at >= 0 && index == g_fail_at) {
+        code = g_fail_at_code;
+        g_fail_at = -1;
+        g_fail_at_hit = 1;
+    } else if (g_fail_code != 0 && strcmp(g_fail_name, fn_name) == 0) {
         code = g_fail_code;
         g_fail_code = 0;
     }
@@ -177,6 +255,7 @@ SIM_EXPORT aclError aclrtResetDevice(int32_t deviceId) {
 }
 
 SIM_EXPORT aclError aclrtGetDevice(int32_t *deviceId) {
+    INJECTED("aclrtGetDevice");
     if (deviceId == NULL) return ACL_ERROR_INVALID_PARAM;
     if (t_device < 0) {
         ascendsim_set_error("EE1001: no device set on this thread");
@@ -336,9 +415,8 @@ static void count_copy(int kind, uint64_t nbytes) {
     __atomic_add_fetch(&g_copy_stats[kind][1], (int64_t)nbytes, __ATOMIC_SEQ_CST);
 }
 
-SIM_EXPORT aclError aclrtMemcpy(void *dst, size_t destMax, const void *src, size_t count,
-                                int kind) {
-    INJECTED("aclrtMemcpy");
+static aclError memcpy_checked(void *dst, size_t destMax, const void *src, size_t count,
+                               int kind) {
     if (dst == NULL || src == NULL || count > destMax) {
         ascendsim_set_error("EE1001: aclrtMemcpy: invalid argument (count %zu, destMax %zu)",
                             count, destMax);
@@ -361,21 +439,33 @@ SIM_EXPORT aclError aclrtMemcpy(void *dst, size_t destMax, const void *src, size
     return ACL_SUCCESS;
 }
 
-/* Documented for Atlas A2: synchronous, HOST_TO_DEVICE and DEVICE_TO_HOST only;
- * height rows of width bytes, rows pitch bytes apart on each side. */
+SIM_EXPORT aclError aclrtMemcpy(void *dst, size_t destMax, const void *src, size_t count,
+                                int kind) {
+    INJECTED("aclrtMemcpy");
+    return memcpy_checked(dst, destMax, src, count, kind);
+}
+
+/* aclrtMemcpy2d: synchronous; height rows of width bytes, rows pitch bytes apart on each
+ * side. Documented kinds: HOST_TO_DEVICE and DEVICE_TO_HOST only (hicann/runtime
+ * docs/api_docs/aclrtMemcpy2d.md, "约束说明"); any other kind is refused with
+ * ACL_ERROR_INVALID_PARAM, as the parameter check of hicann/runtime
+ * src/acl/aclrt_impl/memory.cpp (CheckMemcpy2dSyncKind) does and as
+ * docs/api_docs/aclrtMemcpy2dAsync.md states for unsupported kinds. A zero width or
+ * height copies nothing and succeeds (IsZeroSizeMemcpy2d in the same file). */
 SIM_EXPORT aclError aclrtMemcpy2d(void *dst, size_t dpitch, const void *src, size_t spitch,
                                   size_t width, size_t height, int kind) {
     INJECTED("aclrtMemcpy2d");
+    if (kind != ACL_MEMCPY_HOST_TO_DEVICE && kind != ACL_MEMCPY_DEVICE_TO_HOST) {
+        ascendsim_set_error("EE1001: aclrtMemcpy2d: invalid kind of memcpy, kind = %d "
+                            "(HOST_TO_DEVICE or DEVICE_TO_HOST)", kind);
+        return ACL_ERROR_INVALID_PARAM;
+    }
+    if (width == 0 || height == 0) return ACL_SUCCESS;
     if (dst == NULL || src == NULL || width > dpitch || width > spitch) {
         ascendsim_set_error("EE1001: aclrtMemcpy2d: invalid argument (width %zu, dpitch %zu, "
                             "spitch %zu)", width, dpitch, spitch);
         return ACL_ERROR_INVALID_PARAM;
     }
-    if (kind != ACL_MEMCPY_HOST_TO_DEVICE && kind != ACL_MEMCPY_DEVICE_TO_HOST) {
-        ascendsim_set_error("EE1001: aclrtMemcpy2d: kind %d is not supported", kind);
-        return ACL_ERROR_RT_FEATURE_NOT_SUPPORT;
-    }
-    if (width == 0 || height == 0) return ACL_SUCCESS;
     const void *device = kind == ACL_MEMCPY_HOST_TO_DEVICE ? (const void *)dst : src;
     size_t pitch = kind == ACL_MEMCPY_HOST_TO_DEVICE ? dpitch : spitch;
     if (!ascendsim_check_range(device, (uint64_t)pitch * (height - 1) + width)) {
@@ -407,8 +497,9 @@ SIM_EXPORT aclError aclrtMemset(void *devPtr, size_t maxCount, int32_t value, si
 
 SIM_EXPORT aclError aclrtMemcpyAsync(void *dst, size_t destMax, const void *src, size_t count,
                                      int kind, aclrtStream stream) {
+    INJECTED("aclrtMemcpyAsync");
     if (!ascendsim_stream_valid(stream)) return ACL_ERROR_INVALID_PARAM;
-    return aclrtMemcpy(dst, destMax, src, count, kind);
+    return memcpy_checked(dst, destMax, src, count, kind);
 }
 
 /* ------------------------------------------------------------------ */

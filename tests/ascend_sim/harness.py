@@ -111,7 +111,8 @@ def launch_count(runtime):
 
 ACL_DTYPE_NAMES = {0: "float32", 1: "float16", 2: "int8", 3: "int32", 4: "uint8", 9: "int64",
                    12: "bool", 27: "bfloat16"}
-LAUNCH_KINDS = {1: "aclnnFlashAttentionScore", 2: "aclnnIncreFlashAttentionV4"}
+LAUNCH_KINDS = {1: "aclnnFlashAttentionScore", 2: "aclnnIncreFlashAttentionV4",
+                3: "aclnnFlashAttentionScoreGrad"}
 
 
 def last_launch(runtime):
@@ -146,6 +147,54 @@ def fail_next(runtime, function_name, code):
 
 def clear_injection(runtime):
     runtime.lib.acl.ascendsim_fail_next(None, 0)
+
+
+def start_trace(runtime):
+    """Number the simulator's acl/aclnn calls from 0 and record their names."""
+    runtime.lib.acl.ascendsim_calls_reset(1)
+
+
+def stop_trace(runtime):
+    """The names of the calls since :func:`start_trace`, in order; stops recording."""
+    function = runtime.lib.acl.ascendsim_trace
+    function.restype = ctypes.c_int64
+    function.argtypes = (ctypes.c_char_p, ctypes.c_int64)
+    length = function(None, 0)
+    buffer = ctypes.create_string_buffer(length + 1)
+    function(buffer, length + 1)
+    runtime.lib.acl.ascendsim_calls_reset(0)
+    return buffer.value.decode().split()
+
+
+def fail_at(runtime, index, code):
+    """Number calls from 0 again; the call numbered ``index`` returns ``code``."""
+    runtime.lib.acl.ascendsim_calls_reset(0)
+    runtime.lib.acl.ascendsim_fail_at(ctypes.c_int64(index), code)
+
+
+def fail_at_hit(runtime):
+    """Whether the failure set by :func:`fail_at` was returned."""
+    return bool(runtime.lib.acl.ascendsim_fail_at_hit())
+
+
+REFUSED_DESTROY = {1: "aclDestroyTensor", 2: "aclDestroyIntArray", 3: "aclDestroyTensorList",
+                   4: "aclDestroyAclOpExecutor"}
+
+
+def destroy_refused_object(runtime):
+    """Destroy the object whose destroy an injected failure refused; its destroy's name
+    (None if there is none)."""
+    function = runtime.lib.meta.ascendsim_refused_object
+    function.restype = ctypes.c_void_p
+    function.argtypes = (ctypes.POINTER(ctypes.c_int),)
+    kind = ctypes.c_int()
+    handle = function(ctypes.byref(kind))
+    if not handle:
+        return None
+    name = REFUSED_DESTROY[kind.value]
+    destroy = getattr(runtime.lib.meta, name)  # executors: repeatable ones only reach here
+    assert destroy(ctypes.cast(handle, destroy.argtypes[0])) == 0
+    return name
 
 
 def assert_no_leak(runtime):
@@ -187,6 +236,38 @@ def reference_attention(query, key, value, keep=None, bias=None, scale=None):
     with np.errstate(divide="ignore"):
         lse = np.where(empty[..., 0], -np.inf, row_max[..., 0] + np.log(total[..., 0]))
     return out, lse
+
+
+def reference_attention_backward(grad_out, query, key, value, keep=None, bias=None,
+                                 scale=None):
+    """(dq, dk, dv) of :func:`reference_attention` in float64, BNSD.
+
+    ``P = softmax(scale * q k^T + bias)`` (masked where not keep; rows with no key are
+    0), ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = scale * dS K``,
+    ``dK = scale * dS^T Q``; key/value gradients summed over each group of query heads.
+    """
+    q, k, v, g = (np.asarray(x, dtype=np.float64) for x in (query, key, value, grad_out))
+    batch, kv_heads = k.shape[:2]
+    group = q.shape[1] // kv_heads
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    scores = scale * q @ k.swapaxes(-1, -2)
+    if bias is not None:
+        scores = scores + bias
+    if keep is not None:
+        scores = np.where(keep, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    empty = ~np.isfinite(row_max)
+    weights = np.exp(scores - np.where(empty, 0.0, row_max))
+    p = np.where(empty, 0.0, weights / np.where(empty, 1.0, weights.sum(axis=-1, keepdims=True)))
+    out = p @ v
+    dv = p.swapaxes(-1, -2) @ g
+    ds = p * (g @ v.swapaxes(-1, -2) - (g * out).sum(axis=-1, keepdims=True))
+    dq = scale * ds @ k
+    dk = scale * ds.swapaxes(-1, -2) @ q
+    fold = (batch, kv_heads, group)
+    return (dq, dk.reshape(fold + dk.shape[2:]).sum(axis=2),
+            dv.reshape(fold + dv.shape[2:]).sum(axis=2))
 
 
 def causal_keep(query_length, key_length, bottom_right):

@@ -4,6 +4,11 @@
  * Objects carry a magic number so that a destroyed or foreign handle is
  * reported instead of dereferenced; live counts are exposed through
  * ascendsim_object_stats for leak tests.
+ *
+ * Every function passes through the fault injection of libascendcl.so on entry: an
+ * injected failure makes aclCreate* return NULL and aclDestroy* / aclSet* return the
+ * code without doing anything. The object a refused destroy left alive is remembered
+ * (ascendsim_refused_object) so that a fault-injection test can account for it.
  */
 #include "sim.h"
 
@@ -35,6 +40,34 @@ static void count(int64_t *counter, int64_t delta) {
     __atomic_add_fetch(counter, delta, __ATOMIC_SEQ_CST);
 }
 
+/* The object whose destroy an injected failure refused, and its kind. */
+enum { REFUSED_NONE, REFUSED_TENSOR, REFUSED_INT_ARRAY, REFUSED_TENSOR_LIST, REFUSED_EXECUTOR };
+static const void *g_refused = NULL;
+static int g_refused_kind = REFUSED_NONE;
+
+static int refused(const char *name, const void *object, int kind) {
+    int code = ascendsim_injected_failure(name);
+    if (code != 0) {
+        pthread_mutex_lock(&g_lock);
+        g_refused = object;
+        g_refused_kind = object ? kind : REFUSED_NONE;
+        pthread_mutex_unlock(&g_lock);
+    }
+    return code;
+}
+
+/* Test hook: the object an injected aclDestroy* failure left alive (NULL if none) and
+ * its kind (1 tensor, 2 int array, 3 tensor list, 4 executor); forgets it. */
+SIM_EXPORT const void *ascendsim_refused_object(int *kind) {
+    pthread_mutex_lock(&g_lock);
+    const void *object = g_refused;
+    *kind = g_refused_kind;
+    g_refused = NULL;
+    g_refused_kind = REFUSED_NONE;
+    pthread_mutex_unlock(&g_lock);
+    return object;
+}
+
 /* ------------------------------------------------------------------ */
 /* tensors                                                             */
 /* ------------------------------------------------------------------ */
@@ -43,6 +76,7 @@ SIM_EXPORT aclTensor *aclCreateTensor(const int64_t *viewDims, uint64_t viewDims
                                       int dataType, const int64_t *stride, int64_t offset,
                                       int format, const int64_t *storageDims,
                                       uint64_t storageDimsNum, void *tensorData) {
+    if (ascendsim_injected_failure("aclCreateTensor")) return NULL;
     if (viewDimsNum > SIM_MAX_DIMS || (viewDimsNum > 0 && viewDims == NULL) ||
         storageDimsNum > SIM_MAX_DIMS || (storageDimsNum > 0 && storageDims == NULL) ||
         offset < 0) {
@@ -72,7 +106,8 @@ int ascendsim_tensor_valid(const aclTensor *t) {
     return t != NULL && t->magic == TENSOR_MAGIC;
 }
 
-SIM_EXPORT aclnnStatus aclDestroyTensor(const aclTensor *tensor) {
+/* Frees a live tensor (no fault injection: also used by aclDestroyTensorList). */
+static aclnnStatus tensor_free(const aclTensor *tensor) {
     if (tensor == NULL) return ACLNN_SUCCESS;
     if (!ascendsim_tensor_valid(tensor)) {
         ascendsim_set_error("EZ1001: aclDestroyTensor: not a live tensor");
@@ -84,11 +119,18 @@ SIM_EXPORT aclnnStatus aclDestroyTensor(const aclTensor *tensor) {
     return ACLNN_SUCCESS;
 }
 
+SIM_EXPORT aclnnStatus aclDestroyTensor(const aclTensor *tensor) {
+    int injected = refused("aclDestroyTensor", tensor, REFUSED_TENSOR);
+    if (injected) return injected;
+    return tensor_free(tensor);
+}
+
 /* ------------------------------------------------------------------ */
 /* int arrays and tensor lists                                         */
 /* ------------------------------------------------------------------ */
 
 SIM_EXPORT aclIntArray *aclCreateIntArray(const int64_t *value, uint64_t size) {
+    if (ascendsim_injected_failure("aclCreateIntArray")) return NULL;
     if (size > 0 && value == NULL) return NULL;
     aclIntArray *a = calloc(1, sizeof *a);
     if (a == NULL) return NULL;
@@ -109,6 +151,8 @@ int ascendsim_int_array_valid(const aclIntArray *a) {
 }
 
 SIM_EXPORT aclnnStatus aclDestroyIntArray(const aclIntArray *array) {
+    int injected = refused("aclDestroyIntArray", array, REFUSED_INT_ARRAY);
+    if (injected) return injected;
     if (array == NULL) return ACLNN_SUCCESS;
     if (!ascendsim_int_array_valid(array)) return ACLNN_ERR_PARAM_INVALID;
     aclIntArray *a = (aclIntArray *)array;
@@ -120,6 +164,7 @@ SIM_EXPORT aclnnStatus aclDestroyIntArray(const aclIntArray *array) {
 }
 
 SIM_EXPORT aclTensorList *aclCreateTensorList(const aclTensor *const *value, uint64_t size) {
+    if (ascendsim_injected_failure("aclCreateTensorList")) return NULL;
     if (size > 0 && value == NULL) return NULL;
     for (uint64_t i = 0; i < size; ++i)
         if (!ascendsim_tensor_valid(value[i])) return NULL;
@@ -143,10 +188,12 @@ int ascendsim_tensor_list_valid(const aclTensorList *l) {
 
 /* Destroys the list and the tensors in it, as CANN does. */
 SIM_EXPORT aclnnStatus aclDestroyTensorList(const aclTensorList *list) {
+    int injected = refused("aclDestroyTensorList", list, REFUSED_TENSOR_LIST);
+    if (injected) return injected;
     if (list == NULL) return ACLNN_SUCCESS;
     if (!ascendsim_tensor_list_valid(list)) return ACLNN_ERR_PARAM_INVALID;
     aclTensorList *l = (aclTensorList *)list;
-    for (uint64_t i = 0; i < l->size; ++i) aclDestroyTensor(l->tensors[i]);
+    for (uint64_t i = 0; i < l->size; ++i) tensor_free(l->tensors[i]);
     l->magic = 0;
     free(l->tensors);
     free(l);
@@ -202,11 +249,15 @@ static void executor_free(aclOpExecutor *e) {
     count(&g_live_executors, -1);
 }
 
-static aclnnStatus executor_remove(aclOpExecutor *executor, int only_if_single_use) {
+/* Removes a live executor; only_if_single_use: not if it is repeatable; require_repeatable:
+ * refuse (161002) unless it is repeatable. */
+static aclnnStatus executor_remove(aclOpExecutor *executor, int only_if_single_use,
+                                   int require_repeatable) {
     pthread_mutex_lock(&g_lock);
     aclOpExecutor **link = find_executor(executor);
     if (link == NULL) {
         pthread_mutex_unlock(&g_lock);
+        ascendsim_set_error("EZ1001: aclDestroyAclOpExecutor: not a live executor");
         return ACLNN_ERR_PARAM_INVALID;
     }
     aclOpExecutor *e = *link;
@@ -214,15 +265,27 @@ static aclnnStatus executor_remove(aclOpExecutor *executor, int only_if_single_u
         pthread_mutex_unlock(&g_lock);
         return ACLNN_SUCCESS;
     }
+    if (require_repeatable && !e->repeatable) {
+        pthread_mutex_unlock(&g_lock);
+        ascendsim_set_error("EZ1001: aclDestroyAclOpExecutor: the executor was not made "
+                            "repeatable with aclSetAclOpExecutorRepeatable; a single-use "
+                            "executor is released by its second-phase call");
+        return ACLNN_ERR_PARAM_INVALID;
+    }
     *link = e->next;
     pthread_mutex_unlock(&g_lock);
     executor_free(e);
     return ACLNN_SUCCESS;
 }
 
-void ascendsim_executor_spend(aclOpExecutor *executor) { executor_remove(executor, 1); }
+void ascendsim_executor_spend(aclOpExecutor *executor) { executor_remove(executor, 1, 0); }
 
+/* Documented (hiascend "aclSetAclOpExecutorRepeatable", CANN 8.0.0 aolapi operatorlist_00041):
+ * called right after the first phase, it lets the second phase run any number of times
+ * and leaves the executor to the caller, who destroys it with aclDestroyAclOpExecutor. */
 SIM_EXPORT aclnnStatus aclSetAclOpExecutorRepeatable(aclOpExecutor *executor) {
+    int injected = ascendsim_injected_failure("aclSetAclOpExecutorRepeatable");
+    if (injected) return injected;
     pthread_mutex_lock(&g_lock);
     aclOpExecutor **link = find_executor(executor);
     if (link) (*link)->repeatable = 1;
@@ -234,12 +297,14 @@ SIM_EXPORT aclnnStatus aclSetAclOpExecutorRepeatable(aclOpExecutor *executor) {
     return ACLNN_SUCCESS;
 }
 
+/* Documented (hiascend "aclDestroyAclOpExecutor", operatorlist_00021) for executors made
+ * repeatable with aclSetAclOpExecutorRepeatable only ("本接口需与aclSetAclOpExecutorRepeatable
+ * 接口配套使用"); a single-use executor is created by the first phase and released by the
+ * second. What CANN does with a single-use executor here is not documented: refused. */
 SIM_EXPORT aclnnStatus aclDestroyAclOpExecutor(aclOpExecutor *executor) {
-    if (executor_remove(executor, 0) != ACLNN_SUCCESS) {
-        ascendsim_set_error("EZ1001: aclDestroyAclOpExecutor: not a live executor");
-        return ACLNN_ERR_PARAM_INVALID;
-    }
-    return ACLNN_SUCCESS;
+    int injected = refused("aclDestroyAclOpExecutor", executor, REFUSED_EXECUTOR);
+    if (injected) return injected;
+    return executor_remove(executor, 0, 1);
 }
 
 /* out: [live tensors, live int arrays, live tensor lists, live executors] */

@@ -1,6 +1,7 @@
 /*
- * libopapi.so test double: aclnnFlashAttentionScore and
- * aclnnIncreFlashAttentionV4, with the documented two-phase protocol.
+ * libopapi.so test double: aclnnFlashAttentionScore, its backward
+ * aclnnFlashAttentionScoreGrad, and aclnnIncreFlashAttentionV4, with the
+ * documented two-phase protocol.
  *
  * Phase 1 (…GetWorkspaceSize) validates arguments the way the operator docs
  * describe (NULL required argument -> 161001, anything else out of range ->
@@ -12,8 +13,11 @@
  * Simulated subset (anything else is rejected with 161002 "not simulated"):
  *   FlashAttentionScore: layout BNSD, sparse modes 0-3, attenMask BOOL/UINT8
  *     (1 = masked out), realShift (pse, added before scaling), keepProb 1.
+ *   FlashAttentionScoreGrad: as the forward, with the forward's statistics and
+ *     output given (softmaxMax, softmaxSum, attentionIn).
  *   IncreFlashAttentionV4: layout BNSD, query S = 1, key/value lists of one
- *     tensor, paged cache (blocknum, KV_N, blockSize, D) or dense (B, KV_N, S, D).
+ *     tensor, paged cache (blocknum, KV_N, blockSize, D) or dense (B, KV_N, S, D);
+ *     the pool holds at least the blocks the batch reads.
  */
 #include "sim.h"
 
@@ -340,6 +344,31 @@ static int fa_masked(const FlashAttentionArgs *a, int64_t b, int64_t n, int64_t 
     }
 }
 
+/* Sparse modes 2/3: the mask must be exactly triu(ones(2048, 2048), diagonal=1). */
+static aclnnStatus fa_compressed_mask_check(const FlashAttentionArgs *a) {
+    const aclTensor *m = &a->mask;
+    const uint8_t *row = (const uint8_t *)m->data + m->offset;
+    const int contiguous = m->strides[1] == 1 && m->strides[0] == COMPRESSED_MASK_SIZE;
+    uint8_t expected[COMPRESSED_MASK_SIZE]; /* row i: zeros up to i, then ones */
+    for (int64_t i = 0; i < COMPRESSED_MASK_SIZE; ++i) {
+        int row_ok = 1;
+        if (contiguous) { /* fast path: compare whole rows */
+            memset(expected, 0, (size_t)i + 1);
+            memset(expected + i + 1, 1, (size_t)(COMPRESSED_MASK_SIZE - i - 1));
+            row_ok = memcmp(row + i * COMPRESSED_MASK_SIZE, expected, COMPRESSED_MASK_SIZE) == 0;
+        } else {
+            for (int64_t j = 0; j < COMPRESSED_MASK_SIZE && row_ok; ++j)
+                row_ok = (load(m, m->offset + i * m->strides[0] + j * m->strides[1]) != 0) ==
+                         (j > i);
+        }
+        if (!row_ok)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs the compressed "
+                 "mask triu(ones(2048,2048),1); row %lld differs",
+                 (long long)a->sparse_mode, (long long)i);
+    }
+    return ACLNN_SUCCESS;
+}
+
 static aclnnStatus fa_run(void *payload, double *scores) {
     const FlashAttentionArgs *a = payload;
     const aclTensor *tensors[] = {&a->query, &a->key, &a->value, &a->softmax_max,
@@ -357,27 +386,8 @@ static aclnnStatus fa_run(void *payload, double *scores) {
     const int64_t D = a->query.dims[3], Nkv = a->key.dims[1], Skv = a->key.dims[2];
     const int64_t Dv = a->value.dims[3], group = N / Nkv;
     if (a->has_mask && (a->sparse_mode == 2 || a->sparse_mode == 3)) {
-        /* The compressed mask must be exactly triu(ones(2048, 2048), diagonal=1). */
-        const aclTensor *m = &a->mask;
-        const uint8_t *row = (const uint8_t *)m->data + m->offset;
-        const int contiguous = m->strides[1] == 1 && m->strides[0] == COMPRESSED_MASK_SIZE;
-        uint8_t expected[COMPRESSED_MASK_SIZE]; /* row i: zeros up to i, then ones */
-        for (int64_t i = 0; i < COMPRESSED_MASK_SIZE; ++i) {
-            int row_ok = 1;
-            if (contiguous) { /* fast path: compare whole rows */
-                memset(expected, 0, (size_t)i + 1);
-                memset(expected + i + 1, 1, (size_t)(COMPRESSED_MASK_SIZE - i - 1));
-                row_ok = memcmp(row + i * COMPRESSED_MASK_SIZE, expected, COMPRESSED_MASK_SIZE) == 0;
-            } else {
-                for (int64_t j = 0; j < COMPRESSED_MASK_SIZE && row_ok; ++j)
-                    row_ok = (load(m, m->offset + i * m->strides[0] + j * m->strides[1]) != 0) ==
-                             (j > i);
-            }
-            if (!row_ok)
-                FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs the compressed "
-                     "mask triu(ones(2048,2048),1); row %lld differs",
-                     (long long)a->sparse_mode, (long long)i);
-        }
+        aclnnStatus status = fa_compressed_mask_check(a);
+        if (status != ACLNN_SUCCESS) return status;
     }
     const int zero_masked_rows = a->inner_precise == 2 || (a->sparse_mode == 3 && Sq > Skv);
     for (int64_t b = 0; b < B; ++b)
@@ -524,9 +534,10 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGetWorkspaceSize(
             FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask shape must be [B,N,Sq,Skv], "
                  "[B,1,Sq,Skv], [1,1,Sq,Skv] or [Sq,Skv]");
         }
-    } else if (sparseMode == 1) {
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode 1 needs a full attenMask");
     }
+    /* No attenMask: "sparseMode、preTokens、nextTokens参数不生效，固定为全计算" (ops-transformer
+     * attention/flash_attention_score/docs/aclnnFlashAttentionScore.md, 约束说明): every sparse
+     * mode computes everything; fa_masked never masks without a mask. */
     if (realShiftOptional) {
         if (realShiftOptional->dtype != query->dtype ||
             !fa_pse_shape_ok(realShiftOptional, B, N, Sq, Skv))
@@ -738,6 +749,20 @@ SIM_EXPORT aclnnStatus aclnnIncreFlashAttentionV4GetWorkspaceSize(
             FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: actualSeqLengths[%llu] = %lld outside "
                  "[0, %lld]", (unsigned long long)b, (long long)actualSeqLengths->values[b],
                  (long long)capacity);
+    if (blocktable != NULL) {
+        /* "blocknum不能小于根据actualSeqLengthsKv和blockSize计算的每个batch的block数量之和"
+         * (ops-transformer attention/incre_flash_attention/docs/aclnnIncreFlashAttentionV4.md,
+         * 约束说明, page attention): the pool holds at least the sum over the batch of the
+         * blocks each sequence needs, ceil(actualSeqLengths[b] / blockSize), even when rows
+         * of the block table share blocks. */
+        int64_t needed = 0;
+        for (uint64_t b = 0; b < actualSeqLengths->size; ++b)
+            needed += (actualSeqLengths->values[b] + blockSize - 1) / blockSize;
+        if (needed > k->dims[0])
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: blocknum %lld is less than the %lld blocks the "
+                 "batch needs (sum over the batch of ceil(actualSeqLengths / blockSize))",
+                 (long long)k->dims[0], (long long)needed);
+    }
 
     IncreArgs *a = calloc(1, sizeof *a);
     if (a == NULL) FAIL(561000, "EZ9999: out of host memory");
@@ -766,4 +791,290 @@ SIM_EXPORT aclnnStatus aclnnIncreFlashAttentionV4(void *workspace, uint64_t work
                                                   aclOpExecutor *executor, aclrtStream stream) {
     return launch("aclnnIncreFlashAttentionV4", KIND_INCRE_FLASH_ATTENTION_V4, workspace,
                   workspaceSize, executor, stream, incre_run);
+}
+
+/* ------------------------------------------------------------------ */
+/* aclnnFlashAttentionScoreGrad                                        */
+/* ------------------------------------------------------------------ */
+/*
+ * The backward of aclnnFlashAttentionScore (ops-transformer
+ * attention/flash_attention_score_grad/docs/aclnnFlashAttentionScoreGrad.md and
+ * op_api/aclnn_flash_attention_score_grad.h). With S = Mask(scale * (Q K^T + pse),
+ * atten_mask) and the forward's statistics softmaxMax / softmaxSum ([B, N, Sq, 8] FLOAT,
+ * one value per row replicated over the 32-byte block of 8, as AscendC SimpleSoftMax
+ * takes its max/sum operands), the operator recomputes
+ *     P = exp(S - softmaxMax) / softmaxSum        (SimpleSoftMax: dst = exp(src - max) / sum)
+ * and, with attentionIn = the forward's output Y and dy = dL/dY,
+ *     dV = P^T dy,  dP = dy V^T,  dS = P * (dP - rowsum(dy * Y)),
+ *     dQ = scale * dS K,  dK = scale * dS^T Q,
+ * key/value gradients summed over each group of query heads (Nq / Nkv). Masked entries get
+ * P = 0; a row with no visible key gets dQ = 0 with innerPrecise 2 ("使能无效行计算", also
+ * implied by sparse mode 3 with Sq > Skv), undefined (NaN here) otherwise. dpseOut and
+ * softmaxInOptional are reserved ("预留参数，暂未使用"): NULL or any tensor, untouched.
+ * Simulated: layout BNSD, sparse modes 0-3, keepProb 1 without dropMask, no prefix, and the
+ * statistics and attentionIn given (the recomputing variant is not documented).
+ */
+
+enum { KIND_FLASH_ATTENTION_SCORE_GRAD = 3 };
+
+typedef struct {
+    FlashAttentionArgs fwd; /* q, k, v, pse, mask, statistics, scale, modes; out = attentionIn */
+    aclTensor dy, dq, dk, dv;
+} GradArgs;
+
+static aclnnStatus fag_run(void *payload, double *workspace) {
+    const GradArgs *g = payload;
+    const FlashAttentionArgs *a = &g->fwd;
+    const aclTensor *tensors[] = {&a->query, &a->key, &a->value, &g->dy, &a->softmax_max,
+                                  &a->softmax_sum, &a->out, &g->dq, &g->dk, &g->dv,
+                                  &a->pse, &a->mask};
+    const char *names[] = {"query", "keyIn", "value", "dy", "softmaxMaxOptional",
+                           "softmaxSumOptional", "attentionInOptional", "dqOut", "dkOut",
+                           "dvOut", "pseShiftOptional", "attenMaskOptional"};
+    for (int t = 0; t < 12; ++t)
+        if ((t < 10 || (t == 10 && a->has_pse) || (t == 11 && a->has_mask)) &&
+            !in_device_memory(tensors[t]))
+            FAIL(ACLNN_ERR_RUNTIME_ERROR, "EZ9999: %s lies outside device memory "
+                 "(freed or too small)", names[t]);
+    if (a->has_mask && (a->sparse_mode == 2 || a->sparse_mode == 3)) {
+        aclnnStatus status = fa_compressed_mask_check(a);
+        if (status != ACLNN_SUCCESS) return status;
+    }
+    const int64_t B = a->query.dims[0], N = a->query.dims[1], Sq = a->query.dims[2];
+    const int64_t D = a->query.dims[3], Nkv = a->key.dims[1], Skv = a->key.dims[2];
+    const int64_t Dv = a->value.dims[3], group = N / Nkv;
+    double *scores = workspace, *probs = workspace + Skv;
+    double *dk_acc = probs + Skv, *dv_acc = dk_acc + B * Nkv * Skv * D;
+    memset(dk_acc, 0, (size_t)(B * Nkv * Skv * (D + Dv)) * sizeof(double));
+    const int zero_masked_rows = a->inner_precise == 2 || (a->sparse_mode == 3 && Sq > Skv);
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = 0; n < N; ++n) {
+            const int64_t h = n / group;
+            double *dk_head = dk_acc + (b * Nkv + h) * Skv * D;
+            double *dv_head = dv_acc + (b * Nkv + h) * Skv * Dv;
+            for (int64_t i = 0; i < Sq; ++i) {
+                // S_ij = scale * (q_i . k_j + pse_ij), -inf where masked
+                int visible = 0;
+                for (int64_t j = 0; j < Skv; ++j) {
+                    if (fa_masked(a, b, n, i, j, Sq, Skv)) {
+                        scores[j] = -INFINITY;
+                        continue;
+                    }
+                    double dot = 0.0;
+                    for (int64_t d = 0; d < D; ++d)
+                        dot += load(&a->query, at4(&a->query, b, n, i, d)) *
+                               load(&a->key, at4(&a->key, b, h, j, d));
+                    if (a->has_pse) dot += load(&a->pse, at4(&a->pse, b, n, i, j));
+                    scores[j] = a->scale * dot;
+                    visible = 1;
+                }
+                if (!visible) { /* no key: nothing flows back through this row */
+                    for (int64_t d = 0; d < D; ++d)
+                        store(&g->dq, at4(&g->dq, b, n, i, d), zero_masked_rows ? 0.0 : NAN);
+                    continue;
+                }
+                // P_ij = exp(S_ij - max_i) / sum_i from the forward's statistics (block entry 0)
+                const double row_max = load(&a->softmax_max, at4(&a->softmax_max, b, n, i, 0));
+                const double row_sum = load(&a->softmax_sum, at4(&a->softmax_sum, b, n, i, 0));
+                // D_i = rowsum(dy_i * Y_i)
+                double delta = 0.0;
+                for (int64_t d = 0; d < Dv; ++d)
+                    delta += load(&g->dy, at4(&g->dy, b, n, i, d)) *
+                             load(&a->out, at4(&a->out, b, n, i, d));
+                // dS_ij = P_ij (dy_i . v_j - D_i), kept in scores
+                for (int64_t j = 0; j < Skv; ++j) {
+                    probs[j] = scores[j] == -INFINITY ? 0.0 : exp(scores[j] - row_max) / row_sum;
+                    double dp = 0.0;
+                    if (probs[j] != 0.0)
+                        for (int64_t d = 0; d < Dv; ++d)
+                            dp += load(&g->dy, at4(&g->dy, b, n, i, d)) *
+                                  load(&a->value, at4(&a->value, b, h, j, d));
+                    scores[j] = probs[j] * (dp - delta);
+                }
+                // dQ_i = scale * sum_j dS_ij k_j;  dK_j += scale * dS_ij q_i;  dV_j += P_ij dy_i
+                for (int64_t d = 0; d < D; ++d) {
+                    const double q_id = load(&a->query, at4(&a->query, b, n, i, d));
+                    double acc = 0.0;
+                    for (int64_t j = 0; j < Skv; ++j) {
+                        if (probs[j] == 0.0) continue;
+                        acc += scores[j] * load(&a->key, at4(&a->key, b, h, j, d));
+                        dk_head[j * D + d] += a->scale * scores[j] * q_id;
+                    }
+                    store(&g->dq, at4(&g->dq, b, n, i, d), a->scale * acc);
+                }
+                for (int64_t d = 0; d < Dv; ++d) {
+                    const double dy_id = load(&g->dy, at4(&g->dy, b, n, i, d));
+                    for (int64_t j = 0; j < Skv; ++j)
+                        if (probs[j] != 0.0) dv_head[j * Dv + d] += probs[j] * dy_id;
+                }
+            }
+        }
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < Nkv; ++h)
+            for (int64_t j = 0; j < Skv; ++j) {
+                const int64_t row = (b * Nkv + h) * Skv + j;
+                for (int64_t d = 0; d < D; ++d)
+                    store(&g->dk, at4(&g->dk, b, h, j, d), dk_acc[row * D + d]);
+                for (int64_t d = 0; d < Dv; ++d)
+                    store(&g->dv, at4(&g->dv, b, h, j, d), dv_acc[row * Dv + d]);
+            }
+    const aclTensor *const seen[LAST_TENSORS] = {&a->query, &a->key, &a->value, &g->dq,
+                                                 a->has_pse ? &a->pse : NULL,
+                                                 a->has_mask ? &a->mask : NULL};
+    record_launch(KIND_FLASH_ATTENTION_SCORE_GRAD, seen);
+    return ACLNN_SUCCESS;
+}
+
+SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGradGetWorkspaceSize(
+    const aclTensor *query, const aclTensor *keyIn, const aclTensor *value, const aclTensor *dy,
+    const aclTensor *pseShiftOptional, const aclTensor *dropMaskOptional,
+    const aclTensor *paddingMaskOptional, const aclTensor *attenMaskOptional,
+    const aclTensor *softmaxMaxOptional, const aclTensor *softmaxSumOptional,
+    const aclTensor *softmaxInOptional, const aclTensor *attentionInOptional,
+    const aclIntArray *prefixOptional, double scaleValue, double keepProb, int64_t preTokens,
+    int64_t nextTokens, int64_t headNum, char *inputLayout, int64_t innerPrecise,
+    int64_t sparseMode, const aclTensor *dqOut, const aclTensor *dkOut, const aclTensor *dvOut,
+    const aclTensor *dpseOut, uint64_t *workspaceSize, aclOpExecutor **executor) {
+    int injected = ascendsim_injected_failure("aclnnFlashAttentionScoreGradGetWorkspaceSize");
+    if (injected) return injected;
+    REQUIRE(query, "query");
+    REQUIRE(keyIn, "keyIn");
+    REQUIRE(value, "value");
+    REQUIRE(dy, "dy");
+    REQUIRE(inputLayout, "inputLayout");
+    REQUIRE(dqOut, "dqOut");
+    REQUIRE(dkOut, "dkOut");
+    REQUIRE(dvOut, "dvOut");
+    REQUIRE(workspaceSize, "workspaceSize");
+    REQUIRE(executor, "executor");
+    CHECK_TENSOR(query, "query");
+    CHECK_TENSOR(keyIn, "keyIn");
+    CHECK_TENSOR(value, "value");
+    CHECK_TENSOR(dy, "dy");
+    CHECK_TENSOR(pseShiftOptional, "pseShiftOptional");
+    CHECK_TENSOR(attenMaskOptional, "attenMaskOptional");
+    CHECK_TENSOR(softmaxMaxOptional, "softmaxMaxOptional");
+    CHECK_TENSOR(softmaxSumOptional, "softmaxSumOptional");
+    CHECK_TENSOR(attentionInOptional, "attentionInOptional");
+    CHECK_TENSOR(dqOut, "dqOut");
+    CHECK_TENSOR(dkOut, "dkOut");
+    CHECK_TENSOR(dvOut, "dvOut");
+    if ((softmaxInOptional != NULL && !ascendsim_tensor_valid(softmaxInOptional)) ||
+        (dpseOut != NULL && !ascendsim_tensor_valid(dpseOut)))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: softmaxInOptional/dpseOut is not a valid tensor");
+
+    if (strcmp(inputLayout, "BNSD") != 0) {
+        if (strcmp(inputLayout, "BSH") && strcmp(inputLayout, "SBH") && strcmp(inputLayout, "BSND"))
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is invalid", inputLayout);
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is not simulated (BNSD only)",
+             inputLayout);
+    }
+    const aclTensor *four_d[] = {query, keyIn, value, dy, dqOut, dkOut, dvOut};
+    for (int t = 0; t < 7; ++t)
+        if (four_d[t]->ndim != 4)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: BNSD query/keyIn/value/dy and the gradients "
+                 "must be 4-D");
+    const int dtype = query->dtype;
+    if (!is_float_dtype(dtype) || keyIn->dtype != dtype || value->dtype != dtype ||
+        dy->dtype != dtype)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/keyIn/value/dy dtypes must be equal and one "
+             "of FLOAT16, BFLOAT16, FLOAT32 (got %d, %d, %d, %d)", dtype, keyIn->dtype,
+             value->dtype, dy->dtype);
+    const int64_t B = query->dims[0], N = query->dims[1], Sq = query->dims[2], D = query->dims[3];
+    const int64_t Nkv = keyIn->dims[1], Skv = keyIn->dims[2], Dv = value->dims[3];
+    if (keyIn->dims[0] != B || value->dims[0] != B || value->dims[1] != Nkv ||
+        value->dims[2] != Skv || keyIn->dims[3] != D)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/keyIn/value shapes are inconsistent");
+    if (B < 1 || N < 1 || Sq < 1 || D < 1 || Nkv < 1 || Skv < 1 || Dv < 1)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: empty query/keyIn/value are not supported");
+    if (headNum != N)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: headNum %lld != query N %lld", (long long)headNum,
+             (long long)N);
+    if (N % Nkv != 0)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query heads %lld not a multiple of key heads %lld",
+             (long long)N, (long long)Nkv);
+    if (N > 256 || D > 768 || Dv > D || Sq > (1 << 20) || Skv > (1 << 20))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: limits exceeded: N <= 256, Dv <= D <= 768, "
+             "S <= 1M (N=%lld, D=%lld, Dv=%lld)", (long long)N, (long long)D, (long long)Dv);
+    const int64_t dy_shape[4] = {B, N, Sq, Dv}, stats_shape[4] = {B, N, Sq, 8};
+    if (!same_shape(dy, 4, dy_shape))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dy must be [B, N, Sq, Dv] like the forward's "
+             "output");
+    if (!same_shape(dqOut, 4, query->dims) || !same_shape(dkOut, 4, keyIn->dims) ||
+        !same_shape(dvOut, 4, value->dims) || dqOut->dtype != dtype || dkOut->dtype != dtype ||
+        dvOut->dtype != dtype)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dqOut/dkOut/dvOut must have the shapes of "
+             "query/keyIn/value and the query dtype");
+    if (!(keepProb > 0.0 && keepProb <= 1.0))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: keepProb must be in (0, 1]");
+    if (keepProb != 1.0 || dropMaskOptional || paddingMaskOptional || prefixOptional)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dropout, paddingMask and prefix are not simulated");
+    if (innerPrecise < 0 || innerPrecise > 2)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: innerPrecise must be 0, 1 or 2");
+    if (sparseMode < 0 || sparseMode > 6)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld is invalid (0 to 6)",
+             (long long)sparseMode);
+    if (sparseMode > 3)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld is not simulated",
+             (long long)sparseMode);
+    if (softmaxMaxOptional == NULL || softmaxSumOptional == NULL || attentionInOptional == NULL)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: without softmaxMax, softmaxSum and attentionIn "
+             "(the forward's statistics and output) the backward is not simulated");
+    if (softmaxMaxOptional->dtype != ACL_FLOAT || softmaxSumOptional->dtype != ACL_FLOAT ||
+        !same_shape(softmaxMaxOptional, 4, stats_shape) ||
+        !same_shape(softmaxSumOptional, 4, stats_shape))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: softmaxMax/softmaxSum must be FLOAT [B, N, Sq, 8]");
+    if (attentionInOptional->dtype != dtype || !same_shape(attentionInOptional, 4, dy_shape))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attentionIn must be the forward's output: "
+             "[B, N, Sq, Dv] with the query dtype");
+    if (attenMaskOptional) {
+        const aclTensor *m = attenMaskOptional;
+        if (m->dtype != ACL_BOOL && m->dtype != ACL_UINT8)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask dtype must be BOOL or UINT8");
+        if (sparseMode == 2 || sparseMode == 3) {
+            if (m->ndim != 2 || m->dims[0] != COMPRESSED_MASK_SIZE ||
+                m->dims[1] != COMPRESSED_MASK_SIZE)
+                FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs a [2048, 2048] "
+                     "compressed attenMask", (long long)sparseMode);
+        } else if (!fa_mask_shape_ok(m, B, N, Sq, Skv)) {
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask shape must be [B,N,Sq,Skv], "
+                 "[B,1,Sq,Skv], [1,1,Sq,Skv] or [Sq,Skv]");
+        }
+    }
+    if (pseShiftOptional && (pseShiftOptional->dtype != dtype ||
+                             !fa_pse_shape_ok(pseShiftOptional, B, N, Sq, Skv)))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: pseShift must have the query dtype and shape "
+             "[B,N,Sq,Skv], [B,N,1,Skv] or [1,N,Sq,Skv]");
+
+    GradArgs *g = calloc(1, sizeof *g);
+    if (g == NULL) FAIL(561000, "EZ9999: out of host memory");
+    FlashAttentionArgs *a = &g->fwd;
+    a->query = *query;
+    a->key = *keyIn;
+    a->value = *value;
+    a->softmax_max = *softmaxMaxOptional;
+    a->softmax_sum = *softmaxSumOptional;
+    a->out = *attentionInOptional;
+    if ((a->has_pse = pseShiftOptional != NULL)) a->pse = *pseShiftOptional;
+    if ((a->has_mask = attenMaskOptional != NULL)) a->mask = *attenMaskOptional;
+    a->scale = scaleValue;
+    a->pre_tokens = preTokens;
+    a->next_tokens = nextTokens;
+    a->inner_precise = innerPrecise;
+    a->sparse_mode = sparseMode;
+    g->dy = *dy;
+    g->dq = *dqOut;
+    g->dk = *dkOut;
+    g->dv = *dvOut;
+    /* the launch keeps two rows and the float64 dK/dV accumulators in the workspace */
+    uint64_t required = 4096 + (uint64_t)(2 * Skv + B * Nkv * Skv * (D + Dv)) * sizeof(double);
+    return hand_over(KIND_FLASH_ATTENTION_SCORE_GRAD, g, free, required, executor,
+                     workspaceSize);
+}
+
+SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGrad(void *workspace, uint64_t workspaceSize,
+                                                    aclOpExecutor *executor,
+                                                    aclrtStream stream) {
+    return launch("aclnnFlashAttentionScoreGrad", KIND_FLASH_ATTENTION_SCORE_GRAD, workspace,
+                  workspaceSize, executor, stream, fag_run);
 }

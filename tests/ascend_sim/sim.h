@@ -5,10 +5,11 @@
  *   libascendcl.so  runtime: init, devices, streams, "device" memory (host heap),
  *                   error messages, and the sim-only hooks (ascendsim_*).
  *   libnnopbase.so  aclnn meta API: tensors, int arrays, tensor lists, executors.
- *   libopapi.so     the two operators, two-phase (GetWorkspaceSize + launch).
+ *   libopapi.so     the operators, two-phase (GetWorkspaceSize + launch).
  *
  * Public names, argument orders, enum and status values follow the CANN
  * headers (acl_rt.h, acl_base.h, acl_meta.h, aclnn_flash_attention_score.h,
+ * aclnn_flash_attention_score_grad.h,
  * aclnn_incre_flash_attention_v4.h). Everything prefixed ascendsim_ is
  * test-only and does not exist in CANN.
  */
@@ -87,7 +88,8 @@ SIM_EXPORT void ascendsim_set_error(const char *fmt, ...)
     __attribute__((format(printf, 1, 2)));
 /* 1 if [ptr, ptr + nbytes) lies inside one live allocation. */
 SIM_EXPORT int ascendsim_check_range(const void *ptr, uint64_t nbytes);
-/* Non-zero status if a failure was injected for this function name. */
+/* Called on entry by every acl/aclnn function: numbers (and traces) the call and
+ * returns a non-zero status if a failure was injected for it (by name or position). */
 SIM_EXPORT int ascendsim_injected_failure(const char *fn_name);
 SIM_EXPORT int ascendsim_is_initialized(void);
 SIM_EXPORT int ascendsim_stream_valid(aclrtStream stream);
