@@ -114,6 +114,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         For shapes that do not match or broadcast, an unknown ``device`` or
         ``causal_alignment``, window sizes below -1, ``softcap <= 0``, or
         ``alibi_slopes`` of the wrong shape.
+    NotImplementedError
+        For ``softcap`` with ``device="npu"`` (the operator has no soft-capping;
+        ``window`` and ``alibi_slopes`` map onto its band modes and ``pse``, see
+        ``docs/ascend.md``).
 
     Notes
     -----
@@ -169,15 +173,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
     check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
     window = check_score_window(window)
     softcap = check_softcap(softcap)
-    if kind == "npu" and (window is not None or alibi_slopes is not None
-                          or softcap is not None):
-        raise NotImplementedError("window, alibi_slopes and softcap are not available with "
-                                  "device='npu' yet")
+    if kind == "npu" and softcap is not None:
+        raise NotImplementedError("softcap with device='npu': aclnnFlashAttentionScore has no "
+                                  "soft-capping")
     if kind == "npu" and _npu.any_device_array(query, key, value):
         return _npu.sdpa_resident(query, key, value, attn_mask, is_causal=is_causal,
                                   causal_alignment=causal_alignment, scale=scale,
                                   enable_gqa=enable_gqa, return_lse=return_lse, out=out,
-                                  device=device)
+                                  device=device, window=window, alibi_slopes=alibi_slopes)
     ops = _Operands(query, key, value, attn_mask, enable_gqa, npu=kind == "npu")
     scale = check_scale(scale, ops.E)
     slopes = check_alibi_slopes(alibi_slopes, ops.batch_shape)
@@ -185,7 +188,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         _check_out(out, ops.out_shape, ops.result, contiguous=False)
     if kind == "npu":
         return _npu.sdpa(ops, is_causal=is_causal, causal_alignment=causal_alignment,
-                         scale=scale, return_lse=return_lse, out=out, device=device)
+                         scale=scale, return_lse=return_lse, out=out, device=device,
+                         window=window,
+                         alibi_slopes=slopes[(0,) * (slopes.ndim - 1)]
+                         if slopes is not None and np.ndim(alibi_slopes) == 1 else slopes)
     nthreads = _threads.resolve_num_threads(num_threads)
 
     compute, storage, result = ops.compute, ops.storage, ops.result

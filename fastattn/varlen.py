@@ -11,7 +11,7 @@ import operator
 
 import numpy as np
 
-from fastattn import _threads
+from fastattn import _npu, _threads
 from fastattn._kernels import dense as _dense
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import RaggedBatch
@@ -77,8 +77,10 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
     num_threads : int, optional
         Threads for this call; default :func:`fastattn.get_num_threads`.
     device : {"cpu", "npu", "npu:N"}, default="cpu"
-        ``"npu"`` runs ``aclnnFlashAttentionScore`` in its ``TND`` layout through the
-        ``ascend`` package (see ``docs/ascend.md`` for what it supports).
+        ``"npu"`` runs ``aclnnFlashAttentionVarLenScore`` (layout ``TND``,
+        ``actualSeqQLen``/``actualSeqKvLen``) through the ``ascend`` package: float16,
+        bfloat16 or float32; causal, windows; no ALiBi or soft-capping
+        (``NotImplementedError``). See ``docs/ascend.md``.
 
     Returns
     -------
@@ -98,6 +100,9 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
         position); ``max_seqlen_*`` below the longest sequence; window sizes below -1,
         ``softcap <= 0`` or ``alibi_slopes`` of the wrong shape. Everything is checked
         before any kernel runs.
+    NotImplementedError
+        With ``device="npu"``: ``softcap``, ``alibi_slopes``, and what the TND operator
+        cannot compute (see ``ascend.flash_attention_varlen``).
 
     Notes
     -----
@@ -134,10 +139,16 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
     check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
     window = check_score_window(window)
     softcap = check_softcap(softcap)
-    if kind == "npu":
-        raise NotImplementedError("varlen_attention with device='npu' is not available yet")
-    q, k, v, cq, ck, compute, result = _check_operands(query, key, value, cu_seqlens_q,
-                                                       cu_seqlens_k)
+    if kind == "npu" and softcap is not None:
+        raise NotImplementedError("softcap with device='npu': aclnnFlashAttentionVarLenScore "
+                                  "has no soft-capping")
+    if kind == "npu" and alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes with device='npu': aclnnFlashAttentionVarLenScore "
+                                  "takes ALiBi only as a compressed realShift (causal sequences "
+                                  "with Sq == Skv > 1024), which is not mapped")
+    q, k, v, cq, ck, compute, result = _check_operands(
+        query, key, value, cu_seqlens_q, cu_seqlens_k,
+        dtypes=_npu.result_dtypes if kind == "npu" else result_dtypes)
     total_q, Hq, E = q.shape
     total_k, Hkv, Ev = v.shape
     batch = cq.shape[0] - 1
@@ -150,6 +161,11 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
     out_shape = (total_q, Hq, Ev)
     if out is not None:
         check_out(out, out_shape, result, contiguous=False)
+    if kind == "npu":
+        q, k, v = (np.asarray(a, dtype=result) for a in (q, k, v))
+        return _npu.varlen(q, k, v, cq, ck, is_causal=bool(is_causal),
+                           causal_alignment=causal_alignment, scale=scale, window=window,
+                           return_lse=return_lse, out=out, device=device)
     nthreads = _threads.resolve_num_threads(num_threads)
 
     storage = storage_dtype(compute, result, q, k, v)
@@ -174,10 +190,10 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
     return (res, lse) if return_lse else res
 
 
-def _check_operands(query, key, value, cu_seqlens_q, cu_seqlens_k):
+def _check_operands(query, key, value, cu_seqlens_q, cu_seqlens_k, dtypes=result_dtypes):
     """Validated packed operands and cumulative lengths (int64 vectors)."""
     (q, k, v), compute, result = check_matrix_stacks(("query", "key", "value"), query, key,
-                                                     value, dtypes=result_dtypes)
+                                                     value, dtypes=dtypes)
     shapes = f"query {q.shape}, key {k.shape}, value {v.shape}"
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ValueError(f"expected packed query (total_q, Hq, E), key (total_k, Hkv, E) and "
