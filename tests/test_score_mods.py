@@ -332,3 +332,17 @@ def test_paged_bad_modifiers(rng):
         fastattn.paged_attention(*args, softcap=0.0)
     with pytest.raises(ValueError, match="alibi_slopes"):
         fastattn.paged_attention(*args, alibi_slopes=np.ones(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_spread_rows_layout_matches_reference(rng, small_tiles, dtype):
+    # keys and values of a (B, L, H, E) array viewed as (B, H, L, E) (rows H*E apart) are
+    # copied per batch entry into the thread's scratch and reused by its next query blocks:
+    # entries switching between items, several threads, with and without modifiers
+    small_tiles(32, 48)
+    x = rand(rng, (2, 150, 3, 3, 32), dtype)          # (B, L, 3, H, E): q, k, v packed
+    q, k, v = (x[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    for threads in (1, 2, 3):
+        check(q, k, v, dtype=dtype, is_causal=True, num_threads=threads)
+        check(q, k, v, dtype=dtype, window=(20, 5), alibi_slopes=np.array([0.1, 0.2, 0.3]),
+              softcap=4.0, num_threads=threads)
