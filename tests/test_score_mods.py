@@ -346,3 +346,17 @@ def test_spread_rows_layout_matches_reference(rng, small_tiles, dtype):
         check(q, k, v, dtype=dtype, is_causal=True, num_threads=threads)
         check(q, k, v, dtype=dtype, window=(20, 5), alibi_slopes=np.array([0.1, 0.2, 0.3]),
               softcap=4.0, num_threads=threads)
+
+
+def test_softcap_non_finite_scores(rng):
+    # [C] a NaN score keeps its row NaN (and only its row); an infinite one is capped to
+    # +-softcap, as tanh(+-inf) = +-1 (full 256-row tiles: the key-major path sends such
+    # tiles the row way)
+    q, k, v = rand(rng, (1, 256, 64)), rand(rng, (1, 256, 64)), rand(rng, (1, 256, 64))
+    q[0, 3, 0] = np.nan
+    out = sdpa(q, k, v, softcap=5.0)
+    assert np.isnan(out[0, 3]).all() and not np.isnan(np.delete(out[0], 3, axis=0)).any()
+    q[0, 3, 0] = 0.0
+    k[0, 7, 1] = np.inf               # key 7: +-inf scores wherever q[:, 1] != 0
+    ref = reference.scaled_dot_product_attention(q, k, v, softcap=5.0)
+    assert_close(sdpa(q, k, v, softcap=5.0), ref, np.float32)

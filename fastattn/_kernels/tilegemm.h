@@ -405,23 +405,26 @@ typedef float fa_kv16 __attribute__((vector_size(64)));
 /* Soft-capping of 16 floats, cap * tanh(x / cap), by the rational function of
  * FA_TANH_VEC (tanhscores.h): with y = x / cap clamped to [-9, 9] (the fit range; tanh(9)
  * is 1 to within 3e-8, under half an ulp), cap * y P(y^2) / Q(y^2) = xc P(y^2) / Q(y^2)
- * for xc = cap * y, x clamped to [-9 cap, 9 cap]. The division is a reciprocal estimate
- * and one Newton step (Q >= 1, so the estimate is safe). 16 operations instead of 26 with
- * FA_TANH_VEC's sign and saturation masks and its division, which made soft-capping a
- * dense float32 tile cost 13% instead of 9% (L = S = 2048, E = 64, one thread). Within 2
- * ulp of FA_TANH_VEC's results; NaN propagates (min/max return their second operand
- * for NaN), +-inf gives +-cap. */
+ * for xc = x clamped to [-9 cap, 9 cap] (one vrangeps: the smaller magnitude of x and
+ * 9 cap, with x's sign; it turns NaN into +-9 cap, so the caller sends tiles with a score
+ * that is not finite the row way, fa_kmajor_tile_max). The division is a reciprocal
+ * estimate refined once on the quotient (n = xc P, t = n r, t += r (n - Q t)); Q >= 1,
+ * so the estimate is safe. 14 operations instead of 26 with FA_TANH_VEC's sign and
+ * saturation masks and its division, which made soft-capping a dense float32 tile cost
+ * 13% instead of 9% (L = S = 2048, E = 64, one thread). Within 2 ulp of FA_TANH_VEC's
+ * results. */
 FA_V4 static inline fa_kv16 fa_softcap_v16(fa_kv16 x, float cap, float inv_cap)
 {
     typedef fa_kv16 vec;
-    vec xc = (vec)_mm512_max_ps(_mm512_set1_ps(-9.0f * cap),
-                                _mm512_min_ps(_mm512_set1_ps(9.0f * cap), (__m512)x));
+    /* imm 0x02: the operand of smaller magnitude, the sign of the first */
+    vec xc = (vec)_mm512_range_ps((__m512)x, _mm512_set1_ps(9.0f * cap), 0x02);
     vec y = xc * inv_cap;
     vec z = y * y;
     vec qz = FA_TANH_Q_f32(z);
+    vec n = xc * FA_TANH_P_f32(z);
     vec r = (vec)_mm512_rcp14_ps((__m512)qz);
-    r = r * (2.0f - qz * r);
-    return xc * FA_TANH_P_f32(z) * r;
+    vec t = n * r;
+    return t + r * (n - qz * t);
 }
 
 /* The score modifiers (scoremods.h) on 16 key-major scores x: key c against queries
@@ -468,9 +471,9 @@ int fa_kmajor_tile_max(int rows, int cols, float *st, ptrdiff_t ldqt, float *til
             const fa_v16 ninf = (fa_v16){0} - __builtin_inff();
             for (int c = 0; c < cols; c++) {
                 fa_v16 x = FA_LOAD(st + (ptrdiff_t)c * ldqt + g);
+                bad += x * 0.0f;      /* the scores as computed: the row way defines the rest */
                 if (mods != NULL)
                     x = fa_kmajor_mods(x, cap, inv_cap, slope, diag, c, g);
-                bad += x * 0.0f;
                 if (banded) {
                     ptrdiff_t lo = c - band_hi - g, hi = c - band_lo - g;
                     lo = lo < -1 ? -1 : lo > 16 ? 16 : lo;
