@@ -4,6 +4,7 @@ Architecture::
 
     ascend.flash_attention / paged_attention      _ops.py     validate, convert conventions,
     ascend.flash_attention_backward               _grad.py    two-phase aclnn call
+    ascend.flash_attention_varlen                 _varlen.py  (windows, ALiBi: _bands.py)
                  |
                  v
     DescriptorScope (aclTensor, aclIntArray,      _meta.py    libnnopbase.so
@@ -24,6 +25,7 @@ from ._array import DeviceArray, to_device, zeros
 from ._errors import AscendError, AscendRuntimeNotFound
 from ._grad import flash_attention_backward
 from ._ops import check_paged_cache, flash_attention, paged_attention
+from ._varlen import flash_attention_varlen
 from ._runtime import device_count, devices, empty_cache, is_available, parse_device
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "empty_cache",
     "flash_attention",
     "flash_attention_backward",
+    "flash_attention_varlen",
     "is_available",
     "paged_attention",
     "parse_device",

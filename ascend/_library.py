@@ -126,6 +126,16 @@ _OPERATOR_PHASE1 = {
         c_int64, c_int64,            # innerPrecise, sparseMode
         _T, _T, _T, _T,              # dqOut, dkOut, dvOut, dpseOut
         POINTER(c_uint64), POINTER(ExecutorRef)],
+    "aclnnFlashAttentionVarLenScore": [  # aclnn_flash_attention_var_len_score.h (TND)
+        _T, _T, _T,                  # query, key, value
+        _T, _T, _T, _T,              # realShift, dropMask, paddingMask, attenMask
+        IntArrayRef, IntArrayRef, IntArrayRef,  # prefix, actualSeqQLen, actualSeqKvLen
+        c_double, c_double,          # scaleValue, keepProb
+        c_int64, c_int64, c_int64,   # preTokens, nextTokens, headNum
+        c_char_p,                    # inputLayout
+        c_int64, c_int64,            # innerPrecise, sparseMode
+        _T, _T, _T, _T,              # softmaxMax, softmaxSum, softmaxOut, attentionOut
+        POINTER(c_uint64), POINTER(ExecutorRef)],
     "aclnnIncreFlashAttentionV4": [
         _T, TensorListRef, TensorListRef,  # query, key, value
         _T, _T,                            # pseShift, attenMask

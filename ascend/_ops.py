@@ -20,6 +20,7 @@ from ctypes import byref, c_uint64, create_string_buffer
 
 import numpy as np
 
+from . import _bands
 from ._array import DTYPES, DeviceArray, download, dtype_name, host_storage
 from ._library import ExecutorRef
 from ._meta import DescriptorScope
@@ -244,14 +245,17 @@ def compressed_causal_mask():
 
 
 class _MaskPlan:
-    """What to pass as attenMask / realShift / sparseMode / innerPrecise."""
+    """What to pass as attenMask / realShift / sparseMode / innerPrecise, and the band's
+    preTokens / nextTokens (sparse mode 4, see ``_bands``)."""
 
-    __slots__ = ("masked_out", "compressed", "pse", "sparse_mode", "inner_precise")
+    __slots__ = ("masked_out", "compressed", "pse", "sparse_mode", "inner_precise",
+                 "pre_tokens", "next_tokens")
 
     def __init__(self, masked_out=None, compressed=False, pse=None,
                  sparse_mode=SPARSE_NONE, inner_precise=INNER_PRECISE_DEFAULT):
         self.masked_out, self.compressed, self.pse = masked_out, compressed, pse
         self.sparse_mode, self.inner_precise = sparse_mode, inner_precise
+        self.pre_tokens = self.next_tokens = UNLIMITED_TOKENS
 
 
 def _plan_mask(attn_mask, is_causal, alignment, full_shape, scale, storage_name):
@@ -386,7 +390,8 @@ def _flash_options(causal_alignment, scale, head_dim):
 
 
 def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
-                    causal_alignment="top_left", scale=None, return_lse=False, device=0):
+                    causal_alignment="top_left", scale=None, return_lse=False, device=0,
+                    window=None, alibi_slopes=None):
     """Scaled dot-product attention with ``aclnnFlashAttentionScore`` (layout BNSD).
 
     Parameters
@@ -410,6 +415,14 @@ def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
         Also return the log-sum-exp of the scaled scores, shape (B, Hq, L), float32.
     device : int or str
         Device index or ``"npu[:N]"``. DeviceArray inputs must live on it.
+    window : (int or None, int or None), optional
+        Sliding window: query ``i`` sees key ``j`` iff ``i + off - left <= j <= i + off +
+        right`` (``off = S - L`` bottom-right, 0 top-left; None or -1: unbounded).
+        Sparse mode 4 (``preTokens = left``, ``nextTokens = right``) for bottom-right
+        or ``L == S``, else folded into the attenMask (see ``ascend._bands``).
+    alibi_slopes : array_like, shape (Hq,) or (B, Hq), optional
+        ALiBi, ``-slope * |i + off - j|`` added to the scaled scores, passed as the
+        ``pse`` input (``realShift``, ``bias / scale``; an ``(L, S)`` plane per head).
 
     Returns
     -------
@@ -445,8 +458,13 @@ def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
     batch, heads, length, head_dim, kv_heads, key_length, value_dim = _flash_shapes(
         q, k, v, "aclnnFlashAttentionScore")
     scale = _flash_options(causal_alignment, scale, head_dim)
-    plan = _plan_mask(attn_mask, is_causal, causal_alignment,
-                      (batch, heads, length, key_length), scale, name)
+    if window is None and alibi_slopes is None:
+        plan = _plan_mask(attn_mask, is_causal, causal_alignment,
+                          (batch, heads, length, key_length), scale, name)
+    else:
+        plan = _bands.plan_modifiers(_plan_mask, attn_mask, is_causal, causal_alignment,
+                                     (batch, heads, length, key_length), scale, name, window,
+                                     alibi_slopes, _MaskPlan)
 
     on_device = any(o.device_array is not None for o in operands)
     acl_dtype = DTYPES[name][0]
@@ -462,7 +480,7 @@ def flash_attention(query, key, value, attn_mask=None, *, is_causal=False,
         acl_float = DTYPES["float32"][0]
         arguments = [
             *tensors, pse_tensor, None, None, mask_tensor, None,
-            scale, 1.0, UNLIMITED_TOKENS, UNLIMITED_TOKENS, heads, _LAYOUT_BNSD,
+            scale, 1.0, plan.pre_tokens, plan.next_tokens, heads, _LAYOUT_BNSD,
             plan.inner_precise, plan.sparse_mode,
             scope.tensor(max_buffer.ptr, stats_shape, acl_float),
             scope.tensor(sum_buffer.ptr, stats_shape, acl_float),

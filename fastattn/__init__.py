@@ -27,6 +27,7 @@ from fastattn.positional import apply_rotary, sinusoidal_positional_encoding
 from fastattn.scoring import additive_attention, concat_attention, dot_attention, general_attention
 from fastattn.softmax import attention_weights, log_softmax, masked_softmax
 from fastattn.paged import PagedKVCache, paged_attention
+from fastattn.varlen import varlen_attention
 
 from fastattn.sparse import BlockLayout, block_sparse_attention
 from fastattn.sparse_patterns import (bigbird_attention, bigbird_layout, global_attention,
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "scaled_dot_product_attention",
+    "varlen_attention",
     # training: the backward pass
     "scaled_dot_product_attention_backward", "masked_softmax_backward",
     "block_sparse_attention_backward", "multi_head_attention_backward",

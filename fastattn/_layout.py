@@ -151,3 +151,20 @@ class PreparedMask:
         self.block_offsets = batch_offsets(bmap, batch_shape)
         self.block_row_stride = bmap.shape[-1] if Lm > 1 else 0
         self.block_col_stride = 1 if Sm > 1 else 0
+
+
+class RaggedBatch:
+    """A ragged batch as the dense kernel takes it (plan.pxd's ``Ragged``): per batch entry
+    its query and key lengths (``len_q``, ``len_k``) and the offset of its lse row
+    (``lse_off``), all intp vectors; the work items ``items``, an intp ``(n, 2)`` array of
+    (batch entry, query block), heaviest first; ``bottom_right``: whether an entry's
+    diagonal offset is ``len_k - len_q`` (else 0)."""
+
+    __slots__ = ("len_q", "len_k", "lse_off", "items", "bottom_right")
+
+    def __init__(self, len_q, len_k, lse_off, items, bottom_right):
+        self.len_q = np.ascontiguousarray(len_q, dtype=np.intp)
+        self.len_k = np.ascontiguousarray(len_k, dtype=np.intp)
+        self.lse_off = np.ascontiguousarray(lse_off, dtype=np.intp)
+        self.items = np.ascontiguousarray(items, dtype=np.intp).reshape(-1, 2)
+        self.bottom_right = bool(bottom_right)

@@ -97,8 +97,11 @@ def to_bnsd(a, batch_shape, heads=None):
     return a.reshape((-1, n_heads) + a.shape[-2:])
 
 
-def sdpa(ops, *, is_causal, causal_alignment, scale, return_lse, out, device):
-    """Run prepared SDPA operands (see ``attention._Operands``) on the NPU."""
+def sdpa(ops, *, is_causal, causal_alignment, scale, return_lse, out, device, window=None,
+         alibi_slopes=None):
+    """Run prepared SDPA operands (see ``attention._Operands``) on the NPU. ``window``
+    ``(left, right)`` and ``alibi_slopes`` (validated: ``(H,)``, or broadcast to the batch
+    shape) map onto the operator's band modes and ``pse`` (``ascend._bands``)."""
     import ascend
     index = ascend.parse_device(device)
     # mixed dtypes: converted to the promoted one before broadcasting (views) and upload
@@ -111,9 +114,15 @@ def sdpa(ops, *, is_causal, causal_alignment, scale, return_lse, out, device):
     if ops.mask is not None:
         mask = np.broadcast_to(ops.mask, ops.batch_shape + ops.mask.shape[-2:])
         mask = to_bnsd(mask, ops.batch_shape)
+    slopes = None
+    if alibi_slopes is not None:
+        # (H,) as is (one pse plane per head); else one row of slopes per BNSD batch entry
+        slopes = (alibi_slopes if alibi_slopes.ndim == 1
+                  else alibi_slopes.reshape(-1, alibi_slopes.shape[-1]))
     result = ascend.flash_attention(q, k, v, mask, is_causal=is_causal,
                                     causal_alignment=causal_alignment, scale=scale,
-                                    return_lse=return_lse, device=index)
+                                    return_lse=return_lse, device=index, window=window,
+                                    alibi_slopes=slopes)
     res, lse = result if return_lse else (result, None)
     res = res.reshape(ops.batch_shape + res.shape[-2:])
     if out is not None:
@@ -125,7 +134,7 @@ def sdpa(ops, *, is_causal, causal_alignment, scale, return_lse, out, device):
 
 
 def sdpa_resident(query, key, value, attn_mask, *, is_causal, causal_alignment, scale,
-                  enable_gqa, return_lse, out, device):
+                  enable_gqa, return_lse, out, device, window=None, alibi_slopes=None):
     """DeviceArray inputs: already 4-D BNSD on the device; results stay there."""
     import ascend
     if out is not None:
@@ -140,7 +149,24 @@ def sdpa_resident(query, key, value, attn_mask, *, is_causal, causal_alignment, 
                          f"{key.shape}; pass enable_gqa=True for grouped-query attention")
     return ascend.flash_attention(query, key, value, attn_mask, is_causal=is_causal,
                                   causal_alignment=causal_alignment, scale=scale,
-                                  return_lse=return_lse, device=ascend.parse_device(device))
+                                  return_lse=return_lse, device=ascend.parse_device(device),
+                                  window=window, alibi_slopes=alibi_slopes)
+
+
+def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal, causal_alignment, scale,
+           window, return_lse, out, device):
+    """Validated packed operands (one NPU dtype) to ``aclnnFlashAttentionVarLenScore`` (TND)."""
+    import ascend
+    result = ascend.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                           is_causal=is_causal,
+                                           causal_alignment=causal_alignment, scale=scale,
+                                           window=window, return_lse=return_lse,
+                                           device=ascend.parse_device(device))
+    res, lse = result if return_lse else (result, None)
+    if out is not None:
+        out[...] = res
+        res = out
+    return (res, lse) if return_lse else res
 
 
 def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, scale, causal,

@@ -351,3 +351,71 @@ def check_token_flags(name, tokens, n):
     flags = np.zeros(n, dtype=bool)
     flags[t] = True
     return flags
+
+
+# ---- score modifiers (flash-attn's conventions; fastattn.reference) --------------------
+
+def check_score_window(window):
+    """``(left, right)`` of a ``window=`` argument, ``None`` for an unbounded side.
+
+    flash-attn's ``window_size``: a pair of ints >= 0, ``-1`` (or ``None``) meaning
+    unbounded; ``None`` for the whole window means no window. Other negative sizes
+    raise ``ValueError``, non-integers ``TypeError``.
+    """
+    if window is None:
+        return None
+    if isinstance(window, (str, bytes)) or np.ndim(window) != 1 or len(window) != 2:
+        raise ValueError(f"window must be a pair (left, right) of ints >= 0 or -1/None "
+                         f"(unbounded), got {window!r}")
+    sides = []
+    for name, w in zip(("left", "right"), window):
+        if w is None:
+            sides.append(None)
+            continue
+        try:
+            w = operator.index(w)
+        except TypeError:
+            raise TypeError(f"window sizes must be ints or None, got {name} "
+                            f"{type(w).__name__}") from None
+        if w < -1:
+            raise ValueError(f"window sizes must be >= 0, or -1 for unbounded; got {name} "
+                             f"= {w} in {window!r}")
+        sides.append(None if w == -1 else w)
+    if sides == [None, None]:
+        return None
+    return tuple(sides)
+
+
+def check_softcap(softcap):
+    """``softcap`` as a positive finite float, or None (off)."""
+    if softcap is None:
+        return None
+    try:
+        softcap = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a positive real number or None, got "
+                        f"{type(softcap).__name__}") from None
+    if not (np.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive finite number (None: off), got {softcap}")
+    return softcap
+
+
+def check_alibi_slopes(alibi_slopes, heads_shape, what="the query's (batch, heads) axes"):
+    """ALiBi slopes of shape ``(H,)`` or ``(B, H)`` matching the last one or two entries
+    of ``heads_shape``, as a float64 array broadcast to ``heads_shape`` (C order); None
+    stays None. Non-real or non-finite slopes raise ``TypeError`` / ``ValueError``."""
+    if alibi_slopes is None:
+        return None
+    slopes = np.asarray(alibi_slopes)
+    if slopes.dtype.kind not in "iuf" and slopes.dtype != BFLOAT16:
+        raise TypeError(f"alibi_slopes must hold real numbers, got dtype {slopes.dtype}")
+    n = slopes.ndim
+    if n not in (1, 2) or len(heads_shape) < n or tuple(heads_shape[-n:]) != slopes.shape:
+        want = " or ".join(str(tuple(heads_shape[-k:])) for k in (1, 2)
+                           if len(heads_shape) >= k) or "(H,) with a head axis"
+        raise ValueError(f"alibi_slopes must have shape (H,) or (B, H) matching {what} "
+                         f"{tuple(heads_shape)}: {want}; got {slopes.shape}")
+    slopes = slopes.astype(np.float64)
+    if not np.all(np.isfinite(slopes)):
+        raise ValueError("alibi_slopes must be finite")
+    return np.ascontiguousarray(np.broadcast_to(slopes, tuple(heads_shape)))

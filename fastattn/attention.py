@@ -9,9 +9,9 @@ from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
-    CPU_AND_NPU, as_array, check_batch_shape, check_choice, check_device, check_dropout,
-    check_qkv,
-    check_scale, is_floating, result_dtypes, storage_dtype,
+    CPU_AND_NPU, as_array, check_alibi_slopes, check_batch_shape, check_choice, check_device,
+    check_dropout, check_qkv, check_scale, check_score_window, check_softcap, is_floating,
+    result_dtypes, storage_dtype,
 )
 from fastattn._validation import check_out as _check_out
 
@@ -34,7 +34,8 @@ _INT32_MAX = 2**31 - 1
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, *, rng=None,
                                  causal_alignment="top_left", return_lse=False, out=None,
-                                 num_threads=None, device="cpu"):
+                                 num_threads=None, device="cpu", window=None, alibi_slopes=None,
+                                 softcap=None):
     r"""Scaled dot-product attention, ``softmax(query @ key.T * scale + mask) @ value``.
 
     Computed by a fused, tiled kernel (FlashAttention-2 style online softmax): the
@@ -90,6 +91,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     causal_alignment : {"top_left", "bottom_right"}, default="top_left"
         Where the causal diagonal sits when ``L != S``: PyTorch's ``is_causal``
         is top-left; flash-attn and decoding with a KV cache use bottom-right.
+        Query ``i`` sits at key position ``i + off``, ``off = 0`` (top-left) or
+        ``S - L`` (bottom-right): the diagonal of ``window`` and ALiBi too.
     return_lse : bool, default=False
         Also return the log-sum-exp of each row's scaled, masked scores,
         shape ``(..., L)``: what is needed to merge results over key blocks.
@@ -106,6 +109,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         or float32 inputs, mixed ones promoted as NumPy promotes; raises
         ``ascend.AscendRuntimeNotFound`` without CANN). ``ascend.DeviceArray``
         inputs of shape (B, H, L, E) stay on the device and give a DeviceArray.
+    window : (int or None, int or None), optional
+        Sliding window (flash-attn's ``window_size``): query ``i`` sees key ``j``
+        only if ``i + off - left <= j <= i + off + right``; ``None`` or ``-1`` leaves
+        a side unbounded. Combines with ``is_causal`` and ``attn_mask`` (a key must
+        pass all three). Tiles wholly outside the band are skipped, so the cost is
+        proportional to the window's width.
+    alibi_slopes : array_like, shape (H,) or (B, H), optional
+        ALiBi: adds ``-slope * |i + off - j|`` to the scaled (and soft-capped) score,
+        one slope per query head (axis -3 of ``query``, ``H``) and optionally per
+        batch entry (axis -4, ``B``).
+    softcap : float, optional
+        Soft-capping (Gemma 2): the scaled score ``s`` becomes
+        ``softcap * tanh(s / softcap)``. Must be positive.
 
     Returns
     -------
@@ -124,15 +140,25 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         bool nor floating.
     ValueError
         For shapes that do not match or broadcast, an unknown ``device`` or
-        ``causal_alignment``, or ``dropout_p`` outside ``[0, 1)`` (or above 0 with
-        ``device="npu"``).
+        ``causal_alignment``, ``dropout_p`` outside ``[0, 1)`` (or above 0 with
+        ``device="npu"``), window sizes below -1, ``softcap <= 0``, or
+        ``alibi_slopes`` of the wrong shape.
+    NotImplementedError
+        For ``softcap`` with ``device="npu"`` (the operator has no soft-capping;
+        ``window`` and ``alibi_slopes`` map onto its band modes and ``pse``, see
+        ``docs/ascend.md``).
 
     Notes
     -----
-    A query row whose keys are all masked out (by the mask, the causal band, or
-    ``S == 0``) returns zeros, not NaN, and its lse is ``-inf``. Tiles entirely
-    above the causal diagonal, and tiles a bool mask rules out entirely, are
-    skipped rather than computed and masked.
+    The score modifiers apply in flash-attn's order: scale, soft-cap, add the ALiBi
+    bias, then ``attn_mask``, the causal band and the window
+    (:func:`fastattn.reference.scaled_dot_product_attention` defines them). None of
+    them builds an ``(L, S)`` array: the kernel applies them tile by tile.
+
+    A query row whose keys are all masked out (by the mask, the causal band, the
+    window, or ``S == 0``) returns zeros, not NaN, and its lse is ``-inf``. Tiles
+    entirely outside the causal band or the window, and tiles a bool mask rules out
+    entirely, are skipped rather than computed and masked.
 
     The GIL is released while the kernel runs.
 
@@ -168,24 +194,44 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     >>> b = reference.scaled_dot_product_attention(q, k, v, None, 0.25, rng=7)
     >>> bool(np.allclose(a, b, atol=1e-5))
     True
+
+    A causal sliding window of 4 keys with ALiBi and soft-capping, checked against
+    the reference:
+
+    >>> slopes = np.array([0.5, 0.25, 0.125, 0.0625])
+    >>> out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, window=(3, 0),
+    ...                                             alibi_slopes=slopes, softcap=30.0)
+    >>> ref = fastattn.reference.scaled_dot_product_attention(
+    ...     q, k, v, is_causal=True, window=(3, 0), alibi_slopes=slopes, softcap=30.0)
+    >>> bool(np.allclose(out, ref, atol=1e-5))
+    True
     """
     kind = check_device(device, CPU_AND_NPU)
     check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
     dropout_p, seed = check_dropout(dropout_p, rng)
     if seed is not None and kind == "npu":
         raise ValueError(f"dropout_p > 0 is computed on the CPU only, got device={device!r}")
+    window = check_score_window(window)
+    softcap = check_softcap(softcap)
+    if kind == "npu" and softcap is not None:
+        raise NotImplementedError("softcap with device='npu': aclnnFlashAttentionScore has no "
+                                  "soft-capping")
     if kind == "npu" and _npu.any_device_array(query, key, value):
         return _npu.sdpa_resident(query, key, value, attn_mask, is_causal=is_causal,
                                   causal_alignment=causal_alignment, scale=scale,
                                   enable_gqa=enable_gqa, return_lse=return_lse, out=out,
-                                  device=device)
+                                  device=device, window=window, alibi_slopes=alibi_slopes)
     ops = _Operands(query, key, value, attn_mask, enable_gqa, npu=kind == "npu")
     scale = check_scale(scale, ops.E)
+    slopes = check_alibi_slopes(alibi_slopes, ops.batch_shape)
     if out is not None:
         _check_out(out, ops.out_shape, ops.result, contiguous=False)
     if kind == "npu":
         return _npu.sdpa(ops, is_causal=is_causal, causal_alignment=causal_alignment,
-                         scale=scale, return_lse=return_lse, out=out, device=device)
+                         scale=scale, return_lse=return_lse, out=out, device=device,
+                         window=window,
+                         alibi_slopes=slopes[(0,) * (slopes.ndim - 1)]
+                         if slopes is not None and np.ndim(alibi_slopes) == 1 else slopes)
     nthreads = _threads.resolve_num_threads(num_threads)
 
     compute, storage, result = ops.compute, ops.storage, ops.result
@@ -194,7 +240,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     res = out if direct else np.empty(ops.out_shape, dtype=storage)
     lse = np.empty(ops.batch_shape + (ops.L,), dtype=compute) if return_lse else None
     if ops.nbatch and ops.L and ops.Ev:
-        _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads,
+        mods = ScoreModifiers(window, None if slopes is None else slopes.reshape(-1), softcap)
+        _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, mods,
                    dropout=(dropout_p, seed) if seed is not None else None)
     elif lse is not None:
         lse.fill(-np.inf)
@@ -282,7 +329,40 @@ def _grouped_heads(q, k):
             and q.shape[-3] % k.shape[-3] == 0)
 
 
-def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, dropout=None):
+class ScoreModifiers:
+    """The validated score modifiers of a call: ``window`` ``(left, right)`` with None
+    for an unbounded side (or None), ``slopes`` a float64 vector of one ALiBi slope per
+    batch entry (or None), ``softcap`` a positive float (or None)."""
+
+    __slots__ = ("window", "slopes", "softcap")
+
+    def __init__(self, window=None, slopes=None, softcap=None):
+        self.window, self.slopes, self.softcap = window, slopes, softcap
+
+    def plan_kwargs(self):
+        """The AttentionPlan keywords."""
+        return dict(window=self.window, softcap=self.softcap or 0.0, slopes=self.slopes)
+
+    def visible_pairs(self, L, S, offset, causal):
+        """How many (query, key) pairs of an (L, S) problem the causal band and the window
+        leave visible (diagonal offset ``offset``), and the most one row sees."""
+        left, right = self.window or (None, None)
+        if causal:
+            right = 0 if right is None else min(right, 0)
+        if left is None and right is None:
+            return L * S, S
+        i = np.arange(L, dtype=np.int64) + offset
+        lo = np.zeros(L, np.int64) if left is None else np.maximum(i - left, 0)
+        hi = np.full(L, S - 1, np.int64) if right is None else np.minimum(i + right, S - 1)
+        n = np.maximum(hi - lo + 1, 0)
+        return int(n.sum()), int(n.max(initial=0))
+
+
+_NO_MODS = ScoreModifiers()
+
+
+def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, mods=_NO_MODS,
+               dropout=None):
     L, S, E, Ev = ops.L, ops.S, ops.E, ops.Ev
     batch_shape, group, compute, storage = ops.batch_shape, ops.group, ops.compute, ops.storage
     if S == 0:
@@ -311,18 +391,25 @@ def _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, drop
     block_k = min(BLOCK_K, S)
     nqb = -(-L // block_q)
     nkb = -(-S // block_k)
-    flops = 2.0 * nbatch * L * S * (E + Ev) * (0.5 if is_causal else 1.0)
+    causal_offset = 0 if causal_alignment == "top_left" else S - L
+    if mods.window is None:
+        flops = 2.0 * nbatch * L * S * (E + Ev) * (0.5 if is_causal else 1.0)
+    else:
+        # a window: only the band's tiles are computed
+        pairs, widest = mods.visible_pairs(L, S, causal_offset, is_causal)
+        flops = 2.0 * nbatch * pairs * (E + Ev)
+        nkb = min(nkb, -(-(widest + block_q) // block_k) + 1)
     nthreads = _threads.call_threads(nthreads, nbatch * nqb * nkb, flops)
     nsplit, nthreads = _threads.split_keys(nbatch * nqb, nkb, nthreads)
 
     prepared = None
     if ops.mask is not None:
         prepared = PreparedMask(ops.mask, compute, L, S, batch_shape, block_q, block_k)
-    causal_offset = 0 if causal_alignment == "top_left" else S - L
     plan = AttentionPlan(q, k, v, res, lse, (q_off, k_off, v_off, out_off), (ldq, ldk, ldv, ldo),
                          L, S, E, Ev, prepared, scale=scale, causal=bool(is_causal),
                          causal_offset=causal_offset, block_q=block_q, block_k=block_k,
-                         nsplit=nsplit, nthreads=nthreads, dropout=dropout)
+                         nsplit=nsplit, nthreads=nthreads, dropout=dropout,
+                         **mods.plan_kwargs())
     with _threads.tile_blas(storage, Ev):
         _dense.sdpa(plan)
 

@@ -12,7 +12,10 @@ import numpy as np
 from fastattn import _npu, _threads
 from fastattn._kernels import paged as _paged
 from fastattn._layout import as_kernel_array, as_matrix_stack
-from fastattn._validation import HALF, CPU_AND_NPU, as_array, check_device, check_scale, result_dtypes
+from fastattn._validation import (
+    HALF, CPU_AND_NPU, as_array, check_alibi_slopes, check_device, check_scale,
+    check_score_window, check_softcap, result_dtypes,
+)
 
 __all__ = ["PagedKVCache", "paged_attention"]
 
@@ -40,7 +43,8 @@ PREFETCH_BYTES = 32768
 
 
 def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, scale=None,
-                    causal=True, return_lse=False, num_threads=None, device="cpu"):
+                    causal=True, return_lse=False, num_threads=None, device="cpu",
+                    window=None, alibi_slopes=None, softcap=None):
     r"""Attention of new query tokens over a paged key/value cache.
 
     Sequence ``b`` consists of the first ``seq_lens[b]`` entries of its blocks
@@ -85,6 +89,15 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         Where to compute. ``"npu"`` runs ``aclnnIncreFlashAttentionV4`` through the
         ``ascend`` package: float16/bfloat16 only, ``Ev == E``, ``block_size`` a
         multiple of 16, no ``return_lse`` (see ``docs/ascend.md``).
+    window : (int or None, int or None), optional
+        Sliding window, as in :func:`fastattn.scaled_dot_product_attention`: row ``t``,
+        at key position ``pos = seq_lens[b] - T + t``, sees keys
+        ``pos - left <= j <= pos + right`` (``None`` or ``-1``: unbounded side). Key
+        blocks wholly before every row's window are not read.
+    alibi_slopes : array_like, shape (H,) or (B, H), optional
+        ALiBi: adds ``-slope * |pos - j|`` to the scaled (and soft-capped) scores.
+    softcap : float, optional
+        Soft-capping: the scaled score ``s`` becomes ``softcap * tanh(s / softcap)``.
 
     Returns
     -------
@@ -105,7 +118,10 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         DeviceArray inputs with ``device="cpu"``.
     ValueError
         For shapes that do not match, ``T == 0``, block ids out of range, lengths
-        beyond the table's capacity or negative, or an unknown ``device``.
+        beyond the table's capacity or negative, an unknown ``device``, window sizes
+        below -1, ``softcap <= 0`` or ``alibi_slopes`` of the wrong shape.
+    NotImplementedError
+        For ``window``, ``alibi_slopes`` or ``softcap`` with ``device="npu"``.
 
     See Also
     --------
@@ -147,6 +163,8 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     True
     """
     kind = check_device(device, CPU_AND_NPU)
+    window = check_score_window(window)
+    softcap = check_softcap(softcap)
     names = ("query", "key_blocks", "value_blocks")
     if kind == "npu":
         # DeviceArrays (a resident cache or query) stay on the device; NumPy operands
@@ -164,7 +182,11 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     B, H, T, E, Hkv, bs, Ev = _check_shapes(q, k, v)
     table, lens = _check_table(block_table, seq_lens, B, k.shape[0], bs)
     scale = check_scale(scale, E)
+    slopes = check_alibi_slopes(alibi_slopes, (B, H), what="the query's (B, H)")
     if kind == "npu":
+        if window is not None or slopes is not None or softcap is not None:
+            raise NotImplementedError("window, alibi_slopes and softcap are not available "
+                                      "for paged attention with device='npu'")
         return _npu.paged_attention(q, k, v, table, lens, scale=scale, causal=causal,
                                     return_lse=return_lse, device=device)
     nthreads = _threads.resolve_num_threads(num_threads)
@@ -172,12 +194,16 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         max_len, keys = int(lens.max()), int(lens.sum())
     else:
         max_len = keys = 0
+    mods = None
+    if window is not None or slopes is not None or softcap is not None:
+        mods = dict(window=window, softcap=softcap or 0.0,
+                    slopes=None if slopes is None else slopes.reshape(-1))
     return _attend_cpu(q, k, v, table, lens, max_len, keys, scale, bool(causal), return_lse,
-                       nthreads, compute, result)
+                       nthreads, compute, result, mods=mods)
 
 
 def _attend_cpu(q, k, v, table, lens, max_len, keys, scale, causal, return_lse, nthreads,
-                compute, result, pools_ready=False, tilings=None):
+                compute, result, pools_ready=False, tilings=None, mods=None):
     # The CPU call on validated operands (see paged_attention): q (B, H, T, E), pools
     # (N, H_kv, bs, E | Ev), table and lens intp C-contiguous with every entry the kernel
     # reads checked, max_len and keys the largest and summed lengths. PagedKVCache calls
@@ -185,6 +211,7 @@ def _attend_cpu(q, k, v, table, lens, max_len, keys, scale, causal, return_lse, 
     # with pools_ready when the pools are C-contiguous in a dtype the kernel reads as is,
     # and with a dict `tilings` kept with that table: the tiling of a call depends only
     # on the shapes, the table and the threads, so the layers of a step share it.
+    # mods: the PagedPlan keywords of the score modifiers (window, softcap, slopes).
     B, H, T, E = q.shape
     Ev = v.shape[3]
     # half results are computed in float32 and narrowed by the kernel
@@ -206,7 +233,7 @@ def _attend_cpu(q, k, v, table, lens, max_len, keys, scale, causal, return_lse, 
             if tilings is not None:
                 tilings[key] = tiling
         plan = _paged.PagedPlan(q, k, v, table, lens, out, lse, T=T, scale=scale,
-                                causal=causal, **tiling)
+                                causal=causal, **tiling, **(mods or {}))
         with _threads.kernel_blas(tiling["use_blas"]):
             _paged.paged_attention(plan)
     elif lse is not None:

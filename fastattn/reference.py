@@ -109,7 +109,8 @@ def dropout_keep(shape, dropout_p, seed):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, *, rng=None,
-                                 causal_alignment="top_left", return_lse=False):
+                                 causal_alignment="top_left", return_lse=False, window=None,
+                                 alibi_slopes=None, softcap=None):
     """``softmax(query @ key.T * scale + mask) @ value`` in float64, unfused.
 
     Same arguments and conventions as :func:`fastattn.scaled_dot_product_attention`
@@ -117,6 +118,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     of ``-inf``). With ``dropout_p > 0`` the probabilities are multiplied by
     :func:`dropout_keep`'s mask for the seed ``rng`` gives, divided by
     ``1 - dropout_p``: the same mask as the kernel's for the same ``rng``.
+    The score modifiers follow flash-attn's order (its
+    ``attention_ref``): scale, :func:`softcap_scores`, add :func:`alibi_bias`, then
+    ``attn_mask``, the causal band and :func:`window_keep`; all three use the
+    diagonal offset ``off`` of ``causal_alignment`` (0 or ``S - L``).
 
     Examples
     --------
@@ -137,6 +142,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
     scores = (q @ np.swapaxes(k, -1, -2)) * scale
+    if softcap is not None:
+        scores = softcap_scores(scores, softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, L, S, causal_alignment)
     keep = None
     if attn_mask is not None:
         attn_mask = np.asarray(attn_mask)
@@ -147,6 +156,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if is_causal:
         c = causal_keep(L, S, causal_alignment)
         keep = c if keep is None else np.logical_and(keep, c)
+    if window is not None:
+        w = window_keep(L, S, window, causal_alignment)
+        keep = w if keep is None else np.logical_and(keep, w)
     probs, lse = masked_softmax(scores, keep)
     dropout_p, seed = check_dropout(dropout_p, rng)
     if seed is not None:
@@ -154,6 +166,129 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                 + probs.shape[-2:])
         probs = probs * dropout_keep(probs.shape, dropout_p, seed) / (1.0 - dropout_p)
     out = probs @ v
+    return (out, lse) if return_lse else out
+
+
+# ---- score modifiers and packed variable-length batches (issue #19) -------------------
+# flash-attn's documented conventions (flash_attn_interface.py docstrings, and
+# attention_ref / construct_local_mask / attn_bias_from_alibi_slopes in its tests).
+# Query i sits at key position i + off, off = 0 ("top_left") or S - L ("bottom_right",
+# flash-attn's only alignment).
+
+__all__ += ["diagonal_offset", "window_keep", "alibi_bias", "softcap_scores",
+            "varlen_attention"]
+
+
+def diagonal_offset(L, S, alignment="top_left"):
+    """``off``: 0 for ``top_left``, ``S - L`` for ``bottom_right``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastattn.reference import diagonal_offset
+    >>> diagonal_offset(2, 5, "bottom_right")
+    3
+    """
+    return 0 if alignment == "top_left" else S - L
+
+
+def window_keep(L, S, window, alignment="top_left"):
+    """Bool ``(L, S)``, True where ``i + off - left <= j <= i + off + right``.
+
+    flash-attn's ``window_size=(left, right)``: a side that is ``None`` or ``-1`` is
+    unbounded; a window of ``(0, 0)`` keeps the diagonal only.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastattn.reference import window_keep
+    >>> window_keep(3, 4, (1, 0), "bottom_right").astype(int)
+    array([[1, 1, 0, 0],
+           [0, 1, 1, 0],
+           [0, 0, 1, 1]])
+    >>> window_keep(2, 3, (None, 0)).astype(int)   # = causal_keep(2, 3)
+    array([[1, 0, 0],
+           [1, 1, 0]])
+    """
+    left, right = (None if w is None or w == -1 else int(w) for w in window)
+    d = np.arange(S)[None, :] - (np.arange(L)[:, None] + diagonal_offset(L, S, alignment))
+    keep = np.ones((L, S), dtype=bool)
+    if left is not None:
+        keep &= d >= -left
+    if right is not None:
+        keep &= d <= right
+    return keep
+
+
+def alibi_bias(slopes, L, S, alignment="top_left"):
+    """ALiBi bias ``-slope * |i + off - j|``, shape ``slopes.shape + (L, S)``.
+
+    ``slopes`` of shape ``(H,)`` or ``(B, H)`` (flash-attn's ``alibi_slopes``), so the
+    result broadcasts against ``(B, H, L, S)`` scores.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastattn.reference import alibi_bias
+    >>> alibi_bias([0.5], 2, 3, "bottom_right")
+    array([[[-0.5, -0. , -0.5],
+            [-1. , -0.5, -0. ]]])
+    """
+    slopes = np.asarray(slopes, dtype=np.float64)
+    d = np.arange(L)[:, None] + diagonal_offset(L, S, alignment) - np.arange(S)[None, :]
+    return -slopes[..., None, None] * np.abs(d)
+
+
+def softcap_scores(scores, softcap):
+    """Soft-capped scores ``softcap * tanh(scores / softcap)`` (Gemma 2, flash-attn).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastattn.reference import softcap_scores
+    >>> softcap_scores(np.array([0.0, 1.0, 100.0]), 5.0).round(4)
+    array([0.    , 0.9869, 5.    ])
+    """
+    return softcap * np.tanh(np.asarray(scores, dtype=np.float64) / softcap)
+
+
+def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
+                     causal_alignment="bottom_right", scale=None, window=None,
+                     alibi_slopes=None, softcap=None, return_lse=False):
+    """:func:`fastattn.varlen_attention` in float64: each packed sequence on its own.
+
+    flash-attn's packed layout: ``query (total_q, Hq, E)``, ``key (total_k, Hkv, E)``,
+    ``value (total_k, Hkv, Ev)``; sequence ``b`` is rows ``cu_seqlens_q[b] :
+    cu_seqlens_q[b + 1]`` of the query and ``cu_seqlens_k[b] : cu_seqlens_k[b + 1]`` of
+    key and value. Each is attended with :func:`scaled_dot_product_attention`
+    (grouped-query heads, the modifiers with that sequence's own ``L`` and ``S``;
+    ``alibi_slopes`` ``(Hq,)`` or ``(batch, Hq)``). Returns ``(total_q, Hq, Ev)`` and,
+    with ``return_lse``, the lse ``(Hq, total_q)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastattn.reference import varlen_attention
+    >>> q = np.ones((3, 1, 2)); k = np.ones((3, 1, 2)); v = np.arange(3.0).reshape(3, 1, 1)
+    >>> varlen_attention(q, k, v, [0, 1, 3], [0, 1, 3], is_causal=True)[:, 0, 0]
+    array([0. , 1. , 1.5])
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (query, key, value))
+    cq, ck = (np.asarray(c, dtype=np.int64) for c in (cu_seqlens_q, cu_seqlens_k))
+    total_q, H, _ = q.shape
+    out = np.zeros((total_q, H, v.shape[2]))
+    lse = np.full((H, total_q), -np.inf)
+    slopes = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
+    for b in range(len(cq) - 1):
+        rq, rk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        s_b = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b])
+        o, l_b = scaled_dot_product_attention(
+            q[rq].transpose(1, 0, 2), k[rk].transpose(1, 0, 2), v[rk].transpose(1, 0, 2),
+            is_causal=is_causal, causal_alignment=causal_alignment, scale=scale,
+            enable_gqa=True, return_lse=True, window=window, alibi_slopes=s_b,
+            softcap=softcap)
+        out[rq] = o.transpose(1, 0, 2)
+        lse[:, rq] = l_b
     return (out, lse) if return_lse else out
 
 
@@ -465,11 +600,13 @@ def gather_blocks(blocks, block_ids, length):
 
 
 def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, scale=None,
-                    causal=True, return_lse=False):
+                    causal=True, return_lse=False, window=None, alibi_slopes=None,
+                    softcap=None):
     """:func:`fastattn.paged_attention` in float64: gather each sequence, then attend.
 
     Sequence ``b`` is attended with :func:`scaled_dot_product_attention` over its
-    gathered keys and values (grouped-query heads, bottom-right causal alignment).
+    gathered keys and values (grouped-query heads, bottom-right alignment for the
+    causal band, the window and ALiBi; ``alibi_slopes`` ``(H,)`` or ``(B, H)``).
 
     Examples
     --------
@@ -484,12 +621,15 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
     Ev = np.shape(value_blocks)[3]
     out = np.zeros((B, H, T, Ev))
     lse = np.full((B, H, T), -np.inf)
+    slopes = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
     for b in range(B):
         k = gather_blocks(key_blocks, block_table[b], seq_lens[b])
         v = gather_blocks(value_blocks, block_table[b], seq_lens[b])
         out[b], lse[b] = scaled_dot_product_attention(
             q[b], k, v, is_causal=causal, causal_alignment="bottom_right", scale=scale,
-            enable_gqa=True, return_lse=True)
+            enable_gqa=True, return_lse=True, window=window,
+            alibi_slopes=None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b]),
+            softcap=softcap)
     return (out, lse) if return_lse else out
 
 

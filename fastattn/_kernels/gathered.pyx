@@ -165,7 +165,7 @@ cdef void gathered_run(const Gathered *p, Py_ssize_t item, real *scratch) noexce
         gather_rows(kg, k, p.ldk, p.k_rows + kt, cols, p.e, <const real *>p.k_scale)
         gather_rows(vg, v, p.ldv, p.k_rows + kt, cols, p.ev, NULL)
         if attend_tile_kmajor(rows, cols, p.e, p.ev, scale, qg, p.e, kscratch, &ldqt,
-                              kg, p.e, vg, p.ev, acc, p.ev, m, l):
+                              kg, p.e, vg, p.ev, NULL, acc, p.ev, m, l):
             kt = kt + cols
             continue
         kind = MASK_NONE
@@ -173,7 +173,7 @@ cdef void gathered_run(const Gathered *p, Py_ssize_t item, real *scratch) noexce
             fill_bias(p, p.q_rows + q_lo, rows, p.k_rows + kt, cols, bias)
             kind = MASK_FLOAT
         attend_tile(qg, p.e, rows, kg, p.e, vg, p.ev, cols, p.e, p.ev, scale,
-                    <const void *>bias, kind, cols, 1, -BAND_ALL, BAND_ALL,
+                    <const void *>bias, kind, cols, 1, -BAND_ALL, BAND_ALL, NULL,
                     s, acc, p.ev, m, l)
         kt = kt + cols
 

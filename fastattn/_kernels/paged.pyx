@@ -37,7 +37,7 @@ cimport numpy as cnp
 from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT64
 from fastattn._kernels.tile cimport (
     intp_data,
-    real, gemm_abt, gemm_ab,
+    real, gemm_abt, gemm_ab, ScoreMods, fa_mods_active, row_mods, BAND_ALL,
     row_max, row_fill, online_softmax_row, finish_row,
     is_half, element, widen_rows, narrow_rows, SplitMerge, merge_split_item, merge_split_scratch,
 )
@@ -71,8 +71,15 @@ cdef struct PagedProblem:
     const Py_ssize_t *table
     Py_ssize_t table_ld
     const Py_ssize_t *lens
-    # causal: row t of T sees keys j < len - T + 1 + t (bottom-right aligned)
+    # causal: row t of T sees keys j < len - T + 1 + t (bottom-right aligned); the band
+    # (causal and window together): row t, at key position pos = len - T + t, sees keys
+    # pos - band_left <= j <= pos + band_right (BAND_ALL: unbounded side)
     bint causal
+    Py_ssize_t band_left, band_right
+    # score modifiers (tile.pxd's ScoreMods): softcap > 0 soft-caps; slopes (NULL: none)
+    # the ALiBi slope of each (sequence, query head), nbatch * nkv * group of them
+    double softcap
+    const double *slopes
     # tiling: a tile is tile_heads kv-heads x row_tile of each one's R rows (row_tile == R
     # when tile_heads > 1); chunk_blocks key blocks per online-softmax update
     int tile_heads, row_tile, chunk_blocks, nsplit, nthreads
@@ -90,12 +97,17 @@ cdef struct PagedRun:
 
 
 cdef inline Py_ssize_t visible_keys(const PagedProblem *p, Py_ssize_t length,
-                                    Py_ssize_t r) noexcept nogil:
-    # How many keys query row r (of the R rows of a group) sees.
-    cdef Py_ssize_t n = length - p.T + 1 + r % p.T
-    if not p.causal:
-        return length
-    return n if n > 0 else 0
+                                    Py_ssize_t r, Py_ssize_t *first) noexcept nogil:
+    # The keys query row r (of the R rows of a group) sees: first[0] .. the returned end
+    # (exclusive; empty when end <= first[0]).
+    cdef Py_ssize_t pos = length - p.T + r % p.T
+    cdef Py_ssize_t end = length
+    first[0] = 0
+    if p.band_right < BAND_ALL and pos + p.band_right + 1 < end:
+        end = pos + p.band_right + 1
+    if p.band_left < BAND_ALL and pos - p.band_left > 0:
+        first[0] = pos - p.band_left
+    return end if end > 0 else 0
 
 
 cdef inline const void *piece_at(const PagedProblem *p, Py_ssize_t b, Py_ssize_t h0,
@@ -142,6 +154,7 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
     cdef Py_ssize_t nrows = p.nbatch * p.nkv * p.R
     cdef Py_ssize_t t, b, h0, nh, hh, tile, split, r, r0, rows, row0, ldacc, acc_step
     cdef Py_ssize_t length, hi, nblk, per, kb_lo, kb_hi, c_lo, c_hi, kb, k0, ncols, cols, vis
+    cdef Py_ssize_t lo, first, blk_lo
     cdef Py_ssize_t blk, off, piece, cn, cl, pf_bytes, ldk, ldv
     cdef bint any_row
     cdef char *cursor = <char *>scratch
@@ -157,6 +170,9 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
     cdef const real *kb_ptr
     cdef const real *vb_ptr
     cdef const void *pf
+    # the score modifiers of the current row (NULL: none)
+    cdef ScoreMods mods_buf
+    cdef ScoreMods *mods = NULL
 
     s = <real *>scratch_take(&cursor, tile_rows * chunk * sizeof(real))
     m = <real *>scratch_take(&cursor, tile_rows * sizeof(real))
@@ -194,19 +210,28 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
     else:
         acc = <real *>p.out + row0 * p.ev
 
-    # keys any row of the tile sees: [0, hi); this split's blocks of them
+    # keys any row of the tile sees: [lo, hi); this split's blocks of them
     length = p.lens[b]
     hi = 0
+    lo = length
     for r in range(r0, r0 + rows):
-        vis = visible_keys(p, length, r)
-        if vis > hi:
-            hi = vis
+        vis = visible_keys(p, length, r, &first)
+        if vis > first:
+            if vis > hi:
+                hi = vis
+            if first < lo:
+                lo = first
     nblk = (hi + bs - 1) // bs
-    per = (nblk + p.nsplit - 1) // p.nsplit
-    kb_lo = split * per
+    blk_lo = lo // bs if lo < hi else nblk
+    per = (nblk - blk_lo + p.nsplit - 1) // p.nsplit
+    kb_lo = blk_lo + split * per
     kb_hi = kb_lo + per
     if kb_hi > nblk:
         kb_hi = nblk
+    if p.softcap > 0 or p.slopes != NULL:
+        mods_buf.softcap = p.softcap
+        mods_buf.slope = 0
+        mods = &mods_buf
 
     for hh in range(nh):
         for r in range(rows):
@@ -272,13 +297,26 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
         for hh in range(nh):
             for r in range(rows):
                 srow = s + (hh * rows + r) * chunk
-                vis = visible_keys(p, length, r0 + r) - k0
+                vis = visible_keys(p, length, r0 + r, &first) - k0
+                first = first - k0
+                if first < 0:
+                    first = 0
                 if vis > ncols:
                     vis = ncols
-                if vis <= 0:
+                if vis <= first:
                     row_fill(srow, ncols, 0)
                     continue
-                if online_softmax_row(srow, 0, vis, ncols, row_max(srow, vis),
+                if mods != NULL:
+                    # query head (h0 + hh) * G + (r0 + r) // T at position
+                    # length - T + (r0 + r) % T: d of column first
+                    if p.slopes != NULL:
+                        mods.slope = p.slopes[(b * p.nkv + h0 + hh) * p.group
+                                              + (r0 + r) // p.T]
+                    mods.diag = length - p.T + (r0 + r) % p.T - k0 - first
+                    if fa_mods_active(mods):
+                        row_mods(mods, srow + first, vis - first, mods.diag)
+                if online_softmax_row(srow, first, vis, ncols,
+                                      row_max(srow + first, vis - first),
                                       m + hh * rows + r, l + hh * rows + r,
                                       acc + hh * acc_step + r * ldacc, p.ev):
                     any_row = True
@@ -380,7 +418,7 @@ cdef class PagedPlan:
                  cnp.ndarray table, cnp.ndarray lens, cnp.ndarray out, object lse, *,
                  Py_ssize_t nkv, Py_ssize_t T, double scale, bint causal, int tile_heads,
                  int row_tile, int chunk_blocks, int nsplit, bint use_blas, int prefetch,
-                 int nthreads):
+                 int nthreads, window=None, double softcap=0.0, slopes=None):
         cdef PagedProblem *p = &self.c
         cdef Py_ssize_t kitem = key_blocks.itemsize
         cdef Py_ssize_t vitem = value_blocks.itemsize
@@ -415,6 +453,13 @@ cdef class PagedPlan:
         p.table_ld = table.shape[1]
         p.lens = intp_data(lens)
         p.causal = causal
+        left, right = (None, None) if window is None else window
+        p.band_left = BAND_ALL if left is None or left >= BAND_ALL else left
+        p.band_right = BAND_ALL if right is None or right >= BAND_ALL else right
+        if causal:
+            p.band_right = min(p.band_right, 0)
+        p.softcap = softcap
+        p.slopes = NULL if slopes is None else <const double *>cnp.PyArray_DATA(slopes)
         p.tile_heads = tile_heads
         p.row_tile = row_tile
         p.chunk_blocks = chunk_blocks
@@ -422,7 +467,7 @@ cdef class PagedPlan:
         p.use_blas = use_blas
         p.prefetch = prefetch
         p.nthreads = nthreads
-        self.arrays = (q, key_blocks, value_blocks, table, lens, out, lse)
+        self.arrays = (q, key_blocks, value_blocks, table, lens, out, lse, slopes)
 
     @property
     def nthreads(self):

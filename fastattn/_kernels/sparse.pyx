@@ -235,7 +235,7 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
         if (kind == TILE_BAND and mtile == NULL and band_lo <= 1 - rows
                 and band_hi >= cols - 1
                 and tile_attend_kmajor(ops, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
-                                       kscratch, &ldqt, acc, ldacc, m, l)):
+                                       kscratch, &ldqt, NULL, acc, ldacc, m, l)):
             continue
         # the mask attend_tile applies: the rule's keep tile, the attn_mask tile (beside
         # the rule's band), or both combined in scratch
@@ -260,8 +260,8 @@ cdef void sparse_rows(const PlanData *p, const SparseLayout *lay, Py_ssize_t ite
             tmask, tmask_kind = mtile, p.mask.kind
             tmask_rs, tmask_cs = p.mask.rs, p.mask.cs
         tile_attend(ops, 0, rows, kt, p.qkv.ldk, vt, p.qkv.ldv, cols, scale,
-                    tmask, tmask_kind, tmask_rs, tmask_cs, band_lo, band_hi, s, acc, ldacc,
-                    m, l)
+                    tmask, tmask_kind, tmask_rs, tmask_cs, band_lo, band_hi, NULL, s, acc,
+                    ldacc, m, l)
 
     for r in range(rows):
         finish_row(acc + r * ldacc, p.qkv.ev, m[r], l[r],

@@ -2,7 +2,8 @@
 #
 # A kernel walks (query block, key block) tiles. For each tile, `attend_tile`
 #   1. computes the scores  s <- scale * q_blk @ k_blk.T          (tile_scores)
-#   2. restricts each row to its visible band of keys and applies the mask,
+#   2. restricts each row to its visible band of keys (causal band, window), applies the
+#      score modifiers (soft-cap, ALiBi: ScoreMods) and the mask,
 #   3. folds the row into the running online softmax (m, l, acc)  (FlashAttention-2),
 #   4. accumulates          acc <- acc + p @ v_blk                 (tile_accumulate)
 # The two products run on the AVX-512 micro-kernels of tilegemm.h for float32 (when the
@@ -17,6 +18,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 cimport numpy as cnp
 from fastattn._kernels.parallel cimport scratch_room
 from libc.math cimport INFINITY, log
+from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 ctypedef fused real:
@@ -79,6 +81,31 @@ cdef inline MaskView mask_view(object prepared):
 # Column band that is "everything" (no causal or window limit).
 cdef enum:
     BAND_ALL = 1 << 30
+
+
+# ---- score modifiers (scoremods.h) ------------------------------------------------------
+# Soft-capping and ALiBi, applied to a tile's scaled scores before the mask (flash-attn's
+# order). A family that has them keeps one ScoreMods per thread and, for each tile call,
+# sets `diag`: i + off - j (query position minus key position) of the call's element
+# (0, 0); it passes NULL when a call has none, so unmodified tiles cost nothing extra.
+
+cdef extern from "scoremods.h" nogil:
+    ctypedef struct ScoreMods "fa_score_mods":
+        double softcap          # > 0: s <- softcap * tanh(s / softcap); 0: off
+        double slope            # ALiBi: s <- s - slope * |d|; 0: no bias
+        Py_ssize_t diag         # d of element (0, 0); element (r, c) has diag + r - c
+    bint fa_mods_active(const ScoreMods *m)
+    void fa_mods_row_f32(const ScoreMods *m, float *s, Py_ssize_t n, Py_ssize_t d0)
+    void fa_mods_row_f64(const ScoreMods *m, double *s, Py_ssize_t n, Py_ssize_t d0)
+
+
+cdef inline void row_mods(const ScoreMods *mods, real *s, Py_ssize_t n,
+                          Py_ssize_t d0) noexcept nogil:
+    # s[j] (j < n, distance d0 - j) soft-capped, then the ALiBi bias added
+    if real is float:
+        fa_mods_row_f32(mods, s, n, d0)
+    else:
+        fa_mods_row_f64(mods, s, n, d0)
 
 cdef extern from "vecmath.h" nogil:
     float fa_max_f32(const float *x, Py_ssize_t n)
@@ -150,8 +177,15 @@ cdef extern from "tilegemm.h" nogil:
     int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
                                   const float *qt, Py_ssize_t ldqt, const float *k,
                                   Py_ssize_t ldk, const float *v, Py_ssize_t ldv, float *st,
-                                  float *acc, Py_ssize_t ldacc, float *m, float *l)
+                                  const ScoreMods *mods, Py_ssize_t band_lo,
+                                  Py_ssize_t band_hi, float *acc, Py_ssize_t ldacc,
+                                  float *m, float *l)
     enum: FA_PACK_MIN_ROWS
+    enum: FA_PANEL
+
+# Row slices of a packed query block taken key-major start at multiples of this.
+cdef enum:
+    KMAJOR_SLICE = 32
 
 
 cdef inline bint tile_products_native(bint is_float32, int ev) noexcept nogil:
@@ -207,21 +241,36 @@ cdef inline size_t kmajor_scratch_bytes(Py_ssize_t ld_max, int e, int block_k,
 cdef inline bint attend_tile_kmajor(
         int rows, int cols, int e, int ev, real scale, const real *q, Py_ssize_t ldq,
         real *scratch, Py_ssize_t *ldqt, const real *k, Py_ssize_t ldk, const real *v,
-        Py_ssize_t ldv, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
-    # attend_tile for an unmasked tile, key-major; scratch of kmajor_scratch_bytes. ldqt is
-    # the query block's packing state: the caller sets it to -1 for each new block (0
-    # without scratch); the first call packs q at the start of scratch and keeps the
-    # stride there (0 when the path does not apply).
+        Py_ssize_t ldv, const ScoreMods *mods, real *acc, Py_ssize_t ldacc, real *m,
+        real *l) noexcept nogil:
+    # attend_tile for an unmasked tile (every element in the band), key-major, with the
+    # score modifiers mods (or NULL); scratch of kmajor_scratch_bytes. ldqt is the query
+    # block's packing state: the caller sets it to -1 for each new block (0 without
+    # scratch); the first call packs q at the start of scratch and keeps the stride there
+    # (0 when the path does not apply).
     # Returns False, the state untouched, when the path does not apply or a score is not
     # finite: the caller then calls attend_tile, which defines those cases.
+    return attend_tile_kmajor_rows(rows, 0, rows, cols, e, ev, scale, q, ldq, scratch, ldqt,
+                                   k, ldk, v, ldv, mods, -BAND_ALL, BAND_ALL, acc, ldacc, m, l)
+
+
+cdef inline bint attend_tile_kmajor_rows(
+        int block_rows, int r0, int rows, int cols, int e, int ev, real scale, const real *q,
+        Py_ssize_t ldq, real *scratch, Py_ssize_t *ldqt, const real *k, Py_ssize_t ldk,
+        const real *v, Py_ssize_t ldv, const ScoreMods *mods, Py_ssize_t band_lo,
+        Py_ssize_t band_hi, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # attend_tile_kmajor for rows r0 .. r0 + rows (r0 a multiple of KMAJOR_SLICE) of a query
+    # block of block_rows rows (packed whole at the first call), restricted to a band as
+    # attend_tile's (relative to row r0); acc, m and l point at row r0's. False also when
+    # rows < FA_PACK_MIN_ROWS.
     if real is float:
         if ldqt[0] < 0:
-            ldqt[0] = kmajor_ld(True, ev, rows)
+            ldqt[0] = kmajor_ld(True, ev, block_rows)
             if ldqt[0]:
-                fa_pack_transposed(rows, e, q, ldq, scratch, ldqt[0])
-        return ldqt[0] > 0 and fa_attend_tile_kmajor_f32(
-            rows, cols, e, ev, scale, scratch, ldqt[0], k, ldk, v, ldv,
-            scratch + e * ldqt[0], acc, ldacc, m, l) != 0
+                fa_pack_transposed(block_rows, e, q, ldq, scratch, ldqt[0])
+        return ldqt[0] > 0 and rows >= FA_PACK_MIN_ROWS and fa_attend_tile_kmajor_f32(
+            rows, cols, e, ev, scale, scratch + r0, ldqt[0], k, ldk, v, ldv,
+            scratch + e * ldqt[0], mods, band_lo, band_hi, acc, ldacc, m, l) != 0
     else:
         return False
 
@@ -360,11 +409,12 @@ cdef inline void finish_row(real *acc, Py_ssize_t ev, real m, real l, real *lse)
 cdef inline bint softmax_tile(
         int rows, int cols, int ev,
         const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
-        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        Py_ssize_t band_lo, Py_ssize_t band_hi, const ScoreMods *mods,
         real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # The middle of attend_tile: s (rows x cols) holds the scaled scores; restrict each
-    # row to its band, apply the mask and fold it into (m, l, acc). On return s holds
-    # the unnormalised probabilities. False when no row contributes.
+    # row to its band, apply the score modifiers (mods, or NULL) and the mask, and fold
+    # it into (m, l, acc). On return s holds the unnormalised probabilities. False when
+    # no row contributes.
     cdef Py_ssize_t r, c0, c1
     cdef bint any_row = False
     cdef real s_max
@@ -381,6 +431,8 @@ cdef inline bint softmax_tile(
         if c1 <= c0:
             row_fill(srow, cols, 0)
             continue
+        if mods != NULL:
+            row_mods(mods, srow + c0, c1 - c0, mods.diag + r - c0)
         mrow = NULL
         if mask_kind == MASK_BOOL:
             mrow = <const void *>((<const uint8_t *>mask) + r * mask_rs + c0 * mask_cs)
@@ -397,19 +449,20 @@ cdef inline void attend_tile(
         const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv, int cols,
         int e, int ev, real scale,
         const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
-        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        Py_ssize_t band_lo, Py_ssize_t band_hi, const ScoreMods *mods,
         real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # One (query block, key block) tile of the online softmax.
     #   q: rows x e, k: cols x e, v: cols x ev (row strides ldq, ldk, ldv)
     #   mask: element (r, c) of the tile at r * mask_rs + c * mask_cs (MASK_NONE: unused)
     #   band: row r sees tile columns c with r + band_lo <= c <= r + band_hi
     #         (causal: band_lo = -BAND_ALL, band_hi = q0 + offset - k0)
+    #   mods: soft-cap and ALiBi (ScoreMods, diag at element (0, 0)), or NULL
     #   s: rows x cols scratch;  acc: rows x ev with row stride ldacc;  m, l: rows
     # s <- scale * q @ k.T
     tile_scores(rows, cols, e, scale, q, ldq, k, ldk, s, ev)
     # acc <- acc + p @ v
     if softmax_tile(rows, cols, ev, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
-                    s, acc, ldacc, m, l):
+                    mods, s, acc, ldacc, m, l):
         tile_accumulate(rows, ev, cols, s, v, ldv, acc, ldacc)
 
 
@@ -575,12 +628,12 @@ cdef inline void attend_tile_dropout(
         const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv, int cols,
         int e, int ev, real scale,
         const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
-        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        Py_ssize_t band_lo, Py_ssize_t band_hi, const ScoreMods *mods,
         real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # attend_tile with dropout: the tile's rows are rows r0 .. of the current tile of d.
     tile_scores(rows, cols, e, scale, q, ldq, k, ldk, s, ev)
     if softmax_tile(rows, cols, ev, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
-                    s, acc, ldacc, m, l):
+                    mods, s, acc, ldacc, m, l):
         dropout_tile(d, r0, rows, cols, s)
         tile_accumulate(rows, ev, cols, s, v, ldv, acc, ldacc)
 
@@ -619,8 +672,10 @@ cdef extern from "tilehalf.h" nogil:
     int fa_attend_tile_kmajor_bf16(int rows, int cols, int e, int ev, float scale,
                                    const uint32_t *qp, Py_ssize_t ldqt, const uint16_t *k,
                                    Py_ssize_t ldk, const uint16_t *v, Py_ssize_t ldv,
-                                   float *st, uint32_t *pw, uint32_t *vp, float *acc,
-                                   Py_ssize_t ldacc, float *m, float *l)
+                                   float *st, uint32_t *pw, uint32_t *vp,
+                                   const ScoreMods *mods, Py_ssize_t band_lo,
+                                   Py_ssize_t band_hi, float *acc, Py_ssize_t ldacc,
+                                   float *m, float *l)
 
 
 cdef struct TileOperands:
@@ -701,13 +756,15 @@ cdef inline size_t tile_operands_init(TileOperands *t, int dtype, Py_ssize_t ite
 
 
 # One thread's buffers for walking query blocks over key tiles (dense, block-sparse):
-# the score tile, the running max and sum, the key-major buffers and the TileOperands.
-# Sized and carved by one function, so the size cannot drift from the layout.
+# the score tile, the running max and sum, the key-major buffers, a value tile and the
+# TileOperands. Sized and carved by one function, so the size cannot drift from the layout.
 cdef struct TileBuffers:
     void *s                 # block_q x block_k scores (compute type)
     void *m                 # block_q running maxima
     void *l                 # block_q running sums
     void *kscratch          # key-major buffers (kmajor_scratch_bytes), or NULL
+    void *vtile             # block_k x ev values (native operands; NULL for half ones)
+    void *ktile             # block_k x e keys (native operands; NULL for half ones)
     TileOperands ops
 
 
@@ -727,8 +784,31 @@ cdef inline size_t tile_buffers_init(TileBuffers *b, int dtype, Py_ssize_t items
     off += scratch_room(block_q * realsize)
     b.kscratch = scratch_at(scratch, off) if ld_max else NULL
     off += scratch_room(kmajor_scratch_bytes(ld_max, e, block_k, realsize))
+    b.vtile = b.ktile = NULL
+    if not is_half(dtype):
+        b.vtile = scratch_at(scratch, off)
+        off += scratch_room(block_k * ev * realsize)
+        b.ktile = scratch_at(scratch, off)
+        off += scratch_room(block_k * e * realsize)
     return off + tile_operands_init(&b.ops, dtype, itemsize, e, ev, block_q, block_k,
                                     scratch_at(scratch, off))
+
+
+cdef inline const void *gather_value_tile(const void *v, Py_ssize_t ldv, int cols, int ev,
+                                          Py_ssize_t itemsize, void *vtile) noexcept nogil:
+    # The value tile at v (cols rows of ev elements, row stride ldv) copied to vtile with
+    # rows next to each other, when its rows are spread out (ldv > ev); else v itself.
+    # The products stream a tile's values once per few query rows: rows far apart (a
+    # (total, H, E) packed batch, a (B, L, H, E) array viewed as (B, H, L, E)) fall into
+    # few cache sets and were evicted between passes (a packed varlen batch ran 10% slower
+    # than the same data head-major).
+    cdef Py_ssize_t r
+    if vtile == NULL or ldv <= ev:
+        return v
+    for r in range(cols):
+        memcpy(<char *>vtile + r * ev * itemsize, <const char *>v + r * ldv * itemsize,
+               ev * itemsize)
+    return vtile
 
 
 cdef inline const void *element(const void *base, Py_ssize_t offset,
@@ -750,10 +830,11 @@ cdef inline void tile_attend(
         TileOperands *t, int r0, int rows, const void *k, Py_ssize_t ldk, const void *v,
         Py_ssize_t ldv, int cols, real scale,
         const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
-        Py_ssize_t band_lo, Py_ssize_t band_hi,
+        Py_ssize_t band_lo, Py_ssize_t band_hi, const ScoreMods *mods,
         real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # attend_tile for rows r0 .. r0 + rows of the current query block, against the key
     # and value tile at k and v (cols rows each, row strides ldk and ldv in elements).
+    # band and mods.diag are relative to the call's first row (r0).
     cdef Py_ssize_t npairs, ldpt
     if not is_half(t.dtype):
         if t.dropout != NULL:
@@ -761,11 +842,12 @@ cdef inline void tile_attend(
                                 <const real *>element(t.q, r0 * t.ldq, t.itemsize), t.ldq,
                                 rows, <const real *>k, ldk, <const real *>v, ldv, cols, t.e,
                                 t.ev, scale, mask, mask_kind, mask_rs, mask_cs, band_lo,
-                                band_hi, s, acc, ldacc, m, l)
+                                band_hi, mods, s, acc, ldacc, m, l)
             return
         attend_tile(<const real *>element(t.q, r0 * t.ldq, t.itemsize), t.ldq, rows,
                     <const real *>k, ldk, <const real *>v, ldv, cols, t.e, t.ev, scale,
-                    mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi, s, acc, ldacc, m, l)
+                    mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi, mods, s, acc, ldacc,
+                    m, l)
         return
     if real is float:
         if t.dot:
@@ -775,7 +857,7 @@ cdef inline void tile_attend(
                                       <const uint16_t *>element(t.q, r0 * t.ldq, 2), t.ldq,
                                       t.kp, ldpt, s, cols)
             if softmax_tile(rows, cols, t.ev, mask, mask_kind, mask_rs, mask_cs, band_lo,
-                            band_hi, s, acc, ldacc, m, l):
+                            band_hi, mods, s, acc, ldacc, m, l):
                 if t.dropout != NULL:
                     dropout_tile(t.dropout, r0, rows, cols, s)
                 npairs = (cols + 1) // 2
@@ -788,43 +870,60 @@ cdef inline void tile_attend(
             if t.dropout != NULL:
                 attend_tile_dropout(t.dropout, r0, t.q32 + r0 * t.e, t.e, rows, t.k32, t.e,
                                     t.v32, t.ev, cols, t.e, t.ev, scale, mask, mask_kind,
-                                    mask_rs, mask_cs, band_lo, band_hi, s, acc, ldacc, m, l)
+                                    mask_rs, mask_cs, band_lo, band_hi, mods, s, acc, ldacc,
+                                    m, l)
                 return
             attend_tile(t.q32 + r0 * t.e, t.e, rows, t.k32, t.e, t.v32, t.ev, cols, t.e,
                         t.ev, scale, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
-                        s, acc, ldacc, m, l)
+                        mods, s, acc, ldacc, m, l)
 
 
 cdef inline bint tile_attend_kmajor(
         TileOperands *t, int rows, const void *k, Py_ssize_t ldk, const void *v,
         Py_ssize_t ldv, int cols, real scale, real *kscratch, Py_ssize_t *ldqt,
-        real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+        const ScoreMods *mods, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # attend_tile_kmajor for the current query block (all its rows), with the same
     # packing state ldqt and scratch; False when the caller must use tile_attend (always
     # with dropout: the fused key-major step has no place for it).
+    return tile_attend_kmajor_rows(t, rows, 0, rows, k, ldk, v, ldv, cols, scale, kscratch,
+                                   ldqt, mods, -BAND_ALL, BAND_ALL, acc, ldacc, m, l)
+
+
+cdef inline bint tile_attend_kmajor_rows(
+        TileOperands *t, int block_rows, int r0, int rows, const void *k, Py_ssize_t ldk,
+        const void *v, Py_ssize_t ldv, int cols, real scale, real *kscratch, Py_ssize_t *ldqt,
+        const ScoreMods *mods, Py_ssize_t band_lo, Py_ssize_t band_hi, real *acc,
+        Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
+    # tile_attend_kmajor for rows r0 .. r0 + rows of the current query block of block_rows
+    # rows (r0 a multiple of KMAJOR_SLICE; acc, m, l at row r0's), restricted to the band
+    # (relative to row r0): a row slice of a tile crossing the band's edge. False when the
+    # caller must use tile_attend (always with dropout).
     if t.dropout != NULL:
         return False
     if not is_half(t.dtype):
-        return attend_tile_kmajor(rows, cols, t.e, t.ev, scale, <const real *>t.q, t.ldq,
-                                  kscratch, ldqt, <const real *>k, ldk, <const real *>v, ldv,
-                                  acc, ldacc, m, l)
+        return attend_tile_kmajor_rows(block_rows, r0, rows, cols, t.e, t.ev, scale,
+                                       <const real *>t.q, t.ldq, kscratch, ldqt,
+                                       <const real *>k, ldk, <const real *>v, ldv, mods,
+                                       band_lo, band_hi, acc, ldacc, m, l)
     if real is float:
         if t.dot:
             if ldqt[0] < 0:
-                ldqt[0] = kmajor_ld(True, t.ev, rows)
+                ldqt[0] = kmajor_ld(True, t.ev, block_rows)
                 if ldqt[0]:
-                    fa_pack_pairs(rows, t.e, <const uint16_t *>t.q, t.ldq,
+                    fa_pack_pairs(block_rows, t.e, <const uint16_t *>t.q, t.ldq,
                                   <uint32_t *>kscratch, ldqt[0])
-            return ldqt[0] > 0 and fa_attend_tile_kmajor_bf16(
-                rows, cols, t.e, t.ev, scale, <const uint32_t *>kscratch, ldqt[0],
+            return ldqt[0] > 0 and rows >= FA_PACK_MIN_ROWS and fa_attend_tile_kmajor_bf16(
+                rows, cols, t.e, t.ev, scale, (<const uint32_t *>kscratch) + r0, ldqt[0],
                 <const uint16_t *>k, ldk, <const uint16_t *>v, ldv,
-                kscratch + t.e * ldqt[0], t.pw, t.vp, acc, ldacc, m, l) != 0
-        if ldqt[0] == 0:
+                kscratch + t.e * ldqt[0], t.pw, t.vp, mods, band_lo, band_hi, acc, ldacc,
+                m, l) != 0
+        if ldqt[0] == 0 or rows < FA_PACK_MIN_ROWS:
             return False
         fa_widen(t.dtype, cols, t.e, <const uint16_t *>k, ldk, t.k32, t.e)
         fa_widen(t.dtype, cols, t.ev, <const uint16_t *>v, ldv, t.v32, t.ev)
-        return attend_tile_kmajor(rows, cols, t.e, t.ev, scale, t.q32, t.e, kscratch, ldqt,
-                                  t.k32, t.e, t.v32, t.ev, acc, ldacc, m, l)
+        return attend_tile_kmajor_rows(block_rows, r0, rows, cols, t.e, t.ev, scale, t.q32,
+                                       t.e, kscratch, ldqt, t.k32, t.e, t.v32, t.ev, mods,
+                                       band_lo, band_hi, acc, ldacc, m, l)
     return False
 
 

@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "vecmath.h"      /* the vector exp (FA_EXPNEG_VECS) */
+#include "scoremods.h"    /* fa_score_mods, FA_TANH_VEC */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
     && !defined(FASTATTN_NO_CLONES)
@@ -387,24 +388,108 @@ FA_V4 static inline fa_v16 fa_load_part(const float *p, int n, float fill)
 /* The online-softmax step of a key-major tile whose scores are in st (cols x ldqt,
  * scaled), in three parts shared by the float32 step below and the bfloat16 one
  * (tilehalf.h), which differ only in how they store the probabilities:
- *   fa_kmajor_tile_max:   each query's maximum over the tile, into st[cols * ldqt + j];
- *                         0 when a score is not finite (inf or NaN inputs): the caller
- *                         then takes the tile the row-major way, which defines those cases;
- *   fa_kmajor_group_start: for queries g .. g + 15, the new maxima and
+ *   fa_kmajor_tile_max:   the score modifiers (mods, or NULL) applied and the scores
+ *                         outside the band (query r sees key c only if band_lo <= c - r
+ *                         <= band_hi) set to -inf, then each query's maximum over the
+ *                         tile, into st[cols * ldqt + j]; 0 when a score is not finite
+ *                         (inf or NaN inputs): the caller then takes the tile the
+ *                         row-major way, which defines those cases;
+ *   fa_kmajor_group_start: for queries g .. g + 15, the new maxima, the reference the
+ *                         exponents subtract (the maxima, 0 for a row that has seen no
+ *                         key yet, so that masked scores give exp(-inf) = 0) and
  *                         alpha = exp(m_old - m_new) (0 for a row's first keys);
  *   fa_kmajor_group_end:  l <- l * alpha + sum, m <- m_new, and the rows of acc whose
  *                         maximum grew rescaled by alpha. */
 typedef float fa_kv16 __attribute__((vector_size(64)));
 
-FA_V4 static inline __attribute__((always_inline))
-int fa_kmajor_tile_max(int rows, int cols, const float *st, ptrdiff_t ldqt, float *tile_max)
+/* Soft-capping of 16 floats, cap * tanh(x / cap), by the rational function of
+ * FA_TANH_VEC (tanhscores.h): with y = x / cap clamped to [-9, 9] (the fit range; tanh(9)
+ * is 1 to within 3e-8, under half an ulp), cap * y P(y^2) / Q(y^2) = xc P(y^2) / Q(y^2)
+ * for xc = x clamped to [-9 cap, 9 cap] (one vrangeps: the smaller magnitude of x and
+ * 9 cap, with x's sign; it turns NaN into +-9 cap, so the caller sends tiles with a score
+ * that is not finite the row way, fa_kmajor_tile_max). The division is a reciprocal
+ * estimate refined once on the quotient (n = xc P, t = n r, t += r (n - Q t)); Q >= 1,
+ * so the estimate is safe. 14 operations instead of 26 with FA_TANH_VEC's sign and
+ * saturation masks and its division, which made soft-capping a dense float32 tile cost
+ * 13% instead of 9% (L = S = 2048, E = 64, one thread). Within 2 ulp of FA_TANH_VEC's
+ * results. */
+FA_V4 static inline fa_kv16 fa_softcap_v16(fa_kv16 x, float cap, float inv_cap)
 {
+    typedef fa_kv16 vec;
+    /* imm 0x02: the operand of smaller magnitude, the sign of the first */
+    vec xc = (vec)_mm512_range_ps((__m512)x, _mm512_set1_ps(9.0f * cap), 0x02);
+    vec y = xc * inv_cap;
+    vec z = y * y;
+    vec qz = FA_TANH_Q_f32(z);
+    vec n = xc * FA_TANH_P_f32(z);
+    vec r = (vec)_mm512_rcp14_ps((__m512)qz);
+    vec t = n * r;
+    return t + r * (n - qz * t);
+}
+
+/* The score modifiers (scoremods.h) on 16 key-major scores x: key c against queries
+ * g .. g + 15, d = diag + g + lane - c; cap, 1 / cap and slope hoisted by the caller. */
+FA_V4 static inline __attribute__((always_inline))
+fa_kv16 fa_kmajor_mods(fa_kv16 x, float cap, float inv_cap, float slope, ptrdiff_t diag,
+                       int c, int g)
+{
+    typedef fa_kv16 vec;
+    typedef int32_t ivec __attribute__((vector_size(64)));
+    if (cap > 0)
+        x = fa_softcap_v16(x, cap, inv_cap);
+    if (slope != 0) {
+        const vec iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        vec d = (float)(diag + g - c) + iota;
+        x -= slope * (vec)((ivec)d & ~((ivec){0} + (int32_t)0x80000000u));
+    }
+    return x;
+}
+
+/* Whether a key-major call's band leaves out any score of its rows x cols. */
+static inline int fa_kmajor_banded(int rows, int cols, ptrdiff_t band_lo, ptrdiff_t band_hi)
+{
+    return band_lo > 1 - rows || band_hi < cols - 1;
+}
+
+FA_V4 static inline __attribute__((always_inline))
+int fa_kmajor_tile_max(int rows, int cols, float *st, ptrdiff_t ldqt, float *tile_max,
+                       const fa_score_mods *mods, ptrdiff_t band_lo, ptrdiff_t band_hi)
+{
+    typedef int32_t ivec __attribute__((vector_size(64)));
+    const int banded = fa_kmajor_banded(rows, cols, band_lo, band_hi);
     for (int g = 0; g < rows; g += 16) {
         fa_v16 mx = (fa_v16){0} - __builtin_inff(), bad = (fa_v16){0};
-        for (int c = 0; c < cols; c++) {
-            fa_v16 x = FA_LOAD(st + (ptrdiff_t)c * ldqt + g);
-            mx = (fa_v16)_mm512_max_ps((__m512)x, (__m512)mx);
-            bad += x * 0.0f;      /* NaN where x is not finite */
+        if (mods != NULL || banded) {
+            /* the modifiers and the band first, in the same pass (st is read once either
+             * way); lane i (query g + i) sees key c iff c - band_hi <= g + i <= c - band_lo,
+             * i.e. lo_c <= i <= hi_c, both clamped to [-1, 16] */
+            const float cap = mods ? (float)mods->softcap : 0.0f;
+            const float slope = mods ? (float)mods->slope : 0.0f;
+            const float inv_cap = cap > 0 ? 1.0f / cap : 0.0f;
+            const ptrdiff_t diag = mods ? mods->diag : 0;
+            const ivec lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+            const fa_v16 ninf = (fa_v16){0} - __builtin_inff();
+            for (int c = 0; c < cols; c++) {
+                fa_v16 x = FA_LOAD(st + (ptrdiff_t)c * ldqt + g);
+                bad += x * 0.0f;      /* the scores as computed: the row way defines the rest */
+                if (mods != NULL)
+                    x = fa_kmajor_mods(x, cap, inv_cap, slope, diag, c, g);
+                if (banded) {
+                    ptrdiff_t lo = c - band_hi - g, hi = c - band_lo - g;
+                    lo = lo < -1 ? -1 : lo > 16 ? 16 : lo;
+                    hi = hi < -1 ? -1 : hi > 16 ? 16 : hi;
+                    ivec keep = (lane >= (int32_t)lo) & (lane <= (int32_t)hi);
+                    x = (fa_v16)(((ivec)x & keep) | ((ivec)ninf & ~keep));
+                }
+                FA_STORE(st + (ptrdiff_t)c * ldqt + g, x);
+                mx = (fa_v16)_mm512_max_ps((__m512)x, (__m512)mx);
+            }
+        } else {
+            for (int c = 0; c < cols; c++) {
+                fa_v16 x = FA_LOAD(st + (ptrdiff_t)c * ldqt + g);
+                mx = (fa_v16)_mm512_max_ps((__m512)x, (__m512)mx);
+                bad += x * 0.0f;      /* NaN where x is not finite */
+            }
         }
         for (int i = 0; i < 16; i++)
             if (bad[i] != bad[i])
@@ -416,7 +501,8 @@ int fa_kmajor_tile_max(int rows, int cols, const float *st, ptrdiff_t ldqt, floa
 
 FA_V4 static inline __attribute__((always_inline))
 void fa_kmajor_group_start(int g, int n, const float *tile_max, const float *m,
-                           const float *l, fa_kv16 *m_new, fa_kv16 *l_old, fa_kv16 *alpha)
+                           const float *l, fa_kv16 *m_new, fa_kv16 *m_ref, fa_kv16 *l_old,
+                           fa_kv16 *alpha)
 {
     typedef fa_kv16 vec;
     typedef int32_t ivec __attribute__((vector_size(64)));
@@ -424,7 +510,12 @@ void fa_kmajor_group_start(int g, int n, const float *tile_max, const float *m,
     vec m_old = fa_load_part(m + g, n, 0.0f), d[1], a[1];
     *l_old = fa_load_part(l + g, n, 0.0f);
     *m_new = (vec)_mm512_max_ps((__m512)FA_LOAD(tile_max + g), (__m512)m_old);
-    d[0] = m_old - *m_new;
+    /* a row whose keys so far were all masked out by the band: -inf - -inf would be NaN */
+    *m_ref = (vec)_mm512_mask_mov_ps((__m512)*m_new,
+                                     _mm512_cmp_ps_mask((__m512)*m_new,
+                                                        _mm512_set1_ps(-__builtin_inff()),
+                                                        _CMP_EQ_OQ), _mm512_setzero_ps());
+    d[0] = m_old - *m_ref;
     FA_EXPNEG_VECS(f32, d, a);
     *alpha = a[0];
 }
@@ -447,20 +538,22 @@ void fa_kmajor_group_end(int g, int n, int ev, fa_kv16 m_new, fa_kv16 l_old, fa_
     }
 }
 
-/* The float32 step: st <- exp(st - m_new), st needing (cols + 1) * ldqt floats (the last
- * row holds the maxima). Returns 0 as fa_kmajor_tile_max does, the state untouched. */
+/* The float32 step: st <- exp(mods(st) - m_new), st needing (cols + 1) * ldqt floats (the
+ * last row holds the maxima). Returns 0 as fa_kmajor_tile_max does, the state untouched. */
 FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, ptrdiff_t ldqt,
+                                       const fa_score_mods *mods, ptrdiff_t band_lo,
+                                       ptrdiff_t band_hi,
                                        float *acc, ptrdiff_t ldacc, float *m, float *l)
 {
     typedef fa_kv16 vec;
     typedef int32_t ivec __attribute__((vector_size(64)));
     float *tile_max = st + (ptrdiff_t)cols * ldqt;
-    if (!fa_kmajor_tile_max(rows, cols, st, ldqt, tile_max))
+    if (!fa_kmajor_tile_max(rows, cols, st, ldqt, tile_max, mods, band_lo, band_hi))
         return 0;
     for (int g = 0; g < rows; g += 16) {
         int n = rows - g < 16 ? rows - g : 16;
-        vec m_new, l_old, alpha, sum = (vec){0};
-        fa_kmajor_group_start(g, n, tile_max, m, l, &m_new, &l_old, &alpha);
+        vec m_new, m_sub, l_old, alpha, sum = (vec){0};
+        fa_kmajor_group_start(g, n, tile_max, m, l, &m_new, &m_sub, &l_old, &alpha);
         int c = 0;
         {
             /* four keys at a time: independent exps for the out-of-order core to overlap
@@ -469,7 +562,7 @@ FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, pt
             for (; c + 4 <= cols; c += 4) {
                 vec z[4], p[4];
                 for (int u = 0; u < 4; u++)
-                    z[u] = FA_LOAD(st + (ptrdiff_t)(c + u) * ldqt + g) - m_new;
+                    z[u] = FA_LOAD(st + (ptrdiff_t)(c + u) * ldqt + g) - m_sub;
                 FA_EXPNEG_VECS(f32, z, p);
                 for (int u = 0; u < 4; u++) {
                     FA_STORE(st + (ptrdiff_t)(c + u) * ldqt + g, p[u]);
@@ -482,7 +575,7 @@ FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, pt
             for (; c < cols; c++) {
                 float *x = st + (ptrdiff_t)c * ldqt + g;
                 vec z[1], p[1];
-                z[0] = FA_LOAD(x) - m_new;
+                z[0] = FA_LOAD(x) - m_sub;
                 FA_EXPNEG_VECS(f32, z, p);
                 FA_STORE(x, p[0]);
                 sum += p[0];
@@ -493,11 +586,15 @@ FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, pt
     return 1;
 }
 
-/* One unmasked tile of the online softmax, key-major:
+/* One tile of the online softmax, key-major, with no mask beyond a band:
  *   qt: the query block packed by fa_pack_transposed(rows, e, q, ldq, qt, ldqt),
- *       ldqt = fa_kmajor_ld(rows);
+ *       ldqt = fa_kmajor_ld(rows); or rows r0 .. r0 + rows of a larger packed block
+ *       (qt + r0, r0 a multiple of FA_PANEL, its own ldqt);
  *   k: cols x e, v: cols x ev (row strides ldk, ldv), ev a multiple of 16;
  *   st: scratch of (cols + 1) * ldqt floats;
+ *   mods: the score modifiers, or NULL;
+ *   band_lo, band_hi: query r sees key c iff band_lo <= c - r <= band_hi (as attend_tile's
+ *       band; -FA_KMAJOR_NO_BAND, FA_KMAJOR_NO_BAND for all);
  *   acc (rows x ev, row stride ldacc), m and l (rows): the running state, as in
  *   attend_tile (tile.pxd).
  * Returns 0 as fa_kmajor_softmax_f32 does. */
@@ -505,11 +602,15 @@ FA_V4 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, fl
                                            const float *qt, ptrdiff_t ldqt,
                                            const float *k, ptrdiff_t ldk,
                                            const float *v, ptrdiff_t ldv, float *st,
+                                           const fa_score_mods *mods, ptrdiff_t band_lo,
+                                           ptrdiff_t band_hi,
                                            float *acc, ptrdiff_t ldacc, float *m, float *l)
 {
-    /* st[c, :] = scale * k[c] . q[:] for all ldqt (zero-padded) queries */
-    fa_scores_from_panel(cols, (int)ldqt, e, scale, k, ldk, qt, ldqt, st, ldqt);
-    if (!fa_kmajor_softmax_f32(rows, cols, ev, st, ldqt, acc, ldacc, m, l))
+    /* st[c, :] = scale * k[c] . q[:] for the rows queries, rounded up to whole panels
+     * (zero-padded, or the next rows of a larger packed block) */
+    fa_scores_from_panel(cols, (int)fa_kmajor_ld(rows), e, scale, k, ldk, qt, ldqt, st, ldqt);
+    if (!fa_kmajor_softmax_f32(rows, cols, ev, st, ldqt, mods, band_lo, band_hi, acc, ldacc,
+                               m, l))
         return 0;
     fa_tile_pv_t_f32(rows, ev, cols, st, ldqt, v, ldv, acc, ldacc);
     return 1;
@@ -544,10 +645,12 @@ static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t ldk, f
 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
                                      const float *qt, ptrdiff_t ldqt, const float *k,
                                      ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float *st,
+                                     const fa_score_mods *mods, ptrdiff_t band_lo,
+                                     ptrdiff_t band_hi,
                                      float *acc, ptrdiff_t ldacc, float *m, float *l)
 { (void)rows; (void)cols; (void)e; (void)ev; (void)scale; (void)qt; (void)ldqt; (void)k;
-  (void)ldk; (void)v; (void)ldv; (void)st; (void)acc; (void)ldacc; (void)m; (void)l;
-  return 0; }
+  (void)ldk; (void)v; (void)ldv; (void)st; (void)mods; (void)band_lo; (void)band_hi;
+  (void)acc; (void)ldacc; (void)m; (void)l; return 0; }
 
 #endif
 #endif  /* FASTATTN_TILEGEMM_H */

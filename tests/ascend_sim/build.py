@@ -33,7 +33,6 @@ def build(outdir, opapi_name="libopapi.so", compiler=None):
     compiler = compiler or os.environ.get("CC") or shutil.which("gcc") or "cc"
     lib_dir = Path(outdir).resolve() / "lib64"
     lib_dir.mkdir(parents=True, exist_ok=True)
-    header = SOURCE_DIR / "sim.h"
     # (output, source, libraries it links against); order matters for -l.
     targets = [
         ("libascendcl.so", "ascendcl.c", ["-lpthread"]),
@@ -42,7 +41,8 @@ def build(outdir, opapi_name="libopapi.so", compiler=None):
     ]
     for output, source, libs in targets:
         output_path, source_path = lib_dir / output, SOURCE_DIR / source
-        newest_input = max(source_path.stat().st_mtime, header.stat().st_mtime)
+        # every source and header of the directory: opapi.c includes opapi_varlen.c
+        newest_input = max(path.stat().st_mtime for path in SOURCE_DIR.glob("*.[ch]"))
         if output_path.exists() and output_path.stat().st_mtime >= newest_input:
             continue
         command = [compiler, *CFLAGS, "-o", str(output_path), str(source_path),

@@ -11,13 +11,14 @@
  * reference result on the host in double precision.
  *
  * Simulated subset (anything else is rejected with 161002 "not simulated"):
- *   FlashAttentionScore: layout BNSD, sparse modes 0-3, attenMask BOOL/UINT8
+ *   FlashAttentionScore: layout BNSD, sparse modes 0-4, attenMask BOOL/UINT8
  *     (1 = masked out), realShift (pse, added before scaling), keepProb 1.
  *   FlashAttentionScoreGrad: as the forward, with the forward's statistics and
  *     output given (softmaxMax, softmaxSum, attentionIn).
  *   IncreFlashAttentionV4: layout BNSD, query S = 1, key/value lists of one
  *     tensor, paged cache (blocknum, KV_N, blockSize, D) or dense (B, KV_N, S, D);
  *     the pool holds at least the blocks the batch reads.
+ *   FlashAttentionVarLenScore: layout TND, see opapi_varlen.c.
  */
 #include "sim.h"
 
@@ -333,6 +334,8 @@ static int fa_masked(const FlashAttentionArgs *a, int64_t b, int64_t n, int64_t 
     switch (a->sparse_mode) {
     case 2: return j > i;               /* causal, top-left origin */
     case 3: return j > i + (Skv - Sq);  /* causal, bottom-right origin */
+    case 4: /* band, bottom-right origin: -preTokens <= j - (i + Skv - Sq) <= nextTokens */
+        return j - (i + Skv - Sq) > a->next_tokens || (i + Skv - Sq) - j > a->pre_tokens;
     default: {
         const aclTensor *m = &a->mask;
         int64_t index = m->ndim == 2 ? m->offset + i * m->strides[0] + j * m->strides[1]
@@ -385,7 +388,7 @@ static aclnnStatus fa_run(void *payload, double *scores) {
     const int64_t B = a->query.dims[0], N = a->query.dims[1], Sq = a->query.dims[2];
     const int64_t D = a->query.dims[3], Nkv = a->key.dims[1], Skv = a->key.dims[2];
     const int64_t Dv = a->value.dims[3], group = N / Nkv;
-    if (a->has_mask && (a->sparse_mode == 2 || a->sparse_mode == 3)) {
+    if (a->has_mask && a->sparse_mode >= 2 && a->sparse_mode <= 4) {
         aclnnStatus status = fa_compressed_mask_check(a);
         if (status != ACLNN_SUCCESS) return status;
     }
@@ -509,9 +512,14 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGetWorkspaceSize(
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: innerPrecise must be 0, 1 or 2");
     if (sparseMode < 0 || sparseMode > 8)
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld is invalid", (long long)sparseMode);
-    if (sparseMode > 3)
+    if (sparseMode > 4)
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld is not simulated",
              (long long)sparseMode);
+    /* sparse_mode_introduction.md, sparseMode=4: "preTokens and nextTokens must have an
+     * intersection" (the band -preTokens <= j - i' <= nextTokens is not empty) */
+    if (sparseMode == 4 && attenMaskOptional && preTokens < -nextTokens)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode 4: preTokens %lld and nextTokens "
+             "%lld have no intersection", (long long)preTokens, (long long)nextTokens);
 
     const int64_t stats_shape[4] = {B, N, Sq, 8}, out_shape[4] = {B, N, Sq, Dv};
     if (softmaxMaxOut->dtype != ACL_FLOAT || softmaxSumOut->dtype != ACL_FLOAT ||
@@ -525,7 +533,7 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGetWorkspaceSize(
         const aclTensor *m = attenMaskOptional;
         if (m->dtype != ACL_BOOL && m->dtype != ACL_UINT8)
             FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask dtype must be BOOL or UINT8");
-        if (sparseMode == 2 || sparseMode == 3) {
+        if (sparseMode >= 2 && sparseMode <= 4) {
             if (m->ndim != 2 || m->dims[0] != COMPRESSED_MASK_SIZE ||
                 m->dims[1] != COMPRESSED_MASK_SIZE)
                 FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs a [2048, 2048] "
@@ -570,6 +578,9 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScore(void *workspace, uint64_t worksp
     return launch("aclnnFlashAttentionScore", KIND_FLASH_ATTENTION_SCORE, workspace,
                   workspaceSize, executor, stream, fa_run);
 }
+
+/* aclnnFlashAttentionVarLenScore (layout TND, packed variable-length sequences) */
+#include "opapi_varlen.c"
 
 /* ------------------------------------------------------------------ */
 /* aclnnIncreFlashAttentionV4                                          */
