@@ -1,5 +1,6 @@
 """Gradients: the backward pass of scaled dot-product attention and of the softmax."""
 import math
+import operator
 
 import numpy as np
 
@@ -8,6 +9,7 @@ from fastattn._kernels import backward as _backward
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
 from fastattn._validation import (
+    as_array,
     CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
     check_scale, is_floating, result_dtypes, storage_dtype,
 )
@@ -270,7 +272,8 @@ class _SparseOperands:
 
 def _check_saved(ops, grad_out, out, lse):
     """grad_out, out and lse as arrays, checked against the forward of these inputs."""
-    grad_out, out, lse = np.asarray(grad_out), np.asarray(out), np.asarray(lse)
+    grad_out, out, lse = (as_array("grad_out", grad_out), as_array("out", out),
+                          as_array("lse", lse))
     lse_shape = ops.batch_shape + (ops.L,)
     for name, a, shape in (("grad_out", grad_out, ops.out_shape), ("out", out, ops.out_shape),
                            ("lse", lse, lse_shape)):
@@ -342,8 +345,12 @@ def masked_softmax_backward(grad, y, axis=-1, *, scale=None, num_threads=None):
     >>> fastattn.masked_softmax_backward(grad, y).round(4)
     array([[-0.0599, -0.1628,  0.2227]])
     """
-    grad, y = np.asarray(grad), np.asarray(y)
+    grad, y = as_array("grad", grad), as_array("y", y)
     compute, result = result_dtypes(grad, y, names=("grad", "y"))
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
     if grad.shape != y.shape:
         raise ValueError(f"grad and y must have the same shape, got grad {grad.shape} and "
                          f"y {y.shape}")

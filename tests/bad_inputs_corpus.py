@@ -577,6 +577,87 @@ def cases():
                                              num_threads=0), ValueError, "num_threads")]:
         rows.append((f"PagedKVCache.{lab}", call, {}, exc, word))
 
+    # ---- backward passes ------------------------------------------------------------
+    q, k, v = r(2, 3, 8, 4), r(2, 3, 10, 4), r(2, 3, 10, 5)
+    o, lse = F.scaled_dot_product_attention(q, k, v, return_lse=True)
+    g = r(2, 3, 8, 5)
+    bwd = F.scaled_dot_product_attention_backward
+    rows += _variants("sdpa_backward", bwd, dict(grad_out=g, query=q, key=k, value=v, out=o,
+                                                 lse=lse),
+                      ["grad_out", "query", "key", "value", "out", "lse"],
+                      skip={("lse", "bool"), ("lse", "0-d")}, extra=[
+        ("grad_out", "shape", r(2, 3, 8, 4), ValueError, "grad_out"),
+        ("out", "shape", r(2, 3, 7, 5), ValueError, "out"),
+        ("lse", "shape", r(2, 3, 7), ValueError, "lse"),
+        ("attn_mask", "int", np.ones((8, 10), int), TypeError, "attn_mask"),
+        ("attn_mask", "shape", np.ones((8, 9), bool), ValueError, "attn_mask"),
+        ("mask_grad", "bool-mask", True, ValueError, "mask"),
+        ("causal_alignment", "bad", "center", ValueError, "causal_alignment"),
+        *_threads("sdpa_backward"), *_scale(), *_device(),
+    ])
+    rows.append(("sdpa_backward-rng-missing", bwd, dict(grad_out=g, query=q, key=k, value=v,
+                                                         out=o, lse=lse, dropout_p=0.5),
+                 ValueError, "rng"))
+    rows.append(("sdpa_backward-dropout_p-one", bwd, dict(grad_out=g, query=q, key=k, value=v,
+                                                           out=o, lse=lse, dropout_p=1.0, rng=7),
+                 ValueError, "dropout_p"))
+    y = F.masked_softmax(r(3, 4, 5))
+    rows += _variants("masked_softmax_backward", F.masked_softmax_backward,
+                      dict(grad=r(3, 4, 5), y=y), ["grad", "y"], extra=[
+        ("y", "shape", y[..., :4], ValueError, "y"),
+        ("axis", "range", 3, AxisError, "axis"),
+        ("axis", "float", 1.0, TypeError, "axis"),
+        *_threads("msb"),
+    ])
+    blayout = F.BlockLayout.from_rule((8, 10), 4, window=(2, 2))
+    bo, blse = F.block_sparse_attention(q, k, v, blayout, return_lse=True) \
+        if "return_lse" in F.block_sparse_attention.__code__.co_varnames else (o, lse)
+    rows += _variants("block_sparse_backward", F.block_sparse_attention_backward,
+                      dict(grad_out=g, query=q, key=k, value=v, out=bo, lse=blse,
+                           layout=blayout),
+                      ["grad_out", "query", "key", "value", "out", "lse"],
+                      skip={("lse", "bool"), ("lse", "0-d")}, extra=[
+        ("layout", "none", None, TypeError, "layout"),
+        ("layout", "other-shape", F.BlockLayout.from_rule((9, 10), 4), ValueError, "layout"),
+        *_threads("bsab"), *_scale(),
+    ])
+    mha = F.MultiHeadAttention(8, 2)
+    x = r(2, 5, 8)
+    _, mcache = mha(x, x, x, return_cache=True)
+    for lab, kw, exc, word in [
+            ("grad_out-shape", dict(grad_out=r(2, 4, 8), cache=mcache), ValueError, "grad_out"),
+            ("grad_out-complex", dict(grad_out=r(2, 5, 8) + 0j, cache=mcache), TypeError,
+             "grad_out"),
+            ("grad_out-none", dict(grad_out=None, cache=mcache), TypeError, "grad_out"),
+            ("cache-none", dict(grad_out=r(2, 5, 8), cache=None), TypeError, "cache"),
+            ("cache-dict", dict(grad_out=r(2, 5, 8), cache={}), TypeError, "cache"),
+            ("threads", dict(grad_out=r(2, 5, 8), cache=mcache, num_threads=0), ValueError,
+             "num_threads")]:
+        rows.append((f"multi_head_attention_backward-{lab}", F.multi_head_attention_backward,
+                     kw, exc, word))
+    rows += [(f"show_config-{lab}", F.show_config, dict(mode=m), exc, "mode")
+             for lab, m, exc in [("bad", "html", ValueError), ("int", 3, ValueError)]]
+
+    # ---- packed variable-length batches ------------------------------------------------
+    if hasattr(F, "varlen_attention"):
+        vq, vk, vv = r(7, 2, 4), r(9, 2, 4), r(9, 2, 5)
+        cq, ck = np.array([0, 3, 7], np.int32), np.array([0, 4, 9], np.int32)
+        rows += _variants("varlen_attention", F.varlen_attention,
+                          dict(query=vq, key=vk, value=vv, cu_seqlens_q=cq, cu_seqlens_k=ck),
+                          ["query", "key", "value"], extra=[
+            ("cu_seqlens_q", "start", np.array([1, 3, 7], np.int32), ValueError,
+             "cu_seqlens_q"),
+            ("cu_seqlens_q", "decreasing", np.array([0, 5, 3, 7], np.int32), ValueError,
+             "cu_seqlens_q"),
+            ("cu_seqlens_q", "end", np.array([0, 3, 6], np.int32), ValueError, "cu_seqlens_q"),
+            ("cu_seqlens_q", "float", np.array([0.0, 3.0, 7.0]), ValueError, "cu_seqlens_q"),
+            ("cu_seqlens_k", "batch", np.array([0, 9], np.int32), ValueError, "cu_seqlens"),
+            ("window", "negative", (-2, 0), ValueError, "window"),
+            ("softcap", "zero", 0.0, ValueError, "softcap"),
+            ("alibi_slopes", "shape", np.ones(3), ValueError, "alibi_slopes"),
+            *_threads("varlen"), *_scale(),
+        ])
+
     # ---- threads -------------------------------------------------------------------------------
     rows += [(f"set_num_threads-{lab}", F.set_num_threads, dict(n=n), exc, "n")
              for lab, n, exc in [("zero", 0, ValueError), ("negative", -1, ValueError),
