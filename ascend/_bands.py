@@ -57,6 +57,8 @@ def band_keep(length, key_length, sides, alignment):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from ascend._bands import band_keep
     >>> band_keep(2, 4, (1, 0), "bottom_right").astype(int)
     array([[0, 1, 1, 0],
            [0, 0, 1, 1]])
@@ -78,6 +80,8 @@ def alibi_bias(slopes, length, key_length, alignment):
 
     Examples
     --------
+    >>> import numpy as np
+    >>> from ascend._bands import alibi_bias
     >>> alibi_bias(np.array([0.5]), 1, 3, "bottom_right")[0, 0]
     array([[-1. , -0.5, -0. ]])
     """
