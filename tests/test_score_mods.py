@@ -360,3 +360,17 @@ def test_softcap_non_finite_scores(rng):
     k[0, 7, 1] = np.inf               # key 7: +-inf scores wherever q[:, 1] != 0
     ref = reference.scaled_dot_product_attention(q, k, v, softcap=5.0)
     assert_close(sdpa(q, k, v, softcap=5.0), ref, np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, BF16])
+def test_dropout_with_modifiers(rng, small_tiles, dtype):
+    # [W][A][C] with dropout: the kept probabilities are the reference's for the same seed
+    # (the band's row slices keep each probability's absolute column)
+    small_tiles(96, 40)
+    q, k, v = (rand(rng, (2, 2, n, 32), dtype) for n in (150, 170, 170))
+    kw = dict(is_causal=True, causal_alignment="bottom_right", window=(50, None),
+              alibi_slopes=np.array([0.05, 0.2]), softcap=6.0)
+    out = sdpa(q, k, v, None, 0.3, rng=11, **kw)
+    ref = reference.scaled_dot_product_attention(
+        *(a.astype(np.float64) for a in (q, k, v)), None, 0.3, rng=11, **kw)
+    assert_close(out, ref, dtype)

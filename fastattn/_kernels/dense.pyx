@@ -117,11 +117,12 @@ cdef inline void dense_slice(const PlanData *p, TileOperands *ops, Py_ssize_t b,
                              const void *kt, Py_ssize_t ldk, const void *vt, Py_ssize_t ldv,
                              const void *mtile,
                              Py_ssize_t diag, Py_ssize_t band_lo, Py_ssize_t band_hi,
-                             ScoreMods *mods, real *s, real *acc, Py_ssize_t ldacc, real *m,
-                             real *l) noexcept nogil:
+                             ScoreMods *mods, DropoutTile *drop, Py_ssize_t k0, real *s,
+                             real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # Rows r0 .. r0 + rows of the current tile (its keys at kt, vt, its mask at mtile or
     # NULL, its band and diag relative to its element (0, 0)) against its columns
-    # c_lo .. c_hi, the row way (tile_attend); nothing when c_hi <= c_lo.
+    # c_lo .. c_hi, the row way (tile_attend); nothing when c_hi <= c_lo. drop: the item's
+    # dropout tile (NULL: none), k0 the tile's first key.
     cdef Py_ssize_t isz = p.itemsize
     cdef const void *mslice = NULL
     if c_hi <= c_lo:
@@ -132,6 +133,8 @@ cdef inline void dense_slice(const PlanData *p, TileOperands *ops, Py_ssize_t b,
         mslice = <const void *>((<const real *>mtile) + r0 * p.mask.rs + c_lo * p.mask.cs)
     if mods != NULL:
         mods.diag = diag + r0 - c_lo
+    if drop != NULL:
+        drop.col0 = k0 + c_lo       # dropout decides by absolute column
     tile_attend(ops, <int>r0, <int>rows, element(kt, c_lo * ldk, isz), ldk,
                 element(vt, c_lo * ldv, isz), ldv, <int>(c_hi - c_lo),
                 <real>p.scale, mslice, p.mask.kind if mtile != NULL else MASK_NONE,
@@ -168,6 +171,7 @@ cdef void dense_rows(const PlanData *p, const DenseRun *run, Py_ssize_t item, re
     # this item's packing state for attend_tile_kmajor (tile.pxd)
     cdef Py_ssize_t ldqt
     cdef DropoutTile drop
+    cdef DropoutTile *dropping = NULL
 
     cdef size_t used = tile_buffers_init(&buf, p.dtype, isz, p.qkv.e, p.qkv.ev, p.block_q,
                                          p.block_k, <char *>s)
@@ -217,6 +221,7 @@ cdef void dense_rows(const PlanData *p, const DenseRun *run, Py_ssize_t item, re
         drop.batch = b
         drop.row0 = q0
         ops.dropout = &drop
+        dropping = &drop
 
     # the key blocks some row of this block sees (the band: causal and window), then this
     # split's share of them
@@ -276,7 +281,6 @@ cdef void dense_rows(const PlanData *p, const DenseRun *run, Py_ssize_t item, re
         band_hi = diag + p.band_right if p.band_right < BAND_ALL else BAND_ALL
         if cols > band_hi + rows:
             cols = band_hi + rows       # keys past the band's right edge: not computed
-        drop.col0 = k0
         kt = gather_value_tile(element(kbase, k0 * ldk_b, isz), ldk_b, <int>cols, p.qkv.e,
                                isz, buf.ktile)
         ldk = p.qkv.e if kt == buf.ktile else ldk_b
@@ -299,6 +303,8 @@ cdef void dense_rows(const PlanData *p, const DenseRun *run, Py_ssize_t item, re
                     ops, <int>rows, kt, ldk, vt, ldv, <int>cols,
                     <real>p.scale, kscratch, &ldqt, mods, acc, ldacc, m, l):
                 continue
+            if dropping != NULL:
+                drop.col0 = k0
             tile_attend(ops, 0, <int>rows, kt, ldk, vt, ldv, <int>cols,
                         <real>p.scale, mtile, p.mask.kind if mtile != NULL else MASK_NONE,
                         p.mask.rs, p.mask.cs, band_lo, band_hi, mods, s, acc, ldacc, m, l)
@@ -330,7 +336,7 @@ cdef void dense_rows(const PlanData *p, const DenseRun *run, Py_ssize_t item, re
                     r0 = r0 + KMAJOR_SLICE
                     continue
                 dense_slice(p, ops, b, r0, sub_rows, c_lo, c_hi, kt, ldk, vt, ldv, mtile, diag,
-                            band_lo, band_hi, mods, s, acc, ldacc, m, l)
+                            band_lo, band_hi, mods, dropping, k0, s, acc, ldacc, m, l)
             r0 = r0 + KMAJOR_SLICE
 
     for r in range(rows):
