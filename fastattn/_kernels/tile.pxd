@@ -171,9 +171,17 @@ cdef extern from "tilegemm.h" nogil:
     void fa_tile_pv_f32(int rows, int ev, int cols, const float *p, Py_ssize_t ldp,
                         const float *v, Py_ssize_t ldv, float *acc, Py_ssize_t ldacc)
 
+    # acc += p.T @ v, p stored key-major (cols x rows, row stride ldpt)
+    void fa_tile_pv_t_f32(int rows, int ev, int cols, const float *pt, Py_ssize_t ldpt,
+                          const float *v, Py_ssize_t ldv, float *acc, Py_ssize_t ldacc)
+
     Py_ssize_t fa_kmajor_ld(int rows)
     void fa_pack_transposed(int cols, int e, const float *k, Py_ssize_t ldk, float *kt,
                             Py_ssize_t ldkt)
+    # s = scale * q @ kt[:, :cols], kt packed by fa_pack_transposed
+    void fa_scores_from_panel(int rows, int cols, int e, float scale, const float *q,
+                              Py_ssize_t ldq, const float *kt, Py_ssize_t ldkt, float *s,
+                              Py_ssize_t lds)
     int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
                                   const float *qt, Py_ssize_t ldqt, const float *k,
                                   Py_ssize_t ldk, const float *v, Py_ssize_t ldv, float *st,
