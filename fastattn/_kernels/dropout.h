@@ -15,7 +15,7 @@
  * floor(p * 2^64): with probability 1 - p up to 2^-64. fastattn.reference.dropout_keep
  * computes the same bits in NumPy.
  *
- * Applied by the tile core (tile.pxd, attend_tile_dropout) to a tile's unnormalised
+ * Applied by the tile core (tile.pxd, attend_tile) to a tile's unnormalised
  * probabilities after the online-softmax step has added them to the row sums l and
  * before they meet V: kept values are scaled by 1 / (1 - p), dropped ones become 0. The
  * denominator thus stays that of all keys, as in PyTorch and FlashAttention.
