@@ -15,6 +15,7 @@ from fastattn._validation import (
 )
 from fastattn.attention import CAUSAL_ALIGNMENTS, _Operands
 from fastattn.block_layout import BlockLayout
+from fastattn.reference import unbroadcast
 
 __all__ = ["scaled_dot_product_attention_backward", "masked_softmax_backward",
            "block_sparse_attention_backward"]
@@ -510,7 +511,7 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
         dk = np.zeros(ops.k.shape, dtype=compute)
         dv = np.zeros(ops.v.shape, dtype=compute)
 
-    grads = (_unbroadcast(dq_full, ops.q.shape).astype(_grad_dtype(ops.q, result), copy=False),
+    grads = (unbroadcast(dq_full, ops.q.shape).astype(_grad_dtype(ops.q, result), copy=False),
              dk.astype(_grad_dtype(ops.k, result), copy=False),
              dv.astype(_grad_dtype(ops.v, result), copy=False))
     if mask_grad:
@@ -561,13 +562,3 @@ def _scatter_pairs(grad_pairs, dest_of_pair, ndest, shape):
     np.add.at(res, dest_of_pair, grad_pairs)
     return res.reshape(shape)
 
-
-def _unbroadcast(grad, shape):
-    # sum over the axes an input of `shape` was broadcast along (fastattn.reference)
-    extra = grad.ndim - len(shape)
-    if extra > 0:
-        grad = grad.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(shape)
