@@ -273,6 +273,22 @@ class _SparseOperands:
 
 def _check_saved(ops, grad_out, out, lse):
     """grad_out, out and lse as arrays, checked against the forward of these inputs."""
+    grad_out, out, lse = _saved_arrays(ops, grad_out, out, lse)
+    allowed = (ops.result, ops.compute)
+    if grad_out.dtype not in allowed:
+        raise TypeError(f"grad_out has dtype {grad_out.dtype}; it must have out's dtype "
+                        f"{ops.result}" + (f" or {ops.compute}" if ops.compute != ops.result
+                                           else "") + " (convert it with .astype)")
+    if lse.dtype != ops.compute:
+        raise TypeError(f"lse has dtype {lse.dtype}, but the forward of these inputs returns "
+                        f"a {ops.compute} lse")
+    return grad_out, out, lse
+
+
+def _saved_arrays(ops, grad_out, out, lse, where=""):
+    """grad_out, out and lse as arrays: floating, of the shapes the forward of these
+    inputs gives, and out of its result dtype (``where`` ends that message). What the
+    CPU and the NPU backward (``_npu._check_saved``) both require."""
     grad_out, out, lse = (as_array("grad_out", grad_out), as_array("out", out),
                           as_array("lse", lse))
     lse_shape = ops.batch_shape + (ops.L,)
@@ -287,15 +303,7 @@ def _check_saved(ops, grad_out, out, lse):
                              f"{name if name != 'grad_out' else 'out'} of shape {shape} {what}")
     if out.dtype != ops.result:
         raise TypeError(f"out has dtype {out.dtype}, but the forward of these inputs returns "
-                        f"{ops.result}")
-    allowed = (ops.result, ops.compute)
-    if grad_out.dtype not in allowed:
-        raise TypeError(f"grad_out has dtype {grad_out.dtype}; it must have out's dtype "
-                        f"{ops.result}" + (f" or {ops.compute}" if ops.compute != ops.result
-                                           else "") + " (convert it with .astype)")
-    if lse.dtype != ops.compute:
-        raise TypeError(f"lse has dtype {lse.dtype}, but the forward of these inputs returns "
-                        f"a {ops.compute} lse")
+                        f"{ops.result}{where}")
     return grad_out, out, lse
 
 
