@@ -15,16 +15,14 @@ from fastattn import _npu, _threads
 from fastattn._kernels import dense as _dense
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import RaggedBatch
-from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
     CPU_AND_NPU, check_alibi_slopes, check_choice, check_device, check_matrix_stacks,
     check_out, check_scale, check_score_window, check_softcap, result_dtypes, storage_dtype,
 )
+from fastattn.attention import (_INT32_MAX, BLOCK_K, BLOCK_Q, CAUSAL_ALIGNMENTS, ScoreModifiers,
+                                _deliver, _result_buffer)
 
 __all__ = ["varlen_attention"]
-
-CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
-_INT32_MAX = 2**31 - 1
 
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
@@ -169,9 +167,7 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
     nthreads = _threads.resolve_num_threads(num_threads)
 
     storage = storage_dtype(compute, result, q, k, v)
-    direct = (out is not None and out.dtype == storage and out.flags.c_contiguous
-              and out.flags.aligned and not _overlaps(out, q, k, v))
-    res = out if direct else np.empty(out_shape, dtype=storage)
+    res = _result_buffer(out, out_shape, storage, _c_order, q, k, v)
     lse = np.empty((Hq, total_q), dtype=compute) if return_lse else None
     if total_q and Ev and total_k:
         _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
@@ -180,14 +176,12 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
         res.fill(0)
         if lse is not None:
             lse.fill(-np.inf)
+    return _deliver(res, out, result, lse, return_lse)
 
-    if out is not None:
-        if not direct:
-            out[...] = res
-        res = out
-    elif result != storage:
-        res = res.astype(result)
-    return (res, lse) if return_lse else res
+
+def _c_order(out):
+    # the kernel writes the packed result (total_q, Hq, Ev) in C order only
+    return out.flags.c_contiguous and out.flags.aligned
 
 
 def _check_operands(query, key, value, cu_seqlens_q, cu_seqlens_k, dtypes=result_dtypes):
@@ -273,8 +267,6 @@ def _packed(a, dtype):
 
 def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment, window,
          slopes, softcap, nthreads):
-    from fastattn.attention import BLOCK_K, BLOCK_Q, ScoreModifiers
-
     total_q, Hq, E = q.shape
     Hkv, Ev = k.shape[1], v.shape[2]
     group = Hq // Hkv
