@@ -355,19 +355,31 @@ class ScoreModifiers:
         """The AttentionPlan keywords."""
         return dict(window=self.window, softcap=self.softcap or 0.0, slopes=self.slopes)
 
-    def visible_pairs(self, L, S, offset, causal):
-        """How many (query, key) pairs of an (L, S) problem the causal band and the window
-        leave visible (diagonal offset ``offset``), and the most one row sees."""
+    def band(self, causal):
+        """``(left, right)`` of the keys a row sees around its position, the causal band
+        folded into ``right`` (None: an unbounded side); None when both are unbounded."""
         left, right = self.window or (None, None)
         if causal:
             right = 0 if right is None else min(right, 0)
-        if left is None and right is None:
+        return None if left is None and right is None else (left, right)
+
+    def visible_pairs(self, L, S, offset, causal):
+        """How many (query, key) pairs of an (L, S) problem the causal band and the window
+        leave visible (diagonal offset ``offset``), and the most one row sees."""
+        band = self.band(causal)
+        if band is None:
             return L * S, S
-        i = np.arange(L, dtype=np.int64) + offset
-        lo = np.zeros(L, np.int64) if left is None else np.maximum(i - left, 0)
-        hi = np.full(L, S - 1, np.int64) if right is None else np.minimum(i + right, S - 1)
-        n = np.maximum(hi - lo + 1, 0)
+        n = visible_keys(np.arange(L, dtype=np.int64) + offset, S, band)
         return int(n.sum()), int(n.max(initial=0))
+
+
+def visible_keys(pos, S, band):
+    """Keys of ``S`` that rows at key positions ``pos`` see in ``band`` (see
+    :meth:`ScoreModifiers.band`, not None); ``pos`` broadcasts against ``S``."""
+    left, right = band
+    lo = 0 if left is None else np.maximum(pos - left, 0)
+    hi = S - 1 if right is None else np.minimum(pos + right, S - 1)
+    return np.maximum(hi - lo + 1, 0)
 
 
 _NO_MODS = ScoreModifiers()

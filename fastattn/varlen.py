@@ -20,7 +20,7 @@ from fastattn._validation import (
     check_out, check_scale, check_score_window, check_softcap, result_dtypes, storage_dtype,
 )
 from fastattn.attention import (_INT32_MAX, BLOCK_K, BLOCK_Q, CAUSAL_ALIGNMENTS, ScoreModifiers,
-                                _deliver, _result_buffer)
+                                _deliver, _result_buffer, visible_keys)
 
 __all__ = ["varlen_attention"]
 
@@ -302,8 +302,8 @@ def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
     nqb = -(-seq_len_q // block_q)
     blk_seq = np.repeat(np.arange(batch), nqb)
     blk_q0 = (np.arange(int(nqb.sum())) - np.repeat(np.cumsum(nqb) - nqb, nqb)) * block_q
-    work = _block_work(seq_len_q, seq_len_k, blk_seq, blk_q0, block_q, is_causal,
-                       bottom_right, window)
+    work = _block_work(seq_len_q, seq_len_k, blk_seq, blk_q0, block_q, bottom_right,
+                       mods.band(is_causal))
     seq_work = np.bincount(blk_seq, weights=work, minlength=batch)
     order = np.lexsort((-work, -seq_work[blk_seq]))
     blk_seq, blk_q0, work = blk_seq[order], blk_q0[order], work[order]
@@ -332,20 +332,16 @@ def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
         _dense.sdpa(plan)
 
 
-def _block_work(len_q, len_k, blk_seq, blk_q0, block_q, is_causal, bottom_right, window):
-    """(query, key) pairs each query block sees: per row, the keys of its band."""
-    left, right = window or (None, None)
-    if is_causal:
-        right = 0 if right is None else min(right, 0)
+def _block_work(len_q, len_k, blk_seq, blk_q0, block_q, bottom_right, band):
+    """(query, key) pairs each query block sees: per row, the keys of its ``band``
+    (:meth:`ScoreModifiers.band`)."""
     L, S = len_q[blk_seq], len_k[blk_seq]
     rows = np.minimum(L - blk_q0, block_q)
-    if left is None and right is None:
+    if band is None:
         return rows * S
     # row i = q0 + t (t < rows) at key position i + off sees [i + off - left, i + off + right]
     off = (S - L) if bottom_right else np.zeros_like(S)
     t = np.arange(block_q)
     pos = (blk_q0 + off)[:, None] + t[None, :]
-    lo = np.zeros_like(pos) if left is None else np.maximum(pos - left, 0)
-    hi = (S[:, None] - 1) if right is None else np.minimum(pos + right, S[:, None] - 1)
-    seen = np.maximum(hi - lo + 1, 0) * (t[None, :] < rows[:, None])
+    seen = visible_keys(pos, S[:, None], band) * (t[None, :] < rows[:, None])
     return seen.sum(axis=1)
