@@ -170,8 +170,8 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
     res = _result_buffer(out, out_shape, storage, _c_order, q, k, v)
     lse = np.empty((Hq, total_q), dtype=compute) if return_lse else None
     if total_q and Ev and total_k:
-        _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
-             window, slopes, softcap, nthreads)
+        _run(q, k, v, cq, ck, len_q, len_k, res, lse, storage, scale, is_causal,
+             causal_alignment, window, slopes, softcap, nthreads)
     else:
         res.fill(0)
         if lse is not None:
@@ -265,8 +265,9 @@ def _packed(a, dtype):
     return a, ld, st[1] // item
 
 
-def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment, window,
-         slopes, softcap, nthreads):
+def _run(q, k, v, cq, ck, seq_len_q, seq_len_k, res, lse, storage, scale, is_causal,
+         causal_alignment, window, slopes, softcap, nthreads):
+    # seq_len_q, seq_len_k: the sequences' lengths, np.diff(cq) and np.diff(ck)
     total_q, Hq, E = q.shape
     Hkv, Ev = k.shape[1], v.shape[2]
     group = Hq // Hkv
@@ -279,8 +280,8 @@ def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
     # batch entry b = sequence s, query head h
     s_of = np.repeat(np.arange(batch), Hq)
     h_of = np.tile(np.arange(Hq), batch)
-    len_q = np.diff(cq)[s_of]
-    len_k = np.diff(ck)[s_of]
+    len_q = seq_len_q[s_of]
+    len_k = seq_len_k[s_of]
     q_off = cq[s_of] * ldq + h_of * hq
     k_off = ck[s_of] * ldk + (h_of // group) * hk
     v_off = ck[s_of] * ldv + (h_of // group) * hv
@@ -298,7 +299,6 @@ def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
     # thread's next block mostly reads the keys and values its last one did (taken
     # across entries, heaviest block first, the batch of 16 sequences of the benchmark ran
     # 11% slower) and the last items are the lightest.
-    seq_len_q, seq_len_k = np.diff(cq), np.diff(ck)
     nqb = -(-seq_len_q // block_q)
     blk_seq = np.repeat(np.arange(batch), nqb)
     blk_q0 = (np.arange(int(nqb.sum())) - np.repeat(np.cumsum(nqb) - nqb, nqb)) * block_q
