@@ -27,6 +27,7 @@ import functools
 import itertools
 import math
 import operator
+import sys
 import threading
 
 import numpy as np
@@ -104,10 +105,15 @@ def task_threads(num_threads=None):
 
 
 def _current_worker():
+    # A distributed worker runs in a process that has imported distributed: without it
+    # there is none, and importing it here (a third of a second, in the first task of
+    # the local scheduler) would only find that out.
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
     try:
-        from distributed import get_worker
-        return get_worker()
-    except (ImportError, ValueError):
+        return distributed.get_worker()
+    except ValueError:
         return None
 
 
