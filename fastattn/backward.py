@@ -15,6 +15,7 @@ from fastattn._validation import (
 )
 from fastattn.attention import CAUSAL_ALIGNMENTS, _Operands
 from fastattn.block_layout import BlockLayout
+from fastattn.reference import unbroadcast
 
 __all__ = ["scaled_dot_product_attention_backward", "masked_softmax_backward",
            "block_sparse_attention_backward"]
@@ -272,6 +273,22 @@ class _SparseOperands:
 
 def _check_saved(ops, grad_out, out, lse):
     """grad_out, out and lse as arrays, checked against the forward of these inputs."""
+    grad_out, out, lse = _saved_arrays(ops, grad_out, out, lse)
+    allowed = (ops.result, ops.compute)
+    if grad_out.dtype not in allowed:
+        raise TypeError(f"grad_out has dtype {grad_out.dtype}; it must have out's dtype "
+                        f"{ops.result}" + (f" or {ops.compute}" if ops.compute != ops.result
+                                           else "") + " (convert it with .astype)")
+    if lse.dtype != ops.compute:
+        raise TypeError(f"lse has dtype {lse.dtype}, but the forward of these inputs returns "
+                        f"a {ops.compute} lse")
+    return grad_out, out, lse
+
+
+def _saved_arrays(ops, grad_out, out, lse, where=""):
+    """grad_out, out and lse as arrays: floating, of the shapes the forward of these
+    inputs gives, and out of its result dtype (``where`` ends that message). What the
+    CPU and the NPU backward (``_npu._check_saved``) both require."""
     grad_out, out, lse = (as_array("grad_out", grad_out), as_array("out", out),
                           as_array("lse", lse))
     lse_shape = ops.batch_shape + (ops.L,)
@@ -286,15 +303,7 @@ def _check_saved(ops, grad_out, out, lse):
                              f"{name if name != 'grad_out' else 'out'} of shape {shape} {what}")
     if out.dtype != ops.result:
         raise TypeError(f"out has dtype {out.dtype}, but the forward of these inputs returns "
-                        f"{ops.result}")
-    allowed = (ops.result, ops.compute)
-    if grad_out.dtype not in allowed:
-        raise TypeError(f"grad_out has dtype {grad_out.dtype}; it must have out's dtype "
-                        f"{ops.result}" + (f" or {ops.compute}" if ops.compute != ops.result
-                                           else "") + " (convert it with .astype)")
-    if lse.dtype != ops.compute:
-        raise TypeError(f"lse has dtype {lse.dtype}, but the forward of these inputs returns "
-                        f"a {ops.compute} lse")
+                        f"{ops.result}{where}")
     return grad_out, out, lse
 
 
@@ -510,7 +519,7 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
         dk = np.zeros(ops.k.shape, dtype=compute)
         dv = np.zeros(ops.v.shape, dtype=compute)
 
-    grads = (_unbroadcast(dq_full, ops.q.shape).astype(_grad_dtype(ops.q, result), copy=False),
+    grads = (unbroadcast(dq_full, ops.q.shape).astype(_grad_dtype(ops.q, result), copy=False),
              dk.astype(_grad_dtype(ops.k, result), copy=False),
              dv.astype(_grad_dtype(ops.v, result), copy=False))
     if mask_grad:
@@ -561,13 +570,3 @@ def _scatter_pairs(grad_pairs, dest_of_pair, ndest, shape):
     np.add.at(res, dest_of_pair, grad_pairs)
     return res.reshape(shape)
 
-
-def _unbroadcast(grad, shape):
-    # sum over the axes an input of `shape` was broadcast along (fastattn.reference)
-    extra = grad.ndim - len(shape)
-    if extra > 0:
-        grad = grad.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(shape)
