@@ -140,6 +140,32 @@ def last_launch(runtime):
     return dict(operator=LAUNCH_KINDS[info[0]], dtypes=dtypes, out=out)
 
 
+def phase1(runtime, name, arguments):
+    """``<name>GetWorkspaceSize(*arguments, &size, &executor)``: (status, size, executor)."""
+    from ascend import _ops
+
+    operator = runtime.lib.operator(name)
+    size, executor = ctypes.c_uint64(), _ops.ExecutorRef()
+    status = operator.get_workspace_size(*arguments, ctypes.byref(size), ctypes.byref(executor))
+    return status, size.value, executor
+
+
+def launch(runtime, name, size, executor):
+    """Phase 2 of ``name`` on device 0 with a workspace of ``size`` bytes: its status."""
+    operator = runtime.lib.operator(name)
+    workspace = runtime.allocate(0, size)
+    try:
+        return operator.launch(workspace.ptr, size, executor, runtime.activate(0))
+    finally:
+        runtime._free(workspace)
+
+
+def error_message(runtime):
+    """``aclGetRecentErrMsg()`` as text ("" if there is none)."""
+    raw = runtime.lib.acl.aclGetRecentErrMsg()
+    return raw.decode() if raw else ""
+
+
 def fail_next(runtime, function_name, code):
     """Make the next call of ``function_name`` in the simulator return ``code``."""
     runtime.lib.acl.ascendsim_fail_next(function_name.encode(), code)
