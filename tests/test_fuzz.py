@@ -367,7 +367,8 @@ def test_fuzz_sinkhorn(data, threads):
     v = data.draw(operand(q.shape[:-1] + (v.shape[-1],), dtype))
     kw = dict(block_size=data.draw(st.integers(1, 30)), n_iters=data.draw(st.integers(0, 8)),
               temperature=data.draw(st.sampled_from([0.3, 0.75, 2.0])))
-    got = fastattn.sinkhorn_attention(q, k, v, num_threads=threads, **kw)
+    with np.errstate(over="ignore"):      # a half result may overflow (checked below)
+        got = fastattn.sinkhorn_attention(q, k, v, num_threads=threads, **kw)
     check_close(got, reference.sinkhorn_attention(q, k, v, **kw), dtype)
     m = data.draw(st.integers(0, 12))
     x = data.draw(operand(q.shape[:-2] + (m, m), dtype, -3, 3))
