@@ -1,14 +1,15 @@
 """Gradients: the backward pass of scaled dot-product attention and of the softmax."""
 import math
+import operator
 
 import numpy as np
 
 from fastattn import _npu, _threads
 from fastattn._kernels import backward as _backward
 from fastattn._kernels.plan import AttentionPlan
-from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
+from fastattn._layout import PreparedMask, as_kernel_array, as_matrix_stack, batch_offsets
 from fastattn._validation import (
-    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
+    CPU_AND_NPU, as_array, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
     check_scale, is_floating, result_dtypes, storage_dtype,
 )
 from fastattn.attention import CAUSAL_ALIGNMENTS, _Operands
@@ -270,7 +271,8 @@ class _SparseOperands:
 
 def _check_saved(ops, grad_out, out, lse):
     """grad_out, out and lse as arrays, checked against the forward of these inputs."""
-    grad_out, out, lse = np.asarray(grad_out), np.asarray(out), np.asarray(lse)
+    grad_out, out, lse = (as_array(n, a) for n, a in (('grad_out', grad_out), ('out', out),
+                                                      ('lse', lse)))
     lse_shape = ops.batch_shape + (ops.L,)
     for name, a, shape in (("grad_out", grad_out, ops.out_shape), ("out", out, ops.out_shape),
                            ("lse", lse, lse_shape)):
@@ -342,13 +344,17 @@ def masked_softmax_backward(grad, y, axis=-1, *, scale=None, num_threads=None):
     >>> fastattn.masked_softmax_backward(grad, y).round(4)
     array([[-0.0599, -0.1628,  0.2227]])
     """
-    grad, y = np.asarray(grad), np.asarray(y)
+    grad, y = as_array("grad", grad), as_array("y", y)
     compute, result = result_dtypes(grad, y, names=("grad", "y"))
     if grad.shape != y.shape:
         raise ValueError(f"grad and y must have the same shape, got grad {grad.shape} and "
                          f"y {y.shape}")
     if y.ndim == 0:
         raise ValueError("y must have at least one dimension, got a 0-d array")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
     if not -y.ndim <= axis < y.ndim:
         raise _AxisError(axis, y.ndim)
     scale = 1.0 if scale is None else check_scale(scale, 1)
@@ -357,8 +363,8 @@ def masked_softmax_backward(grad, y, axis=-1, *, scale=None, num_threads=None):
         return np.zeros(y.shape, dtype=result)
     # the kernel works on the rows of C-contiguous (R, N) matrices of the compute dtype
     moved = np.moveaxis(y, axis, -1).shape
-    gm = np.ascontiguousarray(np.moveaxis(grad, axis, -1), dtype=compute).reshape(-1, moved[-1])
-    ym = np.ascontiguousarray(np.moveaxis(y, axis, -1), dtype=compute).reshape(-1, moved[-1])
+    gm = as_kernel_array(np.moveaxis(grad, axis, -1), compute).reshape(-1, moved[-1])
+    ym = as_kernel_array(np.moveaxis(y, axis, -1), compute).reshape(-1, moved[-1])
     res = np.empty(gm.shape, dtype=compute)
     R, N = gm.shape
     nthreads = _threads.call_threads(nthreads, -(-R // SOFTMAX_ROWS), 4 * R * N)
@@ -475,7 +481,7 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
         v_off = batch_offsets(v, batch_shape, group_axis, group)
         o_off = batch_offsets(o, batch_shape)
         do_off = batch_offsets(do, batch_shape)
-        lse_c = np.ascontiguousarray(lse, dtype=compute).reshape(nbatch, L)
+        lse_c = as_kernel_array(lse, compute).reshape(nbatch, L)
 
         causal_offset = 0 if causal_alignment == "top_left" else S - L
         plan = AttentionPlan(q, k, v, o, lse_c, (q_off, k_off, v_off, o_off),

@@ -577,6 +577,67 @@ def cases():
                                              num_threads=0), ValueError, "num_threads")]:
         rows.append((f"PagedKVCache.{lab}", call, {}, exc, word))
 
+    # ---- gradients -----------------------------------------------------------------------------
+    bq, bk, bv = r(2, 5, 4), r(2, 7, 4), r(2, 7, 3)
+    bout, blse = F.scaled_dot_product_attention(bq, bk, bv, return_lse=True)
+    bg = r(*bout.shape)
+    sdb = F.scaled_dot_product_attention_backward
+    bbase = dict(grad_out=bg, query=bq, key=bk, value=bv, out=bout, lse=blse)
+    rows += _variants("sdpa_backward", sdb, bbase,
+                      ["grad_out", "query", "key", "value", "out", "lse"], extra=[
+        ("grad_out", "shape", r(2, 4, 3), ValueError, "grad_out"),
+        ("lse", "shape", r(2, 3), ValueError, "lse"),
+        ("out", "shape", r(2, 5, 2), ValueError, "out"),
+        ("key", "features", r(2, 7, 3), ValueError, "key"),
+        ("attn_mask", "int", np.ones((5, 7), int), TypeError, "attn_mask"),
+        ("attn_mask", "shape", np.ones((5, 6), bool), ValueError, "attn_mask"),
+        ("mask_grad", "bool-mask", True, ValueError, "mask_grad"),
+        ("causal_alignment", "bad", "left", ValueError, "causal_alignment"),
+        *_threads("sdb"), *_scale()[:3], *_device()],
+        skip={("lse", "0-d")} | {(a, "ragged") for a in ("out", "lse")})
+    rows += [("sdpa_backward-dropout-no-rng", sdb, {**bbase, "dropout_p": 0.5}, ValueError,
+              "rng"),
+             ("sdpa_backward-dropout_p-one", sdb, {**bbase, "dropout_p": 1.0, "rng": 0},
+              ValueError, "dropout_p"),
+             ("sdpa_backward-dropout_p-str", sdb, {**bbase, "dropout_p": "0.1", "rng": 0},
+              TypeError, "dropout_p")]
+    rows += [("sdpa-dropout_p-negative", sdpa, dict(base, dropout_p=-0.1), ValueError,
+              "dropout_p"),
+             ("sdpa-dropout_p-str", sdpa, dict(base, dropout_p="a"), TypeError, "dropout_p"),
+             ("sdpa-rng-str", sdpa, dict(base, dropout_p=0.5, rng="x"), TypeError, "rng")]
+    smb = F.masked_softmax_backward
+    y = F.masked_softmax(x)
+    rows += _variants("masked_softmax_backward", smb, dict(grad=r(3, 4, 5), y=y), ["grad", "y"],
+                      skip={("grad", "0-d"), ("y", "0-d")}, extra=[
+        ("y", "shape", y[..., :2], ValueError, "y"),
+        ("axis", "range", 3, AxisError, "axis"),
+        ("axis", "float", 1.0, TypeError, "axis"),
+        *_threads("smb"), *_scale()[:3]])
+    lay = F.BlockLayout.from_rule((5, 7), 2, window=2)
+    bso, bsl = F.block_sparse_attention(bq, bk, bv, lay, return_lse=True)
+    bsb = F.block_sparse_attention_backward
+    rows += _variants("block_sparse_attention_backward", bsb,
+                      dict(grad_out=bg, query=bq, key=bk, value=bv, out=bso, lse=bsl,
+                           layout=lay), ["grad_out", "query", "key", "value"], extra=[
+        ("layout", "none", None, TypeError, "layout"),
+        ("layout", "shape", F.BlockLayout.from_rule((6, 7), 2), ValueError, "layout"),
+        ("lse", "shape", r(2, 4), ValueError, "lse"),
+        *_threads("bsb"), *_scale()[:3]])
+    mhb = F.multi_head_attention_backward
+    mout, mcache = F.multi_head_attention(mx, mx, mx, 2, return_cache=True, **mw)
+    rows += [("multi_head_attention_backward-cache-none", mhb, dict(grad_out=mout, cache=None),
+              TypeError, "cache"),
+             ("multi_head_attention_backward-cache-dict", mhb, dict(grad_out=mout, cache={}),
+              TypeError, "cache"),
+             ("multi_head_attention_backward-grad-shape", mhb,
+              dict(grad_out=mout[..., :3], cache=mcache), ValueError, "grad_out"),
+             ("multi_head_attention_backward-grad-complex", mhb,
+              dict(grad_out=mout.astype(complex), cache=mcache), TypeError, "grad_out"),
+             ("multi_head_attention_backward-threads", mhb,
+              dict(grad_out=mout, cache=mcache, num_threads=0), ValueError, "num_threads")]
+    rows += [("show_config-mode", F.show_config, dict(mode="xml"), ValueError, "mode"),
+             ("show_config-mode-int", F.show_config, dict(mode=1), ValueError, "mode")]
+
     # ---- threads -------------------------------------------------------------------------------
     rows += [(f"set_num_threads-{lab}", F.set_num_threads, dict(n=n), exc, "n")
              for lab, n, exc in [("zero", 0, ValueError), ("negative", -1, ValueError),

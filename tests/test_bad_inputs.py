@@ -45,6 +45,7 @@ def test_corpus_size():
 
 
 _short = {"scaled_dot_product_attention": "sdpa", "block_sparse_attention": "block_sparse",
+          "scaled_dot_product_attention_backward": "sdpa_backward",
           "local_attention": "local", "strided_attention": "strided",
           "global_attention": "global", "longformer_attention": "longformer",
           "bigbird_attention": "bigbird", "lsh_attention": "lsh",

@@ -160,11 +160,14 @@ def sdpa_case(draw):
 @given(case=sdpa_case(), is_causal=st.booleans(),
        alignment=st.sampled_from(["top_left", "bottom_right"]),
        scale=st.sampled_from([None, 0.3, 1.0]), out_kind=st.sampled_from([None] + list(LAYOUTS)),
-       threads=THREADS)
-def test_fuzz_scaled_dot_product_attention(case, is_causal, alignment, scale, out_kind, threads):
+       dropout=st.sampled_from([0.0, 0.0, 0.0, 0.4]), seed=st.integers(0, 1000), threads=THREADS)
+def test_fuzz_scaled_dot_product_attention(case, is_causal, alignment, scale, out_kind,
+                                           dropout, seed, threads):
     count("sdpa")
     dtype, q, k, v, mask, gqa = case
     kw = dict(is_causal=is_causal, causal_alignment=alignment, scale=scale, enable_gqa=gqa)
+    if dropout:
+        kw.update(dropout_p=dropout, rng=seed)
     want, want_lse = reference.scaled_dot_product_attention(q, k, v, mask, return_lse=True,
                                                             **kw)
     rdt = result_dtype(q.dtype, k.dtype, v.dtype)
@@ -242,7 +245,7 @@ def layouts(draw, L, S, heads):
     if draw(st.booleans()):
         rule["dilation"] = draw(st.integers(1, 4))
     if draw(st.booleans()):
-        rule["causal"] = True
+        rule["is_causal"] = True
     if draw(st.booleans()):
         rule["segment"] = draw(st.integers(1, 30))
     if draw(st.booleans()):
@@ -613,3 +616,64 @@ def test_fuzz_paged_kv_cache(data, threads):
         k = np.repeat(keys[i], 2, axis=0)
         v = np.repeat(vals[i], 2, axis=0)
         check_close(got[i], reference.scaled_dot_product_attention(q[i], k, v), dtype)
+
+
+# ---- gradients ---------------------------------------------------------------------------
+
+def _lse_dtype(dtype):
+    return np.float64 if dtype == np.float64 else np.float32
+
+
+@given(case=sdpa_case(), is_causal=st.booleans(),
+       alignment=st.sampled_from(["top_left", "bottom_right"]),
+       scale=st.sampled_from([None, 0.3]), dropout=st.sampled_from([0.0, 0.0, 0.3]),
+       threads=THREADS, data=st.data())
+def test_fuzz_scaled_dot_product_attention_backward(case, is_causal, alignment, scale,
+                                                    dropout, threads, data):
+    count("sdpa backward")
+    dtype, q, k, v, mask, gqa = case
+    kw = dict(is_causal=is_causal, causal_alignment=alignment, scale=scale, enable_gqa=gqa)
+    if dropout:
+        kw.update(dropout_p=dropout, rng=data.draw(st.integers(0, 1000)))
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, return_lse=True, **kw)
+    grad = data.draw(operand(out.shape, out.dtype))
+    mask_grad = mask is not None and mask.dtype != bool and data.draw(st.booleans())
+    got = fastattn.scaled_dot_product_attention_backward(grad, q, k, v, out, lse, mask,
+                                                         mask_grad=mask_grad,
+                                                         num_threads=threads, **kw)
+    want = reference.scaled_dot_product_attention_backward(grad, q, k, v, mask,
+                                                           mask_grad=mask_grad, **kw)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        check_close(g, w, dtype)
+
+
+@given(dtype=DTYPES, data=st.data(), scale=st.sampled_from([None, 0.5]), threads=THREADS)
+def test_fuzz_masked_softmax_backward(dtype, data, scale, threads):
+    count("softmax backward")
+    ndim = data.draw(st.integers(1, 3))
+    shape = tuple(data.draw(LENGTHS if i == ndim - 1 else SMALL) for i in range(ndim))
+    axis = data.draw(st.integers(-ndim, ndim - 1))
+    mask, _ = data.draw(masks(shape, dtype))
+    y = fastattn.masked_softmax(data.draw(operand(shape, dtype, -4, 4)), mask, axis=axis,
+                                scale=scale)
+    y = data.draw(laid_out(y))
+    grad = data.draw(operand(shape, dtype))
+    got = fastattn.masked_softmax_backward(grad, y, axis, scale=scale, num_threads=threads)
+    check_close(got, reference.masked_softmax_backward(grad, y, axis, scale=scale), dtype)
+
+
+@given(data=st.data(), threads=THREADS)
+def test_fuzz_block_sparse_attention_backward(data, threads):
+    count("block_sparse backward")
+    heads = data.draw(st.sampled_from([None, 2]))
+    batch = () if heads is None else (1, heads)
+    dtype, q, k, v = data.draw(qkv(batch=batch))
+    layout = data.draw(layouts(q.shape[-2], k.shape[-2], heads))
+    out, lse = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+    grad = data.draw(operand(out.shape, out.dtype))
+    got = fastattn.block_sparse_attention_backward(grad, q, k, v, out, lse, layout,
+                                                   num_threads=threads)
+    want = reference.scaled_dot_product_attention_backward(grad, q, k, v, layout.to_mask())
+    for g, w in zip(got, want):
+        check_close(g, w, dtype)
