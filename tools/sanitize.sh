@@ -55,8 +55,17 @@ if [[ -n "${SANITIZE_PYTHON:-}" ]]; then
 else
     if [[ ! -x "$WORK/venv/bin/python" ]]; then
         python3 -m venv "$WORK/venv"
-        "$WORK/venv/bin/python" -m pip install -q numpy scipy ml_dtypes threadpoolctl \
-            pytest hypothesis "Cython>=3.1" setuptools
+        # pyproject.toml's build requirements, dependencies and test extra, nothing else
+        mapfile -t deps < <(python3 - "$SRC/pyproject.toml" <<'PY'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    meta = tomllib.load(f)
+project = meta["project"]
+print("\n".join(meta["build-system"]["requires"] + project["dependencies"]
+                + project["optional-dependencies"]["test"]))
+PY
+)
+        "$WORK/venv/bin/python" -m pip install -q "${deps[@]}"
     fi
     PY="$WORK/venv/bin/python"
 fi
