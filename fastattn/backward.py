@@ -7,10 +7,9 @@ import numpy as np
 from fastattn import _npu, _threads
 from fastattn._kernels import backward as _backward
 from fastattn._kernels.plan import AttentionPlan
-from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
+from fastattn._layout import PreparedMask, as_kernel_array, as_matrix_stack, batch_offsets
 from fastattn._validation import (
-    as_array,
-    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
+    CPU_AND_NPU, as_array, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
     check_scale, is_floating, result_dtypes, storage_dtype,
 )
 from fastattn.attention import CAUSAL_ALIGNMENTS, _Operands
@@ -365,6 +364,10 @@ def masked_softmax_backward(grad, y, axis=-1, *, scale=None, num_threads=None):
                          f"y {y.shape}")
     if y.ndim == 0:
         raise ValueError("y must have at least one dimension, got a 0-d array")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
     if not -y.ndim <= axis < y.ndim:
         raise _AxisError(axis, y.ndim)
     scale = 1.0 if scale is None else check_scale(scale, 1)
@@ -373,8 +376,8 @@ def masked_softmax_backward(grad, y, axis=-1, *, scale=None, num_threads=None):
         return np.zeros(y.shape, dtype=result)
     # the kernel works on the rows of C-contiguous (R, N) matrices of the compute dtype
     moved = np.moveaxis(y, axis, -1).shape
-    gm = np.ascontiguousarray(np.moveaxis(grad, axis, -1), dtype=compute).reshape(-1, moved[-1])
-    ym = np.ascontiguousarray(np.moveaxis(y, axis, -1), dtype=compute).reshape(-1, moved[-1])
+    gm = as_kernel_array(np.moveaxis(grad, axis, -1), compute).reshape(-1, moved[-1])
+    ym = as_kernel_array(np.moveaxis(y, axis, -1), compute).reshape(-1, moved[-1])
     res = np.empty(gm.shape, dtype=compute)
     R, N = gm.shape
     nthreads = _threads.call_threads(nthreads, -(-R // SOFTMAX_ROWS), 4 * R * N)
@@ -491,7 +494,7 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
         v_off = batch_offsets(v, batch_shape, group_axis, group)
         o_off = batch_offsets(o, batch_shape)
         do_off = batch_offsets(do, batch_shape)
-        lse_c = np.ascontiguousarray(lse, dtype=compute).reshape(nbatch, L)
+        lse_c = as_kernel_array(lse, compute).reshape(nbatch, L)
 
         causal_offset = 0 if causal_alignment == "top_left" else S - L
         plan = AttentionPlan(q, k, v, o, lse_c, (q_off, k_off, v_off, o_off),
