@@ -29,6 +29,14 @@ when matplotlib is importable, ``bench.png`` (time and fastattn's speed-up again
 sequence length, with the machine, date and commit in the caption); ``--replot
 bench.json`` redraws the figure from saved numbers.
 
+``--suite peers`` runs a different table instead: the eight workloads of issue 20
+(dense, causal, key padding, BERT-like, head_dim 128, GQA, decode through
+``scaled_dot_product_attention`` and through ``paged_attention``) against every CPU
+peer installed (PyTorch SDPA, ONNX Runtime MultiHeadAttention/GroupQueryAttention,
+OpenVINO SDPA, JAX ``jax.nn.dot_product_attention``), printed as a Markdown table of
+each peer's time over fastattn's (:func:`run_suite`); ``--suite wide`` adds head_dim
+80, 96 and 256, ``--suite peers,wide`` runs both.
+
 This module also holds the pieces shared by ``python -m fastattn`` and the asv
 suite in ``benchmarks/``: the FLOP convention, the NumPy formula, the machine
 baselines (SGEMM rate, memory bandwidth) and the progress bar.
@@ -50,7 +58,7 @@ import numpy as np
 import fastattn
 
 __all__ = ["attention_flops", "numpy_attention", "sgemm_gflops", "memory_bandwidth_gbs",
-           "run_comparison", "provenance", "progress_bar", "main"]
+           "run_comparison", "run_suite", "provenance", "progress_bar", "main"]
 
 SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math", "onnxruntime", "openvino")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -353,6 +361,75 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
     }
 
 
+def run_suite(suites=("peers",), *, systems=None, repeat=9, threads=None, warmup=2,
+              progress=True):
+    """Time fastattn and every installed CPU peer on a named suite of workloads.
+
+    The suite ``"peers"`` is the table of issue 20, float32: dense B=1 H=8 L=S=2048
+    E=64; causal, same; a key padding mask B=4 H=8 L=S=1024 E=64; BERT-like B=32 H=12
+    L=S=128 E=32; head_dim 128; GQA 32/8 heads L=S=1024 E=128 causal; decode B=8 Hq=32
+    Hkv=8 L=1 S=4096 E=128 through :func:`fastattn.scaled_dot_product_attention`
+    (``enable_gqa=True``) and the same decode through :func:`fastattn.paged_attention`
+    (the peers then run their contiguous-cache decode). ``"wide"`` is dense attention at
+    head_dim 80, 96 and 256.
+
+    The peers are PyTorch (``torch.nn.functional.scaled_dot_product_attention``), ONNX
+    Runtime (one-node ``com.microsoft`` MultiHeadAttention, or GroupQueryAttention for
+    GQA and decode), OpenVINO (an opset-13 ``scaled_dot_product_attention`` node at f32
+    precision) and JAX (``jax.nn.dot_product_attention`` under ``jax.jit``), each with
+    the same thread count. None of them is required: a peer that is not installed is
+    reported as such. Every system's first output is compared with the float64
+    reference (:mod:`fastattn.reference`) before it is timed; a peer that fails to
+    build, fails to run or disagrees is shown so in the table and not timed. Each
+    system is timed as one block per workload (``warmup`` untimed runs, then
+    ``repeat`` timed ones), the order rotating from workload to workload.
+
+    Parameters
+    ----------
+    suites : sequence of {"peers", "wide", "small"}, default ("peers",)
+    systems : sequence of str, optional
+        A subset of ``"fastattn", "torch", "onnxruntime", "openvino", "jax"`` (fastattn
+        always runs); default all.
+    repeat : int, default=9
+        Timed runs per system and workload (the median counts).
+    threads : int, optional
+        Thread count for every system; default :func:`fastattn.get_num_threads`.
+    warmup : int, default=2
+        Untimed runs before each system's timed ones.
+    progress : bool, default=True
+        Draw a progress bar on stderr (only when stderr is a terminal).
+
+    Returns
+    -------
+    dict
+        ``machine``, ``date``, ``commit`` (:func:`provenance`), ``config``,
+        ``load_average`` (before and after), ``sgemm_gflops``,
+        ``memory_bandwidth_gbs``, ``systems`` (each one's title, whether installed,
+        version and configuration) and ``rows``: per workload its ``label``, fastattn's
+        ``gflops`` and ``sgemm_fraction`` (decode: ``gbs`` and
+        ``bandwidth_fraction``), ``cells`` (per system: ``status`` "ok", "n/a",
+        "not installed", "build failed", "run failed" or "wrong", and when timed
+        ``median_s``, ``min_s``, ``max_s`` and ``ratio``, the peer's median over
+        fastattn's), ``fastest_peer``, ``fastest_peer_ratio`` and ``target_met``
+        (that ratio >= 1.15).
+
+    Examples
+    --------
+    The ``"small"`` suite has every kind of workload at tiny shapes (for checking,
+    not for timing):
+
+    >>> from fastattn.bench import run_suite
+    >>> result = run_suite(["small"], systems=["fastattn"], repeat=1, progress=False)
+    >>> [(row["workload"], row["cells"]["fastattn"]["status"]) for row in result["rows"]]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('dense', 'ok'), ('causal', 'ok'), ('padding', 'ok'), ('gqa', 'ok'),
+     ('decode', 'ok'), ('decode_paged', 'ok')]
+    """
+    from fastattn._bench_peers import run_peer_suite
+    return run_peer_suite(list(suites), systems=systems, repeat=repeat, threads=threads,
+                          warmup=warmup, progress=progress)
+
+
 def main(argv=None):
     """Command line of ``python -m fastattn.bench``: run, print the table, write the files.
 
@@ -389,6 +466,8 @@ def main(argv=None):
         png_path = _plot(json.loads(source.read_text()), out_dir / "bench.png")
         print(f"wrote {png_path}" if png_path else "matplotlib is not installed: no plot")
         return 0 if png_path else 1
+    if args.suite:
+        return _main_suite(args, argv)
     result = run_comparison(
         args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS), args.kinds,
         systems=args.systems, batch=args.batch, heads=args.heads, dim=args.dim,
@@ -405,6 +484,24 @@ def main(argv=None):
     if not args.no_plot:
         png_path = _plot(result, out_dir / "bench.png")
         print(f"wrote {png_path}" if png_path else "matplotlib is not installed: no plot")
+    return 0
+
+
+def _main_suite(args, argv):
+    """``--suite``: run the named suites, print the Markdown table, write suite.json and
+    suite.md."""
+    from fastattn._bench_peers import format_markdown
+    result = run_suite(args.suite, systems=args.systems, repeat=args.repeat or 9,
+                       threads=args.threads, progress=not args.no_progress)
+    command = "python -m fastattn.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["command"] = command
+    text = f"`{command.strip()}`\n\n" + format_markdown(result)
+    print(text)
+    out_dir = Path(args.out or "bench-out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "suite.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "suite.md").write_text(text + "\n")
+    print(f"\nwrote {out_dir / 'suite.json'} and {out_dir / 'suite.md'}")
     return 0
 
 
@@ -930,6 +1027,12 @@ def _parse_args(argv):
                         help="measure nothing: redraw the figure of a saved bench.json "
                              "(written next to it unless --out is given)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--suite", type=name_list, metavar="NAMES",
+                        help="run named suites against every CPU peer installed and print a "
+                             "Markdown table instead: 'peers' (the 8 workloads of issue 20), "
+                             "'wide' (head_dim 80, 96, 256) or 'peers,wide'; --systems picks "
+                             "among fastattn,torch,onnxruntime,openvino,jax; --repeat (default "
+                             "9) and --threads apply; writes suite.json and suite.md to --out")
     return parser.parse_args(argv)
 
 
