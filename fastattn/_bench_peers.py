@@ -489,7 +489,13 @@ class JaxRunner(Peer):
         self._initialised = False
 
     def _policy(self):
-        """``(NPROC value to set while JAX creates its client or None, description)``."""
+        """``(NPROC value to set while JAX creates its client or None, description)``,
+        decided once, before this runner creates the client."""
+        if getattr(self, "_decided", None) is None:
+            self._decided = self._decide()
+        return self._decided
+
+    def _decide(self):
         from jax._src import xla_bridge
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count()

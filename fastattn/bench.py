@@ -16,7 +16,9 @@ sequence lengths) with
 - ``openvino``    -- a one-node opset-13 ``scaled_dot_product_attention`` model on
   ``CPU``, when openvino is importable (float32 and float16 at the f32 inference
   precision, bfloat16 at bf16: OpenVINO's default on CPUs with bf16 support is bf16
-  even for float32 models).
+  even for float32 models);
+- ``jax``         -- ``jax.nn.dot_product_attention`` under ``jax.jit``, when JAX is
+  importable (float32, bfloat16).
 
 The peers are optional: only those importable and supporting the dtype run by
 default. Each gets the arrays in its own layout and dtype, converted before timing.
@@ -60,7 +62,7 @@ import fastattn
 __all__ = ["attention_flops", "numpy_attention", "sgemm_gflops", "memory_bandwidth_gbs",
            "run_comparison", "run_suite", "provenance", "progress_bar", "main"]
 
-SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math", "onnxruntime", "openvino")
+SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math", "onnxruntime", "openvino", "jax")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # The dtypes each system computes in (on the CPU).
 SYSTEM_DTYPES = {
@@ -70,6 +72,7 @@ SYSTEM_DTYPES = {
     "torch_math": DTYPES,
     "onnxruntime": ("float32", "float16"),      # MultiHeadAttention has no bf16 CPU kernel
     "openvino": ("float32", "float16", "bfloat16"),
+    "jax": ("float32", "bfloat16"),             # XLA's CPU dot has no float16 x float16
 }
 KINDS = ("dense", "causal", "mask")
 # Systems that materialise the (H, L, S) scores and so are skipped past a memory budget.
@@ -522,7 +525,7 @@ def _runners(systems, threads, dtype=np.dtype(np.float32)):
     torch = _import_torch()
     importable = {"torch_sdpa": torch is not None, "torch_math": torch is not None,
                   "onnxruntime": _importable("onnxruntime", "onnx"),
-                  "openvino": _importable("openvino")}
+                  "openvino": _importable("openvino"), "jax": _importable("jax", "jaxlib")}
     available = [s for s in SYSTEMS if importable.get(s, True)]
     if systems is None:
         systems = [s for s in available if dtype.name in SYSTEM_DTYPES[s]]
@@ -532,7 +535,7 @@ def _runners(systems, threads, dtype=np.dtype(np.float32)):
     missing = [s for s in systems if s not in available]
     if missing:
         raise ValueError(f"{missing} are not importable here (PyTorch, onnxruntime and onnx, "
-                         f"openvino)")
+                         f"openvino, jax)")
     unsupported = [s for s in systems if dtype.name not in SYSTEM_DTYPES[s]]
     if unsupported:
         raise ValueError(f"{unsupported} do not compute in {dtype.name}: "
@@ -550,7 +553,8 @@ def _runners(systems, threads, dtype=np.dtype(np.float32)):
               "torch_sdpa": lambda: _torch_runners(torch, threads)["torch_sdpa"],
               "torch_math": lambda: _torch_runners(torch, threads)["torch_math"],
               "onnxruntime": lambda: _onnxruntime_runner(threads),
-              "openvino": lambda: _openvino_runner(threads)}
+              "openvino": lambda: _openvino_runner(threads),
+              "jax": lambda: _jax_runner(threads)}
     return {name: makers[name]() for name in systems}
 
 
@@ -708,6 +712,35 @@ def _openvino_runner(threads):
     return run
 
 
+def _jax_runner(threads):
+    """JAX's ``jax.nn.dot_product_attention`` under ``jax.jit`` on ``(B, L, H, E)`` device
+    arrays, converted once per workload; threads as :class:`fastattn._bench_peers.JaxRunner`
+    sets them (JAX's CPU client takes its thread count when it is created)."""
+    from fastattn._bench_peers import JaxRunner
+    JaxRunner(threads)._init()
+    import jax
+
+    device = jax.devices("cpu")[0]
+    functions = {}
+
+    def function(causal):
+        if causal not in functions:
+            functions[causal] = jax.jit(lambda q, k, v, mask: jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=causal))
+        return functions[causal]
+
+    prepared = _PreparedInputs(lambda *arrays: [
+        None if a is None else jax.device_put(
+            np.ascontiguousarray(a.swapaxes(-3, -2)) if a.ndim == 4 else a, device)
+        for a in arrays])
+
+    def run(q, k, v, causal, mask):
+        return function(causal)(*prepared(q, k, v, mask)).block_until_ready()
+
+    run.result = lambda out: np.asarray(out).swapaxes(-3, -2)
+    return run
+
+
 def _import_torch():
     try:
         import torch
@@ -766,6 +799,7 @@ def _machine_info():
         "torch": None if torch is None else torch.__version__,
         "onnxruntime": _version("onnxruntime"),
         "openvino": _version("openvino"),
+        "jax": _version("jax"),
     }
 
 
@@ -880,7 +914,7 @@ def _format_table(result):
         f"fastattn {machine['fastattn']} on {machine['cpu']} ({machine['logical_cpus']} logical "
         f"CPUs), {config['threads']} threads; numpy {machine['numpy']}, "
         f"torch {machine['torch'] or 'not installed'}"
-        + "".join(f", {peer} {machine[peer]}" for peer in ("onnxruntime", "openvino")
+        + "".join(f", {peer} {machine[peer]}" for peer in ("onnxruntime", "openvino", "jax")
                   if machine.get(peer)),
         f"B={config['batch']} H={config['heads']} E={config['dim']} {config['dtype']}, "
         f"median of {config['repeat']} interleaved runs; SGEMM {result['sgemm_gflops']:.1f} "
@@ -915,6 +949,7 @@ SYSTEM_STYLES = {
     "torch_math": ("#CC79A7", "v"),
     "onnxruntime": ("#D55E00", "D"),
     "openvino": ("#56B4E9", "P"),
+    "jax": ("#F0E442", "X"),
 }
 
 
@@ -925,7 +960,7 @@ def _caption(result):
                              for b in machine.get("blas") or []}))
     peers = ", ".join(f"{name} {machine[key]}" for name, key in
                       (("PyTorch", "torch"), ("ONNX Runtime", "onnxruntime"),
-                       ("OpenVINO", "openvino")) if machine.get(key))
+                       ("OpenVINO", "openvino"), ("JAX", "jax")) if machine.get(key))
     return (f"{machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
             f"{config['threads']} threads; fastattn {machine['fastattn']}, NumPy "
             f"{machine['numpy']}" + (f" ({blas})" if blas else "")
