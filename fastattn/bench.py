@@ -382,7 +382,7 @@ def run_suite(suites=("peers",), *, systems=None, repeat=9, threads=None, warmup
     precision) and JAX (``jax.nn.dot_product_attention`` under ``jax.jit``), each with
     the same thread count. None of them is required: a peer that is not installed is
     reported as such. Every system's first output is compared with the float64
-    reference (:mod:`fastattn.reference`) before it is timed; a peer that fails to
+    reference (``fastattn.reference``) before it is timed; a peer that fails to
     build, fails to run or disagrees is shown so in the table and not timed. Each
     system is timed as one block per workload (``warmup`` untimed runs, then
     ``repeat`` timed ones), the order rotating from workload to workload.
