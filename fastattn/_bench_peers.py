@@ -292,8 +292,9 @@ class OnnxRuntimeRunner(Peer):
 
     def config(self):
         return (f"one-node models, `com.microsoft` MultiHeadAttention on 3-D `(B, L, H*E)` "
-                f"inputs (causal: `unidirectional=1`; key padding: an additive "
-                f"`(B, 1, L, S)` attention_bias) and GroupQueryAttention for GQA and decode "
+                f"inputs (key padding: an additive `(B, 1, L, S)` attention_bias) and "
+                f"GroupQueryAttention for GQA, decode and causal rows (faster than "
+                f"MultiHeadAttention's `unidirectional=1` there) "
                 f"(decode: the cache of S-1 keys and the new key, past and present key/value "
                 f"in one buffer bound with IOBinding); `intra_op_num_threads={self.threads}`, "
                 f"`inter_op_num_threads=1`, `ORT_ENABLE_ALL`, default spinning, CPU provider")
@@ -303,7 +304,13 @@ class OnnxRuntimeRunner(Peer):
 
     @staticmethod
     def _uses_gqa(workload):
-        return workload.kv_heads != workload.heads or workload.decode
+        """GroupQueryAttention for GQA and decode, and for causal self-attention without
+        padding: it was 1.8x faster there than MultiHeadAttention's ``unidirectional``
+        (152 vs 272 ms on the causal row, interleaved, loaded machine)."""
+        w = workload
+        if w.kv_heads != w.heads or w.decode:
+            return True
+        return w.causal and not w.padding and w.L == w.S
 
     def supports(self, workload):
         if self._uses_gqa(workload):

@@ -378,7 +378,7 @@ def run_suite(suites=("peers",), *, systems=None, repeat=9, threads=None, warmup
 
     The peers are PyTorch (``torch.nn.functional.scaled_dot_product_attention``), ONNX
     Runtime (one-node ``com.microsoft`` MultiHeadAttention, or GroupQueryAttention for
-    GQA and decode), OpenVINO (an opset-13 ``scaled_dot_product_attention`` node at f32
+    GQA, decode and causal self-attention), OpenVINO (an opset-13 ``scaled_dot_product_attention`` node at f32
     precision) and JAX (``jax.nn.dot_product_attention`` under ``jax.jit``), each with
     the same thread count. None of them is required: a peer that is not installed is
     reported as such. Every system's first output is compared with the float64
