@@ -399,7 +399,7 @@ class OnnxRuntimeRunner(Peer):
         if w.decode:
             # the cache: past and present share one buffer of S positions, the first S-1
             # hold the cached keys, the call writes the new key into the last one
-            caches = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+            caches = [ort.OrtValue.ortvalue_from_numpy(np.array(a, order="C"))   # a copy
                       for a in (k, v)]
             for name, cache in zip(("key", "value"), caches):
                 binding.bind_ortvalue_input(f"past_{name}", cache)
@@ -411,7 +411,8 @@ class OnnxRuntimeRunner(Peer):
         def run():
             session.run_with_iobinding(binding)
             return binding
-        run.keep = caches if w.decode else None      # the cache buffers live with the call
+        # the bound buffers live as long as the call
+        run.keep = (inputs, seqlens, total, caches if w.decode else None)
         return run
 
     def result(self, out):
