@@ -612,7 +612,7 @@ def _seconds(fn):
 
 
 def run_peer_suite(suites=("peers",), *, systems=None, repeat=9, threads=None,
-                   warmup=2, progress=True, workloads=None):
+                   warmup=2, rounds=3, progress=True, workloads=None):
     """Time fastattn and every installed peer on the workloads of ``suites``.
 
     See :func:`fastattn.bench.run_suite` (the public entry point) for the parameters
@@ -679,16 +679,24 @@ def run_peer_suite(suites=("peers",), *, systems=None, repeat=9, threads=None,
                 calls[name], cells[name] = check(run, workload, arrays, reference)
                 if run.label(workload):
                     cells[name]["op"] = run.label(workload)
-            order = [n for n in names if calls.get(n) is not None]
-            order = order[index % len(order):] + order[:index % len(order)] if order else []
-            for name in order:                 # each system as one block, rotating order
-                bar.set_description_str(f"{workload.name}: {name}")
-                call = calls[name]
-                for _ in range(warmup):
-                    call()
-                times = [_seconds(call) for _ in range(repeat)]
-                cells[name].update(median_s=statistics.median(times), min_s=min(times),
-                                   max_s=max(times))
+            ready = [n for n in names if calls.get(n) is not None]
+            times = {name: [] for name in ready}
+            # each system timed as one block (warm-up runs, then timed runs back to back),
+            # in `rounds` rounds with the order rotating, so that a change of the machine's
+            # load during the row falls on every system
+            per_round = [len(r) for r in np.array_split(np.arange(repeat), rounds) if len(r)]
+            for step, runs in enumerate(per_round):
+                shift = (index + step) % len(ready) if ready else 0
+                for name in ready[shift:] + ready[:shift]:
+                    bar.set_description_str(f"{workload.name}: {name}")
+                    call = calls[name]
+                    for _ in range(warmup if step == 0 else max(1, warmup // 2)):
+                        call()
+                    times[name] += [_seconds(call) for _ in range(runs)]
+            for name in ready:
+                cells[name].update(median_s=statistics.median(times[name]),
+                                   min_s=min(times[name]), max_s=max(times[name]),
+                                   times_s=times[name])
                 bar.update()
             del calls
             timed.append((workload, cells))
@@ -705,7 +713,7 @@ def run_peer_suite(suites=("peers",), *, systems=None, repeat=9, threads=None,
     return {
         **where,
         "config": {"suites": list(suites), "threads": threads, "repeat": repeat,
-                   "warmup": warmup, "dtype": "float32", "tolerance": TOLERANCE,
+                   "warmup": warmup, "rounds": rounds, "dtype": "float32", "tolerance": TOLERANCE,
                    "target_ratio": TARGET_RATIO, "systems": names},
         "load_average": {"before": load_before, "after": _load()},
         "sgemm_gflops": sgemm,
@@ -780,8 +788,10 @@ def format_markdown(result):
         f"{platform.system()}; load average (1, 5, 15 min) {load.get('before')} before, "
         f"{load.get('after')} after",
         f"- {config['threads']} threads for every system; float32; median of "
-        f"{config['repeat']} timed runs after {config['warmup']} untimed ones, each system "
-        f"timed as one block per workload, the order rotating from row to row",
+        f"{config['repeat']} timed runs per system and row, taken in "
+        f"{config.get('rounds', 1)} rounds: in each round every system runs as one block "
+        f"(untimed warm-up runs, then its timed runs back to back), the order rotating "
+        f"from round to round and row to row",
         f"- measured in the same run, best of before and after the workloads: SGEMM "
         f"(NumPy, 2048²) {result['sgemm_gflops']:.0f} GFLOP/s, read bandwidth "
         f"{result['memory_bandwidth_gbs']:.1f} GB/s" + "".join(

@@ -365,7 +365,7 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
 
 
 def run_suite(suites=("peers",), *, systems=None, repeat=9, threads=None, warmup=2,
-              progress=True):
+              rounds=3, progress=True):
     """Time fastattn and every installed CPU peer on a named suite of workloads.
 
     The suite ``"peers"`` is the table of issue 20, float32: dense B=1 H=8 L=S=2048
@@ -383,9 +383,12 @@ def run_suite(suites=("peers",), *, systems=None, repeat=9, threads=None, warmup
     the same thread count. None of them is required: a peer that is not installed is
     reported as such. Every system's first output is compared with the float64
     reference (``fastattn.reference``) before it is timed; a peer that fails to
-    build, fails to run or disagrees is shown so in the table and not timed. Each
-    system is timed as one block per workload (``warmup`` untimed runs, then
-    ``repeat`` timed ones), the order rotating from workload to workload.
+    build, fails to run or disagrees is shown so in the table and not timed. The
+    ``repeat`` timed runs of each system and workload are taken in ``rounds`` rounds;
+    in each round every system runs as one block (untimed warm-up runs, then its timed
+    runs back to back: the peers' thread pools interfere when single runs alternate),
+    the order rotating from round to round and workload to workload, so that a change
+    in the machine's load falls on every system.
 
     Parameters
     ----------
@@ -398,7 +401,10 @@ def run_suite(suites=("peers",), *, systems=None, repeat=9, threads=None, warmup
     threads : int, optional
         Thread count for every system; default :func:`fastattn.get_num_threads`.
     warmup : int, default=2
-        Untimed runs before each system's timed ones.
+        Untimed runs before each system's timed ones in the first round (half as many,
+        at least one, in the later rounds).
+    rounds : int, default=3
+        Rounds the timed runs are split into.
     progress : bool, default=True
         Draw a progress bar on stderr (only when stderr is a terminal).
 
@@ -430,7 +436,7 @@ def run_suite(suites=("peers",), *, systems=None, repeat=9, threads=None, warmup
     """
     from fastattn._bench_peers import run_peer_suite
     return run_peer_suite(list(suites), systems=systems, repeat=repeat, threads=threads,
-                          warmup=warmup, progress=progress)
+                          warmup=warmup, rounds=rounds, progress=progress)
 
 
 def main(argv=None):
@@ -495,7 +501,7 @@ def _main_suite(args, argv):
     suite.md."""
     from fastattn._bench_peers import format_markdown
     result = run_suite(args.suite, systems=args.systems, repeat=args.repeat or 9,
-                       threads=args.threads, progress=not args.no_progress)
+                       threads=args.threads, rounds=args.rounds, progress=not args.no_progress)
     command = "python -m fastattn.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     result["command"] = command
     text = f"`{command.strip()}`\n\n" + format_markdown(result)
@@ -1068,6 +1074,9 @@ def _parse_args(argv):
                              "'wide' (head_dim 80, 96, 256) or 'peers,wide'; --systems picks "
                              "among fastattn,torch,onnxruntime,openvino,jax; --repeat (default "
                              "9) and --threads apply; writes suite.json and suite.md to --out")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--suite: rounds the timed runs are split into, each system "
+                             "one block per round, the order rotating (default 3)")
     return parser.parse_args(argv)
 
 

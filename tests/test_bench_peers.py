@@ -191,8 +191,9 @@ def test_suite_table_shows_failed_wrong_and_missing_peers(monkeypatch, stub_base
     monkeypatch.setitem(peers.__dict__, "SYSTEM_CLASSES",
                         {"fastattn": peers.FastattnRunner, **{c.name: c for c in fakes}})
     workloads = [peers.SMALL[0], peers.SMALL[4]]                      # dense, decode
-    result = peers.run_peer_suite(["small"], systems=[c.name for c in fakes], repeat=1,
-                                  warmup=0, threads=1, progress=False, workloads=workloads)
+    result = peers.run_peer_suite(["small"], systems=[c.name for c in fakes], repeat=4,
+                                  warmup=0, rounds=3, threads=1, progress=False,
+                                  workloads=workloads)
     dense, decode = result["rows"]
     assert {name: cell["status"] for name, cell in dense["cells"].items()} == {
         "fastattn": "ok", "wrong": "wrong", "unbuildable": "build failed",
@@ -201,6 +202,7 @@ def test_suite_table_shows_failed_wrong_and_missing_peers(monkeypatch, stub_base
     assert dense["fastest_peer"] == "partial" and "ratio" in dense["cells"]["partial"]
     assert decode["fastest_peer"] is None and "target_met" not in decode
     assert "median_s" not in dense["cells"]["wrong"]                  # never timed
+    assert len(dense["cells"]["partial"]["times_s"]) == 4                # over 3 rounds
     table = peers.format_markdown(result)
     for text in ("**wrong**", "**build failed**", "**run failed**", "not installed",
                  "RuntimeError: no kernel for this", "ValueError: bad shape", "none correct",
@@ -221,6 +223,7 @@ def test_suite_command_writes_markdown_and_json(tmp_path, capsys, stub_baselines
     assert result["load_average"]["before"] is not None
     for row in result["rows"]:
         assert row["cells"]["fastattn"]["status"] == "ok"
+        assert len(row["cells"]["fastattn"]["times_s"]) == 1
         assert ("gbs" in row) == (row["shape"]["L"] == 1)
     table = (tmp_path / "suite.md").read_text()
     assert table.startswith("`python -m fastattn.bench --suite small")
