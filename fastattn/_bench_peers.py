@@ -802,6 +802,14 @@ def format_markdown(result):
         f"error ≤ {config['tolerance']:g}); date {result.get('date')}, commit "
         f"{result.get('commit') or 'not recorded'}",
     ]
+    busy = [x for x in (load.get("before") or [])[:1] + (load.get("after") or [])[:1]
+            if x > 0.5 * (machine.get("logical_cpus") or 1)]
+    if busy:
+        lines.append("- **the machine was loaded** (load average above half its CPUs): "
+                     "times are slower and noisier than idle ones, and the fractions of "
+                     "SGEMM and bandwidth compare rates taken at different moments; the "
+                     "ratios, every system timed in turn under the same load, are the "
+                     "better guide")
     for name in config["systems"]:
         entry = systems[name]
         if entry["installed"]:
