@@ -4,6 +4,7 @@ import math
 import numpy as np
 
 from fastattn import _npu, _threads
+from fastattn import paged as _paged
 from fastattn._kernels import dense as _dense
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
@@ -241,8 +242,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     lse = np.empty(ops.batch_shape + (ops.L,), dtype=compute) if return_lse else None
     if ops.nbatch and ops.L and ops.Ev:
         mods = ScoreModifiers(window, None if slopes is None else slopes.reshape(-1), softcap)
-        _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, mods,
-                   dropout=(dropout_p, seed) if seed is not None else None)
+        if seed is None and ops.S and _paged.takes_split_kv(ops):
+            # decoding: few query rows per kv-head, many keys (fastattn/paged.py)
+            _paged.sdpa_split_kv(ops, res, lse, scale, is_causal,
+                                 0 if causal_alignment == "top_left" else ops.S - ops.L,
+                                 nthreads, mods.window, mods.slopes, mods.softcap)
+        else:
+            _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, mods,
+                       dropout=(dropout_p, seed) if seed is not None else None)
     elif lse is not None:
         lse.fill(-np.inf)
 
