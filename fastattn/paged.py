@@ -248,9 +248,11 @@ def _attend_cpu(q, k, v, table, lens, max_len, keys, scale, causal, return_lse, 
 #     the keys and values are read once per kv-head instead of once per query head;
 #     measured 1.3-2x faster than the dense kernel from G * L = 2 to 64, S = 4 to 4096,
 #     and 3x at B=8, H=32, H_kv=8, L=1, S=4096, E=128 (float32, one thread, CPU time);
-#   - or G == 1 and 2 <= L <= SPLIT_KV_MHA_ROWS and S >= SPLIT_KV_MHA_KEYS: 1.1-1.3x (at
-#     L = 1 the dense kernel's key tiles are 1.1-1.2x faster, at L = 32 1.15x; at S < 256
-#     the two are level).
+#   - or G == 1, L <= SPLIT_KV_MHA_ROWS and S >= SPLIT_KV_MHA_KEYS: 1.1-1.3x from L = 2
+#     (at L = 32 the dense kernel is 1.15x faster; at S < 256 the two are level); at L = 1
+#     only for operands that are not float32 (float64, float16, bfloat16: 1.4-1.8x), as
+#     the dense kernel's float32 key tiles (AVX-512) are 1.2-1.4x faster than the
+#     small-GEMM loops on one row.
 SPLIT_KV_ROWS = 64
 SPLIT_KV_MHA_ROWS = 16
 SPLIT_KV_MHA_KEYS = 256
@@ -275,7 +277,9 @@ def takes_split_kv(ops):
     group = kv_group(ops)
     if group > 1:
         return group * ops.L <= SPLIT_KV_ROWS
-    return 2 <= ops.L <= SPLIT_KV_MHA_ROWS and ops.S >= SPLIT_KV_MHA_KEYS
+    if ops.L == 1 and ops.storage == np.float32:
+        return False
+    return ops.L <= SPLIT_KV_MHA_ROWS and ops.S >= SPLIT_KV_MHA_KEYS
 
 
 def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, window=None,
