@@ -14,6 +14,7 @@ every kernel unaligned-safe instead would touch each scalar access of the Cython
 bodies; such operands are rare and a copy costs one pass (NumPy's ufuncs buffer
 them the same way).
 """
+import functools
 import math
 
 import numpy as np
@@ -45,6 +46,8 @@ def as_matrix_stack(a, dtype):
     a = np.asarray(a, dtype=dtype)
     item = a.dtype.itemsize
     rows, cols = a.shape[-2], a.shape[-1]
+    if a.flags.c_contiguous and a.flags.aligned and cols <= _INT32_MAX:
+        return a, max(cols, 1)          # the common case, without the checks below
     ok = a.flags.aligned and all(s % item == 0 for s in a.strides)
     if ok and cols > 1:
         ok = a.strides[-1] == item
@@ -65,13 +68,21 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
     batch index. With ``group > 1``, batch index ``h`` along ``group_axis`` (an
     axis of ``batch_shape``) reads ``a``'s entry ``h // group``: grouped-query
     attention, where ``group`` query heads share one key/value head.
+
+    The vector depends only on the shapes and strides, so it is built once per
+    layout and shared (read-only) by the calls with that layout.
     """
+    return _offsets(a.shape[:-2], a.strides[:-2], a.dtype.itemsize, tuple(batch_shape),
+                    group_axis, group)
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets(lead, strides, item, batch_shape, group_axis, group):
     nb = len(batch_shape)
-    pad = nb - (a.ndim - 2)            # batch axes a lacks (broadcast), in front
-    item = a.dtype.itemsize
+    pad = nb - len(lead)               # batch axes a lacks (broadcast), in front
     off = None
     for axis in range(max(pad, 0), nb):
-        n, stride = a.shape[axis - pad], a.strides[axis - pad] // item
+        n, stride = lead[axis - pad], strides[axis - pad] // item
         if n == 1 or stride == 0:
             continue
         size = batch_shape[axis]
@@ -82,12 +93,14 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
         term = term.reshape((size,) + (1,) * (nb - 1 - axis))
         off = term if off is None else off + term
     if off is None:
-        return np.zeros(math.prod(batch_shape), dtype=np.intp)
-    if off.shape != tuple(batch_shape):
+        off = np.zeros(math.prod(batch_shape), dtype=np.intp)
+    elif off.shape != tuple(batch_shape):
         full = np.empty(batch_shape, dtype=np.intp)
         full[...] = off
         off = full
-    return off.reshape(-1)
+    off = np.ascontiguousarray(off.reshape(-1))
+    off.flags.writeable = False
+    return off
 
 
 def as_mask(mask, name):
