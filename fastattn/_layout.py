@@ -72,12 +72,14 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
     The vector depends only on the shapes and strides, so it is built once per
     layout and shared (read-only) by the calls with that layout.
     """
-    return _offsets(a.shape[:-2], a.strides[:-2], a.dtype.itemsize, tuple(batch_shape),
-                    group_axis, group)
+    return layout_offsets(a.shape[:-2], a.strides[:-2], a.dtype.itemsize, tuple(batch_shape),
+                          group_axis, group)
 
 
 @functools.lru_cache(maxsize=256)
-def _offsets(lead, strides, item, batch_shape, group_axis, group):
+def layout_offsets(lead, strides, item, batch_shape, group_axis=None, group=1):
+    """:func:`batch_offsets` of an array given by its leading (batch) shape ``lead``,
+    their strides in bytes and its itemsize (all hashable: cached, read-only)."""
     nb = len(batch_shape)
     pad = nb - len(lead)               # batch axes a lacks (broadcast), in front
     off = None

@@ -7,11 +7,14 @@ sequences can share blocks (``fork``, copy-on-write). :class:`PagedKVCache` live
 :mod:`fastattn.kv_cache` and is re-exported here.
 """
 
+import functools
+import math
+
 import numpy as np
 
 from fastattn import _npu, _threads
 from fastattn._kernels import paged as _paged
-from fastattn._layout import as_kernel_array, as_matrix_stack, batch_offsets, mask_operand
+from fastattn._layout import as_kernel_array, as_matrix_stack, layout_offsets, mask_operand
 from fastattn._validation import (
     HALF, CPU_AND_NPU, as_array, check_alibi_slopes, check_device, check_scale,
     check_score_window, check_softcap, result_dtypes,
@@ -290,39 +293,57 @@ def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, window=
     ``causal_offset`` is the diagonal's (0: top-left, ``S - L``: bottom-right)."""
     L, S, E, Ev = ops.L, ops.S, ops.E, ops.Ev
     batch_shape, compute = ops.batch_shape, ops.compute
-    H = batch_shape[-1] if batch_shape else 1
-    G = kv_group(ops)
-    nkv, nouter = H // G, ops.nbatch // H
-    q = as_kernel_array(np.broadcast_to(ops.q, batch_shape + (L, E)), compute)
+    q = ops.q
+    if q.shape[:-2] != batch_shape:
+        q = np.broadcast_to(q, batch_shape + (L, E))
+    q = as_kernel_array(q, compute)
     # keys and values read in place: half ones as they are, others in the compute type
     (k, ldk), (v, ldv) = (as_matrix_stack(a, a.dtype if a.dtype in HALF else compute)
                           for a in (ops.k, ops.v))
-    nb = len(batch_shape)
-    axis = nb - 1 if ops.group > 1 else None
-    # the offsets of each group's first query head: those of its kv-head
-    k_off, v_off = (np.ascontiguousarray(batch_offsets(a, batch_shape, axis, ops.group)
-                                         .reshape(nouter, H)[:, ::G].reshape(-1))
-                    for a in (k, v))
+    k_off, v_off, lens, tiling = _split_layout(
+        batch_shape, ops.group, kv_group(ops), L, S, E, Ev, k.shape[:-2], k.strides[:-2],
+        k.itemsize, v.shape[:-2], v.strides[:-2], v.itemsize, nthreads)
+    nouter = lens.shape[0]
     out = res if res.flags.c_contiguous else np.empty(res.shape, res.dtype)
     mask = None
     if ops.mask is not None:
         mask = mask_operand(ops.mask, compute, batch_shape)
         mask = (mask[1],) + mask[:1] + mask[2:]       # (kind, array, offsets, rs, cs)
-    bs = min(CONTIGUOUS_BLOCK, S)
-    tiling = _tiling(nouter, H, L, E, nkv, bs, Ev, k.itemsize, v.itemsize, S, nouter * S,
-                     nthreads, paged=False)
-    plan = _paged.PagedPlan(q.reshape(nouter, H, L, E), k, v, None,
-                            np.full(nouter, S, dtype=np.intp),
+    H = ops.nbatch // nouter
+    plan = _paged.PagedPlan(q.reshape(nouter, H, L, E), k, v, None, lens,
                             out.reshape(nouter, H, L, Ev),
                             None if lse is None else lse.reshape(nouter, H, L),
                             T=L, scale=scale, causal=bool(causal), window=window,
                             softcap=softcap or 0.0, slopes=slopes,
-                            rows=(k_off, v_off, ldk, ldv, bs), mask=mask,
-                            diag_shift=causal_offset - (S - L), **tiling)
+                            rows=(k_off, v_off, ldk, ldv, min(CONTIGUOUS_BLOCK, S)),
+                            mask=mask, diag_shift=causal_offset - (S - L), **tiling)
     with _threads.kernel_blas(tiling["use_blas"]):
         _paged.paged_attention(plan)
     if out is not res:
         res[...] = out
+
+
+@functools.lru_cache(maxsize=64)
+def _split_layout(batch_shape, group, G, L, S, E, Ev, k_lead, k_strides, kitem, v_lead,
+                  v_strides, vitem, nthreads):
+    # What sdpa_split_kv's kernel call depends on only through the shapes, strides and
+    # threads (kept for the next call of the same layout: a decode step's layers): the
+    # offsets of each kv-head's keys and values, the sequences' lengths, the tiling.
+    H = batch_shape[-1] if batch_shape else 1
+    nkv, nouter = H // G, math.prod(batch_shape) // H
+    axis = len(batch_shape) - 1 if group > 1 else None
+    offsets = []
+    for lead, strides, item in ((k_lead, k_strides, kitem), (v_lead, v_strides, vitem)):
+        # the offsets of each group's first query head: those of its kv-head
+        off = np.ascontiguousarray(layout_offsets(lead, strides, item, batch_shape, axis, group)
+                                   .reshape(nouter, H)[:, ::G].reshape(-1))
+        off.flags.writeable = False
+        offsets.append(off)
+    lens = np.full(nouter, S, dtype=np.intp)
+    lens.flags.writeable = False
+    bs = min(CONTIGUOUS_BLOCK, S)
+    return (*offsets, lens, _tiling(nouter, H, L, E, nkv, bs, Ev, kitem, vitem, S, nouter * S,
+                                    nthreads, paged=False))
 
 
 def _tiling(B, H, T, E, Hkv, bs, Ev, kitem, vitem, max_len, keys, nthreads, paged=True):
