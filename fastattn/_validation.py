@@ -296,11 +296,16 @@ def check_batch_shape(leads, **named):
     first = tuple(leads[0])
     if all(tuple(lead) == first for lead in leads):
         return first            # the common case, without np.broadcast_shapes' microseconds
-    try:
-        return np.broadcast_shapes(*leads)
-    except ValueError:
-        desc = ", ".join(f"{name} {shape}" for name, shape in named.items())
-        raise ValueError(f"batch dimensions do not broadcast: {desc}") from None
+    # NumPy's broadcasting rule, in Python: a few lengths cost less than np.broadcast_shapes
+    out = [1] * max(len(lead) for lead in leads)
+    for lead in leads:
+        for axis, n in enumerate(lead, len(out) - len(lead)):
+            if n != 1 and out[axis] != n:
+                if out[axis] != 1:
+                    desc = ", ".join(f"{name} {shape}" for name, shape in named.items())
+                    raise ValueError(f"batch dimensions do not broadcast: {desc}")
+                out[axis] = n
+    return tuple(out)
 
 
 def check_out(out, shape, dtype, contiguous=True):
