@@ -69,17 +69,27 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
     axis of ``batch_shape``) reads ``a``'s entry ``h // group``: grouped-query
     attention, where ``group`` query heads share one key/value head.
 
-    The vector depends only on the shapes and strides, so it is built once per
-    layout and shared (read-only) by the calls with that layout.
+    The vector depends only on the shapes and strides, so for batches of up to
+    ``CACHED_OFFSETS`` entries it is built once per layout and shared (read-only) by
+    the calls with that layout.
     """
     return layout_offsets(a.shape[:-2], a.strides[:-2], a.dtype.itemsize, tuple(batch_shape),
                           group_axis, group)
 
 
-@functools.lru_cache(maxsize=256)
+# Offset vectors of at most this many entries (32 KB) are cached, 256 layouts at most.
+CACHED_OFFSETS = 4096
+
+
 def layout_offsets(lead, strides, item, batch_shape, group_axis=None, group=1):
     """:func:`batch_offsets` of an array given by its leading (batch) shape ``lead``,
-    their strides in bytes and its itemsize (all hashable: cached, read-only)."""
+    their strides in bytes and its itemsize (all hashable), read-only."""
+    if math.prod(batch_shape) <= CACHED_OFFSETS:
+        return _cached_offsets(lead, strides, item, batch_shape, group_axis, group)
+    return _offsets(lead, strides, item, batch_shape, group_axis, group)
+
+
+def _offsets(lead, strides, item, batch_shape, group_axis, group):
     nb = len(batch_shape)
     pad = nb - len(lead)               # batch axes a lacks (broadcast), in front
     off = None
@@ -103,6 +113,9 @@ def layout_offsets(lead, strides, item, batch_shape, group_axis=None, group=1):
     off = np.ascontiguousarray(off.reshape(-1))
     off.flags.writeable = False
     return off
+
+
+_cached_offsets = functools.lru_cache(maxsize=256)(_offsets)
 
 
 def as_mask(mask, name):

@@ -14,7 +14,8 @@ import numpy as np
 
 from fastattn import _npu, _threads
 from fastattn._kernels import paged as _paged
-from fastattn._layout import as_kernel_array, as_matrix_stack, layout_offsets, mask_operand
+from fastattn._layout import (CACHED_OFFSETS, as_kernel_array, as_matrix_stack, layout_offsets,
+                              mask_operand)
 from fastattn._validation import (
     HALF, CPU_AND_NPU, as_array, check_alibi_slopes, check_device, check_scale,
     check_score_window, check_softcap, result_dtypes,
@@ -300,7 +301,8 @@ def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, window=
     # keys and values read in place: half ones as they are, others in the compute type
     (k, ldk), (v, ldv) = (as_matrix_stack(a, a.dtype if a.dtype in HALF else compute)
                           for a in (ops.k, ops.v))
-    k_off, v_off, lens, tiling = _split_layout(
+    layout = _split_layout if ops.nbatch <= CACHED_OFFSETS else _split_layout.__wrapped__
+    k_off, v_off, lens, tiling = layout(
         batch_shape, ops.group, kv_group(ops), L, S, E, Ev, k.shape[:-2], k.strides[:-2],
         k.itemsize, v.shape[:-2], v.strides[:-2], v.itemsize, nthreads)
     nouter = lens.shape[0]
@@ -327,8 +329,9 @@ def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, window=
 def _split_layout(batch_shape, group, G, L, S, E, Ev, k_lead, k_strides, kitem, v_lead,
                   v_strides, vitem, nthreads):
     # What sdpa_split_kv's kernel call depends on only through the shapes, strides and
-    # threads (kept for the next call of the same layout: a decode step's layers): the
-    # offsets of each kv-head's keys and values, the sequences' lengths, the tiling.
+    # threads (kept for the next call of the same layout, a decode step's layers, when
+    # the batch is small enough): the offsets of each kv-head's keys and values, the
+    # sequences' lengths, the tiling.
     H = batch_shape[-1] if batch_shape else 1
     nkv, nouter = H // G, math.prod(batch_shape) // H
     axis = len(batch_shape) - 1 if group > 1 else None

@@ -227,3 +227,23 @@ def test_nan_reaches_only_its_rows(rng, route):
     out = sdpa(q, k, v, enable_gqa=True)
     assert np.isnan(out[0, 1, 0]).all()
     assert np.isfinite(np.delete(out.reshape(8, 8), 2, axis=0)).all()
+
+
+def test_layout_caches_are_bounded_and_read_only(rng):
+    # per-layout offsets are cached for small batches only, and shared read-only
+    from fastattn import _layout
+    small = make(rng, (2, 3, 4, 8))
+    off = _layout.batch_offsets(small, (2, 3))
+    assert off is _layout.batch_offsets(small.copy(), (2, 3))
+    with pytest.raises(ValueError):
+        off[0] = 1
+    before = _layout._cached_offsets.cache_info().currsize
+    big = np.zeros((_layout.CACHED_OFFSETS + 1, 1, 1), np.float32)
+    np.testing.assert_array_equal(_layout.batch_offsets(big, big.shape[:1]),
+                                  np.arange(big.shape[0]))
+    assert _layout._cached_offsets.cache_info().currsize == before
+    q = make(rng, (_layout.CACHED_OFFSETS + 1, 2, 1, 8))
+    k = make(rng, (_layout.CACHED_OFFSETS + 1, 1, 300, 8))
+    before = paged._split_layout.cache_info().currsize
+    compare(q, k, k, enable_gqa=True)
+    assert paged._split_layout.cache_info().currsize == before
