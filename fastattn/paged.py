@@ -301,10 +301,13 @@ def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, window=
     # keys and values read in place: half ones as they are, others in the compute type
     (k, ldk), (v, ldv) = (as_matrix_stack(a, a.dtype if a.dtype in HALF else compute)
                           for a in (ops.k, ops.v))
+    # kv-heads whose rows interleave (a (B, S, H_kv, E) array viewed as (B, H_kv, S, E)):
+    # tiles of several kv-heads, as for a paged pool, read each run of rows once
+    interleaved = k.ndim >= 3 and k.shape[-3] > 1 and abs(k.strides[-3]) < k.strides[-2]
     layout = _split_layout if ops.nbatch <= CACHED_OFFSETS else _split_layout.__wrapped__
     k_off, v_off, lens, tiling = layout(
         batch_shape, ops.group, kv_group(ops), L, S, E, Ev, k.shape[:-2], k.strides[:-2],
-        k.itemsize, v.shape[:-2], v.strides[:-2], v.itemsize, nthreads)
+        k.itemsize, v.shape[:-2], v.strides[:-2], v.itemsize, nthreads, interleaved)
     nouter = lens.shape[0]
     out = res if res.flags.c_contiguous else np.empty(res.shape, res.dtype)
     mask = None
@@ -327,7 +330,7 @@ def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, window=
 
 @functools.lru_cache(maxsize=64)
 def _split_layout(batch_shape, group, G, L, S, E, Ev, k_lead, k_strides, kitem, v_lead,
-                  v_strides, vitem, nthreads):
+                  v_strides, vitem, nthreads, interleaved):
     # What sdpa_split_kv's kernel call depends on only through the shapes, strides and
     # threads (kept for the next call of the same layout, a decode step's layers, when
     # the batch is small enough): the offsets of each kv-head's keys and values, the
@@ -346,15 +349,16 @@ def _split_layout(batch_shape, group, G, L, S, E, Ev, k_lead, k_strides, kitem, 
     lens.flags.writeable = False
     bs = min(CONTIGUOUS_BLOCK, S)
     return (*offsets, lens, _tiling(nouter, H, L, E, nkv, bs, Ev, kitem, vitem, S, nouter * S,
-                                    nthreads, paged=False))
+                                    nthreads, paged=interleaved))
 
 
 def _tiling(B, H, T, E, Hkv, bs, Ev, kitem, vitem, max_len, keys, nthreads, paged=True):
     # The PagedPlan keywords that cut one call into work items: tiles, key chunks and
     # splits, BLAS or not, prefetch distance and threads. Without `paged` (keys and
     # values in one run of rows per kv-head) a tile has one kv-head: there several would
-    # read several runs at once instead of one (1.05x slower, B=8, H=32, H_kv=8, S=4096,
-    # E=128, one thread).
+    # read several runs at once instead of one (1.05-1.2x slower, B=8, H=32, H_kv=8,
+    # S=4096, E=128, one thread); with `paged` (blocks, or rows of all kv-heads side by
+    # side) one kv-head per tile would read each run in strided pieces (2.5x slower).
     rows = (H // Hkv) * T
     use_blas = rows > VECTOR_ROWS
     row_tile = min(rows, ROW_TILE)
