@@ -4,7 +4,6 @@ import math
 import numpy as np
 
 from fastattn import _npu, _threads
-from fastattn import paged as _paged
 from fastattn._kernels import dense as _dense
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
@@ -244,7 +243,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             # decoding: few query rows per kv-head, many keys (fastattn/paged.py)
             _paged.sdpa_split_kv(ops, res, lse, scale, is_causal,
                                  0 if causal_alignment == "top_left" else ops.S - ops.L,
-                                 nthreads, mods.window, mods.slopes, mods.softcap)
+                                 nthreads, mods)
         else:
             _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, mods,
                        dropout=(dropout_p, seed) if seed is not None else None)
@@ -466,3 +465,7 @@ def _kernel_writable(out):
                 return False
             span += (n - 1) * s
     return True
+
+
+# Imported last: fastattn.paged imports ScoreModifiers from here.
+from fastattn import paged as _paged  # noqa: E402

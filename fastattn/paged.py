@@ -287,12 +287,12 @@ def takes_split_kv(ops):
     return ops.L <= SPLIT_KV_MHA_ROWS and ops.S >= SPLIT_KV_MHA_KEYS
 
 
-def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, window=None,
-                  slopes=None, softcap=None):
+def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, mods):
     """scaled_dot_product_attention on the split-KV kernel (see ``takes_split_kv``):
     ``res`` (the result, ``ops.out_shape`` in ``ops.storage``) and ``lse`` (C order or
     None) are filled. ``ops`` has ``nbatch``, ``L``, ``S`` and ``Ev`` all positive;
-    ``causal_offset`` is the diagonal's (0: top-left, ``S - L``: bottom-right)."""
+    ``causal_offset`` is the diagonal's (0: top-left, ``S - L``: bottom-right); ``mods``
+    the call's ScoreModifiers (slopes one per batch entry)."""
     L, S, E, Ev = ops.L, ops.S, ops.E, ops.Ev
     batch_shape, compute = ops.batch_shape, ops.compute
     q = ops.q
@@ -319,8 +319,7 @@ def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, window=
     plan = _paged.PagedPlan(q.reshape(nouter, H, L, E), k, v, None, lens,
                             out.reshape(nouter, H, L, Ev),
                             None if lse is None else lse.reshape(nouter, H, L),
-                            T=L, scale=scale, causal=bool(causal), window=window,
-                            softcap=softcap or 0.0, slopes=slopes,
+                            T=L, scale=scale, causal=bool(causal), **mods.plan_kwargs(),
                             rows=(k_off, v_off, ldk, ldv, min(CONTIGUOUS_BLOCK, S)),
                             mask=mask, diag_shift=causal_offset - (S - L), **tiling)
     with _threads.kernel_blas(tiling["use_blas"]):
