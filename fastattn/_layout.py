@@ -14,6 +14,7 @@ every kernel unaligned-safe instead would touch each scalar access of the Cython
 bodies; such operands are rare and a copy costs one pass (NumPy's ufuncs buffer
 them the same way).
 """
+import functools
 import math
 
 import numpy as np
@@ -45,6 +46,8 @@ def as_matrix_stack(a, dtype):
     a = np.asarray(a, dtype=dtype)
     item = a.dtype.itemsize
     rows, cols = a.shape[-2], a.shape[-1]
+    if a.flags.c_contiguous and a.flags.aligned and cols <= _INT32_MAX:
+        return a, max(cols, 1)          # the common case, without the checks below
     ok = a.flags.aligned and all(s % item == 0 for s in a.strides)
     if ok and cols > 1:
         ok = a.strides[-1] == item
@@ -65,13 +68,33 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
     batch index. With ``group > 1``, batch index ``h`` along ``group_axis`` (an
     axis of ``batch_shape``) reads ``a``'s entry ``h // group``: grouped-query
     attention, where ``group`` query heads share one key/value head.
+
+    The vector depends only on the shapes and strides, so for batches of up to
+    ``CACHED_OFFSETS`` entries it is built once per layout and shared (read-only) by
+    the calls with that layout.
     """
+    return layout_offsets(a.shape[:-2], a.strides[:-2], a.dtype.itemsize, tuple(batch_shape),
+                          group_axis, group)
+
+
+# Offset vectors of at most this many entries (32 KB) are cached, 256 layouts at most.
+CACHED_OFFSETS = 4096
+
+
+def layout_offsets(lead, strides, item, batch_shape, group_axis=None, group=1):
+    """:func:`batch_offsets` of an array given by its leading (batch) shape ``lead``,
+    their strides in bytes and its itemsize (all hashable), read-only."""
+    if math.prod(batch_shape) <= CACHED_OFFSETS:
+        return _cached_offsets(lead, strides, item, batch_shape, group_axis, group)
+    return _offsets(lead, strides, item, batch_shape, group_axis, group)
+
+
+def _offsets(lead, strides, item, batch_shape, group_axis, group):
     nb = len(batch_shape)
-    pad = nb - (a.ndim - 2)            # batch axes a lacks (broadcast), in front
-    item = a.dtype.itemsize
+    pad = nb - len(lead)               # batch axes a lacks (broadcast), in front
     off = None
     for axis in range(max(pad, 0), nb):
-        n, stride = a.shape[axis - pad], a.strides[axis - pad] // item
+        n, stride = lead[axis - pad], strides[axis - pad] // item
         if n == 1 or stride == 0:
             continue
         size = batch_shape[axis]
@@ -82,12 +105,17 @@ def batch_offsets(a, batch_shape, group_axis=None, group=1):
         term = term.reshape((size,) + (1,) * (nb - 1 - axis))
         off = term if off is None else off + term
     if off is None:
-        return np.zeros(math.prod(batch_shape), dtype=np.intp)
-    if off.shape != tuple(batch_shape):
+        off = np.zeros(math.prod(batch_shape), dtype=np.intp)
+    elif off.shape != tuple(batch_shape):
         full = np.empty(batch_shape, dtype=np.intp)
         full[...] = off
         off = full
-    return off.reshape(-1)
+    off = np.ascontiguousarray(off.reshape(-1))
+    off.flags.writeable = False
+    return off
+
+
+_cached_offsets = functools.lru_cache(maxsize=256)(_offsets)
 
 
 def as_mask(mask, name):
@@ -104,6 +132,25 @@ def overlaps(out, *arrays):
     return any(a is not None and np.may_share_memory(out, a) for a in arrays)
 
 
+def mask_operand(mask, dtype, batch_shape):
+    """``(array, kind, offsets, row_stride, col_stride)``: a validated mask as the kernels
+    read it, at its own (broadcast) shape: a bool mask as uint8 (``MASK_BOOL``, nonzero =
+    keep), a float one in ``dtype`` (``MASK_FLOAT``, added); element offsets of each
+    entry of ``batch_shape``, and row / column strides in elements (0 where broadcast)."""
+    if mask.dtype == np.bool_:
+        arr, kind = mask.view(np.uint8), MASK_BOOL
+    else:
+        arr, kind = np.asarray(mask, dtype=dtype), MASK_FLOAT
+    while arr.ndim < 2:
+        arr = arr[np.newaxis]
+    if not arr.flags.aligned or any(s % arr.dtype.itemsize for s in arr.strides):
+        arr = np.array(arr, order="C")  # a fresh copy: C order and aligned
+    item = arr.dtype.itemsize
+    Lm, Sm = arr.shape[-2:]
+    return (arr, kind, batch_offsets(arr, batch_shape),
+            arr.strides[-2] // item if Lm > 1 else 0, arr.strides[-1] // item if Sm > 1 else 0)
+
+
 class PreparedMask:
     """A mask as the kernels take it, plus its per-tile block map.
 
@@ -116,20 +163,10 @@ class PreparedMask:
                  "block_map", "block_offsets", "block_row_stride", "block_col_stride")
 
     def __init__(self, mask, dtype, L, S, batch_shape, block_q, block_k):
-        if mask.dtype == np.bool_:
-            arr, kind = mask.view(np.uint8), MASK_BOOL
-        else:
-            arr, kind = np.asarray(mask, dtype=dtype), MASK_FLOAT
-        while arr.ndim < 2:
-            arr = arr[np.newaxis]
-        if not arr.flags.aligned or any(s % arr.dtype.itemsize for s in arr.strides):
-            arr = np.array(arr, order="C")  # a fresh copy: C order and aligned
-        item = arr.dtype.itemsize
+        arr, kind, self.offsets, self.row_stride, self.col_stride = mask_operand(
+            mask, dtype, batch_shape)
         Lm, Sm = arr.shape[-2:]
         self.array, self.kind = arr, kind
-        self.offsets = batch_offsets(arr, batch_shape)
-        self.row_stride = arr.strides[-2] // item if Lm > 1 else 0
-        self.col_stride = arr.strides[-1] // item if Sm > 1 else 0
 
         # Block map at the mask's own shape: one state per (query block, key block).
         if kind == MASK_BOOL:

@@ -14,6 +14,7 @@ idle threads sleep instead of spinning, so fastattn yields the cores to other
 processes, Dask workers and NumPy's BLAS between calls.
 """
 import contextlib
+import functools
 import os
 import threading
 from pathlib import Path
@@ -153,25 +154,31 @@ class _KernelBlas:
     (one shared system BLAS), all are limited.
     """
 
+    # The libraries' own get/set calls, not threadpoolctl's limit(): that rebuilds the
+    # libraries' info on every call (about 15 us, a third of a small call's time).
+
     def __init__(self):
         self._lock = threading.Lock()
         self._users = 0
-        self._limiter = None
-        self._controller = None
+        self._saved = None          # (library, its thread count) to restore
+        self._libs = None
 
     def _select(self):
         from threadpoolctl import ThreadpoolController
         blas = ThreadpoolController().select(user_api="blas")
         scipy_owned = [lib.filepath for lib in blas.lib_controllers
                        if Path(lib.filepath).parent.name.startswith("scipy")]
-        return blas.select(filepath=scipy_owned) if scipy_owned else blas
+        return (blas.select(filepath=scipy_owned) if scipy_owned else blas).lib_controllers
 
     def __enter__(self):
         with self._lock:
             if self._users == 0:
-                if self._controller is None:
-                    self._controller = self._select()
-                self._limiter = self._controller.limit(limits=1)
+                if self._libs is None:
+                    self._libs = self._select()
+                self._saved = [(lib, lib.get_num_threads()) for lib in self._libs]
+                for lib, n in self._saved:
+                    if n != 1:
+                        lib.set_num_threads(1)
             self._users += 1
         return self
 
@@ -179,8 +186,10 @@ class _KernelBlas:
         with self._lock:
             self._users -= 1
             if self._users == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
+                for lib, n in self._saved:
+                    if n != 1:
+                        lib.set_num_threads(n)
+                self._saved = None
         return False
 
 
@@ -198,8 +207,13 @@ def kernel_blas(uses_blas=True):
 
 def tile_blas(dtype, ev):
     """:func:`kernel_blas` for a kernel over ``attend_tile`` (dense, block-sparse)."""
+    return kernel_blas(_tiles_use_blas(np.dtype(dtype), ev))
+
+
+@functools.lru_cache(maxsize=64)
+def _tiles_use_blas(dtype, ev):
     # half operands are multiplied in float32 (or as bfloat16 pairs), like float32
-    return kernel_blas(not _dense.tile_products_run_natively(np.dtype(dtype) != np.float64, ev))
+    return not _dense.tile_products_run_natively(dtype != np.float64, ev)
 
 
 def single_threaded_blas():

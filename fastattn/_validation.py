@@ -4,6 +4,7 @@ Everything here raises before any kernel runs: ``TypeError`` for a wrong kind of
 data, ``ValueError`` for wrong shapes or values, with the offending shapes named.
 """
 import functools
+import math
 import numbers
 import operator
 
@@ -17,6 +18,7 @@ __all__ = ["result_dtypes", "promoted_dtype", "check_device", "check_choice"]
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
 BFLOAT16 = np.dtype(_bfloat16)    # ml_dtypes' bfloat16; NumPy gives it dtype kind "V"
 HALF = (np.dtype(np.float16), BFLOAT16)
+_TAKEN = frozenset(_NATIVE + HALF)  # dtypes promoted_dtype returns as they are
 CPU_DEVICES = ("cpu",)
 CPU_AND_NPU = ("cpu", "npu")      # functions that can also run on an Ascend NPU
 
@@ -78,6 +80,10 @@ def promoted_dtype(*arrays, names=None, supported=None, where=""):
         ...
     TypeError: key must hold real numbers (float16/32/64, bfloat16 or integers), got dtype complex128
     """
+    if supported is None and arrays:
+        first = arrays[0].dtype
+        if first in _TAKEN and all(a.dtype == first for a in arrays):
+            return first        # the common case: one dtype the kernels take
     names = names or [f"argument {i}" for i in range(len(arrays))]
     allowed = None if supported is None else _dtype_set(tuple(supported))
     dtypes = []
@@ -150,6 +156,8 @@ def check_dropout(dropout_p, rng):
         ...
     ValueError: dropout_p must lie in [0, 1), got 1.0
     """
+    if rng is None and dropout_p.__class__ is float and dropout_p == 0.0:
+        return dropout_p, None          # the common case, without the ABC check below
     if not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
     p = float(dropout_p)
@@ -239,7 +247,7 @@ def check_choice(name, value, choices):
 def check_scale(scale, e):
     """The softmax scale: ``1/sqrt(E)`` by default, else a finite real number."""
     if scale is None:
-        return 1.0 / np.sqrt(e)
+        return 1.0 / math.sqrt(e)
     try:
         scale = float(scale)
     except (TypeError, ValueError):
@@ -288,11 +296,16 @@ def check_batch_shape(leads, **named):
     first = tuple(leads[0])
     if all(tuple(lead) == first for lead in leads):
         return first            # the common case, without np.broadcast_shapes' microseconds
-    try:
-        return np.broadcast_shapes(*leads)
-    except ValueError:
-        desc = ", ".join(f"{name} {shape}" for name, shape in named.items())
-        raise ValueError(f"batch dimensions do not broadcast: {desc}") from None
+    # NumPy's broadcasting rule, in Python: a few lengths cost less than np.broadcast_shapes
+    out = [1] * max(len(lead) for lead in leads)
+    for lead in leads:
+        for axis, n in enumerate(lead, len(out) - len(lead)):
+            if n != 1 and out[axis] != n:
+                if out[axis] != 1:
+                    desc = ", ".join(f"{name} {shape}" for name, shape in named.items())
+                    raise ValueError(f"batch dimensions do not broadcast: {desc}")
+                out[axis] = n
+    return tuple(out)
 
 
 def check_out(out, shape, dtype, contiguous=True):

@@ -239,8 +239,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     lse = np.empty(ops.batch_shape + (ops.L,), dtype=ops.compute) if return_lse else None
     if ops.nbatch and ops.L and ops.Ev:
         mods = ScoreModifiers(window, None if slopes is None else slopes.reshape(-1), softcap)
-        _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, mods,
-                   dropout=(dropout_p, seed) if seed is not None else None)
+        if seed is None and ops.S and _paged.takes_split_kv(ops):
+            # decoding: few query rows per kv-head, many keys (fastattn/paged.py)
+            _paged.sdpa_split_kv(ops, res, lse, scale, is_causal,
+                                 0 if causal_alignment == "top_left" else ops.S - ops.L,
+                                 nthreads, mods)
+        else:
+            _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, mods,
+                       dropout=(dropout_p, seed) if seed is not None else None)
     elif lse is not None:
         lse.fill(-np.inf)
     return _deliver(res, out, ops.result, lse, return_lse)
@@ -459,3 +465,7 @@ def _kernel_writable(out):
                 return False
             span += (n - 1) * s
     return True
+
+
+# Imported last: fastattn.paged imports ScoreModifiers from here.
+from fastattn import paged as _paged  # noqa: E402

@@ -4,6 +4,13 @@
 # (..., Ev); sequence b owns the blocks table[b, :ceil(len_b / block_size)] in order.
 # Blocks are read where they are: nothing is gathered into a contiguous copy.
 #
+# The same split-KV core serves scaled_dot_product_attention's decode shapes (few query
+# rows per kv-head, many keys) on keys and values that are not paged: without a table
+# (table NULL), the rows of (sequence b, kv-head h) start at k_off[b * nkv + h] /
+# v_off[...] and "block" kb is simply rows kb * block_size .. of them (block_at); such
+# calls may also carry an attention mask (MaskView, applied per row with the tile core's
+# mask_row_max) and a diagonal that is not bottom-right (diag_shift).
+#
 # One work item is (sequence, head group, row tile, key split). Its rows are, for each
 # kv-head of the group, a tile of the G*T query rows that share that kv-head (G = H / H_kv
 # query heads, T new tokens each), so every key/value block is read once for all of them.
@@ -32,13 +39,14 @@
 # result is accumulated in float32 scratch and narrowed into `out` (narrow_rows).
 
 from libc.math cimport INFINITY
+from libc.stdint cimport uint8_t
 cimport numpy as cnp
 
 from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT64
 from fastattn._kernels.tile cimport (
-    intp_data,
+    intp_data, MaskView, MASK_NONE, MASK_BOOL,
     real, gemm_abt, gemm_ab, ScoreMods, fa_mods_active, row_mods, BAND_ALL,
-    row_max, row_fill, online_softmax_row, finish_row,
+    row_max, mask_row_max, row_fill, online_softmax_row, finish_row,
     is_half, element, widen_rows, narrow_rows, SplitMerge, merge_split_item, merge_split_scratch,
 )
 from fastattn._kernels.smallgemm cimport gemm_abt_small, gemm_ab_acc_small, fa_prefetch
@@ -67,15 +75,24 @@ cdef struct PagedProblem:
     # pools: strides per block, per head and per row in their own elements (unit column
     # stride)
     Py_ssize_t k_bs, k_hs, ldk, v_bs, v_hs, ldv
-    # block table (nbatch rows of table_ld entries) and lengths, validated by the caller
+    # block table (nbatch rows of table_ld entries) and lengths, validated by the caller;
+    # table NULL: keys and values not paged, (sequence b, kv-head h)'s rows start at
+    # k_off[b * nkv + h] / v_off[b * nkv + h] (block_at), blocks k_bs / v_bs elements apart
     const Py_ssize_t *table
     Py_ssize_t table_ld
     const Py_ssize_t *lens
-    # causal: row t of T sees keys j < len - T + 1 + t (bottom-right aligned); the band
-    # (causal and window together): row t, at key position pos = len - T + t, sees keys
-    # pos - band_left <= j <= pos + band_right (BAND_ALL: unbounded side)
+    const Py_ssize_t *k_off
+    const Py_ssize_t *v_off
+    # causal: row t of T sees keys j < len - T + 1 + t + diag_shift (bottom-right aligned
+    # when diag_shift == 0); the band (causal and window together): row t, at key position
+    # pos = len - T + t + diag_shift, sees keys pos - band_left <= j <= pos + band_right
+    # (BAND_ALL: unbounded side)
     bint causal
+    Py_ssize_t diag_shift
     Py_ssize_t band_left, band_right
+    # an attention mask (kind MASK_NONE: none; no block map): query batch entry
+    # (b * nkv + h) * group + g, token t, key j reads off[entry] + t * rs + j * cs
+    MaskView mask
     # score modifiers (tile.pxd's ScoreMods): softcap > 0 soft-caps; slopes (NULL: none)
     # the ALiBi slope of each (sequence, query head), nbatch * nkv * group of them
     double softcap
@@ -100,7 +117,7 @@ cdef inline Py_ssize_t visible_keys(const PagedProblem *p, Py_ssize_t length,
                                     Py_ssize_t r, Py_ssize_t *first) noexcept nogil:
     # The keys query row r (of the R rows of a group) sees: first[0] .. the returned end
     # (exclusive; empty when end <= first[0]).
-    cdef Py_ssize_t pos = length - p.T + r % p.T
+    cdef Py_ssize_t pos = length - p.T + r % p.T + p.diag_shift
     cdef Py_ssize_t end = length
     first[0] = 0
     if p.band_right < BAND_ALL and pos + p.band_right + 1 < end:
@@ -108,6 +125,21 @@ cdef inline Py_ssize_t visible_keys(const PagedProblem *p, Py_ssize_t length,
     if p.band_left < BAND_ALL and pos - p.band_left > 0:
         first[0] = pos - p.band_left
     return end if end > 0 else 0
+
+
+cdef inline const void *block_at(const PagedProblem *p, bint values, Py_ssize_t b,
+                                 Py_ssize_t h, Py_ssize_t kb) noexcept nogil:
+    # Where kv-head h of sequence b's key block kb starts (its values' with `values`):
+    # through the block table, or (table NULL) at a fixed stride from the sequence and
+    # kv-head's first row.
+    if values:
+        if p.table != NULL:
+            return element(p.vpool, p.table[b * p.table_ld + kb] * p.v_bs + h * p.v_hs,
+                           p.visz)
+        return element(p.vpool, p.v_off[b * p.nkv + h] + kb * p.v_bs, p.visz)
+    if p.table != NULL:
+        return element(p.kpool, p.table[b * p.table_ld + kb] * p.k_bs + h * p.k_hs, p.kisz)
+    return element(p.kpool, p.k_off[b * p.nkv + h] + kb * p.k_bs, p.kisz)
 
 
 cdef inline const void *piece_at(const PagedProblem *p, Py_ssize_t b, Py_ssize_t h0,
@@ -127,12 +159,10 @@ cdef inline const void *piece_at(const PagedProblem *p, Py_ssize_t b, Py_ssize_t
         return NULL
     if within < n * nh:
         nbytes[0] = ((p.block_size - 1) * p.ldk + p.e) * p.kisz
-        return element(p.kpool, p.table[b * p.table_ld + start + within // nh] * p.k_bs
-                       + (h0 + within % nh) * p.k_hs, p.kisz)
+        return block_at(p, False, b, h0 + within % nh, start + within // nh)
     within = within - n * nh
     nbytes[0] = ((p.block_size - 1) * p.ldv + p.ev) * p.visz
-    return element(p.vpool, p.table[b * p.table_ld + start + within // nh] * p.v_bs
-                   + (h0 + within % nh) * p.v_hs, p.visz)
+    return block_at(p, True, b, h0 + within % nh, start + within // nh)
 
 
 cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real *part_out,
@@ -155,7 +185,9 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
     cdef Py_ssize_t t, b, h0, nh, hh, tile, split, r, r0, rows, row0, ldacc, acc_step
     cdef Py_ssize_t length, hi, nblk, per, kb_lo, kb_hi, c_lo, c_hi, kb, k0, ncols, cols, vis
     cdef Py_ssize_t lo, first, blk_lo
-    cdef Py_ssize_t blk, off, piece, cn, cl, pf_bytes, ldk, ldv
+    cdef Py_ssize_t off, piece, cn, cl, pf_bytes, ldk, ldv, entry, moff
+    cdef real s_max
+    cdef const void *mrow
     cdef bint any_row
     cdef char *cursor = <char *>scratch
     cdef real *s
@@ -263,13 +295,12 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
         # s[hh, :, chunk] <- scale * q_hh @ k_chunk.T, block by block, each
         # block's kv-heads in memory order
         for kb in range(c_lo, c_hi):
-            blk = p.table[b * p.table_ld + kb]
             off = (kb - c_lo) * bs
             cols = ncols - off
             if cols > bs:
                 cols = bs
             for hh in range(nh):
-                piece_ptr = element(p.kpool, blk * p.k_bs + (h0 + hh) * p.k_hs, p.kisz)
+                piece_ptr = block_at(p, False, b, h0 + hh, kb)
                 kb_ptr = <const real *>piece_ptr
                 ldk = p.ldk
                 if khalf:
@@ -306,17 +337,29 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
                 if vis <= first:
                     row_fill(srow, ncols, 0)
                     continue
+                # query batch entry (b * nkv + h0 + hh) * G + (r0 + r) // T, token
+                # (r0 + r) % T, at key position length - T + (r0 + r) % T + diag_shift
+                entry = (b * p.nkv + h0 + hh) * p.group + (r0 + r) // p.T
                 if mods != NULL:
-                    # query head (h0 + hh) * G + (r0 + r) // T at position
-                    # length - T + (r0 + r) % T: d of column first
+                    # d of column first
                     if p.slopes != NULL:
-                        mods.slope = p.slopes[(b * p.nkv + h0 + hh) * p.group
-                                              + (r0 + r) // p.T]
-                    mods.diag = length - p.T + (r0 + r) % p.T - k0 - first
+                        mods.slope = p.slopes[entry]
+                    mods.diag = (length - p.T + (r0 + r) % p.T + p.diag_shift
+                                 - k0 - first)
                     if fa_mods_active(mods):
                         row_mods(mods, srow + first, vis - first, mods.diag)
-                if online_softmax_row(srow, first, vis, ncols,
-                                      row_max(srow + first, vis - first),
+                if p.mask.kind == MASK_NONE:
+                    s_max = row_max(srow + first, vis - first)
+                else:
+                    moff = (p.mask.off[entry] + ((r0 + r) % p.T) * p.mask.rs
+                            + (k0 + first) * p.mask.cs)
+                    if p.mask.kind == MASK_BOOL:
+                        mrow = <const void *>((<const uint8_t *>p.mask.data) + moff)
+                    else:
+                        mrow = <const void *>((<const real *>p.mask.data) + moff)
+                    s_max = mask_row_max(srow + first, vis - first, mrow, p.mask.kind,
+                                         p.mask.cs)
+                if online_softmax_row(srow, first, vis, ncols, s_max,
                                       m + hh * rows + r, l + hh * rows + r,
                                       acc + hh * acc_step + r * ldacc, p.ev):
                     any_row = True
@@ -324,14 +367,12 @@ cdef void paged_rows(const PagedProblem *p, Py_ssize_t item, real *scratch, real
         # acc_hh <- acc_hh + p_hh @ v_chunk, block by block
         if any_row:
             for kb in range(c_lo, c_hi):
-                blk = p.table[b * p.table_ld + kb]
                 off = (kb - c_lo) * bs
                 cols = ncols - off
                 if cols > bs:
                     cols = bs
                 for hh in range(nh):
-                    piece_ptr = element(p.vpool, blk * p.v_bs + (h0 + hh) * p.v_hs,
-                                        p.visz)
+                    piece_ptr = block_at(p, True, b, h0 + hh, kb)
                     vb_ptr = <const real *>piece_ptr
                     ldv = p.ldv
                     if vhalf:
@@ -410,15 +451,26 @@ cdef class PagedPlan:
     in the compute type or, with float32, a half type; lse is (B, H, T) in the compute
     type or None. A tile is tile_heads kv-heads x row_tile rows of each (row_tile == G * T
     when tile_heads > 1).
+
+    Keys and values that are not paged (scaled_dot_product_attention's decode path):
+    ``rows=(k_off, v_off, ldk, ldv, block_size)``, table None; key_blocks / value_blocks
+    are then the base arrays of the keys and values (unit last stride), kv-head h of
+    sequence b having its rows at k_off[b * nkv + h] (intp, nbatch * nkv of them) with
+    row stride ldk, cut into blocks of block_size rows (likewise the values); lens (B,)
+    gives each sequence's length. ``mask``: None or ``(kind, array, offsets, rs, cs)``
+    (kind MASK_BOOL with a uint8 array, or MASK_FLOAT in the compute type; offsets one
+    per query batch entry, B * H of them); ``diag_shift``: added to each row's key
+    position (0: bottom-right aligned).
     """
     cdef PagedProblem c
     cdef readonly object arrays     # everything the pointers in c point into
 
     def __init__(self, cnp.ndarray q, cnp.ndarray key_blocks, cnp.ndarray value_blocks,
-                 cnp.ndarray table, cnp.ndarray lens, cnp.ndarray out, object lse, *,
+                 object table, cnp.ndarray lens, cnp.ndarray out, object lse, *,
                  Py_ssize_t nkv, Py_ssize_t T, double scale, bint causal, int tile_heads,
                  int row_tile, int chunk_blocks, int nsplit, bint use_blas, int prefetch,
-                 int nthreads, window=None, double softcap=0.0, slopes=None):
+                 int nthreads, window=None, double softcap=0.0, slopes=None, rows=None,
+                 mask=None, Py_ssize_t diag_shift=0):
         cdef PagedProblem *p = &self.c
         cdef Py_ssize_t kitem = key_blocks.itemsize
         cdef Py_ssize_t vitem = value_blocks.itemsize
@@ -441,17 +493,41 @@ cdef class PagedPlan:
         p.T = T
         p.R = p.group * T
         p.e = <int>q.shape[3]
-        p.ev = <int>value_blocks.shape[3]
-        p.block_size = <int>key_blocks.shape[2]
-        p.k_bs = key_blocks.strides[0] // kitem
-        p.k_hs = key_blocks.strides[1] // kitem
-        p.ldk = key_blocks.strides[2] // kitem
-        p.v_bs = value_blocks.strides[0] // vitem
-        p.v_hs = value_blocks.strides[1] // vitem
-        p.ldv = value_blocks.strides[2] // vitem
-        p.table = intp_data(table)
-        p.table_ld = table.shape[1]
+        p.ev = <int>value_blocks.shape[value_blocks.ndim - 1]
         p.lens = intp_data(lens)
+        p.k_off = p.v_off = NULL
+        if rows is None:
+            p.block_size = <int>key_blocks.shape[2]
+            p.k_bs = key_blocks.strides[0] // kitem
+            p.k_hs = key_blocks.strides[1] // kitem
+            p.ldk = key_blocks.strides[2] // kitem
+            p.v_bs = value_blocks.strides[0] // vitem
+            p.v_hs = value_blocks.strides[1] // vitem
+            p.ldv = value_blocks.strides[2] // vitem
+            p.table = intp_data(table)
+            p.table_ld = table.shape[1]
+        else:
+            k_off, v_off, p.ldk, p.ldv, p.block_size = rows
+            p.k_off = intp_data(k_off)
+            p.v_off = intp_data(v_off)
+            p.k_bs = p.block_size * p.ldk
+            p.v_bs = p.block_size * p.ldv
+            p.k_hs = p.v_hs = 0
+            p.table = NULL
+            p.table_ld = 0
+        p.mask.kind = MASK_NONE
+        p.mask.data = NULL
+        p.mask.off = NULL
+        p.mask.rs = p.mask.cs = 0
+        p.mask.bmap = NULL
+        p.mask.bmap_off = NULL
+        p.mask.bmap_rs = p.mask.bmap_cs = 0
+        if mask is not None:
+            kind, marr, moffs, p.mask.rs, p.mask.cs = mask
+            p.mask.kind = kind
+            p.mask.data = cnp.PyArray_DATA(<cnp.ndarray>marr)
+            p.mask.off = intp_data(moffs)
+        p.diag_shift = diag_shift
         p.causal = causal
         left, right = (None, None) if window is None else window
         p.band_left = BAND_ALL if left is None or left >= BAND_ALL else left
@@ -467,7 +543,7 @@ cdef class PagedPlan:
         p.use_blas = use_blas
         p.prefetch = prefetch
         p.nthreads = nthreads
-        self.arrays = (q, key_blocks, value_blocks, table, lens, out, lse, slopes)
+        self.arrays = (q, key_blocks, value_blocks, table, lens, out, lse, slopes, rows, mask)
 
     @property
     def nthreads(self):
