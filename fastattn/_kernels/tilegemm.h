@@ -10,6 +10,11 @@
  * worker threads. Measured on a Zen 4 core (single-threaded, thread CPU time):
  * OpenBLAS 0.3.30 reaches about 95 GFLOP/s on each product, these kernels 108 (scores,
  * including the transposition of k) and 116 (p @ v).
+ * The key-major float32 tile of dense attention (one 256-query block against 2048 keys,
+ * data in cache, best of 40 runs, wall time): score block 115 GFLOP/s, p @ v 117, the
+ * whole tile with its softmax 108 at E = 64 and 112 at E = 128 (4 L S E counted), against
+ * 115.5 for a loop of nothing but independent 512-bit FMAs: the exps' own FMAs are most
+ * of what is left (6.6% of the tile at E = 64, 3.4% at E = 128).
  *
  * The kernels keep a block of output rows in registers and stream the other operand:
  *   scores: 8 query rows x 32 keys; q elements are broadcast, k is first transposed
