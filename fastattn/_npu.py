@@ -285,20 +285,8 @@ def _reduce_to(grad, x):
 def _check_saved(ops, grad_out, out, lse):
     """grad_out, out and lse of the NPU forward of these inputs: out in the promoted dtype,
     grad_out in it (float32 is accepted and converted), lse floating (sent as float32)."""
-    grad_out, out, lse = np.asarray(grad_out), np.asarray(out), np.asarray(lse)
-    lse_shape = ops.batch_shape + (ops.L,)
-    for name, a, shape in (("grad_out", grad_out, ops.out_shape), ("out", out, ops.out_shape),
-                           ("lse", lse, lse_shape)):
-        if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
-            raise TypeError(f"{name} must be floating, got dtype {a.dtype}")
-        if a.shape != shape:
-            what = "(..., L)" if name == "lse" else "(..., L, Ev)"
-            raise ValueError(f"{name} has shape {a.shape}, but the forward of query "
-                             f"{ops.q.shape}, key {ops.k.shape}, value {ops.v.shape} gives "
-                             f"{'out' if name == 'grad_out' else name} of shape {shape} {what}")
-    if out.dtype != ops.result:
-        raise TypeError(f"out has dtype {out.dtype}, but the forward of these inputs returns "
-                        f"{ops.result}{_WHERE}")
+    from fastattn.backward import _saved_arrays
+    grad_out, out, lse = _saved_arrays(ops, grad_out, out, lse, where=_WHERE)
     if grad_out.dtype not in (ops.result, np.dtype(np.float32)):
         raise TypeError(f"grad_out has dtype {grad_out.dtype}; it must have out's dtype "
                         f"{ops.result} or float32 (convert it with .astype)")

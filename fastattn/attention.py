@@ -234,23 +234,35 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                          if slopes is not None and np.ndim(alibi_slopes) == 1 else slopes)
     nthreads = _threads.resolve_num_threads(num_threads)
 
-    compute, storage, result = ops.compute, ops.storage, ops.result
-    direct = (out is not None and storage == result and _kernel_writable(out)
-              and not _overlaps(out, ops.q, ops.k, ops.v, ops.mask))
-    res = out if direct else np.empty(ops.out_shape, dtype=storage)
-    lse = np.empty(ops.batch_shape + (ops.L,), dtype=compute) if return_lse else None
+    res = _result_buffer(out, ops.out_shape, ops.storage, _kernel_writable, ops.q, ops.k, ops.v,
+                         ops.mask)
+    lse = np.empty(ops.batch_shape + (ops.L,), dtype=ops.compute) if return_lse else None
     if ops.nbatch and ops.L and ops.Ev:
         mods = ScoreModifiers(window, None if slopes is None else slopes.reshape(-1), softcap)
         _run_dense(ops, res, lse, scale, is_causal, causal_alignment, nthreads, mods,
                    dropout=(dropout_p, seed) if seed is not None else None)
     elif lse is not None:
         lse.fill(-np.inf)
+    return _deliver(res, out, ops.result, lse, return_lse)
 
+
+def _result_buffer(out, shape, storage, writable, *operands):
+    """Where the kernel writes the result: ``out`` itself when it has the storage dtype,
+    ``writable(out)`` holds and it overlaps none of ``operands``; else a new array."""
+    if (out is not None and out.dtype == storage and writable(out)
+            and not _overlaps(out, *operands)):
+        return out
+    return np.empty(shape, dtype=storage)
+
+
+def _deliver(res, out, result, lse, return_lse):
+    """What a call returns from the kernel's result ``res`` (see :func:`_result_buffer`):
+    ``out``, filled unless the kernel wrote it, or else ``res`` in the result dtype."""
     if out is not None:
-        if not direct:
+        if res is not out:
             out[...] = res
         res = out
-    elif result != storage:
+    elif res.dtype != result:
         res = res.astype(result)
     return (res, lse) if return_lse else res
 
@@ -343,19 +355,31 @@ class ScoreModifiers:
         """The AttentionPlan keywords."""
         return dict(window=self.window, softcap=self.softcap or 0.0, slopes=self.slopes)
 
-    def visible_pairs(self, L, S, offset, causal):
-        """How many (query, key) pairs of an (L, S) problem the causal band and the window
-        leave visible (diagonal offset ``offset``), and the most one row sees."""
+    def band(self, causal):
+        """``(left, right)`` of the keys a row sees around its position, the causal band
+        folded into ``right`` (None: an unbounded side); None when both are unbounded."""
         left, right = self.window or (None, None)
         if causal:
             right = 0 if right is None else min(right, 0)
-        if left is None and right is None:
+        return None if left is None and right is None else (left, right)
+
+    def visible_pairs(self, L, S, offset, causal):
+        """How many (query, key) pairs of an (L, S) problem the causal band and the window
+        leave visible (diagonal offset ``offset``), and the most one row sees."""
+        band = self.band(causal)
+        if band is None:
             return L * S, S
-        i = np.arange(L, dtype=np.int64) + offset
-        lo = np.zeros(L, np.int64) if left is None else np.maximum(i - left, 0)
-        hi = np.full(L, S - 1, np.int64) if right is None else np.minimum(i + right, S - 1)
-        n = np.maximum(hi - lo + 1, 0)
+        n = visible_keys(np.arange(L, dtype=np.int64) + offset, S, band)
         return int(n.sum()), int(n.max(initial=0))
+
+
+def visible_keys(pos, S, band):
+    """Keys of ``S`` that rows at key positions ``pos`` see in ``band`` (see
+    :meth:`ScoreModifiers.band`, not None); ``pos`` broadcasts against ``S``."""
+    left, right = band
+    lo = 0 if left is None else np.maximum(pos - left, 0)
+    hi = S - 1 if right is None else np.minimum(pos + right, S - 1)
+    return np.maximum(hi - lo + 1, 0)
 
 
 _NO_MODS = ScoreModifiers()

@@ -7,14 +7,14 @@ import numpy as np
 from fastattn import _npu, _threads
 from fastattn._kernels import backward as _backward
 from fastattn._kernels.plan import AttentionPlan
-from fastattn._layout import PreparedMask, as_matrix_stack, batch_offsets
+from fastattn._layout import PreparedMask, as_kernel_array, as_matrix_stack, batch_offsets
 from fastattn._validation import (
-    as_array,
-    CPU_AND_NPU, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
+    CPU_AND_NPU, as_array, check_batch_shape, check_choice, check_device, check_dropout, check_qkv,
     check_scale, is_floating, result_dtypes, storage_dtype,
 )
 from fastattn.attention import CAUSAL_ALIGNMENTS, _Operands
 from fastattn.block_layout import BlockLayout
+from fastattn.reference import unbroadcast
 
 __all__ = ["scaled_dot_product_attention_backward", "masked_softmax_backward",
            "block_sparse_attention_backward"]
@@ -272,6 +272,22 @@ class _SparseOperands:
 
 def _check_saved(ops, grad_out, out, lse):
     """grad_out, out and lse as arrays, checked against the forward of these inputs."""
+    grad_out, out, lse = _saved_arrays(ops, grad_out, out, lse)
+    allowed = (ops.result, ops.compute)
+    if grad_out.dtype not in allowed:
+        raise TypeError(f"grad_out has dtype {grad_out.dtype}; it must have out's dtype "
+                        f"{ops.result}" + (f" or {ops.compute}" if ops.compute != ops.result
+                                           else "") + " (convert it with .astype)")
+    if lse.dtype != ops.compute:
+        raise TypeError(f"lse has dtype {lse.dtype}, but the forward of these inputs returns "
+                        f"a {ops.compute} lse")
+    return grad_out, out, lse
+
+
+def _saved_arrays(ops, grad_out, out, lse, where=""):
+    """grad_out, out and lse as arrays: floating, of the shapes the forward of these
+    inputs gives, and out of its result dtype (``where`` ends that message). What the
+    CPU and the NPU backward (``_npu._check_saved``) both require."""
     grad_out, out, lse = (as_array("grad_out", grad_out), as_array("out", out),
                           as_array("lse", lse))
     lse_shape = ops.batch_shape + (ops.L,)
@@ -286,15 +302,7 @@ def _check_saved(ops, grad_out, out, lse):
                              f"{name if name != 'grad_out' else 'out'} of shape {shape} {what}")
     if out.dtype != ops.result:
         raise TypeError(f"out has dtype {out.dtype}, but the forward of these inputs returns "
-                        f"{ops.result}")
-    allowed = (ops.result, ops.compute)
-    if grad_out.dtype not in allowed:
-        raise TypeError(f"grad_out has dtype {grad_out.dtype}; it must have out's dtype "
-                        f"{ops.result}" + (f" or {ops.compute}" if ops.compute != ops.result
-                                           else "") + " (convert it with .astype)")
-    if lse.dtype != ops.compute:
-        raise TypeError(f"lse has dtype {lse.dtype}, but the forward of these inputs returns "
-                        f"a {ops.compute} lse")
+                        f"{ops.result}{where}")
     return grad_out, out, lse
 
 
@@ -356,6 +364,10 @@ def masked_softmax_backward(grad, y, axis=-1, *, scale=None, num_threads=None):
                          f"y {y.shape}")
     if y.ndim == 0:
         raise ValueError("y must have at least one dimension, got a 0-d array")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
     if not -y.ndim <= axis < y.ndim:
         raise _AxisError(axis, y.ndim)
     scale = 1.0 if scale is None else check_scale(scale, 1)
@@ -364,8 +376,8 @@ def masked_softmax_backward(grad, y, axis=-1, *, scale=None, num_threads=None):
         return np.zeros(y.shape, dtype=result)
     # the kernel works on the rows of C-contiguous (R, N) matrices of the compute dtype
     moved = np.moveaxis(y, axis, -1).shape
-    gm = np.ascontiguousarray(np.moveaxis(grad, axis, -1), dtype=compute).reshape(-1, moved[-1])
-    ym = np.ascontiguousarray(np.moveaxis(y, axis, -1), dtype=compute).reshape(-1, moved[-1])
+    gm = as_kernel_array(np.moveaxis(grad, axis, -1), compute).reshape(-1, moved[-1])
+    ym = as_kernel_array(np.moveaxis(y, axis, -1), compute).reshape(-1, moved[-1])
     res = np.empty(gm.shape, dtype=compute)
     R, N = gm.shape
     nthreads = _threads.call_threads(nthreads, -(-R // SOFTMAX_ROWS), 4 * R * N)
@@ -482,7 +494,7 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
         v_off = batch_offsets(v, batch_shape, group_axis, group)
         o_off = batch_offsets(o, batch_shape)
         do_off = batch_offsets(do, batch_shape)
-        lse_c = np.ascontiguousarray(lse, dtype=compute).reshape(nbatch, L)
+        lse_c = as_kernel_array(lse, compute).reshape(nbatch, L)
 
         causal_offset = 0 if causal_alignment == "top_left" else S - L
         plan = AttentionPlan(q, k, v, o, lse_c, (q_off, k_off, v_off, o_off),
@@ -510,7 +522,7 @@ def _run_backward(ops, grad_out, out, lse, scale, is_causal, causal_alignment, m
         dk = np.zeros(ops.k.shape, dtype=compute)
         dv = np.zeros(ops.v.shape, dtype=compute)
 
-    grads = (_unbroadcast(dq_full, ops.q.shape).astype(_grad_dtype(ops.q, result), copy=False),
+    grads = (unbroadcast(dq_full, ops.q.shape).astype(_grad_dtype(ops.q, result), copy=False),
              dk.astype(_grad_dtype(ops.k, result), copy=False),
              dv.astype(_grad_dtype(ops.v, result), copy=False))
     if mask_grad:
@@ -561,13 +573,3 @@ def _scatter_pairs(grad_pairs, dest_of_pair, ndest, shape):
     np.add.at(res, dest_of_pair, grad_pairs)
     return res.reshape(shape)
 
-
-def _unbroadcast(grad, shape):
-    # sum over the axes an input of `shape` was broadcast along (fastattn.reference)
-    extra = grad.ndim - len(shape)
-    if extra > 0:
-        grad = grad.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(shape)

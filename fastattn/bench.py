@@ -16,7 +16,9 @@ sequence lengths) with
 - ``openvino``    -- a one-node opset-13 ``scaled_dot_product_attention`` model on
   ``CPU``, when openvino is importable (float32 and float16 at the f32 inference
   precision, bfloat16 at bf16: OpenVINO's default on CPUs with bf16 support is bf16
-  even for float32 models).
+  even for float32 models);
+- ``jax``         -- ``jax.nn.dot_product_attention`` under ``jax.jit``, when JAX is
+  importable (float32, bfloat16).
 
 The peers are optional: only those importable and supporting the dtype run by
 default. Each gets the arrays in its own layout and dtype, converted before timing.
@@ -28,6 +30,14 @@ SGEMM rate and fastattn's speed-up over each system. Writes ``bench.json`` and,
 when matplotlib is importable, ``bench.png`` (time and fastattn's speed-up against
 sequence length, with the machine, date and commit in the caption); ``--replot
 bench.json`` redraws the figure from saved numbers.
+
+``--suite peers`` runs a different table instead: the eight workloads of issue 20
+(dense, causal, key padding, BERT-like, head_dim 128, GQA, decode through
+``scaled_dot_product_attention`` and through ``paged_attention``) against every CPU
+peer installed (PyTorch SDPA, ONNX Runtime MultiHeadAttention/GroupQueryAttention,
+OpenVINO SDPA, JAX ``jax.nn.dot_product_attention``), printed as a Markdown table of
+each peer's time over fastattn's (:func:`run_suite`); ``--suite wide`` adds head_dim
+80, 96 and 256, ``--suite peers,wide`` runs both.
 
 This module also holds the pieces shared by ``python -m fastattn`` and the asv
 suite in ``benchmarks/``: the FLOP convention, the NumPy formula, the machine
@@ -50,9 +60,9 @@ import numpy as np
 import fastattn
 
 __all__ = ["attention_flops", "numpy_attention", "sgemm_gflops", "memory_bandwidth_gbs",
-           "run_comparison", "provenance", "progress_bar", "main"]
+           "run_comparison", "run_suite", "provenance", "progress_bar", "main"]
 
-SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math", "onnxruntime", "openvino")
+SYSTEMS = ("fastattn", "numpy", "torch_sdpa", "torch_math", "onnxruntime", "openvino", "jax")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # The dtypes each system computes in (on the CPU).
 SYSTEM_DTYPES = {
@@ -62,6 +72,7 @@ SYSTEM_DTYPES = {
     "torch_math": DTYPES,
     "onnxruntime": ("float32", "float16"),      # MultiHeadAttention has no bf16 CPU kernel
     "openvino": ("float32", "float16", "bfloat16"),
+    "jax": ("float32", "bfloat16"),             # XLA's CPU dot has no float16 x float16
 }
 KINDS = ("dense", "causal", "mask")
 # Systems that materialise the (H, L, S) scores and so are skipped past a memory budget.
@@ -353,6 +364,81 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
     }
 
 
+def run_suite(suites=("peers",), *, systems=None, repeat=9, threads=None, warmup=2,
+              rounds=3, progress=True):
+    """Time fastattn and every installed CPU peer on a named suite of workloads.
+
+    The suite ``"peers"`` is the table of issue 20, float32: dense B=1 H=8 L=S=2048
+    E=64; causal, same; a key padding mask B=4 H=8 L=S=1024 E=64; BERT-like B=32 H=12
+    L=S=128 E=32; head_dim 128; GQA 32/8 heads L=S=1024 E=128 causal; decode B=8 Hq=32
+    Hkv=8 L=1 S=4096 E=128 through :func:`fastattn.scaled_dot_product_attention`
+    (``enable_gqa=True``) and the same decode through :func:`fastattn.paged_attention`
+    (the peers then run their contiguous-cache decode). ``"wide"`` is dense attention at
+    head_dim 80, 96 and 256.
+
+    The peers are PyTorch (``torch.nn.functional.scaled_dot_product_attention``), ONNX
+    Runtime (one-node ``com.microsoft`` MultiHeadAttention, or GroupQueryAttention for
+    GQA, decode and causal self-attention), OpenVINO (an opset-13 ``scaled_dot_product_attention`` node at f32
+    precision) and JAX (``jax.nn.dot_product_attention`` under ``jax.jit``), each with
+    the same thread count. None of them is required: a peer that is not installed is
+    reported as such. Every system's first output is compared with the float64
+    reference (``fastattn.reference``) before it is timed; a peer that fails to
+    build, fails to run or disagrees is shown so in the table and not timed. The
+    ``repeat`` timed runs of each system and workload are taken in ``rounds`` rounds;
+    in each round every system runs as one block (untimed warm-up runs, then its timed
+    runs back to back: the peers' thread pools interfere when single runs alternate),
+    the order rotating from round to round and workload to workload, so that a change
+    in the machine's load falls on every system.
+
+    Parameters
+    ----------
+    suites : sequence of {"peers", "wide", "small"}, default ("peers",)
+    systems : sequence of str, optional
+        A subset of ``"fastattn", "torch", "onnxruntime", "openvino", "jax"`` (fastattn
+        always runs); default all.
+    repeat : int, default=9
+        Timed runs per system and workload (the median counts).
+    threads : int, optional
+        Thread count for every system; default :func:`fastattn.get_num_threads`.
+    warmup : int, default=2
+        Untimed runs before each system's timed ones in the first round (half as many,
+        at least one, in the later rounds).
+    rounds : int, default=3
+        Rounds the timed runs are split into.
+    progress : bool, default=True
+        Draw a progress bar on stderr (only when stderr is a terminal).
+
+    Returns
+    -------
+    dict
+        ``machine``, ``date``, ``commit`` (:func:`provenance`), ``config``,
+        ``load_average`` (before and after), ``sgemm_gflops``,
+        ``memory_bandwidth_gbs``, ``systems`` (each one's title, whether installed,
+        version and configuration) and ``rows``: per workload its ``label``, fastattn's
+        ``gflops`` and ``sgemm_fraction`` (decode: ``gbs`` and
+        ``bandwidth_fraction``), ``cells`` (per system: ``status`` "ok", "n/a",
+        "not installed", "build failed", "run failed" or "wrong", and when timed
+        ``median_s``, ``min_s``, ``max_s`` and ``ratio``, the peer's median over
+        fastattn's), ``fastest_peer``, ``fastest_peer_ratio`` and ``target_met``
+        (that ratio >= 1.15).
+
+    Examples
+    --------
+    The ``"small"`` suite has every kind of workload at tiny shapes (for checking,
+    not for timing):
+
+    >>> from fastattn.bench import run_suite
+    >>> result = run_suite(["small"], systems=["fastattn"], repeat=1, progress=False)
+    >>> [(row["workload"], row["cells"]["fastattn"]["status"]) for row in result["rows"]]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('dense', 'ok'), ('causal', 'ok'), ('padding', 'ok'), ('gqa', 'ok'),
+     ('decode', 'ok'), ('decode_paged', 'ok')]
+    """
+    from fastattn._bench_peers import run_peer_suite
+    return run_peer_suite(list(suites), systems=systems, repeat=repeat, threads=threads,
+                          warmup=warmup, rounds=rounds, progress=progress)
+
+
 def main(argv=None):
     """Command line of ``python -m fastattn.bench``: run, print the table, write the files.
 
@@ -389,6 +475,8 @@ def main(argv=None):
         png_path = _plot(json.loads(source.read_text()), out_dir / "bench.png")
         print(f"wrote {png_path}" if png_path else "matplotlib is not installed: no plot")
         return 0 if png_path else 1
+    if args.suite:
+        return _main_suite(args, argv)
     result = run_comparison(
         args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS), args.kinds,
         systems=args.systems, batch=args.batch, heads=args.heads, dim=args.dim,
@@ -405,6 +493,24 @@ def main(argv=None):
     if not args.no_plot:
         png_path = _plot(result, out_dir / "bench.png")
         print(f"wrote {png_path}" if png_path else "matplotlib is not installed: no plot")
+    return 0
+
+
+def _main_suite(args, argv):
+    """``--suite``: run the named suites, print the Markdown table, write suite.json and
+    suite.md."""
+    from fastattn._bench_peers import format_markdown
+    result = run_suite(args.suite, systems=args.systems, repeat=args.repeat or 9,
+                       threads=args.threads, rounds=args.rounds, progress=not args.no_progress)
+    command = "python -m fastattn.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["command"] = command
+    text = f"`{command.strip()}`\n\n" + format_markdown(result)
+    print(text)
+    out_dir = Path(args.out or "bench-out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "suite.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "suite.md").write_text(text + "\n")
+    print(f"\nwrote {out_dir / 'suite.json'} and {out_dir / 'suite.md'}")
     return 0
 
 
@@ -425,7 +531,7 @@ def _runners(systems, threads, dtype=np.dtype(np.float32)):
     torch = _import_torch()
     importable = {"torch_sdpa": torch is not None, "torch_math": torch is not None,
                   "onnxruntime": _importable("onnxruntime", "onnx"),
-                  "openvino": _importable("openvino")}
+                  "openvino": _importable("openvino"), "jax": _importable("jax", "jaxlib")}
     available = [s for s in SYSTEMS if importable.get(s, True)]
     if systems is None:
         systems = [s for s in available if dtype.name in SYSTEM_DTYPES[s]]
@@ -435,7 +541,7 @@ def _runners(systems, threads, dtype=np.dtype(np.float32)):
     missing = [s for s in systems if s not in available]
     if missing:
         raise ValueError(f"{missing} are not importable here (PyTorch, onnxruntime and onnx, "
-                         f"openvino)")
+                         f"openvino, jax)")
     unsupported = [s for s in systems if dtype.name not in SYSTEM_DTYPES[s]]
     if unsupported:
         raise ValueError(f"{unsupported} do not compute in {dtype.name}: "
@@ -453,7 +559,8 @@ def _runners(systems, threads, dtype=np.dtype(np.float32)):
               "torch_sdpa": lambda: _torch_runners(torch, threads)["torch_sdpa"],
               "torch_math": lambda: _torch_runners(torch, threads)["torch_math"],
               "onnxruntime": lambda: _onnxruntime_runner(threads),
-              "openvino": lambda: _openvino_runner(threads)}
+              "openvino": lambda: _openvino_runner(threads),
+              "jax": lambda: _jax_runner(threads)}
     return {name: makers[name]() for name in systems}
 
 
@@ -611,6 +718,35 @@ def _openvino_runner(threads):
     return run
 
 
+def _jax_runner(threads):
+    """JAX's ``jax.nn.dot_product_attention`` under ``jax.jit`` on ``(B, L, H, E)`` device
+    arrays, converted once per workload; threads as :class:`fastattn._bench_peers.JaxRunner`
+    sets them (JAX's CPU client takes its thread count when it is created)."""
+    from fastattn._bench_peers import JaxRunner
+    JaxRunner(threads)._init()
+    import jax
+
+    device = jax.devices("cpu")[0]
+    functions = {}
+
+    def function(causal):
+        if causal not in functions:
+            functions[causal] = jax.jit(lambda q, k, v, mask: jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=causal))
+        return functions[causal]
+
+    prepared = _PreparedInputs(lambda *arrays: [
+        None if a is None else jax.device_put(
+            np.ascontiguousarray(a.swapaxes(-3, -2)) if a.ndim == 4 else a, device)
+        for a in arrays])
+
+    def run(q, k, v, causal, mask):
+        return function(causal)(*prepared(q, k, v, mask)).block_until_ready()
+
+    run.result = lambda out: np.asarray(out).swapaxes(-3, -2)
+    return run
+
+
 def _import_torch():
     try:
         import torch
@@ -669,6 +805,7 @@ def _machine_info():
         "torch": None if torch is None else torch.__version__,
         "onnxruntime": _version("onnxruntime"),
         "openvino": _version("openvino"),
+        "jax": _version("jax"),
     }
 
 
@@ -783,7 +920,7 @@ def _format_table(result):
         f"fastattn {machine['fastattn']} on {machine['cpu']} ({machine['logical_cpus']} logical "
         f"CPUs), {config['threads']} threads; numpy {machine['numpy']}, "
         f"torch {machine['torch'] or 'not installed'}"
-        + "".join(f", {peer} {machine[peer]}" for peer in ("onnxruntime", "openvino")
+        + "".join(f", {peer} {machine[peer]}" for peer in ("onnxruntime", "openvino", "jax")
                   if machine.get(peer)),
         f"B={config['batch']} H={config['heads']} E={config['dim']} {config['dtype']}, "
         f"median of {config['repeat']} interleaved runs; SGEMM {result['sgemm_gflops']:.1f} "
@@ -818,6 +955,7 @@ SYSTEM_STYLES = {
     "torch_math": ("#CC79A7", "v"),
     "onnxruntime": ("#D55E00", "D"),
     "openvino": ("#56B4E9", "P"),
+    "jax": ("#F0E442", "X"),
 }
 
 
@@ -828,7 +966,7 @@ def _caption(result):
                              for b in machine.get("blas") or []}))
     peers = ", ".join(f"{name} {machine[key]}" for name, key in
                       (("PyTorch", "torch"), ("ONNX Runtime", "onnxruntime"),
-                       ("OpenVINO", "openvino")) if machine.get(key))
+                       ("OpenVINO", "openvino"), ("JAX", "jax")) if machine.get(key))
     return (f"{machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
             f"{config['threads']} threads; fastattn {machine['fastattn']}, NumPy "
             f"{machine['numpy']}" + (f" ({blas})" if blas else "")
@@ -930,6 +1068,15 @@ def _parse_args(argv):
                         help="measure nothing: redraw the figure of a saved bench.json "
                              "(written next to it unless --out is given)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--suite", type=name_list, metavar="NAMES",
+                        help="run named suites against every CPU peer installed and print a "
+                             "Markdown table instead: 'peers' (the 8 workloads of issue 20), "
+                             "'wide' (head_dim 80, 96, 256) or 'peers,wide'; --systems picks "
+                             "among fastattn,torch,onnxruntime,openvino,jax; --repeat (default "
+                             "9) and --threads apply; writes suite.json and suite.md to --out")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--suite: rounds the timed runs are split into, each system "
+                             "one block per round, the order rotating (default 3)")
     return parser.parse_args(argv)
 
 

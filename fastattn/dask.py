@@ -27,6 +27,7 @@ import functools
 import itertools
 import math
 import operator
+import sys
 import threading
 
 import numpy as np
@@ -104,10 +105,15 @@ def task_threads(num_threads=None):
 
 
 def _current_worker():
+    # A distributed worker runs in a process that has imported distributed: without it
+    # there is none, and importing it here (a third of a second, in the first task of
+    # the local scheduler) would only find that out.
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
     try:
-        from distributed import get_worker
-        return get_worker()
-    except (ImportError, ValueError):
+        return distributed.get_worker()
+    except ValueError:
         return None
 
 
@@ -232,9 +238,13 @@ def _array(dsk, name, dependencies, chunks, dtype):
     return da.Array(graph, name, chunks=chunks, meta=np.empty((0,) * len(chunks), dtype=dtype))
 
 
-def _with_lse(dsk, name, dependencies, batch_chunks, row_chunks, ev, result, compute):
-    """(out, lse) from a graph whose final tasks, keyed ``(name + "-pair", *b, i)``,
-    return ``(out, lse)`` block pairs."""
+def _results(dsk, name, dependencies, batch_chunks, row_chunks, ev, result, compute,
+             return_lse):
+    """The output array of a graph whose final tasks (see :func:`_block_tasks`) are keyed
+    ``(name, *b, i, 0)``; with ``return_lse`` they are keyed ``(name + "-pair", *b, i)``
+    and return ``(out, lse)`` block pairs, and the result is ``(out, lse)``."""
+    if not return_lse:
+        return _array(dsk, name, dependencies, batch_chunks + (row_chunks, (ev,)), result)
     pairs = _array(dsk, name + "-pair", dependencies, batch_chunks + (row_chunks,), object)
     out = {(name,) + key[1:] + (0,): (operator.getitem, key, 0) for key in _block_keys(pairs)}
     lse = {(name + "-lse",) + key[1:]: (operator.getitem, key, 1) for key in _block_keys(pairs)}
@@ -322,9 +332,9 @@ def _finish(pair, result, return_lse):
     return (out, lse) if return_lse else out
 
 
-def _single(*args, final, **kwargs):
-    # a block with one key chunk: computed and finished by one task
-    return _finish(_attend(*args, **kwargs), *final)
+def _finished(fn, *args, final, **kwargs):
+    # a block with one partial: computed and finished by one task
+    return _finish(fn(*args, **kwargs), *final)
 
 
 def _empty(out_shape, lse_shape, result, compute, return_lse):
@@ -349,6 +359,26 @@ def _merge_tree(dsk, parts, key, merge_name, split_every, final):
             nxt.append(k)
         level, depth = nxt, depth + 1
     dsk[key] = (functools.partial(_merge, final=final), level)
+
+
+def _block_tasks(dsk, out_key, parts, part_key, merge_name, split_every, final, cast, empty):
+    """The tasks of the output block ``out_key`` from its partials ``parts``, each
+    ``(function, input keys, keywords)`` computing an ``(out, lse)`` pair: none, one
+    :func:`_empty` task (arguments ``empty``); one, a task computing and finishing it;
+    several, a task each (keyed ``part_key + (j,)``, the query computed in ``cast``)
+    merged by :func:`_merge_tree`."""
+    if not parts:
+        dsk[out_key] = (_empty,) + empty
+    elif len(parts) == 1:
+        fn, keys, kw = parts[0]
+        dsk[out_key] = (functools.partial(_finished, fn, final=final, cast=None, **kw), *keys)
+    else:
+        keys_of_parts = []
+        for j, (fn, keys, kw) in enumerate(parts):
+            pk = part_key + (j,)
+            dsk[pk] = (functools.partial(fn, cast=cast, **kw), *keys)
+            keys_of_parts.append(pk)
+        _merge_tree(dsk, keys_of_parts, out_key, merge_name, split_every, final)
 
 
 # ---- scaled dot-product attention ----------------------------------------------------
@@ -471,7 +501,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
         mb = None if mask is None else batch.index("attn_mask", bidx)
         for i, (a, b) in enumerate(_ranges(q_rows)):
             out_key = (key_of,) + bidx + (i,) + ((0,) if not return_lse else ())
-            pairs = []
+            parts = []                                  # (function, keys, keywords)
             for j, (c, d) in enumerate(_ranges(k_rows)):
                 if d == c:
                     continue
@@ -484,27 +514,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, *, is_causal
                 m_key = None if mask is None else (
                     (mask.name,) + mb + (0 if mask.shape[-2] == 1 else i,
                                          0 if mask.shape[-1] == 1 else j))
-                pairs.append(((q.name,) + qb + (i, 0), (k.name,) + kb + (j, 0),
-                              (v.name,) + vb + (j, 0), m_key, offset))
-            if not pairs:
-                dsk[out_key] = (_empty, bshape + (b - a, Ev), bshape + (b - a,), result,
-                                compute, return_lse)
-            elif len(pairs) == 1:
-                *keys, offset = pairs[0]
-                dsk[out_key] = (functools.partial(_single, offset=offset, cast=None,
-                                                  final=final, **common), *keys)
-            else:
-                parts = []
-                for j, (*keys, offset) in enumerate(pairs):
-                    pk = (part_name,) + bidx + (i, j)
-                    dsk[pk] = (functools.partial(_attend, offset=offset, cast=cast, **common),
-                               *keys)
-                    parts.append(pk)
-                _merge_tree(dsk, parts, out_key, merge_name, split_every, final)
-    if not return_lse:
-        return _array(dsk, name, list(arrays.values()), batch.chunks + (q_rows, (Ev,)), result)
-    return _with_lse(dsk, name, list(arrays.values()), batch.chunks, q_rows, Ev, result,
-                     compute)
+                parts.append((_attend, ((q.name,) + qb + (i, 0), (k.name,) + kb + (j, 0),
+                                        (v.name,) + vb + (j, 0), m_key),
+                              dict(offset=offset, **common)))
+            _block_tasks(dsk, out_key, parts, (part_name,) + bidx + (i,), merge_name,
+                         split_every, final, cast,
+                         (bshape + (b - a, Ev), bshape + (b - a,), result, compute, return_lse))
+    return _results(dsk, name, list(arrays.values()), batch.chunks, q_rows, Ev, result,
+                    compute, return_lse)
 
 
 # ---- local (sliding-window) attention ------------------------------------------------
@@ -546,10 +563,6 @@ def _global_part(q, k, v, *, query_global, key_global, outside, scale, num_threa
     keep = (query_global[:, None] & outside[None, :]) | key_global[None, :]
     return _sdpa(q, k, v, keep, scale=scale, return_lse=True,
                  num_threads=task_threads(num_threads))
-
-
-def _finished(fn, *args, final, **kwargs):
-    return _finish(fn(*args, **kwargs), *final)
 
 
 def local_attention(query, key, value, window, *, dilation=1, global_tokens=None, scale=None,
@@ -680,23 +693,10 @@ def local_attention(query, key, value, window, *, dilation=1, global_tokens=None
                                                      (v.name,) + vb + (j, 0)),
                                       dict(query_global=query_global, key_global=key_global,
                                            outside=outside, **common)))
-            if not parts:
-                dsk[out_key] = (_empty, bshape + (b - a, Ev), bshape + (b - a,), result,
-                                compute, return_lse)
-            elif len(parts) == 1:
-                fn, keys, kw = parts[0]
-                dsk[out_key] = (functools.partial(_finished, fn, final=final, cast=None, **kw),
-                                *keys)
-            else:
-                keys_of_parts = []
-                for j, (fn, keys, kw) in enumerate(parts):
-                    pk = (part_name,) + bidx + (i, j)
-                    dsk[pk] = (functools.partial(fn, cast=cast, **kw), *keys)
-                    keys_of_parts.append(pk)
-                _merge_tree(dsk, keys_of_parts, out_key, merge_name, split_every, final)
-    if not return_lse:
-        return _array(dsk, name, [q, k, v], batch.chunks + (q_rows, (Ev,)), result)
-    return _with_lse(dsk, name, [q, k, v], batch.chunks, q_rows, Ev, result, compute)
+            _block_tasks(dsk, out_key, parts, (part_name,) + bidx + (i,), merge_name,
+                         split_every, final, cast,
+                         (bshape + (b - a, Ev), bshape + (b - a,), result, compute, return_lse))
+    return _results(dsk, name, [q, k, v], batch.chunks, q_rows, Ev, result, compute, return_lse)
 
 
 # ---- linear attention ----------------------------------------------------------------

@@ -348,14 +348,9 @@ class PagedKVCache:
         # The data goes in before the bookkeeping changes: a failing device copy leaves the
         # cache as it was, too (the blocks written are still free, the slots past lengths).
         self._copy_shared(pools, growth)
-        bs = self.block_size
-        for (_, grown, _, start, T), (k, v) in zip(growth.seqs, tokens):
-            t = 0
-            while t < T:
-                pos = start + t
-                n = min(bs - pos % bs, T - t)
-                pools.write(grown[pos // bs], pos % bs, k[..., t:t + n, :], v[..., t:t + n, :])
-                t += n
+        for b, t, blk, slot, n in _block_runs(growth, self.block_size):
+            k, v = tokens[b]
+            pools.write(blk, slot, k[..., t:t + n, :], v[..., t:t + n, :])
         self._commit(growth)
 
     def extend(self, seq_ids, num_tokens=1):
@@ -472,7 +467,7 @@ class PagedKVCache:
             vrows[rows] = v
         else:
             # an NPU cache (one layer): one copy per block and pool, as append does
-            for b, t, blk, slot, n in slots._runs():
+            for b, t, blk, slot, n in _block_runs(slots._growth, self.block_size):
                 pools.write(blk, slot, k[b][:, t:t + n], v[b][:, t:t + n])
 
     def fork(self, seq_id):
@@ -903,17 +898,17 @@ class KVSlots:
             self._row_index = rows
         return self._row_index
 
-    def _runs(self):
-        # (sequence index, first token, block, slot, tokens) of each run of new tokens
-        # within one block
-        bs = self._cache.block_size
-        for b, (_, grown, _, start, T) in enumerate(self._growth.seqs):
-            t = 0
-            while t < T:
-                pos = start + t
-                n = min(bs - pos % bs, T - t)
-                yield b, t, grown[pos // bs], pos % bs, n
-                t += n
+
+def _block_runs(growth, bs):
+    # (sequence index, first token, block, slot, tokens) of each run of a growth's new
+    # tokens within one block: where append and an NPU cache's write copy them
+    for b, (_, grown, _, start, T) in enumerate(growth.seqs):
+        t = 0
+        while t < T:
+            pos = start + t
+            n = min(bs - pos % bs, T - t)
+            yield b, t, grown[pos // bs], pos % bs, n
+            t += n
 
 
 class _Growth:

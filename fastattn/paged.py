@@ -16,6 +16,7 @@ from fastattn._validation import (
     HALF, CPU_AND_NPU, as_array, check_alibi_slopes, check_device, check_scale,
     check_score_window, check_softcap, result_dtypes,
 )
+from fastattn.attention import ScoreModifiers
 
 __all__ = ["PagedKVCache", "paged_attention"]
 
@@ -196,8 +197,8 @@ def paged_attention(query, key_blocks, value_blocks, block_table, seq_lens, *, s
         max_len = keys = 0
     mods = None
     if window is not None or slopes is not None or softcap is not None:
-        mods = dict(window=window, softcap=softcap or 0.0,
-                    slopes=None if slopes is None else slopes.reshape(-1))
+        mods = ScoreModifiers(window, None if slopes is None else slopes.reshape(-1),
+                              softcap).plan_kwargs()
     return _attend_cpu(q, k, v, table, lens, max_len, keys, scale, bool(causal), return_lse,
                        nthreads, compute, result, mods=mods)
 

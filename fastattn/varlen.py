@@ -15,16 +15,14 @@ from fastattn import _npu, _threads
 from fastattn._kernels import dense as _dense
 from fastattn._kernels.plan import AttentionPlan
 from fastattn._layout import RaggedBatch
-from fastattn._layout import overlaps as _overlaps
 from fastattn._validation import (
     CPU_AND_NPU, check_alibi_slopes, check_choice, check_device, check_matrix_stacks,
     check_out, check_scale, check_score_window, check_softcap, result_dtypes, storage_dtype,
 )
+from fastattn.attention import (_INT32_MAX, BLOCK_K, BLOCK_Q, CAUSAL_ALIGNMENTS, ScoreModifiers,
+                                _deliver, _result_buffer, visible_keys)
 
 __all__ = ["varlen_attention"]
-
-CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
-_INT32_MAX = 2**31 - 1
 
 
 def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
@@ -169,25 +167,21 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, max_seqle
     nthreads = _threads.resolve_num_threads(num_threads)
 
     storage = storage_dtype(compute, result, q, k, v)
-    direct = (out is not None and out.dtype == storage and out.flags.c_contiguous
-              and out.flags.aligned and not _overlaps(out, q, k, v))
-    res = out if direct else np.empty(out_shape, dtype=storage)
+    res = _result_buffer(out, out_shape, storage, _c_order, q, k, v)
     lse = np.empty((Hq, total_q), dtype=compute) if return_lse else None
     if total_q and Ev and total_k:
-        _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
-             window, slopes, softcap, nthreads)
+        _run(q, k, v, cq, ck, len_q, len_k, res, lse, storage, scale, is_causal,
+             causal_alignment, window, slopes, softcap, nthreads)
     else:
         res.fill(0)
         if lse is not None:
             lse.fill(-np.inf)
+    return _deliver(res, out, result, lse, return_lse)
 
-    if out is not None:
-        if not direct:
-            out[...] = res
-        res = out
-    elif result != storage:
-        res = res.astype(result)
-    return (res, lse) if return_lse else res
+
+def _c_order(out):
+    # the kernel writes the packed result (total_q, Hq, Ev) in C order only
+    return out.flags.c_contiguous and out.flags.aligned
 
 
 def _check_operands(query, key, value, cu_seqlens_q, cu_seqlens_k, dtypes=result_dtypes):
@@ -271,10 +265,9 @@ def _packed(a, dtype):
     return a, ld, st[1] // item
 
 
-def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment, window,
-         slopes, softcap, nthreads):
-    from fastattn.attention import BLOCK_K, BLOCK_Q, ScoreModifiers
-
+def _run(q, k, v, cq, ck, seq_len_q, seq_len_k, res, lse, storage, scale, is_causal,
+         causal_alignment, window, slopes, softcap, nthreads):
+    # seq_len_q, seq_len_k: the sequences' lengths, np.diff(cq) and np.diff(ck)
     total_q, Hq, E = q.shape
     Hkv, Ev = k.shape[1], v.shape[2]
     group = Hq // Hkv
@@ -287,8 +280,8 @@ def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
     # batch entry b = sequence s, query head h
     s_of = np.repeat(np.arange(batch), Hq)
     h_of = np.tile(np.arange(Hq), batch)
-    len_q = np.diff(cq)[s_of]
-    len_k = np.diff(ck)[s_of]
+    len_q = seq_len_q[s_of]
+    len_k = seq_len_k[s_of]
     q_off = cq[s_of] * ldq + h_of * hq
     k_off = ck[s_of] * ldk + (h_of // group) * hk
     v_off = ck[s_of] * ldv + (h_of // group) * hv
@@ -306,12 +299,11 @@ def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
     # thread's next block mostly reads the keys and values its last one did (taken
     # across entries, heaviest block first, the batch of 16 sequences of the benchmark ran
     # 11% slower) and the last items are the lightest.
-    seq_len_q, seq_len_k = np.diff(cq), np.diff(ck)
     nqb = -(-seq_len_q // block_q)
     blk_seq = np.repeat(np.arange(batch), nqb)
     blk_q0 = (np.arange(int(nqb.sum())) - np.repeat(np.cumsum(nqb) - nqb, nqb)) * block_q
-    work = _block_work(seq_len_q, seq_len_k, blk_seq, blk_q0, block_q, is_causal,
-                       bottom_right, window)
+    work = _block_work(seq_len_q, seq_len_k, blk_seq, blk_q0, block_q, bottom_right,
+                       mods.band(is_causal))
     seq_work = np.bincount(blk_seq, weights=work, minlength=batch)
     order = np.lexsort((-work, -seq_work[blk_seq]))
     blk_seq, blk_q0, work = blk_seq[order], blk_q0[order], work[order]
@@ -340,20 +332,16 @@ def _run(q, k, v, cq, ck, res, lse, storage, scale, is_causal, causal_alignment,
         _dense.sdpa(plan)
 
 
-def _block_work(len_q, len_k, blk_seq, blk_q0, block_q, is_causal, bottom_right, window):
-    """(query, key) pairs each query block sees: per row, the keys of its band."""
-    left, right = window or (None, None)
-    if is_causal:
-        right = 0 if right is None else min(right, 0)
+def _block_work(len_q, len_k, blk_seq, blk_q0, block_q, bottom_right, band):
+    """(query, key) pairs each query block sees: per row, the keys of its ``band``
+    (:meth:`ScoreModifiers.band`)."""
     L, S = len_q[blk_seq], len_k[blk_seq]
     rows = np.minimum(L - blk_q0, block_q)
-    if left is None and right is None:
+    if band is None:
         return rows * S
     # row i = q0 + t (t < rows) at key position i + off sees [i + off - left, i + off + right]
     off = (S - L) if bottom_right else np.zeros_like(S)
     t = np.arange(block_q)
     pos = (blk_q0 + off)[:, None] + t[None, :]
-    lo = np.zeros_like(pos) if left is None else np.maximum(pos - left, 0)
-    hi = (S[:, None] - 1) if right is None else np.minimum(pos + right, S[:, None] - 1)
-    seen = np.maximum(hi - lo + 1, 0) * (t[None, :] < rows[:, None])
+    seen = visible_keys(pos, S[:, None], band) * (t[None, :] < rows[:, None])
     return seen.sum(axis=1)

@@ -601,6 +601,17 @@ def cases():
     rows.append(("sdpa_backward-dropout_p-one", bwd, dict(grad_out=g, query=q, key=k, value=v,
                                                            out=o, lse=lse, dropout_p=1.0, rng=7),
                  ValueError, "dropout_p"))
+    # rows of the reliability audit's gradient section that the rows above do not cover
+    rows.append(("sdpa_backward-key-features", bwd, dict(grad_out=g, query=q, key=r(2, 3, 10, 3),
+                                                          value=v, out=o, lse=lse),
+                 ValueError, "key"))
+    rows.append(("sdpa_backward-dropout_p-str", bwd, dict(grad_out=g, query=q, key=k, value=v,
+                                                           out=o, lse=lse, dropout_p="0.1",
+                                                           rng=0), TypeError, "dropout_p"))
+    rows += [("sdpa-dropout_p-negative", sdpa, dict(base, dropout_p=-0.1), ValueError,
+              "dropout_p"),
+             ("sdpa-dropout_p-str", sdpa, dict(base, dropout_p="a"), TypeError, "dropout_p"),
+             ("sdpa-rng-str", sdpa, dict(base, dropout_p=0.5, rng="x"), TypeError, "rng")]
     y = F.masked_softmax(r(3, 4, 5))
     rows += _variants("masked_softmax_backward", F.masked_softmax_backward,
                       dict(grad=r(3, 4, 5), y=y), ["grad", "y"], extra=[

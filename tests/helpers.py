@@ -1,6 +1,7 @@
-"""Assertions shared by the tests."""
+"""Assertions and strategies shared by the tests."""
 import ml_dtypes
 import numpy as np
+from hypothesis import strategies as st
 
 # Tolerances against the float64 reference, relative to max |reference output|.
 RTOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-10, np.dtype(np.float16): 2e-3,
@@ -22,6 +23,33 @@ def assert_lse_close(actual, expected, dtype):
     np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected))
     fin = np.isfinite(expected)
     assert_close(actual[fin], expected[fin], dtype)
+
+
+def draw_block_rule(draw):
+    """Inside a ``@st.composite`` strategy: a block-sparse problem's lengths ``L`` and
+    ``S`` (1-120), block size, the element rule of ``BlockLayout.from_rule`` /
+    ``from_blocks`` (window, dilation, segment, is_causal, global queries and keys, a
+    mask) and the seed its random parts come from, as a dict."""
+    L = draw(st.integers(1, 120))
+    S = draw(st.integers(1, 120))
+    block = (draw(st.sampled_from([1, 4, 16, 64])), draw(st.sampled_from([1, 5, 16, 64])))
+    rule = {}
+    if draw(st.booleans()):
+        rule["window"] = (draw(st.integers(0, 40)), draw(st.integers(0, 40)))
+    if draw(st.booleans()):
+        rule["dilation"] = draw(st.integers(1, 5))
+    if draw(st.integers(0, 3)) == 0:
+        rule["segment"] = draw(st.integers(1, 20))
+    rule["is_causal"] = draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if draw(st.booleans()):
+        rule["global_query"] = rng.random(L) < 0.05
+    if draw(st.booleans()):
+        rule["global_key"] = np.flatnonzero(rng.random(S) < 0.05)
+    if draw(st.integers(0, 3)) == 0:
+        rule["mask"] = rng.random(draw(st.sampled_from([(L, S), (1, S), (L, 1)]))) > 0.3
+    return dict(L=L, S=S, block=block, rule=rule, seed=seed)
 
 
 def load_ascend_harness():

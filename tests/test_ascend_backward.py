@@ -3,8 +3,6 @@ backward, through the C test double; and the operator's documented contract in t
 double (ops-transformer ``attention/flash_attention_score_grad/docs/
 aclnnFlashAttentionScoreGrad.md``): arguments, status codes, how the softmax statistics
 are used, the forward's masks and sparse modes."""
-import ctypes
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -263,23 +261,15 @@ class GradCall:
         return list(args.values())
 
     def phase1(self, **overrides):
-        size, executor = ctypes.c_uint64(), _ops.ExecutorRef()
-        operator = self.runtime.lib.operator("aclnnFlashAttentionScoreGrad")
-        status = operator.get_workspace_size(*self.arguments(**overrides), ctypes.byref(size),
-                                             ctypes.byref(executor))
-        return status, size.value, executor
+        return harness.phase1(self.runtime, "aclnnFlashAttentionScoreGrad",
+                              self.arguments(**overrides))
 
     def run(self, **overrides):
         """Both phases; the three gradients as NumPy arrays."""
         status, size, executor = self.phase1(**overrides)
         assert status == 0, _message(self.runtime)
-        operator = self.runtime.lib.operator("aclnnFlashAttentionScoreGrad")
-        workspace = self.runtime.allocate(0, size)
-        try:
-            assert operator.launch(workspace.ptr, size, executor,
-                                   self.runtime.activate(0)) == 0, _message(self.runtime)
-        finally:
-            self.runtime._free(workspace)
+        assert harness.launch(self.runtime, "aclnnFlashAttentionScoreGrad", size,
+                              executor) == 0, _message(self.runtime)
         grads = []
         for name in ("dq", "dk", "dv"):
             host = np.empty(self.SHAPES[name], np.float32)
@@ -293,9 +283,7 @@ class GradCall:
             self.runtime._free(buffer)
 
 
-def _message(rt):
-    raw = rt.lib.acl.aclGetRecentErrMsg()
-    return raw.decode() if raw else ""
+_message = harness.error_message
 
 
 @pytest.fixture

@@ -17,8 +17,6 @@ defect 7). Each rule cites the page it comes from:
   ACL_ERROR_INVALID_PARAM (``src/acl/aclrt_impl/memory.cpp``, CheckMemcpy2dSyncKind;
   ``docs/api_docs/aclrtMemcpy2dAsync.md``).
 """
-import ctypes
-
 import numpy as np
 import pytest
 from helpers import load_ascend_harness
@@ -31,6 +29,7 @@ from fastattn import reference
 
 harness = load_ascend_harness()
 sim_root, runtime = harness.sim_root, harness.runtime
+phase1, launch, message = harness.phase1, harness.launch, harness.error_message
 
 ACL_ERROR_INVALID_PARAM = 100000
 ACLNN_ERR_PARAM_INVALID = 161002
@@ -73,27 +72,6 @@ def device(runtime):
     yield d
     d.close()
     harness.assert_no_leak(runtime)
-
-
-def phase1(runtime, name, arguments):
-    operator = runtime.lib.operator(name)
-    size, executor = ctypes.c_uint64(), _ops.ExecutorRef()
-    status = operator.get_workspace_size(*arguments, ctypes.byref(size), ctypes.byref(executor))
-    return status, size.value, executor
-
-
-def launch(runtime, name, size, executor):
-    operator = runtime.lib.operator(name)
-    workspace = runtime.allocate(0, size)
-    try:
-        return operator.launch(workspace.ptr, size, executor, runtime.activate(0))
-    finally:
-        runtime._free(workspace)
-
-
-def message(runtime):
-    raw = runtime.lib.acl.aclGetRecentErrMsg()
-    return raw.decode() if raw else ""
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 reference, through the C test double; plus the operator's own contract
 (status codes, executor single use, workspace) and leak checks."""
 
-import ctypes
 import importlib.util
 from pathlib import Path
 
@@ -349,11 +348,8 @@ class DirectCall:
         return list(args.values())
 
     def phase1(self, **overrides):
-        size, executor = ctypes.c_uint64(), _ops.ExecutorRef()
-        operator = self.runtime.lib.operator("aclnnFlashAttentionScore")
-        status = operator.get_workspace_size(*self.arguments(**overrides), ctypes.byref(size),
-                                             ctypes.byref(executor))
-        return status, size.value, executor
+        return harness.phase1(self.runtime, "aclnnFlashAttentionScore",
+                              self.arguments(**overrides))
 
     def close(self):
         self.scope.close()
@@ -369,8 +365,7 @@ def direct(runtime):
     harness.assert_no_leak(runtime)
 
 
-def _message(runtime):
-    return runtime.lib.acl.aclGetRecentErrMsg().decode()
+_message = harness.error_message
 
 
 @pytest.mark.parametrize("argument", ["query", "key", "value", "layout", "smax", "ssum", "out"])

@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 import fastattn
 import fastattn.backward as backward
 from fastattn import reference
-from helpers import RTOL, assert_close, check_scratch_failure
+from helpers import RTOL, assert_close, check_scratch_failure, draw_block_rule
 
 sdpa = fastattn.scaled_dot_product_attention
 sdpa_bwd = fastattn.scaled_dot_product_attention_backward
@@ -535,26 +535,7 @@ def test_softmax_backward_bad_input():
 
 @st.composite
 def sparse_problems(draw):
-    L = draw(st.integers(1, 120))
-    S = draw(st.integers(1, 120))
-    block = (draw(st.sampled_from([1, 4, 16, 64])), draw(st.sampled_from([1, 5, 16, 64])))
-    rule = {}
-    if draw(st.booleans()):
-        rule["window"] = (draw(st.integers(0, 40)), draw(st.integers(0, 40)))
-    if draw(st.booleans()):
-        rule["dilation"] = draw(st.integers(1, 5))
-    if draw(st.integers(0, 3)) == 0:
-        rule["segment"] = draw(st.integers(1, 20))
-    rule["causal"] = draw(st.booleans())
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    if draw(st.booleans()):
-        rule["global_query"] = rng.random(L) < 0.05
-    if draw(st.booleans()):
-        rule["global_key"] = np.flatnonzero(rng.random(S) < 0.05)
-    if draw(st.integers(0, 3)) == 0:
-        rule["mask"] = rng.random(draw(st.sampled_from([(L, S), (1, S), (L, 1)]))) > 0.3
-    return dict(L=L, S=S, block=block, rule=rule, seed=seed,
+    return dict(draw_block_rule(draw),
                 dtype=draw(st.sampled_from(["float32", "float64", "float16", "bfloat16"])),
                 heads=draw(st.sampled_from([None, 3])), E=draw(st.sampled_from([8, 16, 32])),
                 Ev=draw(st.sampled_from([1, 7, 16])), k_broadcast=draw(st.booleans()),

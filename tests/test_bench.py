@@ -68,11 +68,14 @@ def test_compare_tool_half_dtypes(tmp_path, dtype):
                              progress=False)
 
 
-@pytest.mark.parametrize("peer", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("peer", ["onnxruntime", "openvino", "jax"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_optional_peers_compute_the_same_thing(peer, dtype):
+def test_optional_peers_compute_the_same_thing(peer, dtype, monkeypatch):
     # only where the peer is installed: fastattn never needs it
     pytest.importorskip(peer)
+    # the machine baselines are not what this checks
+    monkeypatch.setattr(bench, "sgemm_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(bench, "memory_bandwidth_gbs", lambda *a, **k: 10.0)
     if peer == "onnxruntime":
         pytest.importorskip("onnx")
     if dtype not in bench.SYSTEM_DTYPES[peer]:
@@ -116,7 +119,9 @@ def _benchmarks():
         for owner_name, owner in inspect.getmembers(module, inspect.isclass):
             if owner.__module__ != module.__name__:
                 continue
-            params = getattr(owner, "params", [])
+            # test_params: what a benchmark whose string parameters are all full-size
+            # workloads runs here instead (the same code paths at small shapes)
+            params = getattr(owner, "test_params", None) or getattr(owner, "params", [])
             if params and not isinstance(params[0], (list, tuple)):
                 params = [params]           # asv's single-parameter shorthand
             choices = [values if all(isinstance(v, str) for v in values) else values[:1]
@@ -140,7 +145,7 @@ def test_every_area_has_benchmarks():
     modules = {case[0].split(".")[1] for case in BENCHMARK_CASES}
     assert all(case[1] is not None for case in BENCHMARK_CASES)
     assert {"bench_sdpa", "bench_gqa", "bench_masked_softmax", "bench_multi_head_attention",
-            "bench_sparse", "bench_paged", "bench_npu"} <= modules
+            "bench_sparse", "bench_paged", "bench_npu", "bench_peers"} <= modules
     kinds = {case[2].split("_")[0] for case in BENCHMARK_CASES}
     assert {"time", "peakmem", "track"} <= kinds
     for _, owner, name, _ in BENCHMARK_CASES:

@@ -123,6 +123,30 @@ def result_dtype(*dtypes):
     return fastattn._validation.promoted_dtype(*[np.empty(0, d) for d in dtypes])
 
 
+def f64(a):
+    """A floating array in float64; bool masks (and anything else) as they are."""
+    if isinstance(a, np.ndarray) and (a.dtype.kind == "f" or a.dtype == fastattn.bfloat16):
+        return a.astype(np.float64)
+    return a
+
+
+def check_grads(got, want, dtype, backward, args, kw):
+    """Gradients against the reference's; for half operands, against the same backward
+    run in float64 on the same (half-rounded) forward output instead: the backward forms
+    D = rowsum(dO * O) from the output as returned (documented, as PyTorch and
+    flash-attn do), whose rounding error the sums over L or S rows grow without bound
+    (seen: 0.017 for dK at L = 21). The float64 backward is checked against the
+    reference by the float64 examples."""
+    if dtype in (np.float16, fastattn.bfloat16):
+        want = backward(*(f64(a) for a in args), **kw)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        # each gradient comes in its input's dtype (the mask's may be float32 for float64
+        # operands): the looser of the two tolerances
+        loose = max((np.dtype(dtype), np.dtype(g.dtype)), key=lambda d: RTOL[d])
+        check_close(g, w, loose)
+
+
 def check_close(got, want, dtype):
     """Within the dtype's tolerance of the reference; where the reference lies beyond
     the dtype's range (float16: 65504), the result must have overflowed to it."""
@@ -160,11 +184,14 @@ def sdpa_case(draw):
 @given(case=sdpa_case(), is_causal=st.booleans(),
        alignment=st.sampled_from(["top_left", "bottom_right"]),
        scale=st.sampled_from([None, 0.3, 1.0]), out_kind=st.sampled_from([None] + list(LAYOUTS)),
-       threads=THREADS)
-def test_fuzz_scaled_dot_product_attention(case, is_causal, alignment, scale, out_kind, threads):
+       dropout=st.sampled_from([0.0, 0.0, 0.0, 0.4]), seed=st.integers(0, 1000), threads=THREADS)
+def test_fuzz_scaled_dot_product_attention(case, is_causal, alignment, scale, out_kind,
+                                           dropout, seed, threads):
     count("sdpa")
     dtype, q, k, v, mask, gqa = case
     kw = dict(is_causal=is_causal, causal_alignment=alignment, scale=scale, enable_gqa=gqa)
+    if dropout:
+        kw.update(dropout_p=dropout, rng=seed)
     want, want_lse = reference.scaled_dot_product_attention(q, k, v, mask, return_lse=True,
                                                             **kw)
     rdt = result_dtype(q.dtype, k.dtype, v.dtype)
@@ -242,7 +269,7 @@ def layouts(draw, L, S, heads):
     if draw(st.booleans()):
         rule["dilation"] = draw(st.integers(1, 4))
     if draw(st.booleans()):
-        rule["causal"] = True
+        rule["is_causal"] = True
     if draw(st.booleans()):
         rule["segment"] = draw(st.integers(1, 30))
     if draw(st.booleans()):
@@ -367,7 +394,8 @@ def test_fuzz_sinkhorn(data, threads):
     v = data.draw(operand(q.shape[:-1] + (v.shape[-1],), dtype))
     kw = dict(block_size=data.draw(st.integers(1, 30)), n_iters=data.draw(st.integers(0, 8)),
               temperature=data.draw(st.sampled_from([0.3, 0.75, 2.0])))
-    got = fastattn.sinkhorn_attention(q, k, v, num_threads=threads, **kw)
+    with np.errstate(over="ignore"):      # a half result may overflow (checked below)
+        got = fastattn.sinkhorn_attention(q, k, v, num_threads=threads, **kw)
     check_close(got, reference.sinkhorn_attention(q, k, v, **kw), dtype)
     m = data.draw(st.integers(0, 12))
     x = data.draw(operand(q.shape[:-2] + (m, m), dtype, -3, 3))
@@ -612,3 +640,63 @@ def test_fuzz_paged_kv_cache(data, threads):
         k = np.repeat(keys[i], 2, axis=0)
         v = np.repeat(vals[i], 2, axis=0)
         check_close(got[i], reference.scaled_dot_product_attention(q[i], k, v), dtype)
+
+
+# ---- gradients ---------------------------------------------------------------------------
+
+def _lse_dtype(dtype):
+    return np.float64 if dtype == np.float64 else np.float32
+
+
+@given(case=sdpa_case(), is_causal=st.booleans(),
+       alignment=st.sampled_from(["top_left", "bottom_right"]),
+       scale=st.sampled_from([None, 0.3]), dropout=st.sampled_from([0.0, 0.0, 0.3]),
+       threads=THREADS, data=st.data())
+def test_fuzz_scaled_dot_product_attention_backward(case, is_causal, alignment, scale,
+                                                    dropout, threads, data):
+    count("sdpa backward")
+    dtype, q, k, v, mask, gqa = case
+    kw = dict(is_causal=is_causal, causal_alignment=alignment, scale=scale, enable_gqa=gqa)
+    if dropout:
+        kw.update(dropout_p=dropout, rng=data.draw(st.integers(0, 1000)))
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, mask, return_lse=True, **kw)
+    grad = data.draw(operand(out.shape, out.dtype))
+    mask_grad = mask is not None and mask.dtype != bool and data.draw(st.booleans())
+    got = fastattn.scaled_dot_product_attention_backward(grad, q, k, v, out, lse, mask,
+                                                         mask_grad=mask_grad,
+                                                         num_threads=threads, **kw)
+    want = reference.scaled_dot_product_attention_backward(grad, q, k, v, mask,
+                                                           mask_grad=mask_grad, **kw)
+    check_grads(got, want, dtype, fastattn.scaled_dot_product_attention_backward,
+                (grad, q, k, v, out, lse, mask), dict(mask_grad=mask_grad, **kw))
+
+
+@given(dtype=DTYPES, data=st.data(), scale=st.sampled_from([None, 0.5]), threads=THREADS)
+def test_fuzz_masked_softmax_backward(dtype, data, scale, threads):
+    count("softmax backward")
+    ndim = data.draw(st.integers(1, 3))
+    shape = tuple(data.draw(LENGTHS if i == ndim - 1 else SMALL) for i in range(ndim))
+    axis = data.draw(st.integers(-ndim, ndim - 1))
+    mask, _ = data.draw(masks(shape, dtype))
+    y = fastattn.masked_softmax(data.draw(operand(shape, dtype, -4, 4)), mask, axis=axis,
+                                scale=scale)
+    y = data.draw(laid_out(y))
+    grad = data.draw(operand(shape, dtype))
+    got = fastattn.masked_softmax_backward(grad, y, axis, scale=scale, num_threads=threads)
+    check_close(got, reference.masked_softmax_backward(grad, y, axis, scale=scale), dtype)
+
+
+@given(data=st.data(), threads=THREADS)
+def test_fuzz_block_sparse_attention_backward(data, threads):
+    count("block_sparse backward")
+    heads = data.draw(st.sampled_from([None, 2]))
+    batch = () if heads is None else (1, heads)
+    dtype, q, k, v = data.draw(qkv(batch=batch))
+    layout = data.draw(layouts(q.shape[-2], k.shape[-2], heads))
+    out, lse = fastattn.block_sparse_attention(q, k, v, layout, return_lse=True)
+    grad = data.draw(operand(out.shape, out.dtype))
+    got = fastattn.block_sparse_attention_backward(grad, q, k, v, out, lse, layout,
+                                                   num_threads=threads)
+    want = reference.scaled_dot_product_attention_backward(grad, q, k, v, layout.to_mask())
+    check_grads(got, want, dtype, fastattn.block_sparse_attention_backward,
+                (grad, q, k, v, out, lse, layout), {})

@@ -81,9 +81,16 @@ def misaligned_calls(dtype):
     aw = d(8, 16), d(8, 16), d(8)
     mx = d(2, 40, 48), d(2, 70, 48), d(2, 70, 48), d(48), d(48)
 
+    out, lse = fastattn.scaled_dot_product_attention(q, k, v, fmask, return_lse=True)
+    g = d(*out.shape)
+    y = fastattn.masked_softmax(x)
+
     def run(name, fn):
         return name, fn
     return [
+        run("sdpa backward", lambda m: fastattn.scaled_dot_product_attention_backward(
+            m(g), m(q), m(k), m(v), m(out), m(lse), m(fmask))),
+        run("masked_softmax backward", lambda m: fastattn.masked_softmax_backward(m(x), m(y))),
         run("sdpa", lambda m: fastattn.scaled_dot_product_attention(m(q), m(k), m(v), m(fmask))),
         run("sdpa bool", lambda m: fastattn.scaled_dot_product_attention(m(q), m(k), m(v), m(bmask))),
         run("sdpa out", lambda m: fastattn.scaled_dot_product_attention(
@@ -194,7 +201,7 @@ def test_empty_sequences_in_block_layouts(L, S):
     heads_mask = np.ones((3, L, S), bool)
     layouts = [
         fastattn.BlockLayout.from_rule((L, S), (bq, bk), window=(4, 4)),
-        fastattn.BlockLayout.from_rule((L, S), (bq, bk), causal=True, dilation=2),
+        fastattn.BlockLayout.from_rule((L, S), (bq, bk), is_causal=True, dilation=2),
         fastattn.BlockLayout.from_rule((L, S), (bq, bk), global_query=np.ones(L, bool),
                                        global_key=np.zeros(S, bool)),
         fastattn.BlockLayout.from_rule((L, S), (bq, bk), mask=heads_mask),

@@ -10,7 +10,7 @@ import fastattn.sparse as sparse
 from fastattn import _threads, reference
 from fastattn._kernels import parallel
 from fastattn.sparse import BlockLayout
-from helpers import assert_close, assert_lse_close
+from helpers import assert_close, assert_lse_close, draw_block_rule
 
 
 def make(rng, shape, dtype=np.float64):
@@ -28,26 +28,7 @@ def check_against_mask(out_lse, q, k, v, keep, dtype):
 
 @st.composite
 def layouts(draw):
-    L = draw(st.integers(1, 120))
-    S = draw(st.integers(1, 120))
-    block = (draw(st.sampled_from([1, 4, 16, 64])), draw(st.sampled_from([1, 5, 16, 64])))
-    rule = {}
-    if draw(st.booleans()):
-        rule["window"] = (draw(st.integers(0, 40)), draw(st.integers(0, 40)))
-    if draw(st.booleans()):
-        rule["dilation"] = draw(st.integers(1, 5))
-    if draw(st.integers(0, 3)) == 0:
-        rule["segment"] = draw(st.integers(1, 20))
-    rule["is_causal"] = draw(st.booleans())
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    if draw(st.booleans()):
-        rule["global_query"] = rng.random(L) < 0.05
-    if draw(st.booleans()):
-        rule["global_key"] = np.flatnonzero(rng.random(S) < 0.05)
-    if draw(st.integers(0, 3)) == 0:
-        rule["mask"] = rng.random(draw(st.sampled_from([(L, S), (1, S), (L, 1)]))) > 0.3
-    return dict(L=L, S=S, block=block, rule=rule, seed=seed,
+    return dict(draw_block_rule(draw),
                 dtype=draw(st.sampled_from([np.float32, np.float64])),
                 heads=draw(st.sampled_from([None, 3])), Ev=draw(st.sampled_from([1, 7, 16])))
 

@@ -5,10 +5,16 @@
 #   tools/sanitize.sh                  # the whole suite
 #   tools/sanitize.sh tests/test_sdpa.py -k causal    # pytest arguments of your choice
 #
-# Environment: SANITIZE_DIR (where the copy is built; default a fresh temporary dir,
-# removed on success), CC (the compiler whose libasan is preloaded; default cc).
+# Environment: SANITIZE_DIR (where the copy and its venv are built; default a fresh
+# temporary dir, removed on success), SANITIZE_PYTHON (an interpreter that already has
+# the package's runtime, test and build dependencies, e.g. CI's venv; default: a fresh
+# venv in SANITIZE_DIR with exactly those), CC (whose libasan is preloaded; default cc).
 #
 # How it runs:
+# - In a venv of the package's own dependencies (numpy, scipy, ml_dtypes, threadpoolctl,
+#   pytest, hypothesis; Cython and setuptools to build): the optional peers some tests
+#   compare with are left out, and must be (OpenVINO dlopens with RTLD_DEEPBIND, which
+#   the ASan runtime cannot serve; their code is not ours to check).
 # - The copy is the tracked and untracked-but-not-ignored files (no build products), built
 #   in place with FASTATTN_SANITIZE=1 (setup.py: -fsanitize=address,undefined
 #   -fno-sanitize-recover=all -O1 -g). The developer's own build is never touched.
@@ -27,7 +33,6 @@
 set -euo pipefail
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 CC="${CC:-cc}"
-PY="${PYTHON:-python}"
 
 LIBASAN="$("$CC" -print-file-name=libasan.so)"
 if [[ "$LIBASAN" != /* ]] || [[ ! -e "$LIBASAN" ]]; then
@@ -43,6 +48,27 @@ KEEP="${SANITIZE_DIR:+1}"
 WORK="${SANITIZE_DIR:-$(mktemp -d -t fastattn-sanitize.XXXXXX)}"
 mkdir -p "$WORK/tree" "$WORK/reports"
 rm -f "$WORK/reports"/*
+
+# ---- the interpreter: a venv of the package's dependencies only, unless given one
+if [[ -n "${SANITIZE_PYTHON:-}" ]]; then
+    PY="$SANITIZE_PYTHON"
+else
+    if [[ ! -x "$WORK/venv/bin/python" ]]; then
+        python3 -m venv "$WORK/venv"
+        # pyproject.toml's build requirements, dependencies and test extra, nothing else
+        mapfile -t deps < <(python3 - "$SRC/pyproject.toml" <<'PY'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    meta = tomllib.load(f)
+project = meta["project"]
+print("\n".join(meta["build-system"]["requires"] + project["dependencies"]
+                + project["optional-dependencies"]["test"]))
+PY
+)
+        "$WORK/venv/bin/python" -m pip install -q "${deps[@]}"
+    fi
+    PY="$WORK/venv/bin/python"
+fi
 
 # ---- the copy: source files only, then a sanitized in-place build
 cd "$SRC"
@@ -74,10 +100,21 @@ set -e
 t2=$(date +%s)
 echo "sanitize.sh: tests ran in $((t2 - t1)) s (exit $status)"
 
-reports=("$WORK"/reports/*)
-if [[ -e "${reports[0]}" ]]; then
-    for r in "${reports[@]}"; do echo "==== $r"; head -60 "$r"; done
-    echo "sanitize.sh: FAILED: ${#reports[@]} sanitizer report(s) in $WORK/reports" >&2
+# A report file holding nothing but ASan's "failed to allocate" warnings is not an error:
+# with allocator_may_return_null=1 a huge request returns NULL and the code under test
+# raises MemoryError (tests/test_reliability.py asks for 64 TiB on purpose).
+errors=0
+for r in "$WORK"/reports/*; do
+    [[ -e "$r" ]] || continue
+    if ! grep -v "WARNING: AddressSanitizer failed to allocate" "$r" | grep -q "[^[:space:]]"; then
+        echo "sanitize.sh: note: $(basename "$r"): $(head -1 "$r")"
+        continue
+    fi
+    echo "==== $r"; head -60 "$r"
+    errors=$((errors + 1))
+done
+if [[ $errors -ne 0 ]]; then
+    echo "sanitize.sh: FAILED: $errors sanitizer report(s) in $WORK/reports" >&2
     exit 1
 fi
 if [[ $status -ne 0 ]]; then

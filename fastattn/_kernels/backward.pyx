@@ -44,6 +44,7 @@ from fastattn._kernels.tile cimport (
     real, intp_data, row_fill, row_dot, row_scale, row_add_max, row_keep_max,
     gemm_abt, gemm_ab, gemm_atb, is_half, element, widen_rows, scratch_at, block_len,
     tile_products_native, bf16_dot_products, fa_pack_pairs, fa_pack_value_pairs,
+    fa_pack_transposed, fa_scores_from_panel, fa_tile_pv_f32, fa_tile_pv_t_f32,
     fa_bf16_scores_from_panel, fa_bf16_pv, fa_bf16_pairs_rows, dropout_row, MASK_NONE, MASK_BOOL, BLOCK_SKIP, BLOCK_MASKED, BLOCK_FULL, BAND_ALL,
 )
 
@@ -53,15 +54,6 @@ cdef extern from "tilebwd.h" nogil:
     void fa_bwd_probs_f32(float *s, float *dp, Py_ssize_t n, float lse, float d, float a)
     void fa_bwd_probs_f64(double *s, double *dp, Py_ssize_t n, double lse, double d,
                           double a)
-    void fa_bwd_pack(int cols, int e, const float *k, Py_ssize_t ldk, float *kt,
-                     Py_ssize_t ldkt)
-    void fa_bwd_scores(int rows, int cols, int e, float scale, const float *a,
-                       Py_ssize_t lda, const float *panel, Py_ssize_t ldp, float *s,
-                       Py_ssize_t lds)
-    void fa_bwd_acc(int rows, int w, int cols, const float *p, Py_ssize_t ldp,
-                    const float *b, Py_ssize_t ldb, float *acc, Py_ssize_t ldacc)
-    void fa_bwd_acc_t(int rows, int w, int cols, const float *p, Py_ssize_t ldp,
-                      const float *b, Py_ssize_t ldb, float *acc, Py_ssize_t ldacc)
     void fa_bwd_row_pairs(int rows, int cols, const float *x, Py_ssize_t ldx, uint32_t *pt,
                           Py_ssize_t ldpt)
 
@@ -356,8 +348,8 @@ cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t
             fa_bf16_scores_from_panel(rows, ccols, ev, 1, doh, lddo, buf.vpanel, buf.ldp,
                                       dp, lds)
         elif run.native:
-            fa_bwd_scores(rows, ccols, e, scale, qp, ldq, buf.kt, buf.ldp, s, lds)
-            fa_bwd_scores(rows, ccols, ev, 1, dop, lddo, buf.vt, buf.ldp, dp, lds)
+            fa_scores_from_panel(rows, ccols, e, scale, qp, ldq, buf.kt, buf.ldp, s, lds)
+            fa_scores_from_panel(rows, ccols, ev, 1, dop, lddo, buf.vt, buf.ldp, dp, lds)
     if not run.native and not run.bf16:
         gemm_abt(rows, ccols, e, scale, qp, <int>ldq, kp, <int>ldk, 0, s, <int>lds)
         gemm_abt(rows, ccols, ev, 1, dop, <int>lddo, vp, <int>ldv, 0, dp, <int>lds)
@@ -419,10 +411,10 @@ cdef void grad_tile(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ssize_t
             return
         if run.native:
             if dv != NULL:
-                fa_bwd_acc_t(ccols, ev, rows, s, lds, dop, lddo, dv, ev)
-                fa_bwd_acc_t(ccols, e, rows, dp, lds, qp, ldq, dk, e)
+                fa_tile_pv_t_f32(ccols, ev, rows, s, lds, dop, lddo, dv, ev)
+                fa_tile_pv_t_f32(ccols, e, rows, dp, lds, qp, ldq, dk, e)
             if dq != NULL:
-                fa_bwd_acc(rows, e, ccols, dp, lds, kp, ldk, dq, e)
+                fa_tile_pv_f32(rows, e, ccols, dp, lds, kp, ldk, dq, e)
             return
     if dv != NULL:
         gemm_atb(ccols, ev, rows, 1, s, <int>lds, dop, <int>lddo, 1, dv, ev)
@@ -462,8 +454,8 @@ cdef inline void load_kv(const BwdRun *run, BwdBuffers *buf, Py_ssize_t b, Py_ss
         ldv[0] = p.qkv.ldv
     if real is float:
         if run.native:
-            fa_bwd_pack(cols, e, kp[0], ldk[0], buf.kt, buf.ldp)
-            fa_bwd_pack(cols, ev, vp[0], ldv[0], buf.vt, buf.ldp)
+            fa_pack_transposed(cols, e, kp[0], ldk[0], buf.kt, buf.ldp)
+            fa_pack_transposed(cols, ev, vp[0], ldv[0], buf.vt, buf.ldp)
 
 
 cdef void sparse_tiles(const BwdRun *run, BwdBuffers *buf, uint8_t *keep, Py_ssize_t b,

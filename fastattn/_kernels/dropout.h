@@ -15,7 +15,7 @@
  * floor(p * 2^64): with probability 1 - p up to 2^-64. fastattn.reference.dropout_keep
  * computes the same bits in NumPy.
  *
- * Applied by the tile core (tile.pxd, attend_tile_dropout) to a tile's unnormalised
+ * Applied by the tile core (tile.pxd, attend_tile) to a tile's unnormalised
  * probabilities after the online-softmax step has added them to the row sums l and
  * before they meet V: kept values are scaled by 1 / (1 - p), dropped ones become 0. The
  * denominator thus stays that of all keys, as in PyTorch and FlashAttention.
@@ -53,45 +53,31 @@ static inline uint64_t fa_dropout_row_key(uint64_t seed, int64_t b, int64_t i)
     return fa_mix64(key_b + FA_DROPOUT_GAMMA * (uint64_t)(i + 1));
 }
 
-/* p[c] <- keep(c) ? p[c] * scale : 0 for c < n, the row's columns j0 + c. */
-FA_VECTOR static void fa_dropout_row_f32(float *p, ptrdiff_t n, uint64_t key, int64_t j0,
-                                         uint64_t threshold, float scale)
-{
-    uint64_t x0 = key + FA_DROPOUT_GAMMA * (uint64_t)(j0 + 1);
-    for (ptrdiff_t c = 0; c < n; c++) {
-        uint64_t h = fa_mix64(x0 + FA_DROPOUT_GAMMA * (uint64_t)c);
-        p[c] = h >= threshold ? p[c] * scale : 0.0f;
-    }
+#define FA_DEFINE_DROPOUT(T, SFX)                                                          \
+                                                                                           \
+/* p[c] <- keep(c) ? p[c] * scale : 0 for c < n, the row's columns j0 + c. */              \
+FA_VECTOR static void fa_dropout_row_##SFX(T *p, ptrdiff_t n, uint64_t key, int64_t j0,    \
+                                           uint64_t threshold, T scale)                    \
+{                                                                                          \
+    uint64_t x0 = key + FA_DROPOUT_GAMMA * (uint64_t)(j0 + 1);                             \
+    for (ptrdiff_t c = 0; c < n; c++) {                                                    \
+        uint64_t h = fa_mix64(x0 + FA_DROPOUT_GAMMA * (uint64_t)c);                        \
+        p[c] = h >= threshold ? p[c] * scale : (T)0;                                       \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
+/* Dropout on rows r0 .. r0 + rows of the current tile: s is rows x cols (row stride */    \
+/* cols) of probabilities, its row r is query row d->row0 + r0 + r. */                     \
+static inline void fa_dropout_tile_##SFX(const fa_dropout *d, int r0, int rows, int cols,  \
+                                         T *s)                                             \
+{                                                                                          \
+    for (int r = 0; r < rows; r++)                                                         \
+        fa_dropout_row_##SFX(s + (ptrdiff_t)r * cols, cols,                                \
+                             fa_dropout_row_key(d->seed, d->batch, d->row0 + r0 + r),      \
+                             d->col0, d->threshold, (T)d->scale);                          \
 }
 
-FA_VECTOR static void fa_dropout_row_f64(double *p, ptrdiff_t n, uint64_t key, int64_t j0,
-                                         uint64_t threshold, double scale)
-{
-    uint64_t x0 = key + FA_DROPOUT_GAMMA * (uint64_t)(j0 + 1);
-    for (ptrdiff_t c = 0; c < n; c++) {
-        uint64_t h = fa_mix64(x0 + FA_DROPOUT_GAMMA * (uint64_t)c);
-        p[c] = h >= threshold ? p[c] * scale : 0.0;
-    }
-}
-
-/* Dropout on rows r0 .. r0 + rows of the current tile: s is rows x cols (row stride
- * cols) of probabilities, its row r is query row d->row0 + r0 + r. */
-static inline void fa_dropout_tile_f32(const fa_dropout *d, int r0, int rows, int cols,
-                                       float *s)
-{
-    for (int r = 0; r < rows; r++)
-        fa_dropout_row_f32(s + (ptrdiff_t)r * cols, cols,
-                           fa_dropout_row_key(d->seed, d->batch, d->row0 + r0 + r), d->col0,
-                           d->threshold, (float)d->scale);
-}
-
-static inline void fa_dropout_tile_f64(const fa_dropout *d, int r0, int rows, int cols,
-                                       double *s)
-{
-    for (int r = 0; r < rows; r++)
-        fa_dropout_row_f64(s + (ptrdiff_t)r * cols, cols,
-                           fa_dropout_row_key(d->seed, d->batch, d->row0 + r0 + r), d->col0,
-                           d->threshold, d->scale);
-}
+FA_DEFINE_DROPOUT(float, f32)
+FA_DEFINE_DROPOUT(double, f64)
 
 #endif

@@ -173,7 +173,7 @@ cdef void gathered_run(const Gathered *p, Py_ssize_t item, real *scratch) noexce
             fill_bias(p, p.q_rows + q_lo, rows, p.k_rows + kt, cols, bias)
             kind = MASK_FLOAT
         attend_tile(qg, p.e, rows, kg, p.e, vg, p.ev, cols, p.e, p.ev, scale,
-                    <const void *>bias, kind, cols, 1, -BAND_ALL, BAND_ALL, NULL,
+                    <const void *>bias, kind, cols, 1, -BAND_ALL, BAND_ALL, NULL, NULL, 0,
                     s, acc, p.ev, m, l)
         kt = kt + cols
 

@@ -17,7 +17,7 @@
 #include <stddef.h>
 #include <string.h>
 
-#include "tanhscores.h"   /* FA_TANH_VEC; vecmath.h's FA_WIDTHS, FA_TARGET_*, FA_CALL_BY_ISA */
+#include "tanhscores.h"   /* FA_TANH_VEC; vecmath.h's FA_DEFINE_BY_ISA */
 
 /* The modifiers of one tile call. A driver keeps one per thread and sets `diag` for the
  * rows and columns it hands over: d of their element (0, 0); element (r, c) has
@@ -62,23 +62,9 @@ static inline int fa_mods_active(const fa_score_mods *m)
 
 #define FA_MODS_ROW_ARGS(T) (const fa_score_mods *m, T *s, ptrdiff_t n, ptrdiff_t d0)
 
-#if FA_WIDTHS
 #define FA_DEFINE_MODS_ROW(T, IT, SFX)                                                      \
-FA_TARGET_ZMM static void fa_mods_row_zmm_##SFX FA_MODS_ROW_ARGS(T)                        \
-FA_MODS_ROW_BODY(T, IT, SFX, 64)                                                           \
-FA_TARGET_YMM static void fa_mods_row_ymm_##SFX FA_MODS_ROW_ARGS(T)                        \
-FA_MODS_ROW_BODY(T, IT, SFX, 32)                                                           \
-FA_TARGET_XMM static void fa_mods_row_xmm_##SFX FA_MODS_ROW_ARGS(T)                        \
-FA_MODS_ROW_BODY(T, IT, SFX, 16)                                                           \
-static void fa_mods_row_##SFX FA_MODS_ROW_ARGS(T)                                          \
-{                                                                                          \
-    FA_CALL_BY_ISA(fa_mods_row, SFX, (m, s, n, d0));                                       \
-}
-#else
-#define FA_DEFINE_MODS_ROW(T, IT, SFX)                                                      \
-static void fa_mods_row_##SFX FA_MODS_ROW_ARGS(T)                                          \
-FA_MODS_ROW_BODY(T, IT, SFX, FA_NATIVE_BYTES)
-#endif
+FA_DEFINE_BY_ISA(fa_mods_row, SFX, FA_MODS_ROW_ARGS(T), (m, s, n, d0), FA_MODS_ROW_BODY,   \
+                 (T, IT, SFX), 64, 32, 16, FA_NATIVE_BYTES)
 
 FA_DEFINE_MODS_ROW(float, int32_t, f32)
 FA_DEFINE_MODS_ROW(double, int64_t, f64)

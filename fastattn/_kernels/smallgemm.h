@@ -8,7 +8,7 @@
 #ifndef FASTATTN_SMALLGEMM_H
 #define FASTATTN_SMALLGEMM_H
 
-#include "vecmath.h"      /* FA_WIDTHS, FA_TARGET_*, FA_CALL_BY_ISA; fa_dot_*, fa_axpy_* */
+#include "vecmath.h"      /* FA_DEFINE_BY_ISA; fa_dot_*, fa_axpy_* */
 
 /* Hint the caches to load [p, p + nbytes): paged blocks sit at scattered addresses, where
  * the hardware prefetchers start late. Never faults, whatever the address. Locality 2
@@ -133,24 +133,10 @@ FA_INLINE fa_vec_f64 fa_lane_sums_f64(const fa_vec_f64 *x)
     }                                                                                      \
     fa_prefetch(pf_at, pf_end - pf_at);                                                    \
 }
-#if FA_WIDTHS
 #define FA_DEFINE_GEMM_ABT_SMALL(T, SFX)                                                    \
-FA_TARGET_ZMM static void fa_gemm_abt_small_zmm_##SFX FA_GEMM_ABT_SMALL_ARGS(T)            \
-FA_GEMM_ABT_SMALL_BODY(T, SFX, 4)                                                          \
-FA_TARGET_YMM static void fa_gemm_abt_small_ymm_##SFX FA_GEMM_ABT_SMALL_ARGS(T)            \
-FA_GEMM_ABT_SMALL_BODY(T, SFX, 2)                                                          \
-FA_TARGET_XMM static void fa_gemm_abt_small_xmm_##SFX FA_GEMM_ABT_SMALL_ARGS(T)            \
-FA_GEMM_ABT_SMALL_BODY(T, SFX, 4)                                                          \
-static void fa_gemm_abt_small_##SFX FA_GEMM_ABT_SMALL_ARGS(T)                              \
-{                                                                                          \
-    FA_CALL_BY_ISA(fa_gemm_abt_small, SFX,                                                 \
-                   (m, n, k, alpha, a, lda, b, ldb, c, ldc, pf, pf_bytes));                \
-}
-#else
-#define FA_DEFINE_GEMM_ABT_SMALL(T, SFX)                                                    \
-static void fa_gemm_abt_small_##SFX FA_GEMM_ABT_SMALL_ARGS(T)                              \
-FA_GEMM_ABT_SMALL_BODY(T, SFX, (FA_NATIVE_BYTES == 32 ? 2 : 4))
-#endif
+FA_DEFINE_BY_ISA(fa_gemm_abt_small, SFX, FA_GEMM_ABT_SMALL_ARGS(T),                        \
+                 (m, n, k, alpha, a, lda, b, ldb, c, ldc, pf, pf_bytes),                   \
+                 FA_GEMM_ABT_SMALL_BODY, (T, SFX), 4, 2, 4, (FA_NATIVE_BYTES == 32 ? 2 : 4))
 
 /* p @ v, the values' loop: c[i*ldc + j] += sum_p a[i*lda + p] * b[p*ldb + j] (c += a b);
  * prefetches [pf, pf + pf_bytes) on the way, a line per step. Vectors of VB bytes: 32, or
@@ -226,24 +212,11 @@ FA_GEMM_ABT_SMALL_BODY(T, SFX, (FA_NATIVE_BYTES == 32 ? 2 : 4))
     }                                                                                      \
     fa_prefetch(pf_at, pf_end - pf_at);                                                    \
 }
-#if FA_WIDTHS
 #define FA_DEFINE_GEMM_AB_ACC_SMALL(T, SFX)                                                \
-FA_TARGET_ZMM static void fa_gemm_ab_acc_small_zmm_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)      \
-FA_GEMM_AB_ACC_SMALL_BODY(T, 32)                                                           \
-FA_TARGET_YMM static void fa_gemm_ab_acc_small_ymm_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)      \
-FA_GEMM_AB_ACC_SMALL_BODY(T, 32)                                                           \
-FA_TARGET_XMM static void fa_gemm_ab_acc_small_xmm_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)      \
-FA_GEMM_AB_ACC_SMALL_BODY(T, 16)                                                           \
-static void fa_gemm_ab_acc_small_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)                        \
-{                                                                                          \
-    FA_CALL_BY_ISA(fa_gemm_ab_acc_small, SFX,                                              \
-                   (m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes));                       \
-}
-#else
-#define FA_DEFINE_GEMM_AB_ACC_SMALL(T, SFX)                                                \
-static void fa_gemm_ab_acc_small_##SFX FA_GEMM_AB_ACC_SMALL_ARGS(T)                        \
-FA_GEMM_AB_ACC_SMALL_BODY(T, (FA_NATIVE_BYTES < 32 ? FA_NATIVE_BYTES : 32))
-#endif
+FA_DEFINE_BY_ISA(fa_gemm_ab_acc_small, SFX, FA_GEMM_AB_ACC_SMALL_ARGS(T),                  \
+                 (m, n, k, a, lda, b, ldb, c, ldc, pf, pf_bytes),                          \
+                 FA_GEMM_AB_ACC_SMALL_BODY, (T), 32, 32, 16,                                \
+                 (FA_NATIVE_BYTES < 32 ? FA_NATIVE_BYTES : 32))
 
 #define FA_DEFINE_SMALL_GEMMS(T, SFX)                                                       \
                                                                                            \

@@ -6,7 +6,7 @@
 #ifndef FASTATTN_TANHSCORES_H
 #define FASTATTN_TANHSCORES_H
 
-#include "vecmath.h"      /* FA_WIDTHS, FA_TARGET_*, FA_CALL_BY_ISA */
+#include "vecmath.h"      /* FA_DEFINE_BY_ISA */
 
 /* tanh(x) = x P(x^2) / Q(x^2) for |x| <= c, exactly +-1 beyond c and at +-inf; NaN stays
  * NaN, -0 stays -0. P/Q is the minimax rational approximation of tanh(x)/x in relative
@@ -117,23 +117,9 @@
 #define FA_TANH_SCORES_ARGS(T) \
     (const T *a, const T *bt, ptrdiff_t ldb, const T *w, ptrdiff_t h, ptrdiff_t n, T *s)
 
-#if FA_WIDTHS
 #define FA_DEFINE_TANH_SCORES(T, IT, SFX)                                                   \
-FA_TARGET_ZMM static void fa_tanh_scores_zmm_##SFX FA_TANH_SCORES_ARGS(T)                  \
-FA_TANH_SCORES_BODY(T, IT, SFX, 64)                                                        \
-FA_TARGET_YMM static void fa_tanh_scores_ymm_##SFX FA_TANH_SCORES_ARGS(T)                  \
-FA_TANH_SCORES_BODY(T, IT, SFX, 32)                                                        \
-FA_TARGET_XMM static void fa_tanh_scores_xmm_##SFX FA_TANH_SCORES_ARGS(T)                  \
-FA_TANH_SCORES_BODY(T, IT, SFX, 16)                                                        \
-static void fa_tanh_scores_##SFX FA_TANH_SCORES_ARGS(T)                                    \
-{                                                                                          \
-    FA_CALL_BY_ISA(fa_tanh_scores, SFX, (a, bt, ldb, w, h, n, s));                         \
-}
-#else
-#define FA_DEFINE_TANH_SCORES(T, IT, SFX)                                                   \
-static void fa_tanh_scores_##SFX FA_TANH_SCORES_ARGS(T)                                    \
-FA_TANH_SCORES_BODY(T, IT, SFX, FA_NATIVE_BYTES)
-#endif
+FA_DEFINE_BY_ISA(fa_tanh_scores, SFX, FA_TANH_SCORES_ARGS(T), (a, bt, ldb, w, h, n, s),    \
+                 FA_TANH_SCORES_BODY, (T, IT, SFX), 64, 32, 16, FA_NATIVE_BYTES)
 
 FA_DEFINE_TANH_SCORES(float, int32_t, f32)
 FA_DEFINE_TANH_SCORES(double, int64_t, f64)

@@ -6,6 +6,7 @@
 #      score modifiers (soft-cap, ALiBi: ScoreMods) and the mask,
 #   3. folds the row into the running online softmax (m, l, acc)  (FlashAttention-2),
 #   4. accumulates          acc <- acc + p @ v_blk                 (tile_accumulate)
+#      (with dropout, p's dropped entries zeroed and the kept ones scaled first)
 # The two products run on the AVX-512 micro-kernels of tilegemm.h for float32 (when the
 # CPU has AVX-512 and ev is a multiple of 16, see `tile_products_native`), else on BLAS.
 # After the last tile, `finish_row` turns a row's (m, l, acc) into its output row and
@@ -107,6 +108,46 @@ cdef inline void row_mods(const ScoreMods *mods, real *s, Py_ssize_t n,
     else:
         fa_mods_row_f64(mods, s, n, d0)
 
+
+# ---- dropout on the probabilities (dropout.h) -----------------------------------------
+# A driver with dropout points its TileOperands' `dropout` at one of these and keeps its
+# batch, row0 and col0 on the current tile; attend_tile (through tile_attend) then drops
+# probabilities after the softmax step (the row sums keep them) and before they meet V.
+
+cdef extern from "dropout.h" nogil:
+    ctypedef struct DropoutTile "fa_dropout":
+        uint64_t seed, threshold
+        double scale
+        int64_t batch, row0, col0
+    void fa_dropout_tile_f32(const DropoutTile *d, int r0, int rows, int cols, float *s)
+    void fa_dropout_tile_f64(const DropoutTile *d, int r0, int rows, int cols, double *s)
+    uint64_t fa_dropout_row_key(uint64_t seed, int64_t b, int64_t i)
+    void fa_dropout_row_f32(float *p, Py_ssize_t n, uint64_t key, int64_t j0,
+                            uint64_t threshold, float scale)
+    void fa_dropout_row_f64(double *p, Py_ssize_t n, uint64_t key, int64_t j0,
+                            uint64_t threshold, double scale)
+
+
+cdef inline void dropout_row(const DropoutTile *d, Py_ssize_t batch, Py_ssize_t row,
+                             Py_ssize_t col0, real *x, Py_ssize_t n) noexcept nogil:
+    # x[:n] (columns col0 .. of query row `row` of batch entry `batch`) <- kept values
+    # / (1 - p), dropped 0: the same decisions as dropout_tile (the backward's use)
+    cdef uint64_t key = fa_dropout_row_key(d.seed, batch, row)
+    if real is float:
+        fa_dropout_row_f32(x, n, key, col0, d.threshold, <float>d.scale)
+    else:
+        fa_dropout_row_f64(x, n, key, col0, d.threshold, d.scale)
+
+
+cdef inline void dropout_tile(const DropoutTile *d, int r0, int rows, int cols,
+                              real *s) noexcept nogil:
+    # s (rows x cols, the tile's rows r0 ..) <- kept probabilities / (1 - p), dropped 0
+    if real is float:
+        fa_dropout_tile_f32(d, r0, rows, cols, s)
+    else:
+        fa_dropout_tile_f64(d, r0, rows, cols, s)
+
+
 cdef extern from "vecmath.h" nogil:
     float fa_max_f32(const float *x, Py_ssize_t n)
     double fa_max_f64(const double *x, Py_ssize_t n)
@@ -171,11 +212,19 @@ cdef extern from "tilegemm.h" nogil:
     void fa_tile_pv_f32(int rows, int ev, int cols, const float *p, Py_ssize_t ldp,
                         const float *v, Py_ssize_t ldv, float *acc, Py_ssize_t ldacc)
 
+    # acc += p.T @ v, p stored key-major (cols x rows, row stride ldpt)
+    void fa_tile_pv_t_f32(int rows, int ev, int cols, const float *pt, Py_ssize_t ldpt,
+                          const float *v, Py_ssize_t ldv, float *acc, Py_ssize_t ldacc)
+
     Py_ssize_t fa_kmajor_ld(int rows)
     void fa_pack_transposed(int cols, int e, const float *k, Py_ssize_t ldk, float *kt,
                             Py_ssize_t ldkt)
     void fa_pack_transposed_scaled(int cols, int e, const float *k, Py_ssize_t ldk,
                                    float *kt, Py_ssize_t ldkt, float scale)
+    # s = scale * q @ kt[:, :cols], kt packed by fa_pack_transposed
+    void fa_scores_from_panel(int rows, int cols, int e, float scale, const float *q,
+                              Py_ssize_t ldq, const float *kt, Py_ssize_t ldkt, float *s,
+                              Py_ssize_t lds)
     int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
                                   const float *qt, Py_ssize_t ldqt, const float *k,
                                   Py_ssize_t ldk, const float *v, Py_ssize_t ldv, float *st,
@@ -454,6 +503,7 @@ cdef inline void attend_tile(
         int e, int ev, real scale,
         const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
         Py_ssize_t band_lo, Py_ssize_t band_hi, const ScoreMods *mods,
+        const DropoutTile *dropout, int dropout_r0,
         real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
     # One (query block, key block) tile of the online softmax.
     #   q: rows x e, k: cols x e, v: cols x ev (row strides ldq, ldk, ldv)
@@ -461,12 +511,16 @@ cdef inline void attend_tile(
     #   band: row r sees tile columns c with r + band_lo <= c <= r + band_hi
     #         (causal: band_lo = -BAND_ALL, band_hi = q0 + offset - k0)
     #   mods: soft-cap and ALiBi (ScoreMods, diag at element (0, 0)), or NULL
+    #   dropout: NULL, or the probabilities dropped (dropout.h) as rows dropout_r0 .. of
+    #         its current tile, after the row sums took them
     #   s: rows x cols scratch;  acc: rows x ev with row stride ldacc;  m, l: rows
     # s <- scale * q @ k.T
     tile_scores(rows, cols, e, scale, q, ldq, k, ldk, s, ev)
     # acc <- acc + p @ v
     if softmax_tile(rows, cols, ev, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
                     mods, s, acc, ldacc, m, l):
+        if dropout != NULL:
+            dropout_tile(dropout, dropout_r0, rows, cols, s)
         tile_accumulate(rows, ev, cols, s, v, ldv, acc, ldacc)
 
 
@@ -586,60 +640,6 @@ cdef inline QkvLayout qkv_layout(cnp.ndarray q_off, cnp.ndarray k_off, cnp.ndarr
     x.ldk = ldk
     x.ldv = ldv
     return x
-
-
-# ---- dropout on the probabilities (dropout.h) -----------------------------------------
-# A driver with dropout points its TileOperands' `dropout` at one of these and keeps its
-# batch, row0 and col0 on the current tile; tile_attend then drops probabilities after
-# the softmax step (the row sums keep them) and before they meet V.
-
-cdef extern from "dropout.h" nogil:
-    ctypedef struct DropoutTile "fa_dropout":
-        uint64_t seed, threshold
-        double scale
-        int64_t batch, row0, col0
-    void fa_dropout_tile_f32(const DropoutTile *d, int r0, int rows, int cols, float *s)
-    void fa_dropout_tile_f64(const DropoutTile *d, int r0, int rows, int cols, double *s)
-    uint64_t fa_dropout_row_key(uint64_t seed, int64_t b, int64_t i)
-    void fa_dropout_row_f32(float *p, Py_ssize_t n, uint64_t key, int64_t j0,
-                            uint64_t threshold, float scale)
-    void fa_dropout_row_f64(double *p, Py_ssize_t n, uint64_t key, int64_t j0,
-                            uint64_t threshold, double scale)
-
-
-cdef inline void dropout_row(const DropoutTile *d, Py_ssize_t batch, Py_ssize_t row,
-                             Py_ssize_t col0, real *x, Py_ssize_t n) noexcept nogil:
-    # x[:n] (columns col0 .. of query row `row` of batch entry `batch`) <- kept values
-    # / (1 - p), dropped 0: the same decisions as dropout_tile (the backward's use)
-    cdef uint64_t key = fa_dropout_row_key(d.seed, batch, row)
-    if real is float:
-        fa_dropout_row_f32(x, n, key, col0, d.threshold, <float>d.scale)
-    else:
-        fa_dropout_row_f64(x, n, key, col0, d.threshold, d.scale)
-
-
-cdef inline void dropout_tile(const DropoutTile *d, int r0, int rows, int cols,
-                              real *s) noexcept nogil:
-    # s (rows x cols, the tile's rows r0 ..) <- kept probabilities / (1 - p), dropped 0
-    if real is float:
-        fa_dropout_tile_f32(d, r0, rows, cols, s)
-    else:
-        fa_dropout_tile_f64(d, r0, rows, cols, s)
-
-
-cdef inline void attend_tile_dropout(
-        const DropoutTile *d, int r0, const real *q, Py_ssize_t ldq, int rows,
-        const real *k, Py_ssize_t ldk, const real *v, Py_ssize_t ldv, int cols,
-        int e, int ev, real scale,
-        const void *mask, int mask_kind, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
-        Py_ssize_t band_lo, Py_ssize_t band_hi, const ScoreMods *mods,
-        real *s, real *acc, Py_ssize_t ldacc, real *m, real *l) noexcept nogil:
-    # attend_tile with dropout: the tile's rows are rows r0 .. of the current tile of d.
-    tile_scores(rows, cols, e, scale, q, ldq, k, ldk, s, ev)
-    if softmax_tile(rows, cols, ev, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
-                    mods, s, acc, ldacc, m, l):
-        dropout_tile(d, r0, rows, cols, s)
-        tile_accumulate(rows, ev, cols, s, v, ldv, acc, ldacc)
 
 
 # ---- operands of any element type (tilehalf.h) ----------------------------------------
@@ -841,17 +841,10 @@ cdef inline void tile_attend(
     # band and mods.diag are relative to the call's first row (r0).
     cdef Py_ssize_t npairs, ldpt
     if not is_half(t.dtype):
-        if t.dropout != NULL:
-            attend_tile_dropout(t.dropout, r0,
-                                <const real *>element(t.q, r0 * t.ldq, t.itemsize), t.ldq,
-                                rows, <const real *>k, ldk, <const real *>v, ldv, cols, t.e,
-                                t.ev, scale, mask, mask_kind, mask_rs, mask_cs, band_lo,
-                                band_hi, mods, s, acc, ldacc, m, l)
-            return
         attend_tile(<const real *>element(t.q, r0 * t.ldq, t.itemsize), t.ldq, rows,
                     <const real *>k, ldk, <const real *>v, ldv, cols, t.e, t.ev, scale,
-                    mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi, mods, s, acc, ldacc,
-                    m, l)
+                    mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi, mods, t.dropout, r0,
+                    s, acc, ldacc, m, l)
         return
     if real is float:
         if t.dot:
@@ -871,15 +864,9 @@ cdef inline void tile_attend(
         else:
             fa_widen(t.dtype, cols, t.e, <const uint16_t *>k, ldk, t.k32, t.e)
             fa_widen(t.dtype, cols, t.ev, <const uint16_t *>v, ldv, t.v32, t.ev)
-            if t.dropout != NULL:
-                attend_tile_dropout(t.dropout, r0, t.q32 + r0 * t.e, t.e, rows, t.k32, t.e,
-                                    t.v32, t.ev, cols, t.e, t.ev, scale, mask, mask_kind,
-                                    mask_rs, mask_cs, band_lo, band_hi, mods, s, acc, ldacc,
-                                    m, l)
-                return
             attend_tile(t.q32 + r0 * t.e, t.e, rows, t.k32, t.e, t.v32, t.ev, cols, t.e,
                         t.ev, scale, mask, mask_kind, mask_rs, mask_cs, band_lo, band_hi,
-                        mods, s, acc, ldacc, m, l)
+                        mods, t.dropout, r0, s, acc, ldacc, m, l)
 
 
 cdef inline bint tile_attend_kmajor(

@@ -1,7 +1,7 @@
 /*
- * tilebwd.h -- the element-wise step of the attention backward (backward.pyx), and the
- * float32 tile products it shares with the forward (tilegemm.h) under names that exist
- * in every build.
+ * tilebwd.h -- the element-wise step of the attention backward (backward.pyx); its float32
+ * tile products are the forward's (tilegemm.h: fa_pack_transposed, fa_scores_from_panel,
+ * fa_tile_pv_f32, fa_tile_pv_t_f32, declared in tile.pxd).
  *
  * For one row of a (query block, key block) tile, with s the scaled, masked scores and
  * dp = dO V^T:
@@ -23,30 +23,22 @@
 #include "tilegemm.h"
 #include "tilehalf.h"
 
-static void fa_bwd_probs_scalar_f32(float *s, float *dp, ptrdiff_t n, float lse, float d,
-                                    float a)
-{
-    for (ptrdiff_t j = 0; j < n; j++) {
-        float p = fa_expneg_f32(s[j] - lse);
-        s[j] = p;
-        dp[j] = a * (p * (dp[j] - d));
-    }
+#define FA_DEFINE_BWD_PROBS_SCALAR(T, SFX)                                                 \
+static void fa_bwd_probs_scalar_##SFX(T *s, T *dp, ptrdiff_t n, T lse, T d, T a)          \
+{                                                                                          \
+    for (ptrdiff_t j = 0; j < n; j++) {                                                    \
+        T p = fa_expneg_##SFX(s[j] - lse);                                                 \
+        s[j] = p;                                                                          \
+        dp[j] = a * (p * (dp[j] - d));                                                     \
+    }                                                                                      \
 }
-
-static void fa_bwd_probs_scalar_f64(double *s, double *dp, ptrdiff_t n, double lse, double d,
-                                    double a)
-{
-    for (ptrdiff_t j = 0; j < n; j++) {
-        double p = fa_expneg_f64(s[j] - lse);
-        s[j] = p;
-        dp[j] = a * (p * (dp[j] - d));
-    }
-}
+FA_DEFINE_BWD_PROBS_SCALAR(float, f32)
+FA_DEFINE_BWD_PROBS_SCALAR(double, f64)
 
 #if FA_TILE_KERNELS
 
 /* The vector version: four vectors at a time (independent exps for the out-of-order
- * core), then one, then the scalar tail. */
+ * core), then one, then the scalar tail; fa_bwd_probs_* picks it on CPUs with AVX-512. */
 #define FA_DEFINE_BWD_PROBS(T, IT, SFX, LANES)                                             \
 FA_V4 static void fa_bwd_probs_v4_##SFX(T *s, T *dp, ptrdiff_t n, T lse, T d, T a)        \
 {                                                                                          \
@@ -76,88 +68,28 @@ FA_V4 static void fa_bwd_probs_v4_##SFX(T *s, T *dp, ptrdiff_t n, T lse, T d, T 
         }                                                                                  \
     }                                                                                      \
     fa_bwd_probs_scalar_##SFX(s + j, dp + j, n - j, lse, d, a);                            \
+}                                                                                          \
+static void fa_bwd_probs_##SFX(T *s, T *dp, ptrdiff_t n, T lse, T d, T a)                 \
+{                                                                                          \
+    if (fa_tile_products_ok(16))    /* the CPU has AVX-512 (F, VL, BW, DQ) */              \
+        fa_bwd_probs_v4_##SFX(s, dp, n, lse, d, a);                                        \
+    else                                                                                   \
+        fa_bwd_probs_scalar_##SFX(s, dp, n, lse, d, a);                                    \
 }
+
+#else   /* no AVX-512 kernels in this build: the scalar exp */
+
+#define FA_DEFINE_BWD_PROBS(T, IT, SFX, LANES)                                             \
+static void fa_bwd_probs_##SFX(T *s, T *dp, ptrdiff_t n, T lse, T d, T a)                 \
+{                                                                                          \
+    fa_bwd_probs_scalar_##SFX(s, dp, n, lse, d, a);                                        \
+}
+
+#endif
+
 FA_DEFINE_BWD_PROBS(float, int32_t, f32, 16)
 FA_DEFINE_BWD_PROBS(double, int64_t, f64, 8)
 
-static inline int fa_bwd_have_v4(void)
-{
-    return fa_tile_products_ok(16);     /* the CPU has AVX-512 (F, VL, BW, DQ) */
-}
-
-static void fa_bwd_probs_f32(float *s, float *dp, ptrdiff_t n, float lse, float d, float a)
-{
-    if (fa_bwd_have_v4())
-        fa_bwd_probs_v4_f32(s, dp, n, lse, d, a);
-    else
-        fa_bwd_probs_scalar_f32(s, dp, n, lse, d, a);
-}
-
-static void fa_bwd_probs_f64(double *s, double *dp, ptrdiff_t n, double lse, double d,
-                             double a)
-{
-    if (fa_bwd_have_v4())
-        fa_bwd_probs_v4_f64(s, dp, n, lse, d, a);
-    else
-        fa_bwd_probs_scalar_f64(s, dp, n, lse, d, a);
-}
-
-/* The float32 products of the backward, on tilegemm.h's micro-kernels (callers check
- * fa_tile_products_ok for every value width first):
- *   fa_bwd_scores:  s[rows, cols] (row stride lds) = scale * a[rows, e] @ panel[e, 0:cols]
- *                   (the panel packed by fa_pack_transposed, row stride ldp);
- *   fa_bwd_acc:     acc[rows, w] += p[rows, cols] @ b[cols, w];
- *   fa_bwd_acc_t:   acc[rows, w] += p[cols, rows].T @ b[cols, w]   (p row-major, stride ldp). */
-static void fa_bwd_pack(int cols, int e, const float *k, ptrdiff_t ldk, float *kt,
-                        ptrdiff_t ldkt)
-{
-    fa_pack_transposed(cols, e, k, ldk, kt, ldkt);
-}
-
-static void fa_bwd_scores(int rows, int cols, int e, float scale, const float *a,
-                          ptrdiff_t lda, const float *panel, ptrdiff_t ldp, float *s,
-                          ptrdiff_t lds)
-{
-    fa_scores_from_panel(rows, cols, e, scale, a, lda, panel, ldp, s, lds);
-}
-
-static void fa_bwd_acc(int rows, int w, int cols, const float *p, ptrdiff_t ldp,
-                       const float *b, ptrdiff_t ldb, float *acc, ptrdiff_t ldacc)
-{
-    fa_tile_pv_f32(rows, w, cols, p, ldp, b, ldb, acc, ldacc);
-}
-
-static void fa_bwd_acc_t(int rows, int w, int cols, const float *p, ptrdiff_t ldp,
-                         const float *b, ptrdiff_t ldb, float *acc, ptrdiff_t ldacc)
-{
-    fa_tile_pv_t_f32(rows, w, cols, p, ldp, b, ldb, acc, ldacc);
-}
-
-#else   /* no AVX-512 kernels in this build: scalar exp, BLAS products (never called) */
-
-static void fa_bwd_probs_f32(float *s, float *dp, ptrdiff_t n, float lse, float d, float a)
-{ fa_bwd_probs_scalar_f32(s, dp, n, lse, d, a); }
-static void fa_bwd_probs_f64(double *s, double *dp, ptrdiff_t n, double lse, double d,
-                             double a)
-{ fa_bwd_probs_scalar_f64(s, dp, n, lse, d, a); }
-static void fa_bwd_pack(int cols, int e, const float *k, ptrdiff_t ldk, float *kt,
-                        ptrdiff_t ldkt)
-{ (void)cols; (void)e; (void)k; (void)ldk; (void)kt; (void)ldkt; }
-static void fa_bwd_scores(int rows, int cols, int e, float scale, const float *a,
-                          ptrdiff_t lda, const float *panel, ptrdiff_t ldp, float *s,
-                          ptrdiff_t lds)
-{ (void)rows; (void)cols; (void)e; (void)scale; (void)a; (void)lda; (void)panel; (void)ldp;
-  (void)s; (void)lds; }
-static void fa_bwd_acc(int rows, int w, int cols, const float *p, ptrdiff_t ldp,
-                       const float *b, ptrdiff_t ldb, float *acc, ptrdiff_t ldacc)
-{ (void)rows; (void)w; (void)cols; (void)p; (void)ldp; (void)b; (void)ldb; (void)acc;
-  (void)ldacc; }
-static void fa_bwd_acc_t(int rows, int w, int cols, const float *p, ptrdiff_t ldp,
-                         const float *b, ptrdiff_t ldb, float *acc, ptrdiff_t ldacc)
-{ (void)rows; (void)w; (void)cols; (void)p; (void)ldp; (void)b; (void)ldb; (void)acc;
-  (void)ldacc; }
-
-#endif
 /* ---- bfloat16 products (CPUs with AVX512_BF16, tilehalf.h's way 2) ---------------------
  * The products whose reduction runs over the query rows (dV += P^T dO, dK += dS^T Q)
  * take P and dS rounded to bfloat16 as pairs of rows: */

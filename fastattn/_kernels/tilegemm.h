@@ -803,6 +803,10 @@ static void fa_tile_pv_f32(int rows, int ev, int cols, const float *p, ptrdiff_t
                            const float *v, ptrdiff_t ldv, float *acc, ptrdiff_t ldacc)
 { (void)rows; (void)ev; (void)cols; (void)p; (void)ldp; (void)v; (void)ldv; (void)acc;
   (void)ldacc; }
+static void fa_tile_pv_t_f32(int rows, int ev, int cols, const float *pt, ptrdiff_t ldpt,
+                             const float *v, ptrdiff_t ldv, float *acc, ptrdiff_t ldacc)
+{ (void)rows; (void)ev; (void)cols; (void)pt; (void)ldpt; (void)v; (void)ldv; (void)acc;
+  (void)ldacc; }
 static inline ptrdiff_t fa_kmajor_ld(int rows) { return rows; }
 static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t ldk, float *kt,
                                ptrdiff_t ldkt)
@@ -810,6 +814,11 @@ static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t ldk, f
 static void fa_pack_transposed_scaled(int cols, int e, const float *k, ptrdiff_t ldk,
                                       float *kt, ptrdiff_t ldkt, float scale)
 { (void)cols; (void)e; (void)k; (void)ldk; (void)kt; (void)ldkt; (void)scale; }
+static void fa_scores_from_panel(int rows, int cols, int e, float scale, const float *q,
+                                 ptrdiff_t ldq, const float *kt, ptrdiff_t ldkt, float *s,
+                                 ptrdiff_t lds)
+{ (void)rows; (void)cols; (void)e; (void)scale; (void)q; (void)ldq; (void)kt; (void)ldkt;
+  (void)s; (void)lds; }
 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, float scale,
                                      const float *qt, ptrdiff_t ldqt, const float *k,
                                      ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float *st,

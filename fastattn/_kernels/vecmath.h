@@ -1,8 +1,8 @@
 /*
  * vecmath.h -- the vector loops of the tile/softmax core, shared by every kernel family:
- * the ISA dispatch machinery (FA_VECTOR, FA_WIDTHS, FA_CALL_BY_ISA) and the exp, max and
- * sum row routines of the softmax. tanhscores.h (additive scores) and smallgemm.h (the
- * decode small GEMMs) build on it.
+ * the ISA dispatch machinery (FA_VECTOR, FA_WIDTHS, FA_CALL_BY_ISA, FA_DEFINE_BY_ISA) and
+ * the exp, max and sum row routines of the softmax. tanhscores.h (additive scores),
+ * scoremods.h (soft-cap, ALiBi) and smallgemm.h (the decode small GEMMs) build on it.
  *
  * Each routine works on one row of a score tile. On x86-64 gcc builds every routine exists
  * for AVX-512, AVX2+FMA and baseline SSE2, and the one for the running CPU is picked at
@@ -104,6 +104,28 @@ static inline int fa_isa_level(void)
 #else
 #define FA_NATIVE_BYTES 16
 #endif
+#endif
+
+/* Define `static void F##_##SFX PARAMS`, one version per ISA, from a body macro that takes
+ * an ISA parameter last (a vector width, an unroll factor, ...): the body of each version
+ * is BODY(BODY_ARGS..., X), with X = ZMM, YMM or XMM for the three versions of
+ * FA_CALL_BY_ISA, which F##_##SFX calls with the arguments CALL (PARAMS' names, in
+ * parentheses); without FA_WIDTHS, F##_##SFX is the one version at X = NATIVE.
+ * FA_INVOKE appends X to BODY_ARGS (parenthesised) before BODY reads its arguments. */
+#define FA_EXPAND(...) __VA_ARGS__
+#define FA_INVOKE(M, ...) M(__VA_ARGS__)
+#if FA_WIDTHS
+#define FA_DEFINE_BY_ISA(F, SFX, PARAMS, CALL, BODY, BODY_ARGS, ZMM, YMM, XMM, NATIVE)      \
+FA_TARGET_ZMM static void F##_zmm_##SFX PARAMS FA_INVOKE(BODY, FA_EXPAND BODY_ARGS, ZMM)   \
+FA_TARGET_YMM static void F##_ymm_##SFX PARAMS FA_INVOKE(BODY, FA_EXPAND BODY_ARGS, YMM)   \
+FA_TARGET_XMM static void F##_xmm_##SFX PARAMS FA_INVOKE(BODY, FA_EXPAND BODY_ARGS, XMM)   \
+static void F##_##SFX PARAMS                                                               \
+{                                                                                          \
+    FA_CALL_BY_ISA(F, SFX, CALL);                                                          \
+}
+#else
+#define FA_DEFINE_BY_ISA(F, SFX, PARAMS, CALL, BODY, BODY_ARGS, ZMM, YMM, XMM, NATIVE)      \
+static void F##_##SFX PARAMS FA_INVOKE(BODY, FA_EXPAND BODY_ARGS, NATIVE)
 #endif
 
 /* ---- exp of a non-positive argument, element-wise, branch-free -------------------- */

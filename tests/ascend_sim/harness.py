@@ -140,6 +140,32 @@ def last_launch(runtime):
     return dict(operator=LAUNCH_KINDS[info[0]], dtypes=dtypes, out=out)
 
 
+def phase1(runtime, name, arguments):
+    """``<name>GetWorkspaceSize(*arguments, &size, &executor)``: (status, size, executor)."""
+    from ascend import _ops
+
+    operator = runtime.lib.operator(name)
+    size, executor = ctypes.c_uint64(), _ops.ExecutorRef()
+    status = operator.get_workspace_size(*arguments, ctypes.byref(size), ctypes.byref(executor))
+    return status, size.value, executor
+
+
+def launch(runtime, name, size, executor):
+    """Phase 2 of ``name`` on device 0 with a workspace of ``size`` bytes: its status."""
+    operator = runtime.lib.operator(name)
+    workspace = runtime.allocate(0, size)
+    try:
+        return operator.launch(workspace.ptr, size, executor, runtime.activate(0))
+    finally:
+        runtime._free(workspace)
+
+
+def error_message(runtime):
+    """``aclGetRecentErrMsg()`` as text ("" if there is none)."""
+    raw = runtime.lib.acl.aclGetRecentErrMsg()
+    return raw.decode() if raw else ""
+
+
 def fail_next(runtime, function_name, code):
     """Make the next call of ``function_name`` in the simulator return ``code``."""
     runtime.lib.acl.ascendsim_fail_next(function_name.encode(), code)
@@ -212,12 +238,10 @@ def assert_no_leak(runtime):
 # float64 references
 # ---------------------------------------------------------------------------
 
-def reference_attention(query, key, value, keep=None, bias=None, scale=None):
-    """softmax(scale * q k^T + bias, masked where not keep) v in float64, with lse.
-
-    Grouped heads share key/value head ``h // (Hq // Hkv)``; rows without any
-    key give zeros and lse = -inf.
-    """
+def _softmax_parts(query, key, value, keep, bias, scale):
+    """What the references share, in float64: q, k and v with key/value heads repeated
+    for grouped query heads, the scale, and the masked softmax's pieces: row max (0 in rows
+    without any key), those rows, exp(scores - row max) and its row sums."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (query, key, value))
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
@@ -231,7 +255,17 @@ def reference_attention(query, key, value, keep=None, bias=None, scale=None):
     empty = ~np.isfinite(row_max)
     row_max = np.where(empty, 0.0, row_max)
     weights = np.exp(scores - row_max)
-    total = weights.sum(axis=-1, keepdims=True)
+    return q, k, v, scale, row_max, empty, weights, weights.sum(axis=-1, keepdims=True)
+
+
+def reference_attention(query, key, value, keep=None, bias=None, scale=None):
+    """softmax(scale * q k^T + bias, masked where not keep) v in float64, with lse.
+
+    Grouped heads share key/value head ``h // (Hq // Hkv)``; rows without any
+    key give zeros and lse = -inf.
+    """
+    _, _, v, _, row_max, empty, weights, total = _softmax_parts(query, key, value, keep,
+                                                                 bias, scale)
     out = np.where(empty, 0.0, (weights @ v) / np.where(empty, 1.0, total))
     with np.errstate(divide="ignore"):
         lse = np.where(empty[..., 0], -np.inf, row_max[..., 0] + np.log(total[..., 0]))
@@ -246,20 +280,12 @@ def reference_attention_backward(grad_out, query, key, value, keep=None, bias=No
     0), ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = scale * dS K``,
     ``dK = scale * dS^T Q``; key/value gradients summed over each group of query heads.
     """
-    q, k, v, g = (np.asarray(x, dtype=np.float64) for x in (query, key, value, grad_out))
-    batch, kv_heads = k.shape[:2]
+    q, k, v, scale, _, empty, weights, total = _softmax_parts(query, key, value, keep, bias,
+                                                              scale)
+    g = np.asarray(grad_out, dtype=np.float64)
+    batch, kv_heads = np.shape(key)[:2]
     group = q.shape[1] // kv_heads
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    scores = scale * q @ k.swapaxes(-1, -2)
-    if bias is not None:
-        scores = scores + bias
-    if keep is not None:
-        scores = np.where(keep, scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True)
-    empty = ~np.isfinite(row_max)
-    weights = np.exp(scores - np.where(empty, 0.0, row_max))
-    p = np.where(empty, 0.0, weights / np.where(empty, 1.0, weights.sum(axis=-1, keepdims=True)))
+    p = np.where(empty, 0.0, weights / np.where(empty, 1.0, total))
     out = p @ v
     dv = p.swapaxes(-1, -2) @ g
     ds = p * (g @ v.swapaxes(-1, -2) - (g * out).sum(axis=-1, keepdims=True))

@@ -304,8 +304,20 @@ static aclnnStatus launch(const char *name, int kind, void *workspace, uint64_t 
 }
 
 /* ------------------------------------------------------------------ */
-/* aclnnFlashAttentionScore                                            */
+/* what the attention operators share                                  */
 /* ------------------------------------------------------------------ */
+/*
+ * FlashAttentionScore, its Grad and VarLenScore take the same query/key/value,
+ * attenMask and statistics arguments and compute the same masked softmax of one head at a
+ * time. The pieces below serve all three: the argument checks of phase 1, the checks at
+ * launch, a head's rows inside a BNSD or TND tensor, its scores and its forward.
+ */
+
+#define TRY(call)                                              \
+    do {                                                       \
+        aclnnStatus try_status_ = (call);                      \
+        if (try_status_ != ACLNN_SUCCESS) return try_status_;  \
+    } while (0)
 
 typedef struct {
     aclTensor query, key, value, pse, mask, softmax_max, softmax_sum, out;
@@ -314,41 +326,152 @@ typedef struct {
     int64_t pre_tokens, next_tokens, inner_precise, sparse_mode;
 } FlashAttentionArgs;
 
-static int fa_pse_shape_ok(const aclTensor *p, int64_t B, int64_t N, int64_t Sq, int64_t Skv) {
-    if (p->ndim != 4 || p->dims[1] != N || p->dims[3] != Skv) return 0;
-    if (p->dims[0] == B && (p->dims[2] == Sq || p->dims[2] == 1)) return 1; /* BNSS, BN1S */
-    return p->dims[0] == 1 && p->dims[2] == Sq;                              /* 1NSS */
+/* The arguments a launch needs; pse and mask may be NULL (not passed). */
+static void fa_args_fill(FlashAttentionArgs *a, const aclTensor *query, const aclTensor *key,
+                         const aclTensor *value, const aclTensor *pse, const aclTensor *mask,
+                         const aclTensor *softmax_max, const aclTensor *softmax_sum,
+                         const aclTensor *out, double scale, int64_t pre_tokens,
+                         int64_t next_tokens, int64_t inner_precise, int64_t sparse_mode) {
+    a->query = *query;
+    a->key = *key;
+    a->value = *value;
+    a->softmax_max = *softmax_max;
+    a->softmax_sum = *softmax_sum;
+    a->out = *out;
+    if ((a->has_pse = pse != NULL)) a->pse = *pse;
+    if ((a->has_mask = mask != NULL)) a->mask = *mask;
+    a->scale = scale;
+    a->pre_tokens = pre_tokens;
+    a->next_tokens = next_tokens;
+    a->inner_precise = inner_precise;
+    a->sparse_mode = sparse_mode;
 }
 
-static int fa_mask_shape_ok(const aclTensor *m, int64_t B, int64_t N, int64_t Sq, int64_t Skv) {
-    if (m->ndim == 2) return m->dims[0] == Sq && m->dims[1] == Skv;
-    if (m->ndim != 4 || m->dims[2] != Sq || m->dims[3] != Skv) return 0;
-    return (m->dims[0] == B && (m->dims[1] == N || m->dims[1] == 1)) ||
-           (m->dims[0] == 1 && m->dims[1] == 1);
-}
+/* ---- phase 1 checks ---- */
 
-/* Is (i, j) masked out? Modes 2/3 are rule-based once the compressed mask is checked. */
-static int fa_masked(const FlashAttentionArgs *a, int64_t b, int64_t n, int64_t i, int64_t j,
-                     int64_t Sq, int64_t Skv) {
-    if (!a->has_mask) return 0; /* no mask: sparse mode and pre/next are ignored */
-    switch (a->sparse_mode) {
-    case 2: return j > i;               /* causal, top-left origin */
-    case 3: return j > i + (Skv - Sq);  /* causal, bottom-right origin */
-    case 4: /* band, bottom-right origin: -preTokens <= j - (i + Skv - Sq) <= nextTokens */
-        return j - (i + Skv - Sq) > a->next_tokens || (i + Skv - Sq) - j > a->pre_tokens;
-    default: {
-        const aclTensor *m = &a->mask;
-        int64_t index = m->ndim == 2 ? m->offset + i * m->strides[0] + j * m->strides[1]
-                                     : at4(m, b, n, i, j);
-        if (load(m, index) != 0) return 1; /* Ascend polarity: 1 = masked out */
-        /* mode 0 also applies the band -preTokens <= j - i <= nextTokens */
-        return a->sparse_mode == 0 && (j - i > a->next_tokens || i - j > a->pre_tokens);
+enum { LAYOUT_TND = 3, LAYOUT_BNSD = 4 }; /* the rank of query/key/value */
+
+static aclnnStatus check_bnsd_layout(const char *inputLayout) {
+    if (strcmp(inputLayout, "BNSD") != 0) {
+        if (strcmp(inputLayout, "BSH") && strcmp(inputLayout, "SBH") && strcmp(inputLayout, "BSND"))
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is invalid", inputLayout);
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is not simulated (BNSD only)",
+             inputLayout);
     }
-    }
+    return ACLNN_SUCCESS;
 }
 
-/* Sparse modes 2/3: the mask must be exactly triu(ones(2048, 2048), diagonal=1). */
-static aclnnStatus fa_compressed_mask_check(const FlashAttentionArgs *a) {
+/* query/key/value in BNSD ([B, N, S, D]) or TND ([T, N, D]): equal float dtypes, key and
+ * value consistent with the query (same B; same D for key; value = key but for Dv), nothing
+ * empty, headNum = N, whole groups of query heads per key head, and the limits. */
+static aclnnStatus check_qkv(const aclTensor *query, const aclTensor *key, const aclTensor *value,
+                             const char *key_name, int rank, int64_t headNum) {
+    const char *layout = rank == LAYOUT_BNSD ? "BNSD" : "TND";
+    if (query->ndim != (uint64_t)rank || key->ndim != (uint64_t)rank ||
+        value->ndim != (uint64_t)rank)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: %s query/%s/value must be %d-D", layout, key_name,
+             rank);
+    if (!is_float_dtype(query->dtype) || key->dtype != query->dtype || value->dtype != query->dtype)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/%s/value dtypes must be equal and one of "
+             "FLOAT16, BFLOAT16, FLOAT32 (got %d, %d, %d)", key_name, query->dtype, key->dtype,
+             value->dtype);
+    const int last = rank - 1, seq = rank == LAYOUT_BNSD ? 2 : 0;
+    int consistent = key->dims[last] == query->dims[last] &&
+                     (rank != LAYOUT_BNSD || key->dims[0] == query->dims[0]);
+    for (int axis = 0; axis < last; ++axis) consistent &= value->dims[axis] == key->dims[axis];
+    if (!consistent)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/%s/value shapes are inconsistent", key_name);
+    for (int axis = 0; axis < rank; ++axis)
+        if (query->dims[axis] < 1 || key->dims[axis] < 1 || value->dims[axis] < 1)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: empty query/%s/value are not supported",
+                 key_name);
+    const int64_t N = query->dims[1], Nkv = key->dims[1], D = query->dims[last];
+    const int64_t Dv = value->dims[last];
+    if (headNum != N)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: headNum %lld != query N %lld", (long long)headNum,
+             (long long)N);
+    if (N % Nkv != 0)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query heads %lld not a multiple of key heads %lld",
+             (long long)N, (long long)Nkv);
+    if (N > 256 || D > 768 || Dv > D || query->dims[seq] > (1 << 20) ||
+        key->dims[seq] > (1 << 20))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: limits exceeded: N <= 256, Dv <= D <= 768, "
+             "%s <= 1M (N=%lld, D=%lld, Dv=%lld)", rank == LAYOUT_BNSD ? "S" : "T", (long long)N,
+             (long long)D, (long long)Dv);
+    return ACLNN_SUCCESS;
+}
+
+static aclnnStatus check_no_dropout(double keepProb, const aclTensor *dropMask,
+                                    const aclTensor *paddingMask, const aclIntArray *prefix) {
+    if (!(keepProb > 0.0 && keepProb <= 1.0))
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: keepProb must be in (0, 1]");
+    if (keepProb != 1.0 || dropMask || paddingMask || prefix)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dropout, paddingMask and prefix are not simulated");
+    return ACLNN_SUCCESS;
+}
+
+/* attenMask, 1 = masked out: BOOL or UINT8. Sparse modes 2-4 take the [2048, 2048]
+ * compressed mask (its content is checked at launch), and mode 4 a band that is not empty
+ * (sparse_mode_introduction.md, sparseMode=4: "preTokens and nextTokens must have an
+ * intersection", -preTokens <= j - i' <= nextTokens). Modes 0 and 1 take the full mask,
+ * [B,N,Sq,Skv], [B,1,Sq,Skv], [1,1,Sq,Skv] or [Sq,Skv]: bnss = {B, N, Sq, Skv}. */
+static aclnnStatus check_atten_mask(const aclTensor *m, int64_t sparseMode, int64_t preTokens,
+                                    int64_t nextTokens, const int64_t bnss[4]) {
+    if (m->dtype != ACL_BOOL && m->dtype != ACL_UINT8)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask dtype must be BOOL or UINT8");
+    if (sparseMode >= 2 && sparseMode <= 4) {
+        if (m->ndim != 2 || m->dims[0] != COMPRESSED_MASK_SIZE ||
+            m->dims[1] != COMPRESSED_MASK_SIZE)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs a [2048, 2048] "
+                 "compressed attenMask", (long long)sparseMode);
+        if (sparseMode == 4 && preTokens < -nextTokens)
+            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode 4: preTokens %lld and nextTokens "
+                 "%lld have no intersection", (long long)preTokens, (long long)nextTokens);
+        return ACLNN_SUCCESS;
+    }
+    const int64_t B = bnss[0], N = bnss[1], Sq = bnss[2], Skv = bnss[3];
+    int ok;
+    if (m->ndim == 2)
+        ok = m->dims[0] == Sq && m->dims[1] == Skv;
+    else
+        ok = m->ndim == 4 && m->dims[2] == Sq && m->dims[3] == Skv &&
+             ((m->dims[0] == B && (m->dims[1] == N || m->dims[1] == 1)) ||
+              (m->dims[0] == 1 && m->dims[1] == 1));
+    if (!ok)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask shape must be [B,N,Sq,Skv], "
+             "[B,1,Sq,Skv], [1,1,Sq,Skv] or [Sq,Skv]");
+    return ACLNN_SUCCESS;
+}
+
+/* pse (realShift / pseShift), added before scaling: the query dtype, [B,N,Sq,Skv] (BNSS),
+ * [B,N,1,Skv] (BN1S) or [1,N,Sq,Skv] (1NSS). */
+static aclnnStatus check_pse(const aclTensor *p, const char *name, int dtype,
+                             const int64_t bnss[4]) {
+    const int64_t B = bnss[0], N = bnss[1], Sq = bnss[2], Skv = bnss[3];
+    const int ok = p->dtype == dtype && p->ndim == 4 && p->dims[1] == N && p->dims[3] == Skv &&
+                   ((p->dims[0] == B && (p->dims[2] == Sq || p->dims[2] == 1)) ||
+                    (p->dims[0] == 1 && p->dims[2] == Sq));
+    if (!ok)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: %s must have the query dtype and shape "
+             "[B,N,Sq,Skv], [B,N,1,Skv] or [1,N,Sq,Skv]", name);
+    return ACLNN_SUCCESS;
+}
+
+/* ---- launch checks ---- */
+
+/* Every tensor passed (NULL: not passed) lies inside live device memory. */
+static aclnnStatus check_in_device_memory(int count, const aclTensor *const tensors[],
+                                          const char *const names[]) {
+    for (int k = 0; k < count; ++k)
+        if (tensors[k] != NULL && !in_device_memory(tensors[k]))
+            FAIL(ACLNN_ERR_RUNTIME_ERROR, "EZ9999: %s lies outside device memory "
+                 "(freed or too small)", names[k]);
+    return ACLNN_SUCCESS;
+}
+
+/* Sparse modes 2-4: the mask must be exactly triu(ones(2048, 2048), diagonal=1). */
+static aclnnStatus check_compressed_mask(const FlashAttentionArgs *a) {
+    if (!a->has_mask || a->sparse_mode < 2 || a->sparse_mode > 4) return ACLNN_SUCCESS;
     const aclTensor *m = &a->mask;
     const uint8_t *row = (const uint8_t *)m->data + m->offset;
     const int contiguous = m->strides[1] == 1 && m->strides[0] == COMPRESSED_MASK_SIZE;
@@ -372,73 +495,166 @@ static aclnnStatus fa_compressed_mask_check(const FlashAttentionArgs *a) {
     return ACLNN_SUCCESS;
 }
 
-static aclnnStatus fa_run(void *payload, double *scores) {
-    const FlashAttentionArgs *a = payload;
-    const aclTensor *tensors[] = {&a->query, &a->key, &a->value, &a->softmax_max,
-                                  &a->softmax_sum, &a->out, &a->pse, &a->mask};
-    const char *names[] = {"query", "key", "value", "softmaxMaxOut", "softmaxSumOut",
-                           "attentionOutOut", "realShiftOptional", "attenMaskOptional"};
-    for (int k = 0; k < 8; ++k) {
-        if (k < 6 || (k == 6 && a->has_pse) || (k == 7 && a->has_mask)) {
-            if (!in_device_memory(tensors[k]))
-                FAIL(ACLNN_ERR_RUNTIME_ERROR, "EZ9999: %s lies outside device memory "
-                     "(freed or too small)", names[k]);
+/* What aclnnFlashAttentionScore and aclnnFlashAttentionVarLenScore check at launch. */
+static aclnnStatus fa_launch_checks(const FlashAttentionArgs *a) {
+    const aclTensor *const tensors[] = {&a->query, &a->key, &a->value, &a->softmax_max,
+                                        &a->softmax_sum, &a->out, a->has_pse ? &a->pse : NULL,
+                                        a->has_mask ? &a->mask : NULL};
+    static const char *const names[] = {"query", "key", "value", "softmaxMaxOut",
+                                        "softmaxSumOut", "attentionOutOut", "realShiftOptional",
+                                        "attenMaskOptional"};
+    TRY(check_in_device_memory(8, tensors, names));
+    return check_compressed_mask(a);
+}
+
+/* ---- one head in float64 ---- */
+
+/* A matrix inside a tensor: element (r, c) at storage index origin + r * row + c * col. */
+typedef struct {
+    const aclTensor *t;
+    int64_t origin, row, col;
+} Rows;
+
+static double rows_load(const Rows *m, int64_t r, int64_t c) {
+    return load(m->t, m->origin + r * m->row + c * m->col);
+}
+
+static void rows_store(const Rows *m, int64_t r, int64_t c, double value) {
+    store(m->t, m->origin + r * m->row + c * m->col, value);
+}
+
+/* [S, D] of head n of batch b of a BNSD tensor; size-1 dims broadcast (as at4). */
+static Rows bnsd_head(const aclTensor *t, int64_t b, int64_t n) {
+    return (Rows){t, at4(t, b, n, 0, 0), t->dims[2] == 1 ? 0 : t->strides[2],
+                  t->dims[3] == 1 ? 0 : t->strides[3]};
+}
+
+static int64_t at3(const aclTensor *t, int64_t a, int64_t b, int64_t c) {
+    return t->offset + a * t->strides[0] + b * t->strides[1] + c * t->strides[2];
+}
+
+/* Head n of the rows from `first` of a TND tensor [T, N, D]: [S, D]. */
+static Rows tnd_head(const aclTensor *t, int64_t first, int64_t n) {
+    return (Rows){t, at3(t, first, n, 0), t->strides[0], t->strides[2]};
+}
+
+/* One head of one batch (or sequence): the query rows against their key/value head. */
+typedef struct {
+    const FlashAttentionArgs *a;
+    Rows q, k, v, out, max, sum; /* max/sum: the statistics, 8 columns per row */
+    Rows pse, mask;              /* if passed; mask: modes 0 and 1 only */
+} Head;
+
+/* Head n of batch b, BNSD; its key/value head is n / group. */
+static Head fa_head(const FlashAttentionArgs *a, int64_t b, int64_t n, int64_t group) {
+    Head h = {a, bnsd_head(&a->query, b, n), bnsd_head(&a->key, b, n / group),
+              bnsd_head(&a->value, b, n / group), bnsd_head(&a->out, b, n),
+              bnsd_head(&a->softmax_max, b, n), bnsd_head(&a->softmax_sum, b, n),
+              {0}, {0}};
+    if (a->has_pse) h.pse = bnsd_head(&a->pse, b, n);
+    if (a->has_mask && (a->sparse_mode < 2 || a->sparse_mode > 4)) {
+        const aclTensor *m = &a->mask;
+        h.mask = m->ndim == 2 ? (Rows){m, m->offset, m->strides[0], m->strides[1]}
+                              : bnsd_head(m, b, n);
+    }
+    return h;
+}
+
+/* Is key j masked out for query i? Modes 2-4 are rule-based (the compressed mask is checked
+ * at launch); without a mask, sparse mode and pre/next are ignored: "sparseMode、preTokens、
+ * nextTokens参数不生效，固定为全计算" (ops-transformer attention/flash_attention_score/docs/
+ * aclnnFlashAttentionScore.md, 约束说明). */
+static int masked_out(const Head *h, int64_t i, int64_t j, int64_t Sq, int64_t Skv) {
+    const FlashAttentionArgs *a = h->a;
+    if (!a->has_mask) return 0;
+    switch (a->sparse_mode) {
+    case 2: return j > i;               /* causal, top-left origin */
+    case 3: return j > i + (Skv - Sq);  /* causal, bottom-right origin */
+    case 4: /* band, bottom-right origin: -preTokens <= j - (i + Skv - Sq) <= nextTokens */
+        return j - (i + Skv - Sq) > a->next_tokens || (i + Skv - Sq) - j > a->pre_tokens;
+    default:
+        if (rows_load(&h->mask, i, j) != 0) return 1; /* Ascend polarity: 1 = masked out */
+        /* mode 0 also applies the band -preTokens <= j - i <= nextTokens */
+        return a->sparse_mode == 0 && (j - i > a->next_tokens || i - j > a->pre_tokens);
+    }
+}
+
+/* Query row i's scores s_j = scale * (q_i . k_j + pse_ij), -inf where masked out. Returns
+ * their maximum; *visible: whether any key is visible. */
+static double score_row(const Head *h, int64_t i, int64_t Sq, int64_t Skv, int64_t D,
+                        double *scores, int *visible) {
+    const FlashAttentionArgs *a = h->a;
+    double row_max = -INFINITY;
+    *visible = 0;
+    for (int64_t j = 0; j < Skv; ++j) {
+        if (masked_out(h, i, j, Sq, Skv)) {
+            scores[j] = -INFINITY;
+            continue;
+        }
+        double dot = 0.0;
+        for (int64_t d = 0; d < D; ++d) dot += rows_load(&h->q, i, d) * rows_load(&h->k, j, d);
+        if (a->has_pse) dot += rows_load(&h->pse, i, j);
+        scores[j] = a->scale * dot;
+        if (scores[j] > row_max) row_max = scores[j];
+        *visible = 1;
+    }
+    return row_max;
+}
+
+/* What a row with no visible key gets: zeros with innerPrecise 2 ("使能无效行计算", also
+ * implied by sparse mode 3 with Sq > Skv), undefined (NaN here) otherwise. */
+static double empty_row_value(const FlashAttentionArgs *a, int64_t Sq, int64_t Skv) {
+    return a->inner_precise == 2 || (a->sparse_mode == 3 && Sq > Skv) ? 0.0 : NAN;
+}
+
+/* The forward of one head: out_i = sum_j p_ij v_j / sum_j p_ij with p_ij = exp(s_ij - max_i),
+ * and the statistics max_i and sum_j p_ij replicated over their 8 columns. A row with no
+ * visible key gets empty_row_value in out and sum, and max -inf. */
+static void attend_head(const Head *h, int64_t Sq, int64_t Skv, int64_t D, int64_t Dv,
+                        double *scores) {
+    const double empty = empty_row_value(h->a, Sq, Skv);
+    for (int64_t i = 0; i < Sq; ++i) {
+        int visible;
+        const double row_max = score_row(h, i, Sq, Skv, D, scores, &visible);
+        double row_sum = 0.0;
+        if (row_max == -INFINITY) {
+            for (int64_t d = 0; d < Dv; ++d) rows_store(&h->out, i, d, empty);
+            row_sum = empty;
+        } else {
+            // p_j <- exp(s_j - max); out <- sum_j p_j v_j / sum_j p_j
+            for (int64_t j = 0; j < Skv; ++j) {
+                scores[j] = exp(scores[j] - row_max); /* exp(-inf) = 0 */
+                row_sum += scores[j];
+            }
+            for (int64_t d = 0; d < Dv; ++d) {
+                double acc = 0.0;
+                for (int64_t j = 0; j < Skv; ++j)
+                    if (scores[j] != 0.0) acc += scores[j] * rows_load(&h->v, j, d);
+                rows_store(&h->out, i, d, acc / row_sum);
+            }
+        }
+        for (int64_t r = 0; r < 8; ++r) {
+            rows_store(&h->max, i, r, row_max);
+            rows_store(&h->sum, i, r, row_sum);
         }
     }
+}
+
+/* ------------------------------------------------------------------ */
+/* aclnnFlashAttentionScore                                            */
+/* ------------------------------------------------------------------ */
+
+static aclnnStatus fa_run(void *payload, double *scores) {
+    const FlashAttentionArgs *a = payload;
+    TRY(fa_launch_checks(a));
     const int64_t B = a->query.dims[0], N = a->query.dims[1], Sq = a->query.dims[2];
-    const int64_t D = a->query.dims[3], Nkv = a->key.dims[1], Skv = a->key.dims[2];
-    const int64_t Dv = a->value.dims[3], group = N / Nkv;
-    if (a->has_mask && a->sparse_mode >= 2 && a->sparse_mode <= 4) {
-        aclnnStatus status = fa_compressed_mask_check(a);
-        if (status != ACLNN_SUCCESS) return status;
-    }
-    const int zero_masked_rows = a->inner_precise == 2 || (a->sparse_mode == 3 && Sq > Skv);
+    const int64_t D = a->query.dims[3], Skv = a->key.dims[2], Dv = a->value.dims[3];
+    const int64_t group = N / a->key.dims[1];
     for (int64_t b = 0; b < B; ++b)
-        for (int64_t n = 0; n < N; ++n)
-            for (int64_t i = 0; i < Sq; ++i) {
-                // scores <- scale * (q_i . k_j + pse_ij) for unmasked j
-                double row_max = -INFINITY;
-                for (int64_t j = 0; j < Skv; ++j) {
-                    if (fa_masked(a, b, n, i, j, Sq, Skv)) {
-                        scores[j] = -INFINITY;
-                        continue;
-                    }
-                    double dot = 0.0;
-                    for (int64_t d = 0; d < D; ++d)
-                        dot += load(&a->query, at4(&a->query, b, n, i, d)) *
-                               load(&a->key, at4(&a->key, b, n / group, j, d));
-                    if (a->has_pse) dot += load(&a->pse, at4(&a->pse, b, n, i, j));
-                    scores[j] = a->scale * dot;
-                    if (scores[j] > row_max) row_max = scores[j];
-                }
-                double row_sum = 0.0;
-                if (row_max == -INFINITY) {
-                    /* Fully masked row: zeros with innerPrecise 2, undefined otherwise. */
-                    double fill = zero_masked_rows ? 0.0 : NAN;
-                    for (int64_t d = 0; d < Dv; ++d)
-                        store(&a->out, at4(&a->out, b, n, i, d), fill);
-                    row_sum = zero_masked_rows ? 0.0 : NAN;
-                } else {
-                    // p_j <- exp(s_j - max); out <- sum_j p_j v_j / sum_j p_j
-                    for (int64_t j = 0; j < Skv; ++j) {
-                        scores[j] = exp(scores[j] - row_max); /* exp(-inf) = 0 */
-                        row_sum += scores[j];
-                    }
-                    for (int64_t d = 0; d < Dv; ++d) {
-                        double acc = 0.0;
-                        for (int64_t j = 0; j < Skv; ++j)
-                            if (scores[j] != 0.0)
-                                acc += scores[j] *
-                                       load(&a->value, at4(&a->value, b, n / group, j, d));
-                        store(&a->out, at4(&a->out, b, n, i, d), acc / row_sum);
-                    }
-                }
-                /* softmaxMax/Sum are replicated over their last axis of 8 */
-                for (int64_t r = 0; r < 8; ++r) {
-                    store(&a->softmax_max, at4(&a->softmax_max, b, n, i, r), row_max);
-                    store(&a->softmax_sum, at4(&a->softmax_sum, b, n, i, r), row_sum);
-                }
-            }
+        for (int64_t n = 0; n < N; ++n) {
+            const Head h = fa_head(a, b, n, group);
+            attend_head(&h, Sq, Skv, D, Dv, scores);
+        }
     const aclTensor *const seen[LAST_TENSORS] = {&a->query, &a->key, &a->value, &a->out,
                                                  a->has_pse ? &a->pse : NULL,
                                                  a->has_mask ? &a->mask : NULL};
@@ -477,37 +693,11 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGetWorkspaceSize(
     if (softmaxOutOut != NULL && !ascendsim_tensor_valid(softmaxOutOut))
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: softmaxOutOut is not a valid tensor");
 
-    if (strcmp(inputLayout, "BNSD") != 0) {
-        if (strcmp(inputLayout, "BSH") && strcmp(inputLayout, "SBH") && strcmp(inputLayout, "BSND"))
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is invalid", inputLayout);
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is not simulated (BNSD only)",
-             inputLayout);
-    }
-    if (query->ndim != 4 || key->ndim != 4 || value->ndim != 4)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: BNSD query/key/value must be 4-D");
-    if (!is_float_dtype(query->dtype) || key->dtype != query->dtype || value->dtype != query->dtype)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/key/value dtypes must be equal and one of "
-             "FLOAT16, BFLOAT16, FLOAT32 (got %d, %d, %d)", query->dtype, key->dtype, value->dtype);
-    const int64_t B = query->dims[0], N = query->dims[1], Sq = query->dims[2], D = query->dims[3];
-    const int64_t Nkv = key->dims[1], Skv = key->dims[2], Dv = value->dims[3];
-    if (key->dims[0] != B || value->dims[0] != B || value->dims[1] != Nkv ||
-        value->dims[2] != Skv || key->dims[3] != D)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/key/value shapes are inconsistent");
-    if (B < 1 || N < 1 || Sq < 1 || D < 1 || Nkv < 1 || Skv < 1 || Dv < 1)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: empty query/key/value are not supported");
-    if (headNum != N)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: headNum %lld != query N %lld", (long long)headNum,
-             (long long)N);
-    if (N % Nkv != 0)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query heads %lld not a multiple of key heads %lld",
-             (long long)N, (long long)Nkv);
-    if (N > 256 || D > 768 || Dv > D || Sq > (1 << 20) || Skv > (1 << 20))
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: limits exceeded: N <= 256, Dv <= D <= 768, "
-             "S <= 1M (N=%lld, D=%lld, Dv=%lld)", (long long)N, (long long)D, (long long)Dv);
-    if (!(keepProb > 0.0 && keepProb <= 1.0))
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: keepProb must be in (0, 1]");
-    if (keepProb != 1.0 || dropMaskOptional || paddingMaskOptional || prefixOptional)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dropout, paddingMask and prefix are not simulated");
+    TRY(check_bnsd_layout(inputLayout));
+    TRY(check_qkv(query, key, value, "key", LAYOUT_BNSD, headNum));
+    const int64_t B = query->dims[0], N = query->dims[1], Sq = query->dims[2];
+    const int64_t Skv = key->dims[2], Dv = value->dims[3];
+    TRY(check_no_dropout(keepProb, dropMaskOptional, paddingMaskOptional, prefixOptional));
     if (innerPrecise < 0 || innerPrecise > 2)
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: innerPrecise must be 0, 1 or 2");
     if (sparseMode < 0 || sparseMode > 8)
@@ -515,11 +705,6 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGetWorkspaceSize(
     if (sparseMode > 4)
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld is not simulated",
              (long long)sparseMode);
-    /* sparse_mode_introduction.md, sparseMode=4: "preTokens and nextTokens must have an
-     * intersection" (the band -preTokens <= j - i' <= nextTokens is not empty) */
-    if (sparseMode == 4 && attenMaskOptional && preTokens < -nextTokens)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode 4: preTokens %lld and nextTokens "
-             "%lld have no intersection", (long long)preTokens, (long long)nextTokens);
 
     const int64_t stats_shape[4] = {B, N, Sq, 8}, out_shape[4] = {B, N, Sq, Dv};
     if (softmaxMaxOut->dtype != ACL_FLOAT || softmaxSumOut->dtype != ACL_FLOAT ||
@@ -529,45 +714,16 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGetWorkspaceSize(
     if (attentionOutOut->dtype != query->dtype || !same_shape(attentionOutOut, 4, out_shape))
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attentionOutOut must be [B, N, Sq, Dv] with the "
              "query dtype");
-    if (attenMaskOptional) {
-        const aclTensor *m = attenMaskOptional;
-        if (m->dtype != ACL_BOOL && m->dtype != ACL_UINT8)
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask dtype must be BOOL or UINT8");
-        if (sparseMode >= 2 && sparseMode <= 4) {
-            if (m->ndim != 2 || m->dims[0] != COMPRESSED_MASK_SIZE ||
-                m->dims[1] != COMPRESSED_MASK_SIZE)
-                FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs a [2048, 2048] "
-                     "compressed attenMask", (long long)sparseMode);
-        } else if (!fa_mask_shape_ok(m, B, N, Sq, Skv)) {
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask shape must be [B,N,Sq,Skv], "
-                 "[B,1,Sq,Skv], [1,1,Sq,Skv] or [Sq,Skv]");
-        }
-    }
-    /* No attenMask: "sparseMode、preTokens、nextTokens参数不生效，固定为全计算" (ops-transformer
-     * attention/flash_attention_score/docs/aclnnFlashAttentionScore.md, 约束说明): every sparse
-     * mode computes everything; fa_masked never masks without a mask. */
-    if (realShiftOptional) {
-        if (realShiftOptional->dtype != query->dtype ||
-            !fa_pse_shape_ok(realShiftOptional, B, N, Sq, Skv))
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: realShift must have the query dtype and shape "
-                 "[B,N,Sq,Skv], [B,N,1,Skv] or [1,N,Sq,Skv]");
-    }
+    const int64_t bnss[4] = {B, N, Sq, Skv};
+    if (attenMaskOptional)
+        TRY(check_atten_mask(attenMaskOptional, sparseMode, preTokens, nextTokens, bnss));
+    if (realShiftOptional) TRY(check_pse(realShiftOptional, "realShift", query->dtype, bnss));
 
     FlashAttentionArgs *a = calloc(1, sizeof *a);
     if (a == NULL) FAIL(561000, "EZ9999: out of host memory");
-    a->query = *query;
-    a->key = *key;
-    a->value = *value;
-    a->softmax_max = *softmaxMaxOut;
-    a->softmax_sum = *softmaxSumOut;
-    a->out = *attentionOutOut;
-    if ((a->has_pse = realShiftOptional != NULL)) a->pse = *realShiftOptional;
-    if ((a->has_mask = attenMaskOptional != NULL)) a->mask = *attenMaskOptional;
-    a->scale = scaleValue;
-    a->pre_tokens = preTokens;
-    a->next_tokens = nextTokens;
-    a->inner_precise = innerPrecise;
-    a->sparse_mode = sparseMode;
+    fa_args_fill(a, query, key, value, realShiftOptional, attenMaskOptional, softmaxMaxOut,
+                 softmaxSumOut, attentionOutOut, scaleValue, preTokens, nextTokens, innerPrecise,
+                 sparseMode);
     /* the launch keeps one row of double scores in the workspace */
     uint64_t required = 4096 + (uint64_t)Skv * sizeof(double);
     return hand_over(KIND_FLASH_ATTENTION_SCORE, a, free, required, executor, workspaceSize);
@@ -602,12 +758,10 @@ static void incre_free(void *payload) {
 
 static aclnnStatus incre_run(void *payload, double *scores) {
     const IncreArgs *a = payload;
-    const aclTensor *tensors[] = {&a->query, &a->key, &a->value, &a->out, &a->block_table};
-    const char *names[] = {"query", "key", "value", "attentionOut", "blocktable"};
-    for (int k = 0; k < 4 + a->paged; ++k)
-        if (!in_device_memory(tensors[k]))
-            FAIL(ACLNN_ERR_RUNTIME_ERROR, "EZ9999: %s lies outside device memory "
-                 "(freed or too small)", names[k]);
+    const aclTensor *const tensors[] = {&a->query, &a->key, &a->value, &a->out,
+                                        a->paged ? &a->block_table : NULL};
+    static const char *const names[] = {"query", "key", "value", "attentionOut", "blocktable"};
+    TRY(check_in_device_memory(5, tensors, names));
     const int64_t B = a->query.dims[0], N = a->query.dims[1], D = a->query.dims[3];
     const int64_t group = N / a->num_kv_heads;
     const int64_t num_blocks = a->key.dims[0];
@@ -819,8 +973,8 @@ SIM_EXPORT aclnnStatus aclnnIncreFlashAttentionV4(void *workspace, uint64_t work
  *     dV = P^T dy,  dP = dy V^T,  dS = P * (dP - rowsum(dy * Y)),
  *     dQ = scale * dS K,  dK = scale * dS^T Q,
  * key/value gradients summed over each group of query heads (Nq / Nkv). Masked entries get
- * P = 0; a row with no visible key gets dQ = 0 with innerPrecise 2 ("使能无效行计算", also
- * implied by sparse mode 3 with Sq > Skv), undefined (NaN here) otherwise. dpseOut and
+ * P = 0; a row with no visible key gets dQ = empty_row_value: 0 with innerPrecise 2, also
+ * implied by sparse mode 3 with Sq > Skv, undefined (NaN here) otherwise. dpseOut and
  * softmaxInOptional are reserved ("预留参数，暂未使用"): NULL or any tensor, untouched.
  * Simulated: layout BNSD, sparse modes 0-3, keepProb 1 without dropMask, no prefix, and the
  * statistics and attentionIn given (the recomputing variant is not documented).
@@ -836,99 +990,79 @@ typedef struct {
 static aclnnStatus fag_run(void *payload, double *workspace) {
     const GradArgs *g = payload;
     const FlashAttentionArgs *a = &g->fwd;
-    const aclTensor *tensors[] = {&a->query, &a->key, &a->value, &g->dy, &a->softmax_max,
-                                  &a->softmax_sum, &a->out, &g->dq, &g->dk, &g->dv,
-                                  &a->pse, &a->mask};
-    const char *names[] = {"query", "keyIn", "value", "dy", "softmaxMaxOptional",
-                           "softmaxSumOptional", "attentionInOptional", "dqOut", "dkOut",
-                           "dvOut", "pseShiftOptional", "attenMaskOptional"};
-    for (int t = 0; t < 12; ++t)
-        if ((t < 10 || (t == 10 && a->has_pse) || (t == 11 && a->has_mask)) &&
-            !in_device_memory(tensors[t]))
-            FAIL(ACLNN_ERR_RUNTIME_ERROR, "EZ9999: %s lies outside device memory "
-                 "(freed or too small)", names[t]);
-    if (a->has_mask && (a->sparse_mode == 2 || a->sparse_mode == 3)) {
-        aclnnStatus status = fa_compressed_mask_check(a);
-        if (status != ACLNN_SUCCESS) return status;
-    }
+    const aclTensor *const tensors[] = {&a->query, &a->key, &a->value, &g->dy, &a->softmax_max,
+                                        &a->softmax_sum, &a->out, &g->dq, &g->dk, &g->dv,
+                                        a->has_pse ? &a->pse : NULL,
+                                        a->has_mask ? &a->mask : NULL};
+    static const char *const names[] = {"query", "keyIn", "value", "dy", "softmaxMaxOptional",
+                                        "softmaxSumOptional", "attentionInOptional", "dqOut",
+                                        "dkOut", "dvOut", "pseShiftOptional",
+                                        "attenMaskOptional"};
+    TRY(check_in_device_memory(12, tensors, names));
+    TRY(check_compressed_mask(a));
     const int64_t B = a->query.dims[0], N = a->query.dims[1], Sq = a->query.dims[2];
     const int64_t D = a->query.dims[3], Nkv = a->key.dims[1], Skv = a->key.dims[2];
     const int64_t Dv = a->value.dims[3], group = N / Nkv;
     double *scores = workspace, *probs = workspace + Skv;
     double *dk_acc = probs + Skv, *dv_acc = dk_acc + B * Nkv * Skv * D;
     memset(dk_acc, 0, (size_t)(B * Nkv * Skv * (D + Dv)) * sizeof(double));
-    const int zero_masked_rows = a->inner_precise == 2 || (a->sparse_mode == 3 && Sq > Skv);
+    const double empty = empty_row_value(a, Sq, Skv);
     for (int64_t b = 0; b < B; ++b)
         for (int64_t n = 0; n < N; ++n) {
-            const int64_t h = n / group;
-            double *dk_head = dk_acc + (b * Nkv + h) * Skv * D;
-            double *dv_head = dv_acc + (b * Nkv + h) * Skv * Dv;
+            const Head h = fa_head(a, b, n, group);
+            const Rows dy = bnsd_head(&g->dy, b, n), dq = bnsd_head(&g->dq, b, n);
+            double *dk_head = dk_acc + (b * Nkv + n / group) * Skv * D;
+            double *dv_head = dv_acc + (b * Nkv + n / group) * Skv * Dv;
             for (int64_t i = 0; i < Sq; ++i) {
-                // S_ij = scale * (q_i . k_j + pse_ij), -inf where masked
-                int visible = 0;
-                for (int64_t j = 0; j < Skv; ++j) {
-                    if (fa_masked(a, b, n, i, j, Sq, Skv)) {
-                        scores[j] = -INFINITY;
-                        continue;
-                    }
-                    double dot = 0.0;
-                    for (int64_t d = 0; d < D; ++d)
-                        dot += load(&a->query, at4(&a->query, b, n, i, d)) *
-                               load(&a->key, at4(&a->key, b, h, j, d));
-                    if (a->has_pse) dot += load(&a->pse, at4(&a->pse, b, n, i, j));
-                    scores[j] = a->scale * dot;
-                    visible = 1;
-                }
+                int visible;
+                score_row(&h, i, Sq, Skv, D, scores, &visible);
                 if (!visible) { /* no key: nothing flows back through this row */
-                    for (int64_t d = 0; d < D; ++d)
-                        store(&g->dq, at4(&g->dq, b, n, i, d), zero_masked_rows ? 0.0 : NAN);
+                    for (int64_t d = 0; d < D; ++d) rows_store(&dq, i, d, empty);
                     continue;
                 }
                 // P_ij = exp(S_ij - max_i) / sum_i from the forward's statistics (block entry 0)
-                const double row_max = load(&a->softmax_max, at4(&a->softmax_max, b, n, i, 0));
-                const double row_sum = load(&a->softmax_sum, at4(&a->softmax_sum, b, n, i, 0));
+                const double row_max = rows_load(&h.max, i, 0);
+                const double row_sum = rows_load(&h.sum, i, 0);
                 // D_i = rowsum(dy_i * Y_i)
                 double delta = 0.0;
                 for (int64_t d = 0; d < Dv; ++d)
-                    delta += load(&g->dy, at4(&g->dy, b, n, i, d)) *
-                             load(&a->out, at4(&a->out, b, n, i, d));
+                    delta += rows_load(&dy, i, d) * rows_load(&h.out, i, d);
                 // dS_ij = P_ij (dy_i . v_j - D_i), kept in scores
                 for (int64_t j = 0; j < Skv; ++j) {
                     probs[j] = scores[j] == -INFINITY ? 0.0 : exp(scores[j] - row_max) / row_sum;
                     double dp = 0.0;
                     if (probs[j] != 0.0)
                         for (int64_t d = 0; d < Dv; ++d)
-                            dp += load(&g->dy, at4(&g->dy, b, n, i, d)) *
-                                  load(&a->value, at4(&a->value, b, h, j, d));
+                            dp += rows_load(&dy, i, d) * rows_load(&h.v, j, d);
                     scores[j] = probs[j] * (dp - delta);
                 }
                 // dQ_i = scale * sum_j dS_ij k_j;  dK_j += scale * dS_ij q_i;  dV_j += P_ij dy_i
                 for (int64_t d = 0; d < D; ++d) {
-                    const double q_id = load(&a->query, at4(&a->query, b, n, i, d));
+                    const double q_id = rows_load(&h.q, i, d);
                     double acc = 0.0;
                     for (int64_t j = 0; j < Skv; ++j) {
                         if (probs[j] == 0.0) continue;
-                        acc += scores[j] * load(&a->key, at4(&a->key, b, h, j, d));
+                        acc += scores[j] * rows_load(&h.k, j, d);
                         dk_head[j * D + d] += a->scale * scores[j] * q_id;
                     }
-                    store(&g->dq, at4(&g->dq, b, n, i, d), a->scale * acc);
+                    rows_store(&dq, i, d, a->scale * acc);
                 }
                 for (int64_t d = 0; d < Dv; ++d) {
-                    const double dy_id = load(&g->dy, at4(&g->dy, b, n, i, d));
+                    const double dy_id = rows_load(&dy, i, d);
                     for (int64_t j = 0; j < Skv; ++j)
                         if (probs[j] != 0.0) dv_head[j * Dv + d] += probs[j] * dy_id;
                 }
             }
         }
     for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < Nkv; ++h)
+        for (int64_t h = 0; h < Nkv; ++h) {
+            const Rows dk = bnsd_head(&g->dk, b, h), dv = bnsd_head(&g->dv, b, h);
             for (int64_t j = 0; j < Skv; ++j) {
                 const int64_t row = (b * Nkv + h) * Skv + j;
-                for (int64_t d = 0; d < D; ++d)
-                    store(&g->dk, at4(&g->dk, b, h, j, d), dk_acc[row * D + d]);
-                for (int64_t d = 0; d < Dv; ++d)
-                    store(&g->dv, at4(&g->dv, b, h, j, d), dv_acc[row * Dv + d]);
+                for (int64_t d = 0; d < D; ++d) rows_store(&dk, j, d, dk_acc[row * D + d]);
+                for (int64_t d = 0; d < Dv; ++d) rows_store(&dv, j, d, dv_acc[row * Dv + d]);
             }
+        }
     const aclTensor *const seen[LAST_TENSORS] = {&a->query, &a->key, &a->value, &g->dq,
                                                  a->has_pse ? &a->pse : NULL,
                                                  a->has_mask ? &a->mask : NULL};
@@ -974,52 +1108,21 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGradGetWorkspaceSize(
         (dpseOut != NULL && !ascendsim_tensor_valid(dpseOut)))
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: softmaxInOptional/dpseOut is not a valid tensor");
 
-    if (strcmp(inputLayout, "BNSD") != 0) {
-        if (strcmp(inputLayout, "BSH") && strcmp(inputLayout, "SBH") && strcmp(inputLayout, "BSND"))
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is invalid", inputLayout);
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: inputLayout '%s' is not simulated (BNSD only)",
-             inputLayout);
-    }
-    const aclTensor *four_d[] = {query, keyIn, value, dy, dqOut, dkOut, dvOut};
-    for (int t = 0; t < 7; ++t)
-        if (four_d[t]->ndim != 4)
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: BNSD query/keyIn/value/dy and the gradients "
-                 "must be 4-D");
+    TRY(check_bnsd_layout(inputLayout));
+    TRY(check_qkv(query, keyIn, value, "keyIn", LAYOUT_BNSD, headNum));
     const int dtype = query->dtype;
-    if (!is_float_dtype(dtype) || keyIn->dtype != dtype || value->dtype != dtype ||
-        dy->dtype != dtype)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/keyIn/value/dy dtypes must be equal and one "
-             "of FLOAT16, BFLOAT16, FLOAT32 (got %d, %d, %d, %d)", dtype, keyIn->dtype,
-             value->dtype, dy->dtype);
     const int64_t B = query->dims[0], N = query->dims[1], Sq = query->dims[2], D = query->dims[3];
     const int64_t Nkv = keyIn->dims[1], Skv = keyIn->dims[2], Dv = value->dims[3];
-    if (keyIn->dims[0] != B || value->dims[0] != B || value->dims[1] != Nkv ||
-        value->dims[2] != Skv || keyIn->dims[3] != D)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/keyIn/value shapes are inconsistent");
-    if (B < 1 || N < 1 || Sq < 1 || D < 1 || Nkv < 1 || Skv < 1 || Dv < 1)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: empty query/keyIn/value are not supported");
-    if (headNum != N)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: headNum %lld != query N %lld", (long long)headNum,
-             (long long)N);
-    if (N % Nkv != 0)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query heads %lld not a multiple of key heads %lld",
-             (long long)N, (long long)Nkv);
-    if (N > 256 || D > 768 || Dv > D || Sq > (1 << 20) || Skv > (1 << 20))
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: limits exceeded: N <= 256, Dv <= D <= 768, "
-             "S <= 1M (N=%lld, D=%lld, Dv=%lld)", (long long)N, (long long)D, (long long)Dv);
     const int64_t dy_shape[4] = {B, N, Sq, Dv}, stats_shape[4] = {B, N, Sq, 8};
-    if (!same_shape(dy, 4, dy_shape))
+    if (dy->dtype != dtype || !same_shape(dy, 4, dy_shape))
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dy must be [B, N, Sq, Dv] like the forward's "
-             "output");
+             "output, with the query dtype");
     if (!same_shape(dqOut, 4, query->dims) || !same_shape(dkOut, 4, keyIn->dims) ||
         !same_shape(dvOut, 4, value->dims) || dqOut->dtype != dtype || dkOut->dtype != dtype ||
         dvOut->dtype != dtype)
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dqOut/dkOut/dvOut must have the shapes of "
              "query/keyIn/value and the query dtype");
-    if (!(keepProb > 0.0 && keepProb <= 1.0))
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: keepProb must be in (0, 1]");
-    if (keepProb != 1.0 || dropMaskOptional || paddingMaskOptional || prefixOptional)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dropout, paddingMask and prefix are not simulated");
+    TRY(check_no_dropout(keepProb, dropMaskOptional, paddingMaskOptional, prefixOptional));
     if (innerPrecise < 0 || innerPrecise > 2)
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: innerPrecise must be 0, 1 or 2");
     if (sparseMode < 0 || sparseMode > 6)
@@ -1038,41 +1141,16 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionScoreGradGetWorkspaceSize(
     if (attentionInOptional->dtype != dtype || !same_shape(attentionInOptional, 4, dy_shape))
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attentionIn must be the forward's output: "
              "[B, N, Sq, Dv] with the query dtype");
-    if (attenMaskOptional) {
-        const aclTensor *m = attenMaskOptional;
-        if (m->dtype != ACL_BOOL && m->dtype != ACL_UINT8)
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask dtype must be BOOL or UINT8");
-        if (sparseMode == 2 || sparseMode == 3) {
-            if (m->ndim != 2 || m->dims[0] != COMPRESSED_MASK_SIZE ||
-                m->dims[1] != COMPRESSED_MASK_SIZE)
-                FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs a [2048, 2048] "
-                     "compressed attenMask", (long long)sparseMode);
-        } else if (!fa_mask_shape_ok(m, B, N, Sq, Skv)) {
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask shape must be [B,N,Sq,Skv], "
-                 "[B,1,Sq,Skv], [1,1,Sq,Skv] or [Sq,Skv]");
-        }
-    }
-    if (pseShiftOptional && (pseShiftOptional->dtype != dtype ||
-                             !fa_pse_shape_ok(pseShiftOptional, B, N, Sq, Skv)))
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: pseShift must have the query dtype and shape "
-             "[B,N,Sq,Skv], [B,N,1,Skv] or [1,N,Sq,Skv]");
+    const int64_t bnss[4] = {B, N, Sq, Skv};
+    if (attenMaskOptional)
+        TRY(check_atten_mask(attenMaskOptional, sparseMode, preTokens, nextTokens, bnss));
+    if (pseShiftOptional) TRY(check_pse(pseShiftOptional, "pseShift", dtype, bnss));
 
     GradArgs *g = calloc(1, sizeof *g);
     if (g == NULL) FAIL(561000, "EZ9999: out of host memory");
-    FlashAttentionArgs *a = &g->fwd;
-    a->query = *query;
-    a->key = *keyIn;
-    a->value = *value;
-    a->softmax_max = *softmaxMaxOptional;
-    a->softmax_sum = *softmaxSumOptional;
-    a->out = *attentionInOptional;
-    if ((a->has_pse = pseShiftOptional != NULL)) a->pse = *pseShiftOptional;
-    if ((a->has_mask = attenMaskOptional != NULL)) a->mask = *attenMaskOptional;
-    a->scale = scaleValue;
-    a->pre_tokens = preTokens;
-    a->next_tokens = nextTokens;
-    a->inner_precise = innerPrecise;
-    a->sparse_mode = sparseMode;
+    fa_args_fill(&g->fwd, query, keyIn, value, pseShiftOptional, attenMaskOptional,
+                 softmaxMaxOptional, softmaxSumOptional, attentionInOptional, scaleValue,
+                 preTokens, nextTokens, innerPrecise, sparseMode);
     g->dy = *dy;
     g->dq = *dqOut;
     g->dk = *dkOut;

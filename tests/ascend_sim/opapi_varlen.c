@@ -18,10 +18,8 @@
 enum { KIND_FLASH_ATTENTION_VAR_LEN_SCORE = 4 };
 
 typedef struct {
-    aclTensor query, key, value, mask, softmax_max, softmax_sum, out;
-    int has_mask;
-    double scale;
-    int64_t pre_tokens, next_tokens, sparse_mode, batch;
+    FlashAttentionArgs fwd;     /* TND tensors, no pse, innerPrecise 0 */
+    int64_t batch;
     int64_t *ends_q, *ends_kv; /* cumulative ends, batch of each */
 } VarLenArgs;
 
@@ -32,82 +30,27 @@ static void varlen_free(void *payload) {
     free(a);
 }
 
-static int64_t at3(const aclTensor *t, int64_t a, int64_t b, int64_t c) {
-    return t->offset + a * t->strides[0] + b * t->strides[1] + c * t->strides[2];
-}
-
-/* Is key j (of the sequence's Skv) masked out for its query i (of Sq)? */
-static int varlen_masked(const VarLenArgs *a, int64_t i, int64_t j, int64_t Sq, int64_t Skv) {
-    if (!a->has_mask) return 0; /* no mask: sparse mode and pre/next do not take effect */
-    switch (a->sparse_mode) {
-    case 2: return j > i;
-    case 3: return j > i + (Skv - Sq);
-    case 4: return j - (i + Skv - Sq) > a->next_tokens || (i + Skv - Sq) - j > a->pre_tokens;
-    default: return 0;
-    }
+/* Head n of the statistics [N, T, 8] from row `first`: [S, 8]. */
+static Rows tnd_stats(const aclTensor *t, int64_t n, int64_t first) {
+    return (Rows){t, at3(t, n, first, 0), t->strides[1], t->strides[2]};
 }
 
 static aclnnStatus varlen_run(void *payload, double *scores) {
-    const VarLenArgs *a = payload;
-    const aclTensor *tensors[] = {&a->query, &a->key, &a->value, &a->softmax_max,
-                                  &a->softmax_sum, &a->out, &a->mask};
-    const char *names[] = {"query", "key", "value", "softmaxMaxOut", "softmaxSumOut",
-                           "attentionOutOut", "attenMaskOptional"};
-    for (int k = 0; k < 7; ++k)
-        if ((k < 6 || a->has_mask) && !in_device_memory(tensors[k]))
-            FAIL(ACLNN_ERR_RUNTIME_ERROR, "EZ9999: %s lies outside device memory "
-                 "(freed or too small)", names[k]);
-    if (a->has_mask) {
-        FlashAttentionArgs view = {0}; /* the compressed-mask check reads mask and mode */
-        view.mask = a->mask;
-        view.sparse_mode = a->sparse_mode;
-        aclnnStatus status = fa_compressed_mask_check(&view);
-        if (status != ACLNN_SUCCESS) return status;
-    }
-    const int64_t N = a->query.dims[1], D = a->query.dims[2];
-    const int64_t Nkv = a->key.dims[1], Dv = a->value.dims[2], group = N / Nkv;
-    for (int64_t b = 0; b < a->batch; ++b) {
-        const int64_t q0 = b ? a->ends_q[b - 1] : 0, q1 = a->ends_q[b];
-        const int64_t k0 = b ? a->ends_kv[b - 1] : 0, k1 = a->ends_kv[b];
-        const int64_t Sq = q1 - q0, Skv = k1 - k0;
-        for (int64_t n = 0; n < N; ++n)
-            for (int64_t i = 0; i < Sq; ++i) {
-                double row_max = -INFINITY, row_sum = 0.0;
-                for (int64_t j = 0; j < Skv; ++j) {
-                    if (varlen_masked(a, i, j, Sq, Skv)) {
-                        scores[j] = -INFINITY;
-                        continue;
-                    }
-                    double dot = 0.0;
-                    for (int64_t d = 0; d < D; ++d)
-                        dot += load(&a->query, at3(&a->query, q0 + i, n, d)) *
-                               load(&a->key, at3(&a->key, k0 + j, n / group, d));
-                    scores[j] = a->scale * dot;
-                    if (scores[j] > row_max) row_max = scores[j];
-                }
-                if (row_max == -INFINITY) { /* no visible key: undefined */
-                    row_sum = NAN;
-                    for (int64_t d = 0; d < Dv; ++d)
-                        store(&a->out, at3(&a->out, q0 + i, n, d), NAN);
-                } else {
-                    for (int64_t j = 0; j < Skv; ++j) {
-                        scores[j] = exp(scores[j] - row_max);
-                        row_sum += scores[j];
-                    }
-                    for (int64_t d = 0; d < Dv; ++d) {
-                        double acc = 0.0;
-                        for (int64_t j = 0; j < Skv; ++j)
-                            if (scores[j] != 0.0)
-                                acc += scores[j] *
-                                       load(&a->value, at3(&a->value, k0 + j, n / group, d));
-                        store(&a->out, at3(&a->out, q0 + i, n, d), acc / row_sum);
-                    }
-                }
-                for (int64_t r = 0; r < 8; ++r) {
-                    store(&a->softmax_max, at3(&a->softmax_max, n, q0 + i, r), row_max);
-                    store(&a->softmax_sum, at3(&a->softmax_sum, n, q0 + i, r), row_sum);
-                }
-            }
+    const VarLenArgs *v = payload;
+    const FlashAttentionArgs *a = &v->fwd;
+    TRY(fa_launch_checks(a));
+    const int64_t N = a->query.dims[1], D = a->query.dims[2], Dv = a->value.dims[2];
+    const int64_t group = N / a->key.dims[1];
+    for (int64_t b = 0; b < v->batch; ++b) {
+        const int64_t q0 = b ? v->ends_q[b - 1] : 0, k0 = b ? v->ends_kv[b - 1] : 0;
+        const int64_t Sq = v->ends_q[b] - q0, Skv = v->ends_kv[b] - k0;
+        for (int64_t n = 0; n < N; ++n) {
+            const Head h = {a, tnd_head(&a->query, q0, n), tnd_head(&a->key, k0, n / group),
+                            tnd_head(&a->value, k0, n / group), tnd_head(&a->out, q0, n),
+                            tnd_stats(&a->softmax_max, n, q0), tnd_stats(&a->softmax_sum, n, q0),
+                            {0}, {0}};
+            attend_head(&h, Sq, Skv, D, Dv, scores);
+        }
     }
     return ACLNN_SUCCESS;
 }
@@ -166,32 +109,12 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionVarLenScoreGetWorkspaceSize(
     if (strcmp(inputLayout, "TND") != 0)
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: aclnnFlashAttentionVarLenScore takes inputLayout "
              "TND, got '%s'", inputLayout);
-    if (query->ndim != 3 || key->ndim != 3 || value->ndim != 3)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: TND query/key/value must be 3-D");
-    if (!is_float_dtype(query->dtype) || key->dtype != query->dtype || value->dtype != query->dtype)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/key/value dtypes must be equal and one of "
-             "FLOAT16, BFLOAT16, FLOAT32");
-    const int64_t Tq = query->dims[0], N = query->dims[1], D = query->dims[2];
-    const int64_t Tkv = key->dims[0], Nkv = key->dims[1], Dv = value->dims[2];
-    if (value->dims[0] != Tkv || value->dims[1] != Nkv || key->dims[2] != D)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: query/key/value shapes are inconsistent");
-    if (Tq < 1 || Tkv < 1 || N < 1 || Nkv < 1 || D < 1 || Dv < 1)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: empty query/key/value are not supported");
-    if (headNum != N)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: headNum %lld != query N %lld", (long long)headNum,
-             (long long)N);
-    if (N % Nkv != 0)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: Nq/Nkv must be an integer (Nq %lld, Nkv %lld)",
-             (long long)N, (long long)Nkv);
-    if (N > 256 || D > 768 || Dv > D || Tq > (1 << 20) || Tkv > (1 << 20))
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: limits exceeded: N <= 256, Dv <= D <= 768, "
-             "T <= 1M");
-    if (!(keepProb > 0.0 && keepProb <= 1.0))
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: keepProb must be in (0, 1]");
-    if (keepProb != 1.0 || dropMaskOptional || paddingMaskOptional || prefixOptional ||
-        realShiftOptional)
-        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: dropout, paddingMask, prefix and realShift are "
-             "not simulated for TND");
+    TRY(check_qkv(query, key, value, "key", LAYOUT_TND, headNum));
+    const int64_t Tq = query->dims[0], N = query->dims[1];
+    const int64_t Tkv = key->dims[0], Dv = value->dims[2];
+    TRY(check_no_dropout(keepProb, dropMaskOptional, paddingMaskOptional, prefixOptional));
+    if (realShiftOptional)
+        FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: realShift is not simulated for TND");
     if (innerPrecise != 0)
         FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: innerPrecise is reserved for TND (pass 0)");
     if (sparseMode < 0 || sparseMode > 8 || sparseMode == 5)
@@ -207,19 +130,10 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionVarLenScoreGetWorkspaceSize(
              "entry per sequence (got %llu and %llu)", (unsigned long long)batch,
              (unsigned long long)actualSeqKvLenOptional->size);
     if (attenMaskOptional) {
-        const aclTensor *m = attenMaskOptional;
-        if (m->dtype != ACL_BOOL && m->dtype != ACL_UINT8)
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: attenMask dtype must be BOOL or UINT8");
         if (sparseMode < 2 || sparseMode > 4)
             FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld with an attenMask is not "
                  "simulated for TND (2, 3, 4)", (long long)sparseMode);
-        if (m->ndim != 2 || m->dims[0] != COMPRESSED_MASK_SIZE ||
-            m->dims[1] != COMPRESSED_MASK_SIZE)
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode %lld needs a [2048, 2048] "
-                 "compressed attenMask", (long long)sparseMode);
-        if (sparseMode == 4 && preTokens < -nextTokens)
-            FAIL(ACLNN_ERR_PARAM_INVALID, "EZ1001: sparseMode 4: preTokens %lld and nextTokens "
-                 "%lld have no intersection", (long long)preTokens, (long long)nextTokens);
+        TRY(check_atten_mask(attenMaskOptional, sparseMode, preTokens, nextTokens, NULL));
     }
     const int64_t stats_shape[3] = {N, Tq, 8}, out_shape[3] = {Tq, N, Dv};
     if (softmaxMaxOut->dtype != ACL_FLOAT || softmaxSumOut->dtype != ACL_FLOAT ||
@@ -253,17 +167,8 @@ SIM_EXPORT aclnnStatus aclnnFlashAttentionVarLenScoreGetWorkspaceSize(
         varlen_free(a);
         return status;
     }
-    a->query = *query;
-    a->key = *key;
-    a->value = *value;
-    a->softmax_max = *softmaxMaxOut;
-    a->softmax_sum = *softmaxSumOut;
-    a->out = *attentionOutOut;
-    if ((a->has_mask = attenMaskOptional != NULL)) a->mask = *attenMaskOptional;
-    a->scale = scaleValue;
-    a->pre_tokens = preTokens;
-    a->next_tokens = nextTokens;
-    a->sparse_mode = sparseMode;
+    fa_args_fill(&a->fwd, query, key, value, NULL, attenMaskOptional, softmaxMaxOut,
+                 softmaxSumOut, attentionOutOut, scaleValue, preTokens, nextTokens, 0, sparseMode);
     a->batch = (int64_t)batch;
     uint64_t required = 4096 + (uint64_t)longest * sizeof(double);
     return hand_over(KIND_FLASH_ATTENTION_VAR_LEN_SCORE, a, varlen_free, required, executor,
