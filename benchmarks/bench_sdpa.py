@@ -168,3 +168,26 @@ class SdpaDropout:
     def time_sdpa_dropout(self, dropout_p, kind):
         fastattn.scaled_dot_product_attention(self.q, self.k, self.v, None, dropout_p,
                                               self.causal, rng=common.SEED)
+
+
+class SdpaHeadDims:
+    """Dense float32 L=S=2048 H=8 by head dimension, as a fraction of this machine's SGEMM
+    rate (issue 20: >= 0.93 at E=64 and E=128; 80, 96 and 256 checked beside them)."""
+    params = [[64, 80, 96, 128, 256]]
+    param_names = ["head_dim"]
+    length = 2048
+
+    def setup(self, head_dim):
+        self.q, self.k, self.v = common.qkv(1, common.HEADS, self.length, self.length, head_dim)
+        self.flops = functools.partial(common.attention_flops, 1, common.HEADS, self.length,
+                                       self.length, head_dim, head_dim, False)
+
+    def _run(self):
+        return fastattn.scaled_dot_product_attention(self.q, self.k, self.v)
+
+    def time_sdpa(self, head_dim):
+        self._run()
+
+    def track_sgemm_fraction(self, head_dim):
+        return common.gflops(self._run, self.flops) / common.sgemm_gflops()
+    track_sgemm_fraction.unit = "fraction of SGEMM rate"

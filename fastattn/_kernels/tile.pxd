@@ -219,6 +219,8 @@ cdef extern from "tilegemm.h" nogil:
     Py_ssize_t fa_kmajor_ld(int rows)
     void fa_pack_transposed(int cols, int e, const float *k, Py_ssize_t ldk, float *kt,
                             Py_ssize_t ldkt)
+    void fa_pack_transposed_scaled(int cols, int e, const float *k, Py_ssize_t ldk,
+                                   float *kt, Py_ssize_t ldkt, float scale)
     # s = scale * q @ kt[:, :cols], kt packed by fa_pack_transposed
     void fa_scores_from_panel(int rows, int cols, int e, float scale, const float *q,
                               Py_ssize_t ldq, const float *kt, Py_ssize_t ldkt, float *s,
@@ -313,12 +315,14 @@ cdef inline bint attend_tile_kmajor_rows(
     # attend_tile's (relative to row r0); acc, m and l point at row r0's. False also when
     # rows < FA_PACK_MIN_ROWS.
     if real is float:
+        # the block is packed times scale (the same for all its tiles), so that the score
+        # kernel multiplies by nothing more
         if ldqt[0] < 0:
             ldqt[0] = kmajor_ld(True, ev, block_rows)
             if ldqt[0]:
-                fa_pack_transposed(block_rows, e, q, ldq, scratch, ldqt[0])
+                fa_pack_transposed_scaled(block_rows, e, q, ldq, scratch, ldqt[0], scale)
         return ldqt[0] > 0 and rows >= FA_PACK_MIN_ROWS and fa_attend_tile_kmajor_f32(
-            rows, cols, e, ev, scale, scratch + r0, ldqt[0], k, ldk, v, ldv,
+            rows, cols, e, ev, 1, scratch + r0, ldqt[0], k, ldk, v, ldv,
             scratch + e * ldqt[0], mods, band_lo, band_hi, acc, ldacc, m, l) != 0
     else:
         return False

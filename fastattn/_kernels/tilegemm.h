@@ -10,6 +10,11 @@
  * worker threads. Measured on a Zen 4 core (single-threaded, thread CPU time):
  * OpenBLAS 0.3.30 reaches about 95 GFLOP/s on each product, these kernels 108 (scores,
  * including the transposition of k) and 116 (p @ v).
+ * The key-major float32 tile of dense attention (one 256-query block against 2048 keys,
+ * data in cache, best of 40 runs, wall time): score block 115 GFLOP/s, p @ v 117, the
+ * whole tile with its softmax 108 at E = 64 and 112 at E = 128 (4 L S E counted), against
+ * 115.5 for a loop of nothing but independent 512-bit FMAs: the exps' own FMAs are most
+ * of what is left (6.6% of the tile at E = 64, 3.4% at E = 128).
  *
  * The kernels keep a block of output rows in registers and stream the other operand:
  *   scores: 8 query rows x 32 keys; q elements are broadcast, k is first transposed
@@ -114,8 +119,9 @@ FA_V4 static inline fa_v16 fa_lane_sums16(const fa_v16 *r)
 
 /* kt[t * ldkt + j] = k[j * ldk + t] for t < e, j < cols; zero for cols <= j < ldkt.
  * (Packs keys for the row-major scores, queries for the key-major ones.) */
-FA_V4 static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t ldk,
-                                 float *kt, ptrdiff_t ldkt)
+FA_V4 static inline __attribute__((always_inline))
+void fa_pack_transposed_body(int cols, int e, const float *k, ptrdiff_t ldk, float *kt,
+                             ptrdiff_t ldkt, float scale)
 {
     fa_v16 r[16];
     for (int j0 = 0; j0 < ldkt; j0 += 16) {
@@ -132,65 +138,155 @@ FA_V4 static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t 
                 }
             }
             fa_transpose16(r);
+            if (scale != 1.0f)
+                for (int t = 0; t < nt; t++)
+                    r[t] *= scale;
             for (int t = 0; t < nt; t++)
                 FA_STORE(kt + (t0 + t) * ldkt + j0, r[t]);
         }
     }
 }
 
-/* Store the first n (1..16) lanes of x at p. */
+FA_V4 static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t ldk,
+                                     float *kt, ptrdiff_t ldkt)
+{
+    fa_pack_transposed_body(cols, e, k, ldk, kt, ldkt, 1.0f);
+}
+
+/* The same times scale: the key-major tiles' query blocks, so that their scores need no
+ * multiply of their own (at E = 64, 16 multiplies per 1024 FMAs of the score block). */
+FA_V4 static void fa_pack_transposed_scaled(int cols, int e, const float *k, ptrdiff_t ldk,
+                                            float *kt, ptrdiff_t ldkt, float scale)
+{
+    fa_pack_transposed_body(cols, e, k, ldk, kt, ldkt, scale);
+}
+
+/* Store the first n (1..16) lanes of x at p (a masked store: nothing past them is
+ * touched). */
 FA_V4 static inline void fa_store_part(float *p, fa_v16 x, int n)
 {
     if (n == 16)
         FA_STORE(p, x);
     else
-        memcpy(p, &x, n * sizeof(float));
+        _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)x);
 }
 
 /* s[rows, cols] (row stride lds) = scale * q[rows, e] @ kt[e, 0:cols]; kt has row
- * stride ldkt, a multiple of FA_PANEL, zero-padded past cols. */
-#define FA_DEFINE_SCORE_BLOCK(R)                                                           \
-FA_V4 static inline void fa_score_block_##R(int e, float scale, const float *q,           \
-                                            ptrdiff_t ldq, const float *kt, ptrdiff_t ldkt, \
-                                            float *s, ptrdiff_t lds, int ncols)             \
-{                                                                                          \
-    fa_v16 c0[R], c1[R];                                                                   \
-    for (int r = 0; r < R; r++)                                                            \
-        c0[r] = c1[r] = (fa_v16){0};                                                       \
-    for (int t = 0; t < e; t++) {                                                          \
-        fa_v16 b0 = FA_LOAD(kt + t * ldkt), b1 = FA_LOAD(kt + t * ldkt + 16);              \
-        for (int r = 0; r < R; r++) {                                                      \
-            float a = q[r * ldq + t];                                                      \
-            c0[r] += a * b0;                                                               \
-            c1[r] += a * b1;                                                               \
-        }                                                                                  \
-    }                                                                                      \
-    for (int r = 0; r < R; r++) {                                                          \
-        if (ncols >= 16) {                                                                 \
-            FA_STORE(s + r * lds, c0[r] * scale);                                          \
-            if (ncols > 16)                                                                \
-                fa_store_part(s + r * lds + 16, c1[r] * scale, ncols - 16);                \
-        } else {                                                                           \
-            fa_store_part(s + r * lds, c0[r] * scale, ncols);                              \
-        }                                                                                  \
-    }                                                                                      \
+ * stride ldkt, a multiple of FA_PANEL, zero-padded past cols. With colmax (whole panels
+ * only: ncols == FA_PANEL), colmax[0:32] also becomes the larger of itself and the
+ * block's column maxima (a NaN score is left out of them). The block's 16 accumulators
+ * are named variables, not an array: an array was zeroed on the stack (rep stos) and
+ * spilled before the stores, 12% of the block's time at e = 64. Not inlined: inlined in
+ * the loops over blocks, its row offsets were spilled and reloaded at every step. */
+#define FA_SB_ROWS8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+FA_V4 static __attribute__((noinline))
+void fa_score_block_8(int e, float scale, const float *q, ptrdiff_t ldq, const float *kt,
+                      ptrdiff_t ldkt, float *s, ptrdiff_t lds, int ncols, float *colmax)
+{
+#define FA_SB_DECL(r) fa_v16 c##r##0 = (fa_v16){0}, c##r##1 = (fa_v16){0};
+    FA_SB_ROWS8(FA_SB_DECL)
+#undef FA_SB_DECL
+    for (int t = 0; t < e; t++) {
+        fa_v16 b0 = FA_LOAD(kt + t * ldkt), b1 = FA_LOAD(kt + t * ldkt + 16);
+#define FA_SB_FMA(r) { float a = q[(r) * ldq + t]; c##r##0 += a * b0; c##r##1 += a * b1; }
+        FA_SB_ROWS8(FA_SB_FMA)
+#undef FA_SB_FMA
+    }
+    if (ncols == FA_PANEL) {
+        if (scale != 1.0f) {
+#define FA_SB_SCALE(r) c##r##0 *= scale; c##r##1 *= scale;
+            FA_SB_ROWS8(FA_SB_SCALE)
+#undef FA_SB_SCALE
+        }
+#define FA_SB_STORE(r) FA_STORE(s + (r) * lds, c##r##0); FA_STORE(s + (r) * lds + 16, c##r##1);
+        FA_SB_ROWS8(FA_SB_STORE)
+#undef FA_SB_STORE
+        if (colmax != NULL) {
+#define FA_MAXV(a, b) (fa_v16)_mm512_max_ps((__m512)(a), (__m512)(b))
+            fa_v16 m0 = FA_MAXV(FA_MAXV(FA_MAXV(c00, c10), FA_MAXV(c20, c30)),
+                                FA_MAXV(FA_MAXV(c40, c50), FA_MAXV(c60, c70)));
+            fa_v16 m1 = FA_MAXV(FA_MAXV(FA_MAXV(c01, c11), FA_MAXV(c21, c31)),
+                                FA_MAXV(FA_MAXV(c41, c51), FA_MAXV(c61, c71)));
+            FA_STORE(colmax, FA_MAXV(m0, FA_LOAD(colmax)));
+            FA_STORE(colmax + 16, FA_MAXV(m1, FA_LOAD(colmax + 16)));
+#undef FA_MAXV
+        }
+        return;
+    }
+#define FA_SB_PART(r)                                                                      \
+    if (ncols >= 16) {                                                                     \
+        FA_STORE(s + (r) * lds, c##r##0 * scale);                                          \
+        if (ncols > 16)                                                                    \
+            fa_store_part(s + (r) * lds + 16, c##r##1 * scale, ncols - 16);                \
+    } else {                                                                               \
+        fa_store_part(s + (r) * lds, c##r##0 * scale, ncols);                              \
+    }
+    FA_SB_ROWS8(FA_SB_PART)
+#undef FA_SB_PART
 }
-FA_DEFINE_SCORE_BLOCK(8)
-FA_DEFINE_SCORE_BLOCK(1)
+
+FA_V4 static inline __attribute__((always_inline))
+void fa_score_block_1(int e, float scale, const float *q, const float *kt, ptrdiff_t ldkt,
+                      float *s, int ncols, float *colmax)
+{
+    fa_v16 c0 = (fa_v16){0}, c1 = (fa_v16){0};
+    for (int t = 0; t < e; t++) {
+        float a = q[t];
+        c0 += a * FA_LOAD(kt + t * ldkt);
+        c1 += a * FA_LOAD(kt + t * ldkt + 16);
+    }
+    if (scale != 1.0f) {
+        c0 *= scale;
+        c1 *= scale;
+    }
+    if (ncols >= 16) {
+        FA_STORE(s, c0);
+        if (ncols > 16)
+            fa_store_part(s + 16, c1, ncols - 16);
+    } else {
+        fa_store_part(s, c0, ncols);
+    }
+    if (colmax != NULL) {
+        FA_STORE(colmax, (fa_v16)_mm512_max_ps((__m512)c0, (__m512)FA_LOAD(colmax)));
+        FA_STORE(colmax + 16, (fa_v16)_mm512_max_ps((__m512)c1, (__m512)FA_LOAD(colmax + 16)));
+    }
+}
+
+/* fa_scores_from_panel, and with colmax (cols a multiple of FA_PANEL) the maxima of its
+ * columns over the rows into colmax[0:cols] (-inf for no rows). */
+FA_V4 static inline __attribute__((always_inline))
+void fa_scores_panel_body(int rows, int cols, int e, float scale, const float *q,
+                          ptrdiff_t ldq, const float *kt, ptrdiff_t ldkt, float *s,
+                          ptrdiff_t lds, float *colmax)
+{
+    if (colmax != NULL)
+        for (int j = 0; j < cols; j += 16)
+            FA_STORE(colmax + j, (fa_v16){0} - __builtin_inff());
+    int r0 = 0;
+    for (; r0 + FA_SCORE_ROWS <= rows; r0 += FA_SCORE_ROWS)
+        for (int j0 = 0; j0 < cols; j0 += FA_PANEL)
+            fa_score_block_8(e, scale, q + r0 * ldq, ldq, kt + j0, ldkt, s + r0 * lds + j0,
+                             lds, cols - j0 < FA_PANEL ? cols - j0 : FA_PANEL,
+                             colmax != NULL ? colmax + j0 : NULL);
+    for (; r0 < rows; r0++)
+        for (int j0 = 0; j0 < cols; j0 += FA_PANEL)
+            fa_score_block_1(e, scale, q + r0 * ldq, kt + j0, ldkt, s + r0 * lds + j0,
+                             cols - j0 < FA_PANEL ? cols - j0 : FA_PANEL,
+                             colmax != NULL ? colmax + j0 : NULL);
+}
 
 FA_V4 static void fa_scores_from_panel(int rows, int cols, int e, float scale,
                                        const float *q, ptrdiff_t ldq,
                                        const float *kt, ptrdiff_t ldkt, float *s, ptrdiff_t lds)
 {
-    int r0 = 0;
-    for (; r0 + FA_SCORE_ROWS <= rows; r0 += FA_SCORE_ROWS)
-        for (int j0 = 0; j0 < cols; j0 += FA_PANEL)
-            fa_score_block_8(e, scale, q + r0 * ldq, ldq, kt + j0, ldkt, s + r0 * lds + j0,
-                             lds, cols - j0 < FA_PANEL ? cols - j0 : FA_PANEL);
-    for (; r0 < rows; r0++)
-        for (int j0 = 0; j0 < cols; j0 += FA_PANEL)
-            fa_score_block_1(e, scale, q + r0 * ldq, ldq, kt + j0, ldkt, s + r0 * lds + j0,
-                             lds, cols - j0 < FA_PANEL ? cols - j0 : FA_PANEL);
+    fa_scores_panel_body(rows, cols, e, scale, q, ldq, kt, ldkt, s, lds, NULL);
+}
+
+FA_V4 static void fa_scores_panel_max(int rows, int cols, int e, float scale,
+                                      const float *q, ptrdiff_t ldq, const float *kt,
+                                      ptrdiff_t ldkt, float *s, ptrdiff_t lds, float *colmax)
+{
+    fa_scores_panel_body(rows, cols, e, scale, q, ldq, kt, ldkt, s, lds, colmax);
 }
 
 /* acc[rows, W*16 columns] += p[rows, cols] @ v[cols, W*16 columns]; element (r, j) of p
@@ -538,49 +634,110 @@ void fa_kmajor_group_end(int g, int n, int ev, fa_kv16 m_new, fa_kv16 l_old, fa_
     }
 }
 
+/* exp(x - m) for 16 scores x, given c = m * log2(e) (m: the row maxima, so x - m <= 0),
+ * in base 2: t = x log2(e) - c in one fused step, t = n + f with n an integer and
+ * |f| <= 1/2, 2^f by Cephes' exp2f polynomial (relative error 1.7e-7), and 2^n applied by
+ * vscalefps. 9 operations where FA_EXPNEG_VECS takes 17 (Cody-Waite reduction, range
+ * masks, 2^n built in the exponent bits): a key-major tile's softmax was 9% of its time
+ * at E = 64. t is clamped below at -200 first, where p * 2^n is exactly 0: -inf (masked)
+ * gives 0; a NaN score, or inf - inf, stays NaN (vmaxps returns its second operand when
+ * either is NaN). The rounding of t costs up to |t| 2^-25 of relative error (4e-7 at
+ * x - m = -10), as rounding x - m does for FA_EXPNEG_VECS. */
+#define FA_EXP2_P0 1.535336188319500E-4f
+#define FA_EXP2_P1 1.339887440266574E-3f
+#define FA_EXP2_P2 9.618437357674640E-3f
+#define FA_EXP2_P3 5.550332471162809E-2f
+#define FA_EXP2_P4 2.402264791363012E-1f
+#define FA_EXP2_P5 6.931472028550421E-1f
+FA_V4 static inline __attribute__((always_inline)) fa_kv16 fa_exp_shifted16(fa_kv16 x,
+                                                                           fa_kv16 c)
+{
+    typedef fa_kv16 vec;
+    vec t = (vec)_mm512_fmsub_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f), (__m512)c);
+    t = (vec)_mm512_max_ps(_mm512_set1_ps(-200.0f), (__m512)t);
+    vec n = (vec)_mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vec f = t - n;
+    vec p = FA_EXP2_P0 * f + FA_EXP2_P1;
+    p = p * f + FA_EXP2_P2;
+    p = p * f + FA_EXP2_P3;
+    p = p * f + FA_EXP2_P4;
+    p = p * f + FA_EXP2_P5;
+    p = p * f + 1.0f;
+    return (vec)_mm512_scalef_ps((__m512)p, (__m512)n);
+}
+
+/* exp(st - m_sub) for queries g .. g + 15 of every key of the tile, in place; returns
+ * the sums over the keys (added key by key, in order). */
+FA_V4 static inline __attribute__((always_inline))
+fa_kv16 fa_kmajor_exp_group(int g, int cols, float *st, ptrdiff_t ldqt, fa_kv16 m_sub)
+{
+    typedef fa_kv16 vec;
+    const vec c = m_sub * 1.44269504088896341f;
+    vec sum = (vec){0};
+    int c0 = 0;
+    for (; c0 + 4 <= cols; c0 += 4) {
+        vec p[4];
+        for (int u = 0; u < 4; u++)
+            p[u] = fa_exp_shifted16(FA_LOAD(st + (ptrdiff_t)(c0 + u) * ldqt + g), c);
+        for (int u = 0; u < 4; u++) {
+            FA_STORE(st + (ptrdiff_t)(c0 + u) * ldqt + g, p[u]);
+            sum += p[u];
+        }
+    }
+    for (; c0 < cols; c0++) {
+        float *x = st + (ptrdiff_t)c0 * ldqt + g;
+        vec p = fa_exp_shifted16(FA_LOAD(x), c);
+        FA_STORE(x, p);
+        sum += p;
+    }
+    return sum;
+}
+
 /* The float32 step: st <- exp(mods(st) - m_new), st needing (cols + 1) * ldqt floats (the
- * last row holds the maxima). Returns 0 as fa_kmajor_tile_max does, the state untouched. */
+ * last row holds the maxima). Returns 0 as fa_kmajor_tile_max does, the state untouched.
+ * max_ready: no mods and no band, and the last row of st already holds the maxima
+ * (fa_scores_panel_max, which leaves NaN scores out of them). A score that is not finite
+ * then shows as a NaN sum (NaN - m, or inf - inf for a +inf maximum; a -inf score gives
+ * 0, as the row way does), found before the state changes. */
 FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, ptrdiff_t ldqt,
                                        const fa_score_mods *mods, ptrdiff_t band_lo,
                                        ptrdiff_t band_hi,
-                                       float *acc, ptrdiff_t ldacc, float *m, float *l)
+                                       float *acc, ptrdiff_t ldacc, float *m, float *l,
+                                       int max_ready)
 {
     typedef fa_kv16 vec;
-    typedef int32_t ivec __attribute__((vector_size(64)));
     float *tile_max = st + (ptrdiff_t)cols * ldqt;
+    if (max_ready) {
+        enum { GROUPS = 512 / 16 };
+        if (rows <= 512) {
+            vec m_new[GROUPS], m_sub[GROUPS], l_old[GROUPS], alpha[GROUPS], sum[GROUPS];
+            int bad = 0;
+            for (int g = 0, i = 0; g < rows; g += 16, i++) {
+                int n = rows - g < 16 ? rows - g : 16;
+                fa_kmajor_group_start(g, n, tile_max, m, l, &m_new[i], &m_sub[i], &l_old[i],
+                                      &alpha[i]);
+                sum[i] = fa_kmajor_exp_group(g, cols, st, ldqt, m_sub[i]);
+                __mmask16 nan = _mm512_cmp_ps_mask((__m512)sum[i], (__m512)sum[i],
+                                                   _CMP_UNORD_Q);
+                bad |= (nan & (__mmask16)((1u << n) - 1)) != 0;
+            }
+            if (bad)
+                return 0;
+            for (int g = 0, i = 0; g < rows; g += 16, i++) {
+                int n = rows - g < 16 ? rows - g : 16;
+                fa_kmajor_group_end(g, n, ev, m_new[i], l_old[i], alpha[i], sum[i], m, l,
+                                    acc, ldacc);
+            }
+            return 1;
+        }
+    }
     if (!fa_kmajor_tile_max(rows, cols, st, ldqt, tile_max, mods, band_lo, band_hi))
         return 0;
     for (int g = 0; g < rows; g += 16) {
         int n = rows - g < 16 ? rows - g : 16;
-        vec m_new, m_sub, l_old, alpha, sum = (vec){0};
+        vec m_new, m_sub, l_old, alpha, sum;
         fa_kmajor_group_start(g, n, tile_max, m, l, &m_new, &m_sub, &l_old, &alpha);
-        int c = 0;
-        {
-            /* four keys at a time: independent exps for the out-of-order core to overlap
-             * (the sum still runs key by key, in order) */
-            enum { R = 4 };
-            for (; c + 4 <= cols; c += 4) {
-                vec z[4], p[4];
-                for (int u = 0; u < 4; u++)
-                    z[u] = FA_LOAD(st + (ptrdiff_t)(c + u) * ldqt + g) - m_sub;
-                FA_EXPNEG_VECS(f32, z, p);
-                for (int u = 0; u < 4; u++) {
-                    FA_STORE(st + (ptrdiff_t)(c + u) * ldqt + g, p[u]);
-                    sum += p[u];
-                }
-            }
-        }
-        {
-            enum { R = 1 };
-            for (; c < cols; c++) {
-                float *x = st + (ptrdiff_t)c * ldqt + g;
-                vec z[1], p[1];
-                z[0] = FA_LOAD(x) - m_sub;
-                FA_EXPNEG_VECS(f32, z, p);
-                FA_STORE(x, p[0]);
-                sum += p[0];
-            }
-        }
+        sum = fa_kmajor_exp_group(g, cols, st, ldqt, m_sub);
         fa_kmajor_group_end(g, n, ev, m_new, l_old, alpha, sum, m, l, acc, ldacc);
     }
     return 1;
@@ -589,7 +746,8 @@ FA_V4 static int fa_kmajor_softmax_f32(int rows, int cols, int ev, float *st, pt
 /* One tile of the online softmax, key-major, with no mask beyond a band:
  *   qt: the query block packed by fa_pack_transposed(rows, e, q, ldq, qt, ldqt),
  *       ldqt = fa_kmajor_ld(rows); or rows r0 .. r0 + rows of a larger packed block
- *       (qt + r0, r0 a multiple of FA_PANEL, its own ldqt);
+ *       (qt + r0, r0 a multiple of FA_PANEL, its own ldqt); scale multiplies its
+ *       products with the keys (1: qt was packed scaled, fa_pack_transposed_scaled);
  *   k: cols x e, v: cols x ev (row strides ldk, ldv), ev a multiple of 16;
  *   st: scratch of (cols + 1) * ldqt floats;
  *   mods: the score modifiers, or NULL;
@@ -607,10 +765,17 @@ FA_V4 static int fa_attend_tile_kmajor_f32(int rows, int cols, int e, int ev, fl
                                            float *acc, ptrdiff_t ldacc, float *m, float *l)
 {
     /* st[c, :] = scale * k[c] . q[:] for the rows queries, rounded up to whole panels
-     * (zero-padded, or the next rows of a larger packed block) */
-    fa_scores_from_panel(cols, (int)fa_kmajor_ld(rows), e, scale, k, ldk, qt, ldqt, st, ldqt);
+     * (zero-padded, or the next rows of a larger packed block); without modifiers or a
+     * band, each query's maximum over the keys with them (st's last row) */
+    const int plain = mods == NULL && !fa_kmajor_banded(rows, cols, band_lo, band_hi);
+    const int nq = (int)fa_kmajor_ld(rows);
+    if (plain)
+        fa_scores_panel_max(cols, nq, e, scale, k, ldk, qt, ldqt, st, ldqt,
+                            st + (ptrdiff_t)cols * ldqt);
+    else
+        fa_scores_from_panel(cols, nq, e, scale, k, ldk, qt, ldqt, st, ldqt);
     if (!fa_kmajor_softmax_f32(rows, cols, ev, st, ldqt, mods, band_lo, band_hi, acc, ldacc,
-                               m, l))
+                               m, l, plain))
         return 0;
     fa_tile_pv_t_f32(rows, ev, cols, st, ldqt, v, ldv, acc, ldacc);
     return 1;
@@ -646,6 +811,9 @@ static inline ptrdiff_t fa_kmajor_ld(int rows) { return rows; }
 static void fa_pack_transposed(int cols, int e, const float *k, ptrdiff_t ldk, float *kt,
                                ptrdiff_t ldkt)
 { (void)cols; (void)e; (void)k; (void)ldk; (void)kt; (void)ldkt; }
+static void fa_pack_transposed_scaled(int cols, int e, const float *k, ptrdiff_t ldk,
+                                      float *kt, ptrdiff_t ldkt, float scale)
+{ (void)cols; (void)e; (void)k; (void)ldk; (void)kt; (void)ldkt; (void)scale; }
 static void fa_scores_from_panel(int rows, int cols, int e, float scale, const float *q,
                                  ptrdiff_t ldq, const float *kt, ptrdiff_t ldkt, float *s,
                                  ptrdiff_t lds)
