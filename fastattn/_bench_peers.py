@@ -17,7 +17,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -605,7 +605,8 @@ def _describe(error):
     return f"{type(error).__name__}: {text[:160]}"
 
 
-def _seconds(fn):
+def seconds(fn):
+    """Wall-clock seconds of one call of ``fn``."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -692,7 +693,7 @@ def run_peer_suite(suites=("peers",), *, systems=None, repeat=9, threads=None,
                     call = calls[name]
                     for _ in range(warmup if step == 0 else max(1, warmup // 2)):
                         call()
-                    times[name] += [_seconds(call) for _ in range(runs)]
+                    times[name] += [seconds(call) for _ in range(runs)]
             for name in ready:
                 cells[name].update(median_s=statistics.median(times[name]),
                                    min_s=min(times[name]), max_s=max(times[name]),

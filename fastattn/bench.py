@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 import fastattn
+from fastattn._bench_peers import relative_error, seconds
 
 __all__ = ["attention_flops", "numpy_attention", "sgemm_gflops", "memory_bandwidth_gbs",
            "run_comparison", "run_suite", "provenance", "progress_bar", "main"]
@@ -192,7 +193,7 @@ def sgemm_gflops(n=2048, repeat=3):
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     c = np.empty((n, n), dtype=np.float32)
     np.matmul(a, b, out=c)
-    best = min(_seconds(lambda: np.matmul(a, b, out=c)) for _ in range(repeat))
+    best = min(seconds(lambda: np.matmul(a, b, out=c)) for _ in range(repeat))
     return 2.0 * n ** 3 / best / 1e9
 
 
@@ -331,7 +332,7 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
             bar.set_description_str(f"{kind} L={L}: {name}")
             for _ in range(WARMUP_RUNS):
                 run(q, k, v, causal, mask)
-            times[name] = [_seconds(lambda: run(q, k, v, causal, mask)) for _ in range(repeat)]
+            times[name] = [seconds(lambda: run(q, k, v, causal, mask)) for _ in range(repeat)]
             bar.update()
         bar.update()
         flops = attention_flops(batch, heads, L, L, dim, dim, causal)
@@ -347,7 +348,7 @@ def run_comparison(lengths=QUICK_LENGTHS, kinds=KINDS, *, systems=None, batch=1,
                     median_s=median, min_s=min(times[name]), gflops=flops / median / 1e9,
                     sgemm_fraction=flops / median / 1e9 / sgemm,
                     fastattn_speedup=None if fastattn_median is None else median / fastattn_median,
-                    max_rel_diff=None if reference is None else _relative_difference(
+                    max_rel_diff=None if reference is None else relative_error(
                         outputs[name], reference))
             rows.append(row)
     bar.set_description_str("done")
@@ -776,18 +777,6 @@ def _workload_arrays(kind, batch, heads, L, dim, dtype):
     elif kind not in ("dense", "causal"):
         raise ValueError(f"unknown workload kind {kind!r}; choose from {list(KINDS)}")
     return q, k, v, mask
-
-
-def _seconds(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _relative_difference(result, reference):
-    result = np.asarray(result, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    return float(np.abs(result - reference).max() / max(np.abs(reference).max(), 1e-300))
 
 
 def _machine_info():
