@@ -132,41 +132,48 @@ def overlaps(out, *arrays):
     return any(a is not None and np.may_share_memory(out, a) for a in arrays)
 
 
-def mask_operand(mask, dtype, batch_shape):
-    """``(array, kind, offsets, row_stride, col_stride)``: a validated mask as the kernels
-    read it, at its own (broadcast) shape: a bool mask as uint8 (``MASK_BOOL``, nonzero =
-    keep), a float one in ``dtype`` (``MASK_FLOAT``, added); element offsets of each
-    entry of ``batch_shape``, and row / column strides in elements (0 where broadcast)."""
-    if mask.dtype == np.bool_:
-        arr, kind = mask.view(np.uint8), MASK_BOOL
-    else:
-        arr, kind = np.asarray(mask, dtype=dtype), MASK_FLOAT
-    while arr.ndim < 2:
-        arr = arr[np.newaxis]
-    if not arr.flags.aligned or any(s % arr.dtype.itemsize for s in arr.strides):
-        arr = np.array(arr, order="C")  # a fresh copy: C order and aligned
-    item = arr.dtype.itemsize
-    Lm, Sm = arr.shape[-2:]
-    return (arr, kind, batch_offsets(arr, batch_shape),
-            arr.strides[-2] // item if Lm > 1 else 0, arr.strides[-1] // item if Sm > 1 else 0)
+class MaskOperand:
+    """A validated mask as the kernels read it (tile.pxd's ``mask_view``), at its own
+    (broadcast) shape: ``array``, a bool mask as uint8 (``kind`` ``MASK_BOOL``, nonzero =
+    keep) or a float one in ``dtype`` (``MASK_FLOAT``, added); ``offsets``, the element
+    offset of each entry of ``batch_shape``; ``row_stride`` / ``col_stride`` in elements
+    (0 where broadcast). No block map (``block_map`` None): the kernels that take it
+    mask row by row."""
+
+    __slots__ = ("array", "kind", "offsets", "row_stride", "col_stride", "block_map")
+
+    def __init__(self, mask, dtype, batch_shape):
+        if mask.dtype == np.bool_:
+            arr, kind = mask.view(np.uint8), MASK_BOOL
+        else:
+            arr, kind = np.asarray(mask, dtype=dtype), MASK_FLOAT
+        while arr.ndim < 2:
+            arr = arr[np.newaxis]
+        if not arr.flags.aligned or any(s % arr.dtype.itemsize for s in arr.strides):
+            arr = np.array(arr, order="C")  # a fresh copy: C order and aligned
+        item = arr.dtype.itemsize
+        Lm, Sm = arr.shape[-2:]
+        self.array, self.kind = arr, kind
+        self.offsets = batch_offsets(arr, batch_shape)
+        self.row_stride = arr.strides[-2] // item if Lm > 1 else 0
+        self.col_stride = arr.strides[-1] // item if Sm > 1 else 0
+        self.block_map = None
 
 
-class PreparedMask:
-    """A mask as the kernels take it, plus its per-tile block map.
+class PreparedMask(MaskOperand):
+    """A mask as the kernels take it (:class:`MaskOperand`), plus its per-tile block map.
 
     The mask keeps its own (broadcast) shape: a mask shared by all heads is stored
     once. ``kind`` is ``MASK_BOOL`` (nonzero = keep) or ``MASK_FLOAT`` (added), the
     values of the tile core's enum in ``tile.pxd``.
     """
 
-    __slots__ = ("array", "kind", "offsets", "row_stride", "col_stride",
-                 "block_map", "block_offsets", "block_row_stride", "block_col_stride")
+    __slots__ = ("block_offsets", "block_row_stride", "block_col_stride")
 
     def __init__(self, mask, dtype, L, S, batch_shape, block_q, block_k):
-        arr, kind, self.offsets, self.row_stride, self.col_stride = mask_operand(
-            mask, dtype, batch_shape)
+        super().__init__(mask, dtype, batch_shape)
+        arr, kind = self.array, self.kind
         Lm, Sm = arr.shape[-2:]
-        self.array, self.kind = arr, kind
 
         # Block map at the mask's own shape: one state per (query block, key block).
         if kind == MASK_BOOL:

@@ -14,8 +14,8 @@ import numpy as np
 
 from fastattn import _npu, _threads
 from fastattn._kernels import paged as _paged
-from fastattn._layout import (CACHED_OFFSETS, as_kernel_array, as_matrix_stack, layout_offsets,
-                              mask_operand)
+from fastattn._layout import (CACHED_OFFSETS, MaskOperand, as_kernel_array, as_matrix_stack,
+                              layout_offsets)
 from fastattn._validation import (
     HALF, CPU_AND_NPU, as_array, check_alibi_slopes, check_device, check_scale,
     check_score_window, check_softcap, result_dtypes,
@@ -311,10 +311,7 @@ def sdpa_split_kv(ops, res, lse, scale, causal, causal_offset, nthreads, mods):
         k.itemsize, v.shape[:-2], v.strides[:-2], v.itemsize, nthreads, interleaved)
     nouter = lens.shape[0]
     out = res if res.flags.c_contiguous else np.empty(res.shape, res.dtype)
-    mask = None
-    if ops.mask is not None:
-        mask = mask_operand(ops.mask, compute, batch_shape)
-        mask = (mask[1],) + mask[:1] + mask[2:]       # (kind, array, offsets, rs, cs)
+    mask = None if ops.mask is None else MaskOperand(ops.mask, compute, batch_shape)
     H = ops.nbatch // nouter
     plan = _paged.PagedPlan(q.reshape(nouter, H, L, E), k, v, None, lens,
                             out.reshape(nouter, H, L, Ev),

@@ -44,7 +44,7 @@ cimport numpy as cnp
 
 from fastattn._kernels.parallel cimport run_items, scratch_room, scratch_take, DT_FLOAT64
 from fastattn._kernels.tile cimport (
-    intp_data, MaskView, MASK_NONE, MASK_BOOL,
+    intp_data, MaskView, mask_view, MASK_NONE, MASK_BOOL,
     real, gemm_abt, gemm_ab, ScoreMods, fa_mods_active, row_mods, BAND_ALL,
     row_max, mask_row_max, row_fill, online_softmax_row, finish_row,
     is_half, element, widen_rows, narrow_rows, SplitMerge, merge_split_item, merge_split_scratch,
@@ -457,10 +457,9 @@ cdef class PagedPlan:
     are then the base arrays of the keys and values (unit last stride), kv-head h of
     sequence b having its rows at k_off[b * nkv + h] (intp, nbatch * nkv of them) with
     row stride ldk, cut into blocks of block_size rows (likewise the values); lens (B,)
-    gives each sequence's length. ``mask``: None or ``(kind, array, offsets, rs, cs)``
-    (kind MASK_BOOL with a uint8 array, or MASK_FLOAT in the compute type; offsets one
-    per query batch entry, B * H of them); ``diag_shift``: added to each row's key
-    position (0: bottom-right aligned).
+    gives each sequence's length. ``mask``: None or a ``fastattn._layout.MaskOperand``
+    (a float mask in the compute type; offsets one per query batch entry, B * H of
+    them); ``diag_shift``: added to each row's key position (0: bottom-right aligned).
     """
     cdef PagedProblem c
     cdef readonly object arrays     # everything the pointers in c point into
@@ -515,18 +514,7 @@ cdef class PagedPlan:
             p.k_hs = p.v_hs = 0
             p.table = NULL
             p.table_ld = 0
-        p.mask.kind = MASK_NONE
-        p.mask.data = NULL
-        p.mask.off = NULL
-        p.mask.rs = p.mask.cs = 0
-        p.mask.bmap = NULL
-        p.mask.bmap_off = NULL
-        p.mask.bmap_rs = p.mask.bmap_cs = 0
-        if mask is not None:
-            kind, marr, moffs, p.mask.rs, p.mask.cs = mask
-            p.mask.kind = kind
-            p.mask.data = cnp.PyArray_DATA(<cnp.ndarray>marr)
-            p.mask.off = intp_data(moffs)
+        p.mask = mask_view(mask)
         p.diag_shift = diag_shift
         p.causal = causal
         left, right = (None, None) if window is None else window

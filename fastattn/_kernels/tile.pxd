@@ -56,7 +56,8 @@ cdef inline const Py_ssize_t *intp_data(cnp.ndarray a):
 
 
 cdef inline MaskView mask_view(object prepared):
-    # The MaskView of a PreparedMask, or an empty one (kind MASK_NONE) for None.
+    # The MaskView of a MaskOperand or PreparedMask (fastattn._layout), without a block
+    # map for the former; an empty one (kind MASK_NONE) for None.
     cdef MaskView view
     view.kind = MASK_NONE
     view.data = NULL
@@ -72,6 +73,8 @@ cdef inline MaskView mask_view(object prepared):
     view.off = intp_data(prepared.offsets)
     view.rs = prepared.row_stride
     view.cs = prepared.col_stride
+    if prepared.block_map is None:
+        return view
     view.bmap = <const uint8_t *>cnp.PyArray_DATA(prepared.block_map)
     view.bmap_off = intp_data(prepared.block_offsets)
     view.bmap_rs = prepared.block_row_stride
